@@ -1,0 +1,73 @@
+"""Attention projections: queries, keys and values with optional per-head RMSNorm and RoPE.
+
+Names follow Hugging Face Llama/Qwen3 (``q_proj, k_proj, v_proj, o_proj, q_norm, k_norm``). The
+attention itself (which keys each query sees) is decided by the B'MOJO mixer; this module only maps
+hidden states at given positions to rotated heads and back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bmojo.layers.norm import RMSNorm
+from bmojo.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+class Attention(nn.Module):
+    """Grouped-query attention projections ``D -> (H, d)`` for queries and ``D -> (Hkv, d)`` for keys/values."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        rope_theta: float = 10000.0,
+        bias: bool = False,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"num_attention_heads ({num_heads}) must divide hidden_size ({hidden_size})")
+            head_dim = hidden_size // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_key_value_heads ({num_kv_heads}) must divide num_attention_heads ({num_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.rotary = RotaryEmbedding(head_dim, rope_theta)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)  # [B, n, L, d]
+
+    def queries(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``h [B, L, D]`` at ``positions [L]`` -> rotated queries ``[B, H, L, d]``."""
+        q = self._heads(self.q_proj(h), self.num_heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return apply_rotary(q, *self.rotary(positions))
+
+    def keys_values(
+        self, x: torch.Tensor, positions: torch.Tensor, k_proj: nn.Linear | None = None, v_proj: nn.Linear | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, L, D]`` at ``positions [L]`` -> rotated keys and values ``[B, Hkv, L, d]``.
+
+        ``k_proj, v_proj`` replace the layer's own projections (untied fading keys/values).
+        """
+        k = self._heads((k_proj or self.k_proj)(x), self.num_kv_heads)
+        v = self._heads((v_proj or self.v_proj)(x), self.num_kv_heads)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return apply_rotary(k, *self.rotary(positions)), v
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """Heads ``[B, H, L, d]`` -> ``[B, L, D]``."""
+        return self.o_proj(o.transpose(1, 2).flatten(2))

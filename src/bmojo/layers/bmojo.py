@@ -1,0 +1,341 @@
+"""The B'MOJO mixer: fading memory (SSM) + short-term eidetic memory (window) + innovation-selected eidetic memory.
+
+For pre-normed hidden states ``h [B, L, D]`` (SPEC section 2):
+
+1. fading memory: ``f = SSM(h)``; ``f_t`` summarises everything up to ``t``;
+2. short-term eidetic memory: query ``i`` attends to raw keys/values at ``[i-w+1, i]``;
+3. fading band: query ``i`` attends to keys/values of fading tokens at ``[i-2w+1, i-w]``, made with
+   the same projections (tied) and RoPE at the position of the token they summarise;
+4. eidetic memory: up to ``k`` raw past tokens chosen by the innovation test (``layers.eidetic``);
+5. one softmax over the union, computed as separate attentions merged exactly by log-sum-exp,
+   then ``out = Wo o``.
+
+Transformers, sliding-window Transformers, Mamba and B'MOJO-F are configurations of this one
+module: no SSM and no window (full causal attention), no SSM with a window, an SSM and no
+attention (the read-out is the SSM output), and no eidetic memory.
+
+Parallel mode (training, prefill) and recurrent mode (decoding with a :class:`MixerState`) give
+the same outputs: the state keeps the SSM state, a ``w``-slot ring of raw keys/values, a
+``2w``-slot ring of fading keys/values and ``2k`` eidetic keys/values (the memory in use and the
+one being built for the next chunk boundary), so its size does not depend on the context length;
+only full attention (no window) keeps every key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bmojo.layers.attention import Attention
+from bmojo.layers.eidetic import EideticMemory, chunk_memories, merge_topk
+from bmojo.layers.ssm import Mamba, Mamba2, SSMState
+from bmojo.ops.attention import attention_with_lse, banded_attention, causal_attention, merge_attention
+
+SSM_TYPES = {"mamba": Mamba, "mamba2": Mamba2}
+
+
+@dataclass
+class MixerState:
+    """Recurrent state of one mixer after ``seen`` tokens.
+
+    ``win_*``: raw keys/values ``[B, Hkv, S, d]`` in ring slots ``pos % w`` (full attention: all
+    tokens in order), with ``win_pos [S]`` (``-1`` = empty) and eidetic scores ``win_score [B, S]``.
+    ``fad_*``: fading keys/values in ring slots ``pos % 2w``. ``mem_*``: the eidetic memory in use
+    (positions ``[B, k]``), ``stage_*``: the best ``k`` tokens that have left the window so far,
+    which becomes the memory in use at the next chunk boundary. ``f_last [B, D]``: last fading token.
+    """
+
+    seen: int = 0
+    ssm: SSMState | None = None
+    f_last: torch.Tensor | None = None
+    win_k: torch.Tensor | None = None
+    win_v: torch.Tensor | None = None
+    win_pos: torch.Tensor | None = None
+    win_score: torch.Tensor | None = None
+    fad_k: torch.Tensor | None = None
+    fad_v: torch.Tensor | None = None
+    fad_pos: torch.Tensor | None = None
+    mem_k: torch.Tensor | None = None
+    mem_v: torch.Tensor | None = None
+    mem_pos: torch.Tensor | None = None
+    stage_k: torch.Tensor | None = None
+    stage_v: torch.Tensor | None = None
+    stage_pos: torch.Tensor | None = None
+    stage_score: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the state holds."""
+        out = [] if self.ssm is None else [self.ssm.conv, self.ssm.ssm]
+        return out + [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def nbytes(self) -> int:
+        """Bytes held by the state."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, L, d]`` at positions ``pos [B, *idx]`` (``-1`` read as 0) -> ``[B, H, *idx, d]``."""
+    b, h, _, d = x.shape
+    flat = pos.clamp_min(0).reshape(b, 1, -1, 1).expand(b, h, -1, d)
+    return x.gather(2, flat).reshape(b, h, *pos.shape[1:], d)
+
+
+def _ring_fill(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring buffer of the last ``size`` entries of ``x [B, H, L, d]``: ``(buffer [B, H, size, d], pos [size])``."""
+    b, h, length, d = x.shape
+    pos = torch.arange(max(0, length - size), length, device=x.device)
+    buf = x.new_zeros(b, h, size, d)
+    slots = torch.full((size,), -1, dtype=torch.long, device=x.device)
+    buf[:, :, pos % size] = x[:, :, pos]
+    slots[pos % size] = pos
+    return buf, slots
+
+
+class BMojoMixer(nn.Module):
+    """One B'MOJO layer mapping ``h [B, L, D] -> out [B, L, D]``; every special case is a configuration.
+
+    Args:
+        ssm: ``"mamba"``, ``"mamba2"`` or ``None`` (no fading memory).
+        attention: attend at all; ``False`` makes the layer the SSM alone (Mamba / Mamba-2).
+        window: sliding window ``w`` (tokens including the query itself); ``None`` = full causal attention.
+        fading: attend to the fading band (needs ``ssm`` and ``window``).
+        eidetic_size: eidetic memory slots ``k`` (0 = B'MOJO-F).
+        selection: ``innovation | random | recency | none``.
+        chunk_size: selection period ``c`` (default ``w``).
+        tie_fading_kv: fading keys/values use the raw ``k_proj, v_proj`` (else their own).
+        ssm_kwargs: passed to the SSM constructor (``state_size``, ``expand``, ...).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int = 1,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        ssm: str | None = "mamba2",
+        attention: bool = True,
+        window: int | None = None,
+        fading: bool = True,
+        eidetic_size: int = 0,
+        selection: str = "innovation",
+        chunk_size: int | None = None,
+        qk_norm: bool = False,
+        rope_theta: float = 10000.0,
+        attention_bias: bool = False,
+        tie_fading_kv: bool = True,
+        block_size: int = 64,
+        ssm_kwargs: dict | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if ssm is not None and ssm not in SSM_TYPES:
+            raise ValueError(f"unknown ssm {ssm!r}; expected one of {sorted(SSM_TYPES)} or None")
+        if not attention and ssm is None:
+            raise ValueError("a mixer needs an SSM, attention, or both")
+        if window is not None and window < 1:
+            raise ValueError(f"window_size must be >= 1 (or None for full attention), got {window}")
+        if attention and fading and (ssm is None or window is None):
+            raise ValueError("the fading band needs both an SSM and a finite window")
+        if eidetic_size < 0:
+            raise ValueError(f"eidetic_size must be >= 0, got {eidetic_size}")
+        if attention and eidetic_size > 0 and selection != "none" and window is None:
+            raise ValueError("eidetic memory needs a finite window (tokens are selected once they leave it)")
+        self.window = window
+        self.fading = attention and fading
+        self.block_size = block_size
+        self.ssm = None if ssm is None else SSM_TYPES[ssm](hidden_size, **(ssm_kwargs or {}))
+        self.attn = (
+            Attention(hidden_size, num_heads, num_kv_heads, head_dim, qk_norm, rope_theta, attention_bias)
+            if attention
+            else None
+        )
+        self.fading_k_proj = self.fading_v_proj = None
+        if self.fading and not tie_fading_kv:
+            self.fading_k_proj = nn.Linear(hidden_size, self.attn.num_kv_heads * self.attn.head_dim, bias=False)
+            self.fading_v_proj = nn.Linear(hidden_size, self.attn.num_kv_heads * self.attn.head_dim, bias=False)
+        use_memory = attention and eidetic_size > 0 and selection != "none"
+        self.memory = (
+            EideticMemory(hidden_size, eidetic_size, window, chunk_size or window, selection, seed)
+            if use_memory
+            else None
+        )
+
+    def forward(
+        self, h: torch.Tensor, state: MixerState | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, MixerState | None]:
+        """``h [B, L, D] -> (out [B, L, D], auxiliary predictor loss or None, state)``.
+
+        Without ``state`` the sequence is processed in parallel from position 0. With an empty
+        ``state`` it is processed in parallel and the state is filled (prefill); with a non-empty
+        one every token is a recurrent step from where the state left off.
+        """
+        if h.dim() != 3:
+            raise ValueError(f"expected hidden states [batch, length, hidden], got shape {tuple(h.shape)}")
+        if h.shape[1] == 0:
+            raise ValueError("empty sequence: length must be >= 1")
+        if state is None or state.seen == 0:
+            return self._parallel(h, state)
+        outs = [self._step(h[:, t : t + 1], state) for t in range(h.shape[1])]
+        return torch.cat(outs, dim=1), None, state
+
+    # ---------------------------------------------------------------- parallel (training, prefill)
+    def _parallel(
+        self, h: torch.Tensor, state: MixerState | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, MixerState | None]:
+        length = h.shape[1]
+        f = ssm_state = None
+        if self.ssm is not None:
+            f, ssm_state = self.ssm(h)
+        if state is not None:
+            state.seen, state.ssm = length, ssm_state
+            state.f_last = None if f is None else f[:, -1]
+        if self.attn is None:
+            return f, None, state
+
+        w = self.window
+        pos = torch.arange(length, device=h.device)
+        q = self.attn.queries(h, pos)
+        k, v = self.attn.keys_values(h, pos)
+        aux = scores = None
+        if self.fading is False and self.memory is None and w is None:
+            o = causal_attention(q, k, v)
+        else:
+            parts = [banded_attention(q, k, v, 0, None if w is None else w - 1, self.block_size)]
+            if self.fading:
+                kf, vf = self.attn.keys_values(f, pos, self.fading_k_proj, self.fading_v_proj)
+                parts.append(banded_attention(q, kf, vf, w, 2 * w - 1, self.block_size))
+            if self.memory is not None:
+                f_prev = F.pad(f[:, :-1], (0, 0, 1, 0))
+                scores, aux = self.memory.score(h, f_prev, pos)
+                parts.append(self._eidetic_attention(q, k, v, scores, state))
+            o = merge_attention(parts)
+        out = self.attn.output(o)
+
+        if state is not None:
+            self._fill_state(state, k, v, f, pos, scores)
+        return out, aux, state
+
+    def _eidetic_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, state: MixerState | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each chunk's queries attend to that chunk's eidetic memory; fills ``state.mem_*``/``stage_*``."""
+        b, nh, length, d = q.shape
+        c, mem = self.memory.chunk_size, self.memory
+        n_chunks = -(-length // c)
+        # with a state, also select the memory of the chunk holding the next position
+        mem_pos, (stage_score, stage_pos) = chunk_memories(
+            scores, self.window, c, mem.size, max(n_chunks, length // c + 1) if state is not None else n_chunks
+        )
+        if state is not None:
+            state.mem_pos = mem_pos[:, length // c]
+            state.mem_k, state.mem_v = _gather_positions(k, state.mem_pos), _gather_positions(v, state.mem_pos)
+            state.stage_pos, state.stage_score = stage_pos, stage_score
+            state.stage_k, state.stage_v = _gather_positions(k, stage_pos), _gather_positions(v, stage_pos)
+        mem_pos = mem_pos[:, :n_chunks]
+        ek, ev = _gather_positions(k, mem_pos), _gather_positions(v, mem_pos)  # [B, Hkv, nc, k, d]
+        hkv = k.shape[1]
+        qc = F.pad(q, (0, 0, 0, n_chunks * c - length)).view(b, nh, n_chunks, c, d)
+        qc = qc.transpose(1, 2).reshape(b * n_chunks, nh, c, d)
+        ek = ek.transpose(1, 2).reshape(b * n_chunks, hkv, mem.size, d)
+        ev = ev.transpose(1, 2).reshape(b * n_chunks, hkv, mem.size, d)
+        mask = (mem_pos >= 0).reshape(b * n_chunks, 1, 1, 1, mem.size)
+        o, lse = attention_with_lse(qc, ek, ev, mask)
+        o = o.view(b, n_chunks, nh, c, d).transpose(1, 2).reshape(b, nh, n_chunks * c, d)[:, :, :length]
+        lse = lse.view(b, n_chunks, nh, c).transpose(1, 2).reshape(b, nh, n_chunks * c)[:, :, :length]
+        return o, lse
+
+    def _fill_state(
+        self,
+        state: MixerState,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        f: torch.Tensor | None,
+        pos: torch.Tensor,
+        scores: torch.Tensor | None,
+    ) -> None:
+        """Recurrent state after a parallel pass over positions ``pos``."""
+        w = self.window
+        if w is None:
+            state.win_k, state.win_v, state.win_pos = k, v, pos
+            return
+        state.win_k, state.win_pos = _ring_fill(k, w)
+        state.win_v, _ = _ring_fill(v, w)
+        if scores is not None:
+            state.win_score = scores.new_zeros(scores.shape[0], w)
+            valid = state.win_pos >= 0
+            state.win_score[:, valid] = scores[:, state.win_pos[valid]]
+        if self.fading:
+            kf, vf = self.attn.keys_values(f, pos, self.fading_k_proj, self.fading_v_proj)
+            state.fad_k, state.fad_pos = _ring_fill(kf, 2 * w)
+            state.fad_v, _ = _ring_fill(vf, 2 * w)
+
+    # ---------------------------------------------------------------- recurrent (decoding)
+    def _step(self, h: torch.Tensor, state: MixerState) -> torch.Tensor:
+        """One token ``h [B, 1, D]`` at position ``state.seen``; updates ``state`` in place."""
+        t = state.seen
+        f = None
+        if self.ssm is not None:
+            f, state.ssm = self.ssm(h, state.ssm)
+        f_prev, state.f_last = state.f_last, (None if f is None else f[:, -1])
+        state.seen = t + 1
+        if self.attn is None:
+            return f
+
+        w = self.window
+        pos = torch.tensor([t], device=h.device)
+        q = self.attn.queries(h, pos)
+        k, v = self.attn.keys_values(h, pos)
+        score = None
+        if self.memory is not None:
+            score, _ = self.memory.score(h, f_prev.unsqueeze(1), pos)
+            if t % self.memory.chunk_size == 0:
+                state.mem_k, state.mem_v, state.mem_pos = state.stage_k, state.stage_v, state.stage_pos
+        if w is None:
+            state.win_k = torch.cat([state.win_k, k], dim=2)
+            state.win_v = torch.cat([state.win_v, v], dim=2)
+            state.win_pos = torch.cat([state.win_pos, pos])
+            keys, values, visible = state.win_k, state.win_v, (state.win_pos >= 0).expand(h.shape[0], -1)
+        else:
+            self._write_window(state, t, k, v, score)
+            keys, values = [state.win_k], [state.win_v]
+            visible = [(state.win_pos >= 0).expand(h.shape[0], -1)]
+            if self.fading:
+                kf, vf = self.attn.keys_values(f, pos, self.fading_k_proj, self.fading_v_proj)
+                slot = t % (2 * w)
+                state.fad_k[:, :, slot], state.fad_v[:, :, slot], state.fad_pos[slot] = kf[:, :, 0], vf[:, :, 0], t
+                lag = t - state.fad_pos
+                keys.append(state.fad_k)
+                values.append(state.fad_v)
+                visible.append(((state.fad_pos >= 0) & (lag >= w)).expand(h.shape[0], -1))
+            if self.memory is not None:
+                keys.append(state.mem_k)
+                values.append(state.mem_v)
+                visible.append(state.mem_pos >= 0)
+            keys, values, visible = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(visible, 1)
+        o, _ = attention_with_lse(q, keys, values, visible[:, None, None, None, :])
+        return self.attn.output(o)
+
+    def _write_window(
+        self, state: MixerState, t: int, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor | None
+    ) -> None:
+        """Put token ``t`` in ring slot ``t % w``; the token it evicts becomes an eidetic candidate."""
+        slot = t % self.window
+        old = int(state.win_pos[slot])
+        if self.memory is not None and old >= 0:
+            cand_k, cand_v = state.win_k[:, :, slot : slot + 1], state.win_v[:, :, slot : slot + 1]
+            state.stage_score, state.stage_pos, idx = merge_topk(
+                state.stage_score,
+                state.stage_pos,
+                state.win_score[:, slot : slot + 1],
+                state.win_pos[slot : slot + 1].expand(k.shape[0], 1),
+                self.memory.size,
+            )
+            idx = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            state.stage_k = torch.cat([state.stage_k, cand_k], 2).gather(2, idx)
+            state.stage_v = torch.cat([state.stage_v, cand_v], 2).gather(2, idx)
+        state.win_k[:, :, slot], state.win_v[:, :, slot], state.win_pos[slot] = k[:, :, 0], v[:, :, 0], t
+        if score is not None:
+            state.win_score[:, slot] = score[:, 0]

@@ -1,0 +1,111 @@
+"""Eidetic memory: which past tokens a B'MOJO layer keeps verbatim, chosen by an innovation test.
+
+Every token ``t`` gets a score ``s_t``. With ``selection="innovation"`` it is the error of
+predicting the (normalised) token from the fading state just before it,
+``s_t = ||n(h_t) - P f_{t-1}||^2 / D``, where ``P`` is a learned linear predictor trained by an
+auxiliary mean-squared loss on the detached target. ``"random"`` and ``"recency"`` give scores
+without a selection signal (ablations).
+
+Selection works at chunk boundaries: before chunk ``j`` (start ``s = j * chunk``) the memory is
+the ``size`` highest-scoring tokens among positions ``< s - window`` (ties: earlier position first).
+:func:`chunk_memories` computes this for a whole sequence; :func:`merge_topk` is the single rule
+both it and recurrent decoding use, so the two modes select identical tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SELECTIONS = ("innovation", "random", "recency", "none")
+
+
+def position_hash(pos: torch.Tensor, seed: int) -> torch.Tensor:
+    """Deterministic pseudo-random scores in ``[0, 1)`` for integer positions (a 32-bit integer mix)."""
+    x = (pos.long() * 0x9E3779B1 + seed * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    return x.float() / 2**32
+
+
+def merge_topk(
+    mem_score: torch.Tensor, mem_pos: torch.Tensor, new_score: torch.Tensor, new_pos: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the ``k`` best of a memory ``[B, k]`` and newer candidates ``[B, n]``.
+
+    The memory is sorted by (score desc, position asc) and every candidate is newer than every
+    memory entry, so a stable descending sort breaks ties by earlier position. Empty slots have
+    score ``-inf`` and position ``-1``. Returns ``(score, pos, index)``, where ``index [B, k]``
+    points into the concatenation ``[memory, candidates]``.
+    """
+    score = torch.cat([mem_score, new_score], dim=1)
+    pos = torch.cat([mem_pos, new_pos], dim=1)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    return score.gather(1, order), pos.gather(1, order), order
+
+
+def empty_memory(batch: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``-inf`` and positions ``-1`` for an empty memory ``[B, k]``."""
+    return (
+        torch.full((batch, k), float("-inf"), device=device),
+        torch.full((batch, k), -1, dtype=torch.long, device=device),
+    )
+
+
+def chunk_memories(
+    scores: torch.Tensor, window: int, chunk: int, k: int, n_chunks: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Memory positions for chunks ``0..n_chunks-1`` of a sequence with ``scores [B, L]``.
+
+    Returns ``pos [B, n_chunks, k]`` (``-1`` = empty slot) and the running memory over every
+    position ``< L - window`` as ``(score, pos)``: the staging memory recurrent decoding continues.
+    """
+    b, length = scores.shape
+    positions = torch.arange(length, device=scores.device).expand(b, length)
+    mem_score, mem_pos = empty_memory(b, k, scores.device)
+    done, out = 0, []
+    for j in range(n_chunks + 1):
+        limit = min(length, max(0, j * chunk - window)) if j < n_chunks else max(0, length - window)
+        if limit > done:
+            mem_score, mem_pos, _ = merge_topk(
+                mem_score, mem_pos, scores[:, done:limit], positions[:, done:limit], k
+            )
+            done = limit
+        if j < n_chunks:
+            out.append(mem_pos)
+    return torch.stack(out, dim=1), (mem_score, mem_pos)
+
+
+class EideticMemory(nn.Module):
+    """Scores tokens for the eidetic memory of one layer; owns the innovation predictor ``P``."""
+
+    def __init__(self, hidden_size: int, size: int, window: int, chunk_size: int, selection: str, seed: int = 0):
+        super().__init__()
+        if selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
+        if size < 0:
+            raise ValueError(f"eidetic_size must be >= 0, got {size}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.size, self.window, self.chunk_size = size, window, chunk_size
+        self.selection, self.seed = selection, seed
+        self.predictor = nn.Linear(hidden_size, hidden_size, bias=False) if selection == "innovation" else None
+
+    def score(
+        self, h: torch.Tensor, f_prev: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores ``[B, L]`` (float32, detached) of tokens ``h [B, L, D]`` at ``positions [L]``.
+
+        ``f_prev [B, L, D]`` is the fading token before each position (zeros before position 0).
+        Returns the scores and, for ``innovation``, the auxiliary predictor loss (a scalar).
+        """
+        b, length, d = h.shape
+        if self.selection == "innovation":
+            target = F.rms_norm(h.float(), (d,)).detach()
+            err = (target - self.predictor(f_prev).float()).pow(2).mean(-1)
+            return err.detach(), err.mean()
+        if self.selection == "recency":
+            return positions.float().expand(b, length), None
+        return position_hash(positions, self.seed).expand(b, length), None

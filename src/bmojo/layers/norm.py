@@ -1,0 +1,35 @@
+"""RMSNorm and the gated RMSNorm of Mamba-2."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` over the last axis, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2 output norm: ``rmsnorm(x * silu(z))`` over groups of ``dim // n_groups`` channels."""
+
+    def __init__(self, dim: int, n_groups: int = 1, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.n_groups = n_groups
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = x.float() * F.silu(z.float())
+        g = y.unflatten(-1, (self.n_groups, -1))
+        g = F.rms_norm(g, (g.shape[-1],), eps=self.eps)
+        return (g.flatten(-2) * self.weight.float()).to(x.dtype)

@@ -1,0 +1,185 @@
+"""Selective state-space mixers (fading memory): Mamba-1 and Mamba-2 (SSD).
+
+Parameter names and shapes follow Hugging Face ``MambaMixer`` and ``Mamba2Mixer`` so that their
+state dicts load 1:1. Each mixer maps ``h [B, L, D] -> y [B, L, D]`` and optionally carries an
+:class:`SSMState` (conv window + SSM state), so one call can prefill and later calls continue the
+sequence, one token or many at a time, with exactly the result of a single call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bmojo.layers.norm import GatedRMSNorm
+from bmojo.ops.selective_scan import selective_scan, selective_scan_step
+from bmojo.ops.ssd import ssd_scan, ssd_step
+
+
+@dataclass
+class SSMState:
+    """Recurrent state of one SSM mixer: ``conv [B, C, K-1]`` (last conv inputs) and ``ssm`` (float32)."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+def _causal_conv(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv of ``x [B, L, C]`` continuing from ``prev [B, C, K-1]`` (zeros when None).
+
+    Returns ``silu(conv(x)) [B, L, C]`` and the new conv state ``[B, C, K-1]``.
+    """
+    k = conv.kernel_size[0]
+    xt = x.transpose(1, 2)
+    if prev is None:
+        prev = xt.new_zeros(xt.shape[0], xt.shape[1], k - 1)
+    xt = torch.cat([prev.to(xt.dtype), xt], dim=-1)
+    y = F.conv1d(xt, conv.weight, conv.bias, groups=conv.groups)
+    return F.silu(y).transpose(1, 2), xt[:, :, xt.shape[-1] - (k - 1) :]
+
+
+def _inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
+    """Biases ``b`` with ``softplus(b)`` log-uniform in ``[dt_min, dt_max]`` (the Mamba time-step init)."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba(nn.Module):
+    """Mamba-1 selective SSM: per-channel diagonal ``A [E, N]``, input-dependent ``dt, B, C``."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        state_size: int = 16,
+        expand: int = 2,
+        conv_kernel: int = 4,
+        dt_rank: int | None = None,
+        bias: bool = False,
+        conv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.intermediate_size = e = expand * hidden_size
+        self.ssm_state_size = n = state_size
+        self.time_step_rank = r = dt_rank or math.ceil(hidden_size / 16)
+        self.in_proj = nn.Linear(hidden_size, 2 * e, bias=bias)
+        self.conv1d = nn.Conv1d(e, e, conv_kernel, groups=e, padding=conv_kernel - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.A_log = nn.Parameter(torch.empty(e, n))
+        self.D = nn.Parameter(torch.empty(e))
+        self.out_proj = nn.Linear(e, hidden_size, bias=bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """S4D-real ``A``, unit ``D``, and the Mamba ``dt`` initialisation."""
+        n = self.ssm_state_size
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(self.A_log))
+        self.D.fill_(1.0)
+        std = self.time_step_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        self.dt_proj.bias.copy_(_inverse_softplus_dt(self.intermediate_size))
+
+    def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the conv and SSM states for a batch."""
+        e = self.intermediate_size
+        return (batch, e, self.conv1d.kernel_size[0] - 1), (batch, e, self.ssm_state_size)
+
+    def forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
+        """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``."""
+        x, z = self.in_proj(h).chunk(2, dim=-1)
+        x, conv_state = _causal_conv(x, self.conv1d, None if state is None else state.conv)
+        dt, b, c = self.x_proj(x).split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
+        delta = F.softplus(self.dt_proj(dt).float())
+        a = -torch.exp(self.A_log.float())
+        if state is not None and h.shape[1] == 1:
+            y, ssm_state = selective_scan_step(state.ssm, x[:, 0], delta[:, 0], a, b[:, 0], c[:, 0])
+            y = y.unsqueeze(1)
+        else:
+            y, ssm_state = selective_scan(x, delta, a, b, c, initial_state=None if state is None else state.ssm)
+        y = (y.float() + x.float() * self.D.float()) * F.silu(z.float())
+        return self.out_proj(y.to(h.dtype)), SSMState(conv_state, ssm_state)
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 (SSD) selective SSM: ``H`` heads of size ``P`` with a scalar decay each, ``G`` groups of ``B, C``."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        state_size: int = 64,
+        expand: int = 2,
+        head_dim: int = 64,
+        n_groups: int = 1,
+        conv_kernel: int = 4,
+        chunk_size: int = 64,
+        bias: bool = False,
+        conv_bias: bool = True,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.intermediate_size = e = expand * hidden_size
+        if e % head_dim:
+            raise ValueError(f"expand * hidden_size ({e}) must be divisible by the Mamba-2 head_dim ({head_dim})")
+        self.head_dim = head_dim
+        self.num_heads = nh = e // head_dim
+        if nh % n_groups:
+            raise ValueError(f"Mamba-2 heads ({nh}) must be divisible by n_groups ({n_groups})")
+        self.n_groups = n_groups
+        self.ssm_state_size = n = state_size
+        self.chunk_size = chunk_size
+        self.conv_dim = e + 2 * n_groups * n
+        self.in_proj = nn.Linear(hidden_size, 2 * e + 2 * n_groups * n + nh, bias=bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, padding=conv_kernel - 1, bias=conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.empty(nh))
+        self.A_log = nn.Parameter(torch.empty(nh))
+        self.D = nn.Parameter(torch.empty(nh))
+        self.norm = GatedRMSNorm(e, n_groups, eps=norm_eps)
+        self.out_proj = nn.Linear(e, hidden_size, bias=bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """``A`` uniform in ``[-16, -1]``, unit ``D``, the Mamba ``dt`` bias initialisation."""
+        self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1, 16)))
+        self.D.fill_(1.0)
+        self.dt_bias.copy_(_inverse_softplus_dt(self.num_heads))
+
+    def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the conv and SSM states for a batch."""
+        return (batch, self.conv_dim, self.conv1d.kernel_size[0] - 1), (
+            batch,
+            self.num_heads,
+            self.head_dim,
+            self.ssm_state_size,
+        )
+
+    def forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
+        """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``."""
+        bsz, length, _ = h.shape
+        e, gn = self.intermediate_size, self.n_groups * self.ssm_state_size
+        z, xbc, dt = self.in_proj(h).split([e, self.conv_dim, self.num_heads], dim=-1)
+        xbc, conv_state = _causal_conv(xbc, self.conv1d, None if state is None else state.conv)
+        x, b, c = xbc.split([e, gn, gn], dim=-1)
+        x = x.reshape(bsz, length, self.num_heads, self.head_dim)
+        b = b.reshape(bsz, length, self.n_groups, self.ssm_state_size)
+        c = c.reshape(bsz, length, self.n_groups, self.ssm_state_size)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        a = -torch.exp(self.A_log.float())
+        if state is not None and length == 1:
+            y, ssm_state = ssd_step(state.ssm, x[:, 0], dt[:, 0], a, b[:, 0], c[:, 0])
+            y = y.unsqueeze(1)
+        else:
+            init = None if state is None else state.ssm
+            y, ssm_state = ssd_scan(x, dt, a, b, c, chunk_size=self.chunk_size, initial_state=init)
+        y = y.float() + x.float() * self.D.float()[:, None]
+        y = self.norm(y.reshape(bsz, length, e).to(h.dtype), z)
+        return self.out_proj(y), SSMState(conv_state, ssm_state)

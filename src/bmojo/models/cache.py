@@ -1,0 +1,43 @@
+"""``BMojoCache``: the generation cache of a B'MOJO model, one :class:`MixerState` per layer."""
+
+from __future__ import annotations
+
+import torch
+
+from bmojo.layers.bmojo import MixerState
+
+
+class BMojoCache:
+    """Recurrent state of every layer: SSM and conv states, window and fading rings, eidetic memory.
+
+    Its size is independent of the context length for SSM, SWA, B'MOJO-F and B'MOJO layers; only
+    full-attention layers keep every key and value.
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [MixerState() for _ in range(num_layers)]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, idx: int) -> MixerState:
+        return self.layers[idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far."""
+        return self.layers[layer_idx].seen
+
+    def nbytes(self) -> int:
+        """Bytes held by all layers' states."""
+        return sum(state.nbytes() for state in self.layers)
+
+    def layer_nbytes(self) -> list[int]:
+        """Bytes held by each layer's state."""
+        return [state.nbytes() for state in self.layers]
+
+    @property
+    def device(self) -> torch.device | None:
+        tensors = [t for state in self.layers for t in state.tensors()]
+        return tensors[0].device if tensors else None

@@ -1,0 +1,211 @@
+"""``BMojoConfig``: a Hugging Face config whose per-layer pattern makes every special case one model.
+
+Layer kinds (``layer_pattern``):
+
+============  ======  ================  ======  =======  ===========
+kind          SSM     attention         fading  eidetic  is
+============  ======  ================  ======  =======  ===========
+attention     -       full causal       -       -        Transformer
+swa           -       window ``w``      -       -        Mistral-style SWA
+mamba         Mamba   -                 -       -        Mamba
+mamba2        Mamba2  -                 -       -        Mamba-2
+bmojo-f       ``ssm`` window ``w``      yes     -        B'MOJO-F
+bmojo         ``ssm`` window ``w``      yes     ``k``    B'MOJO
+============  ======  ================  ======  =======  ===========
+
+A Jamba-style hybrid interleaves ``mamba`` and ``attention`` layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from bmojo.layers.eidetic import SELECTIONS
+
+LAYER_KINDS = ("attention", "swa", "mamba", "mamba2", "bmojo-f", "bmojo")
+PRESETS = ("transformer", "swa", "mamba", "mamba2", "jamba", "bmojo-f", "bmojo")
+
+# size -> (hidden_size, heads, target parameter count); the depth is chosen to hit the target.
+SIZES: dict[str, tuple[int, int, int | None]] = {
+    "tiny": (64, 4, None),
+    "130m": (768, 12, 130_000_000),
+    "370m": (1024, 16, 370_000_000),
+    "790m": (1536, 24, 790_000_000),
+    "1.4b": (2048, 32, 1_400_000_000),
+}
+
+
+def jamba_pattern(n_layers: int, period: int = 8) -> list[str]:
+    """Jamba's interleave: one ``attention`` layer per ``period`` (at offset ``period // 2``), the rest ``mamba``."""
+    period = max(2, min(period, n_layers))
+    return ["attention" if i % period == period // 2 else "mamba" for i in range(n_layers)]
+
+
+def preset_layers(name: str, n_layers: int) -> list[str]:
+    """The layer pattern of a preset."""
+    if name == "jamba":
+        return jamba_pattern(n_layers)
+    kind = {"transformer": "attention"}.get(name, name)
+    return [kind] * n_layers
+
+
+class BMojoConfig(PretrainedConfig):
+    """Configuration of a B'MOJO language model (see the module docstring for ``layer_pattern``)."""
+
+    model_type = "bmojo"
+
+    def __init__(
+        self,
+        vocab_size: int = 50280,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        layer_pattern: list[str] | None = None,
+        num_attention_heads: int = 12,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        intermediate_size: int | None = None,
+        use_mlp: bool = True,
+        window_size: int = 2048,
+        chunk_size: int | None = None,
+        eidetic_size: int = 64,
+        selection: str = "innovation",
+        innovation_loss_weight: float = 0.01,
+        bmojo_ssm: str = "mamba2",
+        tie_fading_kv: bool = True,
+        state_size: int = 16,
+        mamba2_state_size: int | None = None,
+        expand: int = 2,
+        conv_kernel: int = 4,
+        time_step_rank: int | None = None,
+        mamba2_head_dim: int = 64,
+        n_groups: int = 1,
+        ssm_chunk_size: int = 64,
+        qk_norm: bool = False,
+        rope_theta: float = 10000.0,
+        attention_bias: bool = False,
+        attention_block_size: int = 64,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.layer_pattern = list(layer_pattern) if layer_pattern is not None else ["bmojo"] * num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size or 256 * math.ceil(8 * hidden_size / 3 / 256)
+        self.use_mlp = use_mlp
+        self.window_size = window_size
+        self.chunk_size = chunk_size
+        self.eidetic_size = eidetic_size
+        self.selection = selection
+        self.innovation_loss_weight = innovation_loss_weight
+        self.bmojo_ssm = bmojo_ssm
+        self.tie_fading_kv = tie_fading_kv
+        self.state_size = state_size
+        self.mamba2_state_size = mamba2_state_size
+        self.expand = expand
+        self.conv_kernel = conv_kernel
+        self.time_step_rank = time_step_rank
+        self.mamba2_head_dim = mamba2_head_dim
+        self.n_groups = n_groups
+        self.ssm_chunk_size = ssm_chunk_size
+        self.qk_norm = qk_norm
+        self.rope_theta = rope_theta
+        self.attention_bias = attention_bias
+        self.attention_block_size = attention_block_size
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+        self.validate_bmojo()
+
+    def validate_bmojo(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "state_size", "expand")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.window_size is not None and self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.eidetic_size < 0:
+            raise ValueError(f"eidetic_size must be >= 0, got {self.eidetic_size}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.bmojo_ssm not in ("mamba", "mamba2"):
+            raise ValueError(f"bmojo_ssm must be 'mamba' or 'mamba2', got {self.bmojo_ssm!r}")
+        if len(self.layer_pattern) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_pattern has {len(self.layer_pattern)} entries but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        for kind in self.layer_pattern:
+            if kind not in LAYER_KINDS:
+                raise ValueError(f"unknown layer kind {kind!r}; expected one of {LAYER_KINDS}")
+        if any(k != "mamba" and k != "mamba2" for k in self.layer_pattern):
+            if self.hidden_size % self.num_attention_heads and self.head_dim is None:
+                raise ValueError(
+                    f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})"
+                )
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ValueError(
+                    f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                    f"num_attention_heads ({self.num_attention_heads})"
+                )
+
+    @classmethod
+    def from_preset(cls, name: str, size: str = "tiny", **overrides: Any) -> "BMojoConfig":
+        """A preset architecture (``transformer, swa, mamba, mamba2, jamba, bmojo-f, bmojo``) at a size.
+
+        ``tiny`` is for tests; ``130m, 370m, 790m, 1.4b`` pick the depth that brings the parameter
+        count closest to the name. ``overrides`` set any config field.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
+        if size not in SIZES:
+            raise ValueError(f"unknown size {size!r}; expected one of {tuple(SIZES)}")
+        hidden, heads, target = SIZES[size]
+        base: dict[str, Any] = dict(hidden_size=hidden, num_attention_heads=heads, use_mlp=name not in ("mamba", "mamba2"))
+        if size == "tiny":
+            base.update(
+                vocab_size=128, num_hidden_layers=2, num_key_value_heads=2, intermediate_size=128,
+                window_size=8, eidetic_size=4, state_size=8, mamba2_head_dim=16, ssm_chunk_size=8,
+                attention_block_size=8,
+            )  # fmt: skip
+        base.update(overrides)
+        if target is not None and "num_hidden_layers" not in overrides:
+            base["num_hidden_layers"] = _depth_for(name, base, target)
+        base.setdefault("num_hidden_layers", 12)
+        if "layer_pattern" not in overrides:
+            base["layer_pattern"] = preset_layers(name, base["num_hidden_layers"])
+        return cls(**base)
+
+
+def _depth_for(name: str, fields: dict[str, Any], target: int) -> int:
+    """Number of layers whose parameter count (counted on the meta device) is closest to ``target``."""
+    from bmojo.models.modeling import count_parameters
+
+    def count(kinds: list[str]) -> int:
+        return count_parameters(BMojoConfig(**{**fields, "num_hidden_layers": len(kinds), "layer_pattern": kinds}))
+
+    kinds = sorted(set(preset_layers(name, 8)))
+    per_layer = {k: count([k, k]) - count([k]) for k in kinds}
+    base = count([kinds[0]]) - per_layer[kinds[0]]
+    return min(range(1, 129), key=lambda n: abs(base + sum(per_layer[k] for k in preset_layers(name, n)) - target))

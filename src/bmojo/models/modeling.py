@@ -1,0 +1,293 @@
+"""B'MOJO language model: pre-norm blocks of (RMSNorm -> mixer -> residual -> RMSNorm -> SwiGLU -> residual)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from bmojo.layers.bmojo import BMojoMixer, MixerState
+from bmojo.layers.norm import GatedRMSNorm, RMSNorm
+from bmojo.layers.ssm import Mamba, Mamba2
+from bmojo.models.cache import BMojoCache
+from bmojo.models.config import BMojoConfig
+
+
+def build_mixer(config: BMojoConfig, kind: str, layer_idx: int = 0) -> BMojoMixer:
+    """The mixer of one layer kind, configured from ``config``."""
+    ssm_type = {"mamba": "mamba", "mamba2": "mamba2", "bmojo-f": config.bmojo_ssm, "bmojo": config.bmojo_ssm}.get(kind)
+    if ssm_type == "mamba":
+        ssm_kwargs = dict(
+            state_size=config.state_size, expand=config.expand, conv_kernel=config.conv_kernel,
+            dt_rank=config.time_step_rank,
+        )  # fmt: skip
+    else:
+        ssm_kwargs = dict(
+            state_size=config.mamba2_state_size or config.state_size, expand=config.expand,
+            head_dim=config.mamba2_head_dim, n_groups=config.n_groups, conv_kernel=config.conv_kernel,
+            chunk_size=config.ssm_chunk_size, norm_eps=config.rms_norm_eps,
+        )  # fmt: skip
+    return BMojoMixer(
+        config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        ssm=ssm_type,
+        attention=kind not in ("mamba", "mamba2"),
+        window=None if kind == "attention" else config.window_size,
+        fading=kind in ("bmojo-f", "bmojo"),
+        eidetic_size=config.eidetic_size if kind == "bmojo" else 0,
+        selection=config.selection,
+        chunk_size=config.chunk_size,
+        qk_norm=config.qk_norm,
+        rope_theta=config.rope_theta,
+        attention_bias=config.attention_bias,
+        tie_fading_kv=config.tie_fading_kv,
+        block_size=config.attention_block_size,
+        ssm_kwargs=ssm_kwargs,
+        seed=layer_idx,
+    )
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with Llama's parameter names."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BMojoBlock(nn.Module):
+    """``x + mixer(norm(x))``, then ``+ mlp(norm(x))`` when the config has MLPs."""
+
+    def __init__(self, config: BMojoConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.kind = config.layer_pattern[layer_idx]
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = build_mixer(config, self.kind, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps) if config.use_mlp else None
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if config.use_mlp else None
+
+    def forward(
+        self, x: torch.Tensor, state: MixerState | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, aux, _ = self.mixer(self.input_layernorm(x), state)
+        x = x + y
+        if self.mlp is not None:
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, aux
+
+
+@dataclass
+class BMojoModelOutput(ModelOutput):
+    """Final hidden states, the cache and the innovation loss."""
+
+    last_hidden_state: torch.Tensor | None = None
+    cache: BMojoCache | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class BMojoCausalLMOutput(ModelOutput):
+    """``loss`` = cross-entropy + ``innovation_loss_weight * aux_loss``; ``aux_loss`` is also returned alone.
+
+    ``cache`` is the :class:`BMojoCache` (``past_key_values`` in transformers' older naming).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    cache: BMojoCache | None = None
+
+
+class BMojoPreTrainedModel(PreTrainedModel):
+    config_class = BMojoConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["BMojoBlock"]
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.Conv1d):
+            module.reset_parameters()
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, (Mamba, Mamba2)):
+            module.reset_ssm_parameters()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own BMojoCache
+
+
+def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D [batch, length], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("empty sequence: input_ids has length 0")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+class BMojoModel(BMojoPreTrainedModel):
+    """Embedding, ``num_hidden_layers`` blocks, final RMSNorm."""
+
+    def __init__(self, config: BMojoConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(BMojoBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: BMojoCache | None = None,
+        use_cache: bool | None = None,
+        cache: BMojoCache | None = None,
+        **kwargs: Any,
+    ) -> BMojoModelOutput:
+        """``input_ids [B, L]`` (or ``inputs_embeds [B, L, D]``) -> hidden states; continues ``cache`` if given."""
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            _check_input_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be [batch, length, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"
+            )
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise NotImplementedError(
+                "attention_mask with padded (zero) positions is not supported yet: pass unpadded sequences"
+            )
+        if cache is not None and not isinstance(cache, BMojoCache):
+            raise TypeError(f"cache must be a BMojoCache, got {type(cache).__name__}")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = BMojoCache(len(self.layers))
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}")
+
+        x, aux_losses = inputs_embeds, []
+        for i, layer in enumerate(self.layers):
+            x, aux = layer(x, None if cache is None else cache[i])
+            if aux is not None:
+                aux_losses.append(aux)
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        return BMojoModelOutput(self.norm(x), cache, aux_loss)
+
+
+class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
+    """B'MOJO model with a language-modelling head (tied to the embedding by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BMojoConfig) -> None:
+        super().__init__(config)
+        self.model = BMojoModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: BMojoCache | None = None,
+        use_cache: bool | None = None,
+        cache: BMojoCache | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> BMojoCausalLMOutput:
+        """Logits ``[B, L, V]`` (float32); with ``labels [B, L]`` also the next-token loss (``-100`` ignored)."""
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        out = self.model(
+            input_ids, attention_mask, inputs_embeds, past_key_values=past_key_values, cache=cache, use_cache=use_cache
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden).float()
+        loss = None
+        if labels is not None:
+            if labels.shape != (logits.shape[0], logits.shape[1]) or logits_to_keep:
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).long(), ignore_index=-100
+            )
+            if out.aux_loss is not None:
+                loss = loss + self.config.innovation_loss_weight * out.aux_loss
+        return BMojoCausalLMOutput(loss, logits, out.aux_loss, out.cache)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: BMojoCache | None = None,
+        cache: BMojoCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Feed only the tokens the cache has not seen (the whole prompt on the first call)."""
+        cache = cache if cache is not None else past_key_values
+        seen = 0 if cache is None else cache.get_seq_length()
+        inputs: dict[str, Any] = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, seen:]
+        return inputs
+
+
+def count_parameters(config: BMojoConfig) -> int:
+    """Parameters of ``BMojoForCausalLM(config)``, counted without allocating memory (tied weights once)."""
+    with torch.device("meta"):
+        model = BMojoForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())

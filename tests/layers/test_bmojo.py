@@ -1,0 +1,213 @@
+"""The B'MOJO mixer: special cases, a naive one-softmax reference, and parallel == recurrent."""
+
+import pytest
+import torch
+
+from bmojo.layers import BMojoMixer, MixerState
+
+D, H, HKV = 32, 4, 2
+
+
+def make(seed=0, **kw) -> BMojoMixer:
+    torch.manual_seed(seed)
+    base = dict(
+        num_heads=H, num_kv_heads=HKV, ssm="mamba2", window=4, fading=True, eidetic_size=3, chunk_size=4,
+        block_size=4, ssm_kwargs=dict(state_size=8, head_dim=16, chunk_size=8),
+    )  # fmt: skip
+    base.update(kw)
+    if base["ssm"] == "mamba":
+        base["ssm_kwargs"] = dict(state_size=8)
+    return BMojoMixer(D, **base).eval()
+
+
+def naive_mixer(m: BMojoMixer, h: torch.Tensor) -> torch.Tensor:
+    """One softmax per query over [raw window | fading band | eidetic tokens], selection by brute force."""
+    b, length, _ = h.shape
+    pos = torch.arange(length)
+    f = m.ssm(h)[0] if m.ssm is not None else None
+    if m.attn is None:
+        return f
+    q = m.attn.queries(h, pos)
+    k, v = m.attn.keys_values(h, pos)
+    keys, values = [k], [v]
+    i, j = pos.view(-1, 1), pos.view(1, -1)
+    w = m.window if m.window is not None else length
+    masks = [((i - j >= 0) & (i - j < w)).expand(b, -1, -1)]
+    if m.fading:
+        kf, vf = m.attn.keys_values(f, pos, m.fading_k_proj, m.fading_v_proj)
+        keys.append(kf)
+        values.append(vf)
+        masks.append(((i - j >= w) & (i - j < 2 * w)).expand(b, -1, -1))
+    if m.memory is not None:
+        f_prev = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], 1)
+        scores, _ = m.memory.score(h, f_prev, pos)
+        emask = torch.zeros(b, length, length, dtype=torch.bool)
+        c, k_mem = m.memory.chunk_size, m.memory.size
+        for bi in range(b):
+            s = scores[bi].tolist()
+            for qi in range(length):
+                limit = max(0, (qi // c) * c - w)
+                for p in sorted(range(limit), key=lambda p: (-s[p], p))[:k_mem]:
+                    emask[bi, qi, p] = True
+        keys.append(k)
+        values.append(v)
+        masks.append(emask)
+    K, V, M = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 2)
+    g = H // k.shape[1]
+    K, V = K.repeat_interleave(g, 1), V.repeat_interleave(g, 1)
+    att = (q @ K.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    att = att.masked_fill(~M[:, None], float("-inf")).softmax(-1)
+    return m.attn.output(att @ V)
+
+
+CONFIGS = {
+    "transformer": dict(ssm=None, window=None, fading=False, eidetic_size=0),
+    "swa": dict(ssm=None, fading=False, eidetic_size=0),
+    "mamba": dict(ssm="mamba", attention=False, fading=False, eidetic_size=0),
+    "mamba2": dict(attention=False, fading=False, eidetic_size=0),
+    "bmojo-f": dict(eidetic_size=0),
+    "bmojo": dict(),
+    "bmojo-mamba1": dict(ssm="mamba"),
+    "bmojo-random": dict(selection="random"),
+    "bmojo-recency": dict(selection="recency", chunk_size=3),
+    "bmojo-untied": dict(tie_fading_kv=False),
+    "bmojo-qknorm": dict(qk_norm=True, eidetic_size=5, chunk_size=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_mixer_matches_naive_union_softmax(name):
+    m = make(**CONFIGS[name])
+    h = torch.randn(2, 29, D)
+    with torch.no_grad():
+        out, _, _ = m(h)
+        ref = naive_mixer(m, h)
+    print(name, "max diff", (out - ref).abs().max().item())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("prefill", [1, 3, 4, 5, 8, 9, 16])
+def test_prefill_then_steps_equals_parallel(name, prefill):
+    """Window, fading band and eidetic memory active; several chunk boundaries crossed while decoding."""
+    m = make(**CONFIGS[name])
+    h = torch.randn(2, 30, D)
+    with torch.no_grad():
+        full, _, _ = m(h)
+        state = MixerState()
+        first, _, _ = m(h[:, :prefill], state)
+        rest = [m(h[:, t : t + 1], state)[0] for t in range(prefill, 30)]
+    out = torch.cat([first, *rest], 1)
+    print(name, prefill, "max diff", (out - full).abs().max().item())
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-4)
+    assert state.seen == 30
+
+
+def test_multi_token_continuation_equals_parallel():
+    m = make()
+    h = torch.randn(1, 27, D)
+    with torch.no_grad():
+        full, _, _ = m(h)
+        state = MixerState()
+        parts = [m(h[:, :6], state)[0], m(h[:, 6:19], state)[0], m(h[:, 19:], state)[0]]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_state_size_does_not_grow_with_context():
+    m = make()
+    sizes = {}
+    with torch.no_grad():
+        for n in (20, 60):
+            state = MixerState()
+            m(torch.randn(1, n, D), state)
+            for _ in range(3):
+                m(torch.randn(1, 1, D), state)
+            sizes[n] = state.nbytes()
+    assert sizes[20] == sizes[60]
+    full = make(**CONFIGS["transformer"])
+    with torch.no_grad():
+        s20, s60 = MixerState(), MixerState()
+        full(torch.randn(1, 20, D), s20)
+        full(torch.randn(1, 60, D), s60)
+    assert s60.nbytes() > s20.nbytes()
+
+
+def test_eidetic_zero_equals_bmojo_f():
+    a = make(eidetic_size=0)
+    b = make(eidetic_size=3)
+    b.load_state_dict(a.state_dict(), strict=False)
+    short = torch.randn(1, 8, D)  # nothing has left the window of any chunk yet
+    with torch.no_grad():
+        torch.testing.assert_close(a(short)[0], b(short)[0])
+        longer = torch.randn(1, 30, D)
+        assert not torch.allclose(a(longer)[0], b(longer)[0])
+    c = make(eidetic_size=3, selection="none")
+    c.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(a(longer)[0], c(longer)[0])
+
+
+def test_window_covering_sequence_equals_transformer():
+    full = make(**CONFIGS["transformer"])
+    swa = make(ssm=None, window=64, fading=False, eidetic_size=0)
+    swa.load_state_dict(full.state_dict())
+    h = torch.randn(2, 40, D)
+    with torch.no_grad():
+        torch.testing.assert_close(swa(h)[0], full(h)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_transformer_equals_hand_written_causal_attention():
+    m = make(**CONFIGS["transformer"])
+    h = torch.randn(1, 11, D)
+    a = m.attn
+    d = D // H
+    pos = torch.arange(11).float()
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    ang = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)
+
+    def rope(x):
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return x * ang.cos() + torch.cat([-x2, x1], -1) * ang.sin()
+
+    q = rope((h @ a.q_proj.weight.T).view(1, 11, H, d).transpose(1, 2))
+    k = rope((h @ a.k_proj.weight.T).view(1, 11, HKV, d).transpose(1, 2)).repeat_interleave(H // HKV, 1)
+    v = (h @ a.v_proj.weight.T).view(1, 11, HKV, d).transpose(1, 2).repeat_interleave(H // HKV, 1)
+    s = (q @ k.transpose(-1, -2)) / d**0.5 + torch.full((11, 11), float("-inf")).triu(1)
+    ref = (s.softmax(-1) @ v).transpose(1, 2).reshape(1, 11, D) @ a.o_proj.weight.T
+    with torch.no_grad():
+        torch.testing.assert_close(m(h)[0], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_reach_selected_tokens_and_predictor():
+    m = make().train()
+    h = torch.randn(1, 24, D, requires_grad=True)
+    out, aux, _ = m(h)
+    (out.sum() + aux).backward()
+    assert m.memory.predictor.weight.grad.abs().sum() > 0
+    assert h.grad[:, :8].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(window=0), "window_size"),
+        (dict(eidetic_size=-1), "eidetic_size"),
+        (dict(ssm="s4"), "unknown ssm"),
+        (dict(ssm=None, attention=False), "needs an SSM"),
+        (dict(ssm=None), "fading band"),
+        (dict(window=None, fading=False), "finite window"),
+        (dict(num_heads=3), "must divide"),
+        (dict(selection="best"), "unknown selection"),
+    ],
+)
+def test_bad_configuration_raises(kw, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kw)
+
+
+def test_bad_input_raises():
+    m = make()
+    with pytest.raises(ValueError, match="expected hidden states"):
+        m(torch.randn(4, D))
+    with pytest.raises(ValueError, match="empty sequence"):
+        m(torch.randn(1, 0, D))

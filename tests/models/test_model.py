@@ -1,0 +1,171 @@
+"""BMojoForCausalLM: presets, parity of full forward vs cached decoding, save/load, generate, loss, errors."""
+
+import pytest
+import torch
+
+from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
+from bmojo.models.config import PRESETS
+from bmojo.models.modeling import count_parameters
+
+# window 8, chunk 4, eidetic 4: at L=40 the window, fading band and eidetic memory are all active
+OVERRIDES = dict(window_size=8, chunk_size=4, eidetic_size=4)
+
+
+def tiny(name: str, seed: int = 0, **kw) -> BMojoForCausalLM:
+    torch.manual_seed(seed)
+    return BMojoForCausalLM(BMojoConfig.from_preset(name, "tiny", **{**OVERRIDES, **kw})).eval()
+
+
+def test_preset_layer_patterns():
+    assert BMojoConfig.from_preset("transformer").layer_pattern == ["attention", "attention"]
+    assert BMojoConfig.from_preset("jamba", num_hidden_layers=8).layer_pattern == ["mamba"] * 4 + ["attention"] + [
+        "mamba"
+    ] * 3
+    assert BMojoConfig.from_preset("bmojo").layer_pattern == ["bmojo", "bmojo"]
+    assert BMojoConfig.from_preset("mamba").use_mlp is False
+    cfg = BMojoConfig.from_preset("bmojo", window_size=16, eidetic_size=2, selection="recency", state_size=4)
+    assert (cfg.window_size, cfg.eidetic_size, cfg.selection, cfg.state_size) == (16, 2, "recency", 4)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("size", ["130m", "370m", "790m", "1.4b"])
+def test_paper_sizes_within_ten_percent(name, size):
+    target = {"130m": 130e6, "370m": 370e6, "790m": 790e6, "1.4b": 1.4e9}[size]
+    n = count_parameters(BMojoConfig.from_preset(name, size))
+    assert abs(n - target) / target < 0.10, f"{name} {size}: {n / 1e6:.1f}M"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_full_forward_equals_prefill_plus_decode(name):
+    model = tiny(name)
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :13], use_cache=True)
+        cache, logits = out.cache, [out.logits]
+        for t in range(13, 40):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+    step = torch.cat(logits, 1)
+    print(name, "max diff", (step - full).abs().max().item())
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == 40
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_cache_size_constant_in_context_except_full_attention(name):
+    model = tiny(name)
+    sizes = []
+    with torch.no_grad():
+        for n in (24, 72):
+            sizes.append(model(torch.randint(0, 128, (1, n)), use_cache=True).cache.nbytes())
+    grows = any(k == "attention" for k in model.config.layer_pattern)
+    assert (sizes[1] > sizes[0]) if grows else (sizes[1] == sizes[0])
+
+
+@pytest.mark.parametrize("name", ["bmojo", "jamba", "mamba"])
+def test_save_load_round_trip(name, tmp_path):
+    model = tiny(name)
+    ids = torch.randint(0, 128, (1, 30))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = BMojoForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.layer_pattern == model.config.layer_pattern
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["bmojo", "transformer", "mamba2"])
+def test_generate_greedy_matches_manual_loop(name):
+    model = tiny(name)
+    prompt = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=15, do_sample=False, pad_token_id=0)
+        seq = prompt
+        for _ in range(15):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_sampling_is_seeded():
+    model = tiny("bmojo")
+    prompt = torch.randint(0, 128, (1, 5))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(model.generate(prompt, max_new_tokens=12, do_sample=True, top_k=20, pad_token_id=0))
+    assert runs[0].shape == (1, 17) and torch.equal(runs[0], runs[1])
+    assert ((runs[0] >= 0) & (runs[0] < 128)).all()
+
+
+def test_loss_is_cross_entropy_plus_weighted_innovation_loss():
+    model = tiny("bmojo", innovation_loss_weight=0.5)
+    ids = torch.randint(0, 128, (2, 30))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = model(ids, labels=labels)
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1))
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    torch.testing.assert_close(out.loss, ce + 0.5 * out.aux_loss)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "predictor" in n)
+    plain = tiny("transformer")(ids, labels=labels)
+    assert plain.aux_loss is None
+
+
+def test_untied_embeddings():
+    model = tiny("bmojo", tie_word_embeddings=False)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_tied_embeddings_share_storage():
+    model = tiny("bmojo")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize(
+    "ids,err,match",
+    [
+        (torch.tensor([[1, 2, 128]]), ValueError, "outside the vocabulary"),
+        (torch.tensor([[1, -1]]), ValueError, "outside the vocabulary"),
+        (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty sequence"),
+        (torch.tensor([1, 2, 3]), ValueError, "2-D"),
+        (torch.tensor([[1.0, 2.0]]), TypeError, "integer"),
+    ],
+)
+def test_bad_input_ids(ids, err, match):
+    with pytest.raises(err, match=match):
+        tiny("bmojo")(ids)
+
+
+def test_bad_cache_type():
+    with pytest.raises(TypeError, match="BMojoCache"):
+        tiny("bmojo")(torch.tensor([[1, 2]]), past_key_values=object())
+    with pytest.raises(ValueError, match="layers"):
+        tiny("bmojo")(torch.tensor([[1, 2]]), past_key_values=BMojoCache(5))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(window_size=0), "window_size"),
+        (dict(eidetic_size=-2), "eidetic_size"),
+        (dict(hidden_size=30, num_attention_heads=4), "must divide"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(selection="oracle"), "selection"),
+        (dict(layer_pattern=["bmojo", "lstm"]), "unknown layer kind"),
+        (dict(layer_pattern=["bmojo"]), "num_hidden_layers"),
+    ],
+)
+def test_invalid_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        BMojoConfig.from_preset("bmojo", **kw)
+
+
+def test_unknown_preset_and_size():
+    with pytest.raises(ValueError, match="unknown preset"):
+        BMojoConfig.from_preset("rwkv")
+    with pytest.raises(ValueError, match="unknown size"):
+        BMojoConfig.from_preset("bmojo", "7b")

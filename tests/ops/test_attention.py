@@ -1,0 +1,126 @@
+"""Banded attention and the LSE merge against dense masked softmax."""
+
+import pytest
+import torch
+
+from bmojo.ops.attention import (
+    attention_with_lse,
+    banded_attention,
+    banded_attention_ref,
+    causal_attention,
+    merge_attention,
+)
+
+
+def _qkv(b, hq, hkv, length, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, length, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, length, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, length, d, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("length", [1, 5, 8, 9, 16, 17, 33])
+@pytest.mark.parametrize("lo,hi", [(0, 0), (0, 3), (0, 7), (4, 7), (8, 15), (0, None), (3, None), (40, 50)])
+@pytest.mark.parametrize("block", [1, 4, 8, 64])
+def test_banded_matches_dense_mask(length, lo, hi, block):
+    q, k, v = _qkv(2, 4, 2, length, 8)
+    o, lse = banded_attention(q, k, v, lo, hi, block_size=block)
+    o_ref, lse_ref = banded_attention_ref(q, k, v, lo, hi)
+    print("max diff", (o - o_ref).abs().max().item())
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_banded_gradients_match_dense():
+    q, k, v = _qkv(2, 4, 4, 23, 8)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    o, lse = banded_attention(q, k, v, 2, 9, block_size=4)
+    grads = torch.autograd.grad((o.sum() + lse.sum()), (q, k, v))
+    o_ref, lse_ref = banded_attention_ref(q, k, v, 2, 9)
+    lse_ref = lse_ref.masked_fill(torch.isinf(lse_ref), 0.0)
+    grads_ref = torch.autograd.grad((o_ref.sum() + lse_ref.sum()), (q, k, v))
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
+
+
+def test_banded_bf16_close_to_fp32():
+    q, k, v = _qkv(1, 2, 2, 40, 16, dtype=torch.bfloat16)
+    o, _ = banded_attention(q, k, v, 0, 7, block_size=8)
+    o_ref, _ = banded_attention_ref(q.float(), k.float(), v.float(), 0, 7)
+    assert o.dtype == torch.bfloat16
+    torch.testing.assert_close(o.float(), o_ref, atol=3e-2, rtol=5e-2)
+
+
+def test_banded_memory_is_linear_in_length():
+    """The score tensor for a window of 8 at L=4096 has L*(block+band) entries, not L*L."""
+    q, k, v = _qkv(1, 1, 1, 4096, 4)
+    seen = []
+
+    def hook(t):
+        seen.append(t.numel())
+
+    import bmojo.ops.attention as att
+
+    orig = att._softmax_lse
+
+    def spy(scores, vv):
+        hook(scores)
+        return orig(scores, vv)
+
+    att._softmax_lse = spy
+    try:
+        banded_attention(q, k, v, 0, 7, block_size=16)
+    finally:
+        att._softmax_lse = orig
+    assert max(seen) <= 4096 * (16 + 8)
+
+
+def test_merge_equals_one_softmax_over_union():
+    """Window + fading band + a third key set merged by LSE equals one masked softmax over all keys."""
+    b, h, length, d, m = 2, 4, 19, 8, 5
+    q, k, v = _qkv(b, h, 2, length, d, seed=1)
+    _, kf, vf = _qkv(b, h, 2, length, d, seed=2)
+    _, ke, ve = _qkv(b, h, 2, m, d, seed=3)
+    w = 4
+    emask = torch.rand(b, m, generator=torch.Generator().manual_seed(4)) > 0.3
+    parts = [
+        banded_attention(q, k, v, 0, w - 1, block_size=4),
+        banded_attention(q, kf, vf, w, 2 * w - 1, block_size=4),
+        attention_with_lse(q, ke, ve, emask[:, None, None, None, :]),
+    ]
+    o = merge_attention(parts)
+    i = torch.arange(length).view(-1, 1)
+    j = torch.arange(length).view(1, -1)
+    win = (i - j >= 0) & (i - j < w)
+    band = (i - j >= w) & (i - j < 2 * w)
+    mask = torch.cat(
+        [win.expand(b, -1, -1), band.expand(b, -1, -1), emask[:, None, :].expand(b, length, m)], dim=-1
+    )[:, None, None]
+    o_ref, _ = attention_with_lse(q, torch.cat([k, kf, ke], 2), torch.cat([v, vf, ve], 2), mask)
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_with_empty_sets_gives_zero_and_ignores_them():
+    q, k, v = _qkv(1, 2, 2, 6, 4)
+    full = banded_attention(q, k, v, 0, None)
+    empty = banded_attention(q, k, v, 10, 20)
+    assert torch.isinf(empty[1]).all() and (empty[0] == 0).all()
+    torch.testing.assert_close(merge_attention([full, empty]), full[0])
+    assert (merge_attention([empty, empty]) == 0).all()
+
+
+def test_causal_sdpa_matches_reference_with_gqa():
+    q, k, v = _qkv(2, 6, 2, 13, 8)
+    o_ref, _ = banded_attention_ref(q, k, v, 0, None)
+    torch.testing.assert_close(causal_attention(q, k, v), o_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_band_and_heads_raise():
+    q, k, v = _qkv(1, 3, 2, 4, 4)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        banded_attention(q, k, v, 0, 2)
+    q, k, v = _qkv(1, 2, 2, 4, 4)
+    with pytest.raises(ValueError, match="invalid band"):
+        banded_attention(q, k, v, 3, 1)
