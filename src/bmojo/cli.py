@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 import typer
+import yaml
 from rich.console import Console
-from rich.progress import track
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 from rich.table import Table
 
 from bmojo.models import BMojoConfig, BMojoForCausalLM
 from bmojo.models.config import PRESETS, SIZES
 from bmojo.models.modeling import count_parameters
+from bmojo.recall import RecallRun, plot_accuracy, train_recall, write_results
 
 app = typer.Typer(help="B'MOJO hybrid state-space language models.", no_args_is_help=True)
 console = Console()
@@ -40,7 +44,7 @@ def _parity_and_cache(name: str, lengths: tuple[int, ...], seed: int = 0) -> dic
 
 
 @app.command()
-def demo(lengths: str = typer.Option("256,2048", help="context lengths for the cache-size columns")) -> None:
+def archs(lengths: str = typer.Option("256,2048", help="context lengths for the cache-size columns")) -> None:
     """Build every architecture, check parallel == recurrent, and show how its cache grows with context."""
     ctx = tuple(int(x) for x in lengths.split(","))
     table = Table(title="bmojo architectures (tiny size, window 16)")
@@ -73,6 +77,83 @@ def info(size: str = typer.Option("130m", help=f"one of {', '.join(SIZES)}")) ->
         cfg = BMojoConfig.from_preset(name, size)
         table.add_row(name, str(cfg.num_hidden_layers), str(cfg.hidden_size), f"{count_parameters(cfg) / 1e6:.1f}M")
     console.print(table)
+
+
+def _train_all(runs: list[RecallRun]) -> list[dict[str, Any]]:
+    """Train every run in turn with a progress bar per run; return their result rows."""
+    rows = []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as progress:
+        for run in runs:
+            label = f"{run.arch:8s} L={run.seq_len} seed={run.seed}"
+            bar = progress.add_task(label, total=run.steps)
+            last_acc = [0.0]
+
+            def on_step(step: int, loss: float, acc: float | None, bar: int = bar, label: str = label) -> None:
+                last_acc[0] = last_acc[0] if acc is None else acc
+                desc = f"{label} loss {loss:6.3f} acc {last_acc[0]:.3f}"
+                progress.update(bar, completed=step, description=desc)
+
+            rows.append(train_recall(run, on_step))
+            progress.update(bar, completed=run.steps)
+    return rows
+
+
+def _results_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    cols = ["arch", "seq_len", "params", "state bytes/layer", "accuracy", "steps", "seconds"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "arch" else "right")
+    for r in rows:
+        table.add_row(
+            r["arch"], str(r["seq_len"]), f"{r['params']:,}", f"{r['state_bytes_per_layer']:,}",
+            f"{r['accuracy']:.3f}", str(r["steps"]), f"{r['seconds']:.0f}",
+        )  # fmt: skip
+    return table
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+@app.command()
+def recall(
+    config: Path | None = typer.Option(None, help="YAML with keys base, archs, seq_lens, budgets, seeds"),
+    archs: str | None = typer.Option(None, help="comma-separated presets, e.g. swa,mamba,bmojo"),
+    seq_lens: str | None = typer.Option(None, help="comma-separated sequence lengths"),
+    seeds: str | None = typer.Option(None, help="comma-separated seeds"),
+    steps: int | None = typer.Option(None, help="training steps per run"),
+    out: Path = typer.Option(Path("runs/recall"), help="output directory"),
+) -> None:
+    """Sweep architectures x sequence lengths x memory budgets x seeds on a recall task."""
+    spec: dict[str, Any] = yaml.safe_load(config.read_text()) if config else {}
+    if not isinstance(spec, dict):
+        raise typer.BadParameter(f"{config} must hold a YAML mapping")
+    base = dict(spec.get("base", {}))
+    if steps is not None:
+        base["steps"] = steps
+    arch_list = archs.split(",") if archs else spec.get("archs", ["swa", "mamba", "jamba", "bmojo-f", "bmojo"])
+    lengths = _csv_ints(seq_lens) if seq_lens else spec.get("seq_lens", [base.get("seq_len", 128)])
+    seed_list = _csv_ints(seeds) if seeds else spec.get("seeds", [0])
+    budgets = spec.get("budgets", [{}])
+    runs = [
+        RecallRun.from_dict({**base, "arch": a, "seq_len": n, "seed": sd, "model": {**base.get("model", {}), **b}})
+        for a in arch_list
+        for n in lengths
+        for b in budgets
+        for sd in seed_list
+    ]
+    rows = _train_all(runs)
+    csv_path, md_path = write_results(rows, out)
+    figures = []
+    if len(lengths) > 1:
+        figures.append(plot_accuracy(rows, "seq_len", out / "accuracy_vs_seq_len.png", "accuracy vs sequence length"))
+    if len(budgets) > 1:
+        figures.append(
+            plot_accuracy(rows, "state_bytes_per_layer", out / "accuracy_vs_state.png", "accuracy vs memory budget")
+        )
+    console.print(_results_table(rows, f"recall sweep ({len(runs)} runs)"))
+    console.print(f"wrote {csv_path}, {md_path}" + "".join(f", {f}" for f in figures))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""Mamba-1 / Mamba-2 layers against Hugging Face's MambaMixer / Mamba2Mixer, and state continuation."""
+
+import pytest
+import torch
+
+from bmojo.layers import Mamba, Mamba2
+
+
+def _hf_out(mixer, x):
+    out = mixer(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_mamba_matches_transformers_mamba_mixer():
+    from transformers import MambaConfig
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    torch.manual_seed(0)
+    ours = Mamba(48, state_size=8, expand=2, conv_kernel=4, dt_rank=5)
+    hf = MambaMixer(MambaConfig(hidden_size=48, state_size=8, intermediate_size=96, time_step_rank=5), 0)
+    hf.load_state_dict(ours.state_dict())  # same names and shapes, strict
+    x = torch.randn(2, 37, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], _hf_out(hf, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_matches_transformers_mamba2_mixer(n_groups):
+    from transformers import Mamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    torch.manual_seed(0)
+    ours = Mamba2(32, state_size=16, expand=2, head_dim=16, n_groups=n_groups, chunk_size=8)
+    cfg = Mamba2Config(
+        hidden_size=32, state_size=16, expand=2, head_dim=16, num_heads=4, n_groups=n_groups, chunk_size=8,
+        layer_norm_epsilon=1e-5,
+    )  # fmt: skip
+    hf = Mamba2Mixer(cfg, 0)
+    hf.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 37, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], _hf_out(hf, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+@pytest.mark.parametrize("split", [1, 5, 16])
+def test_continuation_in_pieces_equals_one_pass(cls, split):
+    torch.manual_seed(0)
+    layer = cls(32, state_size=8, **({"head_dim": 16, "chunk_size": 8} if cls is Mamba2 else {}))
+    x = torch.randn(2, 29, 32)
+    with torch.no_grad():
+        full, final = layer(x)
+        first, state = layer(x[:, :split])
+        steps = [first]
+        t = split
+        while t < 29:  # alternate single steps and multi-token pieces
+            n = 1 if (t % 2) else 3
+            y, state = layer(x[:, t : t + n], state)
+            steps.append(y)
+            t += n
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state.ssm, final.ssm, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state.conv, final.conv)
+
+
+def test_bad_mamba2_shapes_raise():
+    with pytest.raises(ValueError, match="head_dim"):
+        Mamba2(30, head_dim=16)
+    with pytest.raises(ValueError, match="n_groups"):
+        Mamba2(32, head_dim=16, n_groups=3)
