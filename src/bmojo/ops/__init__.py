@@ -1,0 +1,1 @@
+"""Sequence-mixing kernels in pure PyTorch: attention, Mamba-1 selective scan, Mamba-2 SSD."""

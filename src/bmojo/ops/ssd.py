@@ -1,0 +1,129 @@
+"""Mamba-2 state-space duality (SSD): a linear recurrence with one scalar decay per head.
+
+For every batch ``b`` and head ``h`` (head dim ``P``, state ``N``; head ``h`` reads group
+``g = h // (H // G)`` of ``B`` and ``C``)::
+
+    S_t = exp(dt_t[h] * A[h]) * S_{t-1} + dt_t[h] * outer(x_t[h], B_t[g])      # S_t: [P, N]
+    y_t[h, p] = sum_n S_t[p, n] * C_t[g, n]
+
+(no ``D`` skip, gate, or ``dt`` bias/softplus: ``dt`` arrives positive). Shapes: ``x [batch, L, H, P]``,
+``dt [batch, L, H]``, ``A [H]``, ``B, C [batch, L, G, N]``, states ``[batch, H, P, N]``. Everything is
+computed in float32; ``y`` comes back in the dtype of ``x`` and states in float32.
+
+:func:`ssd_scan_ref` is the sequential definition, :func:`ssd_step` one decoding step, and
+:func:`ssd_scan` the chunked algorithm used for training and prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ScanOut = tuple[torch.Tensor, torch.Tensor]
+
+
+def _heads_per_group(heads: int, groups: int) -> int:
+    if heads % groups:
+        raise ValueError(f"heads ({heads}) must be a multiple of B/C groups ({groups})")
+    return heads // groups
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+) -> ScanOut:
+    """One recurrent step from ``state [batch, H, P, N]`` with ``x [batch, H, P]``, ``dt [batch, H]``,
+    ``B, C [batch, G, N]``. Returns ``(y [batch, H, P], new_state [batch, H, P, N])``."""
+    rep = _heads_per_group(x.shape[1], B.shape[1])
+    d = dt.float()
+    b, c = B.float().repeat_interleave(rep, dim=1), C.float().repeat_interleave(rep, dim=1)
+    decay = torch.exp(d * A.float())[..., None, None]
+    s = decay * state.float() + (d[..., None] * x.float())[..., None] * b[:, :, None]
+    return torch.einsum("bhpn,bhn->bhp", s, c).to(x.dtype), s
+
+
+def ssd_scan_ref(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> ScanOut:
+    """Sequential scan, one time step at a time: ``(y [batch, L, H, P], final_state [batch, H, P, N])``."""
+    bsz, _, heads, p = x.shape
+    rep = _heads_per_group(heads, B.shape[2])
+    a = A.float()
+    s = x.new_zeros(bsz, heads, p, B.shape[3], dtype=torch.float32) if initial_state is None else initial_state.float()
+    b, c = B.float().repeat_interleave(rep, dim=2), C.float().repeat_interleave(rep, dim=2)
+    ys = []
+    for x_t, d_t, b_t, c_t in zip(x.float().unbind(1), dt.float().unbind(1), b.unbind(1), c.unbind(1)):
+        s = torch.exp(d_t * a)[..., None, None] * s + (d_t[..., None] * x_t)[..., None] * b_t[:, :, None]
+        ys.append(torch.einsum("bhpn,bhn->bhp", s, c_t))
+    return torch.stack(ys, dim=1).to(x.dtype), s
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """``[..., Q] -> [..., Q, Q]`` with ``out[..., i, j] = a[j+1] + ... + a[i]`` for ``i >= j``, ``-inf`` above.
+
+    Built by a masked cumsum, not as a difference of prefix sums, so it stays accurate when the
+    prefix sums are large (strong decay).
+    """
+    q = a.shape[-1]
+    below = torch.ones(q, q, dtype=torch.bool, device=a.device).tril(-1)
+    s = a[..., :, None].masked_fill(~below, 0.0).cumsum(-2)
+    return s.masked_fill(torch.ones_like(below).triu(1), float("-inf"))
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+) -> ScanOut:
+    """Chunked SSD, equal to :func:`ssd_scan_ref` up to float32 rounding.
+
+    The sequence is cut into chunks of ``Q = chunk_size`` steps, padded with ``dt = 0`` steps so the
+    final state is exact. Per chunk: the intra-chunk output is the masked quadratic form
+    ``(C B^T * exp(segsum(dt A)) * dt) @ x``; each chunk's own final state is ``B``-weighted ``x`` decayed
+    to the chunk end; a sequential recurrence over the ``L / Q`` chunks gives every chunk's incoming
+    state (starting from ``initial_state``), whose decayed read-out through ``C`` is added to ``y``.
+    Differentiable by autograd. Returns ``(y [batch, L, H, P], final_state [batch, H, P, N])``.
+    """
+    bsz, length, heads, p = x.shape
+    g, n = B.shape[2:]
+    r = _heads_per_group(heads, g)
+    q = chunk_size
+    pad = -length % q
+    chunks = (length + pad) // q
+    # heads split as (group, head in group); time as (chunk, step in chunk)
+    xs = F.pad(x.float(), (0, 0, 0, 0, 0, pad)).view(bsz, chunks, q, g, r, p)
+    d = F.pad(dt.float(), (0, 0, 0, pad)).view(bsz, chunks, q, g, r).permute(0, 1, 3, 4, 2)  # [b, c, g, r, q]
+    bs, cs = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).view(bsz, chunks, q, g, n) for t in (B, C))
+    log_decay = d * A.float().view(g, r, 1)
+    decay = torch.exp(_segsum(log_decay))  # [b, c, g, r, q, q]: from after step j to after step i
+
+    scores = torch.einsum("bcign,bcjgn->bcgij", cs, bs)[:, :, :, None] * decay * d[..., None, :]
+    y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores, xs)
+
+    to_end = (decay[..., -1, :] * d).permute(0, 1, 4, 2, 3)[..., None]  # [b, c, q, g, r, 1]
+    chunk_states = torch.einsum("bcjgrp,bcjgn->bcgrpn", xs * to_end, bs)
+    chunk_decay = torch.exp(log_decay.sum(-1))[..., None, None]  # [b, c, g, r, 1, 1]
+    carry = x.new_zeros(bsz, g, r, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    carry = carry.view(bsz, g, r, p, n)
+    carries = []
+    for state, dec in zip(chunk_states.unbind(1), chunk_decay.unbind(1)):
+        carries.append(carry)
+        carry = dec * carry + state
+
+    from_start = torch.exp(log_decay.cumsum(-1)).permute(0, 1, 4, 2, 3)[..., None]  # [b, c, q, g, r, 1]
+    y = y + torch.einsum("bcign,bcgrpn->bcigrp", cs, torch.stack(carries, dim=1)) * from_start
+    y = y.reshape(bsz, chunks * q, heads, p)[:, :length]
+    return y.to(x.dtype), carry.reshape(bsz, heads, p, n)

@@ -1,0 +1,131 @@
+"""Chunked Mamba-2 SSD and the recurrent step against the sequential reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bmojo.ops.ssd import ssd_scan, ssd_scan_ref, ssd_step
+
+H, P, N = 6, 5, 8  # heads and head dim that are not powers of two
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: a second thread only adds synchronisation (slow on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _inputs(batch, length, groups=2, dtype=torch.float32, strong_decay=False, seed=0):
+    """``(x, dt, A, B, C, initial_state)`` with Mamba-2-like magnitudes; ``dt * |A| ~ 20`` if strong."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, H, P, generator=g)
+    dt = F.softplus(torch.randn(batch, length, H, generator=g)) * 0.5
+    A = -torch.exp(torch.randn(H, generator=g))
+    if strong_decay:
+        dt, A = dt + 2.0, A - 10.0
+    B = torch.randn(batch, length, groups, N, generator=g)
+    C = torch.randn(batch, length, groups, N, generator=g)
+    s0 = torch.randn(batch, H, P, N, generator=g)
+    return [t.to(dtype) for t in (x, dt, A, B, C)] + [s0]
+
+
+def _outputs_and_grads(fn, inputs, seed=1):
+    """``fn``'s outputs and the gradients of a random projection of them w.r.t. every input."""
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    y, state = fn(*inputs)
+    g = torch.Generator().manual_seed(seed)
+    loss = (y.float() * torch.randn(y.shape, generator=g)).sum() + (state * torch.randn(state.shape, generator=g)).sum()
+    return (y, state), torch.autograd.grad(loss, inputs)
+
+
+def _assert_close(actual, expected, name, **tol):
+    print(f"{name}: max abs diff {(actual.float() - expected.float()).abs().max().item():.2e}")
+    torch.testing.assert_close(actual, expected, **tol)
+
+
+def _chunked(chunk_size):
+    return lambda x, dt, A, B, C, s0=None: ssd_scan(x, dt, A, B, C, chunk_size=chunk_size, initial_state=s0)
+
+
+@pytest.mark.parametrize("length", [1, 7, 63, 64, 65, 200])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("with_initial_state", [False, True])
+@pytest.mark.parametrize("chunk_size", [64, 8, 24])
+def test_chunked_matches_reference(length, batch, with_initial_state, chunk_size):
+    *inputs, s0 = _inputs(batch, length)
+    if with_initial_state:
+        inputs.append(s0)
+    (y, s), grads = _outputs_and_grads(_chunked(chunk_size), inputs)
+    (y_ref, s_ref), grads_ref = _outputs_and_grads(ssd_scan_ref, inputs)
+    assert y.shape == (batch, length, H, P) and s.shape == (batch, H, P, N) and s.dtype == torch.float32
+    _assert_close(y, y_ref, "y", atol=1e-5, rtol=1e-4)
+    _assert_close(s, s_ref, "final state", atol=1e-5, rtol=1e-4)
+    for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "initial_state"], grads, grads_ref):
+        _assert_close(g, g_ref, f"grad {name}", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 3, 6])
+def test_groups(groups):
+    inputs = _inputs(2, 50, groups=groups)
+    (y, s), grads = _outputs_and_grads(_chunked(16), inputs)
+    (y_ref, s_ref), grads_ref = _outputs_and_grads(ssd_scan_ref, inputs)
+    _assert_close(y, y_ref, "y", atol=1e-5, rtol=1e-4)
+    _assert_close(s, s_ref, "final state", atol=1e-5, rtol=1e-4)
+    for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "initial_state"], grads, grads_ref):
+        _assert_close(g, g_ref, f"grad {name}", atol=1e-5, rtol=1e-4)
+
+
+def test_heads_must_divide_into_groups():
+    x, dt, A, B, C, _ = _inputs(1, 4, groups=4)
+    with pytest.raises(ValueError, match="multiple of B/C groups"):
+        ssd_scan(x, dt, A, B, C)
+
+
+def test_bf16_inputs():
+    inputs = _inputs(2, 65, dtype=torch.bfloat16)
+    (y, s), grads = _outputs_and_grads(_chunked(16), inputs)
+    (y_ref, s_ref), grads_ref = _outputs_and_grads(ssd_scan_ref, inputs)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    _assert_close(y, y_ref, "y", atol=2e-2, rtol=2e-2)
+    _assert_close(s, s_ref, "final state", atol=1e-4, rtol=1e-4)
+    for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "initial_state"], grads, grads_ref):
+        _assert_close(g.float(), g_ref.float(), f"grad {name}", atol=5e-2, rtol=2e-2)
+
+
+def test_strong_decay_is_stable():
+    """``dt * |A|`` around 20-30 per step: the segment sums reach about -2000 per chunk, no inf/nan."""
+    inputs = _inputs(2, 130, strong_decay=True)
+    (y, s), grads = _outputs_and_grads(_chunked(64), inputs)
+    (y_ref, s_ref), grads_ref = _outputs_and_grads(ssd_scan_ref, inputs)
+    for t in (y, s, *grads):
+        assert torch.isfinite(t).all()
+    _assert_close(y, y_ref, "y", atol=1e-5, rtol=1e-4)
+    _assert_close(s, s_ref, "final state", atol=1e-5, rtol=1e-4)
+    for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "initial_state"], grads, grads_ref):
+        _assert_close(g, g_ref, f"grad {name}", atol=1e-5, rtol=1e-4)
+
+
+def test_step_iterated_matches_reference():
+    x, dt, A, B, C, s0 = _inputs(3, 20)
+    y_ref, s_ref = ssd_scan_ref(x, dt, A, B, C, s0)
+    state, ys = s0, []
+    for t in range(x.shape[1]):
+        y_t, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+        ys.append(y_t)
+    _assert_close(torch.stack(ys, dim=1), y_ref, "y", atol=1e-5, rtol=1e-4)
+    _assert_close(state, s_ref, "final state", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("split", [1, 37, 64])
+def test_two_pieces_equal_one_scan(split):
+    x, dt, A, B, C, s0 = _inputs(2, 101)
+    y, s = ssd_scan(x, dt, A, B, C, chunk_size=16, initial_state=s0)
+    first = slice(None, split)
+    second = slice(split, None)
+    y1, s1 = ssd_scan(x[:, first], dt[:, first], A, B[:, first], C[:, first], chunk_size=16, initial_state=s0)
+    y2, s2 = ssd_scan(x[:, second], dt[:, second], A, B[:, second], C[:, second], chunk_size=16, initial_state=s1)
+    _assert_close(torch.cat([y1, y2], dim=1), y, "y", atol=1e-5, rtol=1e-4)
+    _assert_close(s2, s, "final state", atol=1e-5, rtol=1e-4)
