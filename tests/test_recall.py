@@ -20,8 +20,8 @@ def test_cosine_schedule_shape():
 def test_attention_learns_easy_mqar():
     """Full attention, 4 key-value pairs, length 32: must reach high accuracy within a few hundred steps."""
     run = RecallRun(
-        arch="transformer", seq_len=32, vocab_size=64, num_kv_pairs=4, hidden_size=64, steps=600,
-        batch_size=32, lr=3e-3, num_train=4000, num_test=200, eval_every=50, target_accuracy=0.95,
+        arch="transformer", seq_len=32, vocab_size=64, num_kv_pairs=4, hidden_size=64, steps=800,
+        batch_size=64, lr=1e-3, num_train=4000, num_test=200, eval_every=50, target_accuracy=0.95,
     )  # fmt: skip
     result = train_recall(run)
     assert result["accuracy"] >= 0.95, result

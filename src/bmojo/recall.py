@@ -36,8 +36,8 @@ class RecallRun:
     model: dict[str, Any] = field(default_factory=dict)  # any BMojoConfig override (window_size, eidetic_size, ...)
     task_args: dict[str, Any] = field(default_factory=dict)  # extra generator arguments
     steps: int = 1000
-    batch_size: int = 32
-    lr: float = 3e-3
+    batch_size: int = 64
+    lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -172,8 +172,6 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
-
-
 
 
 def plot_accuracy(rows: list[dict[str, Any]], x: str, path: Path, title: str) -> Path:
