@@ -4,7 +4,7 @@
     python benchmarks/bench_core.py --only mamba   # one of: mamba, scaling, decode
 
 Each measurement: warm-up, then the median of ``--repeats`` runs. Peak memory of the B'MOJO layer is
-the growth of the process's peak RSS during one forward+backward, measured in a fresh subprocess per
+the process's peak RSS after one forward+backward minus its RSS just before, measured in a fresh subprocess per
 length so earlier runs do not hide it.
 """
 
@@ -98,10 +98,16 @@ def scaling_point(length: int, repeats: int) -> dict:
     layer = scaling_layer()
     x = torch.randn(1, length, 256)
     run = fwd_bwd(layer, x)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before_kib = _current_rss_kib()
     run()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib
     return {"L": length, "s": median_time(run, repeats, warmup=0), "peak_rss_growth_mib": peak_kib / 1024}
+
+
+def _current_rss_kib() -> int:
+    """Resident set size of this process now (Linux), in KiB; ``ru_maxrss`` is the peak in the same unit."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
 
 
 def bench_scaling(repeats: int, lengths=(2048, 16384)) -> list[dict]:

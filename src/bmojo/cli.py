@@ -16,7 +16,16 @@ from rich.table import Table
 from bmojo.models import BMojoConfig, BMojoForCausalLM
 from bmojo.models.config import PRESETS, SIZES
 from bmojo.models.modeling import count_parameters
-from bmojo.recall import RecallRun, plot_accuracy, train_recall, write_results
+from bmojo.recall import (
+    DEMO_BASE,
+    RecallRun,
+    conclusion,
+    demo_runs,
+    plot_accuracy,
+    plot_lines,
+    train_recall,
+    write_results,
+)
 
 app = typer.Typer(help="B'MOJO hybrid state-space language models.", no_args_is_help=True)
 console = Console()
@@ -79,24 +88,25 @@ def info(size: str = typer.Option("130m", help=f"one of {', '.join(SIZES)}")) ->
     console.print(table)
 
 
-def _train_all(runs: list[RecallRun]) -> list[dict[str, Any]]:
-    """Train every run in turn with a progress bar per run; return their result rows."""
-    rows = []
+def _train_all(runs: list[RecallRun]) -> tuple[list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
+    """Train every run in turn with a progress bar per run; return result rows and accuracy-vs-step curves."""
+    rows, curves = [], {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console) as progress:
         for run in runs:
-            label = f"{run.arch:8s} L={run.seq_len} seed={run.seed}"
+            label = f"{run.label or run.arch} L={run.seq_len} seed={run.seed}"
             bar = progress.add_task(label, total=run.steps)
-            last_acc = [0.0]
+            curve = curves.setdefault(label, [])
 
             def on_step(step: int, loss: float, acc: float | None, bar: int = bar, label: str = label) -> None:
-                last_acc[0] = last_acc[0] if acc is None else acc
-                desc = f"{label} loss {loss:6.3f} acc {last_acc[0]:.3f}"
-                progress.update(bar, completed=step, description=desc)
+                if acc is not None:
+                    curve.append((step, acc))
+                last = curve[-1][1] if curve else 0.0
+                progress.update(bar, completed=step, description=f"{label} loss {loss:6.3f} acc {last:.3f}")
 
             rows.append(train_recall(run, on_step))
             progress.update(bar, completed=run.steps)
-    return rows
+    return rows, curves
 
 
 def _results_table(rows: list[dict[str, Any]], title: str) -> Table:
@@ -117,8 +127,32 @@ def _csv_ints(text: str) -> list[int]:
 
 
 @app.command()
+def demo(
+    steps: int | None = typer.Option(None, help=f"training steps per model (default {DEMO_BASE['steps']})"),
+    seed: int = typer.Option(0, help="seed of data and initialisation"),
+    out: Path = typer.Option(Path("runs/demo"), help="output directory"),
+) -> None:
+    """Train 2-layer SWA, Mamba-2, Jamba-style, B'MOJO-F and B'MOJO models on MQAR at equal state; compare recall."""
+    runs = demo_runs(steps, seed)
+    b = runs[0]
+    console.print(
+        f"MQAR: {b.num_kv_pairs} key-value pairs, then queries spread over a sequence of {b.seq_len} tokens "
+        f"(vocabulary {b.vocab_size}); every model (jamba: one mamba2 and one swa layer) has 2 layers and about 24 KiB of inference state per layer, "
+        f"so no window reaches back to every key. Up to {b.steps} steps of batch {b.batch_size} each."
+    )
+    rows, curves = _train_all(runs)
+    csv_path, md_path = write_results(rows, out)
+    figure = plot_lines(curves, out / "accuracy_vs_step.png", "training step", "MQAR test accuracy", "bmojo demo")
+    console.print(_results_table(rows, "MQAR recall at equal state size"))
+    sentence = conclusion(rows)
+    (out / "conclusion.txt").write_text(sentence + "\n")
+    console.print(sentence)
+    console.print(f"wrote {csv_path}, {md_path}, {figure}")
+
+
+@app.command()
 def recall(
-    config: Path | None = typer.Option(None, help="YAML with keys base, archs, seq_lens, budgets, seeds"),
+    config: Path | None = typer.Option(None, help="YAML with keys base, archs, seq_lens, budgets, seeds, plot"),
     archs: str | None = typer.Option(None, help="comma-separated presets, e.g. swa,mamba,bmojo"),
     seq_lens: str | None = typer.Option(None, help="comma-separated sequence lengths"),
     seeds: str | None = typer.Option(None, help="comma-separated seeds"),
@@ -136,22 +170,24 @@ def recall(
     lengths = _csv_ints(seq_lens) if seq_lens else spec.get("seq_lens", [base.get("seq_len", 128)])
     seed_list = _csv_ints(seeds) if seeds else spec.get("seeds", [0])
     budgets = spec.get("budgets", [{}])
-    runs = [
-        RecallRun.from_dict({**base, "arch": a, "seq_len": n, "seed": sd, "model": {**base.get("model", {}), **b}})
-        for a in arch_list
-        for n in lengths
-        for b in budgets
-        for sd in seed_list
-    ]
-    rows = _train_all(runs)
+    runs = []
+    for a in arch_list:
+        entry = {"arch": a} if isinstance(a, str) else dict(a)  # a preset name, or {arch, label, model}
+        for n, b, sd in ((n, b, sd) for n in lengths for b in budgets for sd in seed_list):
+            model = {**base.get("model", {}), **entry.get("model", {}), **b}
+            runs.append(RecallRun.from_dict({**base, **entry, "seq_len": n, "seed": sd, "model": model}))
+    rows, _ = _train_all(runs)
     csv_path, md_path = write_results(rows, out)
-    figures = []
-    if len(lengths) > 1:
-        figures.append(plot_accuracy(rows, "seq_len", out / "accuracy_vs_seq_len.png", "accuracy vs sequence length"))
-    if len(budgets) > 1:
-        figures.append(
-            plot_accuracy(rows, "state_bytes_per_layer", out / "accuracy_vs_state.png", "accuracy vs memory budget")
-        )
+    plots = spec.get("plot") or (["seq_len"] if len(lengths) > 1 else []) + (
+        ["state_bytes_per_layer"] if len(budgets) > 1 else []
+    )
+    unknown = [x for x in plots if x not in rows[0]]
+    if unknown:
+        raise typer.BadParameter(f"cannot plot {unknown}: result fields are {sorted(rows[0])}")
+    figures = [
+        plot_accuracy(rows, x, out / f"accuracy_vs_{x.removeprefix('model.')}.png", f"accuracy vs {x}")
+        for x in plots
+    ]
     console.print(_results_table(rows, f"recall sweep ({len(runs)} runs)"))
     console.print(f"wrote {csv_path}, {md_path}" + "".join(f", {f}" for f in figures))
 

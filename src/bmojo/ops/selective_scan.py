@@ -66,10 +66,151 @@ def _default_chunk_size(length: int) -> int:
     return min(128, max(8, 1 << math.ceil(math.log2(max(length, 1)) / 2)))
 
 
+_CHECKPOINT_EVERY = 8  # steps between the states the forward pass saves for the backward pass
+
+
 def _time_major_chunks(x: torch.Tensor, t: int) -> torch.Tensor:
-    """``[batch, L, K]`` with ``L % t == 0`` -> ``[t, batch * L // t, K]``: step ``i`` of every chunk."""
+    """``[batch, L, K] -> [t, batch * chunks, K]``, zero-padded to ``chunks * t`` steps: step ``i`` of every chunk."""
     b, length, k = x.shape
-    return x.reshape(b, length // t, t, k).permute(2, 0, 1, 3).reshape(t, -1, k)
+    x = F.pad(x, (0, 0, 0, -length % t))
+    return x.reshape(b, -1, t, k).permute(2, 0, 1, 3).reshape(t, -1, k).contiguous()
+
+
+def _batch_major(x: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """Inverse of :func:`_time_major_chunks`: ``[t, batch * chunks, K] -> [batch, length, K]``."""
+    t, _, k = x.shape
+    return x.reshape(t, batch, -1, k).permute(1, 2, 0, 3).reshape(batch, -1, k)[:, :length]
+
+
+def _decay(d: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``exp(d[..., None, :] * a)`` written into ``out [..., N, E]``: ``d [..., E]``, ``a [N, E]``."""
+    return torch.mul(d[..., None, :], a, out=out).exp_()
+
+
+def _carry(local: torch.Tensor, chunk_decay: torch.Tensor, first: torch.Tensor, reverse: bool = False) -> ScanOut:
+    """Carry ``c' = chunk_decay * c + local`` from chunk to chunk (backwards in time if ``reverse``).
+
+    ``local, chunk_decay [batch, chunks, N, E]``, ``first [batch, N, E]``. Returns the carry entering
+    every chunk, flattened to ``[batch * chunks, N, E]``, and the one leaving the last chunk.
+    """
+    entering = torch.empty_like(local)
+    carry = first
+    chunks = local.shape[1]
+    for j in reversed(range(chunks)) if reverse else range(chunks):
+        entering[:, j] = carry
+        carry = torch.addcmul(local[:, j], chunk_decay[:, j], carry)
+    return entering.flatten(0, 1), carry
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Chunked scan with a hand-written backward pass; see :func:`selective_scan`.
+
+    Layout: ``t`` steps of ``M = batch * chunks`` chunks that advance together, per-step inputs
+    ``[t, M, E]`` or ``[t, M, N]``, states ``[M, N, E]`` (channels last, so the readout and most
+    reductions are row-vector times matrix products). Each step touches only ``[M, N, E]`` buffers:
+    decays are recomputed rather than stored for all steps, so the work stays in cache.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, initial_state, t):  # noqa: ANN001, ANN205
+        bsz, length, e = u.shape
+        dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+        a = A.to(dtype).t()
+        n = a.shape[0]
+        d, uu, b, c = (_time_major_chunks(x.to(dtype), t) for x in (delta, u, B, C))
+        m = d.shape[1]
+        du_rows, b_cols, c_rows = (d * uu)[:, :, None, :], b[..., None], c[:, :, None, :]
+        decay = d.new_empty(m, n, e)
+
+        h = d.new_zeros(m, n, e)
+        for i in range(t):
+            h.mul_(_decay(d[i], a, decay)).baddbmm_(b_cols[i], du_rows[i])
+
+        chunk_decay = torch.exp_(d.sum(0)[:, None, :] * a).view(bsz, -1, n, e)
+        first = d.new_zeros(bsz, n, e) if initial_state is None else initial_state.to(dtype).transpose(1, 2)
+        h, final = _carry(h.view(bsz, -1, n, e), chunk_decay, first)
+
+        every = _CHECKPOINT_EVERY
+        checkpoints = d.new_empty(-(-t // every), m, n, e)
+        y = d.new_empty(t, m, 1, e)
+        for i in range(t):
+            if i % every == 0:
+                checkpoints[i // every] = h
+            h.mul_(_decay(d[i], a, decay)).baddbmm_(b_cols[i], du_rows[i])
+            torch.bmm(c_rows[i], h, out=y[i])
+
+        ctx.save_for_backward(a, d, uu, b, c, checkpoints)
+        ctx.length = length
+        ctx.dtypes = [x.dtype for x in (u, delta, A, B, C)] + [final.dtype]
+        return _batch_major(y.squeeze(2), bsz, length).to(u.dtype), final.transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):  # noqa: ANN001, ANN205
+        """``dh_t = C_t dy_t + decay_{t+1} dh_{t+1}``, scanned like the forward pass, backwards in time.
+
+        Within each block of ``_CHECKPOINT_EVERY`` steps the states are recomputed forwards from the
+        saved checkpoint, then the block is walked backwards. ``w_t = dh_t * decay_t * h_{t-1}`` is
+        the gradient of the log-decay ``delta_t * A``.
+        """
+        a, d, uu, b, c, checkpoints = ctx.saved_tensors
+        t, m, e = d.shape
+        n = a.shape[0]
+        bsz, length = dy.shape[0], ctx.length
+        need_u, need_delta, need_a, need_b, need_c, need_h0 = ctx.needs_input_grad[:6]
+        dy = _time_major_chunks(dy.to(d.dtype), t)
+        du = d * uu
+        du_rows, b_rows, b_cols = du[:, :, None, :], b[:, :, None, :], b[..., None]
+        dy_rows, c_cols = dy[:, :, None, :], c[..., None]
+
+        g = d.new_zeros(m, n, e)
+        decay = d.new_empty(m, n, e)
+        for i in reversed(range(t)):
+            g.baddbmm_(c_cols[i], dy_rows[i]).mul_(_decay(d[i], a, decay))
+        chunk_decay = torch.exp_(d.sum(0)[:, None, :] * a).view(bsz, -1, n, e)
+        g, dh0 = _carry(g.view(bsz, -1, n, e), chunk_decay, dfinal.to(d.dtype).transpose(1, 2), reverse=True)
+
+        every = _CHECKPOINT_EVERY
+        decays, hs = d.new_empty(every, m, n, e), d.new_empty(every + 1, m, n, e)
+        ddu, dd_log = d.new_empty(t, m, 1, e), d.new_empty(t, m, e)
+        db, dc = d.new_empty(t, m, 1, n), d.new_empty(t, m, 1, n)
+        da = d.new_zeros(m, n, e)
+        for k in reversed(range(checkpoints.shape[0])):
+            i0, i1 = k * every, min(k * every + every, t)
+            _decay(d[i0:i1], a, decays[: i1 - i0])
+            hs[0] = checkpoints[k]
+            for j, i in enumerate(range(i0, i1)):
+                torch.mul(decays[j], hs[j], out=hs[j + 1]).baddbmm_(b_cols[i], du_rows[i])
+                if need_c:
+                    torch.bmm(dy_rows[i], hs[j + 1].transpose(1, 2), out=dc[i])
+            for j in reversed(range(i1 - i0)):
+                i = i0 + j
+                g.baddbmm_(c_cols[i], dy_rows[i])
+                if need_u or need_delta:
+                    torch.bmm(b_rows[i], g, out=ddu[i])
+                if need_b:
+                    torch.bmm(du_rows[i], g.transpose(1, 2), out=db[i])
+                g = decays[j].mul_(g)
+                if need_delta or need_a:
+                    w = hs[j].mul_(g)
+                    da.addcmul_(w, d[i, :, None, :])
+                    torch.sum(w.mul_(a), 1, out=dd_log[i])
+            g = g.clone()
+
+        grads: list[torch.Tensor | None] = [None] * 6
+        ddu = ddu.squeeze(2)
+        if need_u:
+            grads[0] = _batch_major(ddu * d, bsz, length)
+        if need_delta:
+            grads[1] = _batch_major(dd_log.addcmul_(ddu, uu), bsz, length)
+        if need_a:
+            grads[2] = da.sum(0).t()
+        if need_b:
+            grads[3] = _batch_major(db.squeeze(2), bsz, length)
+        if need_c:
+            grads[4] = _batch_major(dc.squeeze(2), bsz, length)
+        if need_h0:
+            grads[5] = dh0.transpose(1, 2)
+        return *(None if x is None else x.to(dt) for x, dt in zip(grads, ctx.dtypes)), None
 
 
 def selective_scan(
@@ -89,42 +230,13 @@ def selective_scan(
     1. scan every chunk from a zero state, giving its local final state;
     2. carry the state across chunks, ``carry_{c+1} = exp(A * sum(delta in c)) * carry_c + local_c``,
        starting from ``initial_state``;
-    3. scan every chunk again from its incoming carry and read out ``y``. This equals
-       ``h = h_local + cumdecay * carry`` but never materialises ``cumdecay`` or ``h_local`` for all
-       ``L`` steps, which is faster on CPU than building them.
+    3. scan every chunk again from its incoming carry and read out ``y``.
 
-    Python loops run ``2T + L / T`` small steps over ``[batch * L / T, E, N]`` tensors; gradients
-    come from ordinary autograd. Returns ``(y [batch, L, E], final_state [batch, E, N])``.
+    The backward pass is hand-written (:class:`_SelectiveScanFn`): it saves only the inputs and the
+    chunk-start states, recomputes the states and runs the same three steps backwards in time for
+    ``dL/dh``. Python loops run about ``4T + 2L / T`` small steps over ``[batch * L / T, E, N]``
+    tensors. Computes in float64 when ``u`` is float64 (for ``gradcheck``), else float32.
+    Returns ``(y [batch, L, E], final_state [batch, E, N])``.
     """
-    bsz, length, e = u.shape
-    a = A.float()
-    n = a.shape[1]
-    t = chunk_size or _default_chunk_size(length)
-    pad = -length % t
-    chunks = (length + pad) // t
-    d = delta.float()
-    d, du, b_in, c_in = (
-        _time_major_chunks(F.pad(x, (0, 0, 0, pad)), t) for x in (d, d * u.float(), B.float(), C.float())
-    )
-    # per step i: decay [bsz*chunks, E, N], and the input as a rank-1 product du [.., E, 1] @ B [.., 1, N]
-    decays = [torch.exp_(d_i[..., None] * a) for d_i in d.unbind(0)]
-    du_cols, b_rows, c_cols = du[..., None].unbind(0), b_in[:, :, None, :].unbind(0), c_in[..., None].unbind(0)
-
-    h = d.new_zeros(bsz * chunks, e, n)
-    for decay, du_i, b_i in zip(decays, du_cols, b_rows):
-        h = (decay * h).baddbmm_(du_i, b_i)
-
-    chunk_decay = torch.exp(d.sum(0)[..., None] * a).view(bsz, chunks, e, n)
-    carry = d.new_zeros(bsz, e, n) if initial_state is None else initial_state.float()
-    carries = []
-    for local, decay in zip(h.view(bsz, chunks, e, n).unbind(1), chunk_decay.unbind(1)):
-        carries.append(carry)
-        carry = decay * carry + local
-
-    h = torch.stack(carries, dim=1).view(bsz * chunks, e, n)
-    ys = []
-    for decay, du_i, b_i, c_i in zip(decays, du_cols, b_rows, c_cols):
-        h = (decay * h).baddbmm_(du_i, b_i)
-        ys.append(h @ c_i)
-    y = torch.stack(ys).view(t, bsz, chunks, e).permute(1, 2, 0, 3).reshape(bsz, chunks * t, e)
-    return y[:, :length].to(u.dtype), carry
+    t = chunk_size or _default_chunk_size(u.shape[1])
+    return _SelectiveScanFn.apply(u, delta, A, B, C, initial_state, t)
