@@ -12,8 +12,8 @@ with ``softplus(bias)`` log-uniform in ``[1e-3, 1e-1]`` per channel; ``--dt larg
 chunk pass through subnormal floats, which x86 CPUs process slowly (``--flush-denormal`` avoids it).
 
 Each row: warm-up, then the median of ``--repeats`` runs of forward (no grad) and of forward+backward
-(gradients w.r.t. every input). The load average is printed: other processes on the same cores slow
-the references' many small steps most.
+(gradients w.r.t. every input), the chunked scan and its reference alternating run by run. The load
+average is printed: other processes on the same cores slow the references' many small steps most.
 """
 
 from __future__ import annotations
@@ -32,30 +32,40 @@ from bmojo.ops.selective_scan import _default_chunk_size, selective_scan, select
 from bmojo.ops.ssd import ssd_scan, ssd_scan_ref
 
 
-def median_ms(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def median_ms(fns: list[Callable[[], None]], repeats: int, warmup: int = 1) -> list[float]:
+    """Median ms of each of ``fns``, run in turn every repeat so that changes in load hit all of them alike."""
+    for fn in fns * warmup:
         fn()
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(ts) for ts in times]
 
 
-def time_scan(scan: Callable, inputs: list[torch.Tensor], repeats: int) -> tuple[float, float]:
-    """Median ms of ``scan(*inputs)`` without grad, and of forward+backward."""
+def time_scans(scans: list[Callable], inputs: list[torch.Tensor], repeats: int) -> list[tuple[float, float]]:
+    """For each scan, median ms of ``scan(*inputs)`` without grad and of forward+backward."""
 
-    def forward() -> None:
-        with torch.no_grad():
-            scan(*inputs)
+    def forward(scan: Callable) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                scan(*inputs)
 
-    def forward_backward() -> None:
-        leaves = [t.detach().requires_grad_(True) for t in inputs]
-        y, state = scan(*leaves)
-        (y.square().sum() + state.square().sum()).backward()
+        return run
 
-    return median_ms(forward, repeats), median_ms(forward_backward, repeats)
+    def forward_backward(scan: Callable) -> Callable[[], None]:
+        def run() -> None:
+            leaves = [t.detach().requires_grad_(True) for t in inputs]
+            y, state = scan(*leaves)
+            (y.square().sum() + state.square().sum()).backward()
+
+        return run
+
+    fwd = median_ms([forward(s) for s in scans], repeats)
+    both = median_ms([forward_backward(s) for s in scans], repeats)
+    return list(zip(fwd, both))
 
 
 def time_steps(kind: str, length: int, channels: int) -> torch.Tensor:
@@ -100,14 +110,13 @@ def main() -> None:
     if args.only in (None, "mamba"):
         t = args.chunk_size or _default_chunk_size(length)
         inputs = mamba_inputs(length, args.dt)
-        fast = time_scan(lambda *a: selective_scan(*a, chunk_size=t), inputs, args.repeats)
-        ref = time_scan(selective_scan_ref, inputs, args.repeats)
+        scans = [lambda *a: selective_scan(*a, chunk_size=t), selective_scan_ref]
+        fast, ref = time_scans(scans, inputs, args.repeats)
         rows.append((f"Mamba-1 E=512 N=16: selective_scan (T={t})", fast, ref))
     if args.only in (None, "ssd"):
         q = args.ssd_chunk_size
         inputs = ssd_inputs(length, args.dt)
-        fast = time_scan(lambda *a: ssd_scan(*a, chunk_size=q), inputs, args.repeats)
-        ref = time_scan(ssd_scan_ref, inputs, args.repeats)
+        fast, ref = time_scans([lambda *a: ssd_scan(*a, chunk_size=q), ssd_scan_ref], inputs, args.repeats)
         rows.append((f"Mamba-2 H=8 P=64 N=64 G=1: ssd_scan (Q={q})", fast, ref))
 
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())

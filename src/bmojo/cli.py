@@ -109,15 +109,17 @@ def _train_all(runs: list[RecallRun]) -> tuple[list[dict[str, Any]], dict[str, l
     return rows, curves
 
 
-def _results_table(rows: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title)
-    cols = ["arch", "seq_len", "params", "state bytes/layer", "accuracy", "steps", "seconds"]
+def _results_table(rows: list[dict[str, Any]], title: str, varied: list[str] | None = None) -> Table:
+    """Result rows as a rich table; ``varied`` names the ``model.*`` fields that differ between runs."""
+    table, varied = Table(title=title), varied or []
+    cols = ["arch", "seq_len", *[k.removeprefix("model.") for k in varied], "params", "state bytes/layer", "accuracy",
+            "steps", "seconds"]  # fmt: skip
     for col in cols:
         table.add_column(col, justify="left" if col == "arch" else "right")
     for r in rows:
         table.add_row(
-            r["arch"], str(r["seq_len"]), f"{r['params']:,}", f"{r['state_bytes_per_layer']:,}",
-            f"{r['accuracy']:.3f}", str(r["steps"]), f"{r['seconds']:.0f}",
+            r["arch"], str(r["seq_len"]), *[str(r.get(k, "")) for k in varied], f"{r['params']:,}",
+            f"{r['state_bytes_per_layer']:,}", f"{r['accuracy']:.3f}", str(r["steps"]), f"{r['seconds']:.0f}",
         )  # fmt: skip
     return table
 
@@ -188,7 +190,9 @@ def recall(
         plot_accuracy(rows, x, out / f"accuracy_vs_{x.removeprefix('model.')}.png", f"accuracy vs {x}")
         for x in plots
     ]
-    console.print(_results_table(rows, f"recall sweep ({len(runs)} runs)"))
+    arch_models = [a.get("model", {}) for a in arch_list if isinstance(a, dict)]
+    varied = sorted({k for m in [*budgets, *arch_models] for k in m})
+    console.print(_results_table(rows, f"recall sweep ({len(runs)} runs)", [f"model.{k}" for k in varied]))
     console.print(f"wrote {csv_path}, {md_path}" + "".join(f", {f}" for f in figures))
 
 

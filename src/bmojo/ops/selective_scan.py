@@ -7,7 +7,8 @@ For every batch ``b``, channel ``e`` and state ``n``::
 
 (no ``D`` skip and no gate: the layer adds those). Shapes: ``u, delta [batch, L, E]``, ``A [E, N]``,
 ``B, C [batch, L, N]``, states ``[batch, E, N]``. Everything is computed in float32; ``y`` comes back
-in the dtype of ``u`` and states in float32.
+in the dtype of ``u`` and states in float32. (:func:`selective_scan` computes in float64 when ``u``
+is float64, for ``torch.autograd.gradcheck``; its states are then float64.)
 
 :func:`selective_scan_ref` is the sequential definition, :func:`selective_scan_step` one decoding
 step, and :func:`selective_scan` the chunked scan used for training and prefill. On x86 CPUs, channels
@@ -18,6 +19,7 @@ slow it down (up to about 1.7x); ``torch.set_flush_denormal(True)`` avoids that.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +68,11 @@ def _default_chunk_size(length: int) -> int:
     return min(128, max(8, 1 << math.ceil(math.log2(max(length, 1)) / 2)))
 
 
-_CHECKPOINT_EVERY = 8  # steps between the states the forward pass saves for the backward pass
+_CHECKPOINT_EVERY = 8  # steps between the states that the forward pass saves for the backward pass
 
 
 def _time_major_chunks(x: torch.Tensor, t: int) -> torch.Tensor:
-    """``[batch, L, K] -> [t, batch * chunks, K]``, zero-padded to ``chunks * t`` steps: step ``i`` of every chunk."""
+    """``[batch, L, K] -> [t, batch * chunks, K]``, zero-padded to ``chunks * t`` steps (identity steps)."""
     b, length, k = x.shape
     x = F.pad(x, (0, 0, 0, -length % t))
     return x.reshape(b, -1, t, k).permute(2, 0, 1, 3).reshape(t, -1, k).contiguous()
@@ -112,7 +114,16 @@ class _SelectiveScanFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, initial_state, t):  # noqa: ANN001, ANN205
+    def forward(
+        ctx: Any,
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        initial_state: torch.Tensor | None,
+        t: int,
+    ) -> ScanOut:
         bsz, length, e = u.shape
         dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
         a = A.to(dtype).t()
@@ -141,11 +152,11 @@ class _SelectiveScanFn(torch.autograd.Function):
 
         ctx.save_for_backward(a, d, uu, b, c, checkpoints)
         ctx.length = length
-        ctx.dtypes = [x.dtype for x in (u, delta, A, B, C)] + [final.dtype]
+        ctx.dtypes = [x.dtype for x in (u, delta, A, B, C, first if initial_state is None else initial_state)]
         return _batch_major(y.squeeze(2), bsz, length).to(u.dtype), final.transpose(1, 2).contiguous()
 
     @staticmethod
-    def backward(ctx, dy, dfinal):  # noqa: ANN001, ANN205
+    def backward(ctx: Any, dy: torch.Tensor, dfinal: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """``dh_t = C_t dy_t + decay_{t+1} dh_{t+1}``, scanned like the forward pass, backwards in time.
 
         Within each block of ``_CHECKPOINT_EVERY`` steps the states are recomputed forwards from the
@@ -192,9 +203,11 @@ class _SelectiveScanFn(torch.autograd.Function):
                 g = decays[j].mul_(g)
                 if need_delta or need_a:
                     w = hs[j].mul_(g)
-                    da.addcmul_(w, d[i, :, None, :])
-                    torch.sum(w.mul_(a), 1, out=dd_log[i])
-            g = g.clone()
+                    if need_a:
+                        da.addcmul_(w, d[i, :, None, :])
+                    if need_delta:
+                        torch.sum(w.mul_(a), 1, out=dd_log[i])
+            g = g.clone()  # it lives in `decays`, which the next block overwrites
 
         grads: list[torch.Tensor | None] = [None] * 6
         ddu = ddu.squeeze(2)
@@ -232,10 +245,11 @@ def selective_scan(
        starting from ``initial_state``;
     3. scan every chunk again from its incoming carry and read out ``y``.
 
-    The backward pass is hand-written (:class:`_SelectiveScanFn`): it saves only the inputs and the
-    chunk-start states, recomputes the states and runs the same three steps backwards in time for
-    ``dL/dh``. Python loops run about ``4T + 2L / T`` small steps over ``[batch * L / T, E, N]``
-    tensors. Computes in float64 when ``u`` is float64 (for ``gradcheck``), else float32.
+    The backward pass is hand-written (:class:`_SelectiveScanFn`): the forward pass saves its
+    inputs and every ``_CHECKPOINT_EVERY``-th state (``1/8`` of all states); the backward pass runs
+    the same three steps backwards in time for ``dL/dh``, recomputing the states block by block from
+    the checkpoints. Python loops run about ``4T + 2L / T`` small steps over ``[batch * L / T, N, E]``
+    tensors. Computes in float64 when ``u`` is float64, else float32.
     Returns ``(y [batch, L, E], final_state [batch, E, N])``.
     """
     t = chunk_size or _default_chunk_size(u.shape[1])
