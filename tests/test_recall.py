@@ -10,6 +10,13 @@ from bmojo.cli import app
 from bmojo.recall import RecallRun, cosine_lr, train_recall
 
 
+def run_sweep(spec: dict, tmp_path, out):
+    """``bmojo recall`` on ``spec`` written as YAML under ``tmp_path``."""
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    return CliRunner().invoke(app, ["recall", "--config", str(cfg), "--out", str(out)])
+
+
 def test_cosine_schedule_shape():
     assert cosine_lr(0, 100, 10) == pytest.approx(0.1)
     assert cosine_lr(9, 100, 10) == pytest.approx(1.0)
@@ -41,10 +48,8 @@ def test_recall_cli_tiny_sweep_writes_csv_and_figure(tmp_path):
         "archs": ["swa", "bmojo"],
         "seq_lens": [16, 32],
     }  # fmt: skip
-    cfg = tmp_path / "sweep.yaml"
-    cfg.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["recall", "--config", str(cfg), "--out", str(out)])
+    result = run_sweep(spec, tmp_path, out)
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 4 and {r["arch"] for r in rows} == {"swa", "bmojo"}
@@ -98,10 +103,8 @@ def test_recall_cli_arch_entries_with_their_own_model_and_a_categorical_plot(tmp
         "budgets": [{"selection": "innovation"}, {"selection": "random"}],
         "plot": ["model.selection"],
     }  # fmt: skip
-    cfg = tmp_path / "sweep.yaml"
-    cfg.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["recall", "--config", str(cfg), "--out", str(out)])
+    result = run_sweep(spec, tmp_path, out)
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["arch"], r["model.window_size"], r["model.selection"]) for r in rows] == [
@@ -109,6 +112,5 @@ def test_recall_cli_arch_entries_with_their_own_model_and_a_categorical_plot(tmp
     ]  # fmt: skip
     assert (out / "accuracy_vs_selection.png").stat().st_size > 0
     spec["plot"] = ["nonsense"]
-    cfg.write_text(yaml.safe_dump(spec))
-    result = CliRunner().invoke(app, ["recall", "--config", str(cfg), "--out", str(out)])
+    result = run_sweep(spec, tmp_path, out)
     assert result.exit_code != 0 and "cannot plot" in result.output
