@@ -139,8 +139,9 @@ def demo(
     b = runs[0]
     console.print(
         f"MQAR: {b.num_kv_pairs} key-value pairs, then queries spread over a sequence of {b.seq_len} tokens "
-        f"(vocabulary {b.vocab_size}); every model (jamba: one mamba2 and one swa layer) has 2 layers and about 24 KiB of inference state per layer, "
-        f"so no window reaches back to every key. Up to {b.steps} steps of batch {b.batch_size} each."
+        f"(vocabulary {b.vocab_size}); every model (jamba: one mamba2 and one swa layer) has 2 layers and "
+        f"about 24 KiB of inference state per layer, so no window reaches back to every key. "
+        f"Up to {b.steps} steps of batch {b.batch_size} each."
     )
     rows, curves = _train_all(runs)
     csv_path, md_path = write_results(rows, out)
@@ -178,21 +179,22 @@ def recall(
         for n, b, sd in ((n, b, sd) for n in lengths for b in budgets for sd in seed_list):
             model = {**base.get("model", {}), **entry.get("model", {}), **b}
             runs.append(RecallRun.from_dict({**base, **entry, "seq_len": n, "seed": sd, "model": model}))
-    rows, _ = _train_all(runs)
-    csv_path, md_path = write_results(rows, out)
+    arch_models = [a.get("model", {}) for a in arch_list if isinstance(a, dict)]
+    varied = [f"model.{k}" for k in sorted({k for m in [*budgets, *arch_models] for k in m})]
     plots = spec.get("plot") or (["seq_len"] if len(lengths) > 1 else []) + (
         ["state_bytes_per_layer"] if len(budgets) > 1 else []
     )
-    unknown = [x for x in plots if x not in rows[0]]
+    plottable = ["seq_len", "state_bytes_per_layer", "params", "steps", "seconds", "seed", *varied]
+    unknown = [x for x in plots if x not in plottable]
     if unknown:
-        raise typer.BadParameter(f"cannot plot {unknown}: result fields are {sorted(rows[0])}")
+        raise typer.BadParameter(f"cannot plot {unknown}: plottable fields are {plottable}")
+    rows, _ = _train_all(runs)
+    csv_path, md_path = write_results(rows, out)
     figures = [
         plot_accuracy(rows, x, out / f"accuracy_vs_{x.removeprefix('model.')}.png", f"accuracy vs {x}")
         for x in plots
     ]
-    arch_models = [a.get("model", {}) for a in arch_list if isinstance(a, dict)]
-    varied = sorted({k for m in [*budgets, *arch_models] for k in m})
-    console.print(_results_table(rows, f"recall sweep ({len(runs)} runs)", [f"model.{k}" for k in varied]))
+    console.print(_results_table(rows, f"recall sweep ({len(runs)} runs)", varied))
     console.print(f"wrote {csv_path}, {md_path}" + "".join(f", {f}" for f in figures))
 
 

@@ -76,7 +76,9 @@ def state_bytes_per_layer(model: BMojoForCausalLM, seq_len: int) -> int:
     return cache.nbytes() // len(cache)
 
 
-def recall_loss(model: BMojoForCausalLM, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def recall_loss(
+    model: BMojoForCausalLM, inputs: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy at labelled positions (labels aligned with inputs) + weighted innovation loss; and logits."""
     out = model(inputs, use_cache=False)
     loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -231,7 +233,10 @@ DEMO_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 def demo_runs(steps: int | None = None, seed: int = 0) -> list[RecallRun]:
     """The runs of ``bmojo demo`` (see ``DEMO_BASE`` and ``DEMO_MODELS``)."""
     base = {**DEMO_BASE, "seed": seed, **({} if steps is None else {"steps": steps})}
-    return [RecallRun.from_dict({**base, "arch": arch, "model": model, "label": label}) for label, (arch, model) in DEMO_MODELS.items()]
+    return [
+        RecallRun.from_dict({**base, "arch": arch, "model": model, "label": label})
+        for label, (arch, model) in DEMO_MODELS.items()
+    ]
 
 
 def conclusion(rows: list[dict[str, Any]]) -> str:
