@@ -63,6 +63,24 @@ def test_continuation_in_pieces_equals_one_pass(cls, split):
     torch.testing.assert_close(state.conv, final.conv)
 
 
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+@pytest.mark.parametrize("segment", [1, 7, 16])
+def test_segmented_pass_equals_one_pass_with_gradients(monkeypatch, cls, segment):
+    """Long inputs run as segments carrying the state: same outputs, final state and gradients as one pass."""
+    torch.manual_seed(0)
+    layer = cls(32, state_size=8, **({"head_dim": 16, "chunk_size": 8} if cls is Mamba2 else {}))
+    x = torch.randn(2, 29, 32)
+    results = []
+    for length in (10**9, segment):
+        monkeypatch.setattr(cls, "segment_length", length)
+        xi = x.clone().requires_grad_()
+        y, state = layer(xi)
+        loss = (y * torch.linspace(-1, 1, 32)).sum() + state.ssm.sum()
+        results.append((y, state.ssm, state.conv, *torch.autograd.grad(loss, [xi, *layer.parameters()])))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_bad_mamba2_shapes_raise():
     with pytest.raises(ValueError, match="head_dim"):
         Mamba2(30, head_dim=16)

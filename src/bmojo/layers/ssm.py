@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmojo.layers.norm import GatedRMSNorm
+from bmojo.layers.norm import GatedRMSNorm, RMSNorm
 from bmojo.ops.selective_scan import selective_scan, selective_scan_step
 from bmojo.ops.ssd import ssd_scan, ssd_step
 
@@ -48,8 +48,32 @@ def _inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floo
     return dt + torch.log(-torch.expm1(-dt))
 
 
-class Mamba(nn.Module):
-    """Mamba-1 selective SSM: per-channel diagonal ``A [E, N]``, input-dependent ``dt, B, C``."""
+class SegmentedSSM(nn.Module):
+    """Runs a long sequence as consecutive segments of ``segment_length`` tokens, carrying the state.
+
+    The result equals one pass over the whole sequence (the scans are exact recurrences), but each
+    segment's activations stay small enough for the CPU caches, so time grows linearly with length.
+    """
+
+    segment_length: int = 4096
+
+    def forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
+        """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``."""
+        outs = []
+        for part in h.split(self.segment_length, dim=1):
+            y, state = self._forward(part, state)
+            outs.append(y)
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], state
+
+    def _forward(self, h: torch.Tensor, state: SSMState | None) -> tuple[torch.Tensor, SSMState]:
+        raise NotImplementedError
+
+
+class Mamba(SegmentedSSM):
+    """Mamba-1 selective SSM: per-channel diagonal ``A [E, N]``, input-dependent ``dt, B, C``.
+
+    ``dt_bc_norm`` adds Jamba's RMSNorms (eps ``norm_eps``) on ``dt``, ``B`` and ``C`` before the scan.
+    """
 
     def __init__(
         self,
@@ -60,6 +84,8 @@ class Mamba(nn.Module):
         dt_rank: int | None = None,
         bias: bool = False,
         conv_bias: bool = True,
+        dt_bc_norm: bool = False,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
@@ -73,6 +99,10 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.empty(e, n))
         self.D = nn.Parameter(torch.empty(e))
         self.out_proj = nn.Linear(e, hidden_size, bias=bias)
+        # Jamba: RMSNorm on dt, B and C before the scan
+        self.dt_layernorm = RMSNorm(r, norm_eps) if dt_bc_norm else None
+        self.b_layernorm = RMSNorm(n, norm_eps) if dt_bc_norm else None
+        self.c_layernorm = RMSNorm(n, norm_eps) if dt_bc_norm else None
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -90,11 +120,12 @@ class Mamba(nn.Module):
         e = self.intermediate_size
         return (batch, e, self.conv1d.kernel_size[0] - 1), (batch, e, self.ssm_state_size)
 
-    def forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
-        """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``."""
+    def _forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
         x, z = self.in_proj(h).chunk(2, dim=-1)
         x, conv_state = _causal_conv(x, self.conv1d, None if state is None else state.conv)
         dt, b, c = self.x_proj(x).split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
+        if self.dt_layernorm is not None:
+            dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
         delta = F.softplus(self.dt_proj(dt).float())
         a = -torch.exp(self.A_log.float())
         if state is not None and h.shape[1] == 1:
@@ -106,7 +137,7 @@ class Mamba(nn.Module):
         return self.out_proj(y.to(h.dtype)), SSMState(conv_state, ssm_state)
 
 
-class Mamba2(nn.Module):
+class Mamba2(SegmentedSSM):
     """Mamba-2 (SSD) selective SSM: ``H`` heads of size ``P`` with a scalar decay each, ``G`` groups of ``B, C``."""
 
     def __init__(
@@ -162,8 +193,7 @@ class Mamba2(nn.Module):
             self.ssm_state_size,
         )
 
-    def forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
-        """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``."""
+    def _forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
         bsz, length, _ = h.shape
         e, gn = self.intermediate_size, self.n_groups * self.ssm_state_size
         z, xbc, dt = self.in_proj(h).split([e, self.conv_dim, self.num_heads], dim=-1)
