@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 from rich.table import Table
 
+from bmojo.bench import BenchSettings, parse_overrides, ratio_summary, results_table, run_bench, write_outputs
+from bmojo.data import MARKER as TOKENIZER_MARKER
+from bmojo.data import DataError, Tokenizer, load_corpus, load_tokenizer
+from bmojo.evaluate import length_generalisation, perplexity, plot_length_generalisation, write_rows
 from bmojo.models import BMojoConfig, BMojoForCausalLM
 from bmojo.models.config import PRESETS, SIZES
+from bmojo.models.convert import convert_checkpoint, pattern_summary
 from bmojo.models.modeling import count_parameters
+from bmojo.prime import copy_tokenizer, fresh_parameter_names, load_source
+from bmojo.prime import prime as prime_model
 from bmojo.recall import (
     DEMO_BASE,
     RecallRun,
@@ -26,6 +34,8 @@ from bmojo.recall import (
     train_recall,
     write_results,
 )
+from bmojo.train import CheckpointError, ConfigError, load_config
+from bmojo.train import run as run_training
 
 app = typer.Typer(help="B'MOJO hybrid state-space language models.", no_args_is_help=True)
 console = Console()
@@ -196,6 +206,246 @@ def recall(
     ]
     console.print(_results_table(rows, f"recall sweep ({len(runs)} runs)", varied))
     console.print(f"wrote {csv_path}, {md_path}" + "".join(f", {f}" for f in figures))
+
+
+def _tokenizer_for(model_dir: Path, tokenizer: str | None) -> Tokenizer:
+    """``tokenizer`` ('byte' or a path) if given, else the one saved in the model folder; checked to fit the
+    model's vocabulary."""
+    if not (model_dir / "config.json").is_file():
+        raise typer.BadParameter(f"{model_dir} is not a saved model folder (no config.json)")
+    if tokenizer is None and not any((model_dir / f).is_file() for f in (TOKENIZER_MARKER, "tokenizer.json")):
+        raise typer.BadParameter(f"no tokenizer saved in {model_dir}: pass --tokenizer ('byte' or a path)")
+    try:
+        tok = load_tokenizer(tokenizer if tokenizer is not None else model_dir)
+    except DataError as e:
+        raise typer.BadParameter(str(e)) from e
+    vocab_size = BMojoConfig.from_pretrained(model_dir).vocab_size
+    if tok.vocab_size > vocab_size:
+        raise typer.BadParameter(
+            f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's vocabulary has {vocab_size}"
+        )
+    return tok
+
+
+@app.command(name="eval")
+def eval_command(
+    model_dir: Path = typer.Argument(..., help="saved model folder (BMojoForCausalLM.save_pretrained)"),
+    data: list[Path] = typer.Option(..., help="text source: a file or a directory (repeat for several)"),
+    split: str = typer.Option("all", help="all: every token of --data; val or train: that split of the corpus"),
+    tokenizer: str | None = typer.Option(None, help="'byte' or a tokenizer path (default: the model folder's)"),
+    context_length: int = typer.Option(256, help="tokens per evaluation window"),
+    stride: int | None = typer.Option(None, help="window step (default: the context length, no overlap)"),
+    batch_size: int = typer.Option(4, help="windows per forward pass"),
+    max_tokens: int | None = typer.Option(None, help="evaluate only the first this many tokens"),
+    lengths: str | None = typer.Option(None, help="comma-separated context lengths: a length-generalisation sweep"),
+    train_length: int | None = typer.Option(None, help="training context length, marked on the sweep's plot"),
+    val_fraction: float = typer.Option(0.05, help="validation fraction of the corpus split (as in training)"),
+    seed: int = typer.Option(0, help="seed of the corpus split (as in training)"),
+    errors: str = typer.Option("strict", help="invalid UTF-8: strict, replace or ignore"),
+    cache_dir: Path | None = typer.Option(None, help="token cache root (default $BMOJO_CACHE or ~/.cache/bmojo)"),
+    out: Path | None = typer.Option(None, help="output folder (eval.json; the sweep's table and plot)"),
+    device: str = typer.Option("cpu", help="torch device"),
+) -> None:
+    """Perplexity and bits per byte of a saved model on text, or perplexity vs context length (--lengths)."""
+    if split not in ("all", "train", "val"):
+        raise typer.BadParameter(f"--split must be all, train or val, got {split!r}")
+    tok = _tokenizer_for(model_dir, tokenizer)
+    try:
+        corpus = load_corpus(data, tok, cache_dir, 0.0 if split == "all" else val_fraction, seed, errors)
+    except (DataError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from e
+    model = BMojoForCausalLM.from_pretrained(model_dir).to(device).eval()
+    tokens = corpus.val if split == "val" else corpus.train
+    num_bytes = corpus.num_bytes_val if split == "val" else corpus.num_bytes_train
+    if max_tokens is not None and max_tokens < len(tokens):
+        tokens = tokens[:max_tokens]
+        num_bytes = len(tok.decode(tokens).encode("utf-8"))
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task(f"evaluating {len(tokens):,} tokens", total=None)
+
+        def on_batch(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        try:
+            if lengths:
+                rows = length_generalisation(model, tokens, _csv_ints(lengths), batch_size, num_bytes, on_batch)
+            else:
+                rows = [perplexity(model, tokens, context_length, batch_size, stride, num_bytes, on_batch)]
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+    table = Table(title=f"{model_dir} on {', '.join(map(str, data))} ({split}, tokenizer {tok.name})")
+    for col in ("context", "stride", "tokens", "loss", "perplexity", "bits/byte"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        bpb = "" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
+        table.add_row(*map(str, (r["context_length"], r["stride"], f"{r['tokens']:,}")), f"{r['loss']:.4f}",
+                      f"{r['ppl']:.3f}", bpb)  # fmt: skip
+    console.print(table)
+    if lengths:
+        out = out or Path("runs/eval")
+        csv_path, md_path = write_rows(rows, out / "length_generalisation")
+        figure = plot_length_generalisation(rows, out / "length_generalisation.png", train_length,
+                                            f"{model_dir}: perplexity vs context length")  # fmt: skip
+        console.print(f"wrote {csv_path}, {md_path}, {figure}")
+    elif out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps({"model": str(model_dir), "split": split, **rows[0]}, indent=1))
+        console.print(f"wrote {out / 'eval.json'}")
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help="saved model folder (BMojoForCausalLM.save_pretrained)"),
+    prompt: str = typer.Option(..., help="text to continue ('' starts from the end-of-text token)"),
+    max_new_tokens: int = typer.Option(100, help="tokens to generate at most (fewer if eos comes first)"),
+    greedy: bool = typer.Option(False, "--greedy", help="always take the most likely token instead of sampling"),
+    temperature: float = typer.Option(1.0, help="sampling temperature (> 0)"),
+    top_k: int = typer.Option(0, help="sample among the k most likely tokens (0: all)"),
+    top_p: float = typer.Option(1.0, help="sample among the most likely tokens holding this probability (nucleus)"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    tokenizer: str | None = typer.Option(None, help="'byte' or a tokenizer path (default: the model folder's)"),
+    device: str = typer.Option("cpu", help="torch device"),
+) -> None:
+    """Continue a prompt with a saved model; prints the prompt followed by the generated text."""
+    if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
+        raise typer.BadParameter("need temperature > 0, 0 < top_p <= 1, top_k >= 0 and max_new_tokens >= 1")
+    tok = _tokenizer_for(model_dir, tokenizer)
+    model = BMojoForCausalLM.from_pretrained(model_dir).to(device).eval()
+    ids = tok.encode(prompt) or ([] if tok.eos_id is None else [tok.eos_id])
+    if not ids:
+        raise typer.BadParameter("the prompt is empty and the tokenizer has no end-of-text token to start from")
+    torch.manual_seed(seed)
+    sampling = {} if greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    out = model.generate(
+        torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=not greedy,
+        eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **sampling,
+    )  # fmt: skip
+    typer.echo(prompt + tok.decode(out[0, len(ids) :].tolist()))
+
+
+
+@app.command()
+def train(
+    overrides: list[str] | None = typer.Argument(None, help="KEY=VALUE overrides: steps=100 model_args.window_size=32"),
+    config: Path | None = typer.Option(None, help="YAML training config (see examples/train/)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in out_dir"),
+) -> None:
+    """Train a language model (AdamW, warmup + cosine, checkpoints, DDP/FSDP under torchrun, distillation)."""
+    try:
+        cfg = load_config(config, overrides or [])
+        result = run_training(cfg, resume=resume)
+    except (ConfigError, CheckpointError, DataError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+    losses = [f"{name} loss {result[key]:.4f}" for key, name in (("loss", "training"), ("val_loss", "validation"))
+              if result[key] is not None]  # fmt: skip
+    console.print(f"step {result['step']}: {', '.join(losses) or 'no new steps'}; model in {result['final']}")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="checkpoint folder (config.json + safetensors): Hugging Face or bmojo"),
+    dst: Path = typer.Argument(..., help="output folder"),
+) -> None:
+    """Convert a Llama, Mistral, Qwen2, Qwen3, Mamba, Mamba-2 or Jamba checkpoint to bmojo, or a bmojo one back."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task(f"converting {src}", total=None)
+
+        def on_tensor(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        try:
+            result = convert_checkpoint(src, dst, on_tensor)
+        except (ValueError, FileNotFoundError) as e:
+            raise typer.BadParameter(str(e)) from e
+    kinds = result.bmojo_config.layer_pattern
+    console.print(
+        f"{result.source.model_type} -> {result.target.model_type}: {result.num_tensors} tensors written to {dst}\n"
+        f"{len(kinds)} layers: {pattern_summary(kinds)}"
+    )
+
+
+@app.command()
+def prime(
+    src: Path = typer.Argument(..., help="pretrained model folder: bmojo or Hugging Face (Llama, Qwen...)"),
+    dst: Path = typer.Argument(..., help="output folder for the primed model"),
+    layers: str = typer.Option("every-second", help="'every-second' attention layer, or indices like 1,3,5"),
+    kind: str = typer.Option("bmojo", help="bmojo or bmojo-f"),
+    window_size: int | None = typer.Option(None, help="sliding window w of the new layers"),
+    eidetic_size: int | None = typer.Option(None, help="eidetic memory slots (bmojo)"),
+    chunk_size: int | None = typer.Option(None, help="eidetic selection period (bmojo; default w)"),
+    bmojo_ssm: str | None = typer.Option(None, help="SSM of the new layers: mamba or mamba2"),
+    state_size: int | None = typer.Option(None, help="SSM state size"),
+    mamba2_state_size: int | None = typer.Option(None, help="Mamba-2 state size (default: --state-size)"),
+    mamba2_head_dim: int | None = typer.Option(None, help="Mamba-2 head dimension"),
+    ssm_chunk_size: int | None = typer.Option(None, help="chunk length of the Mamba-2 scan (speed only)"),
+    attention_block_size: int | None = typer.Option(None, help="block of the banded attention (speed only)"),
+    seed: int = typer.Option(0, help="seed of the fresh parameters"),
+) -> None:
+    """Replace attention layers of a pretrained Transformer by B'MOJO mixers (q/k/v/o kept, SSM fresh); save it."""
+    given = {"window_size": window_size, "eidetic_size": eidetic_size, "chunk_size": chunk_size,
+             "bmojo_ssm": bmojo_ssm, "state_size": state_size, "mamba2_state_size": mamba2_state_size,
+             "mamba2_head_dim": mamba2_head_dim, "ssm_chunk_size": ssm_chunk_size,
+             "attention_block_size": attention_block_size}  # fmt: skip
+    overrides = {k: v for k, v in given.items() if v is not None}
+    try:
+        chosen = layers if layers == "every-second" else _csv_ints(layers)
+        source = load_source(src)
+        primed = prime_model(source, chosen, kind, seed, **overrides)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from e
+    primed.save_pretrained(dst)
+    copied = copy_tokenizer(src, dst)
+    table = Table(title=f"{src} -> {dst}")
+    for col in ("layer", "old kind", "new kind", "fresh parameters"):
+        table.add_column(col, justify="right")
+    total = 0
+    params = dict(primed.named_parameters())
+    for i, (old, new) in enumerate(zip(source.config.layer_pattern, primed.config.layer_pattern)):
+        fresh = sum(params[name].numel() for name in fresh_parameter_names(primed, [i]))
+        total += fresh
+        table.add_row(str(i), old, new, f"{fresh:,}")
+    console.print(table)
+    console.print(
+        f"{total:,} fresh of {sum(p.numel() for p in params.values()):,} parameters; the rest copied. "
+        f"Tokenizer files copied: {', '.join(copied) or 'none found'}"
+    )
+
+
+@app.command()
+def bench(
+    presets: str = typer.Option("bmojo", help="comma-separated presets, each measured against its own Transformer"),
+    size: str = typer.Option("tiny", help=f"one of {', '.join(SIZES)}"),
+    lengths: str = typer.Option("512,1024,2048", help="comma-separated context lengths"),
+    modes: str = typer.Option("train,prefill,decode", help="comma-separated: train, prefill, decode"),
+    batch: int = typer.Option(1, help="sequences per step"),
+    repeats: int = typer.Option(3, help="timed runs per point (the median is reported)"),
+    warmup: int = typer.Option(1, help="untimed runs per point first"),
+    decode_steps: int = typer.Option(16, help="single-token steps timed per decode run"),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's)"),
+    device: str = typer.Option("cpu", help="torch device"),
+    overrides: list[str] | None = typer.Option(None, "--set", help="config field of every model: KEY=VALUE"),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="measure peak memory (CPU: a process per point)"),
+    out: Path = typer.Option(Path("runs/bench"), help="output directory"),
+) -> None:
+    """Training, prefill and decode tokens/s and peak memory vs context length, against an equal-size Transformer."""
+    try:
+        settings = BenchSettings(
+            presets=presets.split(","), size=size, lengths=_csv_ints(lengths), modes=modes.split(","), batch=batch,
+            repeats=repeats, warmup=warmup, decode_steps=decode_steps, threads=threads, device=device,
+            overrides=parse_overrides(overrides or []), memory=memory,
+        )  # fmt: skip
+        settings.validate()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    with console.status("measuring") as status:
+        result = run_bench(settings, lambda p: status.update(f"measured {p['model']} {p['mode']} L={p['length']}"))
+    console.print(results_table(result))
+    for line in ratio_summary(result):
+        console.print(line)
+    console.print("wrote " + ", ".join(map(str, write_outputs(result, out))))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def test_full_forward_equals_prefill_plus_decode(name):
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :13], use_cache=True)
         cache, logits = out.cache, [out.logits]
+        assert out.past_key_values is cache and len(cache) == len(model.model.layers)
         for t in range(13, 40):
             out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             logits.append(out.logits)

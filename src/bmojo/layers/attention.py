@@ -15,7 +15,11 @@ from bmojo.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 class Attention(nn.Module):
-    """Grouped-query attention projections ``D -> (H, d)`` for queries and ``D -> (Hkv, d)`` for keys/values."""
+    """Grouped-query attention projections ``D -> (H, d)`` for queries and ``D -> (Hkv, d)`` for keys/values.
+
+    ``bias`` puts biases on the query/key/value projections (not on ``o_proj``, as in Qwen2); ``rope=False``
+    leaves positions unencoded (Jamba's attention layers).
+    """
 
     def __init__(
         self,
@@ -27,6 +31,7 @@ class Attention(nn.Module):
         rope_theta: float = 10000.0,
         bias: bool = False,
         norm_eps: float = 1e-6,
+        rope: bool = True,
     ) -> None:
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
@@ -43,17 +48,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
-        self.rotary = RotaryEmbedding(head_dim, rope_theta)
+        self.rotary = RotaryEmbedding(head_dim, rope_theta) if rope else None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)  # [B, n, L, d]
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return x if self.rotary is None else apply_rotary(x, *self.rotary(positions))
 
     def queries(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``h [B, L, D]`` at ``positions [L]`` -> rotated queries ``[B, H, L, d]``."""
         q = self._heads(self.q_proj(h), self.num_heads)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        return apply_rotary(q, *self.rotary(positions))
+        return self._rotate(q, positions)
 
     def keys_values(
         self, x: torch.Tensor, positions: torch.Tensor, k_proj: nn.Linear | None = None, v_proj: nn.Linear | None = None
@@ -66,7 +74,7 @@ class Attention(nn.Module):
         v = self._heads((v_proj or self.v_proj)(x), self.num_kv_heads)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return apply_rotary(k, *self.rotary(positions)), v
+        return self._rotate(k, positions), v
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """Heads ``[B, H, L, d]`` -> ``[B, L, D]``."""

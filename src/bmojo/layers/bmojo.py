@@ -7,7 +7,9 @@ For pre-normed hidden states ``h [B, L, D]`` (SPEC section 2):
 3. fading band: query ``i`` attends to keys/values of fading tokens at ``[i-2w+1, i-w]``, made with
    the same projections (tied) and RoPE at the position of the token they summarise;
 4. eidetic memory: up to ``k`` raw past tokens chosen by the innovation test (``layers.eidetic``);
-5. one softmax over the union, computed as separate attentions merged exactly by log-sum-exp,
+5. optional long-term memory: each query's top-``r`` keys retrieved from a vector store of tokens that
+   left the eidetic memory (``layers.storage``);
+6. one softmax over the union, computed as separate attentions merged exactly by log-sum-exp,
    then ``out = Wo o``.
 
 Transformers, sliding-window Transformers, Mamba and B'MOJO-F are configurations of this one
@@ -32,6 +34,7 @@ from torch import nn
 from bmojo.layers.attention import Attention
 from bmojo.layers.eidetic import EideticMemory, chunk_memories, merge_topk
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
+from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership, topk_attention
 from bmojo.ops.attention import attention_with_lse, banded_attention, causal_attention, merge_attention
 
 SSM_TYPES = {"mamba": Mamba, "mamba2": Mamba2}
@@ -46,6 +49,8 @@ class MixerState:
     ``fad_*``: fading keys/values in ring slots ``pos % 2w``. ``mem_*``: the eidetic memory in use
     (positions ``[B, k]``), ``stage_*``: the best ``k`` tokens that have left the window so far,
     which becomes the memory in use at the next chunk boundary. ``f_last [B, D]``: last fading token.
+    With storage: ``store_ids [B]``, the sequences of the layer's vector store this batch reads and
+    writes; ``pend_*``: this chunk's tokens that left the window (``write="all"``), ring slots ``t % c``.
     """
 
     seen: int = 0
@@ -65,6 +70,10 @@ class MixerState:
     stage_v: torch.Tensor | None = None
     stage_pos: torch.Tensor | None = None
     stage_score: torch.Tensor | None = None
+    store_ids: torch.Tensor | None = None
+    pend_k: torch.Tensor | None = None
+    pend_v: torch.Tensor | None = None
+    pend_pos: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the state holds."""
@@ -107,6 +116,8 @@ class BMojoMixer(nn.Module):
         chunk_size: selection period ``c`` (default ``w``).
         tie_fading_kv: fading keys/values use the raw ``k_proj, v_proj`` (else their own).
         ssm_kwargs: passed to the SSM constructor (``state_size``, ``expand``, ...).
+        attention_kwargs: passed to :class:`Attention` (``norm_eps``, ``rope``).
+        storage: long-term memory settings (needs the eidetic memory); ``None`` = no store.
     """
 
     def __init__(
@@ -128,7 +139,9 @@ class BMojoMixer(nn.Module):
         tie_fading_kv: bool = True,
         block_size: int = 64,
         ssm_kwargs: dict | None = None,
+        attention_kwargs: dict | None = None,
         seed: int = 0,
+        storage: StorageConfig | None = None,
     ) -> None:
         super().__init__()
         if ssm is not None and ssm not in SSM_TYPES:
@@ -147,11 +160,8 @@ class BMojoMixer(nn.Module):
         self.fading = attention and fading
         self.block_size = block_size
         self.ssm = None if ssm is None else SSM_TYPES[ssm](hidden_size, **(ssm_kwargs or {}))
-        self.attn = (
-            Attention(hidden_size, num_heads, num_kv_heads, head_dim, qk_norm, rope_theta, attention_bias)
-            if attention
-            else None
-        )
+        attn_args = (hidden_size, num_heads, num_kv_heads, head_dim, qk_norm, rope_theta, attention_bias)
+        self.attn = Attention(*attn_args, **(attention_kwargs or {})) if attention else None
         self.fading_k_proj = self.fading_v_proj = None
         if self.fading and not tie_fading_kv:
             self.fading_k_proj = nn.Linear(hidden_size, self.attn.num_kv_heads * self.attn.head_dim, bias=False)
@@ -162,6 +172,10 @@ class BMojoMixer(nn.Module):
             if use_memory
             else None
         )
+        if storage is not None and self.memory is None:
+            raise ValueError("storage needs the eidetic memory (attention, a window, eidetic_size > 0, a selection)")
+        self.storage = storage
+        self.store = None if storage is None else VectorStore(self.attn.head_dim, self.attn.num_kv_heads, storage)
 
     def forward(
         self, h: torch.Tensor, state: MixerState | None = None
@@ -211,6 +225,8 @@ class BMojoMixer(nn.Module):
                 f_prev = F.pad(f[:, :-1], (0, 0, 1, 0))
                 scores, aux = self.memory.score(h, f_prev, pos)
                 parts.append(self._eidetic_attention(q, k, v, scores, state))
+            if self.store is not None and (state is not None or self.storage.in_batch):
+                parts.append(self._storage_attention(q, k, v, scores, state))
             o = merge_attention(parts)
         out = self.attn.output(o)
 
@@ -246,6 +262,34 @@ class BMojoMixer(nn.Module):
         o = o.view(b, n_chunks, nh, c, d).transpose(1, 2).reshape(b, nh, n_chunks * c, d)[:, :, :length]
         lse = lse.view(b, n_chunks, nh, c).transpose(1, 2).reshape(b, nh, n_chunks * c)[:, :, :length]
         return o, lse
+
+    def _storage_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, state: MixerState | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's top-``r`` keys among its chunk's store: this pass's evicted tokens (exact) and, with a
+        state, rows already in the vector store; then writes the store of the chunk holding the next position."""
+        b, _, length, _ = q.shape
+        c, w = self.memory.chunk_size, self.window
+        mem_pos, _ = chunk_memories(scores, w, c, self.memory.size, length // c + 1)
+        member = store_membership(mem_pos, length, w, c, self.storage.write)
+        stored = None
+        if state is not None:
+            if state.store_ids is None:
+                state.store_ids = torch.tensor(self.store.new_sequences(b))
+            if state.store_ids.shape != (b,):
+                raise ValueError(f"store_ids must hold one sequence id per batch row ({b}), got {state.store_ids}")
+            if any(self.store.count(s) for s in state.store_ids.tolist()):
+                stored = self.store.retrieve(state.store_ids.tolist(), q, self.storage.topk)
+            rows, pos = member[:, length // c].nonzero(as_tuple=True)
+            self.store.add(state.store_ids[rows.cpu()], pos, k[rows, :, pos], v[rows, :, pos])
+            if self.storage.write == "all":
+                state.pend_k = k.new_zeros(*k.shape[:2], c, k.shape[3])
+                state.pend_v = torch.zeros_like(state.pend_k)
+                state.pend_pos = torch.full((c,), -1, dtype=torch.long, device=k.device)
+                cand = torch.arange(max(0, length // c * c - w), max(0, length - w), device=k.device)
+                state.pend_k[:, :, (cand + w) % c], state.pend_v[:, :, (cand + w) % c] = k[:, :, cand], v[:, :, cand]
+                state.pend_pos[(cand + w) % c] = cand
+        return in_batch_retrieval(q, k, v, member, c, self.storage.topk, stored)
 
     def _fill_state(
         self,
@@ -315,8 +359,31 @@ class BMojoMixer(nn.Module):
                 values.append(state.mem_v)
                 visible.append(state.mem_pos >= 0)
             keys, values, visible = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(visible, 1)
-        o, _ = attention_with_lse(q, keys, values, visible[:, None, None, None, :])
+        o, lse = attention_with_lse(q, keys, values, visible[:, None, None, None, :])
+        if self.store is not None:
+            o = merge_attention([(o, lse), self._retrieve(q, state)])
+            if (t + 1) % self.memory.chunk_size == 0:
+                self._write_store(state)
         return self.attn.output(o)
+
+    def _retrieve(self, q: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of ``q [B, H, 1, d]`` to its top-``r`` keys in the store (as of the last completed write)."""
+        r = self.storage.topk
+        keys, values, valid = self.store.retrieve(state.store_ids.tolist(), q, r)
+        logits = (keys @ q.float().unsqueeze(-1)).squeeze(-1).masked_fill(~valid, float("-inf"))
+        o, lse = topk_attention(logits, values, r, q.shape[-1] ** -0.5)
+        return o.to(q.dtype), lse
+
+    def _write_store(self, state: MixerState) -> None:
+        """At the end of a chunk: write the tokens the next chunk's eidetic memory (``stage``) leaves out."""
+        pos, k, v = state.mem_pos, state.mem_k, state.mem_v
+        if state.pend_pos is not None:
+            pos = torch.cat([pos, state.pend_pos.expand(pos.shape[0], -1)], 1)
+            k, v = torch.cat([k, state.pend_k], 2), torch.cat([v, state.pend_v], 2)
+            state.pend_pos = torch.full_like(state.pend_pos, -1)
+        leave = (pos >= 0) & ~(pos.unsqueeze(-1) == state.stage_pos.unsqueeze(1)).any(-1)
+        rows, slots = leave.nonzero(as_tuple=True)
+        self.store.add(state.store_ids[rows.cpu()], pos[rows, slots], k[rows, :, slots], v[rows, :, slots])
 
     def _write_window(
         self, state: MixerState, t: int, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor | None
@@ -336,6 +403,10 @@ class BMojoMixer(nn.Module):
             idx = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
             state.stage_k = torch.cat([state.stage_k, cand_k], 2).gather(2, idx)
             state.stage_v = torch.cat([state.stage_v, cand_v], 2).gather(2, idx)
+            if state.pend_pos is not None:
+                pend = t % self.memory.chunk_size
+                state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]
+                state.pend_pos[pend] = old
         state.win_k[:, :, slot], state.win_v[:, :, slot], state.win_pos[slot] = k[:, :, 0], v[:, :, 0], t
         if score is not None:
             state.win_score[:, slot] = score[:, 0]

@@ -16,8 +16,9 @@ class BMojoCache:
 
     is_compileable = False
 
-    def __init__(self, num_layers: int) -> None:
-        self.layers = [MixerState() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, store_ids: torch.Tensor | None = None) -> None:
+        """``store_ids [B]``: sequences of the layers' vector stores to read and extend (default: new ones)."""
+        self.layers = [MixerState(store_ids=store_ids) for _ in range(num_layers)]
 
     def __len__(self) -> int:
         return len(self.layers)

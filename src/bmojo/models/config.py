@@ -14,6 +14,11 @@ bmojo         ``ssm`` window ``w``      yes     ``k``    B'MOJO
 ============  ======  ================  ======  =======  ===========
 
 A Jamba-style hybrid interleaves ``mamba`` and ``attention`` layers.
+
+``storage=True`` gives every ``bmojo`` layer a long-term vector store (``bmojo.layers.storage``):
+``storage_topk`` keys retrieved per query head, ``storage_write`` (``evicted | all``: what is stored),
+``storage_in_batch`` (exact in-batch emulation in forward passes without a cache, for training) and
+``storage_approx_threshold`` (rows per sequence from which search is approximate, HNSW).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from bmojo.layers.eidetic import SELECTIONS
+from bmojo.layers.storage import WRITES
 
 LAYER_KINDS = ("attention", "swa", "mamba", "mamba2", "bmojo-f", "bmojo")
 PRESETS = ("transformer", "swa", "mamba", "mamba2", "jamba", "bmojo-f", "bmojo")
@@ -53,7 +59,14 @@ def preset_layers(name: str, n_layers: int) -> list[str]:
 
 
 class BMojoConfig(PretrainedConfig):
-    """Configuration of a B'MOJO language model (see the module docstring for ``layer_pattern``)."""
+    """Configuration of a B'MOJO language model (see the module docstring for ``layer_pattern``).
+
+    Fields that let converted Hugging Face models be reproduced exactly (``bmojo.convert``):
+    ``use_rope`` (``False``: attention without positional encoding, as in Jamba), ``attention_bias``
+    (biases on q/k/v, none on o, as in Qwen2), ``ssm_bias`` / ``ssm_conv_bias`` (biases of the SSM
+    in/out projections and conv), ``mamba_dt_bc_norm`` (Jamba's RMSNorm on dt, B, C of Mamba layers),
+    and ``hf_config`` (the source config's non-default fields, which ``to_hf`` restores).
+    """
 
     model_type = "bmojo"
 
@@ -73,6 +86,11 @@ class BMojoConfig(PretrainedConfig):
         eidetic_size: int = 64,
         selection: str = "innovation",
         innovation_loss_weight: float = 0.01,
+        storage: bool = False,
+        storage_topk: int = 16,
+        storage_write: str = "evicted",
+        storage_in_batch: bool = False,
+        storage_approx_threshold: int = 100_000,
         bmojo_ssm: str = "mamba2",
         tie_fading_kv: bool = True,
         state_size: int = 16,
@@ -85,8 +103,13 @@ class BMojoConfig(PretrainedConfig):
         ssm_chunk_size: int = 64,
         qk_norm: bool = False,
         rope_theta: float = 10000.0,
+        use_rope: bool = True,
         attention_bias: bool = False,
         attention_block_size: int = 64,
+        ssm_bias: bool = False,
+        ssm_conv_bias: bool = True,
+        mamba_dt_bc_norm: bool = False,
+        hf_config: dict[str, Any] | None = None,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
@@ -110,6 +133,11 @@ class BMojoConfig(PretrainedConfig):
         self.eidetic_size = eidetic_size
         self.selection = selection
         self.innovation_loss_weight = innovation_loss_weight
+        self.storage = storage
+        self.storage_topk = storage_topk
+        self.storage_write = storage_write
+        self.storage_in_batch = storage_in_batch
+        self.storage_approx_threshold = storage_approx_threshold
         self.bmojo_ssm = bmojo_ssm
         self.tie_fading_kv = tie_fading_kv
         self.state_size = state_size
@@ -122,8 +150,13 @@ class BMojoConfig(PretrainedConfig):
         self.ssm_chunk_size = ssm_chunk_size
         self.qk_norm = qk_norm
         self.rope_theta = rope_theta
+        self.use_rope = use_rope
         self.attention_bias = attention_bias
         self.attention_block_size = attention_block_size
+        self.ssm_bias = ssm_bias
+        self.ssm_conv_bias = ssm_conv_bias
+        self.mamba_dt_bc_norm = mamba_dt_bc_norm
+        self.hf_config = hf_config
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -150,6 +183,16 @@ class BMojoConfig(PretrainedConfig):
             raise ValueError(f"eidetic_size must be >= 0, got {self.eidetic_size}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.storage:
+            if "bmojo" not in self.layer_pattern or self.eidetic_size == 0 or self.selection == "none":
+                raise ValueError("storage needs 'bmojo' layers with an eidetic memory (eidetic_size > 0, a selection)")
+            if self.storage_topk < 1 or self.storage_approx_threshold < 1:
+                raise ValueError(
+                    f"storage_topk and storage_approx_threshold must be >= 1, "
+                    f"got {self.storage_topk}, {self.storage_approx_threshold}"
+                )
+            if self.storage_write not in WRITES:
+                raise ValueError(f"storage_write must be one of {WRITES}, got {self.storage_write!r}")
         if self.bmojo_ssm not in ("mamba", "mamba2"):
             raise ValueError(f"bmojo_ssm must be 'mamba' or 'mamba2', got {self.bmojo_ssm!r}")
         if len(self.layer_pattern) != self.num_hidden_layers:

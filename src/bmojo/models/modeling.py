@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from transformers.utils import ModelOutput
 from bmojo.layers.bmojo import BMojoMixer, MixerState
 from bmojo.layers.norm import GatedRMSNorm, RMSNorm
 from bmojo.layers.ssm import Mamba, Mamba2
+from bmojo.layers.storage import StorageConfig, StorageFileError, VectorStore, load_stores, save_stores
 from bmojo.models.cache import BMojoCache
 from bmojo.models.config import BMojoConfig
 
@@ -24,13 +27,20 @@ def build_mixer(config: BMojoConfig, kind: str, layer_idx: int = 0) -> BMojoMixe
     if ssm_type == "mamba":
         ssm_kwargs = dict(
             state_size=config.state_size, expand=config.expand, conv_kernel=config.conv_kernel,
-            dt_rank=config.time_step_rank,
+            dt_rank=config.time_step_rank, dt_bc_norm=config.mamba_dt_bc_norm, norm_eps=config.rms_norm_eps,
         )  # fmt: skip
     else:
         ssm_kwargs = dict(
             state_size=config.mamba2_state_size or config.state_size, expand=config.expand,
             head_dim=config.mamba2_head_dim, n_groups=config.n_groups, conv_kernel=config.conv_kernel,
             chunk_size=config.ssm_chunk_size, norm_eps=config.rms_norm_eps,
+        )  # fmt: skip
+    ssm_kwargs.update(bias=config.ssm_bias, conv_bias=config.ssm_conv_bias)
+    storage = None
+    if config.storage and kind == "bmojo":
+        storage = StorageConfig(
+            topk=config.storage_topk, write=config.storage_write, in_batch=config.storage_in_batch,
+            approx_threshold=config.storage_approx_threshold,
         )  # fmt: skip
     return BMojoMixer(
         config.hidden_size,
@@ -50,7 +60,9 @@ def build_mixer(config: BMojoConfig, kind: str, layer_idx: int = 0) -> BMojoMixe
         tie_fading_kv=config.tie_fading_kv,
         block_size=config.attention_block_size,
         ssm_kwargs=ssm_kwargs,
+        attention_kwargs=dict(norm_eps=config.rms_norm_eps, rope=config.use_rope),
         seed=layer_idx,
+        storage=storage,
     )
 
 
@@ -96,6 +108,11 @@ class BMojoModelOutput(ModelOutput):
     cache: BMojoCache | None = None
     aux_loss: torch.Tensor | None = None
 
+    @property
+    def past_key_values(self) -> BMojoCache | None:
+        """``cache`` under the name older transformers code reads."""
+        return self.cache
+
 
 @dataclass
 class BMojoCausalLMOutput(ModelOutput):
@@ -108,6 +125,11 @@ class BMojoCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     cache: BMojoCache | None = None
+
+    @property
+    def past_key_values(self) -> BMojoCache | None:
+        """``cache`` under the name older transformers code reads."""
+        return self.cache
 
 
 class BMojoPreTrainedModel(PreTrainedModel):
@@ -209,6 +231,9 @@ class BMojoModel(BMojoPreTrainedModel):
         return BMojoModelOutput(self.norm(x), cache, aux_loss)
 
 
+STORAGE_FILE = "storage.npz"
+
+
 class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
     """B'MOJO model with a language-modelling head (tied to the embedding by default)."""
 
@@ -231,6 +256,45 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def vector_stores(self) -> dict[str, VectorStore]:
+        """The long-term stores of the layers that have one, named ``layer_{i}``."""
+        return {f"layer_{i}": b.mixer.store for i, b in enumerate(self.model.layers) if b.mixer.store is not None}
+
+    def flush_storage(self) -> None:
+        """Wait until every store write submitted so far is searchable."""
+        for store in self.vector_stores().values():
+            store.flush()
+
+    def save_storage(self, path: str | os.PathLike) -> None:
+        """Write every layer's store to one file, atomically."""
+        save_stores(self.vector_stores(), path)
+
+    def load_storage(self, path: str | os.PathLike) -> None:
+        """Replace every layer's store by those saved at ``path``; a bad file raises ``StorageFileError`` naming it
+        and leaves the stores unchanged."""
+        load_stores(self.vector_stores(), path)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Hugging Face ``save_pretrained``, plus the stores in ``storage.npz`` beside the weights."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.vector_stores():
+            self.save_storage(Path(save_directory) / STORAGE_FILE)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, load_storage: bool = True, **kwargs: Any
+    ) -> "BMojoForCausalLM":
+        """Hugging Face ``from_pretrained``; also loads ``storage.npz`` found beside the weights unless
+        ``load_storage=False`` (the way to load the model when that file is corrupt)."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        path = Path(pretrained_model_name_or_path) / STORAGE_FILE
+        if load_storage and model.vector_stores() and path.is_file():
+            try:
+                model.load_storage(path)
+            except StorageFileError as e:
+                raise StorageFileError(f"{e}; pass load_storage=False to load the model without its store") from e
+        return model
 
     def forward(
         self,

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bmojo.ops.triton import use_triton
+
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -250,7 +252,12 @@ def selective_scan(
     the same three steps backwards in time for ``dL/dh``, recomputing the states block by block from
     the checkpoints. Python loops run about ``4T + 2L / T`` small steps over ``[batch * L / T, N, E]``
     tensors. Computes in float64 when ``u`` is float64, else float32.
-    Returns ``(y [batch, L, E], final_state [batch, E, N])``.
+    Without gradients, CUDA inputs run the Triton kernel ``bmojo.ops.triton.selective_scan`` (see
+    ``bmojo.ops.triton`` for the switch). Returns ``(y [batch, L, E], final_state [batch, E, N])``.
     """
+    if use_triton(u, delta, A, B, C, initial_state):
+        from bmojo.ops.triton.selective_scan import selective_scan_fwd
+
+        return selective_scan_fwd(u, delta, A, B, C, initial_state)
     t = chunk_size or _default_chunk_size(u.shape[1])
     return _SelectiveScanFn.apply(u, delta, A, B, C, initial_state, t)

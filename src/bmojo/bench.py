@@ -1,0 +1,501 @@
+"""``bmojo bench``: throughput and memory of presets against an equal-size SDPA Transformer, vs context length.
+
+For every preset, length and mode the bench measures tokens per second (median of ``repeats`` timed runs after
+``warmup`` untimed ones) and peak memory:
+
+* ``train``: one forward + backward of the language-model loss on ``[batch, L]`` tokens (no optimiser step);
+* ``prefill``: one no-grad forward over ``[batch, L]`` tokens that fills the cache (logits of the last token only);
+* ``decode``: after a prefill of ``L`` tokens (not timed), ``decode_steps`` single-token steps through the cache.
+
+Every preset is paired with a Transformer (full causal attention through ``scaled_dot_product_attention``) of the
+same hidden size whose depth and MLP width bring its parameter count within 5% of the preset's
+(:func:`matched_transformer`). Timed repeats alternate between the models of a point, so load from other processes
+on a shared machine falls on all of them alike and the ratios (``vs_baseline``) are the numbers to read.
+
+Peak memory: on CPU the peak resident-set growth of one run, measured in a fresh subprocess per point (so memory
+that earlier points freed into the allocator cannot hide it); on CUDA ``torch.cuda.max_memory_allocated`` growth.
+For ``decode`` it is the peak during decoding above the memory before the prefill (it holds the cache), and
+``cache_bytes`` is the cache's exact size. For ``train`` the step's FLOPs are counted by
+``torch.utils.flop_counter`` (matmuls and attention as executed, masked-out entries of banded attention included)
+and reported as achieved FLOP/s and as a fraction of the measured fp32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from bmojo.models.config import PRESETS, SIZES, BMojoConfig
+from bmojo.models.modeling import BMojoForCausalLM, count_parameters
+
+MODES = ("train", "prefill", "decode")
+BASELINE = "transformer"
+MATCH_TOLERANCE = 0.05
+
+
+@dataclass
+class BenchSettings:
+    """What to measure; see the module docstring. ``overrides`` set config fields of every model."""
+
+    presets: list[str] = field(default_factory=lambda: ["bmojo"])
+    size: str = "tiny"
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    batch: int = 1
+    repeats: int = 3
+    warmup: int = 1
+    decode_steps: int = 16
+    threads: int | None = None
+    device: str = "cpu"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    memory: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        unknown = [p for p in self.presets if p not in PRESETS]
+        if not self.presets or unknown:
+            raise ValueError(f"presets must be a non-empty subset of {PRESETS}, got {self.presets}")
+        if self.size not in SIZES:
+            raise ValueError(f"unknown size {self.size!r}; expected one of {tuple(SIZES)}")
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        if not self.lengths or any(n < 1 for n in self.lengths):
+            raise ValueError(f"lengths must be positive integers, got {self.lengths}")
+        for name in ("batch", "repeats", "decode_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["window_size=256", "hidden_size=128"]`` -> ``{"window_size": 256, "hidden_size": 128}`` (YAML values)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"config override {item!r} must look like KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def matched_transformer(target: BMojoConfig, size: str, overrides: dict[str, Any] | None = None) -> BMojoConfig:
+    """The ``transformer`` preset at ``target``'s hidden size with its parameter count within 5% of ``target``'s.
+
+    The depth is the one that comes closest with the preset's MLP width; the MLP width is then solved for the
+    remaining difference (each layer's SwiGLU holds ``3 * hidden * width`` parameters).
+    """
+    goal = count_parameters(target)
+    fields = {k: v for k, v in (overrides or {}).items() if k not in ("num_hidden_layers", "layer_pattern")}
+
+    def build(layers: int, width: int | None = None) -> BMojoConfig:
+        extra = {} if width is None else {"intermediate_size": width}
+        return BMojoConfig.from_preset(BASELINE, size, **{**fields, **extra, "num_hidden_layers": layers})
+
+    one, two = count_parameters(build(1)), count_parameters(build(2))
+    per_layer, base = two - one, 2 * one - two
+    layers = max(1, round((goal - base) / per_layer))
+    config = build(layers)
+    width = config.intermediate_size + round((goal - count_parameters(config)) / (3 * config.hidden_size * layers))
+    if width >= 1:
+        config = build(layers, width)
+    got = count_parameters(config)
+    if abs(got - goal) > MATCH_TOLERANCE * goal:
+        raise ValueError(f"no transformer within {MATCH_TOLERANCE:.0%} of {goal:,} parameters (closest {got:,})")
+    return config
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """CPU model, cores, threads, torch version, device name, platform and load average."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    dev = torch.device(device)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({cpu})",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(device: str, n: int | None = None, repeats: int = 5) -> float:
+    """Measured fp32 ``n x n`` matmul FLOP/s (median of ``repeats``; n = 1024 on CPU, 8192 on CUDA)."""
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _ids(config: BMojoConfig, batch: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, length), generator=gen).to(device)
+
+
+def _build(config: BMojoConfig, seed: int, device: torch.device) -> BMojoForCausalLM:
+    torch.manual_seed(seed)
+    return BMojoForCausalLM(config).to(device)
+
+
+def _prefill(model: BMojoForCausalLM, ids: torch.Tensor) -> Any:
+    with torch.no_grad():
+        return model.eval()(ids, use_cache=True, logits_to_keep=1).cache
+
+
+def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int) -> Callable[[], None]:
+    """A function running one unit of ``mode`` on ``ids [batch, L]`` (for ``decode`` the prefill happens now)."""
+    if mode == "train":
+        model.train()
+
+        def train() -> None:
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids, use_cache=False).loss.backward()
+
+        return train
+    if mode == "prefill":
+        return lambda: _prefill(model, ids)
+    cache, token = _prefill(model, ids), ids[:, -1:]
+
+    def decode() -> None:
+        with torch.no_grad():
+            for _ in range(decode_steps):
+                model(token, cache=cache, use_cache=True)
+
+    decode.cache = cache  # type: ignore[attr-defined]
+    return decode
+
+
+class _Memory:
+    """Peak-memory probe: resident set (Linux ``VmHWM``, reset through ``clear_refs``) or CUDA allocations."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # peak falls back to the process's lifetime peak (ru_maxrss)
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_point(config: BMojoConfig, mode: str, batch: int, length: int, decode_steps: int, seed: int,
+                 device: str) -> int:  # fmt: skip
+    """Peak memory growth in bytes of one run of ``mode`` (``decode``: above the memory before the prefill)."""
+    dev = torch.device(device)
+    model, ids = _build(config, seed, dev), _ids(config, batch, length, seed, dev)
+    probe = _Memory(dev)
+    _sync(dev)
+    before = probe.current()
+    probe.reset()
+    run = make_runner(model, mode, ids, decode_steps)
+    if mode == "decode":
+        _sync(dev)
+        probe.reset()
+    run()
+    _sync(dev)
+    return max(0, probe.peak() - before)
+
+
+def _memory_main() -> None:
+    """Subprocess entry: ``argv[1]`` is JSON of :func:`memory_point`'s arguments (config as a dict)."""
+    args = json.loads(sys.argv[1])
+    torch.set_num_threads(args.pop("threads"))
+    config = BMojoConfig.from_dict(args.pop("config"))
+    print(json.dumps({"peak_mem_bytes": memory_point(config, **args)}))
+
+
+def _memory_in_subprocess(config: BMojoConfig, **kwargs: Any) -> int:
+    """:func:`memory_point` in a fresh Python process."""
+    args = json.dumps({"config": config.to_dict(), "threads": torch.get_num_threads(), **kwargs})
+    code = "from bmojo.bench import _memory_main; _memory_main()"
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"memory measurement failed ({kwargs}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_bytes"]
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def build_models(settings: BenchSettings) -> dict[str, dict[str, Any]]:
+    """Name -> ``{"preset", "baseline" (name of its Transformer, None for one), "config", "params"}``."""
+    models: dict[str, dict[str, Any]] = {}
+    for preset in settings.presets:
+        config = BMojoConfig.from_preset(preset, settings.size, **settings.overrides)
+        baseline = None
+        if preset != BASELINE:
+            base_config = matched_transformer(config, settings.size, settings.overrides)
+            baseline = f"{BASELINE}~{preset}"
+            models[baseline] = {"preset": BASELINE, "baseline": None, "config": base_config}
+        models[preset] = {"preset": preset, "baseline": baseline, "config": config}
+    for entry in models.values():
+        entry["params"] = count_parameters(entry["config"])
+    return models
+
+
+def run_bench(settings: BenchSettings, on_point: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every (length, mode, model) point; returns the JSON-ready result (see the module docstring)."""
+    settings.validate()
+    threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings, on_point)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(settings: BenchSettings, on_point: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """:func:`run_bench` once the thread count is set."""
+    dev = torch.device(settings.device)
+    models = build_models(settings)
+    result: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(settings.device),
+        "settings": asdict(settings),
+        "matmul_peak_flops": matmul_peak_flops(settings.device),
+        "models": {k: {**v, "config": v["config"].to_dict()} for k, v in models.items()},
+        "points": [],
+    }
+    built = {name: _build(m["config"], settings.seed, dev) for name, m in models.items()}
+    for length in settings.lengths:
+        for mode in settings.modes:
+            points = _measure(settings, models, built, mode, length)
+            result["points"].extend(points)
+            for p in points:
+                if on_point is not None:
+                    on_point(p)
+    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return result
+
+
+def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: dict[str, BMojoForCausalLM],
+             mode: str, length: int) -> list[dict[str, Any]]:  # fmt: skip
+    """One (mode, length) for every model, timed repeats interleaved across the models."""
+    dev, steps = torch.device(settings.device), settings.decode_steps
+    runners = {
+        name: make_runner(model, mode, _ids(models[name]["config"], settings.batch, length, settings.seed, dev), steps)
+        for name, model in built.items()
+    }
+    for _ in range(settings.warmup):
+        for run in runners.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(settings.repeats):
+        for name, run in runners.items():
+            times[name].append(_timed(run, dev))
+    tokens = settings.batch * (steps if mode == "decode" else length)
+    points = {}
+    for name, run in runners.items():
+        median = statistics.median(times[name])
+        point: dict[str, Any] = {
+            "model": name, "preset": models[name]["preset"], "mode": mode, "length": length,
+            "batch": settings.batch, "tokens": tokens, "seconds": times[name], "median_s": median,
+            "tokens_per_s": tokens / median,
+        }  # fmt: skip
+        if mode == "decode":
+            point["cache_bytes"] = run.cache.nbytes()  # type: ignore[attr-defined]
+            point["decode_steps"] = steps
+        if mode == "train":
+            counter = FlopCounterMode(display=False)
+            with counter:
+                run()
+            point["flops"] = counter.get_total_flops()
+            point["flops_per_s"] = point["flops"] / median
+        if settings.memory:
+            kwargs = {
+                "mode": mode,
+                "batch": settings.batch,
+                "length": length,
+                "decode_steps": steps,
+                "seed": settings.seed,
+            }
+            config = models[name]["config"]
+            point["peak_mem_bytes"] = (
+                _memory_in_subprocess(config, device=settings.device, **kwargs)
+                if dev.type == "cpu"
+                else memory_point(config, device=settings.device, **kwargs)
+            )
+        points[name] = point
+    for name, point in points.items():
+        base = points.get(models[name]["baseline"])
+        if base is not None:
+            point["vs_baseline"] = point["tokens_per_s"] / base["tokens_per_s"]
+            if settings.memory and base["peak_mem_bytes"]:
+                point["mem_vs_baseline"] = point["peak_mem_bytes"] / base["peak_mem_bytes"]
+    return list(points.values())
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return ""
+    return f"{n / 2**10:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
+
+
+def _rows(result: dict[str, Any]) -> list[list[str]]:
+    peak = result["matmul_peak_flops"]
+    rows = []
+    for p in result["points"]:
+        ratio = p.get("vs_baseline")
+        flops = p.get("flops_per_s")
+        rows.append([
+            p["model"], f"{result['models'][p['model']]['params']:,}", p["mode"], f"{p['length']:,}",
+            f"{p['tokens_per_s']:,.0f}", "" if ratio is None else f"{ratio:.2f}x", _fmt_bytes(p.get("peak_mem_bytes")),
+            _fmt_bytes(p.get("cache_bytes")), "" if flops is None else f"{flops / 1e9:.1f} ({flops / peak:.0%})",
+        ])  # fmt: skip
+    return rows
+
+
+COLUMNS = ["model", "params", "mode", "L", "tokens/s", "vs transformer", "peak memory", "cache", "GFLOP/s (of peak)"]
+
+
+def results_table(result: dict[str, Any]) -> Table:
+    """The points as a rich table."""
+    m = result["machine"]
+    table = Table(title=f"bmojo bench on {m['device']}, {m['threads']} threads, {result['date']}")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col in ("model", "mode") else "right")
+    for row in _rows(result):
+        table.add_row(*row)
+    return table
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The points as a Markdown table with the machine and date."""
+    m, s = result["machine"], result["settings"]
+    machine = (
+        f"Machine: {m['device']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['platform']}; "
+        f"load average {m['load_average']} at the start. Measured fp32 matmul peak: "
+        f"{result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s."
+    )
+    run = (
+        f"Size {s['size']}, batch {s['batch']}, {s['repeats']} repeats after {s['warmup']} warm-up (medians), "
+        f"{s['decode_steps']} decode steps, overrides {s['overrides'] or 'none'}."
+    )
+    lines = [
+        f"# bmojo bench ({result['date']})", "", machine, "", run, "",
+        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
+    ]  # fmt: skip
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], key: str, path: Path, ylabel: str) -> Path:
+    """``key`` vs length, one panel per mode and one line per model (log-log axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if any(p["mode"] == m and p.get(key) for p in result["points"])]
+    fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(4.5 * max(1, len(modes)), 3.6), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for model in result["models"]:
+            pts = sorted((p["length"], p[key]) for p in result["points"]
+                         if p["model"] == model and p["mode"] == mode and p.get(key))  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(mode)
+        ax.set_xlabel("context length")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
+    """``bench.json``, ``bench.md``, ``tokens_per_s_vs_length.png`` and (with memory) ``memory_vs_length.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "bench.json", out / "bench.md"]
+    paths[0].write_text(json.dumps(result, indent=1))
+    paths[1].write_text(markdown(result))
+    paths.append(plot(result, "tokens_per_s", out / "tokens_per_s_vs_length.png", "tokens / s"))
+    if any("peak_mem_bytes" in p for p in result["points"]):
+        paths.append(plot(result, "peak_mem_bytes", out / "memory_vs_length.png", "peak memory (bytes)"))
+    return paths
+
+
+def ratio_summary(result: dict[str, Any]) -> list[str]:
+    """One line per (model, mode): its tokens/s relative to its Transformer at every length."""
+    lines = []
+    for model, entry in result["models"].items():
+        if entry["baseline"] is None:
+            continue
+        for mode in MODES:
+            pts = sorted((p["length"], p["vs_baseline"]) for p in result["points"]
+                         if p["model"] == model and p["mode"] == mode)  # fmt: skip
+            if pts:
+                ratios = ", ".join(f"{r:.2f}x at {n:,}" for n, r in pts)
+                lines.append(f"{model} {mode}: {ratios} the tokens/s of {entry['baseline']}")
+    return lines

@@ -1,0 +1,541 @@
+"""Long-term eidetic memory "in storage": a per-layer vector store of keys and values (SPEC section 4).
+
+Which tokens are stored (at chunk granularity, chunk ``j`` starts at ``s = j * c``, ``mem(j)`` is the eidetic
+memory of chunk ``j``, see ``layers.eidetic``):
+
+- ``write="evicted"``: ``store(j) = (mem(0) | ... | mem(j-1)) - mem(j)``, the tokens the eidetic memory has dropped;
+- ``write="all"``: ``store(j) = {p < s - w} - mem(j)``: every token that has left the window and is not kept in the
+  eidetic memory. Tokens enter the store at the chunk boundary where they become eidetic candidates (when they leave
+  the window), not two windows later, so that store and eidetic memory partition the tokens beyond the window and
+  the recurrent state only buffers one chunk of candidates.
+
+The store is disjoint from the window and the eidetic memory, so attending to it is a fourth key/value set of one
+softmax (log-sum-exp merge). Each query head retrieves its own top-``r`` keys by inner product with its rotated query
+(the attention logit itself) from the index of its key/value head: with grouped-query attention the keys of each
+kv head are stored once and each of the group's query heads searches that index with its own query.
+
+:class:`VectorStore` keeps, per sequence id, rows of ``(position, keys [Hkv, d], values [Hkv, d])`` and one faiss
+index per kv head: exact inner-product search (``IndexFlatIP``) while a sequence holds fewer than
+``approx_threshold`` rows, an HNSW graph (``IndexHNSWFlat``, inner-product metric) beyond. Writes go through a queue
+to a background thread; searches see the store as of the last completed write, and :meth:`VectorStore.flush` waits
+for every write submitted before it. :func:`in_batch_retrieval` computes the same retrieval exactly over the tokens
+of the current pass (training, and the part of a prefill not yet in the store; ``O(L^2)`` in the pass length).
+
+Parallel and recurrent modes agree (to float rounding) when every write is searchable before the next token is
+processed (``flush()`` between steps, or ``synchronous=True``) and the sequence's index is still exact; with
+asynchronous writes a step may miss the latest chunk's rows, with HNSW it may miss a true top-``r`` key.
+
+Streaming with a model whose config has ``storage=True``::
+
+    cache = BMojoCache(len(model.model.layers))
+    for piece in document.split(512, dim=1):      # the store grows; the recurrent state and time per token do not
+        model(piece, cache=cache, use_cache=True)  # (the first piece is a parallel prefill, the rest token steps)
+    logits = model(question, cache=cache, use_cache=True).logits
+    model.save_pretrained("dir")  # weights + storage.npz; BMojoCache(n, store_ids=cache[0].store_ids) reads it again
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import queue
+import tempfile
+import threading
+import weakref
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WRITES = ("evicted", "all")
+FORMAT_VERSION = 1
+
+
+class StorageFileError(ValueError):
+    """A store file is missing pieces, truncated, corrupt or does not match the store it is loaded into."""
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("long-term storage needs faiss: pip install 'bmojo[storage]' (faiss-cpu)") from e
+    return faiss
+
+
+@dataclass
+class StorageConfig:
+    """Settings of a layer's long-term memory.
+
+    ``topk``: keys retrieved per query head (``r``); ``write``: ``evicted | all`` (module docstring); ``in_batch``:
+    emulate retrieval exactly in forward passes without a recurrent state (training); ``approx_threshold``: rows per
+    sequence from which the index is HNSW; ``hnsw_m``, ``ef_search``: HNSW graph degree and search breadth;
+    ``synchronous``: every write completes before ``add`` returns (deterministic results without ``flush``).
+    """
+
+    topk: int = 16
+    write: str = "evicted"
+    in_batch: bool = False
+    approx_threshold: int = 100_000
+    hnsw_m: int = 32
+    ef_search: int = 128
+    synchronous: bool = False
+
+    def __post_init__(self) -> None:
+        if self.topk < 1:
+            raise ValueError(f"storage topk must be >= 1, got {self.topk}")
+        if self.write not in WRITES:
+            raise ValueError(f"storage write must be one of {WRITES}, got {self.write!r}")
+        if self.approx_threshold < 1:
+            raise ValueError(f"storage approx_threshold must be >= 1, got {self.approx_threshold}")
+        if self.hnsw_m < 2 or self.ef_search < 1:
+            raise ValueError(f"need hnsw_m >= 2 and ef_search >= 1, got {self.hnsw_m}, {self.ef_search}")
+
+
+class _Shard:
+    """The rows of one sequence: growable position/key/value arrays and one faiss index per kv head."""
+
+    def __init__(self, heads: int, dim: int, capacity: int = 64) -> None:
+        self.size = 0
+        self.positions = np.empty(capacity, np.int64)
+        self.keys = np.empty((capacity, heads, dim), np.float32)
+        self.values = np.empty((capacity, heads, dim), np.float32)
+        self.indexes = [_faiss().IndexFlatIP(dim) for _ in range(heads)]
+        self.approx = False
+
+    def append(self, positions: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
+        n = len(positions)
+        if self.size + n > len(self.positions):
+            cap = max(2 * len(self.positions), self.size + n)
+            for name in ("positions", "keys", "values"):
+                old = getattr(self, name)
+                new = np.empty((cap, *old.shape[1:]), old.dtype)
+                new[: self.size] = old[: self.size]
+                setattr(self, name, new)
+        self.positions[self.size : self.size + n] = positions
+        self.keys[self.size : self.size + n] = keys
+        self.values[self.size : self.size + n] = values
+        for h, index in enumerate(self.indexes):
+            index.add(np.ascontiguousarray(keys[:, h]))
+        self.size += n
+
+
+def _hnsw(keys: np.ndarray, m: int, ef_search: int):
+    """An HNSW inner-product index over ``keys [n, d]``."""
+    faiss = _faiss()
+    index = faiss.IndexHNSWFlat(keys.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = ef_search
+    index.add(np.ascontiguousarray(keys))
+    return index
+
+
+class _Core:
+    """What the writer thread and readers share: the shards, one lock, and the write counters."""
+
+    def __init__(self, heads: int, dim: int, config: StorageConfig) -> None:
+        self.heads, self.dim, self.config = heads, dim, config
+        self.shards: dict[int, _Shard] = {}
+        self.lock = threading.Lock()
+        self.done = threading.Condition()
+        self.applied = 0
+        self.error: BaseException | None = None
+
+    def apply(self, seq: np.ndarray, positions: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
+        """Insert rows (the writer thread is the only caller, so shards change only here)."""
+        for s in np.unique(seq):
+            rows = seq == s
+            with self.lock:
+                shard = self.shards.get(int(s))
+                if shard is None:
+                    shard = self.shards[int(s)] = _Shard(self.heads, self.dim)
+                shard.append(positions[rows], keys[rows], values[rows])
+                size, approx = shard.size, shard.approx
+            if not approx and size >= self.config.approx_threshold:
+                # build outside the lock from rows only this thread can change; readers keep the exact index
+                built = [
+                    _hnsw(shard.keys[:size, h], self.config.hnsw_m, self.config.ef_search) for h in range(self.heads)
+                ]
+                with self.lock:
+                    shard.indexes, shard.approx = built, True
+
+
+def _writer(jobs: queue.Queue, core: _Core) -> None:
+    """Apply queued writes in order until ``None`` arrives; remember the first failure."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        try:
+            if core.error is None:
+                core.apply(*job)
+        except BaseException as e:  # noqa: BLE001 - reported by the next flush/add
+            core.error = e
+        finally:
+            with core.done:
+                core.applied += 1
+                core.done.notify_all()
+
+
+def _numpy(x: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32 if dtype is np.float32 else torch.int64).numpy()
+    return np.array(x, dtype=dtype, copy=True)
+
+
+class VectorStore:
+    """Per-layer store of key/value vectors for many sequences, searched by inner product.
+
+    Rows are ``(sequence id, position, keys [Hkv, d], values [Hkv, d])``. :meth:`add` enqueues rows for the
+    background writer and returns (the insert is acknowledged); :meth:`search` and :meth:`retrieve` see every write
+    completed so far; :meth:`flush` waits for the writes submitted before it.
+    """
+
+    def __init__(self, head_dim: int, num_kv_heads: int = 1, config: StorageConfig | None = None) -> None:
+        if head_dim < 1 or num_kv_heads < 1:
+            raise ValueError(f"head_dim and num_kv_heads must be >= 1, got {head_dim}, {num_kv_heads}")
+        _faiss()
+        self.config = config or StorageConfig()
+        self.head_dim, self.num_kv_heads = head_dim, num_kv_heads
+        self._core = _Core(num_kv_heads, head_dim, self.config)
+        self._jobs: queue.Queue = queue.Queue()
+        self._submit_lock = threading.Lock()
+        self._submitted = 0
+        self._next_seq = 0
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- writing
+    def new_sequences(self, n: int) -> list[int]:
+        """Reserve ``n`` fresh sequence ids."""
+        with self._submit_lock:
+            ids = list(range(self._next_seq, self._next_seq + n))
+            self._next_seq += n
+        return ids
+
+    def add(
+        self,
+        seq_ids: torch.Tensor | np.ndarray,
+        positions: torch.Tensor | np.ndarray,
+        keys: torch.Tensor | np.ndarray,
+        values: torch.Tensor | np.ndarray,
+    ) -> None:
+        """Submit rows ``seq_ids [n], positions [n], keys [n, Hkv, d], values [n, Hkv, d]`` (copied now)."""
+        seq, pos = _numpy(seq_ids, np.int64).reshape(-1), _numpy(positions, np.int64).reshape(-1)
+        k, v = _numpy(keys, np.float32), _numpy(values, np.float32)
+        shape = (len(seq), self.num_kv_heads, self.head_dim)
+        if len(pos) != len(seq) or k.shape != shape or v.shape != shape:
+            raise ValueError(
+                f"add expects seq_ids [n], positions [n], keys/values {list(shape)}; got {len(seq)}, {len(pos)}, "
+                f"{list(k.shape)}, {list(v.shape)}"
+            )
+        if len(seq) == 0:
+            return
+        self._raise_error()
+        with self._submit_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=_writer, args=(self._jobs, self._core), daemon=True)
+                self._thread.start()
+                weakref.finalize(self, self._jobs.put, None)
+            self._next_seq = max(self._next_seq, int(seq.max()) + 1)
+            self._jobs.put((seq, pos, k, v))
+            self._submitted += 1
+            ticket = self._submitted
+        if self.config.synchronous:
+            self._wait(ticket)
+
+    def flush(self) -> None:
+        """Wait until every write submitted before this call is searchable; re-raise a writer failure."""
+        with self._submit_lock:
+            ticket = self._submitted
+        self._wait(ticket)
+
+    def _wait(self, ticket: int) -> None:
+        with self._core.done:
+            self._core.done.wait_for(lambda: self._core.applied >= ticket)
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._core.error is not None:
+            raise RuntimeError(f"a background write to the vector store failed: {self._core.error!r}")
+
+    def remove(self, seq_ids: list[int] | None = None) -> None:
+        """Drop the rows of ``seq_ids`` (default: every sequence), after pending writes complete."""
+        self.flush()
+        with self._core.lock:
+            for s in list(self._core.shards) if seq_ids is None else seq_ids:
+                self._core.shards.pop(int(s), None)
+
+    # ---------------------------------------------------------------- reading
+    def __len__(self) -> int:
+        """Rows written so far (completed writes)."""
+        with self._core.lock:
+            return sum(s.size for s in self._core.shards.values())
+
+    def count(self, seq_id: int) -> int:
+        """Rows of one sequence (completed writes)."""
+        with self._core.lock:
+            shard = self._core.shards.get(int(seq_id))
+            return 0 if shard is None else shard.size
+
+    def sequences(self) -> list[int]:
+        """Sequence ids with at least one row."""
+        with self._core.lock:
+            return sorted(self._core.shards)
+
+    def is_approximate(self, seq_id: int) -> bool:
+        """Whether the sequence is searched with HNSW (else exactly)."""
+        with self._core.lock:
+            shard = self._core.shards.get(int(seq_id))
+            return shard is not None and shard.approx
+
+    def entries(self, seq_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of one sequence's ``positions [n], keys [n, Hkv, d], values [n, Hkv, d]`` in insertion order."""
+        with self._core.lock:
+            shard = self._core.shards.get(int(seq_id)) or _Shard(self.num_kv_heads, self.head_dim, 0)
+            n = shard.size
+            return shard.positions[:n].copy(), shard.keys[:n].copy(), shard.values[:n].copy()
+
+    def search(self, seq_id: int, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``r`` rows by inner product for ``queries [Hkv, M, d]`` (kv head ``h`` searches its own keys).
+
+        Returns ``(scores [Hkv, M, r], rows [Hkv, M, r])``, best first, with rows ``-1`` (score ``-inf``) where the
+        sequence holds fewer than ``r`` rows.
+        """
+        queries = np.ascontiguousarray(queries, np.float32)
+        hkv, m, _ = queries.shape
+        scores = np.full((hkv, m, r), -np.inf, np.float32)
+        rows = np.full((hkv, m, r), -1, np.int64)
+        with self._core.lock:
+            shard = self._core.shards.get(int(seq_id))
+            if shard is None:
+                return scores, rows
+            for h in range(hkv):
+                d, i = shard.indexes[h].search(queries[h], r)
+                scores[h], rows[h] = np.where(i >= 0, d, -np.inf), i
+        return scores, rows
+
+    def retrieve(self, seq_ids: list[int], q: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values retrieved for queries ``q [B, H, M, d]`` of sequences ``seq_ids [B]``.
+
+        Query head ``h`` searches kv head ``h // (H // Hkv)``. Returns ``keys, values [B, H, M, r, d]`` and
+        ``valid [B, H, M, r]`` (False where fewer than ``r`` rows exist; those keys/values are meaningless), on
+        ``q``'s device.
+        """
+        b, nh, m, d = q.shape
+        hkv = self.num_kv_heads
+        qn = q.detach().to("cpu", torch.float32).reshape(b, hkv, nh // hkv * m, d).numpy()
+        keys = np.zeros((*qn.shape[:3], r, d), np.float32)
+        values = np.zeros_like(keys)
+        rows = np.full(keys.shape[:4], -1, np.int64)
+        with self._core.lock:
+            for i, s in enumerate(seq_ids):
+                shard = self._core.shards.get(int(s))
+                for h in range(hkv if shard is not None else 0):
+                    _, rows[i, h] = shard.indexes[h].search(qn[i, h], r)
+                    keys[i, h] = shard.keys[rows[i, h].clip(0), h]  # rows -1 (absent) read row 0, masked below
+                    values[i, h] = shard.values[rows[i, h].clip(0), h]
+
+        def out(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(x).reshape(b, nh, m, *x.shape[3:]).to(q.device)
+
+        return out(keys), out(values), out(rows >= 0)
+
+    # ---------------------------------------------------------------- persistence
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Every row (with a sequence id column) and the serialised HNSW indexes, after pending writes."""
+        self.flush()
+        faiss = _faiss()
+        with self._core.lock:
+            shards = sorted(self._core.shards.items())
+            arrays: dict[str, np.ndarray] = {
+                "seq_ids": np.concatenate([np.full(s.size, i, np.int64) for i, s in shards] or [np.empty(0, np.int64)]),
+                "positions": np.concatenate([s.positions[: s.size] for _, s in shards] or [np.empty(0, np.int64)]),
+            }
+            for name in ("keys", "values"):
+                empty = np.empty((0, self.num_kv_heads, self.head_dim), np.float32)
+                arrays[name] = np.concatenate([getattr(s, name)[: s.size] for _, s in shards] or [empty])
+            for i, s in shards:
+                if s.approx:
+                    for h, index in enumerate(s.indexes):
+                        arrays[f"hnsw_{i}_{h}"] = faiss.serialize_index(index)
+        meta = dict(
+            version=FORMAT_VERSION, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads, next_seq=self._next_seq
+        )
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        return arrays
+
+    def load_arrays(self, arrays: dict[str, np.ndarray], name: str = "store") -> None:
+        """Replace the content by ``arrays`` (from :meth:`state_arrays`); on any mismatch raise and change nothing."""
+        self._install(*self._read_arrays(arrays, name))
+
+    def _read_arrays(self, arrays: dict[str, np.ndarray], name: str) -> tuple[dict[int, _Shard], int]:
+        """Validate ``arrays`` and build their shards and next sequence id; raise :class:`StorageFileError`."""
+        faiss = _faiss()
+        try:
+            meta = json.loads(bytes(arrays["meta"]).decode())
+            seq, pos, keys, values = (arrays[k] for k in ("seq_ids", "positions", "keys", "values"))
+        except (KeyError, ValueError) as e:
+            raise StorageFileError(f"{name}: not a vector store ({e!r})") from e
+        shape = (len(seq), self.num_kv_heads, self.head_dim)
+        if meta.get("version") != FORMAT_VERSION or (meta.get("num_kv_heads"), meta.get("head_dim")) != shape[1:]:
+            raise StorageFileError(
+                f"{name}: store format {meta} does not match head_dim={shape[2]}, kv heads={shape[1]}"
+            )
+        if len(pos) != len(seq) or keys.shape != shape or values.shape != shape:
+            raise StorageFileError(
+                f"{name}: inconsistent array shapes {len(seq)}, {len(pos)}, {keys.shape}, {values.shape}"
+            )
+        shards: dict[int, _Shard] = {}
+        for s in np.unique(seq):
+            rows = seq == s
+            shard = shards[int(s)] = _Shard(self.num_kv_heads, self.head_dim, int(rows.sum()))
+            shard.append(pos[rows], keys[rows], values[rows])
+            if f"hnsw_{s}_0" in arrays:
+                try:
+                    shard.indexes = [faiss.deserialize_index(arrays[f"hnsw_{s}_{h}"]) for h in range(self.num_kv_heads)]
+                except (KeyError, RuntimeError) as e:
+                    raise StorageFileError(f"{name}: HNSW index of sequence {s} is unreadable ({e!r})") from e
+                if any(not isinstance(i, faiss.IndexHNSW) or i.ntotal != shard.size for i in shard.indexes):
+                    raise StorageFileError(f"{name}: HNSW index of sequence {s} does not match its rows")
+                for index in shard.indexes:
+                    index.hnsw.efSearch = self.config.ef_search
+                shard.approx = True
+        return shards, max(int(meta.get("next_seq", 0)), int(seq.max()) + 1 if len(seq) else 0)
+
+    def _install(self, shards: dict[int, _Shard], next_seq: int) -> None:
+        self.flush()
+        with self._core.lock:
+            self._core.shards = shards
+        with self._submit_lock:
+            self._next_seq = next_seq
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the store to ``path`` atomically (see :func:`save_stores`)."""
+        save_stores({"store": self}, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Replace the content by the store saved at ``path``; a bad file raises :class:`StorageFileError`."""
+        load_stores({"store": self}, path)
+
+
+def save_stores(stores: dict[str, VectorStore], path: str | os.PathLike) -> None:
+    """Write named stores to one ``.npz`` file atomically: a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    arrays = {f"{name}/{k}": v for name, store in stores.items() for k, v in store.state_arrays().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_stores(stores: dict[str, VectorStore], path: str | os.PathLike) -> None:
+    """Load named stores from a file written by :func:`save_stores`; all of them or, on error, none.
+
+    Raises :class:`StorageFileError` naming ``path`` if it is truncated, corrupt or lacks one of the stores.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise StorageFileError(f"cannot read vector store file {path}: truncated or corrupt ({e!r})") from e
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        name, _, field = key.rpartition("/")
+        grouped.setdefault(name, {})[field] = value
+    missing = sorted(set(stores) - set(grouped))
+    if missing:
+        raise StorageFileError(f"vector store file {path} has no store named {missing}")
+    staged = {
+        name: store._read_arrays(grouped[name], f"vector store file {path} [{name}]") for name, store in stores.items()
+    }
+    for name, store in stores.items():
+        store._install(*staged[name])
+
+
+# -------------------------------------------------------------------- retrieval as a key/value set of the softmax
+def store_membership(mem_pos: torch.Tensor, length: int, window: int, chunk: int, write: str) -> torch.Tensor:
+    """Which positions ``< length`` are in the store of each chunk: ``[B, n_chunks, length]`` boolean.
+
+    ``mem_pos [B, n_chunks, k]`` are the eidetic memories of chunks ``0..n_chunks-1`` (``-1`` = empty).
+    """
+    b, nc, _ = mem_pos.shape
+    in_mem = torch.zeros(b, nc, length + 1, dtype=torch.bool, device=mem_pos.device)
+    in_mem.scatter_(2, torch.where(mem_pos >= 0, mem_pos, length), True)
+    in_mem = in_mem[..., :length]
+    if write == "evicted":
+        before = torch.cumsum(in_mem.int(), 1) - in_mem.int() > 0  # in the memory of an earlier chunk
+        return before & ~in_mem
+    starts = torch.arange(nc, device=mem_pos.device).view(nc, 1) * chunk
+    left = torch.arange(length, device=mem_pos.device).view(1, length) < starts - window
+    return left & ~in_mem
+
+
+def _top(logits: torch.Tensor, values: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``r`` largest of ``logits [..., n]`` and their ``values [..., n, d]`` (all of them when ``n <= r``)."""
+    if logits.shape[-1] <= r:
+        return logits, values
+    logits, idx = logits.topk(r, dim=-1)
+    return logits, values.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, values.shape[-1]))
+
+
+def topk_attention(
+    logits: torch.Tensor, values: torch.Tensor, r: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the ``r`` largest of ``logits [..., n]`` (``-inf`` = absent) with ``values [..., n, d]``.
+
+    Returns ``(o [..., d], lse [...])`` in float32 (``lse = -inf`` and ``o = 0`` when nothing is present).
+    """
+    logits, values = _top(logits, values, r)
+    s = logits.float() * scale
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
+    return (p.unsqueeze(-2) @ values.float()).squeeze(-2), lse
+
+
+def in_batch_retrieval(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    member: torch.Tensor,
+    chunk: int,
+    r: int,
+    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact retrieval attention: each query attends to its top-``r`` keys of its chunk's store.
+
+    ``q [B, H, L, d]``, ``k, v [B, Hkv, L, d]`` (rotated, aligned positions), ``member [B, >= n_chunks, L]`` from
+    :func:`store_membership`. ``extra = (keys, values [B, H, L, r', d], valid [B, H, L, r'])`` are further candidates
+    per query (rows already in a :class:`VectorStore`); the top ``r`` is taken over the union. Returns
+    ``(o [B, H, L, d], lse [B, H, L])``. Cost ``O(L^2)``: one chunk of queries at a time against earlier keys.
+    """
+    b, nh, length, d = q.shape
+    g = nh // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    outs, lses = [], []
+    for j, start in enumerate(range(0, length, chunk)):
+        qj = q[:, :, start : start + chunk]
+        c = qj.shape[2]
+        # store members of chunk j are < start - w: score the chunk's queries against the keys before it
+        logits = qj @ k[:, :, :start].transpose(-1, -2)
+        logits = logits.masked_fill(~member[:, j, :start].view(b, 1, 1, start), float("-inf"))
+        logits, vals = _top(logits, v[:, :, :start].unsqueeze(2).expand(b, nh, c, start, d), r)
+        if extra is not None:
+            ek, ev, ok = (x[:, :, start : start + chunk] for x in extra)
+            elogits = (ek.to(qj.dtype) @ qj.unsqueeze(-1)).squeeze(-1).masked_fill(~ok, float("-inf"))
+            logits, vals = torch.cat([logits, elogits], -1), torch.cat([vals, ev.to(vals.dtype)], -2)
+        o, lse = topk_attention(logits, vals, r, d**-0.5)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)

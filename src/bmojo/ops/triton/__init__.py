@@ -1,0 +1,69 @@
+"""Triton kernels for CUDA tensors, and the switch that picks them.
+
+``BMOJO_KERNELS`` (read at import; :func:`set_kernels` changes it at run time) chooses the path:
+
+* ``auto`` (default): our Triton kernels for CUDA tensors when ``triton`` is importable, else the PyTorch path;
+* ``reference``: always the PyTorch path;
+* ``triton``: always the Triton kernels, for any device (with ``TRITON_INTERPRET=1`` they run on CPU tensors,
+  which is how the tests check them); raises if ``triton`` is missing.
+
+``triton`` itself is imported only when a kernel runs, never on import of ``bmojo``. Kernels cover inference:
+a call whose inputs need gradients takes the PyTorch path, whose backward pass is hand-written.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+KERNEL_MODES = ("auto", "reference", "triton")
+
+
+def _check(mode: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"BMOJO_KERNELS must be one of {KERNEL_MODES}, got {mode!r}")
+    return mode
+
+
+_mode = _check(os.environ.get("BMOJO_KERNELS", "auto"))
+
+
+def set_kernels(mode: str) -> None:
+    """Choose the kernel path: ``auto``, ``reference`` or ``triton`` (see the module docstring)."""
+    global _mode
+    _mode = _check(mode)
+
+
+def kernels() -> str:
+    """The kernel path in force."""
+    return _mode
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported (looked up once)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on ``tensors`` should run our Triton kernel.
+
+    Never when any input needs a gradient under grad mode (the kernels are forward-only) or is float64 (the
+    kernels compute in float32); otherwise always in ``triton`` mode, and in ``auto`` mode when every tensor is
+    on a CUDA device and ``triton`` is importable.
+    """
+    present = [t for t in tensors if t is not None]
+    if _mode == "reference":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    if any(t.dtype == torch.float64 for t in present):
+        return False
+    if _mode == "triton":
+        if not triton_available():
+            raise RuntimeError("BMOJO_KERNELS=triton but the triton package is not installed (pip install triton)")
+        return True
+    return all(t.is_cuda for t in present) and triton_available()

@@ -1,0 +1,389 @@
+"""Long-term storage: the vector store against brute force, concurrency, persistence, and the mixer's use of it."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("faiss")
+
+from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
+from bmojo.layers import BMojoMixer, MixerState
+from bmojo.layers.storage import StorageConfig, StorageFileError, VectorStore, store_membership
+
+D, H, HKV, HD = 32, 4, 2, 8
+
+
+def rows(n: int, seed: int, heads: int = HKV, dim: int = HD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (
+        np.arange(n),
+        rng.standard_normal((n, heads, dim)).astype(np.float32),
+        rng.standard_normal((n, heads, dim)).astype(np.float32),
+    )
+
+
+def brute_force(keys: np.ndarray, queries: np.ndarray, r: int) -> np.ndarray:
+    """Row indices of the ``r`` largest inner products, ``keys [n, d]``, ``queries [m, d]`` -> ``[m, r]``."""
+    return np.argsort(-(queries @ keys.T), axis=1, kind="stable")[:, :r]
+
+
+def filled_store(sizes: dict[int, int], **kw) -> tuple[VectorStore, dict[int, tuple]]:
+    store = VectorStore(HD, HKV, StorageConfig(**kw))
+    data = {}
+    for seq, n in sizes.items():
+        pos, k, v = rows(n, seed=seq)
+        store.add(np.full(n, seq), pos * 10 + seq, k, v)
+        data[seq] = (pos * 10 + seq, k, v)
+    store.flush()
+    return store, data
+
+
+# ---------------------------------------------------------------- the store
+def test_exact_search_equals_brute_force_per_sequence_and_head():
+    store, data = filled_store({0: 50, 3: 7, 5: 120})
+    assert len(store) == 177 and store.sequences() == [0, 3, 5] and not store.is_approximate(5)
+    rng = np.random.default_rng(9)
+    for seq, (pos, k, v) in data.items():
+        q = rng.standard_normal((HKV, 6, HD)).astype(np.float32)
+        scores, got = store.search(seq, q, 10)
+        for h in range(HKV):
+            want = brute_force(k[:, h], q[h], 10)
+            n = min(10, len(pos))
+            np.testing.assert_array_equal(got[h, :, :n], want[:, :n])
+            assert (got[h, :, n:] == -1).all() and np.isneginf(scores[h, :, n:]).all()
+            np.testing.assert_allclose(
+                scores[h, :, :n], np.take_along_axis(q[h] @ k[:, h].T, want[:, :n], 1), rtol=1e-5
+            )
+
+
+def test_retrieve_gives_each_query_head_the_top_keys_of_its_kv_head():
+    store, data = filled_store({0: 40, 1: 3})
+    q = torch.randn(2, H, 5, HD)
+    keys, values, valid = store.retrieve([0, 1], q, 4)
+    assert keys.shape == (2, H, 5, 4, HD) and valid.shape == (2, H, 5, 4)
+    for b, seq in enumerate([0, 1]):
+        _, k, v = data[seq]
+        for h in range(H):
+            kv = h // (H // HKV)
+            want = brute_force(k[:, kv], q[b, h].numpy(), 4)
+            n = min(4, len(k))
+            assert valid[b, h, :, :n].all() and not valid[b, h, :, n:].any()
+            torch.testing.assert_close(keys[b, h, :, :n], torch.from_numpy(k[want[:, :n], kv]))
+            torch.testing.assert_close(values[b, h, :, :n], torch.from_numpy(v[want[:, :n], kv]))
+
+
+def test_approximate_index_past_threshold_recalls_brute_force():
+    store, data = filled_store({0: 60, 1: 600}, approx_threshold=300)
+    assert not store.is_approximate(0) and store.is_approximate(1)
+    _, k, _ = data[1]
+    q = np.random.default_rng(1).standard_normal((HKV, 50, HD)).astype(np.float32)
+    _, got = store.search(1, q, 10)
+    recall = np.mean(
+        [len(set(got[h, i]) & set(brute_force(k[:, h], q[h], 10)[i])) / 10 for h in range(2) for i in range(50)]
+    )
+    print("HNSW recall@10", recall)
+    assert recall >= 0.9
+
+
+def test_concurrent_writers_and_readers_lose_no_acknowledged_insert():
+    store = VectorStore(HD, HKV, StorageConfig(approx_threshold=150))
+    n_writers, batches, per = 4, 40, 5
+    expected = {}  # (seq, position) -> key, filled by writers after each acknowledged add
+    errors = []
+
+    def writer(w: int) -> None:
+        rng = np.random.default_rng(w)
+        for i in range(batches):
+            seq = np.array([w % 2] * per)
+            pos = (w * batches + i) * per + np.arange(per)
+            k = rng.standard_normal((per, HKV, HD)).astype(np.float32)
+            store.add(seq, pos, k, k + 1)
+            expected.update({(int(s), int(p)): k[j] for j, (s, p) in enumerate(zip(seq, pos))})
+
+    def reader(stop: threading.Event) -> None:
+        q = torch.randn(2, H, 3, HD)
+        while not stop.is_set():
+            try:
+                keys, values, valid = store.retrieve([0, 1], q, 8)
+                torch.testing.assert_close(values[valid], keys[valid] + 1)  # rows are never torn
+                store.search(0, q[0, ::2].numpy(), 8)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+                return
+
+    stop = threading.Event()
+    readers = [threading.Thread(target=reader, args=(stop,)) for _ in range(2)]
+    writers = [threading.Thread(target=writer, args=(w,)) for w in range(n_writers)]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join()
+    store.flush()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert not errors, errors
+    assert len(store) == n_writers * batches * per == len(expected)
+    assert store.is_approximate(0) and store.is_approximate(1)
+    for seq in (0, 1):
+        pos, k, v = store.entries(seq)
+        assert len(set(pos.tolist())) == len(pos) == sum(s == seq for s, _ in expected)
+        np.testing.assert_array_equal(k, np.stack([expected[(seq, int(p))] for p in pos]))
+        np.testing.assert_array_equal(v, k + 1)
+
+
+@pytest.mark.parametrize("threshold", [100_000, 100])
+def test_save_load_round_trip_gives_identical_retrieval(tmp_path, threshold):
+    store, _ = filled_store({2: 30, 7: 250}, approx_threshold=threshold)
+    path = tmp_path / "sub" / "store.npz"
+    store.save(path)
+    loaded = VectorStore(HD, HKV, StorageConfig(approx_threshold=threshold))
+    loaded.load(path)
+    assert loaded.sequences() == [2, 7] and loaded.is_approximate(7) == (threshold == 100)
+    for seq in (2, 7):
+        for a, b in zip(store.entries(seq), loaded.entries(seq)):
+            np.testing.assert_array_equal(a, b)
+    q = torch.randn(2, H, 9, HD)
+    for a, b in zip(store.retrieve([7, 2], q, 6), loaded.retrieve([7, 2], q, 6)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert loaded.new_sequences(1) == [8]
+    assert not list(tmp_path.glob("sub/.*tmp"))  # no temporary file left behind
+    loaded.remove([7])
+    assert loaded.sequences() == [2] and len(loaded) == 30
+    loaded.remove()
+    assert len(loaded) == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_dim"])
+def test_corrupt_file_raises_error_naming_it_and_changes_nothing(tmp_path, damage):
+    store, _ = filled_store({0: 20})
+    path = tmp_path / "store.npz"
+    if damage == "wrong_dim":
+        VectorStore(HD + 1, HKV).save(path)
+    else:
+        store.save(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:100] + b"\x00" * (len(data) - 100))
+    target, _ = filled_store({4: 5})
+    with pytest.raises(StorageFileError, match=str(path)):
+        target.load(path)
+    assert target.sequences() == [4] and target.count(4) == 5
+
+
+def test_bad_input_raises():
+    store = VectorStore(HD, HKV)
+    with pytest.raises(ValueError, match="keys/values"):
+        store.add(np.zeros(3), np.zeros(3), np.zeros((3, HKV, HD + 1)), np.zeros((3, HKV, HD + 1)))
+    with pytest.raises(ValueError, match="topk"):
+        StorageConfig(topk=0)
+    with pytest.raises(ValueError, match="write"):
+        StorageConfig(write="some")
+
+
+# ---------------------------------------------------------------- the mixer
+def make(write: str = "evicted", seed: int = 0, **kw) -> BMojoMixer:
+    torch.manual_seed(seed)
+    storage = StorageConfig(**{"topk": 2, "write": write, "in_batch": True, **kw})
+    return BMojoMixer(
+        D, num_heads=H, num_kv_heads=HKV, ssm="mamba2", window=4, eidetic_size=2, chunk_size=3, block_size=4,
+        ssm_kwargs=dict(state_size=8, head_dim=16, chunk_size=8), storage=storage,
+    ).eval()  # fmt: skip
+
+
+def naive_memories(scores: list[float], n_chunks: int, w: int, c: int, k: int) -> list[set[int]]:
+    return [set(sorted(range(max(0, j * c - w)), key=lambda p: (-scores[p], p))[:k]) for j in range(n_chunks)]
+
+
+def naive_store(mems: list[set[int]], j: int, w: int, c: int, write: str) -> set[int]:
+    if write == "evicted":
+        return set().union(*mems[:j]) - mems[j]
+    return set(range(max(0, j * c - w))) - mems[j]
+
+
+@pytest.mark.parametrize("write", ["evicted", "all"])
+def test_store_membership_matches_definition(write):
+    torch.manual_seed(0)
+    length, w, c, k = 31, 5, 3, 3
+    scores = torch.randn(2, length)
+    from bmojo.layers.eidetic import chunk_memories
+
+    n = length // c + 1
+    mem_pos, _ = chunk_memories(scores, w, c, k, n)
+    member = store_membership(mem_pos, length, w, c, write)
+    for b in range(2):
+        mems = naive_memories(scores[b].tolist(), n, w, c, k)
+        for j in range(n):
+            assert set(member[b, j].nonzero().flatten().tolist()) == naive_store(mems, j, w, c, write), (b, j)
+
+
+def naive_mixer_with_store(m: BMojoMixer, h: torch.Tensor) -> torch.Tensor:
+    """One softmax per query head over [window | fading band | eidetic | its top-r store keys], all by brute force."""
+    b, length, _ = h.shape
+    pos = torch.arange(length)
+    f = m.ssm(h)[0]
+    q = m.attn.queries(h, pos)
+    k, v = m.attn.keys_values(h, pos)
+    kf, vf = m.attn.keys_values(f, pos)
+    g = H // HKV
+    k, v, kf, vf = (x.repeat_interleave(g, 1) for x in (k, v, kf, vf))
+    w, c, kmem, r = m.window, m.memory.chunk_size, m.memory.size, m.storage.topk
+    scores, _ = m.memory.score(h, torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], 1), pos)
+    logit = (q @ k.transpose(-1, -2)) * HD**-0.5
+    logit_f = (q @ kf.transpose(-1, -2)) * HD**-0.5
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        mems = naive_memories(scores[bi].tolist(), length // c + 1, w, c, kmem)
+        for hi in range(H):
+            for i in range(length):
+                j = i // c
+                stored = sorted(naive_store(mems, j, w, c, m.storage.write), key=lambda p: -logit[bi, hi, i, p].item())
+                raw = [p for p in range(length) if 0 <= i - p < w] + sorted(mems[j]) + stored[:r]
+                fad = [p for p in range(length) if w <= i - p < 2 * w]
+                s = torch.cat([logit[bi, hi, i, raw], logit_f[bi, hi, i, fad]]).softmax(0)
+                out[bi, hi, i] = s @ torch.cat([v[bi, hi, raw], vf[bi, hi, fad]])
+    return m.attn.output(out)
+
+
+@pytest.mark.parametrize("write", ["evicted", "all"])
+def test_in_batch_retrieval_matches_naive_union_softmax(write):
+    m = make(write)
+    h = torch.randn(2, 26, D)
+    with torch.no_grad():
+        out, _, _ = m(h)
+        ref = naive_mixer_with_store(m, h)
+        m.storage.in_batch = False
+        plain, _, _ = m(h)
+    print(write, "max diff", (out - ref).abs().max().item(), "vs no storage", (out - plain).abs().max().item())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert (out - plain).abs().max() > 1e-3  # the store is used
+
+
+@pytest.mark.parametrize("write", ["evicted", "all"])
+@pytest.mark.parametrize("prefill", [1, 5, 9, 13])
+def test_recurrent_with_flush_equals_in_batch_emulation(write, prefill):
+    """Equal when every write is searchable before the next step: flush after each step (or synchronous writes)."""
+    m = make(write, synchronous=prefill == 13)
+    h = torch.randn(2, 30, D)
+    with torch.no_grad():
+        full, _, _ = m(h)
+        state = MixerState()
+        outs = [m(h[:, :prefill], state)[0]]
+        for t in range(prefill, 30):
+            m.store.flush()
+            outs.append(m(h[:, t : t + 1], state)[0])
+    out = torch.cat(outs, 1)
+    print(write, prefill, "max diff", (out - full).abs().max().item())
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-4)
+    # the store holds exactly the store of the chunk after the last one: (30 // 3 + 1)
+    m.store.flush()
+    scores, _ = m.memory.score(h, torch.cat([torch.zeros_like(h[:, :1]), m.ssm(h)[0][:, :-1]], 1), torch.arange(30))
+    for b, seq in enumerate(state.store_ids.tolist()):
+        mems = naive_memories(scores[b].tolist(), 11, 4, 3, 2)
+        assert set(m.store.entries(seq)[0].tolist()) == naive_store(mems, 10, 4, 3, write)
+
+
+def test_in_batch_gradients_reach_stored_tokens():
+    m = make().train()
+    h = torch.randn(1, 24, D, requires_grad=True)
+    out, _, _ = m(h)
+    out[:, -3:].sum().backward()
+    m2 = make()
+    m2.storage.in_batch = False
+    h2 = h.detach().clone().requires_grad_(True)
+    m2.load_state_dict(m.state_dict())
+    m2.train()(h2)[0][:, -3:].sum().backward()
+    assert not torch.allclose(h.grad, h2.grad)  # the store path carries gradient to early tokens
+
+
+def test_bad_storage_configuration_raises():
+    with pytest.raises(ValueError, match="storage needs the eidetic memory"):
+        BMojoMixer(D, num_heads=H, ssm="mamba2", window=4, eidetic_size=0, storage=StorageConfig())
+    with pytest.raises(ValueError, match="storage needs"):
+        BMojoConfig.from_preset("bmojo-f", storage=True)
+    with pytest.raises(ValueError, match="storage_write"):
+        BMojoConfig.from_preset("bmojo", storage=True, storage_write="some")
+
+
+# ---------------------------------------------------------------- the model
+def tiny(seed: int = 0, **kw) -> BMojoForCausalLM:
+    torch.manual_seed(seed)
+    cfg = dict(window_size=4, chunk_size=4, eidetic_size=2, storage_topk=2)
+    return BMojoForCausalLM(BMojoConfig.from_preset("bmojo", "tiny", **{**cfg, **kw})).eval()
+
+
+def decode(model: BMojoForCausalLM, ids: torch.Tensor, prefill: int, cache: BMojoCache | None = None):
+    with torch.no_grad():
+        out = model(ids[:, :prefill], cache=cache, use_cache=True)
+        logits = [out.logits]
+        for t in range(prefill, ids.shape[1]):
+            model.flush_storage()
+            logits.append(model(ids[:, t : t + 1], cache=out.cache, use_cache=True).logits)
+    return torch.cat(logits, 1), out.cache
+
+
+def test_storage_off_or_unused_gives_plain_bmojo_logits():
+    plain, stored = tiny(), tiny(storage=True)
+    stored.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():  # no cache, no in-batch emulation: the store is not consulted
+        torch.testing.assert_close(stored(ids, use_cache=False).logits, plain(ids).logits, atol=0, rtol=0)
+    short = ids[:, :9]  # no token has left an eidetic memory yet: the store stays empty
+    a, _ = decode(stored, short, 3)
+    torch.testing.assert_close(a, decode(plain, short, 3)[0], atol=0, rtol=0)
+    assert all(len(s) == 0 for s in stored.vector_stores().values())
+    long_a, _ = decode(stored, ids, 3)
+    assert sum(len(s) for s in stored.vector_stores().values()) > 0
+    assert not torch.allclose(long_a, decode(plain, ids, 3)[0])
+
+
+def test_model_decode_equals_in_batch_forward_and_state_stays_constant():
+    model = tiny(storage=True, storage_in_batch=True, storage_write="all")
+    ids = torch.randint(0, 128, (1, 60))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    step, cache = decode(model, ids, 10)
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+    sizes, counts = [], []
+    with torch.no_grad():  # streaming: feed a document chunk by chunk
+        for _ in range(8):
+            model(torch.randint(0, 128, (1, 5)), cache=cache, use_cache=True)
+            model.flush_storage()
+            sizes.append(cache.nbytes())
+            counts.append(sum(len(s) for s in model.vector_stores().values()))
+    assert len(set(sizes)) == 1 and counts[-1] > counts[0]  # the store grows, the recurrent state does not
+    with pytest.raises(ValueError, match="one sequence id per batch row"):
+        model(ids[:, :5].expand(2, -1), cache=BMojoCache(2, store_ids=torch.tensor([0])), use_cache=True)
+
+
+def test_model_save_load_with_storage_and_corrupt_store(tmp_path):
+    model = tiny(storage=True)
+    ids = torch.randint(0, 128, (2, 40))
+    decode(model, ids, 5)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "storage.npz").is_file()
+    loaded = BMojoForCausalLM.from_pretrained(tmp_path).eval()
+    for name, store in model.vector_stores().items():
+        other = loaded.vector_stores()[name]
+        assert other.sequences() == store.sequences() == [0, 1]
+        q = torch.randn(2, H, 3, 16)
+        for a, b in zip(store.retrieve([0, 1], q, 2), other.retrieve([0, 1], q, 2)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # continuing stored sequences: the same questions see the same memory
+    question = torch.randint(0, 128, (2, 6))
+    a, _ = decode(model, question, 2, BMojoCache(2, store_ids=torch.tensor([0, 1])))
+    b, _ = decode(loaded, question, 2, BMojoCache(2, store_ids=torch.tensor([0, 1])))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+    path = tmp_path / "storage.npz"
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(StorageFileError, match="storage.npz.*load_storage=False"):
+        BMojoForCausalLM.from_pretrained(tmp_path)
+    usable = BMojoForCausalLM.from_pretrained(tmp_path, load_storage=False).eval()
+    assert all(len(s) == 0 for s in usable.vector_stores().values())
+    with pytest.raises(StorageFileError, match="storage.npz"):
+        loaded.load_storage(path)
+    assert loaded.vector_stores()["layer_0"].sequences() == [0, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(usable(ids).logits, model(ids).logits, atol=0, rtol=0)

@@ -1,0 +1,166 @@
+"""Our Triton kernels against their PyTorch references, on CPU tensors under ``TRITON_INTERPRET=1``.
+
+The interpreter must be on before ``triton`` is first imported (its own ``tl.sum`` etc. are decorated then), and
+other test modules import it earlier through torch, so the kernels run in one subprocess started with
+``TRITON_INTERPRET=1 BMOJO_KERNELS=triton``; the references run here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bmojo.ops.triton as kernels
+from bmojo.layers.ssm import Mamba
+from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
+
+WORKER = """
+import importlib, sys, torch
+import bmojo.ops.triton.selective_scan as kernel
+calls, counted = torch.load(sys.argv[1], weights_only=False), []
+original = kernel.selective_scan_fwd
+kernel.selective_scan_fwd = lambda *a, **k: counted.append(1) or original(*a, **k)
+outs = []
+with torch.no_grad():
+    for target, args, kwargs in calls:
+        if isinstance(target, str):
+            module, name = target.split(":")
+            target = getattr(importlib.import_module(module), name)
+        outs.append((target(*args, **kwargs), len(counted)))
+torch.save(outs, sys.argv[2])
+"""
+FWD = "bmojo.ops.triton.selective_scan:selective_scan_fwd"
+SCAN = "bmojo.ops.selective_scan:selective_scan"
+
+
+def scan_inputs(bsz: int, length: int, e: int, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random Mamba-like inputs: positive ``delta``, negative ``A``, and an initial state."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(bsz, length, e, generator=g)
+    delta = torch.nn.functional.softplus(torch.randn(bsz, length, e, generator=g) - 1)
+    a = -torch.rand(e, n, generator=g) * 2 - 0.1
+    b, c = torch.randn(bsz, length, n, generator=g), torch.randn(bsz, length, n, generator=g)
+    return u, delta, a, b, c, torch.randn(bsz, e, n, generator=g)
+
+
+# (batch, length, channels, states, channels per program, initial state): channel and state counts that do not
+# fill a block (masked lanes), a single step, one channel per program
+SHAPES = [(2, 13, 24, 8, 16, True), (1, 9, 5, 3, 4, False), (3, 1, 16, 16, 8, True), (1, 20, 33, 6, 1, True)]
+
+
+def strided_inputs() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Non-contiguous views of the same values (as the layer's ``chunk``/``split`` make them), and the originals."""
+    u, delta, a, b, c, h0 = scan_inputs(2, 11, 12, 4, seed=1)
+    u_view = torch.cat([u, torch.randn_like(u)], dim=-1)[..., :12]
+    bc = torch.cat([b, c], dim=-1)
+    views = (u_view, delta, a.t().contiguous().t(), bc[..., :4], bc[..., 4:], h0.transpose(1, 2).contiguous().mT)
+    assert not any(x.is_contiguous() for x in (views[0], views[2], views[3], views[5]))
+    return views, (u, delta, a, b, c, h0)
+
+
+def mamba_layer() -> Mamba:
+    torch.manual_seed(0)
+    return Mamba(16, state_size=4).eval()
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Outputs of the calls below, run with the Triton interpreter on CPU: ``[(output, kernel calls so far)]``."""
+    pytest.importorskip("triton")
+    half = [x.half() for x in scan_inputs(1, 7, 6, 4, seed=3)]
+    calls = [(FWD, (*scan_inputs(bs, n, e, s)[:5], scan_inputs(bs, n, e, s)[5] if h0 else None), {"block_e": be})
+             for bs, n, e, s, be, h0 in SHAPES]  # fmt: skip
+    calls.append((FWD, strided_inputs()[0], {}))
+    calls.append((FWD, (half[0], half[1], half[2].float(), half[3], half[4]), {}))
+    calls.append((SCAN, scan_inputs(2, 12, 8, 4, seed=2), {}))
+    calls.append((mamba_layer(), (torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(4)),), {}))
+    folder = tmp_path_factory.mktemp("triton")
+    torch.save(calls, folder / "calls.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "BMOJO_KERNELS": "triton"}
+    args = [sys.executable, "-c", WORKER, str(folder / "calls.pt"), str(folder / "outs.pt")]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(folder / "outs.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+def test_selective_scan_kernel_matches_reference(interpreted, case):
+    bsz, length, e, n, _, with_h0 = SHAPES[case]
+    u, delta, a, b, c, h0 = scan_inputs(bsz, length, e, n)
+    (y, final), _ = interpreted[case]
+    y_ref, final_ref = selective_scan_ref(u, delta, a, b, c, h0 if with_h0 else None)
+    assert y.dtype == torch.float32 and final.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, final_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_selective_scan_kernel_strided_and_half_inputs(interpreted):
+    (y, final), _ = interpreted[len(SHAPES)]
+    y_ref, final_ref = selective_scan_ref(*strided_inputs()[1])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, final_ref, rtol=1e-5, atol=1e-5)
+    half = [x.half() for x in scan_inputs(1, 7, 6, 4, seed=3)]
+    (y16, final16), _ = interpreted[len(SHAPES) + 1]
+    y_ref16, final_ref16 = selective_scan_ref(half[0], half[1], half[2].float(), half[3], half[4])
+    assert y16.dtype == torch.float16 and final16.dtype == torch.float32
+    torch.testing.assert_close(y16, y_ref16, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(final16, final_ref16, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_runs_kernel_in_selective_scan_and_mamba_layer(interpreted):
+    """With ``BMOJO_KERNELS=triton``, ``selective_scan`` and a Mamba layer's forward run the kernel and match the
+    PyTorch path computed here."""
+    i = len(SHAPES) + 2
+    before = interpreted[i - 1][1]
+    ((y, final), calls_scan), (out, calls_layer) = interpreted[i], interpreted[i + 1]
+    assert (calls_scan - before, calls_layer - calls_scan) == (1, 1)  # one kernel call each
+    y_ref, final_ref = selective_scan(*scan_inputs(2, 12, 8, 4, seed=2))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, final_ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        out_ref = mamba_layer()(torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(out[0], out_ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1].ssm, out_ref[1].ssm, rtol=1e-5, atol=1e-5)
+
+
+def test_selective_scan_kernel_rejects_bad_shapes():
+    kernel = pytest.importorskip("bmojo.ops.triton.selective_scan")
+    u, delta, a, b, c, h0 = scan_inputs(1, 5, 6, 4)
+    with pytest.raises(ValueError, match="B must have shape"):
+        kernel.selective_scan_fwd(u, delta, a, b[..., :3], c)
+    with pytest.raises(ValueError, match="A must be"):
+        kernel.selective_scan_fwd(u, delta, a[:5], b, c)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        kernel.selective_scan_fwd(u, delta, a, b, c, h0[:, :, :2])
+    with pytest.raises(ValueError, match="power of two"):
+        kernel.selective_scan_fwd(u, delta, a, b, c, block_e=3)
+
+
+@pytest.fixture
+def kernel_mode():
+    """Set the kernel switch for one test; restores the previous mode."""
+    before = kernels.kernels()
+    yield kernels.set_kernels
+    kernels.set_kernels(before)
+
+
+def test_use_triton_rules(kernel_mode):
+    """CPU tensors (auto), tensors needing gradients and float64 take the PyTorch path; unknown modes are rejected."""
+    x = torch.zeros(2)
+    kernel_mode("auto")
+    assert not kernels.use_triton(x, None)
+    kernel_mode("triton")
+    if kernels.triton_available():
+        assert kernels.use_triton(x, None)
+        with torch.no_grad():
+            assert kernels.use_triton(torch.zeros(2, requires_grad=True))
+    assert not kernels.use_triton(x.double())
+    assert not kernels.use_triton(x, torch.zeros(2, requires_grad=True))
+    kernel_mode("reference")
+    assert not kernels.use_triton(x)
+    with pytest.raises(ValueError, match="BMOJO_KERNELS must be one of"):
+        kernels.set_kernels("fast")

@@ -1,0 +1,118 @@
+"""``bmojo bench`` on tiny sizes: it runs, pairs each preset with an equal-size Transformer, and its JSON holds the
+fields. Speeds are not tested."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bmojo.bench import (
+    BenchSettings,
+    _Memory,
+    matched_transformer,
+    parse_overrides,
+    run_bench,
+    write_outputs,
+)
+from bmojo.cli import app
+from bmojo.models import BMojoConfig, BMojoForCausalLM
+from bmojo.models.modeling import count_parameters
+
+
+def tiny_settings(**changes) -> BenchSettings:
+    base = {"lengths": [16, 32], "repeats": 2, "warmup": 0, "decode_steps": 2, "threads": 1, "memory": False}
+    return BenchSettings(**{**base, **changes})
+
+
+@pytest.mark.parametrize(("preset", "size"), [("bmojo", "tiny"), ("mamba2", "tiny"), ("jamba", "tiny"),
+                                              ("bmojo", "130m")])  # fmt: skip
+def test_matched_transformer_is_full_attention_within_5_percent(preset, size):
+    target = BMojoConfig.from_preset(preset, size)
+    config = matched_transformer(target, size)
+    assert set(config.layer_pattern) == {"attention"} and config.hidden_size == target.hidden_size
+    if size == "tiny":  # count real parameters (tied embedding once), independently of count_parameters
+        goal = sum(p.numel() for p in BMojoForCausalLM(target).parameters())
+        got = sum(p.numel() for p in BMojoForCausalLM(config).parameters())
+    else:
+        goal, got = count_parameters(target), count_parameters(config)
+    assert abs(got - goal) <= 0.05 * goal
+
+
+def test_bench_json_holds_points_with_repeats_medians_and_ratios(tmp_path):
+    result = run_bench(tiny_settings())
+    paths = write_outputs(result, tmp_path)
+    assert {p.name for p in paths} == {"bench.json", "bench.md", "tokens_per_s_vs_length.png"}
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["date"].startswith("20") and data["matmul_peak_flops"] > 0
+    for key in ("cpu", "cores", "threads", "torch", "device"):
+        assert data["machine"][key]
+    assert data["machine"]["threads"] == 1 and data["machine"]["torch"] == torch.__version__
+    assert set(data["models"]) == {"bmojo", "transformer~bmojo"}
+    assert data["models"]["bmojo"]["baseline"] == "transformer~bmojo"
+    assert data["models"]["transformer~bmojo"]["config"]["layer_pattern"] == ["attention"] * 4
+    assert len(data["points"]) == 2 * 2 * 3  # models x lengths x modes
+    points = {(p["model"], p["mode"], p["length"]): p for p in data["points"]}
+    for (model, mode, length), p in points.items():
+        assert len(p["seconds"]) == 2 and p["median_s"] == statistics.median(p["seconds"])
+        assert p["tokens"] == (2 if mode == "decode" else length)
+        assert p["tokens_per_s"] == pytest.approx(p["tokens"] / p["median_s"])
+        if model == "bmojo":
+            base = points[("transformer~bmojo", mode, length)]
+            assert p["vs_baseline"] == pytest.approx(p["tokens_per_s"] / base["tokens_per_s"])
+        if mode == "train":
+            assert p["flops"] > 0 and p["flops_per_s"] == pytest.approx(p["flops"] / p["median_s"])
+    # the Transformer's cache holds every key (16 more per layer); B'MOJO's (window 8) does not grow with the context
+    cache = {(m, n): points[(m, "decode", n)]["cache_bytes"] for m in ("bmojo", "transformer~bmojo") for n in (16, 32)}
+    assert cache[("bmojo", 16)] == cache[("bmojo", 32)]
+    per_token = 4 * (2 * 2 * 16 * 4 + 8)  # 4 layers x (k, v x 2 kv heads x head dim 16 x float32 + int64 position)
+    assert cache[("transformer~bmojo", 32)] - cache[("transformer~bmojo", 16)] == 16 * per_token
+    md = (tmp_path / "bench.md").read_text()
+    assert data["machine"]["device"] in md and "| bmojo | " in md
+
+
+def test_peak_memory_probe_sees_an_allocation():
+    probe = _Memory(torch.device("cpu"))
+    before = probe.current()
+    probe.reset()
+    x = torch.ones(16 << 20)  # 64 MiB, written
+    assert probe.peak() - before >= 60 << 20
+    del x
+
+
+def test_memory_measured_in_a_subprocess(tmp_path):
+    """One model (the transformer preset is its own baseline), so one fresh process."""
+    result = run_bench(tiny_settings(presets=["transformer"], lengths=[64], modes=["prefill"], repeats=1, memory=True))
+    assert (tmp_path / "memory_vs_length.png") in write_outputs(result, tmp_path)
+    [point] = result["points"]
+    assert point["model"] == "transformer" and "vs_baseline" not in point
+    assert point["peak_mem_bytes"] >= 4 * 64 * 2 * 2 * 16 * 4  # at least the cache: 4 layers x 64 tokens x k, v
+
+
+def test_cli_bench_writes_outputs_and_rejects_bad_settings(tmp_path):
+    args = ["bench", "--lengths", "16", "--modes", "train,decode", "--repeats", "1", "--warmup", "0",
+            "--decode-steps", "2", "--threads", "1", "--no-memory", "--set", "window_size=4", "--out", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "bmojo train:" in result.output and "bmojo decode:" in result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["models"]["bmojo"]["config"]["window_size"] == 4
+    assert data["settings"]["overrides"] == {"window_size": 4}
+    bad = CliRunner().invoke(app, ["bench", "--modes", "fly", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "modes" in bad.output
+
+
+def test_settings_and_overrides_are_checked():
+    assert parse_overrides(["window_size=64", "selection=random", "use_mlp=false"]) == {
+        "window_size": 64, "selection": "random", "use_mlp": False}  # fmt: skip
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["window_size"])
+    for bad, match in [({"presets": ["gpt"]}, "presets"), ({"lengths": [0]}, "lengths"), ({"repeats": 0}, "repeats"),
+                       ({"size": "7b"}, "size"), ({"device": "cuda:7"}, "CUDA")]:  # fmt: skip
+        if bad.get("device") and torch.cuda.is_available():
+            continue
+        with pytest.raises(ValueError, match=match):
+            tiny_settings(**bad).validate()
