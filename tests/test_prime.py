@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
+import bmojo.prime
 from bmojo.cli import app
 from bmojo.data import MARKER, ByteTokenizer
 from bmojo.models import BMojoConfig, BMojoForCausalLM
@@ -121,7 +122,7 @@ def test_primed_model_decodes_with_a_cache_exactly_as_in_parallel(source):
 def test_every_second_picks_every_second_attention_layer():
     assert resolve_layers(["attention"] * 5, "every-second") == [1, 3]
     assert resolve_layers(["mamba", "attention", "mamba", "swa", "attention"], "every-second") == [3]
-    assert resolve_layers(["attention"] * 4, [3, 0]) == [0, 3]
+    assert resolve_layers(["attention"] * 4, (3, 0)) == [0, 3]
 
 
 def test_folders_and_models_give_the_same_primed_model(tmp_path, hf, source):
@@ -157,6 +158,12 @@ def test_bad_requests_raise_clear_errors(pattern, layers, kind, overrides, error
     config = BMojoConfig.from_preset("transformer", "tiny", num_hidden_layers=len(pattern), layer_pattern=pattern)
     with pytest.raises(error, match=re.escape(message)):
         prime(BMojoForCausalLM(config), layers, kind, **overrides)
+
+
+def test_a_tensor_left_neither_copied_nor_fresh_is_refused(source, monkeypatch):
+    monkeypatch.setattr(bmojo.prime, "FRESH_MODULES", ("ssm",))
+    with pytest.raises(ValueError, match=re.escape("missing ['model.layers.1.mixer.memory.predictor.weight']")):
+        prime(source, [1], "bmojo", **SMALL)
 
 
 def test_window_override_is_allowed_when_every_sliding_window_layer_is_primed():

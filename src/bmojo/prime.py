@@ -11,6 +11,7 @@ Quality is then recovered by fine-tuning or distilling from the original (``bmoj
 
 from __future__ import annotations
 
+import numbers
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -86,7 +87,7 @@ def resolve_layers(pattern: list[str], layers: str | Iterable[int]) -> list[int]
     if not chosen:
         raise ValueError("layers is empty: name at least one layer to replace")
     for i in chosen:
-        if isinstance(i, bool) or not isinstance(i, int):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise TypeError(f"layer indices must be integers, got {i!r}")
         if not 0 <= i < n:
             raise ValueError(f"layer index {i} is out of range: the model has {n} layers (0..{n - 1})")
@@ -95,7 +96,7 @@ def resolve_layers(pattern: list[str], layers: str | Iterable[int]) -> list[int]
     for i in chosen:
         if pattern[i] not in SOURCE_KINDS:
             raise ValueError(f"layer {i} is a {pattern[i]!r} layer, not attention: only {SOURCE_KINDS} can be primed")
-    return sorted(chosen)
+    return sorted(int(i) for i in chosen)
 
 
 def primed_config(config: BMojoConfig, layers: list[int], kind: str, **overrides: Any) -> BMojoConfig:
@@ -143,7 +144,8 @@ def prime(
     fields (:data:`OVERRIDES`: ``window_size``, ``eidetic_size``, ``chunk_size``, ``bmojo_ssm``, ``state_size``,
     ``mamba2_state_size``, ...). The replaced layers keep their ``q/k/v/o`` projections; the parameters
     :func:`fresh_parameter_names` lists are initialised as the model's ``_init_weights`` does, from ``seed``
-    (``None``: the global torch RNG). Raises ``ValueError`` naming any tensor that is missing, unexpected or of another shape.
+    (``None``: the global torch RNG). Raises ``ValueError`` naming any tensor that is missing, unexpected or of
+    another shape.
     """
     source = load_source(model)
     chosen = resolve_layers(source.config.layer_pattern, layers)
