@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +100,21 @@ def info(size: str = typer.Option("130m", help=f"one of {', '.join(SIZES)}")) ->
     console.print(table)
 
 
+PROGRESS_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+@contextlib.contextmanager
+def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar; yields ``update(done, total)``."""
+    with Progress(*PROGRESS_COLUMNS, console=console, transient=True) as progress:
+        bar = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(bar, completed=done, total=total)
+
+
 def _train_all(runs: list[RecallRun]) -> tuple[list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
     """Train every run in turn with a progress bar per run; return result rows and accuracy-vs-step curves."""
     rows, curves = [], {}
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console) as progress:
+    with Progress(*PROGRESS_COLUMNS, console=console) as progress:
         for run in runs:
             label = f"{run.label or run.arch} L={run.seq_len} seed={run.seed}"
             bar = progress.add_task(label, total=run.steps)
@@ -260,13 +272,7 @@ def eval_command(
     if max_tokens is not None and max_tokens < len(tokens):
         tokens = tokens[:max_tokens]
         num_bytes = len(tok.decode(tokens).encode("utf-8"))
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True) as progress:
-        bar = progress.add_task(f"evaluating {len(tokens):,} tokens", total=None)
-
-        def on_batch(done: int, total: int) -> None:
-            progress.update(bar, completed=done, total=total)
-
+    with _progress(f"evaluating {len(tokens):,} tokens") as on_batch:
         try:
             if lengths:
                 rows = length_generalisation(model, tokens, _csv_ints(lengths), batch_size, num_bytes, on_batch)
@@ -349,13 +355,7 @@ def convert(
     dst: Path = typer.Argument(..., help="output folder"),
 ) -> None:
     """Convert a Llama, Mistral, Qwen2, Qwen3, Mamba, Mamba-2 or Jamba checkpoint to bmojo, or a bmojo one back."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True) as progress:
-        bar = progress.add_task(f"converting {src}", total=None)
-
-        def on_tensor(done: int, total: int) -> None:
-            progress.update(bar, completed=done, total=total)
-
+    with _progress(f"converting {src}") as on_tensor:
         try:
             result = convert_checkpoint(src, dst, on_tensor)
         except (ValueError, FileNotFoundError) as e:

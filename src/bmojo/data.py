@@ -16,7 +16,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bmojo.atomic import atomic_file, atomic_write, fsync_path
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".zip")
 ERRORS = ("strict", "replace", "ignore")
@@ -68,7 +69,7 @@ class ByteTokenizer:
         """Write the marker file so that ``load_tokenizer(folder)`` gives a byte tokenizer back."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / MARKER, json.dumps({"type": "byte", "vocab_size": 257, "eos_id": 256}).encode())
+        atomic_write(folder / MARKER, json.dumps({"type": "byte", "vocab_size": 257, "eos_id": 256}).encode())
         return folder
 
 
@@ -121,8 +122,8 @@ class HFTokenizer:
         """Write ``tokenizer.json`` and the marker (with ``eos_id``) so that ``load_tokenizer(folder)`` reloads it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "tokenizer.json", self._tok.to_str().encode())
-        _atomic_write(folder / MARKER, json.dumps({"type": "hf", "eos_id": self.eos_id, "source": self.name}).encode())
+        atomic_write(folder / "tokenizer.json", self._tok.to_str().encode())
+        atomic_write(folder / MARKER, json.dumps({"type": "hf", "eos_id": self.eos_id, "source": self.name}).encode())
         return folder
 
 
@@ -481,7 +482,7 @@ def _build(
     (folder / "manifest.json").unlink(missing_ok=True)
     for stale in folder.glob("*.tmp"):
         stale.unlink(missing_ok=True)
-    _fsync_dir(folder)
+    fsync_path(folder)
     manifest = {**settings, "tokenizer": tok.name, "sources": sources, "documents_per_source": per_source}
     dtype = np.dtype(settings["dtype"])
     total = sum(len(d) for d in docs)
@@ -489,7 +490,7 @@ def _build(
         for split, split_docs in splits.items():
             tokens, nbytes = _write_tokens(folder / f"{split}.bin", split_docs, tok, dtype, advance)
             manifest[split] = {"documents": len(split_docs), "tokens": tokens, "bytes": nbytes}
-    _atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+    atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -497,7 +498,7 @@ def _write_tokens(path: Path, docs: list[str], tok: Tokenizer, dtype: np.dtype, 
     """Tokenize ``docs`` in batches, join them with eos, and write the ids atomically; (tokens, UTF-8 bytes)."""
     tokens = nbytes = 0
     eos = np.array([] if tok.eos_id is None else [tok.eos_id], dtype=dtype)
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         for batch in _batches(docs, 4 * PIECE_CHARS * max(os.cpu_count() or 1, 1)):
             for j, ids in enumerate(tok.encode_batch(batch)):
                 if tokens and len(eos):
@@ -543,41 +544,3 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             self._bar.__exit__(*exc)
-
-
-class _atomic_file:
-    """A binary file written to ``<path>.<random>.tmp`` and renamed to ``path`` after ``fsync`` on success."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> io.BufferedWriter:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
-        self.tmp = Path(tmp)
-        self.f = os.fdopen(fd, "wb")
-        return self.f
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        try:
-            if exc_type is None:
-                self.f.flush()
-                os.fsync(self.f.fileno())
-            self.f.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-                _fsync_dir(self.path.parent)
-        finally:
-            self.tmp.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with _atomic_file(path) as f:
-        f.write(data)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -31,9 +31,10 @@ import os
 import shutil
 import time
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+from bmojo.atomic import fsync_path
 from bmojo.models import BMojoConfig, BMojoForCausalLM
 from bmojo.recall import cosine_lr
 
@@ -141,7 +143,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a mapping; unknown keys raise :class:`ConfigError`."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
@@ -419,14 +421,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root`` (``step_XXXXXXXX`` folders), oldest first."""
     if not root.is_dir():
@@ -455,10 +449,10 @@ def write_checkpoint(
         files[path.name] = _sha256(path)
     (tmp / "state.json").write_text(json.dumps({**state, "format": CHECKPOINT_FORMAT, "step": step, "files": files}))
     for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
+        fsync_path(path)
+    fsync_path(tmp)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old)
     return final
