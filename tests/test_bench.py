@@ -111,7 +111,8 @@ def test_settings_and_overrides_are_checked():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["window_size"])
     for bad, match in [({"presets": ["gpt"]}, "presets"), ({"lengths": [0]}, "lengths"), ({"repeats": 0}, "repeats"),
-                       ({"size": "7b"}, "size"), ({"device": "cuda:7"}, "CUDA")]:  # fmt: skip
+                       ({"size": "7b"}, "size"), ({"overrides": {"windw_size": 8}}, "windw_size"),
+                       ({"device": "cuda:7"}, "CUDA")]:  # fmt: skip
         if bad.get("device") and torch.cuda.is_available():
             continue
         with pytest.raises(ValueError, match=match):

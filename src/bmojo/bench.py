@@ -14,14 +14,15 @@ on a shared machine falls on all of them alike and the ratios (``vs_baseline``) 
 
 Peak memory: on CPU the peak resident-set growth of one run, measured in a fresh subprocess per point (so memory
 that earlier points freed into the allocator cannot hide it); on CUDA ``torch.cuda.max_memory_allocated`` growth.
-For ``decode`` it is the peak during decoding above the memory before the prefill (it holds the cache), and
-``cache_bytes`` is the cache's exact size. For ``train`` the step's FLOPs are counted by
+For ``decode`` it is the size of the cache after the prefill plus the peak growth while decoding (not what the
+prefill freed into the allocator), and ``cache_bytes`` is the cache's exact size after the timed steps. For ``train`` the step's FLOPs are counted by
 ``torch.utils.flop_counter`` (matmuls and attention as executed, masked-out entries of banded attention included)
 and reported as achieved FLOP/s and as a fraction of the measured fp32 matmul peak.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -85,6 +86,10 @@ class BenchSettings:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        fields = inspect.signature(BMojoConfig.__init__).parameters
+        unknown = sorted(k for k in self.overrides if k not in fields or k == "kwargs")
+        if unknown:
+            raise ValueError(f"unknown config fields in overrides: {unknown}")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
 
@@ -153,7 +158,7 @@ def _sync(device: torch.device) -> None:
 
 
 def matmul_peak_flops(device: str, n: int | None = None, repeats: int = 5) -> float:
-    """Measured fp32 ``n x n`` matmul FLOP/s (median of ``repeats``; n = 1024 on CPU, 8192 on CUDA)."""
+    """Measured fp32 ``n x n`` matmul FLOP/s, the best of ``repeats`` (n = 1024 on CPU, 8192 on CUDA)."""
     dev = torch.device(device)
     n = n or (8192 if dev.type == "cuda" else 1024)
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
@@ -165,7 +170,7 @@ def matmul_peak_flops(device: str, n: int | None = None, repeats: int = 5) -> fl
         a @ b
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / min(times)
 
 
 def _ids(config: BMojoConfig, batch: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -240,7 +245,8 @@ class _Memory:
 
 def memory_point(config: BMojoConfig, mode: str, batch: int, length: int, decode_steps: int, seed: int,
                  device: str) -> int:  # fmt: skip
-    """Peak memory growth in bytes of one run of ``mode`` (``decode``: above the memory before the prefill)."""
+    """Peak memory growth in bytes of one run of ``mode``; for ``decode``, the cache plus the peak growth during
+    decoding after the prefill."""
     dev = torch.device(device)
     model, ids = _build(config, seed, dev), _ids(config, batch, length, seed, dev)
     probe = _Memory(dev)
@@ -248,8 +254,9 @@ def memory_point(config: BMojoConfig, mode: str, batch: int, length: int, decode
     before = probe.current()
     probe.reset()
     run = make_runner(model, mode, ids, decode_steps)
-    if mode == "decode":
+    if mode == "decode":  # count the cache, not what the prefill left in the allocator
         _sync(dev)
+        before = probe.current() - run.cache.nbytes()  # type: ignore[attr-defined]
         probe.reset()
     run()
     _sync(dev)
