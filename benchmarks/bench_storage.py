@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--eidetic", type=int, default=4)
     p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--approx-threshold", type=int, default=8192, help="rows per sequence from which search is HNSW")
+    p.add_argument("--approx-threshold", type=int, default=4096, help="rows per sequence from which search is HNSW")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)

@@ -87,6 +87,30 @@ def test_approximate_index_past_threshold_recalls_brute_force():
     assert recall >= 0.9
 
 
+def test_approximate_index_with_tail_of_recent_rows_and_merges(tmp_path):
+    """Past the threshold new rows go to an exact tail, merged into a copy of the graph every 1024 rows."""
+    store = VectorStore(HD, HKV, StorageConfig(approx_threshold=200))
+    pos, k, v = rows(1500, seed=3)
+    for i in range(0, 1500, 50):
+        store.add(np.zeros(50), pos[i : i + 50], k[i : i + 50], v[i : i + 50])
+    store.flush()
+    assert store.is_approximate(0) and len(store) == 1500
+    q = np.random.default_rng(4).standard_normal((HKV, 40, HD)).astype(np.float32)
+    scores, got = store.search(0, q, 10)
+    for h in range(HKV):
+        np.testing.assert_allclose(scores[h], np.take_along_axis(q[h] @ k[:, h].T, got[h], 1), rtol=1e-5)
+        want = brute_force(k[:, h], q[h], 10)
+        recall = np.mean([len(set(got[h, i]) & set(want[i])) / 10 for i in range(40)])
+        print("recall@10 with tail", recall)
+        assert recall >= 0.9
+    assert (got >= 1250).any()  # rows still in the tail (merged into the graph at 1250 = 200 + 1050) are found
+    store.save(tmp_path / "s.npz")
+    loaded = VectorStore(HD, HKV, StorageConfig(approx_threshold=200))
+    loaded.load(tmp_path / "s.npz")
+    for a, b in zip(store.search(0, q, 10), loaded.search(0, q, 10)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_concurrent_writers_and_readers_lose_no_acknowledged_insert():
     store = VectorStore(HD, HKV, StorageConfig(approx_threshold=150))
     n_writers, batches, per = 4, 40, 5

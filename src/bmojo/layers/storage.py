@@ -52,6 +52,7 @@ import torch
 
 WRITES = ("evicted", "all")
 FORMAT_VERSION = 1
+TAIL_ROWS = 1024  # rows searched exactly beside the HNSW graph before they are merged into it
 
 
 class StorageFileError(ValueError):
@@ -79,9 +80,9 @@ class StorageConfig:
     topk: int = 16
     write: str = "evicted"
     in_batch: bool = False
-    approx_threshold: int = 100_000
-    hnsw_m: int = 32
-    ef_search: int = 128
+    approx_threshold: int = 4096
+    hnsw_m: int = 16
+    ef_search: int = 64
     synchronous: bool = False
 
     def __post_init__(self) -> None:
@@ -96,14 +97,20 @@ class StorageConfig:
 
 
 class _Shard:
-    """The rows of one sequence: growable position/key/value arrays and one faiss index per kv head."""
+    """The rows of one sequence: growable position/key/value arrays and faiss indexes per kv head.
+
+    Rows ``[0, indexed)`` are in ``indexes`` (exact, or HNSW once approximate); in approximate mode later rows go to
+    the exact ``tail`` indexes, which the writer merges into a copy of the HNSW graph off the lock every
+    ``TAIL_ROWS`` rows, so that readers never wait for graph insertions.
+    """
 
     def __init__(self, heads: int, dim: int, capacity: int = 64) -> None:
-        self.size = 0
+        self.size = self.indexed = 0
         self.positions = np.empty(capacity, np.int64)
         self.keys = np.empty((capacity, heads, dim), np.float32)
         self.values = np.empty((capacity, heads, dim), np.float32)
         self.indexes = [_faiss().IndexFlatIP(dim) for _ in range(heads)]
+        self.tail = [_faiss().IndexFlatIP(dim) for _ in range(heads)]
         self.approx = False
 
     def append(self, positions: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
@@ -118,9 +125,24 @@ class _Shard:
         self.positions[self.size : self.size + n] = positions
         self.keys[self.size : self.size + n] = keys
         self.values[self.size : self.size + n] = values
-        for h, index in enumerate(self.indexes):
+        for h, index in enumerate(self.tail if self.approx else self.indexes):
             index.add(np.ascontiguousarray(keys[:, h]))
         self.size += n
+        if not self.approx:
+            self.indexed = self.size
+
+    def search(self, h: int, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``r`` ``(scores, rows)`` of kv head ``h`` for ``queries [m, d]`` (rows ``-1`` where absent)."""
+        scores, rows = self.indexes[h].search(queries, r)
+        if self.tail[h].ntotal == 0:
+            return scores, rows
+        tail_scores, tail_rows = self.tail[h].search(queries, r)
+        scores = np.concatenate(
+            [np.where(rows >= 0, scores, -np.inf), np.where(tail_rows >= 0, tail_scores, -np.inf)], 1
+        )
+        rows = np.concatenate([rows, np.where(tail_rows >= 0, tail_rows + self.indexed, -1)], 1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :r]
+        return np.take_along_axis(scores, best, 1), np.take_along_axis(rows, best, 1)
 
 
 def _hnsw(keys: np.ndarray, m: int, ef_search: int):
@@ -144,7 +166,9 @@ class _Core:
         self.error: BaseException | None = None
 
     def apply(self, seq: np.ndarray, positions: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
-        """Insert rows (the writer thread is the only caller, so shards change only here)."""
+        """Insert rows. The writer thread is the only caller and the only thread that changes a shard's rows, so
+        it may read them without the lock while it builds indexes that readers do not see yet."""
+        faiss = _faiss()
         for s in np.unique(seq):
             rows = seq == s
             with self.lock:
@@ -152,14 +176,18 @@ class _Core:
                 if shard is None:
                     shard = self.shards[int(s)] = _Shard(self.heads, self.dim)
                 shard.append(positions[rows], keys[rows], values[rows])
-                size, approx = shard.size, shard.approx
-            if not approx and size >= self.config.approx_threshold:
-                # build outside the lock from rows only this thread can change; readers keep the exact index
-                built = [
-                    _hnsw(shard.keys[:size, h], self.config.hnsw_m, self.config.ef_search) for h in range(self.heads)
-                ]
-                with self.lock:
-                    shard.indexes, shard.approx = built, True
+            size, cfg = shard.size, self.config
+            if not shard.approx and size >= cfg.approx_threshold:
+                built = [_hnsw(shard.keys[:size, h], cfg.hnsw_m, cfg.ef_search) for h in range(self.heads)]
+            elif shard.approx and size - shard.indexed >= TAIL_ROWS:
+                built = [faiss.clone_index(index) for index in shard.indexes]
+                for h, index in enumerate(built):
+                    index.add(np.ascontiguousarray(shard.keys[shard.indexed : size, h]))
+            else:
+                continue
+            with self.lock:
+                shard.indexes, shard.indexed, shard.approx = built, size, True
+                shard.tail = [faiss.IndexFlatIP(self.dim) for _ in range(self.heads)]
 
 
 def _writer(jobs: queue.Queue, core: _Core) -> None:
@@ -312,7 +340,7 @@ class VectorStore:
             if shard is None:
                 return scores, rows
             for h in range(hkv):
-                d, i = shard.indexes[h].search(queries[h], r)
+                d, i = shard.search(h, queries[h], r)
                 scores[h], rows[h] = np.where(i >= 0, d, -np.inf), i
         return scores, rows
 
@@ -333,7 +361,7 @@ class VectorStore:
             for i, s in enumerate(seq_ids):
                 shard = self._core.shards.get(int(s))
                 for h in range(hkv if shard is not None else 0):
-                    _, rows[i, h] = shard.indexes[h].search(qn[i, h], r)
+                    _, rows[i, h] = shard.search(h, qn[i, h], r)
                     keys[i, h] = shard.keys[rows[i, h].clip(0), h]  # rows -1 (absent) read row 0, masked below
                     values[i, h] = shard.values[rows[i, h].clip(0), h]
 
@@ -394,14 +422,16 @@ class VectorStore:
             shard.append(pos[rows], keys[rows], values[rows])
             if f"hnsw_{s}_0" in arrays:
                 try:
-                    shard.indexes = [faiss.deserialize_index(arrays[f"hnsw_{s}_{h}"]) for h in range(self.num_kv_heads)]
+                    graphs = [faiss.deserialize_index(arrays[f"hnsw_{s}_{h}"]) for h in range(self.num_kv_heads)]
                 except (KeyError, RuntimeError) as e:
                     raise StorageFileError(f"{name}: HNSW index of sequence {s} is unreadable ({e!r})") from e
-                if any(not isinstance(i, faiss.IndexHNSW) or i.ntotal != shard.size for i in shard.indexes):
+                n = graphs[0].ntotal
+                if any(not isinstance(g, faiss.IndexHNSW) or g.ntotal != n for g in graphs) or n > shard.size:
                     raise StorageFileError(f"{name}: HNSW index of sequence {s} does not match its rows")
-                for index in shard.indexes:
-                    index.hnsw.efSearch = self.config.ef_search
-                shard.approx = True
+                for h, graph in enumerate(graphs):
+                    graph.hnsw.efSearch = self.config.ef_search
+                    shard.tail[h].add(np.ascontiguousarray(shard.keys[n : shard.size, h]))
+                shard.indexes, shard.indexed, shard.approx = graphs, n, True
         return shards, max(int(meta.get("next_seq", 0)), int(seq.max()) + 1 if len(seq) else 0)
 
     def _install(self, shards: dict[int, _Shard], next_seq: int) -> None:

@@ -90,7 +90,7 @@ class BMojoConfig(PretrainedConfig):
         storage_topk: int = 16,
         storage_write: str = "evicted",
         storage_in_batch: bool = False,
-        storage_approx_threshold: int = 100_000,
+        storage_approx_threshold: int = 4096,
         bmojo_ssm: str = "mamba2",
         tie_fading_kv: bool = True,
         state_size: int = 16,
