@@ -40,7 +40,6 @@ import io
 import json
 import os
 import queue
-import tempfile
 import threading
 import weakref
 import zipfile
@@ -49,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bmojo.atomic import atomic_file
 
 WRITES = ("evicted", "all")
 FORMAT_VERSION = 1
@@ -455,16 +456,8 @@ def save_stores(stores: dict[str, VectorStore], path: str | os.PathLike) -> None
     path = Path(path)
     arrays = {f"{name}/{k}": v for name, store in stores.items() for k, v in store.state_arrays().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
 
 
 def load_stores(stores: dict[str, VectorStore], path: str | os.PathLike) -> None:
