@@ -72,8 +72,10 @@ def test_save_load_round_trip(name, tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     loaded = BMojoForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.layer_pattern == model.config.layer_pattern
+    in_memory = BMojoForCausalLM.from_pretrained(None, config=model.config, state_dict=model.state_dict()).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(in_memory(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["bmojo", "transformer", "mamba2"])

@@ -288,8 +288,10 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         """Hugging Face ``from_pretrained``; also loads ``storage.npz`` found beside the weights unless
         ``load_storage=False`` (the way to load the model when that file is corrupt)."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if pretrained_model_name_or_path is None or not (load_storage and model.vector_stores()):
+            return model
         path = Path(pretrained_model_name_or_path) / STORAGE_FILE
-        if load_storage and model.vector_stores() and path.is_file():
+        if path.is_file():
             try:
                 model.load_storage(path)
             except StorageFileError as e:
