@@ -152,8 +152,8 @@ def report(runs: Path, figure: Path) -> str:
     ax.set_title("Perplexity vs context length, ~1.3M-parameter byte LMs")
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss (nats / byte)")
-    ax2.set_title("Training loss, same tokens for all models")
-    for a, f, path in ((ax, fig, figure), (ax2, fig2, figure.with_name("lm_loss_curves.png"))):
+    ax2.set_title("Training loss")
+    for a, f, path in ((ax, fig, figure), (ax2, fig2, figure.with_name(figure.name.replace("ppl_vs_length", "loss_curves")))):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
         f.tight_layout()
