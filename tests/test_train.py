@@ -218,6 +218,22 @@ def test_bfloat16_autocast_follows_float32(tmp_path):
     assert not np.array_equal(curves["float32"], curves["bfloat16"])  # autocast did change the arithmetic
 
 
+@pytest.mark.slow
+def test_compiled_training_follows_eager(tmp_path):
+    """``compile: true`` (torch.compile of the model) gives the eager loss curve to float rounding (~1 min on CPU)."""
+    from torch._dynamo.utils import counters
+
+    tokens, curves = periodic_tokens(1000), {}
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        cfg = tiny(tmp_path, steps=3, compile=compiled, out_dir=str(tmp_path / str(compiled)))
+        train(cfg, tokens, tokens, vocab_size=VOCAB)
+        curves[compiled] = np.array([r["loss"] for r in read_metrics(cfg.out_dir)])
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled  # dynamo traced the model only when asked
+    assert len(curves[True]) == 3
+    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4, atol=1e-5)
+
+
 def test_init_from_a_saved_model(tmp_path):
     torch.manual_seed(7)
     saved = BMojoForCausalLM(BMojoConfig.from_preset("bmojo", "tiny", vocab_size=VOCAB, **TINY_MODEL))
