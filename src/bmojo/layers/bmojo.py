@@ -224,9 +224,12 @@ class BMojoMixer(nn.Module):
             if self.memory is not None:
                 f_prev = F.pad(f[:, :-1], (0, 0, 1, 0))
                 scores, aux = self.memory.score(h, f_prev, pos)
-                parts.append(self._eidetic_attention(q, k, v, scores, state))
+                # memories of every chunk, plus the one holding the next position (recurrent state, storage)
+                memories = chunk_memories(scores, w, self.memory.chunk_size, self.memory.size,
+                                          length // self.memory.chunk_size + 1)  # fmt: skip
+                parts.append(self._eidetic_attention(q, k, v, memories, state))
             if self.store is not None and (state is not None or self.storage.in_batch):
-                parts.append(self._storage_attention(q, k, v, scores, state))
+                parts.append(self._storage_attention(q, k, v, memories[0], state))
             o = merge_attention(parts)
         out = self.attn.output(o)
 
@@ -235,16 +238,19 @@ class BMojoMixer(nn.Module):
         return out, aux, state
 
     def _eidetic_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, state: MixerState | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        memories: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+        state: MixerState | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each chunk's queries attend to that chunk's eidetic memory; fills ``state.mem_*``/``stage_*``."""
+        """Each chunk's queries attend to that chunk's eidetic memory (``memories`` from :func:`chunk_memories`
+        for chunks ``0..L//c``); fills ``state.mem_*``/``stage_*``."""
         b, nh, length, d = q.shape
         c, mem = self.memory.chunk_size, self.memory
         n_chunks = -(-length // c)
-        # with a state, also select the memory of the chunk holding the next position
-        mem_pos, (stage_score, stage_pos) = chunk_memories(
-            scores, self.window, c, mem.size, max(n_chunks, length // c + 1) if state is not None else n_chunks
-        )
+        mem_pos, (stage_score, stage_pos) = memories
         if state is not None:
             state.mem_pos = mem_pos[:, length // c]
             state.mem_k, state.mem_v = _gather_positions(k, state.mem_pos), _gather_positions(v, state.mem_pos)
@@ -264,13 +270,12 @@ class BMojoMixer(nn.Module):
         return o, lse
 
     def _storage_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, state: MixerState | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_pos: torch.Tensor, state: MixerState | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query's top-``r`` keys among its chunk's store: this pass's evicted tokens (exact) and, with a
         state, rows already in the vector store; then writes the store of the chunk holding the next position."""
         b, _, length, _ = q.shape
         c, w = self.memory.chunk_size, self.window
-        mem_pos, _ = chunk_memories(scores, w, c, self.memory.size, length // c + 1)
         member = store_membership(mem_pos, length, w, c, self.storage.write)
         stored = None
         if state is not None:

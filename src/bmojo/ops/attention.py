@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 AttnOut = tuple[torch.Tensor, torch.Tensor]
+SEGMENT_BYTES = 4 << 20  # float32 scores per segment of query blocks: small enough to stay in a CPU cache
 
 
 def _group(q: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -93,9 +94,6 @@ def banded_attention(
     qp = F.pad(q, (0, 0, 0, nb * c - length))
     o, lse = _BandedAttention.apply(qp, kp, vp, lo, hi, c, scale, seg)
     return o[:, :, :length], lse[:, :, :length]
-
-
-SEGMENT_BYTES = 4 << 20  # float32 scores per segment of query blocks: small enough to stay in a CPU cache
 
 
 def _band_segment(
