@@ -14,13 +14,13 @@ from bmojo.bench import (
     BenchSettings,
     _Memory,
     matched_transformer,
-    parse_overrides,
     run_bench,
     write_outputs,
 )
 from bmojo.cli import app
 from bmojo.models import BMojoConfig, BMojoForCausalLM
 from bmojo.models.modeling import count_parameters
+from bmojo.train import parse_overrides
 
 
 def tiny_settings(**changes) -> BenchSettings:

@@ -1,7 +1,8 @@
-"""Crash-safe file writes: write a temporary file beside the target, fsync, rename, fsync the folder."""
+"""Crash-safe file writes (temporary file beside the target, fsync, rename, fsync the folder) and file checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -46,3 +47,12 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

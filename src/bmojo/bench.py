@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -92,17 +91,6 @@ class BenchSettings:
             raise ValueError(f"unknown config fields in overrides: {unknown}")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["window_size=256", "hidden_size=128"]`` -> ``{"window_size": 256, "hidden_size": 128}`` (YAML values)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"config override {item!r} must look like KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def matched_transformer(target: BMojoConfig, size: str, overrides: dict[str, Any] | None = None) -> BMojoConfig:

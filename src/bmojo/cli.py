@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 from rich.table import Table
 
-from bmojo.bench import BenchSettings, parse_overrides, ratio_summary, results_table, run_bench, write_outputs
+from bmojo.bench import BenchSettings, ratio_summary, results_table, run_bench, write_outputs
 from bmojo.data import MARKER as TOKENIZER_MARKER
 from bmojo.data import DataError, Tokenizer, load_corpus, load_tokenizer
 from bmojo.evaluate import length_generalisation, perplexity, plot_length_generalisation, write_rows
@@ -36,7 +36,7 @@ from bmojo.recall import (
     train_recall,
     write_results,
 )
-from bmojo.train import CheckpointError, ConfigError, load_config
+from bmojo.train import CheckpointError, ConfigError, load_config, parse_overrides
 from bmojo.train import run as run_training
 
 app = typer.Typer(help="B'MOJO hybrid state-space language models.", no_args_is_help=True)
@@ -328,7 +328,6 @@ def generate(
         eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **sampling,
     )  # fmt: skip
     typer.echo(prompt + tok.decode(out[0, len(ids) :].tolist()))
-
 
 
 @app.command()

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bmojo.atomic import atomic_file, atomic_write, fsync_path
+from bmojo.atomic import atomic_file, atomic_write, fsync_path, sha256_file
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".zip")
 ERRORS = ("strict", "replace", "ignore")
@@ -378,7 +378,7 @@ def load_corpus(
     key = hashlib.sha256(json.dumps({"sources": named, **settings}, sort_keys=True).encode()).hexdigest()
     root = Path(cache_dir) if cache_dir is not None else Path(os.environ.get("BMOJO_CACHE", "~/.cache/bmojo"))
     folder = root.expanduser() / "data" / f"{Path(named[0]).name.split('.')[0]}-{key[:16]}"
-    sources = [{"path": str(f), "size": f.stat().st_size, "sha256": _sha256(f)} for f in files]
+    sources = [{"path": str(f), "size": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
     manifest = _valid_manifest(folder, settings, sources)
     built = manifest is None
     if manifest is None:
@@ -394,14 +394,6 @@ def load_corpus(
         manifest=manifest,
         built=built,
     )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _valid_manifest(folder: Path, settings: dict[str, Any], sources: list[dict[str, Any]]) -> dict[str, Any] | None:

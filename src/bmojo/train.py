@@ -54,7 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-from bmojo.atomic import fsync_path
+from bmojo.atomic import fsync_path, sha256_file
 from bmojo.models import BMojoConfig, BMojoForCausalLM
 from bmojo.recall import cosine_lr
 
@@ -196,8 +196,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a YAML mapping of training config keys")
-    for item in overrides:
+    return TrainConfig.from_dict(parse_overrides(overrides, raw))
+
+
+def parse_overrides(items: Sequence[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (values parsed as YAML) set in ``into`` (default: a new dict), which is returned.
+
+    Dotted keys set entries of mappings: ``model_args.window_size=32``.
+    """
+    raw = {} if into is None else into
+    for item in items:
         key, sep, text = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form KEY=VALUE")
         *parents, leaf = key.split(".")
@@ -207,10 +217,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if not isinstance(target, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a mapping")
         try:
-            target[leaf] = yaml.safe_load(text) if text else None
+            target[leaf] = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from e
-    return TrainConfig.from_dict(raw)
+    return raw
 
 
 # ----------------------------------------------------------------------------------------------- model pieces
@@ -413,14 +423,6 @@ def _tied_aliases(model: BMojoForCausalLM) -> dict[str, str]:
     return aliases
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root`` (``step_XXXXXXXX`` folders), oldest first."""
     if not root.is_dir():
@@ -446,7 +448,7 @@ def write_checkpoint(
     for name, group in tensors.items():
         path = tmp / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in group.items()}, path)
-        files[path.name] = _sha256(path)
+        files[path.name] = sha256_file(path)
     (tmp / "state.json").write_text(json.dumps({**state, "format": CHECKPOINT_FORMAT, "step": step, "files": files}))
     for path in tmp.iterdir():
         fsync_path(path)
@@ -477,7 +479,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, tor
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupt (its SHA-256 does not match state.json)")
         try:
             tensors[name.removesuffix(".safetensors")] = load_file(file)
