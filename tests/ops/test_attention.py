@@ -4,11 +4,15 @@ import pytest
 import torch
 
 from bmojo.ops.attention import (
+    Band,
+    ChunkMemory,
     attention_with_lse,
     banded_attention,
     banded_attention_ref,
     causal_attention,
     merge_attention,
+    union_attention,
+    union_attention_ref,
 )
 
 
@@ -119,7 +123,7 @@ def test_merge_equals_one_softmax_over_union():
         banded_attention(q, kf, vf, w, 2 * w - 1, block_size=4),
         attention_with_lse(q, ke, ve, emask[:, None, None, None, :]),
     ]
-    o = merge_attention(parts)
+    o, lse = merge_attention(parts)
     i = torch.arange(length).view(-1, 1)
     j = torch.arange(length).view(1, -1)
     win = (i - j >= 0) & (i - j < w)
@@ -127,8 +131,9 @@ def test_merge_equals_one_softmax_over_union():
     mask = torch.cat(
         [win.expand(b, -1, -1), band.expand(b, -1, -1), emask[:, None, :].expand(b, length, m)], dim=-1
     )[:, None, None]
-    o_ref, _ = attention_with_lse(q, torch.cat([k, kf, ke], 2), torch.cat([v, vf, ve], 2), mask)
+    o_ref, lse_ref = attention_with_lse(q, torch.cat([k, kf, ke], 2), torch.cat([v, vf, ve], 2), mask)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_with_empty_sets_gives_zero_and_ignores_them():
@@ -136,8 +141,9 @@ def test_merge_with_empty_sets_gives_zero_and_ignores_them():
     full = banded_attention(q, k, v, 0, None)
     empty = banded_attention(q, k, v, 10, 20)
     assert torch.isinf(empty[1]).all() and (empty[0] == 0).all()
-    torch.testing.assert_close(merge_attention([full, empty]), full[0])
-    assert (merge_attention([empty, empty]) == 0).all()
+    torch.testing.assert_close(merge_attention([full, empty]), full)
+    o, lse = merge_attention([empty, empty])
+    assert (o == 0).all() and torch.isinf(lse).all()
 
 
 def test_causal_sdpa_matches_reference_with_gqa():
@@ -153,3 +159,60 @@ def test_bad_band_and_heads_raise():
     q, k, v = _qkv(1, 2, 2, 4, 4)
     with pytest.raises(ValueError, match="invalid band"):
         banded_attention(q, k, v, 3, 1)
+
+
+def _union_inputs(b, hq, hkv, length, d, w, fading, m, chunk, seed=0):
+    """Window band (``w=None``: full causal), optional fading band, optional memory of ``m`` slots per chunk."""
+    q, k, v = _qkv(b, hq, hkv, length, d, seed=seed)
+    bands = [Band(k, v, 0, None if w is None else w - 1)]
+    if fading:
+        _, kf, vf = _qkv(b, hq, hkv, length, d, seed=seed + 1)
+        bands.append(Band(kf, vf, w, 2 * w - 1))
+    memory = None
+    if m:
+        n = -(-length // chunk)
+        g = torch.Generator().manual_seed(seed + 2)
+        ek, ev = torch.randn(2, b, hkv, n, m, d, generator=g)
+        memory = ChunkMemory(ek, ev, torch.rand(b, n, m, generator=g) > 0.3, chunk)
+    return q, bands, memory
+
+
+UNION_CASES = [  # length, w, fading, m, chunk
+    (1, 4, True, 3, 4), (7, 4, True, 0, 4), (33, 4, True, 5, 4), (33, 8, True, 5, 6),
+    (64, 16, True, 8, 16), (130, 16, False, 8, 16), (29, None, False, 0, 4), (40, 1, True, 2, 3),
+]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("impl", ["merge", "flex"])
+@pytest.mark.parametrize("length,w,fading,m,chunk", UNION_CASES)
+def test_union_matches_dense_reference(impl, length, w, fading, m, chunk):
+    """Both implementations of one softmax over window, fading band and chunk memories equal the dense mask
+    (FlexAttention runs its eager forward on CPU here; its compiled CUDA kernel is checked in tests/test_cuda.py)."""
+    q, bands, memory = _union_inputs(2, 4, 2, length, 16, w, fading, m, chunk, seed=length)
+    o, lse = union_attention(q, bands, memory, block_size=8, impl=impl)
+    o_ref, lse_ref = union_attention_ref(q, bands, memory)
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_union_merge_gradients_match_reference():
+    q, bands, memory = _union_inputs(2, 4, 2, 37, 8, 5, True, 4, 5)
+    leaves = [q] + [t for band in bands for t in (band.k, band.v)] + [memory.k, memory.v]
+    for t in leaves:
+        t.requires_grad_(True)
+    g = torch.Generator().manual_seed(9)
+    do, dlse = torch.randn(q.shape, generator=g), torch.randn(q.shape[:3], generator=g)
+    grads = []
+    for fn in (lambda: union_attention(q, bands, memory, block_size=4, impl="merge"),
+               lambda: union_attention_ref(q, bands, memory)):  # fmt: skip
+        o, lse = fn()
+        grads.append(torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), leaves))
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+def test_union_rejects_unknown_impl():
+    q, bands, memory = _union_inputs(1, 2, 2, 4, 8, 2, True, 0, 2)
+    with pytest.raises(ValueError, match="impl must be"):
+        union_attention(q, bands, memory, impl="cuda")

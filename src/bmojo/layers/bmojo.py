@@ -9,7 +9,8 @@ For pre-normed hidden states ``h [B, L, D]`` (SPEC section 2):
 4. eidetic memory: up to ``k`` raw past tokens chosen by the innovation test (``layers.eidetic``);
 5. optional long-term memory: each query's top-``r`` keys retrieved from a vector store of tokens that
    left the eidetic memory (``layers.storage``);
-6. one softmax over the union, computed as separate attentions merged exactly by log-sum-exp,
+6. one softmax over the union (``ops.attention.union_attention``: one FlexAttention call on CUDA,
+   separate attentions merged exactly by log-sum-exp elsewhere; the store is merged the same way),
    then ``out = Wo o``.
 
 Transformers, sliding-window Transformers, Mamba and B'MOJO-F are configurations of this one
@@ -35,7 +36,14 @@ from bmojo.layers.attention import Attention
 from bmojo.layers.eidetic import EideticMemory, chunk_memories, merge_topk
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
 from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership, topk_attention
-from bmojo.ops.attention import attention_with_lse, banded_attention, causal_attention, merge_attention
+from bmojo.ops.attention import (
+    Band,
+    ChunkMemory,
+    attention_with_lse,
+    causal_attention,
+    merge_attention,
+    union_attention,
+)
 
 SSM_TYPES = {"mamba": Mamba, "mamba2": Mamba2}
 
@@ -217,57 +225,45 @@ class BMojoMixer(nn.Module):
         if self.fading is False and self.memory is None and w is None:
             o = causal_attention(q, k, v)
         else:
-            parts = [banded_attention(q, k, v, 0, None if w is None else w - 1, self.block_size)]
+            bands = [Band(k, v, 0, None if w is None else w - 1)]
             if self.fading:
                 kf, vf = self.attn.keys_values(f, pos, self.fading_k_proj, self.fading_v_proj)
-                parts.append(banded_attention(q, kf, vf, w, 2 * w - 1, self.block_size))
+                bands.append(Band(kf, vf, w, 2 * w - 1))
+            eidetic = None
             if self.memory is not None:
                 f_prev = F.pad(f[:, :-1], (0, 0, 1, 0))
                 scores, aux = self.memory.score(h, f_prev, pos)
                 # memories of every chunk, plus the one holding the next position (recurrent state, storage)
                 memories = chunk_memories(scores, w, self.memory.chunk_size, self.memory.size,
                                           length // self.memory.chunk_size + 1)  # fmt: skip
-                parts.append(self._eidetic_attention(q, k, v, memories, state))
+                eidetic = self._eidetic_memory(k, v, memories, state)
+            o, lse = union_attention(q, bands, eidetic, self.block_size)
             if self.store is not None and (state is not None or self.storage.in_batch):
-                parts.append(self._storage_attention(q, k, v, memories[0], state))
-            o = merge_attention(parts)
+                o, _ = merge_attention([(o, lse), self._storage_attention(q, k, v, memories[0], state)])
         out = self.attn.output(o)
 
         if state is not None:
             self._fill_state(state, k, v, f, pos, scores)
         return out, aux, state
 
-    def _eidetic_attention(
+    def _eidetic_memory(
         self,
-        q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         memories: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
         state: MixerState | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each chunk's queries attend to that chunk's eidetic memory (``memories`` from :func:`chunk_memories`
-        for chunks ``0..L//c``); fills ``state.mem_*``/``stage_*``."""
-        b, nh, length, d = q.shape
-        c, mem = self.memory.chunk_size, self.memory
-        n_chunks = -(-length // c)
+    ) -> ChunkMemory:
+        """Keys/values of each chunk's eidetic memory (``memories`` from :func:`chunk_memories` for chunks
+        ``0..L//c``); fills ``state.mem_*``/``stage_*``."""
+        length, c = k.shape[2], self.memory.chunk_size
         mem_pos, (stage_score, stage_pos) = memories
         if state is not None:
             state.mem_pos = mem_pos[:, length // c]
             state.mem_k, state.mem_v = _gather_positions(k, state.mem_pos), _gather_positions(v, state.mem_pos)
             state.stage_pos, state.stage_score = stage_pos, stage_score
             state.stage_k, state.stage_v = _gather_positions(k, stage_pos), _gather_positions(v, stage_pos)
-        mem_pos = mem_pos[:, :n_chunks]
-        ek, ev = _gather_positions(k, mem_pos), _gather_positions(v, mem_pos)  # [B, Hkv, nc, k, d]
-        hkv = k.shape[1]
-        qc = F.pad(q, (0, 0, 0, n_chunks * c - length)).view(b, nh, n_chunks, c, d)
-        qc = qc.transpose(1, 2).reshape(b * n_chunks, nh, c, d)
-        ek = ek.transpose(1, 2).reshape(b * n_chunks, hkv, mem.size, d)
-        ev = ev.transpose(1, 2).reshape(b * n_chunks, hkv, mem.size, d)
-        mask = (mem_pos >= 0).reshape(b * n_chunks, 1, 1, 1, mem.size)
-        o, lse = attention_with_lse(qc, ek, ev, mask)
-        o = o.view(b, n_chunks, nh, c, d).transpose(1, 2).reshape(b, nh, n_chunks * c, d)[:, :, :length]
-        lse = lse.view(b, n_chunks, nh, c).transpose(1, 2).reshape(b, nh, n_chunks * c)[:, :, :length]
-        return o, lse
+        mem_pos = mem_pos[:, : -(-length // c)]
+        return ChunkMemory(_gather_positions(k, mem_pos), _gather_positions(v, mem_pos), mem_pos >= 0, c)
 
     def _storage_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_pos: torch.Tensor, state: MixerState | None
@@ -366,7 +362,7 @@ class BMojoMixer(nn.Module):
             keys, values, visible = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(visible, 1)
         o, lse = attention_with_lse(q, keys, values, visible[:, None, None, None, :])
         if self.store is not None:
-            o = merge_attention([(o, lse), self._retrieve(q, state)])
+            o, _ = merge_attention([(o, lse), self._retrieve(q, state)])
             if (t + 1) % self.memory.chunk_size == 0:
                 self._write_store(state)
         return self.attn.output(o)

@@ -5,12 +5,22 @@ Shapes: queries ``q [B, Hq, M, d]``; keys/values ``k, v [B, Hkv, K, d]`` with ``
 input dtype and ``lse [B, Hq, M]`` in float32, ``lse = -inf`` (and ``o = 0``) for a query that
 sees no key. Several ``(o, lse)`` pairs computed over disjoint key sets combine into the single
 softmax over their union with :func:`merge_attention`.
+
+:func:`union_attention` is the B'MOJO read-out: one softmax over bands of aligned keys (the window, the
+fading band) and per-chunk memories (the eidetic tokens). On CUDA it is one FlexAttention call over the
+concatenated keys with a block-sparse mask; elsewhere the banded attentions and the chunk attention are
+merged by log-sum-exp. :func:`union_attention_ref` is the dense definition both are tested against.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from bmojo.ops.triton import kernels
 
 AttnOut = tuple[torch.Tensor, torch.Tensor]
 SEGMENT_BYTES = 4 << 20  # float32 scores per segment of query blocks: small enough to stay in a CPU cache
@@ -170,20 +180,163 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def merge_attention(parts: list[AttnOut]) -> torch.Tensor:
+def merge_attention(parts: list[AttnOut]) -> AttnOut:
     """Combine partial attentions over disjoint key sets into the softmax over their union.
 
-    ``o = sum_j o_j exp(lse_j - m) / sum_j exp(lse_j - m)`` with ``m = max_j lse_j``; a query
-    that sees no key in any set gets ``o = 0``.
+    ``o = sum_j o_j exp(lse_j - m) / sum_j exp(lse_j - m)`` with ``m = max_j lse_j`` and the union's
+    ``lse = m + log sum_j exp(lse_j - m)``; a query that sees no key in any set gets ``o = 0, lse = -inf``.
     """
     if len(parts) == 1:
-        return parts[0][0]
+        return parts[0]
     lse = torch.stack([p[1] for p in parts])  # [S, B, H, M]
     m = lse.amax(0)
-    w = torch.exp(lse - m.masked_fill(torch.isinf(m), 0.0))  # exp(-inf) = 0 for empty sets
-    denom = w.sum(0).clamp_min(torch.finfo(torch.float32).tiny)
+    m_finite = m.masked_fill(torch.isinf(m), 0.0)
+    w = torch.exp(lse - m_finite.unsqueeze(0))  # exp(-inf) = 0 for empty sets
+    total = w.sum(0)
+    denom = total.clamp_min(torch.finfo(torch.float32).tiny)
     o = sum(p[0].float() * (wi / denom).unsqueeze(-1) for p, wi in zip(parts, w))
-    return o.to(parts[0][0].dtype)
+    return o.to(parts[0][0].dtype), m_finite + torch.log(total)
+
+
+@dataclass
+class Band:
+    """Keys/values ``k, v [B, Hkv, L, d]`` aligned with the queries: query ``i`` sees key ``j`` iff
+    ``lo <= i - j <= hi`` (``hi=None``: no upper bound)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lo: int
+    hi: int | None
+
+
+@dataclass
+class ChunkMemory:
+    """Per-chunk keys/values ``k, v [B, Hkv, n_chunks, m, d]`` and ``valid [B, n_chunks, m]``: query ``i``
+    sees the valid entries of chunk ``i // chunk`` (``n_chunks = ceil(L / chunk)``)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    chunk: int
+
+
+def chunk_attention(q: torch.Tensor, memory: ChunkMemory) -> AttnOut:
+    """Each query ``q [B, Hq, L, d]`` attends to its chunk's memory: ``(o [B, Hq, L, d], lse [B, Hq, L])``."""
+    b, hq, length, d = q.shape
+    _, hkv, n_chunks, m, _ = memory.k.shape
+    c = memory.chunk
+    qc = F.pad(q, (0, 0, 0, n_chunks * c - length)).view(b, hq, n_chunks, c, d)
+    qc = qc.transpose(1, 2).reshape(b * n_chunks, hq, c, d)
+    ek = memory.k.transpose(1, 2).reshape(b * n_chunks, hkv, m, d)
+    ev = memory.v.transpose(1, 2).reshape(b * n_chunks, hkv, m, d)
+    o, lse = attention_with_lse(qc, ek, ev, memory.valid.reshape(b * n_chunks, 1, 1, 1, m))
+    o = o.view(b, n_chunks, hq, c, d).transpose(1, 2).reshape(b, hq, n_chunks * c, d)[:, :, :length]
+    lse = lse.view(b, n_chunks, hq, c).transpose(1, 2).reshape(b, hq, n_chunks * c)[:, :, :length]
+    return o, lse
+
+
+def _union_keys(bands: list[Band], memory: ChunkMemory | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every key set concatenated along the key axis: bands in order, then the memories chunk by chunk."""
+    ks = [band.k for band in bands] + ([] if memory is None else [memory.k.flatten(2, 3)])
+    vs = [band.v for band in bands] + ([] if memory is None else [memory.v.flatten(2, 3)])
+    return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+
+def _union_mask_mod(length: int, bands: list[Band], memory: ChunkMemory | None):
+    """``mask_mod(b, h, q_idx, kv_idx)`` over the keys of :func:`_union_keys` (FlexAttention's convention)."""
+    spans = [(i * length, band.lo, band.hi) for i, band in enumerate(bands)]
+    start = len(bands) * length
+    valid = None if memory is None else memory.valid.flatten(1)  # [B, n_chunks * m]
+    m = None if memory is None else memory.valid.shape[2]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = q_idx < 0
+        for offset, lo, hi in spans:
+            dist = q_idx - (kv_idx - offset)
+            ok = (kv_idx >= offset) & (kv_idx < offset + length) & (dist >= lo)
+            visible = visible | (ok if hi is None else ok & (dist <= hi))
+        if valid is not None:
+            slot = (kv_idx - start).clamp(0, valid.shape[1] - 1)
+            visible = visible | ((kv_idx >= start) & (slot // m == q_idx // memory.chunk) & valid[b, slot])
+        return visible
+
+    return mask_mod
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_union_attention(q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None) -> AttnOut:
+    """:func:`union_attention` as one FlexAttention call with a block-sparse mask (compiled on CUDA).
+
+    Only the key blocks that some query of a block can see are computed, so the cost is
+    ``O(L * (sum of band widths + memory size))``. On CPU it runs FlexAttention's eager path (forward only).
+    """
+    from torch.nn.attention import flex_attention as fa
+
+    b, hq, length, _ = q.shape
+    k, v = _union_keys(bands, memory)
+    mask_mod = _union_mask_mod(length, bands, memory)
+    block_mask = fa.create_block_mask(mask_mod, None if memory is None else b, None, length, k.shape[2],
+                                      device=q.device, _compile=q.is_cuda)  # fmt: skip
+    flex = _compiled_flex_attention() if q.is_cuda else fa.flex_attention
+    gqa = hq != k.shape[1]
+    if hasattr(fa, "AuxRequest"):
+        o, aux = flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, return_aux=fa.AuxRequest(lse=True))
+        return o, aux.lse.float()
+    o, lse = flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, return_lse=True)
+    return o, lse.float()
+
+
+@functools.cache
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def union_attention(
+    q: torch.Tensor,
+    bands: list[Band],
+    memory: ChunkMemory | None = None,
+    block_size: int = 64,
+    impl: str = "auto",
+) -> AttnOut:
+    """One softmax of ``q [B, Hq, L, d]`` over the union of ``bands`` and the per-chunk ``memory``.
+
+    ``impl``: ``"flex"`` (:func:`flex_union_attention`), ``"merge"`` (:func:`banded_attention` per band
+    and :func:`chunk_attention`, merged by :func:`merge_attention`), or ``"auto"``: FlexAttention for CUDA
+    tensors when available and the kernel mode (``bmojo.ops.triton.kernels``) is not ``reference``, else merge.
+    """
+    if impl == "auto":
+        fused = q.is_cuda and kernels() != "reference" and flex_available()
+        impl = "flex" if fused else "merge"
+    if impl == "flex":
+        return flex_union_attention(q, bands, memory)
+    if impl != "merge":
+        raise ValueError(f"impl must be 'auto', 'flex' or 'merge', got {impl!r}")
+    parts = [banded_attention(q, band.k, band.v, band.lo, band.hi, block_size) for band in bands]
+    if memory is not None:
+        parts.append(chunk_attention(q, memory))
+    return merge_attention(parts)
+
+
+def union_attention_ref(q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None) -> AttnOut:
+    """Reference for :func:`union_attention`: dense attention over the concatenated keys under an explicit mask."""
+    b, _, length, _ = q.shape
+    k, v = _union_keys(bands, memory)
+    mask_mod = _union_mask_mod(length, bands, memory)
+    qi = torch.arange(length, device=q.device).view(1, length, 1)
+    ki = torch.arange(k.shape[2], device=q.device).view(1, 1, -1)
+    mask = mask_mod(torch.arange(b, device=q.device).view(b, 1, 1), None, qi, ki)  # [B, L, K]
+    return attention_with_lse(q, k, v, mask.expand(b, length, k.shape[2])[:, None, None])
 
 
 def banded_attention_ref(
