@@ -117,3 +117,42 @@ def test_settings_and_overrides_are_checked():
             continue
         with pytest.raises(ValueError, match=match):
             tiny_settings(**bad).validate()
+
+
+def _brute_keys(length, window, fading, eidetic, chunk):
+    """Keys each query sees, counted one query at a time from the definitions (window, band, memory fill)."""
+    total = 0
+    for i in range(length):
+        total += min(i + 1, window or length)
+        if fading:
+            total += sum(1 for j in range(i + 1) if window <= i - j < 2 * window)
+        if eidetic:
+            total += min(eidetic, len(range(0, max(0, i // chunk * chunk - window))))
+    return total
+
+
+@pytest.mark.parametrize("preset", ["transformer", "bmojo", "swa", "mamba2", "jamba"])
+def test_model_flops_counts_weights_and_visible_keys(preset):
+    from bmojo.bench import model_flops
+    from bmojo.layers.bmojo import BMojoMixer
+
+    model = BMojoForCausalLM(BMojoConfig.from_preset(preset, "tiny"))
+    length, batch = 50, 3
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    weights += model.config.vocab_size * model.config.hidden_size  # the tied LM head is a matmul
+    attention = 0
+    for m in model.modules():
+        if isinstance(m, BMojoMixer) and m.attn is not None:
+            mem = m.memory
+            keys = _brute_keys(length, m.window, m.fading, mem.size if mem else 0, mem.chunk_size if mem else 1)
+            attention += 12 * m.attn.num_heads * m.attn.head_dim * keys
+    assert model_flops(model, batch, length) == batch * (6 * weights * length + attention)
+
+
+def test_bench_bfloat16_autocast_reports_mfu():
+    result = run_bench(tiny_settings(lengths=[16], modes=["train", "decode"], dtype="bfloat16"))
+    assert result["settings"]["dtype"] == "bfloat16"
+    train = [p for p in result["points"] if p["mode"] == "train"]
+    assert train and all(0 < p["mfu"] and p["model_flops"] > 0 for p in train)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        tiny_settings(dtype="float16").validate()

@@ -17,11 +17,16 @@ that earlier points freed into the allocator cannot hide it); on CUDA ``torch.cu
 For ``decode`` it is the size of the cache after the prefill plus the peak growth while decoding (not what the
 prefill freed into the allocator), and ``cache_bytes`` is the cache's exact size after the timed steps. For ``train`` the step's FLOPs are counted by
 ``torch.utils.flop_counter`` (matmuls and attention as executed, masked-out entries of banded attention included)
-and reported as achieved FLOP/s and as a fraction of the measured fp32 matmul peak.
+and reported as achieved FLOP/s and as a fraction of the measured matmul peak (on CPU only: compiled CUDA kernels
+hide their FLOPs from the counter). Every ``train`` point also reports model FLOPs utilisation (``mfu``): the
+usual estimate of a step's useful FLOPs (:func:`model_flops`) per second over the measured matmul peak in the run's
+dtype. ``dtype="bfloat16"`` runs every mode under ``torch.autocast`` (weights stay float32).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import json
 import os
@@ -46,6 +51,7 @@ from bmojo.models.modeling import BMojoForCausalLM, count_parameters
 
 MODES = ("train", "prefill", "decode")
 BASELINE = "transformer"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MATCH_TOLERANCE = 0.05
 
 
@@ -66,6 +72,7 @@ class BenchSettings:
     overrides: dict[str, Any] = field(default_factory=dict)
     memory: bool = True
     seed: int = 0
+    dtype: str = "float32"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -81,6 +88,8 @@ class BenchSettings:
         for name in ("batch", "repeats", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
@@ -145,11 +154,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_flops(device: str, n: int | None = None, repeats: int = 5) -> float:
-    """Measured fp32 ``n x n`` matmul FLOP/s, the best of ``repeats`` (n = 1024 on CPU, 8192 on CUDA)."""
+def matmul_peak_flops(device: str, n: int | None = None, repeats: int = 5, dtype: str = "float32") -> float:
+    """Measured ``n x n`` matmul FLOP/s in ``dtype``, the best of ``repeats`` (n = 1024 on CPU, 8192 on CUDA)."""
     dev = torch.device(device)
     n = n or (8192 if dev.type == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    a, b = (torch.randn(n, n, device=dev, dtype=DTYPES[dtype]) for _ in range(2))
     a @ b
     times = []
     for _ in range(repeats):
@@ -159,6 +168,35 @@ def matmul_peak_flops(device: str, n: int | None = None, repeats: int = 5) -> fl
         _sync(dev)
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / min(times)
+
+
+def _attention_keys(mixer: torch.nn.Module, length: int) -> float:
+    """Keys an attention mixer's queries see, summed over positions ``0..L-1`` (exactly, from its masks)."""
+    i = torch.arange(length, dtype=torch.float64)
+    w = mixer.window
+    keys = (i + 1).clamp(max=length if w is None else w)
+    if mixer.fading:
+        keys += (i - w + 1).clamp(min=0, max=w)
+    if mixer.memory is not None:
+        c = mixer.memory.chunk_size
+        keys += ((i // c) * c - w).clamp(min=0, max=mixer.memory.size)
+    return float(keys.sum())
+
+
+def model_flops(model: BMojoForCausalLM, batch: int, length: int) -> float:
+    """Useful FLOPs of one training step (forward + backward) on ``[batch, L]`` tokens, the PaLM/nanoGPT way.
+
+    ``6`` per matmul weight per token (every parameter except the input embedding, with the LM head) plus, per
+    attention layer, ``12 * heads * head_dim`` per key a query sees (:func:`_attention_keys`: causal, window,
+    fading band and eidetic memory counted exactly). The SSM scans' own FLOPs are left out.
+    """
+    from bmojo.layers.bmojo import BMojoMixer
+
+    weights = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    weights += model.lm_head.weight.numel() if model.lm_head.weight is model.get_input_embeddings().weight else 0
+    attention = sum(12 * m.attn.num_heads * m.attn.head_dim * _attention_keys(m, length)
+                    for m in model.modules() if isinstance(m, BMojoMixer) and m.attn is not None)  # fmt: skip
+    return batch * (6 * weights * length + attention)
 
 
 def _ids(config: BMojoConfig, batch: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -176,22 +214,40 @@ def _prefill(model: BMojoForCausalLM, ids: torch.Tensor) -> Any:
         return model.eval()(ids, use_cache=True, logits_to_keep=1).cache
 
 
-def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int) -> Callable[[], None]:
-    """A function running one unit of ``mode`` on ``ids [batch, L]`` (for ``decode`` the prefill happens now)."""
+def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int,
+                dtype: str = "float32") -> Callable[[], None]:  # fmt: skip
+    """A function running one unit of ``mode`` on ``ids [batch, L]`` under autocast to ``dtype`` (for ``decode``
+    the prefill happens now)."""
+    amp = functools.partial(_autocast, ids.device, dtype)
     if mode == "train":
         model.train()
 
         def train() -> None:
             model.zero_grad(set_to_none=True)
-            model(ids, labels=ids, use_cache=False).loss.backward()
+            with amp():
+                loss = model(ids, labels=ids, use_cache=False).loss
+            loss.backward()
 
         return train
     if mode == "prefill":
-        return lambda: _prefill(model, ids)
-    cache, token = _prefill(model, ids), ids[:, -1:]
+
+        def prefill() -> None:
+            with amp():
+                _prefill(model, ids)
+
+        return prefill
+    with amp():
+        cache, token = _prefill(model, ids), ids[:, -1:]
 
     def decode() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             for _ in range(decode_steps):
                 model(token, cache=cache, use_cache=True)
 
@@ -232,7 +288,7 @@ class _Memory:
 
 
 def memory_point(config: BMojoConfig, mode: str, batch: int, length: int, decode_steps: int, seed: int,
-                 device: str) -> int:  # fmt: skip
+                 device: str, dtype: str = "float32") -> int:  # fmt: skip
     """Peak memory growth in bytes of one run of ``mode``; for ``decode``, the cache plus the peak growth during
     decoding after the prefill."""
     dev = torch.device(device)
@@ -241,7 +297,7 @@ def memory_point(config: BMojoConfig, mode: str, batch: int, length: int, decode
     _sync(dev)
     before = probe.current()
     probe.reset()
-    run = make_runner(model, mode, ids, decode_steps)
+    run = make_runner(model, mode, ids, decode_steps, dtype)
     if mode == "decode":  # count the cache, not what the prefill left in the allocator
         _sync(dev)
         before = probe.current() - run.cache.nbytes()  # type: ignore[attr-defined]
@@ -313,14 +369,14 @@ def _run(settings: BenchSettings, on_point: Callable[[dict[str, Any]], None] | N
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(settings.device),
         "settings": asdict(settings),
-        "matmul_peak_flops": matmul_peak_flops(settings.device),
+        "matmul_peak_flops": matmul_peak_flops(settings.device, dtype=settings.dtype),
         "models": {k: {**v, "config": v["config"].to_dict()} for k, v in models.items()},
         "points": [],
     }
     built = {name: _build(m["config"], settings.seed, dev) for name, m in models.items()}
     for length in settings.lengths:
         for mode in settings.modes:
-            points = _measure(settings, models, built, mode, length)
+            points = _measure(settings, models, built, mode, length, result["matmul_peak_flops"])
             result["points"].extend(points)
             for p in points:
                 if on_point is not None:
@@ -330,11 +386,12 @@ def _run(settings: BenchSettings, on_point: Callable[[dict[str, Any]], None] | N
 
 
 def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: dict[str, BMojoForCausalLM],
-             mode: str, length: int) -> list[dict[str, Any]]:  # fmt: skip
-    """One (mode, length) for every model, timed repeats interleaved across the models."""
+             mode: str, length: int, peak: float) -> list[dict[str, Any]]:  # fmt: skip
+    """One (mode, length) for every model, timed repeats interleaved across the models (``peak``: matmul FLOP/s)."""
     dev, steps = torch.device(settings.device), settings.decode_steps
     runners = {
-        name: make_runner(model, mode, _ids(models[name]["config"], settings.batch, length, settings.seed, dev), steps)
+        name: make_runner(model, mode, _ids(models[name]["config"], settings.batch, length, settings.seed, dev), steps,
+                          settings.dtype)  # fmt: skip
         for name, model in built.items()
     }
     for _ in range(settings.warmup):
@@ -357,6 +414,9 @@ def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: 
             point["cache_bytes"] = run.cache.nbytes()  # type: ignore[attr-defined]
             point["decode_steps"] = steps
         if mode == "train":
+            point["model_flops"] = model_flops(built[name], settings.batch, length)
+            point["mfu"] = point["model_flops"] / median / peak
+        if mode == "train" and dev.type == "cpu":
             counter = FlopCounterMode(display=False)
             with counter:
                 run()
@@ -369,6 +429,7 @@ def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: 
                 "length": length,
                 "decode_steps": steps,
                 "seed": settings.seed,
+                "dtype": settings.dtype,
             }
             config = models[name]["config"]
             point["peak_mem_bytes"] = (
@@ -397,16 +458,18 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
     for p in result["points"]:
         ratio = p.get("vs_baseline")
-        flops = p.get("flops_per_s")
+        flops, mfu = p.get("flops_per_s"), p.get("mfu")
         rows.append([
             p["model"], f"{result['models'][p['model']]['params']:,}", p["mode"], f"{p['length']:,}",
             f"{p['tokens_per_s']:,.0f}", "" if ratio is None else f"{ratio:.2f}x", _fmt_bytes(p.get("peak_mem_bytes")),
             _fmt_bytes(p.get("cache_bytes")), "" if flops is None else f"{flops / 1e9:.1f} ({flops / peak:.0%})",
+            "" if mfu is None else f"{mfu:.1%}",
         ])  # fmt: skip
     return rows
 
 
-COLUMNS = ["model", "params", "mode", "L", "tokens/s", "vs transformer", "peak memory", "cache", "GFLOP/s (of peak)"]
+COLUMNS = ["model", "params", "mode", "L", "tokens/s", "vs transformer", "peak memory", "cache", "GFLOP/s (of peak)",
+           "MFU"]
 
 
 def results_table(result: dict[str, Any]) -> Table:
@@ -425,7 +488,7 @@ def markdown(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     machine = (
         f"Machine: {m['device']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['platform']}; "
-        f"load average {m['load_average']} at the start. Measured fp32 matmul peak: "
+        f"load average {m['load_average']} at the start. Measured {s['dtype']} matmul peak: "
         f"{result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s."
     )
     run = (

@@ -425,6 +425,7 @@ def bench(
     decode_steps: int = typer.Option(16, help="single-token steps timed per decode run"),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's)"),
     device: str = typer.Option("cpu", help="torch device"),
+    dtype: str = typer.Option("float32", help="float32, or bfloat16 (autocast)"),
     overrides: list[str] | None = typer.Option(None, "--set", help="config field of every model: KEY=VALUE"),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="measure peak memory (CPU: a process per point)"),
     out: Path = typer.Option(Path("runs/bench"), help="output directory"),
@@ -434,7 +435,7 @@ def bench(
         settings = BenchSettings(
             presets=presets.split(","), size=size, lengths=_csv_ints(lengths), modes=modes.split(","), batch=batch,
             repeats=repeats, warmup=warmup, decode_steps=decode_steps, threads=threads, device=device,
-            overrides=parse_overrides(overrides or []), memory=memory,
+            overrides=parse_overrides(overrides or []), memory=memory, dtype=dtype,
         )  # fmt: skip
         settings.validate()
     except ValueError as e:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops.triton import kernels
+from bmojo.ops.triton import use_fused_cuda
 
 AttnOut = tuple[torch.Tensor, torch.Tensor]
 SEGMENT_BYTES = 4 << 20  # float32 scores per segment of query blocks: small enough to stay in a CPU cache
@@ -312,12 +312,11 @@ def union_attention(
     """One softmax of ``q [B, Hq, L, d]`` over the union of ``bands`` and the per-chunk ``memory``.
 
     ``impl``: ``"flex"`` (:func:`flex_union_attention`), ``"merge"`` (:func:`banded_attention` per band
-    and :func:`chunk_attention`, merged by :func:`merge_attention`), or ``"auto"``: FlexAttention for CUDA
-    tensors when available and the kernel mode (``bmojo.ops.triton.kernels``) is not ``reference``, else merge.
+    and :func:`chunk_attention`, merged by :func:`merge_attention`), or ``"auto"``: FlexAttention where
+    ``bmojo.ops.triton.use_fused_cuda`` allows it (CUDA tensors, kernel mode not ``reference``), else merge.
     """
     if impl == "auto":
-        fused = q.is_cuda and kernels() != "reference" and flex_available()
-        impl = "flex" if fused else "merge"
+        impl = "flex" if use_fused_cuda(q) and flex_available() else "merge"
     if impl == "flex":
         return flex_union_attention(q, bands, memory)
     if impl != "merge":

@@ -13,13 +13,19 @@ computed in float32; ``y`` comes back in the dtype of ``x`` and states in float3
 :func:`ssd_scan_ref` is the sequential definition, :func:`ssd_step` one decoding step, and
 :func:`ssd_scan` the chunked algorithm used for training and prefill. On x86 CPUs, strong decay within a
 chunk makes subnormal floats, which slow it down (up to about 2x); ``torch.set_flush_denormal(True)``
-avoids that.
+avoids that. On CUDA, when flash-linear-attention (``fla``) is installed, :func:`ssd_scan` runs its Triton
+``chunk_simple_gla`` (forward and backward), which computes in the inputs' dtype with float32 accumulation.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 import torch.nn.functional as F
+
+from bmojo.ops.triton import use_fused_cuda
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -99,7 +105,10 @@ def ssd_scan(
     to the chunk end; a sequential recurrence over the ``L / Q`` chunks gives every chunk's incoming
     state (starting from ``initial_state``), whose decayed read-out through ``C`` is added to ``y``.
     Differentiable by autograd. Returns ``(y [batch, L, H, P], final_state [batch, H, P, N])``.
+    CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed (see the module docstring).
     """
+    if use_fused_cuda(x, dt, A, B, C, initial_state) and fla_available():
+        return ssd_scan_fla(x, dt, A, B, C, initial_state)
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
     r = _heads_per_group(heads, g)
@@ -130,3 +139,33 @@ def ssd_scan(
     y = y + torch.einsum("bcign,bcgrpn->bcigrp", cs, torch.stack(carries, dim=1)) * from_start
     y = y.reshape(bsz, chunks * q, heads, p)[:, :length]
     return y.to(x.dtype), carry.reshape(bsz, heads, p, n)
+
+
+@functools.cache
+def fla_available() -> bool:
+    """Whether flash-linear-attention (``fla``) can be imported (looked up once)."""
+    return importlib.util.find_spec("fla") is not None
+
+
+def ssd_scan_fla(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> ScanOut:
+    """:func:`ssd_scan` through flash-linear-attention's ``chunk_simple_gla`` (CUDA, forward and backward).
+
+    SSD is gated linear attention with one log-decay per head and step: queries ``C``, keys ``B``, values
+    ``dt * x``, log-decay ``dt * A``, scale 1; the state ``[P, N]`` is fla's value-first layout.
+    """
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    rep = _heads_per_group(x.shape[2], B.shape[2])
+    q, k = C.to(x.dtype).repeat_interleave(rep, dim=2), B.to(x.dtype).repeat_interleave(rep, dim=2)
+    v = (x * dt.unsqueeze(-1)).to(x.dtype)
+    y, state = chunk_simple_gla(q, k, v, g=dt.float() * A.float(), scale=1.0,
+                                initial_state=None if initial_state is None else initial_state.float(),
+                                output_final_state=True, state_v_first=True)  # fmt: skip
+    return y.to(x.dtype), state.float()

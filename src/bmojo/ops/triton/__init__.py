@@ -9,6 +9,9 @@
 
 ``triton`` itself is imported only when a kernel runs, never on import of ``bmojo``. Kernels cover inference:
 a call whose inputs need gradients takes the PyTorch path, whose backward pass is hand-written.
+
+The same switch governs the fused CUDA paths of other libraries, which also train (:func:`use_fused_cuda`):
+FlexAttention for the B'MOJO attention and flash-linear-attention's SSD scan when ``fla`` is installed.
 """
 
 from __future__ import annotations
@@ -67,3 +70,10 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
             raise RuntimeError("BMOJO_KERNELS=triton but the triton package is not installed (pip install triton)")
         return True
     return all(t.is_cuda for t in present) and triton_available()
+
+
+def use_fused_cuda(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on ``tensors`` should take a fused CUDA path (FlexAttention, flash-linear-attention):
+    every tensor on a CUDA device, none float64, and the kernel mode not ``reference``."""
+    present = [t for t in tensors if t is not None]
+    return _mode != "reference" and all(t.is_cuda and t.dtype != torch.float64 for t in present)

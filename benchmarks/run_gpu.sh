@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks as run for benchmarks/RESULTS.md (a CUDA machine with torch and triton; the project is
+# used from the checkout). Optional wheels in .whl/ (fla-core for the SSD kernels) are installed first.
+#   bash benchmarks/run_gpu.sh OUT tests   # tests/test_cuda.py
+#   bash benchmarks/run_gpu.sh OUT train   # 130m training and prefill at 2K (batch 8) and 8K (batch 2), bf16
+#   bash benchmarks/run_gpu.sh OUT decode  # decode tokens/s and cache memory at 4K and 32K
+set -uo pipefail
+out=${1:?output directory}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+  'transformers', transformers.__version__, torch.cuda.get_device_name())"
+bench() { python3 -m bmojo.cli bench --device cuda --dtype bfloat16 --size 130m --presets bmojo \
+  --set window_size=512 --set chunk_size=512 "$@"; }
+for stage in "${@:2}"; do
+  case $stage in
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log" ;;
+    train)
+      bench --lengths 2048 --modes train,prefill --batch 8 --repeats 5 --warmup 2 --out "$out/train_2k"
+      bench --lengths 8192 --modes train,prefill --batch 2 --repeats 5 --warmup 2 --out "$out/train_8k" ;;
+    decode) bench --lengths 4096,32768 --modes decode --batch 1 --decode-steps 32 --repeats 3 --out "$out/decode" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,157 @@
+"""The fused CUDA paths against the PyTorch references, on a GPU (skipped without one).
+
+What runs here: FlexAttention for the B'MOJO union attention (forward, and gradients of the output and of the
+log-sum-exp), flash-linear-attention's SSD scan when ``fla`` is installed, our Triton selective scan on real
+CUDA tensors, whole models on the fused paths against ``BMOJO_KERNELS=reference``, parallel vs recurrent
+decoding on CUDA, and a bf16 training run. ``benchmarks/RESULTS.md`` records the device these last passed on.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bmojo.ops.triton as kernels
+from bmojo import BMojoConfig, BMojoForCausalLM
+from bmojo.models.config import PRESETS
+from bmojo.ops.attention import Band, ChunkMemory, union_attention, union_attention_ref
+from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
+from bmojo.ops.ssd import fla_available, ssd_scan, ssd_scan_ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEV = "cuda"
+
+
+@pytest.fixture
+def reference_kernels():
+    """Run a block under ``BMOJO_KERNELS=reference``, restoring the mode after."""
+    before = kernels.kernels()
+    yield lambda: kernels.set_kernels("reference")
+    kernels.set_kernels(before)
+
+
+def _union_inputs(b, hq, hkv, length, d, w, m, chunk, dtype, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, device=DEV).to(dtype).requires_grad_()
+
+    q = rand(b, hq, length, d)
+    bands = [Band(rand(b, hkv, length, d), rand(b, hkv, length, d), 0, w - 1),
+             Band(rand(b, hkv, length, d), rand(b, hkv, length, d), w, 2 * w - 1)]  # fmt: skip
+    n = -(-length // chunk)
+    valid = torch.rand(b, n, m, generator=g, device=DEV) > 0.3
+    memory = ChunkMemory(rand(b, hkv, n, m, d), rand(b, hkv, n, m, d), valid, chunk)
+    leaves = [q] + [t for band in bands for t in (band.k, band.v)] + [memory.k, memory.v]
+    return q, bands, memory, leaves
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("length,w,m,chunk,hq,hkv", [(1, 16, 4, 16, 4, 4), (200, 32, 8, 32, 4, 2),
+                                                     (1000, 64, 16, 64, 8, 8), (777, 100, 8, 100, 4, 1)])  # fmt: skip
+def test_flex_union_forward_and_gradients_match_reference(dtype, tol, length, w, m, chunk, hq, hkv):
+    q, bands, memory, leaves = _union_inputs(2, hq, hkv, length, 64, w, m, chunk, dtype, seed=length)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    do = torch.randn(q.shape, generator=g, device=DEV).to(dtype)
+    dlse = torch.randn(q.shape[:3], generator=g, device=DEV)
+    results = []
+    for fn in (lambda: union_attention(q, bands, memory, impl="flex"), lambda: union_attention_ref(q, bands, memory)):
+        o, lse = fn()
+        grads = torch.autograd.grad((o.float() * do.float()).sum() + (lse * dlse).sum(), leaves)
+        results.append((o.float(), lse, [x.float() for x in grads]))
+    (o, lse, grads), (o_ref, lse_ref, grads_ref) = results
+    torch.testing.assert_close(o, o_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, lse_ref, atol=tol, rtol=tol)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, atol=tol * 5, rtol=tol * 5)
+
+
+@pytest.mark.skipif(not fla_available(), reason="flash-linear-attention (fla) is not installed")
+@pytest.mark.parametrize("length", [1, 63, 64, 300])
+def test_fla_ssd_forward_and_gradients_match_reference(length):
+    g = torch.Generator(device=DEV).manual_seed(length)
+    b, h, p, groups, n = 2, 4, 16, 2, 16
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=DEV) * scale).requires_grad_()
+
+    x, B, C, s0 = rand(b, length, h, p), rand(b, length, groups, n), rand(b, length, groups, n), rand(b, h, p, n)
+    dt = (torch.rand(b, length, h, generator=g, device=DEV) * 0.5).requires_grad_()
+    A = (-torch.rand(h, generator=g, device=DEV) - 0.1).requires_grad_()
+    leaves = [x, dt, A, B, C, s0]
+    outs = []
+    for fn in (ssd_scan, ssd_scan_ref):
+        y, state = fn(x, dt, A, B, C, initial_state=s0)
+        outs.append((y, state, torch.autograd.grad(y.pow(2).sum() + state.pow(2).sum(), leaves)))
+    (y, state, grads), (y_ref, state_ref, grads_ref) = outs
+    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(state, state_ref, atol=2e-2, rtol=2e-2)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, atol=5e-2, rtol=5e-2)
+
+
+def test_triton_selective_scan_on_cuda_matches_reference():
+    g = torch.Generator(device=DEV).manual_seed(0)
+    b, length, e, n = 2, 300, 64, 16
+    u, delta = torch.randn(b, length, e, generator=g, device=DEV), torch.rand(b, length, e, generator=g, device=DEV)
+    A = -torch.rand(e, n, generator=g, device=DEV)
+    B, C = torch.randn(b, length, n, generator=g, device=DEV), torch.randn(b, length, n, generator=g, device=DEV)
+    s0 = torch.randn(b, e, n, generator=g, device=DEV)
+    with torch.no_grad():
+        y, state = selective_scan(u, delta, A, B, C, initial_state=s0)
+    y_ref, state_ref = selective_scan_ref(u, delta, A, B, C, initial_state=s0)
+    torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(state, state_ref, atol=1e-3, rtol=1e-3)
+
+
+def _tiny(name: str) -> BMojoForCausalLM:
+    torch.manual_seed(0)
+    config = BMojoConfig.from_preset(name, "tiny", window_size=16, chunk_size=16, eidetic_size=8)
+    return BMojoForCausalLM(config).to(DEV)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_fused_model_matches_reference_logits_and_gradients(name, reference_kernels):
+    model = _tiny(name)
+    ids = torch.randint(0, model.config.vocab_size, (2, 150), device=DEV)
+    results = []
+    for use_reference in (False, True):
+        if use_reference:
+            reference_kernels()
+        model.zero_grad()
+        out = model(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logits, grads), (logits_ref, grads_ref) = results
+    torch.testing.assert_close(logits, logits_ref, atol=2e-3, rtol=2e-3)
+    for n, gr in grads_ref.items():
+        torch.testing.assert_close(grads[n], gr, atol=2e-3, rtol=2e-2, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_cuda_prefill_plus_decode_equals_full_forward(name):
+    model = _tiny(name).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 80), device=DEV)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :37], use_cache=True)
+        logits = [out.logits]
+        for t in range(37, 80):
+            out = model(ids[:, t : t + 1], past_key_values=out.cache, use_cache=True)
+            logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=2e-3, rtol=2e-3)
+
+
+def test_bf16_autocast_training_lowers_the_loss():
+    model = _tiny("bmojo").train()
+    ids = torch.randint(0, model.config.vocab_size, (4, 256), device=DEV)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.7 * losses[0]
