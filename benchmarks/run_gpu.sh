@@ -2,6 +2,7 @@
 # GPU checks and benchmarks as run for benchmarks/RESULTS.md (a CUDA machine with torch and triton; the project is
 # used from the checkout). Optional wheels in .whl/ (fla-core for the SSD kernels) are installed first.
 #   bash benchmarks/run_gpu.sh OUT tests   # tests/test_cuda.py
+#   bash benchmarks/run_gpu.sh OUT probe   # 130m bf16 training steps: step times and the graphs dynamo compiled
 #   bash benchmarks/run_gpu.sh OUT train   # 130m training and prefill at 2K (batch 8) and 8K (batch 2), bf16
 #   bash benchmarks/run_gpu.sh OUT decode  # decode tokens/s and cache memory at 4K and 32K
 set -uo pipefail
@@ -19,6 +20,23 @@ bench() { python3 -m bmojo.cli bench --device cuda --dtype bfloat16 --size 130m 
 for stage in "${@:2}"; do
   case $stage in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log" ;;
+    probe) python3 - <<'PY'
+import time, torch
+from torch._dynamo.utils import counters
+from bmojo import BMojoConfig, BMojoForCausalLM
+config = BMojoConfig.from_preset("bmojo", "130m", window_size=512, chunk_size=512)
+model = BMojoForCausalLM(config).cuda()
+ids = torch.randint(0, config.vocab_size, (8, 2048), device="cuda")
+for step in range(4):
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    torch.cuda.synchronize()
+    print(f"step {step}: {time.perf_counter() - t0:.3f} s, loss {loss.item():.3f}")
+print("dynamo:", {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles")})
+PY
+    ;;
     train)
       bench --lengths 2048 --modes train,prefill --batch 8 --repeats 5 --warmup 2 --out "$out/train_2k"
       bench --lengths 8192 --modes train,prefill --batch 2 --repeats 5 --warmup 2 --out "$out/train_8k" ;;

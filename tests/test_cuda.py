@@ -16,7 +16,7 @@ from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.models.config import PRESETS
 from bmojo.ops.attention import Band, ChunkMemory, union_attention, union_attention_ref
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
-from bmojo.ops.ssd import fla_available, ssd_scan, ssd_scan_ref
+from bmojo.ops.ssd import fla_available, fla_backward_supported, ssd_scan_fla, ssd_scan_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEV = "cuda"
@@ -68,26 +68,28 @@ def test_flex_union_forward_and_gradients_match_reference(dtype, tol, length, w,
 
 @pytest.mark.skipif(not fla_available(), reason="flash-linear-attention (fla) is not installed")
 @pytest.mark.parametrize("length", [1, 63, 64, 300])
-def test_fla_ssd_forward_and_gradients_match_reference(length):
+def test_fla_ssd_matches_reference(length):
+    """Forward always; gradients where fla runs its backward on this GPU (else training takes the PyTorch scan)."""
     g = torch.Generator(device=DEV).manual_seed(length)
     b, h, p, groups, n = 2, 4, 16, 2, 16
 
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device=DEV) * scale).requires_grad_()
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, device=DEV).requires_grad_()
 
     x, B, C, s0 = rand(b, length, h, p), rand(b, length, groups, n), rand(b, length, groups, n), rand(b, h, p, n)
     dt = (torch.rand(b, length, h, generator=g, device=DEV) * 0.5).requires_grad_()
     A = (-torch.rand(h, generator=g, device=DEV) - 0.1).requires_grad_()
     leaves = [x, dt, A, B, C, s0]
-    outs = []
-    for fn in (ssd_scan, ssd_scan_ref):
-        y, state = fn(x, dt, A, B, C, initial_state=s0)
-        outs.append((y, state, torch.autograd.grad(y.pow(2).sum() + state.pow(2).sum(), leaves)))
-    (y, state, grads), (y_ref, state_ref, grads_ref) = outs
+    with torch.no_grad():
+        y, state = ssd_scan_fla(*leaves)
+    y_ref, state_ref = ssd_scan_ref(*leaves)
     torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(state, state_ref, atol=2e-2, rtol=2e-2)
-    for a, r in zip(grads, grads_ref):
-        torch.testing.assert_close(a, r, atol=5e-2, rtol=5e-2)
+    if fla_backward_supported(x.device):
+        grads = torch.autograd.grad(sum(t.pow(2).sum() for t in ssd_scan_fla(*leaves)), leaves)
+        grads_ref = torch.autograd.grad(y_ref.pow(2).sum() + state_ref.pow(2).sum(), leaves)
+        for a, r in zip(grads, grads_ref):
+            torch.testing.assert_close(a, r, atol=5e-2, rtol=5e-2)
 
 
 def test_triton_selective_scan_on_cuda_matches_reference():

@@ -244,10 +244,20 @@ def _union_keys(bands: list[Band], memory: ChunkMemory | None) -> tuple[torch.Te
 
 def _union_mask_mod(length: int, bands: list[Band], memory: ChunkMemory | None):
     """``mask_mod(b, h, q_idx, kv_idx)`` over the keys of :func:`_union_keys` (FlexAttention's convention)."""
-    spans = [(i * length, band.lo, band.hi) for i, band in enumerate(bands)]
-    start = len(bands) * length
-    valid = None if memory is None else memory.valid.flatten(1)  # [B, n_chunks * m]
-    m = None if memory is None else memory.valid.shape[2]
+    spans = tuple((i * length, band.lo, band.hi) for i, band in enumerate(bands))
+    m, chunk = (None, None) if memory is None else (memory.valid.shape[2], memory.chunk)
+    mask_mod = _mask_mod_for(length, spans, m, chunk)
+    if memory is not None:
+        mask_mod.buffers["valid"] = memory.valid.flatten(1)  # [B, n_chunks * m]
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_mod_for(length: int, spans: tuple[tuple[int, int, int | None], ...], m: int | None, chunk: int | None):
+    """One ``mask_mod`` function per mask structure, so compiled FlexAttention sees the same function every call
+    (a new closure per call could recompile); the memory's validity is the tensor in ``mask_mod.buffers``."""
+    start = len(spans) * length
+    buffers: dict[str, torch.Tensor] = {}
 
     def mask_mod(b, h, q_idx, kv_idx):
         visible = q_idx < 0
@@ -255,11 +265,13 @@ def _union_mask_mod(length: int, bands: list[Band], memory: ChunkMemory | None):
             dist = q_idx - (kv_idx - offset)
             ok = (kv_idx >= offset) & (kv_idx < offset + length) & (dist >= lo)
             visible = visible | (ok if hi is None else ok & (dist <= hi))
-        if valid is not None:
+        if m is not None:
+            valid = buffers["valid"]
             slot = (kv_idx - start).clamp(0, valid.shape[1] - 1)
-            visible = visible | ((kv_idx >= start) & (slot // m == q_idx // memory.chunk) & valid[b, slot])
+            visible = visible | ((kv_idx >= start) & (slot // m == q_idx // chunk) & valid[b, slot])
         return visible
 
+    mask_mod.buffers = buffers
     return mask_mod
 
 

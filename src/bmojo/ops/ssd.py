@@ -14,7 +14,8 @@ computed in float32; ``y`` comes back in the dtype of ``x`` and states in float3
 :func:`ssd_scan` the chunked algorithm used for training and prefill. On x86 CPUs, strong decay within a
 chunk makes subnormal floats, which slow it down (up to about 2x); ``torch.set_flush_denormal(True)``
 avoids that. On CUDA, when flash-linear-attention (``fla``) is installed, :func:`ssd_scan` runs its Triton
-``chunk_simple_gla`` (forward and backward), which computes in the inputs' dtype with float32 accumulation.
+``chunk_simple_gla`` (forward, and backward where fla supports it: :func:`fla_backward_supported`), which
+computes in the inputs' dtype with float32 accumulation.
 """
 
 from __future__ import annotations
@@ -107,8 +108,11 @@ def ssd_scan(
     Differentiable by autograd. Returns ``(y [batch, L, H, P], final_state [batch, H, P, N])``.
     CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed (see the module docstring).
     """
-    if use_fused_cuda(x, dt, A, B, C, initial_state) and fla_available():
-        return ssd_scan_fla(x, dt, A, B, C, initial_state)
+    inputs = (x, dt, A, B, C, initial_state)
+    if use_fused_cuda(*inputs) and fla_available():
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        if not needs_grad or fla_backward_supported(x.device):
+            return ssd_scan_fla(*inputs)
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
     r = _heads_per_group(heads, g)
@@ -145,6 +149,17 @@ def ssd_scan(
 def fla_available() -> bool:
     """Whether flash-linear-attention (``fla``) can be imported (looked up once)."""
     return importlib.util.find_spec("fla") is not None
+
+
+def fla_backward_supported(device: torch.device) -> bool:
+    """Whether fla's SSD backward runs on ``device``: fla refuses it on Hopper GPUs with Triton >= 3.4 and < 3.7.1
+    (wrong results there, fla issue #640) unless ``tilelang`` is installed."""
+    import triton
+    from packaging.version import Version
+
+    hopper = torch.cuda.get_device_capability(device)[0] == 9
+    broken = Version("3.4") <= Version(triton.__version__) < Version("3.7.1")
+    return not (hopper and broken) or importlib.util.find_spec("tilelang") is not None
 
 
 def ssd_scan_fla(
