@@ -2,7 +2,7 @@
 # GPU checks and benchmarks as run for benchmarks/RESULTS.md (a CUDA machine with torch and triton; the project is
 # used from the checkout). Optional wheels in .whl/ (fla-core for the SSD kernels) are installed first.
 #   bash benchmarks/run_gpu.sh OUT tests   # tests/test_cuda.py
-#   bash benchmarks/run_gpu.sh OUT probe   # 130m bf16 training steps: step times and the graphs dynamo compiled
+#   bash benchmarks/run_gpu.sh OUT probe   # 130m bf16 training steps: step times, graphs dynamo compiled, a profile
 #   bash benchmarks/run_gpu.sh OUT train   # 130m training and prefill at 2K (batch 8) and 8K (batch 2), bf16
 #   bash benchmarks/run_gpu.sh OUT decode  # decode tokens/s and cache memory at 4K and 32K
 set -uo pipefail
@@ -35,6 +35,13 @@ for step in range(4):
     torch.cuda.synchronize()
     print(f"step {step}: {time.perf_counter() - t0:.3f} s, loss {loss.item():.3f}")
 print("dynamo:", {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles")})
+from torch.profiler import ProfilerActivity, profile
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 PY
     ;;
     train)
