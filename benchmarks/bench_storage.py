@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
-from bmojo.recall import cosine_lr
+from bmojo.optim import cosine_lr
 
 
 def far_recall(

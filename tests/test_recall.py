@@ -7,7 +7,8 @@ import yaml
 from typer.testing import CliRunner
 
 from bmojo.cli import app
-from bmojo.recall import RecallRun, cosine_lr, train_recall
+from bmojo.optim import cosine_lr
+from bmojo.recall import RecallRun, train_recall
 
 
 def run_sweep(spec: dict, tmp_path, out):

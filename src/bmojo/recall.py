@@ -8,7 +8,6 @@ held-out split that shares no sequence with training, and stop early at a target
 from __future__ import annotations
 
 import csv
-import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bmojo.models import BMojoConfig, BMojoForCausalLM
+from bmojo.optim import cosine_lr, param_groups
 from bmojo.tasks import TASKS, make_split
 
 
@@ -102,14 +102,6 @@ def accuracy(model: BMojoForCausalLM, inputs: torch.Tensor, labels: torch.Tensor
     return correct / max(total, 1)
 
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0.1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
 def train_recall(run: RecallRun, on_step: Callable[[int, float, float | None], None] | None = None) -> dict[str, Any]:
     """Train and evaluate one run; returns its parameters, state size, accuracy and timing."""
     if run.task not in TASKS:
@@ -119,11 +111,7 @@ def train_recall(run: RecallRun, on_step: Callable[[int, float, float | None], N
         TASKS[run.task], run.num_train, run.num_test, run.seed, **run.task_kwargs()
     )
     model = BMojoForCausalLM(run.config())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": run.weight_decay}, {"params": other, "weight_decay": 0.0}], lr=run.lr
-    )
+    opt = torch.optim.AdamW(param_groups(model, run.weight_decay), lr=run.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, run.steps, run.warmup))
     gen = torch.Generator().manual_seed(run.seed)
     t0, acc, step = time.perf_counter(), 0.0, 0

@@ -17,8 +17,7 @@ name, fsynced and renamed, so a killed run leaves only complete checkpoints; ``r
 checkpoint or one written for another model, other training settings or other data. Weights are gathered
 to full tensors, so a run may resume with another number of processes or DDP <-> FSDP2.
 
-Weight decay applies to matrix and convolution weights only: embeddings (and the LM head tied to
-them), norm weights, biases and the SSM parameters ``A_log``, ``D`` and ``dt_bias`` are not decayed.
+Weight decay: :func:`bmojo.optim.param_groups` (matrix and convolution weights only).
 """
 
 from __future__ import annotations
@@ -56,10 +55,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bmojo.atomic import fsync_path, sha256_file
 from bmojo.models import BMojoConfig, BMojoForCausalLM
-from bmojo.recall import cosine_lr
+from bmojo.optim import cosine_lr, param_groups
 
 CHECKPOINT_FORMAT = 1
-NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
 # Fields that may differ between a checkpoint and the run resuming it: they do not change the weights.
 RESUMABLE_CHANGES = frozenset(
     {"out_dir", "progress", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "compile",
@@ -263,18 +261,6 @@ def load_initial_weights(model: BMojoForCausalLM, folder: str) -> None:
         model.load_state_dict(source.state_dict())
     except RuntimeError as e:
         raise ConfigError(f"init_from {folder} does not match the configured model: {e}") from e
-
-
-def param_groups(model: BMojoForCausalLM, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups ``[decayed, not decayed]``: see the module docstring for which parameters are decayed."""
-    embedding = model.get_input_embeddings().weight
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = p.dim() < 2 or p is embedding or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
-        (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
