@@ -161,12 +161,15 @@ class BMojoPreTrainedModel(PreTrainedModel):
 
 
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Shape, dtype and, in eager mode, the id range (reading min/max would break a ``torch.compile`` graph)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D [batch, length], got shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     if input_ids.shape[1] == 0:
         raise ValueError("empty sequence: input_ids has length 0")
+    if torch.compiler.is_compiling():
+        return
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi

@@ -102,7 +102,10 @@ def banded_attention(
     kp = F.pad(k, (0, 0, hi, nb * c - length))
     vp = F.pad(v, (0, 0, hi, nb * c - length))
     qp = F.pad(q, (0, 0, 0, nb * c - length))
-    o, lse = _BandedAttention.apply(qp, kp, vp, lo, hi, c, scale, seg)
+    if torch.compiler.is_compiling():  # dynamo cannot trace the recomputing backward: plain autograd instead
+        o, lse = _band_segments(qp, kp, vp, lo, hi, c, scale, seg)
+    else:
+        o, lse = _BandedAttention.apply(qp, kp, vp, lo, hi, c, scale, seg)
     return o[:, :, :length], lse[:, :, :length]
 
 
@@ -130,6 +133,23 @@ def _band_segment(
     return o.reshape(b, hq, nc, d), lse.reshape(b, hq, nc)
 
 
+def _segments(nb: int, seg: int, c: int, hi: int, lo: int) -> list[tuple[int, slice, slice]]:
+    """``(first block, query slice, key slice)`` of each segment of ``seg`` query blocks out of ``nb``."""
+    return [(b0, slice(b0 * c, min(b0 + seg, nb) * c), slice(b0 * c, min(b0 + seg, nb) * c + hi - lo))
+            for b0 in range(0, nb, seg)]  # fmt: skip
+
+
+def _band_segments(
+    qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, lo: int, hi: int, c: int, scale: float, seg: int
+) -> AttnOut:
+    """:func:`banded_attention` on padded inputs, one segment of query blocks after the other."""
+    parts = [
+        _band_segment(qp[:, :, qs], kp[:, :, ks], vp[:, :, ks], b0, lo, hi, c, scale)
+        for b0, qs, ks in _segments(qp.shape[2] // c, seg, c, hi, lo)
+    ]
+    return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
+
+
 class _BandedAttention(torch.autograd.Function):
     """:func:`banded_attention` on padded inputs, one segment of ``seg`` query blocks at a time.
 
@@ -138,19 +158,10 @@ class _BandedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def _segments(nb: int, seg: int, c: int, hi: int, lo: int) -> list[tuple[int, slice, slice]]:
-        return [(b0, slice(b0 * c, min(b0 + seg, nb) * c), slice(b0 * c, min(b0 + seg, nb) * c + hi - lo))
-                for b0 in range(0, nb, seg)]  # fmt: skip
-
-    @staticmethod
     def forward(ctx, qp, kp, vp, lo: int, hi: int, c: int, scale: float, seg: int) -> AttnOut:
         ctx.save_for_backward(qp, kp, vp)
         ctx.band = (lo, hi, c, scale, seg)
-        parts = [
-            _band_segment(qp[:, :, qs], kp[:, :, ks], vp[:, :, ks], b0, lo, hi, c, scale)
-            for b0, qs, ks in _BandedAttention._segments(qp.shape[2] // c, seg, c, hi, lo)
-        ]
-        return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
+        return _band_segments(qp, kp, vp, lo, hi, c, scale, seg)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -158,7 +169,7 @@ class _BandedAttention(torch.autograd.Function):
         qp, kp, vp = ctx.saved_tensors
         lo, hi, c, scale, seg = ctx.band
         dq, dk, dv = torch.empty_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
-        for b0, qs, ks in _BandedAttention._segments(qp.shape[2] // c, seg, c, hi, lo):
+        for b0, qs, ks in _segments(qp.shape[2] // c, seg, c, hi, lo):
             inputs = [t.detach().requires_grad_() for t in (qp[:, :, qs], kp[:, :, ks], vp[:, :, ks])]
             with torch.enable_grad():
                 o, lse = _band_segment(*inputs, b0, lo, hi, c, scale)
