@@ -358,13 +358,16 @@ class VectorStore:
         keys = np.zeros((*qn.shape[:3], r, d), np.float32)
         values = np.zeros_like(keys)
         rows = np.full(keys.shape[:4], -1, np.int64)
+        heads = np.arange(hkv)[:, None, None]
         with self._core.lock:
             for i, s in enumerate(seq_ids):
                 shard = self._core.shards.get(int(s))
-                for h in range(hkv if shard is not None else 0):
+                if shard is None:
+                    continue
+                for h in range(hkv):
                     _, rows[i, h] = shard.search(h, qn[i, h], r)
-                    keys[i, h] = shard.keys[rows[i, h].clip(0), h]  # rows -1 (absent) read row 0, masked below
-                    values[i, h] = shard.values[rows[i, h].clip(0), h]
+                found = np.maximum(rows[i], 0)  # rows -1 (absent) read row 0, masked below
+                keys[i], values[i] = shard.keys[found, heads], shard.values[found, heads]
 
         def out(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(x).reshape(b, nh, m, *x.shape[3:]).to(q.device)
