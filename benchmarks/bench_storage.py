@@ -48,8 +48,8 @@ def far_recall(
 
 def build(args: argparse.Namespace, storage: bool) -> BMojoForCausalLM:
     config = BMojoConfig.from_preset(
-        "bmojo", "tiny", vocab_size=args.vocab, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        window_size=args.window, chunk_size=args.window, eidetic_size=args.eidetic, storage=storage,
+        "bmojo", "tiny", vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=4, num_key_value_heads=2, window_size=args.window, chunk_size=args.window, eidetic_size=args.eidetic, storage=storage,
         storage_topk=args.topk, storage_write="all", storage_in_batch=storage, use_rope=False,
         storage_approx_threshold=args.approx_threshold,
     )  # fmt: skip
@@ -123,11 +123,13 @@ def main() -> None:
     p.add_argument("--gap", type=int, default=65536, help="filler tokens between the pairs and their queries")
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--vocab", type=int, default=96)
+    p.add_argument("--hidden", type=int, default=64, help="model width")
+    p.add_argument("--layers", type=int, default=2, help="model depth")
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--eidetic", type=int, default=4)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--approx-threshold", type=int, default=4096, help="rows per sequence from which search is HNSW")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=1200, help="training steps (0: latency of an untrained model)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-rows", type=int, default=16)

@@ -204,6 +204,24 @@ def test_bad_input_raises():
         StorageConfig(topk=0)
     with pytest.raises(ValueError, match="write"):
         StorageConfig(write="some")
+    with pytest.raises(ValueError, match="write_batch"):
+        StorageConfig(write_batch=0)
+
+
+def test_writes_wait_for_a_full_batch_and_flush_hands_over_the_rest():
+    """Rows reach the writer once ``write_batch`` of them wait (as one job); ``flush`` hands over fewer."""
+    store = VectorStore(HD, HKV, StorageConfig(write_batch=5))
+    pos, k, v = rows(7, seed=0)
+    store.add(np.zeros(3), pos[:3], k[:3], v[:3])
+    assert store._submitted == 0 and store.count(0) == 0  # waiting, not yet with the writer
+    store.add(np.zeros(2), pos[3:5], k[3:5], v[3:5])
+    assert store._submitted == 1  # 5 rows: one job
+    store.add(np.zeros(2), pos[5:], k[5:], v[5:])
+    store.flush()
+    assert store._submitted == 2 and store.count(0) == 7
+    got_pos, got_k, _ = store.entries(0)
+    np.testing.assert_array_equal(got_pos, pos)
+    np.testing.assert_array_equal(got_k, k)
 
 
 # ---------------------------------------------------------------- the mixer

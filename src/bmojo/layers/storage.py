@@ -75,6 +75,8 @@ class StorageConfig:
     ``topk``: keys retrieved per query head (``r``); ``write``: ``evicted | all`` (module docstring); ``in_batch``:
     emulate retrieval exactly in forward passes without a recurrent state (training); ``approx_threshold``: rows per
     sequence from which the index is HNSW; ``hnsw_m``, ``ef_search``: HNSW graph degree and search breadth;
+    ``write_batch``: rows gathered by :meth:`VectorStore.add` before they go to the background writer as one job
+    (fewer, larger writes keep the writer off most decoding steps; :meth:`VectorStore.flush` hands over the rest);
     ``synchronous``: every write completes before ``add`` returns (deterministic results without ``flush``).
     """
 
@@ -84,6 +86,7 @@ class StorageConfig:
     approx_threshold: int = 4096
     hnsw_m: int = 16
     ef_search: int = 64
+    write_batch: int = 256
     synchronous: bool = False
 
     def __post_init__(self) -> None:
@@ -93,6 +96,8 @@ class StorageConfig:
             raise ValueError(f"storage write must be one of {WRITES}, got {self.write!r}")
         if self.approx_threshold < 1:
             raise ValueError(f"storage approx_threshold must be >= 1, got {self.approx_threshold}")
+        if self.write_batch < 1:
+            raise ValueError(f"storage write_batch must be >= 1, got {self.write_batch}")
         if self.hnsw_m < 2 or self.ef_search < 1:
             raise ValueError(f"need hnsw_m >= 2 and ef_search >= 1, got {self.hnsw_m}, {self.ef_search}")
 
@@ -217,9 +222,10 @@ def _numpy(x: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
 class VectorStore:
     """Per-layer store of key/value vectors for many sequences, searched by inner product.
 
-    Rows are ``(sequence id, position, keys [Hkv, d], values [Hkv, d])``. :meth:`add` enqueues rows for the
-    background writer and returns (the insert is acknowledged); :meth:`search` and :meth:`retrieve` see every write
-    completed so far; :meth:`flush` waits for the writes submitted before it.
+    Rows are ``(sequence id, position, keys [Hkv, d], values [Hkv, d])``. :meth:`add` takes the rows and returns
+    (the insert is acknowledged); once ``config.write_batch`` rows are waiting they go to the background writer as
+    one job. :meth:`search` and :meth:`retrieve` see every write completed so far; :meth:`flush` hands over the
+    waiting rows and waits for every write submitted before it.
     """
 
     def __init__(self, head_dim: int, num_kv_heads: int = 1, config: StorageConfig | None = None) -> None:
@@ -232,6 +238,8 @@ class VectorStore:
         self._jobs: queue.Queue = queue.Queue()
         self._submit_lock = threading.Lock()
         self._submitted = 0
+        self._waiting: list[tuple[np.ndarray, ...]] = []
+        self._waiting_rows = 0
         self._next_seq = 0
         self._thread: threading.Thread | None = None
 
@@ -263,20 +271,31 @@ class VectorStore:
             return
         self._raise_error()
         with self._submit_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=_writer, args=(self._jobs, self._core), daemon=True)
-                self._thread.start()
-                weakref.finalize(self, self._jobs.put, None)
             self._next_seq = max(self._next_seq, int(seq.max()) + 1)
-            self._jobs.put((seq, pos, k, v))
-            self._submitted += 1
+            self._waiting.append((seq, pos, k, v))
+            self._waiting_rows += len(seq)
+            if self._waiting_rows >= self.config.write_batch or self.config.synchronous:
+                self._submit()
             ticket = self._submitted
         if self.config.synchronous:
             self._wait(ticket)
 
+    def _submit(self) -> None:
+        """Hand the waiting rows to the writer thread as one job (under ``_submit_lock``)."""
+        if not self._waiting:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=_writer, args=(self._jobs, self._core), daemon=True)
+            self._thread.start()
+            weakref.finalize(self, self._jobs.put, None)
+        self._jobs.put(tuple(np.concatenate(parts) for parts in zip(*self._waiting)))
+        self._waiting, self._waiting_rows = [], 0
+        self._submitted += 1
+
     def flush(self) -> None:
-        """Wait until every write submitted before this call is searchable; re-raise a writer failure."""
+        """Hand over the waiting rows, then wait until every write so far is searchable; re-raise a writer failure."""
         with self._submit_lock:
+            self._submit()
             ticket = self._submitted
         self._wait(ticket)
 

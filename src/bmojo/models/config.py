@@ -17,8 +17,9 @@ A Jamba-style hybrid interleaves ``mamba`` and ``attention`` layers.
 
 ``storage=True`` gives every ``bmojo`` layer a long-term vector store (``bmojo.layers.storage``):
 ``storage_topk`` keys retrieved per query head, ``storage_write`` (``evicted | all``: what is stored),
-``storage_in_batch`` (exact in-batch emulation in forward passes without a cache, for training) and
-``storage_approx_threshold`` (rows per sequence from which search is approximate, HNSW).
+``storage_in_batch`` (exact in-batch emulation in forward passes without a cache, for training),
+``storage_approx_threshold`` (rows per sequence from which search is approximate, HNSW) and
+``storage_write_batch`` (rows gathered before one background write).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class BMojoConfig(PretrainedConfig):
         storage_write: str = "evicted",
         storage_in_batch: bool = False,
         storage_approx_threshold: int = 4096,
+        storage_write_batch: int = 256,
         bmojo_ssm: str = "mamba2",
         tie_fading_kv: bool = True,
         state_size: int = 16,
@@ -138,6 +140,7 @@ class BMojoConfig(PretrainedConfig):
         self.storage_write = storage_write
         self.storage_in_batch = storage_in_batch
         self.storage_approx_threshold = storage_approx_threshold
+        self.storage_write_batch = storage_write_batch
         self.bmojo_ssm = bmojo_ssm
         self.tie_fading_kv = tie_fading_kv
         self.state_size = state_size
@@ -186,10 +189,10 @@ class BMojoConfig(PretrainedConfig):
         if self.storage:
             if "bmojo" not in self.layer_pattern or self.eidetic_size == 0 or self.selection == "none":
                 raise ValueError("storage needs 'bmojo' layers with an eidetic memory (eidetic_size > 0, a selection)")
-            if self.storage_topk < 1 or self.storage_approx_threshold < 1:
+            if min(self.storage_topk, self.storage_approx_threshold, self.storage_write_batch) < 1:
                 raise ValueError(
-                    f"storage_topk and storage_approx_threshold must be >= 1, "
-                    f"got {self.storage_topk}, {self.storage_approx_threshold}"
+                    f"storage_topk, storage_approx_threshold and storage_write_batch must be >= 1, got "
+                    f"{self.storage_topk}, {self.storage_approx_threshold}, {self.storage_write_batch}"
                 )
             if self.storage_write not in WRITES:
                 raise ValueError(f"storage_write must be one of {WRITES}, got {self.storage_write!r}")

@@ -40,7 +40,7 @@ def build_mixer(config: BMojoConfig, kind: str, layer_idx: int = 0) -> BMojoMixe
     if config.storage and kind == "bmojo":
         storage = StorageConfig(
             topk=config.storage_topk, write=config.storage_write, in_batch=config.storage_in_batch,
-            approx_threshold=config.storage_approx_threshold,
+            approx_threshold=config.storage_approx_threshold, write_batch=config.storage_write_batch,
         )  # fmt: skip
     return BMojoMixer(
         config.hidden_size,
