@@ -373,7 +373,8 @@ def test_storage_off_or_unused_gives_plain_bmojo_logits():
         torch.testing.assert_close(stored(ids, use_cache=False).logits, plain(ids).logits, atol=0, rtol=0)
     short = ids[:, :9]  # no token has left an eidetic memory yet: the store stays empty
     a, _ = decode(stored, short, 3)
-    torch.testing.assert_close(a, decode(plain, short, 3)[0], atol=0, rtol=0)
+    # the prefill with a store computes the union with its LSE (to merge retrieval), the plain one without
+    torch.testing.assert_close(a, decode(plain, short, 3)[0], atol=1e-5, rtol=1e-5)
     assert all(len(s) == 0 for s in stored.vector_stores().values())
     long_a, _ = decode(stored, ids, 3)
     assert sum(len(s) for s in stored.vector_stores().values()) > 0

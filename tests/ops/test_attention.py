@@ -184,35 +184,49 @@ UNION_CASES = [  # length, w, fading, m, chunk
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("impl", ["merge", "flex"])
+@pytest.mark.parametrize("impl", ["merge", "flex", "blocks"])
+@pytest.mark.parametrize("block", [1, 8, 64])
 @pytest.mark.parametrize("length,w,fading,m,chunk", UNION_CASES)
-def test_union_matches_dense_reference(impl, length, w, fading, m, chunk):
-    """Both implementations of one softmax over window, fading band and chunk memories equal the dense mask
-    (FlexAttention runs its eager forward on CPU here; its compiled CUDA kernel is checked in tests/test_cuda.py)."""
+def test_union_matches_dense_reference(impl, block, length, w, fading, m, chunk):
+    """Every implementation of one softmax over window, fading band and chunk memories equals the dense mask
+    (FlexAttention runs its eager forward on CPU here; its compiled CUDA kernel is checked in tests/test_cuda.py).
+    Blocks (fused SDPA, no LSE) needs a finite window; blocks of 8 and 64 queries meet one or two chunks."""
+    if impl == "blocks" and w is None:
+        pytest.skip("blocks needs a finite window")
     q, bands, memory = _union_inputs(2, 4, 2, length, 16, w, fading, m, chunk, seed=length)
-    o, lse = union_attention(q, bands, memory, block_size=8, impl=impl)
+    o, lse = union_attention(q, bands, memory, block_size=block, impl=impl, need_lse=impl != "blocks")
     o_ref, lse_ref = union_attention_ref(q, bands, memory)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
+    if impl != "blocks":
+        torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_union_merge_gradients_match_reference():
+@pytest.mark.parametrize("impl,block", [("merge", 4), ("blocks", 4), ("blocks", 3), ("blocks", 64)])
+def test_union_gradients_match_reference(impl, block, monkeypatch):
+    """Gradients of the output (and of the LSE where there is one); blocks split into one-block SDPA calls too."""
+    monkeypatch.setattr("bmojo.ops.attention.SEGMENT_BYTES", 1 if block == 3 else 1 << 20)
     q, bands, memory = _union_inputs(2, 4, 2, 37, 8, 5, True, 4, 5)
     leaves = [q] + [t for band in bands for t in (band.k, band.v)] + [memory.k, memory.v]
     for t in leaves:
         t.requires_grad_(True)
     g = torch.Generator().manual_seed(9)
     do, dlse = torch.randn(q.shape, generator=g), torch.randn(q.shape[:3], generator=g)
+    need_lse = impl != "blocks"
     grads = []
-    for fn in (lambda: union_attention(q, bands, memory, block_size=4, impl="merge"),
+    for fn in (lambda: union_attention(q, bands, memory, block_size=block, impl=impl, need_lse=need_lse),
                lambda: union_attention_ref(q, bands, memory)):  # fmt: skip
         o, lse = fn()
-        grads.append(torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), leaves))
+        loss = (o * do).sum() + ((lse * dlse).sum() if need_lse else 0)
+        grads.append(torch.autograd.grad(loss, leaves))
     for a, r in zip(*grads):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
-def test_union_rejects_unknown_impl():
-    q, bands, memory = _union_inputs(1, 2, 2, 4, 8, 2, True, 0, 2)
+def test_union_auto_picks_blocks_only_without_lse_and_raises_on_bad_requests():
+    q, bands, memory = _union_inputs(1, 2, 2, 12, 8, 2, True, 2, 4)
+    assert union_attention(q, bands, memory, need_lse=False)[1] is None  # blocks on CPU
+    assert union_attention(q, bands, memory)[1] is not None  # merge
     with pytest.raises(ValueError, match="impl must be"):
         union_attention(q, bands, memory, impl="cuda")
+    with pytest.raises(ValueError, match="need_lse=False"):
+        union_attention(q, bands, memory, impl="blocks")

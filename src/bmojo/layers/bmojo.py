@@ -9,8 +9,8 @@ For pre-normed hidden states ``h [B, L, D]`` (SPEC section 2):
 4. eidetic memory: up to ``k`` raw past tokens chosen by the innovation test (``layers.eidetic``);
 5. optional long-term memory: each query's top-``r`` keys retrieved from a vector store of tokens that
    left the eidetic memory (``layers.storage``);
-6. one softmax over the union (``ops.attention.union_attention``: one FlexAttention call on CUDA,
-   separate attentions merged exactly by log-sum-exp elsewhere; the store is merged the same way),
+6. one softmax over the union (``ops.attention.union_attention``: one FlexAttention call on CUDA, fused
+   SDPA over each query block's keys on CPU; retrieved tokens are merged exactly by log-sum-exp),
    then ``out = Wo o``.
 
 Transformers, sliding-window Transformers, Mamba and B'MOJO-F are configurations of this one
@@ -237,8 +237,9 @@ class BMojoMixer(nn.Module):
                 memories = chunk_memories(scores, w, self.memory.chunk_size, self.memory.size,
                                           length // self.memory.chunk_size + 1)  # fmt: skip
                 eidetic = self._eidetic_memory(k, v, memories, state)
-            o, lse = union_attention(q, bands, eidetic, self.block_size)
-            if self.store is not None and (state is not None or self.storage.in_batch):
+            retrieve = self.store is not None and (state is not None or self.storage.in_batch)
+            o, lse = union_attention(q, bands, eidetic, self.block_size, need_lse=retrieve)
+            if retrieve:
                 o, _ = merge_attention([(o, lse), self._storage_attention(q, k, v, memories[0], state)])
         out = self.attn.output(o)
 

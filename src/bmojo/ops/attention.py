@@ -8,8 +8,10 @@ softmax over their union with :func:`merge_attention`.
 
 :func:`union_attention` is the B'MOJO read-out: one softmax over bands of aligned keys (the window, the
 fading band) and per-chunk memories (the eidetic tokens). On CUDA it is one FlexAttention call over the
-concatenated keys with a block-sparse mask; elsewhere the banded attentions and the chunk attention are
-merged by log-sum-exp. :func:`union_attention_ref` is the dense definition both are tested against.
+concatenated keys with a block-sparse mask; on CPU one fused ``scaled_dot_product_attention`` per batch of
+query blocks over the keys each block sees, or, where the LSE is needed (to merge retrieved tokens), the banded
+attentions and the chunk attention merged by log-sum-exp. :func:`union_attention_ref` is the dense definition
+all three are tested against.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops.triton import use_fused_cuda
+from bmojo.ops.triton import kernels, use_fused_cuda
 
 AttnOut = tuple[torch.Tensor, torch.Tensor]
 SEGMENT_BYTES = 4 << 20  # float32 scores per segment of query blocks: small enough to stay in a CPU cache
@@ -124,13 +126,20 @@ def _band_segment(
     vw = v.unfold(2, span, c).transpose(-1, -2)  # [B, Hkv, n, span, d]
     qb = _group(q, hkv).unflatten(3, (n, c))  # [B, Hkv, G, n, c, d]
     scores = _accumulate(qb @ kw.unsqueeze(2)) * scale  # [B, Hkv, G, n, c, span]
-    qi = torch.arange(c, device=q.device).view(c, 1)
-    s = torch.arange(span, device=q.device).view(1, span)
-    offset = qi + hi - s  # i - j inside a block
-    key_pos = torch.arange(b0, b0 + n, device=q.device).view(n, 1) * c - hi + s  # [n, span]
-    visible = (offset >= lo) & (offset <= hi) & (key_pos >= 0).unsqueeze(1)  # [n, c, span]
+    visible = _band_visible(b0, n, c, lo, hi, q.device)
     o, lse = _softmax_lse(scores.masked_fill(~visible, float("-inf")), vw.unsqueeze(2))
     return o.reshape(b, hq, nc, d), lse.reshape(b, hq, nc)
+
+
+def _band_visible(b0: int, n: int, c: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    """``[n, c, c + hi - lo]``: which of the left-padded keys from padded index ``b*c`` query ``i`` of block
+    ``b = b0..b0+n-1`` sees (``lo <= i - j <= hi``, and no key before position 0)."""
+    span = c + hi - lo
+    qi = torch.arange(c, device=device).view(c, 1)
+    s = torch.arange(span, device=device).view(1, span)
+    offset = qi + hi - s  # i - j inside a block
+    key_pos = torch.arange(b0, b0 + n, device=device).view(n, 1) * c - hi + s  # [n, span]
+    return (offset >= lo) & (offset <= hi) & (key_pos >= 0).unsqueeze(1)
 
 
 def _segments(nb: int, seg: int, c: int, hi: int, lo: int) -> list[tuple[int, slice, slice]]:
@@ -325,25 +334,98 @@ def flex_available() -> bool:
     return True
 
 
+def _blocks_segment(q: torch.Tensor, b0: int, c: int, bands: list[Band], memory: ChunkMemory | None,
+                    length: int) -> torch.Tensor:  # fmt: skip
+    """Query blocks ``b0..b0+n-1`` (``q [B, Hq, n*c, d]``, padded) against every key they see, one SDPA call."""
+    b, hq, nc, d = q.shape
+    n = nc // c
+    keys, values, masks = [], [], []
+    for band in bands:
+        span = c + band.hi - band.lo
+        window = slice(b0 * c, (b0 + n) * c + band.hi - band.lo)  # of the keys left-padded by hi
+        for out, t in ((keys, band.k), (values, band.v)):
+            padded = F.pad(t, (0, 0, band.hi, max(0, (b0 + n) * c - length)))[:, :, window]
+            out.append(padded.unfold(2, span, c).transpose(-1, -2))  # [B, Hkv, n, span, d]
+        masks.append(_band_visible(b0, n, c, band.lo, band.hi, q.device).expand(b, n, c, span))
+    if memory is not None:
+        pos = torch.arange(b0 * c, (b0 + n) * c, device=q.device).clamp(max=length - 1).view(n, c)
+        first, last = pos[:, 0] // memory.chunk, pos[:, -1] // memory.chunk
+        for i, idx in enumerate([first] if memory.chunk % c == 0 else [first, last]):
+            keys.append(memory.k[:, :, idx])
+            values.append(memory.v[:, :, idx])
+            own = pos // memory.chunk == idx[:, None]  # [n, c]
+            if i:  # the second set only where a block reaches into a second chunk
+                own = own & (idx != first)[:, None]
+            masks.append(memory.valid[:, idx].unsqueeze(2) & own.unsqueeze(-1))  # [B, n, c, m]
+    k, v, mask = torch.cat(keys, 3), torch.cat(values, 3), torch.cat(masks, 3)  # [B, Hkv, n, S, d], [B, n, c, S]
+    hkv, size = k.shape[1], k.shape[3]
+    if hq != hkv:
+        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+    o = F.scaled_dot_product_attention(
+        q.unflatten(2, (n, c)).transpose(1, 2).reshape(b * n, hq, c, d),
+        k.transpose(1, 2).reshape(b * n, hq, size, d),
+        v.transpose(1, 2).reshape(b * n, hq, size, d),
+        attn_mask=mask.reshape(b * n, 1, c, size),
+    )
+    return o.view(b, n, hq, c, d).transpose(1, 2).reshape(b, hq, nc, d)
+
+
+def blocks_union_attention(
+    q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None, block_size: int = 64
+) -> torch.Tensor:
+    """:func:`union_attention`'s output without the LSE, through ``scaled_dot_product_attention`` (the CPU path).
+
+    Each block of ``block_size`` queries gathers the keys it can see (a span of ``block_size + hi - lo`` keys per
+    band, and the memories of the chunks its queries are in) under one boolean mask, so one fused softmax covers
+    the union (blocks no longer than a chunk, so a block meets at most two chunks). Blocks are batched into SDPA
+    calls of about ``4 * SEGMENT_BYTES`` of gathered keys. Needs a band
+    with ``lo = 0`` first (every query sees itself) and finite bands.
+    """
+    b, hq, length, d = q.shape
+    if not bands or bands[0].lo != 0 or any(band.hi is None for band in bands):
+        raise ValueError("blocks_union_attention needs finite bands, the first with lo = 0")
+    c = max(1, min(block_size, length, length if memory is None else memory.chunk))  # a block meets <= 2 chunks
+    nb = -(-length // c)
+    per_block = sum(c + band.hi - band.lo for band in bands) + (0 if memory is None else 2 * memory.k.shape[3])
+    seg = max(1, 4 * SEGMENT_BYTES // (8 * b * hq * per_block * d))
+    qp = F.pad(q, (0, 0, 0, nb * c - length))
+    parts = [_blocks_segment(qp[:, :, b0 * c : min(b0 + seg, nb) * c], b0, c, bands, memory, length)
+             for b0 in range(0, nb, seg)]  # fmt: skip
+    return torch.cat(parts, dim=2)[:, :, :length]
+
+
 def union_attention(
     q: torch.Tensor,
     bands: list[Band],
     memory: ChunkMemory | None = None,
     block_size: int = 64,
     impl: str = "auto",
-) -> AttnOut:
-    """One softmax of ``q [B, Hq, L, d]`` over the union of ``bands`` and the per-chunk ``memory``.
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One softmax of ``q [B, Hq, L, d]`` over the union of ``bands`` and the per-chunk ``memory``: ``(o, lse)``.
 
-    ``impl``: ``"flex"`` (:func:`flex_union_attention`), ``"merge"`` (:func:`banded_attention` per band
-    and :func:`chunk_attention`, merged by :func:`merge_attention`), or ``"auto"``: FlexAttention where
-    ``bmojo.ops.triton.use_fused_cuda`` allows it (CUDA tensors, kernel mode not ``reference``), else merge.
+    ``impl``: ``"flex"`` (:func:`flex_union_attention`), ``"blocks"`` (:func:`blocks_union_attention`: fused SDPA,
+    no LSE, so ``need_lse=False``), ``"merge"`` (:func:`banded_attention` per band and :func:`chunk_attention`,
+    merged by :func:`merge_attention`), or ``"auto"``: FlexAttention where ``bmojo.ops.triton.use_fused_cuda``
+    allows it (CUDA tensors, kernel mode not ``reference``); else blocks when the LSE is not needed, the bands are
+    finite and the kernel mode is not ``reference``; else merge. ``lse`` is ``None`` from blocks.
     """
     if impl == "auto":
-        impl = "flex" if use_fused_cuda(q) and flex_available() else "merge"
+        finite = bool(bands) and bands[0].lo == 0 and all(band.hi is not None for band in bands)
+        if use_fused_cuda(q) and flex_available():
+            impl = "flex"
+        elif not need_lse and finite and kernels() != "reference":
+            impl = "blocks"
+        else:
+            impl = "merge"
     if impl == "flex":
         return flex_union_attention(q, bands, memory)
+    if impl == "blocks":
+        if need_lse:
+            raise ValueError("impl='blocks' gives no LSE: pass need_lse=False")
+        return blocks_union_attention(q, bands, memory, block_size), None
     if impl != "merge":
-        raise ValueError(f"impl must be 'auto', 'flex' or 'merge', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'flex', 'blocks' or 'merge', got {impl!r}")
     parts = [banded_attention(q, band.k, band.v, band.lo, band.hi, block_size) for band in bands]
     if memory is not None:
         parts.append(chunk_attention(q, memory))
