@@ -3,9 +3,11 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +133,34 @@ def test_lm_eval_command_finds_the_model(setup):
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bmojo_choice" in proc.stdout and "acc" in proc.stdout
+
+
+GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2_tokenizer"
+
+
+@pytest.mark.slow  # a fresh interpreter importing lm_eval and datasets: about 30 s on 2 CPU cores
+@pytest.mark.skipif(not GPT2_TOKENIZER.is_dir(), reason="needs ../shared/data/gpt2_tokenizer")
+def test_plain_lm_eval_hf_model_loads_a_saved_bmojo_model(setup, tmp_path):
+    """``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`` (no bmojo import) scores a saved
+    model with a Hugging Face tokenizer exactly as the ``bmojo`` adapter does."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    root, _ = setup
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(BMojoConfig.from_preset("bmojo", "tiny", vocab_size=50257, window_size=4, eidetic_size=2))
+    model.eval().save_pretrained(tmp_path / "model")
+    for f in GPT2_TOKENIZER.iterdir():
+        shutil.copy(f, tmp_path / "model" / f.name)
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={tmp_path / 'model'},trust_remote_code=True,dtype=float32", "--device", "cpu",
+           "--tasks", "bmojo_choice", "--include_path", str(root / "tasks"), "--output_path", str(tmp_path / "out")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf_acc = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())["results"]["bmojo_choice"]
+    ours = simple_evaluate(
+        model="bmojo", model_args=f"pretrained={tmp_path / 'model'}", batch_size=1, tasks=["bmojo_choice"],
+        task_manager=TaskManager(include_path=str(root / "tasks"), include_defaults=False),
+    )["results"]["bmojo_choice"]  # fmt: skip
+    assert hf_acc["acc,none"] == pytest.approx(ours["acc,none"])

@@ -1,5 +1,7 @@
 """BMojoForCausalLM: presets, parity of full forward vs cached decoding, save/load, generate, loss, errors."""
 
+import os
+
 import pytest
 import torch
 
@@ -76,6 +78,38 @@ def test_save_load_round_trip(name, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
         torch.testing.assert_close(in_memory(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_saved_model_loads_through_auto_classes_in_a_process_without_bmojo_imported(tmp_path):
+    """``save_pretrained`` writes ``auto_map`` and its loader, so plain ``transformers`` code (``trust_remote_code``)
+    gets the bmojo class and the same logits; without ``trust_remote_code`` it refuses."""
+    import subprocess
+    import sys
+
+    model = tiny("bmojo")
+    ids = torch.randint(0, 128, (1, 30))
+    model.save_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        torch.save((ids, model(ids).logits), tmp_path / "expected.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+assert "bmojo" not in sys.modules
+try:
+    AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r})
+    raise SystemExit("loaded without trust_remote_code")
+except ValueError as e:
+    assert "trust_remote_code" in str(e), e
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
+assert type(model).__module__ == "bmojo.models.modeling", type(model)
+ids, expected = torch.load({str(tmp_path / "expected.pt")!r})
+with torch.no_grad():
+    torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("name", ["bmojo", "transformer", "mamba2"])

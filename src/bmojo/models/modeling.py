@@ -13,6 +13,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from bmojo.atomic import atomic_write
 from bmojo.layers.bmojo import BMojoMixer, MixerState
 from bmojo.layers.norm import GatedRMSNorm, RMSNorm
 from bmojo.layers.ssm import Mamba, Mamba2
@@ -235,6 +236,15 @@ class BMojoModel(BMojoPreTrainedModel):
 
 
 STORAGE_FILE = "storage.npz"
+# Written beside every saved model, with ``auto_map`` in its config, so that a process that never imported bmojo
+# loads it with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` (and so ``lm_eval --model hf``
+# does): the file only imports the installed package.
+AUTO_MODULE = "bmojo_auto"
+AUTO_SOURCE = (
+    '"""Loads bmojo\'s classes for the Hugging Face Auto classes (``trust_remote_code=True``); needs ``pip install bmojo``."""\n'
+    "from bmojo.models.config import BMojoConfig  # noqa: F401\n"
+    "from bmojo.models.modeling import BMojoForCausalLM, BMojoModel  # noqa: F401\n"
+)
 
 
 class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
@@ -279,8 +289,15 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         load_stores(self.vector_stores(), path)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Hugging Face ``save_pretrained``, plus the stores in ``storage.npz`` beside the weights."""
+        """Hugging Face ``save_pretrained``, plus the stores in ``storage.npz`` beside the weights and the
+        ``bmojo_auto.py`` loader named by the config's ``auto_map`` (see ``AUTO_SOURCE``)."""
+        self.config.auto_map = {
+            auto: f"{AUTO_MODULE}.{cls}"
+            for auto, cls in (("AutoConfig", "BMojoConfig"), ("AutoModel", "BMojoModel"),
+                              ("AutoModelForCausalLM", "BMojoForCausalLM"))
+        }  # fmt: skip
         super().save_pretrained(save_directory, *args, **kwargs)
+        atomic_write(Path(save_directory) / f"{AUTO_MODULE}.py", AUTO_SOURCE.encode())
         if self.vector_stores():
             self.save_storage(Path(save_directory) / STORAGE_FILE)
 
