@@ -50,7 +50,8 @@ def build(args: argparse.Namespace, storage: bool) -> BMojoForCausalLM:
     config = BMojoConfig.from_preset(
         "bmojo", "tiny", vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=4, num_key_value_heads=2, window_size=args.window, chunk_size=args.window, eidetic_size=args.eidetic, storage=storage,
-        storage_topk=args.topk, storage_write="all", storage_in_batch=storage, use_rope=False,
+        storage_topk=args.topk, storage_write="all", storage_in_batch=storage, use_rope=args.rope_fraction > 0,
+        partial_rotary_factor=args.rope_fraction or 1.0,
         storage_approx_threshold=args.approx_threshold,
     )  # fmt: skip
     return BMojoForCausalLM(config)
@@ -126,6 +127,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64, help="model width")
     p.add_argument("--layers", type=int, default=2, help="model depth")
     p.add_argument("--window", type=int, default=16)
+    p.add_argument("--rope-fraction", type=float, default=0.0,
+                   help="fraction of each head's dimensions rotated by RoPE (0: no RoPE; the rest stay position-free)")
     p.add_argument("--eidetic", type=int, default=4)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--approx-threshold", type=int, default=4096, help="rows per sequence from which search is HNSW")

@@ -18,7 +18,8 @@ class Attention(nn.Module):
     """Grouped-query attention projections ``D -> (H, d)`` for queries and ``D -> (Hkv, d)`` for keys/values.
 
     ``bias`` puts biases on the query/key/value projections (not on ``o_proj``, as in Qwen2); ``rope=False``
-    leaves positions unencoded (Jamba's attention layers).
+    leaves positions unencoded (Jamba's attention layers); ``rotary_fraction < 1`` rotates only that fraction of
+    each head's dimensions (rounded down to even), the rest carrying content alone.
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class Attention(nn.Module):
         bias: bool = False,
         norm_eps: float = 1e-6,
         rope: bool = True,
+        rotary_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
@@ -48,7 +50,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
-        self.rotary = RotaryEmbedding(head_dim, rope_theta) if rope else None
+        if not 0 < rotary_fraction <= 1:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {rotary_fraction}")
+        rotary_dim = int(head_dim * rotary_fraction) // 2 * 2
+        self.rotary = RotaryEmbedding(rotary_dim, rope_theta) if rope else None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)  # [B, n, L, d]

@@ -1,4 +1,8 @@
-"""Rotary position embedding (RoPE) at explicit integer positions, in the rotate-half layout of Llama."""
+"""Rotary position embedding (RoPE) at explicit integer positions, in the rotate-half layout of Llama.
+
+Partial RoPE (GPT-NeoX, Phi: ``partial_rotary_factor``) rotates only the first ``rotary_dim`` dimensions of each
+head and leaves the rest position-free, which keeps a content-only part in every query-key inner product.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Produces ``cos, sin`` of shape ``[..., head_dim]`` for integer positions of any shape."""
+    """Produces ``cos, sin`` of shape ``[..., head_dim]`` for integer positions of any shape (``head_dim``: the
+    rotated dimensions, all of a head's or its first ``rotary_dim``)."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        if head_dim % 2 or head_dim < 2:
+            raise ValueError(f"RoPE needs an even number of rotated dimensions >= 2, got {head_dim}")
         self.head_dim, self.theta = head_dim, theta
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +29,11 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, H, L, d]`` by angles ``cos, sin`` broadcastable to ``[B, 1, L, d]``."""
+    """Rotate the first ``r`` dimensions of ``x [B, H, L, d]`` by angles ``cos, sin`` broadcastable to
+    ``[B, 1, L, r]`` (``r <= d``); the other ``d - r`` pass unchanged."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -63,7 +63,8 @@ class BMojoConfig(PretrainedConfig):
     """Configuration of a B'MOJO language model (see the module docstring for ``layer_pattern``).
 
     Fields that let converted Hugging Face models be reproduced exactly (``bmojo.convert``):
-    ``use_rope`` (``False``: attention without positional encoding, as in Jamba), ``attention_bias``
+    ``use_rope`` (``False``: attention without positional encoding, as in Jamba), ``partial_rotary_factor``
+    (the fraction of each head's dimensions that RoPE rotates, as in GPT-NeoX and Phi), ``attention_bias``
     (biases on q/k/v, none on o, as in Qwen2), ``ssm_bias`` / ``ssm_conv_bias`` (biases of the SSM
     in/out projections and conv), ``mamba_dt_bc_norm`` (Jamba's RMSNorm on dt, B, C of Mamba layers),
     and ``hf_config`` (the source config's non-default fields, which ``to_hf`` restores).
@@ -106,6 +107,7 @@ class BMojoConfig(PretrainedConfig):
         qk_norm: bool = False,
         rope_theta: float = 10000.0,
         use_rope: bool = True,
+        partial_rotary_factor: float = 1.0,
         attention_bias: bool = False,
         attention_block_size: int = 64,
         ssm_bias: bool = False,
@@ -154,6 +156,7 @@ class BMojoConfig(PretrainedConfig):
         self.qk_norm = qk_norm
         self.rope_theta = rope_theta
         self.use_rope = use_rope
+        self.partial_rotary_factor = partial_rotary_factor
         self.attention_bias = attention_bias
         self.attention_block_size = attention_block_size
         self.ssm_bias = ssm_bias

@@ -265,6 +265,8 @@ def _hf_attention(cfg: BMojoConfig, model_type: str, kinds: set[str]) -> dict[st
     _require(not bad, model_type, f"layer kinds {bad} (it has only {sorted(kinds)})")
     _require(cfg.use_mlp, model_type, "use_mlp=False (it always has an MLP)")
     _require(cfg.use_rope or model_type == "jamba", model_type, "use_rope=False (it always applies RoPE)")
+    _require(cfg.partial_rotary_factor == 1.0 or not cfg.use_rope, model_type,
+             f"partial_rotary_factor={cfg.partial_rotary_factor} (it rotates whole heads)")  # fmt: skip
     _require(not cfg.qk_norm or model_type == "qwen3", model_type, "qk_norm=True")
     _require(not cfg.attention_bias or model_type == "qwen2", model_type, "attention_bias=True (q/k/v biases)")
     return dict(

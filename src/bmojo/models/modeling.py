@@ -61,7 +61,8 @@ def build_mixer(config: BMojoConfig, kind: str, layer_idx: int = 0) -> BMojoMixe
         tie_fading_kv=config.tie_fading_kv,
         block_size=config.attention_block_size,
         ssm_kwargs=ssm_kwargs,
-        attention_kwargs=dict(norm_eps=config.rms_norm_eps, rope=config.use_rope),
+        attention_kwargs=dict(norm_eps=config.rms_norm_eps, rope=config.use_rope,
+                              rotary_fraction=config.partial_rotary_factor),
         seed=layer_idx,
         storage=storage,
     )

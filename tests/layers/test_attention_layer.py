@@ -1,0 +1,64 @@
+"""Attention projections with RoPE: full and partial rotation against a per-dimension-pair rotation."""
+
+import math
+
+import pytest
+import torch
+
+from bmojo import BMojoConfig, BMojoForCausalLM
+from bmojo.layers.attention import Attention
+from bmojo.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+def rotate_pairs(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate-half RoPE written out pair by pair: dims ``(i, i + r/2)`` turn by ``pos / theta^(2i/r)``."""
+    out, half = x.clone(), rotary_dim // 2
+    for i in range(half):
+        angle = positions.float() / theta ** (2 * i / rotary_dim)
+        a, b = x[..., i], x[..., i + half]
+        out[..., i] = a * torch.cos(angle) - b * torch.sin(angle)
+        out[..., i + half] = b * torch.cos(angle) + a * torch.sin(angle)
+    return out
+
+
+@pytest.mark.parametrize("fraction,rotary_dim", [(1.0, 16), (0.5, 8), (0.3, 4)])
+def test_partial_rotary_rotates_the_first_dims_and_passes_the_rest(fraction, rotary_dim):
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=2, head_dim=16, rotary_fraction=fraction)
+    h, pos = torch.randn(1, 5, 32), torch.tensor([0, 3, 7, 100, 4096])
+    raw = attn.q_proj(h).unflatten(-1, (2, 16)).transpose(1, 2)
+    torch.testing.assert_close(attn.queries(h, pos), rotate_pairs(raw, pos, rotary_dim), atol=1e-5, rtol=1e-5)
+    assert attn.rotary.head_dim == rotary_dim
+
+
+def test_partial_rotary_keeps_a_content_part_that_ignores_distance():
+    """With half the dims rotated, the unrotated half of q.k is the same at every distance."""
+    cos, sin = RotaryEmbedding(8)(torch.tensor([0, 70000]))
+    q = torch.randn(1, 1, 1, 16)
+    near, far = apply_rotary(q, cos[:1], sin[:1]), apply_rotary(q, cos[1:], sin[1:])
+    torch.testing.assert_close(near[..., 8:], far[..., 8:], atol=0, rtol=0)
+    assert not torch.allclose(near[..., :8], far[..., :8])
+    assert math.isclose(near[..., :8].norm().item(), far[..., :8].norm().item(), rel_tol=1e-5)  # a rotation
+
+
+def test_bad_rotary_fraction_raises():
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        Attention(32, num_heads=2, rotary_fraction=0.0)
+    with pytest.raises(ValueError, match="even number"):
+        Attention(32, num_heads=2, head_dim=16, rotary_fraction=0.1)  # one dimension: nothing to rotate in pairs
+
+
+def test_partial_rotary_model_decodes_like_its_parallel_forward():
+    torch.manual_seed(0)
+    config = BMojoConfig.from_preset("bmojo", "tiny", window_size=8, chunk_size=4, eidetic_size=4,
+                                     partial_rotary_factor=0.5)  # fmt: skip
+    model = BMojoForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :13], use_cache=True)
+        logits = [out.logits]
+        for t in range(13, 40):
+            out = model(ids[:, t : t + 1], past_key_values=out.cache, use_cache=True)
+            logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=1e-4)
