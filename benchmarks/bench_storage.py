@@ -31,13 +31,18 @@ from bmojo.optim import cosine_lr
 
 
 def far_recall(
-    n: int, pairs: int, gap: int, vocab: int, generator: torch.Generator
+    n: int, pairs: int, gap: int, vocab: int, generator: torch.Generator, background: str = "random"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inputs, labels)`` long ``[n, 2 * pairs + gap + pairs]``; labels ``-100`` except at the repeated keys."""
+    """``(inputs, labels)`` long ``[n, 2 * pairs + gap + pairs]``; labels ``-100`` except at the repeated keys.
+
+    The gap is random tokens from the top third of the vocabulary (``background="random"``) or token 0 (``"zero"``,
+    the MQAR background of the demo)."""
     third = vocab // 3
     keys = 1 + torch.rand(n, third - 1, generator=generator).argsort(1)[:, :pairs]
     values = third + torch.rand(n, third, generator=generator).argsort(1)[:, :pairs]
     filler = 2 * third + torch.randint(vocab - 2 * third, (n, gap), generator=generator)
+    if background == "zero":
+        filler = torch.zeros_like(filler)
     order = torch.rand(n, pairs, generator=generator).argsort(1)
     context = torch.stack([keys, values], 2).flatten(1)
     inputs = torch.cat([context, filler, keys.gather(1, order)], 1)
@@ -70,7 +75,7 @@ def train(args: argparse.Namespace) -> BMojoForCausalLM:
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
         gap = int(torch.randint(0, 8 * args.window + 1, (1,), generator=gen))
-        x, y = far_recall(args.batch, args.pairs, gap, args.vocab, gen)
+        x, y = far_recall(args.batch, args.pairs, gap, args.vocab, gen, args.background)
         out = model(x, use_cache=False)
         loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), ignore_index=-100)
         loss = loss + model.config.innovation_loss_weight * out.aux_loss
@@ -124,6 +129,7 @@ def main() -> None:
     p.add_argument("--gap", type=int, default=65536, help="filler tokens between the pairs and their queries")
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--vocab", type=int, default=96)
+    p.add_argument("--background", choices=("random", "zero"), default="random", help="what fills the gap")
     p.add_argument("--hidden", type=int, default=64, help="model width")
     p.add_argument("--layers", type=int, default=2, help="model depth")
     p.add_argument("--window", type=int, default=16)
@@ -146,7 +152,8 @@ def main() -> None:
         model.save_pretrained(args.out / "model")
     else:
         model = BMojoForCausalLM.from_pretrained(args.load, storage_approx_threshold=args.approx_threshold).eval()
-    x, y = far_recall(args.eval_rows, args.pairs, args.gap, args.vocab, torch.Generator().manual_seed(args.seed + 1))
+    x, y = far_recall(args.eval_rows, args.pairs, args.gap, args.vocab, torch.Generator().manual_seed(args.seed + 1),
+                      args.background)
     plain = build(args, storage=False).eval()
     plain.load_state_dict(model.state_dict())
     prefill = 2 * args.pairs + args.window
