@@ -37,9 +37,9 @@ def test_paper_sizes_within_ten_percent(name, size):
     assert abs(n - target) / target < 0.10, f"{name} {size}: {n / 1e6:.1f}M"
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_full_forward_equals_prefill_plus_decode(name):
-    model = tiny(name)
+@pytest.mark.parametrize("name,extra", [(name, {}) for name in PRESETS] + [("bmojo", {"partial_rotary_factor": 0.5})])
+def test_full_forward_equals_prefill_plus_decode(name, extra):
+    model = tiny(name, **extra)
     ids = torch.randint(0, 128, (2, 40))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
