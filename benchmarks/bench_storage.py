@@ -57,7 +57,7 @@ def build(args: argparse.Namespace, storage: bool) -> BMojoForCausalLM:
         num_attention_heads=4, num_key_value_heads=2, window_size=args.window, chunk_size=args.window, eidetic_size=args.eidetic, storage=storage,
         storage_topk=args.topk, storage_write="all", storage_in_batch=storage, use_rope=args.rope_fraction > 0,
         partial_rotary_factor=args.rope_fraction or 1.0,
-        storage_approx_threshold=args.approx_threshold,
+        storage_approx_threshold=args.approx_threshold, storage_ef_search=args.ef_search,
     )  # fmt: skip
     return BMojoForCausalLM(config)
 
@@ -138,6 +138,7 @@ def main() -> None:
     p.add_argument("--eidetic", type=int, default=4)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--approx-threshold", type=int, default=4096, help="rows per sequence from which search is HNSW")
+    p.add_argument("--ef-search", type=int, default=64, help="HNSW search breadth")
     p.add_argument("--steps", type=int, default=1200, help="training steps (0: latency of an untrained model)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -151,7 +152,9 @@ def main() -> None:
         model = train(args)
         model.save_pretrained(args.out / "model")
     else:
-        model = BMojoForCausalLM.from_pretrained(args.load, storage_approx_threshold=args.approx_threshold).eval()
+        model = BMojoForCausalLM.from_pretrained(
+            args.load, storage_approx_threshold=args.approx_threshold, storage_ef_search=args.ef_search
+        ).eval()
     x, y = far_recall(args.eval_rows, args.pairs, args.gap, args.vocab, torch.Generator().manual_seed(args.seed + 1),
                       args.background)
     plain = build(args, storage=False).eval()

@@ -346,6 +346,15 @@ def test_bad_storage_configuration_raises():
         BMojoConfig.from_preset("bmojo-f", storage=True)
     with pytest.raises(ValueError, match="storage_write"):
         BMojoConfig.from_preset("bmojo", storage=True, storage_write="some")
+    for field in ("storage_ef_search", "storage_write_batch"):
+        with pytest.raises(ValueError, match=field):
+            BMojoConfig.from_preset("bmojo", storage=True, **{field: 0})
+
+
+def test_model_config_reaches_each_layer_store():
+    model = tiny(storage=True, storage_ef_search=200, storage_write_batch=7, storage_approx_threshold=99)
+    for store in model.vector_stores().values():
+        assert (store.config.ef_search, store.config.write_batch, store.config.approx_threshold) == (200, 7, 99)
 
 
 # ---------------------------------------------------------------- the model

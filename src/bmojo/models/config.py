@@ -18,8 +18,9 @@ A Jamba-style hybrid interleaves ``mamba`` and ``attention`` layers.
 ``storage=True`` gives every ``bmojo`` layer a long-term vector store (``bmojo.layers.storage``):
 ``storage_topk`` keys retrieved per query head, ``storage_write`` (``evicted | all``: what is stored),
 ``storage_in_batch`` (exact in-batch emulation in forward passes without a cache, for training),
-``storage_approx_threshold`` (rows per sequence from which search is approximate, HNSW) and
-``storage_write_batch`` (rows gathered before one background write).
+``storage_approx_threshold`` (rows per sequence from which search is approximate, HNSW), ``storage_ef_search``
+(HNSW search breadth: higher finds more of the true top rows, slower) and ``storage_write_batch`` (rows gathered
+before one background write).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class BMojoConfig(PretrainedConfig):
         storage_in_batch: bool = False,
         storage_approx_threshold: int = 4096,
         storage_write_batch: int = 256,
+        storage_ef_search: int = 64,
         bmojo_ssm: str = "mamba2",
         tie_fading_kv: bool = True,
         state_size: int = 16,
@@ -143,6 +145,7 @@ class BMojoConfig(PretrainedConfig):
         self.storage_in_batch = storage_in_batch
         self.storage_approx_threshold = storage_approx_threshold
         self.storage_write_batch = storage_write_batch
+        self.storage_ef_search = storage_ef_search
         self.bmojo_ssm = bmojo_ssm
         self.tie_fading_kv = tie_fading_kv
         self.state_size = state_size
@@ -192,10 +195,11 @@ class BMojoConfig(PretrainedConfig):
         if self.storage:
             if "bmojo" not in self.layer_pattern or self.eidetic_size == 0 or self.selection == "none":
                 raise ValueError("storage needs 'bmojo' layers with an eidetic memory (eidetic_size > 0, a selection)")
-            if min(self.storage_topk, self.storage_approx_threshold, self.storage_write_batch) < 1:
+            sizes = (self.storage_topk, self.storage_approx_threshold, self.storage_write_batch, self.storage_ef_search)
+            if min(sizes) < 1:
                 raise ValueError(
-                    f"storage_topk, storage_approx_threshold and storage_write_batch must be >= 1, got "
-                    f"{self.storage_topk}, {self.storage_approx_threshold}, {self.storage_write_batch}"
+                    f"storage_topk, storage_approx_threshold, storage_write_batch and storage_ef_search must be >= 1, "
+                    f"got {', '.join(map(str, sizes))}"
                 )
             if self.storage_write not in WRITES:
                 raise ValueError(f"storage_write must be one of {WRITES}, got {self.storage_write!r}")
