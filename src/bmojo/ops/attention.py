@@ -334,19 +334,26 @@ def flex_available() -> bool:
     return True
 
 
-def _blocks_segment(q: torch.Tensor, b0: int, c: int, bands: list[Band], memory: ChunkMemory | None,
-                    length: int) -> torch.Tensor:  # fmt: skip
-    """Query blocks ``b0..b0+n-1`` (``q [B, Hq, n*c, d]``, padded) against every key they see, one SDPA call."""
+def _blocks_ok(bands: list[Band]) -> bool:
+    """Whether :func:`blocks_union_attention` applies: finite bands, the first with ``lo = 0`` (every query sees
+    itself, so no softmax row is empty)."""
+    return bool(bands) and bands[0].lo == 0 and all(band.hi is not None for band in bands)
+
+
+def _blocks_segment(q: torch.Tensor, b0: int, c: int, padded: list[tuple[torch.Tensor, torch.Tensor, int, int]],
+                    memory: ChunkMemory | None, length: int) -> torch.Tensor:  # fmt: skip
+    """Query blocks ``b0..b0+n-1`` (``q [B, Hq, n*c, d]``, padded) against every key they see, one SDPA call.
+
+    ``padded``: each band's ``(k, v, lo, hi)`` with keys left-padded by ``hi`` and right-padded to whole blocks."""
     b, hq, nc, d = q.shape
     n = nc // c
     keys, values, masks = [], [], []
-    for band in bands:
-        span = c + band.hi - band.lo
-        window = slice(b0 * c, (b0 + n) * c + band.hi - band.lo)  # of the keys left-padded by hi
-        for out, t in ((keys, band.k), (values, band.v)):
-            padded = F.pad(t, (0, 0, band.hi, max(0, (b0 + n) * c - length)))[:, :, window]
-            out.append(padded.unfold(2, span, c).transpose(-1, -2))  # [B, Hkv, n, span, d]
-        masks.append(_band_visible(b0, n, c, band.lo, band.hi, q.device).expand(b, n, c, span))
+    for k, v, lo, hi in padded:
+        span = c + hi - lo
+        window = slice(b0 * c, (b0 + n) * c + hi - lo)
+        keys.append(k[:, :, window].unfold(2, span, c).transpose(-1, -2))  # [B, Hkv, n, span, d]
+        values.append(v[:, :, window].unfold(2, span, c).transpose(-1, -2))
+        masks.append(_band_visible(b0, n, c, lo, hi, q.device).expand(b, n, c, span))
     if memory is not None:
         pos = torch.arange(b0 * c, (b0 + n) * c, device=q.device).clamp(max=length - 1).view(n, c)
         first, last = pos[:, 0] // memory.chunk, pos[:, -1] // memory.chunk
@@ -382,14 +389,16 @@ def blocks_union_attention(
     with ``lo = 0`` first (every query sees itself) and finite bands.
     """
     b, hq, length, d = q.shape
-    if not bands or bands[0].lo != 0 or any(band.hi is None for band in bands):
+    if not _blocks_ok(bands):
         raise ValueError("blocks_union_attention needs finite bands, the first with lo = 0")
     c = max(1, min(block_size, length, length if memory is None else memory.chunk))  # a block meets <= 2 chunks
     nb = -(-length // c)
     per_block = sum(c + band.hi - band.lo for band in bands) + (0 if memory is None else 2 * memory.k.shape[3])
     seg = max(1, 4 * SEGMENT_BYTES // (8 * b * hq * per_block * d))
     qp = F.pad(q, (0, 0, 0, nb * c - length))
-    parts = [_blocks_segment(qp[:, :, b0 * c : min(b0 + seg, nb) * c], b0, c, bands, memory, length)
+    padded = [(F.pad(band.k, (0, 0, band.hi, nb * c - length)), F.pad(band.v, (0, 0, band.hi, nb * c - length)),
+               band.lo, band.hi) for band in bands]  # fmt: skip
+    parts = [_blocks_segment(qp[:, :, b0 * c : min(b0 + seg, nb) * c], b0, c, padded, memory, length)
              for b0 in range(0, nb, seg)]  # fmt: skip
     return torch.cat(parts, dim=2)[:, :, :length]
 
@@ -411,10 +420,9 @@ def union_attention(
     finite and the kernel mode is not ``reference``; else merge. ``lse`` is ``None`` from blocks.
     """
     if impl == "auto":
-        finite = bool(bands) and bands[0].lo == 0 and all(band.hi is not None for band in bands)
         if use_fused_cuda(q) and flex_available():
             impl = "flex"
-        elif not need_lse and finite and kernels() != "reference":
+        elif not need_lse and _blocks_ok(bands) and kernels() != "reference":
             impl = "blocks"
         else:
             impl = "merge"
