@@ -26,7 +26,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops.triton import use_fused_cuda
+from bmojo.ops.triton import needs_grad, use_fused_cuda
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -110,8 +110,7 @@ def ssd_scan(
     """
     inputs = (x, dt, A, B, C, initial_state)
     if use_fused_cuda(*inputs) and fla_available():
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-        if not needs_grad or fla_backward_supported(x.device):
+        if not needs_grad(*inputs) or fla_backward_supported(x.device):
             return ssd_scan_fla(*inputs)
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
@@ -151,6 +150,7 @@ def fla_available() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
+@functools.cache
 def fla_backward_supported(device: torch.device) -> bool:
     """Whether fla's SSD backward runs on ``device``: fla refuses it on Hopper GPUs with Triton >= 3.4 and < 3.7.1
     (wrong results there, fla issue #640) unless ``tilelang`` is installed."""

@@ -51,6 +51,11 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will differentiate through a call on ``tensors`` (grad mode on, some input requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on ``tensors`` should run our Triton kernel.
 
@@ -59,9 +64,7 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     on a CUDA device and ``triton`` is importable.
     """
     present = [t for t in tensors if t is not None]
-    if _mode == "reference":
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+    if _mode == "reference" or needs_grad(*present):
         return False
     if any(t.dtype == torch.float64 for t in present):
         return False
