@@ -25,7 +25,6 @@ dtype. ``dtype="bfloat16"`` runs every mode under ``torch.autocast`` (weights st
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
@@ -214,11 +213,9 @@ def _prefill(model: BMojoForCausalLM, ids: torch.Tensor) -> Any:
         return model.eval()(ids, use_cache=True, logits_to_keep=1).cache
 
 
-def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to ``dtype`` on ``device``, or nothing for float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
+def _autocast(device: torch.device, dtype: str) -> torch.autocast:
+    """``torch.autocast`` to ``dtype`` on ``device``, disabled for float32 (as ``bmojo.train`` does)."""
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
 
 
 def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int,
