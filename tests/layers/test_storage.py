@@ -111,6 +111,31 @@ def test_approximate_index_with_tail_of_recent_rows_and_merges(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_retrieve_merges_graph_and_tail_into_the_top_r():
+    """With rows in the exact tail, each query's retrieved keys are the r best of graph and tail (search()'s rows,
+    the same as brute force here), in any order."""
+    store = VectorStore(HD, HKV, StorageConfig(approx_threshold=400))
+    pos, k, v = rows(700, seed=8)
+    store.add(np.zeros(400), pos[:400], k[:400], v[:400])
+    store.flush()
+    store.add(np.zeros(300), pos[400:], k[400:], v[400:])
+    store.flush()
+    assert store.is_approximate(0)
+    q = torch.randn(1, H, 6, HD)
+    keys, values, valid = store.retrieve([0], q, 5)
+    assert keys.shape == (1, H, 6, 5, HD) and valid.all()
+    g = H // HKV
+    _, got = store.search(0, q[0].reshape(HKV, g * 6, HD).numpy(), 5)
+    assert (got >= 400).any() and (got < 400).any()  # the top 5 come from both graph and tail
+    for h in range(H):
+        kv = h // g
+        for i in range(6):
+            want = got[kv, (h % g) * 6 + i]
+            order = torch.argsort(keys[0, h, i] @ q[0, h, i], descending=True)
+            torch.testing.assert_close(keys[0, h, i, order], torch.from_numpy(k[want, kv]))
+            torch.testing.assert_close(values[0, h, i, order], torch.from_numpy(v[want, kv]))
+
+
 def test_concurrent_writers_and_readers_lose_no_acknowledged_insert():
     store = VectorStore(HD, HKV, StorageConfig(approx_threshold=150))
     n_writers, batches, per = 4, 40, 5

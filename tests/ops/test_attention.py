@@ -136,6 +136,29 @@ def test_merge_equals_one_softmax_over_union():
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extra_per_query_keys_join_the_softmax(dtype):
+    """``extra`` keys of each query alone (retrieved candidates) equal a per-query softmax loop over the union."""
+    b, hq, hkv, m, n_keys, n, d = 2, 6, 2, 3, 7, 5, 4
+    q, k, v = _qkv(b, hq, hkv, n_keys, d, dtype, seed=5)
+    q = q[:, :, :m]
+    g = torch.Generator().manual_seed(6)
+    ek, ev = (torch.randn(b, hq, m, n, d, generator=g).to(dtype) for _ in range(2))
+    valid = torch.rand(b, hq, m, n, generator=g) > 0.4
+    mask = torch.rand(b, n_keys, generator=g) > 0.3
+    mask[:, 0] = True
+    o, lse = attention_with_lse(q, k, v, mask[:, None, None, None, :], extra=(ek, ev, valid))
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(m):
+                keys = torch.cat([k[bi, h // (hq // hkv)][mask[bi]], ek[bi, h, i][valid[bi, h, i]]])
+                vals = torch.cat([v[bi, h // (hq // hkv)][mask[bi]], ev[bi, h, i][valid[bi, h, i]]])
+                s = keys.double() @ q[bi, h, i].double() * d**-0.5
+                tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+                torch.testing.assert_close(o[bi, h, i].double(), torch.softmax(s, 0) @ vals.double(), **tol)
+                torch.testing.assert_close(lse[bi, h, i].double(), torch.logsumexp(s, 0), **tol)
+
+
 def test_merge_with_empty_sets_gives_zero_and_ignores_them():
     q, k, v = _qkv(1, 2, 2, 6, 4)
     full = banded_attention(q, k, v, 0, None)

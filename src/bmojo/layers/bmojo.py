@@ -35,7 +35,7 @@ from torch import nn
 from bmojo.layers.attention import Attention
 from bmojo.layers.eidetic import EideticMemory, chunk_memories, merge_topk
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
-from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership, topk_attention
+from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership
 from bmojo.ops.attention import (
     Band,
     ChunkMemory,
@@ -361,20 +361,11 @@ class BMojoMixer(nn.Module):
                 values.append(state.mem_v)
                 visible.append(state.mem_pos >= 0)
             keys, values, visible = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(visible, 1)
-        o, lse = attention_with_lse(q, keys, values, visible[:, None, None, None, :])
-        if self.store is not None:
-            o, _ = merge_attention([(o, lse), self._retrieve(q, state)])
-            if (t + 1) % self.memory.chunk_size == 0:
-                self._write_store(state)
+        retrieved = None if self.store is None else self.store.retrieve(state.store_ids.tolist(), q, self.storage.topk)
+        o, _ = attention_with_lse(q, keys, values, visible[:, None, None, None, :], extra=retrieved)
+        if self.store is not None and (t + 1) % self.memory.chunk_size == 0:
+            self._write_store(state)
         return self.attn.output(o)
-
-    def _retrieve(self, q: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of ``q [B, H, 1, d]`` to its top-``r`` keys in the store (as of the last completed write)."""
-        r = self.storage.topk
-        keys, values, valid = self.store.retrieve(state.store_ids.tolist(), q, r)
-        logits = (keys @ q.float().unsqueeze(-1)).squeeze(-1).masked_fill(~valid, float("-inf"))
-        o, lse = topk_attention(logits, values, r, q.shape[-1] ** -0.5)
-        return o.to(q.dtype), lse
 
     def _write_store(self, state: MixerState) -> None:
         """At the end of a chunk: write the tokens the next chunk's eidetic memory (``stage``) leaves out."""

@@ -138,16 +138,16 @@ class _Shard:
             self.indexed = self.size
 
     def search(self, h: int, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``r`` ``(scores, rows)`` of kv head ``h`` for ``queries [m, d]`` (rows ``-1`` where absent)."""
+        """Top-``r`` ``(scores, rows) [m, r]`` of kv head ``h`` for ``queries [m, d]``, unsorted (rows ``-1``, scores
+        ``-inf`` where absent): the main index's top ``r`` and, in approximate mode, the tail's, merged."""
         scores, rows = self.indexes[h].search(queries, r)
+        scores = np.where(rows >= 0, scores, -np.inf)
         if self.tail[h].ntotal == 0:
             return scores, rows
         tail_scores, tail_rows = self.tail[h].search(queries, r)
-        scores = np.concatenate(
-            [np.where(rows >= 0, scores, -np.inf), np.where(tail_rows >= 0, tail_scores, -np.inf)], 1
-        )
+        scores = np.concatenate([scores, np.where(tail_rows >= 0, tail_scores, -np.inf)], 1)
         rows = np.concatenate([rows, np.where(tail_rows >= 0, tail_rows + self.indexed, -1)], 1)
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :r]
+        best = np.argpartition(-scores, r - 1, axis=1)[:, :r]
         return np.take_along_axis(scores, best, 1), np.take_along_axis(rows, best, 1)
 
 
@@ -360,16 +360,16 @@ class VectorStore:
             if shard is None:
                 return scores, rows
             for h in range(hkv):
-                d, i = shard.search(h, queries[h], r)
-                scores[h], rows[h] = np.where(i >= 0, d, -np.inf), i
-        return scores, rows
+                scores[h], rows[h] = shard.search(h, queries[h], r)
+        best = np.argsort(-scores, axis=2, kind="stable")
+        return np.take_along_axis(scores, best, 2), np.take_along_axis(rows, best, 2)
 
     def retrieve(self, seq_ids: list[int], q: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values retrieved for queries ``q [B, H, M, d]`` of sequences ``seq_ids [B]``.
 
-        Query head ``h`` searches kv head ``h // (H // Hkv)``. Returns ``keys, values [B, H, M, r, d]`` and
-        ``valid [B, H, M, r]`` (False where fewer than ``r`` rows exist; those keys/values are meaningless), on
-        ``q``'s device.
+        Query head ``h`` searches kv head ``h // (H // Hkv)``. Returns each query's top ``r``, unsorted: ``keys,
+        values [B, H, M, r, d]`` and ``valid [B, H, M, r]`` (False where fewer than ``r`` rows exist; those
+        keys/values are meaningless), in ``q``'s dtype and on its device.
         """
         b, nh, m, d = q.shape
         hkv = self.num_kv_heads
@@ -384,14 +384,14 @@ class VectorStore:
                 if shard is None:
                     continue
                 for h in range(hkv):
-                    _, rows[i, h] = shard.search(h, qn[i, h], r)
+                    rows[i, h] = shard.search(h, qn[i, h], r)[1]
                 found = np.maximum(rows[i], 0)  # rows -1 (absent) read row 0, masked below
                 keys[i], values[i] = shard.keys[found, heads], shard.values[found, heads]
 
-        def out(x: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(x).reshape(b, nh, m, *x.shape[3:]).to(q.device)
+        def out(x: np.ndarray, dtype: torch.dtype = q.dtype) -> torch.Tensor:
+            return torch.from_numpy(x).reshape(b, nh, m, *x.shape[3:]).to(q.device, dtype)
 
-        return out(keys), out(values), out(rows >= 0)
+        return out(keys), out(values), out(rows >= 0, torch.bool)
 
     # ---------------------------------------------------------------- persistence
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -527,12 +527,12 @@ def store_membership(mem_pos: torch.Tensor, length: int, window: int, chunk: int
     return left & ~in_mem
 
 
-def _top(logits: torch.Tensor, values: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``r`` largest of ``logits [..., n]`` and their ``values [..., n, d]`` (all of them when ``n <= r``)."""
+def _top(logits: torch.Tensor, r: int, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The ``r`` largest of ``logits [..., n]`` and their rows of each ``x [..., n, d]`` (all when ``n <= r``)."""
     if logits.shape[-1] <= r:
-        return logits, values
+        return logits, *xs
     logits, idx = logits.topk(r, dim=-1)
-    return logits, values.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, values.shape[-1]))
+    return logits, *(x.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1])) for x in xs)
 
 
 def topk_attention(
@@ -542,7 +542,7 @@ def topk_attention(
 
     Returns ``(o [..., d], lse [...])`` in float32 (``lse = -inf`` and ``o = 0`` when nothing is present).
     """
-    logits, values = _top(logits, values, r)
+    logits, values = _top(logits, r, values)
     s = logits.float() * scale
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
@@ -575,7 +575,7 @@ def in_batch_retrieval(
         # store members of chunk j are < start - w: score the chunk's queries against the keys before it
         logits = qj @ k[:, :, :start].transpose(-1, -2)
         logits = logits.masked_fill(~member[:, j, :start].view(b, 1, 1, start), float("-inf"))
-        logits, vals = _top(logits, v[:, :, :start].unsqueeze(2).expand(b, nh, c, start, d), r)
+        logits, vals = _top(logits, r, v[:, :, :start].unsqueeze(2).expand(b, nh, c, start, d))
         if extra is not None:
             ek, ev, ok = (x[:, :, start : start + chunk] for x in extra)
             elogits = (ek.to(qj.dtype) @ qj.unsqueeze(-1)).squeeze(-1).masked_fill(~ok, float("-inf"))

@@ -41,10 +41,16 @@ def _accumulate(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _softmax_lse(scores: torch.Tensor, v: torch.Tensor) -> AttnOut:
-    """Softmax over the last axis of float32 (or float64) ``scores`` (masked entries -inf), then ``@ v``."""
+def _softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and log-sum-exp over the last axis of float32 (or float64) ``scores`` (masked entries -inf;
+    all masked: probabilities 0, lse -inf)."""
     lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
+    return torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1)), lse
+
+
+def _softmax_lse(scores: torch.Tensor, v: torch.Tensor) -> AttnOut:
+    """Softmax over the last axis of ``scores`` (see :func:`_softmax`), then ``@ v``."""
+    p, lse = _softmax(scores)
     return p.to(v.dtype) @ v, lse
 
 
@@ -54,21 +60,31 @@ def attention_with_lse(
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
     scale: float | None = None,
+    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> AttnOut:
     """Dense attention of every query to every key allowed by ``mask``.
 
     ``mask`` is boolean (True = visible), broadcastable to ``[B, Hkv, G, M, K]`` where
     ``G = Hq // Hkv``; a mask of shape ``[B, M, K]`` or ``[B, K]`` must be unsqueezed by the caller.
+    ``extra = (keys, values [B, Hq, M, n, d], valid [B, Hq, M, n])``: further keys of each query alone (retrieved
+    from a store), in the same softmax.
     """
     b, hq, m, d = q.shape
-    hkv = k.shape[1]
+    hkv, n_keys = k.shape[1], k.shape[2]
     scale = d**-0.5 if scale is None else scale
     qg = _group(q, hkv)
     scores = _accumulate(qg @ k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, M, K]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    o, lse = _softmax_lse(scores, v.unsqueeze(2))
-    return o.reshape(b, hq, m, d), lse.reshape(b, hq, m)
+    if extra is None:
+        o, lse = _softmax_lse(scores, v.unsqueeze(2))
+        return o.reshape(b, hq, m, d), lse.reshape(b, hq, m)
+    ek, ev, valid = extra
+    extra_scores = (_accumulate(ek @ q.unsqueeze(-1)).squeeze(-1) * scale).masked_fill(~valid, float("-inf"))
+    p, lse = _softmax(torch.cat([scores.reshape(b, hq, m, n_keys), extra_scores], -1))
+    o = p[..., :n_keys].reshape(b, hkv, -1, m, n_keys).to(v.dtype) @ v.unsqueeze(2)
+    o = o.reshape(b, hq, m, d) + (p[..., n_keys:].unsqueeze(-2).to(ev.dtype) @ ev).squeeze(-2)
+    return o, lse
 
 
 def banded_attention(
