@@ -1,5 +1,7 @@
 """Long-term storage: the vector store against brute force, concurrency, persistence, and the mixer's use of it."""
 
+import os
+import sys
 import threading
 
 import numpy as np
@@ -10,7 +12,7 @@ pytest.importorskip("faiss")
 
 from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
 from bmojo.layers import BMojoMixer, MixerState
-from bmojo.layers.storage import StorageConfig, StorageFileError, VectorStore, store_membership
+from bmojo.layers.storage import WRITER_NICENESS, StorageConfig, StorageFileError, VectorStore, store_membership
 
 D, H, HKV, HD = 32, 4, 2, 8
 
@@ -134,6 +136,20 @@ def test_retrieve_merges_graph_and_tail_into_the_top_r():
             order = torch.argsort(keys[0, h, i] @ q[0, h, i], descending=True)
             torch.testing.assert_close(keys[0, h, i, order], torch.from_numpy(k[want, kv]))
             torch.testing.assert_close(values[0, h, i, order], torch.from_numpy(v[want, kv]))
+
+
+def test_retrieve_async_gives_what_retrieve_gives():
+    store, _ = filled_store({0: 300, 1: 20}, approx_threshold=100)
+    q = torch.randn(2, H, 1, HD)
+    for a, b in zip(store.retrieve_async([1, 0], q, 6).result(), store.retrieve([1, 0], q, 6)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="thread niceness is Linux's")
+def test_background_writer_runs_at_lower_priority():
+    store, _ = filled_store({0: 5})
+    tid = store._thread.native_id
+    assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICENESS)
 
 
 def test_concurrent_writers_and_readers_lose_no_acknowledged_insert():

@@ -322,6 +322,11 @@ class BMojoMixer(nn.Module):
     def _step(self, h: torch.Tensor, state: MixerState) -> torch.Tensor:
         """One token ``h [B, 1, D]`` at position ``state.seen``; updates ``state`` in place."""
         t = state.seen
+        pos = torch.tensor([t], device=h.device)
+        if self.attn is not None:
+            q = self.attn.queries(h, pos)
+            if self.store is not None:  # the search runs while the SSM and the window attention do
+                found = self.store.retrieve_async(state.store_ids.tolist(), q, self.storage.topk)
         f = None
         if self.ssm is not None:
             f, state.ssm = self.ssm(h, state.ssm)
@@ -331,8 +336,6 @@ class BMojoMixer(nn.Module):
             return f
 
         w = self.window
-        pos = torch.tensor([t], device=h.device)
-        q = self.attn.queries(h, pos)
         k, v = self.attn.keys_values(h, pos)
         score = None
         if self.memory is not None:
@@ -361,7 +364,7 @@ class BMojoMixer(nn.Module):
                 values.append(state.mem_v)
                 visible.append(state.mem_pos >= 0)
             keys, values, visible = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(visible, 1)
-        retrieved = None if self.store is None else self.store.retrieve(state.store_ids.tolist(), q, self.storage.topk)
+        retrieved = None if self.store is None else found.result()
         o, _ = attention_with_lse(q, keys, values, visible[:, None, None, None, :], extra=retrieved)
         if self.store is not None and (t + 1) % self.memory.chunk_size == 0:
             self._write_store(state)

@@ -21,6 +21,9 @@ to a background thread; searches see the store as of the last completed write, a
 for every write submitted before it. :func:`in_batch_retrieval` computes the same retrieval exactly over the tokens
 of the current pass (training, and the part of a prefill not yet in the store; ``O(L^2)`` in the pass length).
 
+In decoding, each step's search runs on a retrieval thread (:meth:`VectorStore.retrieve_async`, faiss releases the
+GIL) while the layer's SSM and window attention run, and the retrieved keys join the step's softmax.
+
 Parallel and recurrent modes agree (to float rounding) when every write is searchable before the next token is
 processed (``flush()`` between steps, or ``synchronous=True``) and the sequence's index is still exact; with
 asynchronous writes a step may miss the latest chunk's rows, with HNSW it may miss a true top-``r`` key.
@@ -36,13 +39,16 @@ Streaming with a model whose config has ``storage=True``::
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import queue
+import sys
 import threading
 import weakref
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +60,7 @@ from bmojo.atomic import atomic_file
 WRITES = ("evicted", "all")
 FORMAT_VERSION = 1
 TAIL_ROWS = 1024  # rows searched exactly beside the HNSW graph before they are merged into it
+WRITER_NICENESS = 10  # added to the background writer's niceness: it yields the CPU to decoding (Linux)
 
 
 class StorageFileError(ValueError):
@@ -196,8 +203,16 @@ class _Core:
                 shard.tail = [faiss.IndexFlatIP(self.dim) for _ in range(self.heads)]
 
 
+@functools.cache
+def _retriever() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="bmojo-retrieval")
+
+
 def _writer(jobs: queue.Queue, core: _Core) -> None:
     """Apply queued writes in order until ``None`` arrives; remember the first failure."""
+    if sys.platform == "linux":  # lower this thread's priority only (raising niceness needs no privilege)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICENESS))
     while True:
         job = jobs.get()
         if job is None:
@@ -392,6 +407,11 @@ class VectorStore:
             return torch.from_numpy(x).reshape(b, nh, m, *x.shape[3:]).to(q.device, dtype)
 
         return out(keys), out(values), out(rows >= 0, torch.bool)
+
+    def retrieve_async(self, seq_ids: list[int], q: torch.Tensor, r: int) -> Future:
+        """:meth:`retrieve` on the retrieval thread (one, shared by every store), so that a decoding step can go on
+        while faiss searches; ``.result()`` gives what :meth:`retrieve` returns (or raises what it raised)."""
+        return _retriever().submit(self.retrieve, seq_ids, q, r)
 
     # ---------------------------------------------------------------- persistence
     def state_arrays(self) -> dict[str, np.ndarray]:
