@@ -12,7 +12,14 @@ pytest.importorskip("faiss")
 
 from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
 from bmojo.layers import BMojoMixer, MixerState
-from bmojo.layers.storage import WRITER_NICENESS, StorageConfig, StorageFileError, VectorStore, store_membership
+from bmojo.layers.storage import (
+    WRITER_NICENESS,
+    StorageConfig,
+    StorageFileError,
+    VectorStore,
+    _writer,
+    store_membership,
+)
 
 D, H, HKV, HD = 32, 4, 2, 8
 
@@ -147,8 +154,8 @@ def test_retrieve_async_gives_what_retrieve_gives():
 
 @pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="thread niceness is Linux's")
 def test_background_writer_runs_at_lower_priority():
-    store, _ = filled_store({0: 5})
-    tid = store._thread.native_id
+    filled_store({0: 5})
+    tid = _writer()[1].native_id
     assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICENESS)
 
 

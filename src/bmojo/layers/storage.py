@@ -14,11 +14,12 @@ softmax (log-sum-exp merge). Each query head retrieves its own top-``r`` keys by
 (the attention logit itself) from the index of its key/value head: with grouped-query attention the keys of each
 kv head are stored once and each of the group's query heads searches that index with its own query.
 
-:class:`VectorStore` keeps, per sequence id, rows of ``(position, keys [Hkv, d], values [Hkv, d])`` and one faiss
-index per kv head: exact inner-product search (``IndexFlatIP``) while a sequence holds fewer than
-``approx_threshold`` rows, an HNSW graph (``IndexHNSWFlat``, inner-product metric) beyond. Writes go through a queue
-to a background thread; searches see the store as of the last completed write, and :meth:`VectorStore.flush` waits
-for every write submitted before it. :func:`in_batch_retrieval` computes the same retrieval exactly over the tokens
+:class:`VectorStore` keeps, per sequence id, rows of ``(position, keys [Hkv, d], values [Hkv, d])``, searched
+exactly (one matrix product) while a sequence holds fewer than ``approx_threshold`` rows, and beyond through one
+faiss HNSW graph per kv head (``IndexHNSWFlat``, inner-product metric) plus an exact search of the rows added since
+the graph was last extended. Writes go through a queue to a background thread, which publishes new rows and graphs
+as new, immutable shard objects, so that readers hold the lock only to pick up the current one; searches see the
+store as of the last completed write, and :meth:`VectorStore.flush` waits for every write submitted before it. :func:`in_batch_retrieval` computes the same retrieval exactly over the tokens
 of the current pass (training, and the part of a prefill not yet in the store; ``O(L^2)`` in the pass length).
 
 In decoding, each step's search runs on a retrieval thread (:meth:`VectorStore.retrieve_async`, faiss releases the
@@ -39,6 +40,7 @@ Streaming with a model whose config has ``storage=True``::
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import json
@@ -46,7 +48,6 @@ import os
 import queue
 import sys
 import threading
-import weakref
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,52 +111,71 @@ class StorageConfig:
 
 
 class _Shard:
-    """The rows of one sequence: growable position/key/value arrays and faiss indexes per kv head.
+    """The rows of one sequence, as published to readers: ``positions [cap]``, ``keys, values [Hkv, cap, d]`` with
+    rows ``[0, size)`` visible, and (approximate mode) one HNSW graph per kv head over rows ``[0, indexed)``.
 
-    Rows ``[0, indexed)`` are in ``indexes`` (exact, or HNSW once approximate); in approximate mode later rows go to
-    the exact ``tail`` indexes, which the writer merges into a copy of the HNSW graph off the lock every
-    ``TAIL_ROWS`` rows, so that readers never wait for graph insertions.
+    A published shard never changes: the writer writes new rows past ``size`` (or into larger copies of the arrays)
+    and adds to copies of the graphs, then publishes a new shard object under the store's lock. Readers take the
+    current object under the lock and search it without the lock. Rows ``[indexed, size)`` (all rows while exact)
+    are searched exactly.
     """
 
     def __init__(self, heads: int, dim: int, capacity: int = 64) -> None:
         self.size = self.indexed = 0
         self.positions = np.empty(capacity, np.int64)
-        self.keys = np.empty((capacity, heads, dim), np.float32)
-        self.values = np.empty((capacity, heads, dim), np.float32)
-        self.indexes = [_faiss().IndexFlatIP(dim) for _ in range(heads)]
-        self.tail = [_faiss().IndexFlatIP(dim) for _ in range(heads)]
-        self.approx = False
+        self.keys = np.empty((heads, capacity, dim), np.float32)
+        self.values = np.empty((heads, capacity, dim), np.float32)
+        self.graphs: list | None = None
 
-    def append(self, positions: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
-        n = len(positions)
+    @property
+    def approx(self) -> bool:
+        return self.graphs is not None
+
+    def appended(self, positions: np.ndarray, keys: np.ndarray, values: np.ndarray) -> _Shard:
+        """A new shard with rows ``positions [n], keys, values [n, Hkv, d]`` added (this one stays as it is)."""
+        new, n = copy.copy(self), len(positions)
         if self.size + n > len(self.positions):
             cap = max(2 * len(self.positions), self.size + n)
-            for name in ("positions", "keys", "values"):
-                old = getattr(self, name)
-                new = np.empty((cap, *old.shape[1:]), old.dtype)
-                new[: self.size] = old[: self.size]
-                setattr(self, name, new)
-        self.positions[self.size : self.size + n] = positions
-        self.keys[self.size : self.size + n] = keys
-        self.values[self.size : self.size + n] = values
-        for h, index in enumerate(self.tail if self.approx else self.indexes):
-            index.add(np.ascontiguousarray(keys[:, h]))
-        self.size += n
-        if not self.approx:
-            self.indexed = self.size
+            new.positions = np.empty(cap, np.int64)
+            new.positions[: self.size] = self.positions[: self.size]
+            new.keys, new.values = (
+                np.empty((x.shape[0], cap, x.shape[2]), np.float32) for x in (self.keys, self.values)
+            )
+            new.keys[:, : self.size] = self.keys[:, : self.size]
+            new.values[:, : self.size] = self.values[:, : self.size]
+        new.positions[self.size : self.size + n] = positions
+        new.keys[:, self.size : self.size + n] = keys.transpose(1, 0, 2)
+        new.values[:, self.size : self.size + n] = values.transpose(1, 0, 2)
+        new.size = self.size + n
+        return new
 
-    def search(self, h: int, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``r`` ``(scores, rows) [m, r]`` of kv head ``h`` for ``queries [m, d]``, unsorted (rows ``-1``, scores
-        ``-inf`` where absent): the main index's top ``r`` and, in approximate mode, the tail's, merged."""
-        scores, rows = self.indexes[h].search(queries, r)
-        scores = np.where(rows >= 0, scores, -np.inf)
-        if self.tail[h].ntotal == 0:
-            return scores, rows
-        tail_scores, tail_rows = self.tail[h].search(queries, r)
-        scores = np.concatenate([scores, np.where(tail_rows >= 0, tail_scores, -np.inf)], 1)
-        rows = np.concatenate([rows, np.where(tail_rows >= 0, tail_rows + self.indexed, -1)], 1)
-        best = np.argpartition(-scores, r - 1, axis=1)[:, :r]
-        return np.take_along_axis(scores, best, 1), np.take_along_axis(rows, best, 1)
+    def indexed_to(self, graphs: list, indexed: int) -> _Shard:
+        """A new shard whose rows ``[0, indexed)`` are searched through ``graphs``."""
+        new = copy.copy(self)
+        new.graphs, new.indexed = graphs, indexed
+        return new
+
+    def search(self, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``r`` ``(scores, rows) [Hkv, m, r]`` for ``queries [Hkv, m, d]`` (kv head ``h`` searches its own keys),
+        unsorted, rows ``-1`` and scores ``-inf`` where absent: the graphs' top ``r`` and the exact top ``r`` of the
+        rows not in them, merged."""
+        hkv, m, _ = queries.shape
+        scores, rows = [np.full((hkv, m, 0), -np.inf, np.float32)], [np.full((hkv, m, 0), -1, np.int64)]
+        if self.graphs is not None:
+            found = [graph.search(queries[h], r) for h, graph in enumerate(self.graphs)]
+            rows.append(np.stack([i for _, i in found]))
+            scores.append(np.where(rows[-1] >= 0, np.stack([d for d, _ in found]), -np.inf))
+        if self.size > self.indexed:
+            exact = torch.from_numpy(queries) @ torch.from_numpy(self.keys[:, self.indexed : self.size]).transpose(1, 2)
+            top = exact.topk(min(r, self.size - self.indexed), dim=-1)
+            scores.append(top.values.numpy())
+            rows.append(top.indices.numpy() + self.indexed)
+        scores, rows = np.concatenate(scores, 2), np.concatenate(rows, 2)
+        if scores.shape[2] < r:
+            pad = ((0, 0), (0, 0), (0, r - scores.shape[2]))
+            return np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
+        best = np.argpartition(-scores, r - 1, axis=2)[:, :, :r]
+        return np.take_along_axis(scores, best, 2), np.take_along_axis(rows, best, 2)
 
 
 def _hnsw(keys: np.ndarray, m: int, ef_search: int):
@@ -168,7 +188,7 @@ def _hnsw(keys: np.ndarray, m: int, ef_search: int):
 
 
 class _Core:
-    """What the writer thread and readers share: the shards, one lock, and the write counters."""
+    """What the writer thread and readers share: the published shards, one lock, and the write counters."""
 
     def __init__(self, heads: int, dim: int, config: StorageConfig) -> None:
         self.heads, self.dim, self.config = heads, dim, config
@@ -178,49 +198,64 @@ class _Core:
         self.applied = 0
         self.error: BaseException | None = None
 
+    def _publish(self, seq: int, old: _Shard | None, new: _Shard) -> bool:
+        """Replace ``old`` by ``new`` unless the sequence was removed or replaced meanwhile."""
+        with self.lock:
+            if self.shards.get(seq) is not old:
+                return False
+            self.shards[seq] = new
+            return True
+
     def apply(self, seq: np.ndarray, positions: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
-        """Insert rows. The writer thread is the only caller and the only thread that changes a shard's rows, so
-        it may read them without the lock while it builds indexes that readers do not see yet."""
-        faiss = _faiss()
+        """Insert rows: publish them (searched exactly at first), then, past ``approx_threshold`` rows or every
+        ``TAIL_ROWS`` exact rows, build or extend the graphs off the lock and publish those. The writer thread is the
+        only caller, so it is the only thread that makes shards."""
+        faiss, cfg = _faiss(), self.config
         for s in np.unique(seq):
             rows = seq == s
             with self.lock:
-                shard = self.shards.get(int(s))
-                if shard is None:
-                    shard = self.shards[int(s)] = _Shard(self.heads, self.dim)
-                shard.append(positions[rows], keys[rows], values[rows])
-            size, cfg = shard.size, self.config
-            if not shard.approx and size >= cfg.approx_threshold:
-                built = [_hnsw(shard.keys[:size, h], cfg.hnsw_m, cfg.ef_search) for h in range(self.heads)]
-            elif shard.approx and size - shard.indexed >= TAIL_ROWS:
-                built = [faiss.clone_index(index) for index in shard.indexes]
-                for h, index in enumerate(built):
-                    index.add(np.ascontiguousarray(shard.keys[shard.indexed : size, h]))
+                old = self.shards.get(int(s))
+            shard = (old or _Shard(self.heads, self.dim)).appended(positions[rows], keys[rows], values[rows])
+            if not self._publish(int(s), old, shard):
+                continue
+            if shard.approx and shard.size - shard.indexed >= TAIL_ROWS:
+                graphs = [faiss.clone_index(graph) for graph in shard.graphs]
+                for h, graph in enumerate(graphs):
+                    graph.add(np.ascontiguousarray(shard.keys[h, shard.indexed : shard.size]))
+            elif not shard.approx and shard.size >= cfg.approx_threshold:
+                graphs = [_hnsw(shard.keys[h, : shard.size], cfg.hnsw_m, cfg.ef_search) for h in range(self.heads)]
             else:
                 continue
-            with self.lock:
-                shard.indexes, shard.indexed, shard.approx = built, size, True
-                shard.tail = [faiss.IndexFlatIP(self.dim) for _ in range(self.heads)]
+            self._publish(int(s), shard, shard.indexed_to(graphs, shard.size))
 
 
 @functools.cache
 def _retriever() -> ThreadPoolExecutor:
+    """The retrieval thread, shared by every store."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="bmojo-retrieval")
 
 
-def _writer(jobs: queue.Queue, core: _Core) -> None:
-    """Apply queued writes in order until ``None`` arrives; remember the first failure."""
+@functools.cache
+def _writer() -> tuple[queue.Queue, threading.Thread]:
+    """The background writer, shared by every store (one thread, so writes never take both cores from decoding):
+    its queue of ``(core, rows)`` jobs and its thread."""
+    jobs: queue.Queue = queue.Queue()
+    thread = threading.Thread(target=_write_forever, args=(jobs,), daemon=True, name="bmojo-store-writer")
+    thread.start()
+    return jobs, thread
+
+
+def _write_forever(jobs: queue.Queue) -> None:
+    """Apply queued writes in order, at a lower priority; remember each store's first failure."""
     if sys.platform == "linux":  # lower this thread's priority only (raising niceness needs no privilege)
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICENESS))
     while True:
-        job = jobs.get()
-        if job is None:
-            return
+        core, job = jobs.get()
         try:
             if core.error is None:
                 core.apply(*job)
-        except BaseException as e:  # noqa: BLE001 - reported by the next flush/add
+        except BaseException as e:  # noqa: BLE001 - reported by the store's next flush/add
             core.error = e
         finally:
             with core.done:
@@ -250,13 +285,11 @@ class VectorStore:
         self.config = config or StorageConfig()
         self.head_dim, self.num_kv_heads = head_dim, num_kv_heads
         self._core = _Core(num_kv_heads, head_dim, self.config)
-        self._jobs: queue.Queue = queue.Queue()
         self._submit_lock = threading.Lock()
         self._submitted = 0
         self._waiting: list[tuple[np.ndarray, ...]] = []
         self._waiting_rows = 0
         self._next_seq = 0
-        self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- writing
     def new_sequences(self, n: int) -> list[int]:
@@ -299,11 +332,7 @@ class VectorStore:
         """Hand the waiting rows to the writer thread as one job (under ``_submit_lock``)."""
         if not self._waiting:
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=_writer, args=(self._jobs, self._core), daemon=True)
-            self._thread.start()
-            weakref.finalize(self, self._jobs.put, None)
-        self._jobs.put(tuple(np.concatenate(parts) for parts in zip(*self._waiting)))
+        _writer()[0].put((self._core, tuple(np.concatenate(parts) for parts in zip(*self._waiting))))
         self._waiting, self._waiting_rows = [], 0
         self._submitted += 1
 
@@ -353,12 +382,16 @@ class VectorStore:
             shard = self._core.shards.get(int(seq_id))
             return shard is not None and shard.approx
 
+    def _shard(self, seq_id: int) -> _Shard | None:
+        """The published shard of a sequence (searched without the lock: it never changes)."""
+        with self._core.lock:
+            return self._core.shards.get(int(seq_id))
+
     def entries(self, seq_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Copies of one sequence's ``positions [n], keys [n, Hkv, d], values [n, Hkv, d]`` in insertion order."""
-        with self._core.lock:
-            shard = self._core.shards.get(int(seq_id)) or _Shard(self.num_kv_heads, self.head_dim, 0)
-            n = shard.size
-            return shard.positions[:n].copy(), shard.keys[:n].copy(), shard.values[:n].copy()
+        shard = self._shard(seq_id) or _Shard(self.num_kv_heads, self.head_dim, 0)
+        n = shard.size
+        return (shard.positions[:n].copy(), *(x[:, :n].transpose(1, 0, 2).copy() for x in (shard.keys, shard.values)))
 
     def search(self, seq_id: int, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``r`` rows by inner product for ``queries [Hkv, M, d]`` (kv head ``h`` searches its own keys).
@@ -366,16 +399,8 @@ class VectorStore:
         Returns ``(scores [Hkv, M, r], rows [Hkv, M, r])``, best first, with rows ``-1`` (score ``-inf``) where the
         sequence holds fewer than ``r`` rows.
         """
-        queries = np.ascontiguousarray(queries, np.float32)
-        hkv, m, _ = queries.shape
-        scores = np.full((hkv, m, r), -np.inf, np.float32)
-        rows = np.full((hkv, m, r), -1, np.int64)
-        with self._core.lock:
-            shard = self._core.shards.get(int(seq_id))
-            if shard is None:
-                return scores, rows
-            for h in range(hkv):
-                scores[h], rows[h] = shard.search(h, queries[h], r)
+        shard = self._shard(seq_id) or _Shard(self.num_kv_heads, self.head_dim, 0)
+        scores, rows = shard.search(np.ascontiguousarray(queries, np.float32), r)
         best = np.argsort(-scores, axis=2, kind="stable")
         return np.take_along_axis(scores, best, 2), np.take_along_axis(rows, best, 2)
 
@@ -393,15 +418,13 @@ class VectorStore:
         values = np.zeros_like(keys)
         rows = np.full(keys.shape[:4], -1, np.int64)
         heads = np.arange(hkv)[:, None, None]
-        with self._core.lock:
-            for i, s in enumerate(seq_ids):
-                shard = self._core.shards.get(int(s))
-                if shard is None:
-                    continue
-                for h in range(hkv):
-                    rows[i, h] = shard.search(h, qn[i, h], r)[1]
-                found = np.maximum(rows[i], 0)  # rows -1 (absent) read row 0, masked below
-                keys[i], values[i] = shard.keys[found, heads], shard.values[found, heads]
+        for i, s in enumerate(seq_ids):
+            shard = self._shard(s)
+            if shard is None:
+                continue
+            rows[i] = shard.search(qn[i], r)[1]
+            found = np.maximum(rows[i], 0)  # rows -1 (absent) read row 0, masked below
+            keys[i], values[i] = shard.keys[heads, found], shard.values[heads, found]
 
         def out(x: np.ndarray, dtype: torch.dtype = q.dtype) -> torch.Tensor:
             return torch.from_numpy(x).reshape(b, nh, m, *x.shape[3:]).to(q.device, dtype)
@@ -420,17 +443,17 @@ class VectorStore:
         faiss = _faiss()
         with self._core.lock:
             shards = sorted(self._core.shards.items())
-            arrays: dict[str, np.ndarray] = {
-                "seq_ids": np.concatenate([np.full(s.size, i, np.int64) for i, s in shards] or [np.empty(0, np.int64)]),
-                "positions": np.concatenate([s.positions[: s.size] for _, s in shards] or [np.empty(0, np.int64)]),
-            }
-            for name in ("keys", "values"):
-                empty = np.empty((0, self.num_kv_heads, self.head_dim), np.float32)
-                arrays[name] = np.concatenate([getattr(s, name)[: s.size] for _, s in shards] or [empty])
-            for i, s in shards:
-                if s.approx:
-                    for h, index in enumerate(s.indexes):
-                        arrays[f"hnsw_{i}_{h}"] = faiss.serialize_index(index)
+        arrays: dict[str, np.ndarray] = {
+            "seq_ids": np.concatenate([np.full(s.size, i, np.int64) for i, s in shards] or [np.empty(0, np.int64)]),
+            "positions": np.concatenate([s.positions[: s.size] for _, s in shards] or [np.empty(0, np.int64)]),
+        }
+        for name in ("keys", "values"):
+            empty = np.empty((0, self.num_kv_heads, self.head_dim), np.float32)
+            rows = [getattr(s, name)[:, : s.size].transpose(1, 0, 2) for _, s in shards]
+            arrays[name] = np.concatenate(rows or [empty])
+        for i, s in shards:
+            for h, graph in enumerate(s.graphs or []):
+                arrays[f"hnsw_{i}_{h}"] = faiss.serialize_index(graph)
         meta = dict(
             version=FORMAT_VERSION, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads, next_seq=self._next_seq
         )
@@ -461,8 +484,8 @@ class VectorStore:
         shards: dict[int, _Shard] = {}
         for s in np.unique(seq):
             rows = seq == s
-            shard = shards[int(s)] = _Shard(self.num_kv_heads, self.head_dim, int(rows.sum()))
-            shard.append(pos[rows], keys[rows], values[rows])
+            shard = _Shard(self.num_kv_heads, self.head_dim, int(rows.sum()))
+            shard = shards[int(s)] = shard.appended(pos[rows], keys[rows], values[rows])
             if f"hnsw_{s}_0" in arrays:
                 try:
                     graphs = [faiss.deserialize_index(arrays[f"hnsw_{s}_{h}"]) for h in range(self.num_kv_heads)]
@@ -471,10 +494,9 @@ class VectorStore:
                 n = graphs[0].ntotal
                 if any(not isinstance(g, faiss.IndexHNSW) or g.ntotal != n for g in graphs) or n > shard.size:
                     raise StorageFileError(f"{name}: HNSW index of sequence {s} does not match its rows")
-                for h, graph in enumerate(graphs):
+                for graph in graphs:
                     graph.hnsw.efSearch = self.config.ef_search
-                    shard.tail[h].add(np.ascontiguousarray(shard.keys[n : shard.size, h]))
-                shard.indexes, shard.indexed, shard.approx = graphs, n, True
+                shards[int(s)] = shard.indexed_to(graphs, n)
         return shards, max(int(meta.get("next_seq", 0)), int(seq.max()) + 1 if len(seq) else 0)
 
     def _install(self, shards: dict[int, _Shard], next_seq: int) -> None:
