@@ -58,6 +58,7 @@ def build(args: argparse.Namespace, storage: bool) -> BMojoForCausalLM:
         storage_topk=args.topk, storage_write="all", storage_in_batch=storage, use_rope=args.rope_fraction > 0,
         partial_rotary_factor=args.rope_fraction or 1.0,
         storage_approx_threshold=args.approx_threshold, storage_ef_search=args.ef_search,
+        storage_async_retrieval=not args.sync_retrieval,
     )  # fmt: skip
     return BMojoForCausalLM(config)
 
@@ -118,6 +119,11 @@ def stream(models: dict[str, BMojoForCausalLM], x: torch.Tensor, y: torch.Tensor
             "p99_ms": float(np.percentile(ms, 99)),
             "first_1000_mean_ms": float(ms[:1000].mean()),
             "last_1000_mean_ms": float(ms[-1000:].mean()),
+            "mean_ms_by_position": {  # tokens [2^i, 2^(i+1)) of the stream: how time per token grows with the store
+                f"{lo}-{min(2 * lo, len(ms)) - 1}": float(ms[lo : 2 * lo].mean())
+                for lo in 2 ** np.arange(10, 20)
+                if lo < len(ms)
+            },
             "store_rows_per_sequence": sum(len(s) for s in stores.values()) / max(1, len(stores)) / x.shape[0],
             "state_bytes": caches[n].nbytes(),
         }
@@ -133,12 +139,17 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64, help="model width")
     p.add_argument("--layers", type=int, default=2, help="model depth")
     p.add_argument("--window", type=int, default=16)
-    p.add_argument("--rope-fraction", type=float, default=0.0,
-                   help="fraction of each head's dimensions rotated by RoPE (0: no RoPE; the rest stay position-free)")
+    p.add_argument(
+        "--rope-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of each head's dimensions rotated by RoPE (0: no RoPE; the rest stay position-free)",
+    )
     p.add_argument("--eidetic", type=int, default=4)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--approx-threshold", type=int, default=4096, help="rows per sequence from which search is HNSW")
     p.add_argument("--ef-search", type=int, default=64, help="HNSW search breadth")
+    p.add_argument("--sync-retrieval", action="store_true", help="search inline in decoding steps, not on a thread")
     p.add_argument("--steps", type=int, default=1200, help="training steps (0: latency of an untrained model)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -153,10 +164,14 @@ def main() -> None:
         model.save_pretrained(args.out / "model")
     else:
         model = BMojoForCausalLM.from_pretrained(
-            args.load, storage_approx_threshold=args.approx_threshold, storage_ef_search=args.ef_search
+            args.load,
+            storage_approx_threshold=args.approx_threshold,
+            storage_ef_search=args.ef_search,
+            storage_async_retrieval=not args.sync_retrieval,
         ).eval()
-    x, y = far_recall(args.eval_rows, args.pairs, args.gap, args.vocab, torch.Generator().manual_seed(args.seed + 1),
-                      args.background)
+    x, y = far_recall(
+        args.eval_rows, args.pairs, args.gap, args.vocab, torch.Generator().manual_seed(args.seed + 1), args.background
+    )
     plain = build(args, storage=False).eval()
     plain.load_state_dict(model.state_dict())
     prefill = 2 * args.pairs + args.window
@@ -176,6 +191,11 @@ def main() -> None:
             f"| {r['last_1000_mean_ms']:.2f} | {r['store_rows_per_sequence']:.0f} |"
         )
     print(f"p99 on / off: {ratio:.2f}x (target <= 1.3x)")
+    for name, r in rows.items():
+        print(
+            f"{name}, mean ms/token by stream position:",
+            ", ".join(f"{k}: {v:.2f}" for k, v in r["mean_ms_by_position"].items()),
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out / "results.json").write_text(json.dumps({"args": meta, "results": rows, "p99_ratio": ratio}, indent=2))

@@ -352,9 +352,11 @@ def test_in_batch_retrieval_matches_naive_union_softmax(write):
 
 @pytest.mark.parametrize("write", ["evicted", "all"])
 @pytest.mark.parametrize("prefill", [1, 5, 9, 13])
-def test_recurrent_with_flush_equals_in_batch_emulation(write, prefill):
-    """Equal when every write is searchable before the next step: flush after each step (or synchronous writes)."""
-    m = make(write, synchronous=prefill == 13)
+@pytest.mark.parametrize("async_retrieval", [True, False])
+def test_recurrent_with_flush_equals_in_batch_emulation(write, prefill, async_retrieval):
+    """Equal when every write is searchable before the next step: flush after each step (or synchronous writes);
+    the same whether steps search on the retrieval thread or inline."""
+    m = make(write, synchronous=prefill == 13, async_retrieval=async_retrieval)
     h = torch.randn(2, 30, D)
     with torch.no_grad():
         full, _, _ = m(h)
@@ -400,9 +402,16 @@ def test_bad_storage_configuration_raises():
 
 
 def test_model_config_reaches_each_layer_store():
-    model = tiny(storage=True, storage_ef_search=200, storage_write_batch=7, storage_approx_threshold=99)
+    model = tiny(
+        storage=True,
+        storage_ef_search=200,
+        storage_write_batch=7,
+        storage_approx_threshold=99,
+        storage_async_retrieval=False,
+    )
     for store in model.vector_stores().values():
-        assert (store.config.ef_search, store.config.write_batch, store.config.approx_threshold) == (200, 7, 99)
+        cfg = store.config
+        assert (cfg.ef_search, cfg.write_batch, cfg.approx_threshold, cfg.async_retrieval) == (200, 7, 99, False)
 
 
 # ---------------------------------------------------------------- the model

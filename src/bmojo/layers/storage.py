@@ -85,7 +85,9 @@ class StorageConfig:
     sequence from which the index is HNSW; ``hnsw_m``, ``ef_search``: HNSW graph degree and search breadth;
     ``write_batch``: rows gathered by :meth:`VectorStore.add` before they go to the background writer as one job
     (fewer, larger writes keep the writer off most decoding steps; :meth:`VectorStore.flush` hands over the rest);
-    ``synchronous``: every write completes before ``add`` returns (deterministic results without ``flush``).
+    ``synchronous``: every write completes before ``add`` returns (deterministic results without ``flush``);
+    ``async_retrieval``: decoding steps search on the retrieval thread (:meth:`VectorStore.retrieve_async`) while
+    the layer's SSM runs, instead of inline.
     """
 
     topk: int = 16
@@ -96,6 +98,7 @@ class StorageConfig:
     ef_search: int = 64
     write_batch: int = 256
     synchronous: bool = False
+    async_retrieval: bool = True
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -433,8 +436,13 @@ class VectorStore:
 
     def retrieve_async(self, seq_ids: list[int], q: torch.Tensor, r: int) -> Future:
         """:meth:`retrieve` on the retrieval thread (one, shared by every store), so that a decoding step can go on
-        while faiss searches; ``.result()`` gives what :meth:`retrieve` returns (or raises what it raised)."""
-        return _retriever().submit(self.retrieve, seq_ids, q, r)
+        while faiss searches; ``.result()`` gives what :meth:`retrieve` returns (or raises what it raised). With
+        ``config.async_retrieval`` off, the search runs now and the future is already done."""
+        if self.config.async_retrieval:
+            return _retriever().submit(self.retrieve, seq_ids, q, r)
+        done: Future = Future()
+        done.set_result(self.retrieve(seq_ids, q, r))
+        return done
 
     # ---------------------------------------------------------------- persistence
     def state_arrays(self) -> dict[str, np.ndarray]:

@@ -19,8 +19,9 @@ A Jamba-style hybrid interleaves ``mamba`` and ``attention`` layers.
 ``storage_topk`` keys retrieved per query head, ``storage_write`` (``evicted | all``: what is stored),
 ``storage_in_batch`` (exact in-batch emulation in forward passes without a cache, for training),
 ``storage_approx_threshold`` (rows per sequence from which search is approximate, HNSW), ``storage_ef_search``
-(HNSW search breadth: higher finds more of the true top rows, slower) and ``storage_write_batch`` (rows gathered
-before one background write).
+(HNSW search breadth: higher finds more of the true top rows, slower), ``storage_write_batch`` (rows gathered
+before one background write) and ``storage_async_retrieval`` (in decoding, search on the retrieval thread while the
+layer's SSM runs: faster for wide layers; off is faster when Python overhead dominates, as in very small models).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class BMojoConfig(PretrainedConfig):
         storage_approx_threshold: int = 4096,
         storage_write_batch: int = 256,
         storage_ef_search: int = 64,
+        storage_async_retrieval: bool = True,
         bmojo_ssm: str = "mamba2",
         tie_fading_kv: bool = True,
         state_size: int = 16,
@@ -146,6 +148,7 @@ class BMojoConfig(PretrainedConfig):
         self.storage_approx_threshold = storage_approx_threshold
         self.storage_write_batch = storage_write_batch
         self.storage_ef_search = storage_ef_search
+        self.storage_async_retrieval = storage_async_retrieval
         self.bmojo_ssm = bmojo_ssm
         self.tie_fading_kv = tie_fading_kv
         self.state_size = state_size
