@@ -162,18 +162,19 @@ class _Shard:
         """Top-``r`` ``(scores, rows) [Hkv, m, r]`` for ``queries [Hkv, m, d]`` (kv head ``h`` searches its own keys),
         unsorted, rows ``-1`` and scores ``-inf`` where absent: the graphs' top ``r`` and the exact top ``r`` of the
         rows not in them, merged."""
-        hkv, m, _ = queries.shape
-        scores, rows = [np.full((hkv, m, 0), -np.inf, np.float32)], [np.full((hkv, m, 0), -1, np.int64)]
+        found = []
         if self.graphs is not None:
-            found = [graph.search(queries[h], r) for h, graph in enumerate(self.graphs)]
-            rows.append(np.stack([i for _, i in found]))
-            scores.append(np.where(rows[-1] >= 0, np.stack([d for d, _ in found]), -np.inf))
+            hits = [graph.search(queries[h], r) for h, graph in enumerate(self.graphs)]
+            rows = np.stack([i for _, i in hits])
+            found.append((np.where(rows >= 0, np.stack([d for d, _ in hits]), -np.inf), rows))
         if self.size > self.indexed:
             exact = torch.from_numpy(queries) @ torch.from_numpy(self.keys[:, self.indexed : self.size]).transpose(1, 2)
             top = exact.topk(min(r, self.size - self.indexed), dim=-1)
-            scores.append(top.values.numpy())
-            rows.append(top.indices.numpy() + self.indexed)
-        scores, rows = np.concatenate(scores, 2), np.concatenate(rows, 2)
+            found.append((top.values.numpy(), top.indices.numpy() + self.indexed))
+        if len(found) == 1 and found[0][0].shape[2] == r:
+            return found[0]
+        scores = np.concatenate([d for d, _ in found] or [np.empty((*queries.shape[:2], 0), np.float32)], 2)
+        rows = np.concatenate([i for _, i in found] or [np.empty((*queries.shape[:2], 0), np.int64)], 2)
         if scores.shape[2] < r:
             pad = ((0, 0), (0, 0), (0, r - scores.shape[2]))
             return np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
