@@ -4,6 +4,7 @@
 #   bash benchmarks/run_gpu.sh OUT tests   # tests/test_cuda.py
 #   bash benchmarks/run_gpu.sh OUT probe   # 130m bf16 training steps: step times, graphs dynamo compiled, a profile
 #   bash benchmarks/run_gpu.sh OUT train   # 130m training and prefill at 2K (batch 8) and 8K (batch 2), bf16
+#   bash benchmarks/run_gpu.sh OUT train-compiled  # the 2K training point with both models through torch.compile
 #   bash benchmarks/run_gpu.sh OUT decode  # decode tokens/s and cache memory at 4K and 32K
 set -uo pipefail
 out=${1:?output directory}
@@ -47,6 +48,7 @@ PY
     train)
       bench --lengths 2048 --modes train,prefill --batch 8 --repeats 5 --warmup 2 --out "$out/train_2k"
       bench --lengths 8192 --modes train,prefill --batch 2 --repeats 5 --warmup 2 --out "$out/train_8k" ;;
+    train-compiled) bench --lengths 2048 --modes train --batch 8 --repeats 5 --warmup 2 --compile --out "$out/train_2k_compiled" ;;
     decode) bench --lengths 4096,32768 --modes decode --batch 1 --decode-steps 32 --repeats 3 --out "$out/decode" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from bmojo.bench import (
     BenchSettings,
     _Memory,
+    make_runner,
     matched_transformer,
     run_bench,
     write_outputs,
@@ -156,3 +157,22 @@ def test_bench_bfloat16_autocast_reports_mfu():
     assert train and all(0 < p["mfu"] and p["model_flops"] > 0 for p in train)
     with pytest.raises(ValueError, match="dtype must be one of"):
         tiny_settings(dtype="float16").validate()
+
+
+@pytest.mark.slow  # about a minute of compilation on 2 CPU cores
+def test_compiled_train_step_matches_eager_and_bench_runs_compiled():
+    """``compile=True``: the compiled training step gives the eager step's gradients; the bench records it."""
+    config = BMojoConfig.from_preset("bmojo", "tiny", vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                     window_size=4, eidetic_size=2, chunk_size=4, attention_block_size=4)  # fmt: skip
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = BMojoForCausalLM(config)
+        make_runner(model, "train", ids, 1, compile=compiled)()
+        grads.append([p.grad for p in model.parameters()])
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+    overrides = {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers")}
+    result = run_bench(tiny_settings(lengths=[12], modes=["train"], repeats=1, compile=True, overrides=overrides))
+    assert result["settings"]["compile"] and all(p["flops"] > 0 for p in result["points"])

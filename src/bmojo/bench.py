@@ -20,7 +20,9 @@ prefill freed into the allocator), and ``cache_bytes`` is the cache's exact size
 and reported as achieved FLOP/s and as a fraction of the measured matmul peak (on CPU only: compiled CUDA kernels
 hide their FLOPs from the counter). Every ``train`` point also reports model FLOPs utilisation (``mfu``): the
 usual estimate of a step's useful FLOPs (:func:`model_flops`) per second over the measured matmul peak in the run's
-dtype. ``dtype="bfloat16"`` runs every mode under ``torch.autocast`` (weights stay float32).
+dtype. ``dtype="bfloat16"`` runs every mode under ``torch.autocast`` (weights stay float32). ``compile=True`` times
+``train`` and ``prefill`` through ``torch.compile`` of every model (compilation happens in the warm-up runs; FLOP
+counts and memory come from the eager model; ``decode`` stays eager).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class BenchSettings:
     memory: bool = True
     seed: int = 0
     dtype: str = "float32"
+    compile: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -208,7 +211,7 @@ def _build(config: BMojoConfig, seed: int, device: torch.device) -> BMojoForCaus
     return BMojoForCausalLM(config).to(device)
 
 
-def _prefill(model: BMojoForCausalLM, ids: torch.Tensor) -> Any:
+def _prefill(model: torch.nn.Module, ids: torch.Tensor) -> Any:
     with torch.no_grad():
         return model.eval()(ids, use_cache=True, logits_to_keep=1).cache
 
@@ -219,17 +222,18 @@ def _autocast(device: torch.device, dtype: str) -> torch.autocast:
 
 
 def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int,
-                dtype: str = "float32") -> Callable[[], None]:  # fmt: skip
+                dtype: str = "float32", compile: bool = False) -> Callable[[], None]:  # fmt: skip
     """A function running one unit of ``mode`` on ``ids [batch, L]`` under autocast to ``dtype`` (for ``decode``
-    the prefill happens now)."""
+    the prefill happens now); ``compile``: ``train`` and ``prefill`` call the model through ``torch.compile``."""
     amp = functools.partial(_autocast, ids.device, dtype)
+    forward = torch.compile(model, dynamic=False) if compile and mode != "decode" else model  # a graph per length
     if mode == "train":
         model.train()
 
         def train() -> None:
             model.zero_grad(set_to_none=True)
             with amp():
-                loss = model(ids, labels=ids, use_cache=False).loss
+                loss = forward(ids, labels=ids, use_cache=False).loss
             loss.backward()
 
         return train
@@ -237,7 +241,7 @@ def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_st
 
         def prefill() -> None:
             with amp():
-                _prefill(model, ids)
+                _prefill(forward, ids)
 
         return prefill
     with amp():
@@ -386,9 +390,9 @@ def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: 
              mode: str, length: int, peak: float) -> list[dict[str, Any]]:  # fmt: skip
     """One (mode, length) for every model, timed repeats interleaved across the models (``peak``: matmul FLOP/s)."""
     dev, steps = torch.device(settings.device), settings.decode_steps
+    ids = {name: _ids(models[name]["config"], settings.batch, length, settings.seed, dev) for name in built}
     runners = {
-        name: make_runner(model, mode, _ids(models[name]["config"], settings.batch, length, settings.seed, dev), steps,
-                          settings.dtype)  # fmt: skip
+        name: make_runner(model, mode, ids[name], steps, settings.dtype, settings.compile)
         for name, model in built.items()
     }
     for _ in range(settings.warmup):
@@ -415,8 +419,9 @@ def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: 
             point["mfu"] = point["model_flops"] / median / peak
         if mode == "train" and dev.type == "cpu":
             counter = FlopCounterMode(display=False)
+            eager = make_runner(built[name], mode, ids[name], steps, settings.dtype)
             with counter:
-                run()
+                eager()
             point["flops"] = counter.get_total_flops()
             point["flops_per_s"] = point["flops"] / median
         if settings.memory:
@@ -490,7 +495,8 @@ def markdown(result: dict[str, Any]) -> str:
     )
     run = (
         f"Size {s['size']}, batch {s['batch']}, {s['repeats']} repeats after {s['warmup']} warm-up (medians), "
-        f"{s['decode_steps']} decode steps, overrides {s['overrides'] or 'none'}."
+        f"{s['decode_steps']} decode steps, overrides {s['overrides'] or 'none'}"
+        f"{', train and prefill through torch.compile' if s.get('compile') else ''}."
     )
     lines = [
         f"# bmojo bench ({result['date']})", "", machine, "", run, "",

@@ -426,6 +426,7 @@ def bench(
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's)"),
     device: str = typer.Option("cpu", help="torch device"),
     dtype: str = typer.Option("float32", help="float32, or bfloat16 (autocast)"),
+    compile: bool = typer.Option(False, "--compile/--eager", help="time train and prefill through torch.compile"),
     overrides: list[str] | None = typer.Option(None, "--set", help="config field of every model: KEY=VALUE"),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="measure peak memory (CPU: a process per point)"),
     out: Path = typer.Option(Path("runs/bench"), help="output directory"),
@@ -435,7 +436,7 @@ def bench(
         settings = BenchSettings(
             presets=presets.split(","), size=size, lengths=_csv_ints(lengths), modes=modes.split(","), batch=batch,
             repeats=repeats, warmup=warmup, decode_steps=decode_steps, threads=threads, device=device,
-            overrides=parse_overrides(overrides or []), memory=memory, dtype=dtype,
+            overrides=parse_overrides(overrides or []), memory=memory, dtype=dtype, compile=compile,
         )  # fmt: skip
         settings.validate()
     except ValueError as e:

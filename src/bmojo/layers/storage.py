@@ -19,8 +19,9 @@ exactly (one matrix product) while a sequence holds fewer than ``approx_threshol
 faiss HNSW graph per kv head (``IndexHNSWFlat``, inner-product metric) plus an exact search of the rows added since
 the graph was last extended. Writes go through a queue to a background thread, which publishes new rows and graphs
 as new, immutable shard objects, so that readers hold the lock only to pick up the current one; searches see the
-store as of the last completed write, and :meth:`VectorStore.flush` waits for every write submitted before it. :func:`in_batch_retrieval` computes the same retrieval exactly over the tokens
-of the current pass (training, and the part of a prefill not yet in the store; ``O(L^2)`` in the pass length).
+store as of the last completed write, and :meth:`VectorStore.flush` waits for every write submitted before it.
+:func:`in_batch_retrieval` computes the same retrieval exactly over the tokens of the current pass (training, and
+the part of a prefill not yet in the store; ``O(L^2)`` in the pass length).
 
 In decoding, each step's search runs on a retrieval thread (:meth:`VectorStore.retrieve_async`, faiss releases the
 GIL) while the layer's SSM and window attention run, and the retrieved keys join the step's softmax.
