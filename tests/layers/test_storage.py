@@ -1,6 +1,7 @@
 """Long-term storage: the vector store against brute force, concurrency, persistence, and the mixer's use of it."""
 
 import os
+import signal
 import sys
 import threading
 
@@ -157,6 +158,26 @@ def test_background_writer_runs_at_lower_priority():
     filled_store({0: 5})
     tid = _writer()[1].native_id
     assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICENESS)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_store_works_in_a_forked_child():
+    """A child forked after the writer and retrieval threads started gets threads of its own."""
+    store, data = filled_store({0: 30})
+    store.retrieve_async([0], torch.randn(1, H, 1, HD), 3).result()
+    pid = os.fork()
+    if pid == 0:  # child: write, flush and search without hanging, then report through the exit code
+        ok = False
+        signal.alarm(30)  # a hang (no writer thread) ends the child with SIGALRM
+        try:
+            pos, k, v = rows(5, seed=11)
+            store.add(np.full(5, 1), pos, k, v)
+            store.flush()
+            ok = store.count(1) == 5 and store.retrieve_async([1], torch.randn(1, H, 1, HD), 3).result()[2].all()
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_concurrent_writers_and_readers_lose_no_acknowledged_insert():

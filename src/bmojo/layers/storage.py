@@ -250,6 +250,10 @@ def _writer() -> tuple[queue.Queue, threading.Thread]:
     return jobs, thread
 
 
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: start its own when needed
+    os.register_at_fork(after_in_child=lambda: (_retriever.cache_clear(), _writer.cache_clear()))
+
+
 def _write_forever(jobs: queue.Queue) -> None:
     """Apply queued writes in order, at a lower priority; remember each store's first failure."""
     if sys.platform == "linux":  # lower this thread's priority only (raising niceness needs no privilege)
