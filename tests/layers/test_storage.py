@@ -163,7 +163,7 @@ def test_background_writer_runs_at_lower_priority():
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_store_works_in_a_forked_child():
     """A child forked after the writer and retrieval threads started gets threads of its own."""
-    store, data = filled_store({0: 30})
+    store, _ = filled_store({0: 30})
     store.retrieve_async([0], torch.randn(1, H, 1, HD), 3).result()
     pid = os.fork()
     if pid == 0:  # child: write, flush and search without hanging, then report through the exit code
