@@ -3,9 +3,9 @@
 Task (MQAR-style, "far recall"): ``K`` key-value pairs, then ``gap`` filler tokens, then the ``K`` keys again; the
 label at each repeated key is its value. Keys, values and filler come from disjoint thirds of the vocabulary.
 
-1. Train a 2-layer B'MOJO (window ``w``, eidetic memory ``k``, store top-``r``, ``storage_write="all"``, attention
-   without RoPE so that matching does not depend on distance) with the in-batch storage emulation at gaps of 0 to
-   8 windows; the weights are saved under ``--out``/model, and ``--load`` skips training.
+1. Train a 2-layer B'MOJO (window ``w``, eidetic memory ``k``, store top-``r``, ``storage_write`` from ``--write``,
+   default ``all``; RoPE on ``--rope-fraction`` of each head, default none, so that matching does not depend on
+   distance) with the in-batch storage emulation at gaps of 0 to 8 windows; the weights are saved under ``--out``/model, and ``--load`` skips training.
 2. Stream rows with a gap of ``--gap`` tokens (default 65,536) through the cached model, one token at a time after
    a short prefill, with the store on and, for the same weights, off; report answer accuracy, the store size, and
    per-token decode latency (p50/p99 over every step, and the mean over the first and last 1,000 steps).
@@ -55,7 +55,7 @@ def build(args: argparse.Namespace, storage: bool) -> BMojoForCausalLM:
     config = BMojoConfig.from_preset(
         "bmojo", "tiny", vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=4, num_key_value_heads=2, window_size=args.window, chunk_size=args.window, eidetic_size=args.eidetic, storage=storage,
-        storage_topk=args.topk, storage_write="all", storage_in_batch=storage, use_rope=args.rope_fraction > 0,
+        storage_topk=args.topk, storage_write=args.write, storage_in_batch=storage, use_rope=args.rope_fraction > 0,
         partial_rotary_factor=args.rope_fraction or 1.0,
         storage_approx_threshold=args.approx_threshold, storage_ef_search=args.ef_search,
         storage_async_retrieval=not args.sync_retrieval,
@@ -149,6 +149,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--approx-threshold", type=int, default=4096, help="rows per sequence from which search is HNSW")
     p.add_argument("--ef-search", type=int, default=64, help="HNSW search breadth")
+    p.add_argument("--write", choices=("all", "evicted"), default="all", help="which tokens the store receives")
     p.add_argument("--sync-retrieval", action="store_true", help="search inline in decoding steps, not on a thread")
     p.add_argument("--steps", type=int, default=1200, help="training steps (0: latency of an untrained model)")
     p.add_argument("--batch", type=int, default=32)
@@ -168,6 +169,7 @@ def main() -> None:
             storage_approx_threshold=args.approx_threshold,
             storage_ef_search=args.ef_search,
             storage_async_retrieval=not args.sync_retrieval,
+            storage_write=args.write,
         ).eval()
     x, y = far_recall(
         args.eval_rows, args.pairs, args.gap, args.vocab, torch.Generator().manual_seed(args.seed + 1), args.background
