@@ -10,8 +10,8 @@ For pre-normed hidden states ``h [B, L, D]`` (SPEC section 2):
 5. optional long-term memory: each query's top-``r`` keys retrieved from a vector store of tokens that
    left the eidetic memory (``layers.storage``);
 6. one softmax over the union (``ops.attention.union_attention``: one FlexAttention call on CUDA, fused
-   SDPA over each query block's keys on CPU; retrieved tokens are merged exactly by log-sum-exp),
-   then ``out = Wo o``.
+   SDPA over each query block's keys on CPU; retrieved tokens are merged exactly by log-sum-exp, and in
+   decoding join the step's softmax), then ``out = Wo o``.
 
 Transformers, sliding-window Transformers, Mamba and B'MOJO-F are configurations of this one
 module: no SSM and no window (full causal attention), no SSM with a window, an SSM and no
