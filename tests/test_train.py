@@ -226,6 +226,7 @@ def test_compiled_training_follows_eager(tmp_path):
 
     tokens, curves = periodic_tokens(1000), {}
     torch._dynamo.reset()
+    counters.clear()  # earlier compiled tests in the session leave counts behind
     for compiled in (False, True):
         cfg = tiny(tmp_path, steps=3, compile=compiled, out_dir=str(tmp_path / str(compiled)))
         train(cfg, tokens, tokens, vocab_size=VOCAB)
