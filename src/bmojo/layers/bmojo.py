@@ -322,8 +322,8 @@ class BMojoMixer(nn.Module):
     def _step(self, h: torch.Tensor, state: MixerState) -> torch.Tensor:
         """One token ``h [B, 1, D]`` at position ``state.seen``; updates ``state`` in place."""
         t = state.seen
-        pos = torch.tensor([t], device=h.device)
         if self.attn is not None:
+            pos = torch.tensor([t], device=h.device)
             q = self.attn.queries(h, pos)
             if self.store is not None:  # the search runs while the SSM and the window attention do
                 found = self.store.retrieve_async(state.store_ids.tolist(), q, self.storage.topk)

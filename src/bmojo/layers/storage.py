@@ -376,9 +376,8 @@ class VectorStore:
 
     def count(self, seq_id: int) -> int:
         """Rows of one sequence (completed writes)."""
-        with self._core.lock:
-            shard = self._core.shards.get(int(seq_id))
-            return 0 if shard is None else shard.size
+        shard = self._shard(seq_id)
+        return 0 if shard is None else shard.size
 
     def sequences(self) -> list[int]:
         """Sequence ids with at least one row."""
@@ -387,9 +386,8 @@ class VectorStore:
 
     def is_approximate(self, seq_id: int) -> bool:
         """Whether the sequence is searched with HNSW (else exactly)."""
-        with self._core.lock:
-            shard = self._core.shards.get(int(seq_id))
-            return shard is not None and shard.approx
+        shard = self._shard(seq_id)
+        return shard is not None and shard.approx
 
     def _shard(self, seq_id: int) -> _Shard | None:
         """The published shard of a sequence (searched without the lock: it never changes)."""
