@@ -217,39 +217,69 @@ def test_union_matches_dense_reference(impl, block, length, w, fading, m, chunk)
     if impl == "blocks" and w is None:
         pytest.skip("blocks needs a finite window")
     q, bands, memory = _union_inputs(2, 4, 2, length, 16, w, fading, m, chunk, seed=length)
-    o, lse = union_attention(q, bands, memory, block_size=block, impl=impl, need_lse=impl != "blocks")
+    o, lse = union_attention(q, bands, memory, block_size=block, impl=impl)
     o_ref, lse_ref = union_attention_ref(q, bands, memory)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
-    if impl != "blocks":
-        torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("impl,block", [("merge", 4), ("blocks", 4), ("blocks", 3), ("blocks", 64)])
-def test_union_gradients_match_reference(impl, block, monkeypatch):
-    """Gradients of the output (and of the LSE where there is one); blocks split into one-block SDPA calls too."""
+def test_union_gradients_match_reference(impl, block, dtype, monkeypatch):
+    """Gradients of the output and of the LSE; blocks of 3 queries run as one kernel call per block (pieces of
+    one block), so the key gradients of neighbouring calls overlap on the slots."""
     monkeypatch.setattr("bmojo.ops.attention.SEGMENT_BYTES", 1 if block == 3 else 1 << 20)
     q, bands, memory = _union_inputs(2, 4, 2, 37, 8, 5, True, 4, 5)
-    leaves = [q] + [t for band in bands for t in (band.k, band.v)] + [memory.k, memory.v]
+    memory.k, memory.v = memory.k.to(dtype), memory.v.to(dtype)
+    leaves = [q.to(dtype)] + [t.to(dtype) for band in bands for t in (band.k, band.v)] + [memory.k, memory.v]
+    q, bands = leaves[0], [Band(leaves[1], leaves[2], 0, 4), Band(leaves[3], leaves[4], 5, 9)]
     for t in leaves:
         t.requires_grad_(True)
     g = torch.Generator().manual_seed(9)
-    do, dlse = torch.randn(q.shape, generator=g), torch.randn(q.shape[:3], generator=g)
-    need_lse = impl != "blocks"
+    do, dlse = torch.randn(q.shape, generator=g).to(dtype), torch.randn(q.shape[:3], generator=g).to(dtype)
     grads = []
-    for fn in (lambda: union_attention(q, bands, memory, block_size=block, impl=impl, need_lse=need_lse),
+    for fn in (lambda: union_attention(q, bands, memory, block_size=block, impl=impl),
                lambda: union_attention_ref(q, bands, memory)):  # fmt: skip
         o, lse = fn()
-        loss = (o * do).sum() + ((lse * dlse).sum() if need_lse else 0)
-        grads.append(torch.autograd.grad(loss, leaves))
+        grads.append(torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), leaves))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
     for a, r in zip(*grads):
-        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, r, atol=tol, rtol=tol)
 
 
-def test_union_auto_picks_blocks_only_without_lse_and_raises_on_bad_requests():
+def test_blocks_bf16_close_to_fp32():
+    q, bands, memory = _union_inputs(1, 4, 4, 100, 16, 8, True, 4, 16)
+    o, lse = union_attention(q, bands, memory, block_size=8, impl="blocks")
+    half = [Band(band.k.bfloat16(), band.v.bfloat16(), band.lo, band.hi) for band in bands]
+    memory16 = ChunkMemory(memory.k.bfloat16(), memory.v.bfloat16(), memory.valid, memory.chunk)
+    o16, lse16 = union_attention(q.bfloat16(), half, memory16, block_size=8, impl="blocks")
+    assert o16.dtype == torch.bfloat16 and lse16.dtype == torch.float32
+    torch.testing.assert_close(o16.float(), o, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(lse16, lse, atol=3e-2, rtol=3e-2)
+
+
+def test_blocks_refuse_lse_gradient_without_output_gradient():
+    """The LSE gradient rides on the output gradient of the same query; a query with only the former is refused."""
+    q, bands, _ = _union_inputs(1, 2, 2, 9, 4, 4, True, 0, 4)
+    q.requires_grad_(True)
+    o, lse = union_attention(q, bands, impl="blocks")
+    with pytest.raises(RuntimeError, match="impl='merge'"):
+        lse.sum().backward()
+
+
+def test_union_auto_picks_blocks_on_cpu_and_raises_on_bad_requests(monkeypatch):
     q, bands, memory = _union_inputs(1, 2, 2, 12, 8, 2, True, 2, 4)
-    assert union_attention(q, bands, memory, need_lse=False)[1] is None  # blocks on CPU
-    assert union_attention(q, bands, memory)[1] is not None  # merge
+    full = [Band(bands[0].k, bands[0].v, 0, None)]
     with pytest.raises(ValueError, match="impl must be"):
         union_attention(q, bands, memory, impl="cuda")
-    with pytest.raises(ValueError, match="need_lse=False"):
-        union_attention(q, bands, memory, impl="blocks")
+    with pytest.raises(ValueError, match="finite bands"):
+        union_attention(q, full, memory, impl="blocks")
+    calls = []
+    monkeypatch.setattr("bmojo.ops.attention.blocks_union_attention", lambda *a: calls.append(a) or (q, q[..., 0]))
+    union_attention(q, bands, memory)
+    assert len(calls) == 1
+    monkeypatch.setattr("bmojo.ops.triton._mode", "reference")
+    union_attention(q, bands, memory)  # merge
+    monkeypatch.setattr("bmojo.ops.triton._mode", "auto")
+    union_attention(q, full, memory)  # merge: blocks needs finite bands
+    assert len(calls) == 1

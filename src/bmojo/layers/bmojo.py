@@ -238,7 +238,7 @@ class BMojoMixer(nn.Module):
                                           length // self.memory.chunk_size + 1)  # fmt: skip
                 eidetic = self._eidetic_memory(k, v, memories, state)
             retrieve = self.store is not None and (state is not None or self.storage.in_batch)
-            o, lse = union_attention(q, bands, eidetic, self.block_size, need_lse=retrieve)
+            o, lse = union_attention(q, bands, eidetic, self.block_size)
             if retrieve:
                 o, _ = merge_attention([(o, lse), self._storage_attention(q, k, v, memories[0], state)])
         out = self.attn.output(o)

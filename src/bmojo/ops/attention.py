@@ -230,7 +230,7 @@ def merge_attention(parts: list[AttnOut]) -> AttnOut:
     w = torch.exp(lse - m_finite.unsqueeze(0))  # exp(-inf) = 0 for empty sets
     total = w.sum(0)
     denom = total.clamp_min(torch.finfo(torch.float32).tiny)
-    o = sum(p[0].float() * (wi / denom).unsqueeze(-1) for p, wi in zip(parts, w))
+    o = sum(_accumulate(p[0]) * (wi / denom).unsqueeze(-1) for p, wi in zip(parts, w))
     return o.to(parts[0][0].dtype), m_finite + torch.log(total)
 
 
@@ -350,104 +350,196 @@ def flex_available() -> bool:
     return True
 
 
-def _blocks_ok(bands: list[Band]) -> bool:
-    """Whether :func:`blocks_union_attention` applies: finite bands, the first with ``lo = 0`` (every query sees
-    itself, so no softmax row is empty)."""
-    return bool(bands) and bands[0].lo == 0 and all(band.hi is not None for band in bands)
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_cpu_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _blocks_segment(q: torch.Tensor, b0: int, c: int, padded: list[tuple[torch.Tensor, torch.Tensor, int, int]],
-                    memory: ChunkMemory | None, length: int) -> torch.Tensor:  # fmt: skip
-    """Query blocks ``b0..b0+n-1`` (``q [B, Hq, n*c, d]``, padded) against every key they see, one SDPA call.
+def _blocks_ok(q: torch.Tensor, bands: list[Band]) -> bool:
+    """Whether :func:`blocks_union_attention` applies: CPU tensors, this torch's fused CPU flash attention, finite
+    bands, the first with ``lo = 0`` (every query sees itself, so no softmax row is empty)."""
+    return (not q.is_cuda and _flash_cpu is not None and bool(bands) and bands[0].lo == 0
+            and all(band.hi is not None for band in bands))  # fmt: skip
 
-    ``padded``: each band's ``(k, v, lo, hi)`` with keys left-padded by ``hi`` and right-padded to whole blocks."""
-    b, hq, nc, d = q.shape
-    n = nc // c
-    keys, values, masks = [], [], []
-    for k, v, lo, hi in padded:
-        span = c + hi - lo
-        window = slice(b0 * c, (b0 + n) * c + hi - lo)
-        keys.append(k[:, :, window].unfold(2, span, c).transpose(-1, -2))  # [B, Hkv, n, span, d]
-        values.append(v[:, :, window].unfold(2, span, c).transpose(-1, -2))
-        masks.append(_band_visible(b0, n, c, lo, hi, q.device).expand(b, n, c, span))
+
+def _block_size(length: int, block_size: int, memory: ChunkMemory | None) -> int:
+    """Queries per block: at most ``block_size``, and a divisor of the memory's chunk (so no block meets two
+    chunks) unless the whole sequence is one chunk."""
+    c = max(1, min(block_size, length))
+    if memory is not None and length > memory.chunk:
+        c = max(i for i in range(1, min(c, memory.chunk) + 1) if memory.chunk % i == 0)
+    return c
+
+
+def _blocks_layout(bands: list[Band], c: int) -> tuple[list[int], int]:
+    """Each band's shift in blocks (query block ``i`` sees band keys up to block ``i - shift``) and ``t``, the
+    number of consecutive key blocks every query block needs to see all its bands."""
+    shifts = [-((c - 1 - band.lo) // c) for band in bands]
+    return shifts, max(-(-band.hi // c) - shift + 1 for band, shift in zip(bands, shifts))
+
+
+def _blocks_keys(xs: list[torch.Tensor], shifts: list[int], memory: torch.Tensor | None, slot_chunk: torch.Tensor,
+                 c: int, n: int, t: int) -> torch.Tensor:  # fmt: skip
+    """Key (or value) blocks ``[B, Hkv, n + t - 1, S, d]``: slot ``j`` holds block ``j - (t - 1) - shift`` of each
+    band's ``x [B, Hkv, L, d]`` (zeros outside ``0..L-1``) and then, from ``memory [B, Hkv, n_chunks, m, d]``,
+    chunk ``slot_chunk[j]``'s memory (``S = len(xs) * c + m``)."""
+    slots, length = n + t - 1, xs[0].shape[2]
+    parts = [F.pad(x, (0, 0, (t - 1 + s) * c, max(0, (n - s) * c - length)))[:, :, : slots * c].unflatten(2, (slots, c))
+             for x, s in zip(xs, shifts)]  # fmt: skip
     if memory is not None:
-        pos = torch.arange(b0 * c, (b0 + n) * c, device=q.device).clamp(max=length - 1).view(n, c)
-        first, last = pos[:, 0] // memory.chunk, pos[:, -1] // memory.chunk
-        for i, idx in enumerate([first] if memory.chunk % c == 0 else [first, last]):
-            keys.append(memory.k[:, :, idx])
-            values.append(memory.v[:, :, idx])
-            own = pos // memory.chunk == idx[:, None]  # [n, c]
-            if i:  # the second set only where a block reaches into a second chunk
-                own = own & (idx != first)[:, None]
-            masks.append(memory.valid[:, idx].unsqueeze(2) & own.unsqueeze(-1))  # [B, n, c, m]
-    k, v, mask = torch.cat(keys, 3), torch.cat(values, 3), torch.cat(masks, 3)  # [B, Hkv, n, S, d], [B, n, c, S]
-    hkv, size = k.shape[1], k.shape[3]
-    if hq != hkv:
-        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
-    o = F.scaled_dot_product_attention(
-        q.unflatten(2, (n, c)).transpose(1, 2).reshape(b * n, hq, c, d),
-        k.transpose(1, 2).reshape(b * n, hq, size, d),
-        v.transpose(1, 2).reshape(b * n, hq, size, d),
-        attn_mask=mask.reshape(b * n, 1, c, size),
-    )
-    return o.view(b, n, hq, c, d).transpose(1, 2).reshape(b, hq, nc, d)
+        parts.append(memory[:, :, slot_chunk])
+    return torch.cat(parts, dim=3)
+
+
+def _blocks_mask(bands: list[Band], shifts: list[int], memory: ChunkMemory | None, slot_chunk: torch.Tensor,
+                 b: int, c: int, n: int, t: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Additive mask ``[B, n, 1, c, t * S]`` (0 visible, -inf not) of query row ``r`` of block ``i`` over the keys of
+    slots ``i..i+t-1`` of :func:`_blocks_keys`: band keys with ``lo <= i*c + r - position <= hi`` and position >= 0,
+    and the valid memory entries of the block's own chunk, which sit in slot ``i + t - 1``."""
+    device = slot_chunk.device
+    i = torch.arange(n, device=device).view(n, 1, 1, 1)
+    r = torch.arange(c, device=device).view(1, c, 1, 1)
+    slot = torch.arange(t, device=device).view(1, 1, t, 1)
+    s = torch.arange(c, device=device).view(1, 1, 1, c)
+    parts = []
+    for band, shift in zip(bands, shifts):
+        position = (i + slot - (t - 1) - shift) * c + s
+        delta = i * c + r - position
+        parts.append(((delta >= band.lo) & (delta <= band.hi) & (position >= 0)).expand(b, n, c, t, c))
+    if memory is not None:
+        own = memory.valid[:, slot_chunk[t - 1 :]]  # [B, n, m]
+        last = torch.arange(t, device=device) == t - 1
+        parts.append(own[:, :, None, None, :] & last.view(1, 1, 1, t, 1).expand(b, n, c, t, own.shape[-1]))
+    visible = torch.cat(parts, dim=-1).flatten(3)
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf")).unsqueeze(2)
+
+
+def _block_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, t: int) -> tuple[torch.Tensor, ...]:
+    """``n`` query blocks of one sequence, ``q [H, n*c, d]``, and their key/value slots ``[H, n + t - 1, S, d]`` as
+    the batches the CPU flash kernel takes: queries ``[n, H, c, d]``, keys/values ``[n, H, t*S, d]`` (overlapping
+    strided views of the slots: block ``i`` sees slots ``i..i+t-1``; nothing is copied)."""
+    h, _, size, d = k.shape
+    kv, vv = (x.flatten(1, 2).unfold(1, t * size, size).permute(1, 0, 3, 2) for x in (k, v))
+    return q.view(h, n, -1, d).transpose(0, 1), kv, vv
+
+
+def _block_pieces(b: int, n: int, per_piece: int) -> list[tuple[int, int, int]]:
+    """``(sequence, first block, end block)`` of each kernel call: ``per_piece`` blocks of one sequence."""
+    return [(i, a, min(a + per_piece, n)) for i in range(b) for a in range(0, n, per_piece)]
+
+
+class _BlocksAttention(torch.autograd.Function):
+    """Query block ``i`` of ``q [B, H, n*c, d]`` attends to key/value slots ``i..i+t-1`` of ``k, v [B, H, n+t-1, S,
+    d]`` under the additive ``mask [B, n, 1, c, t*S]``: fused CPU flash-attention calls over overlapping strided
+    views of the slots (no gathered windows), ``per_piece`` blocks per call (so the kernel's gradient buffers stay
+    small enough to be reused rather than freshly mapped); returns ``(o [B, H, n*c, d], lse [B, H, n*c])``.
+
+    Backward runs the kernel's backward per call and folds each block's key gradients back onto the slots (``t``
+    shifted adds). The LSE's gradient ``dlse`` enters through the kernel's ``D = rowsum(do * o)`` term, which is all
+    ``o`` is used for: passing ``o - dlse / |do|^2 * do`` subtracts ``dlse`` from ``D``, exactly what differentiating
+    ``lse`` adds to the score gradients (rows with ``do = 0`` and ``dlse != 0`` are refused).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, t: int, scale: float, per_piece: int):
+        b, h, length, d = q.shape
+        c = mask.shape[3]
+        pieces = _block_pieces(b, length // c, per_piece)
+        outs = [_flash_cpu(*_block_views(q[i, :, a * c : e * c], k[i, :, a : e + t - 1], v[i, :, a : e + t - 1],
+                                         e - a, t), attn_mask=mask[i, a:e], scale=scale) for i, a, e in pieces]  # fmt: skip
+        ctx.save_for_backward(q, k, v, mask, *[x for out in outs for x in out])
+        ctx.t, ctx.scale, ctx.pieces = t, scale, pieces
+        o = torch.cat([out[0].transpose(0, 1).flatten(1, 2) for out in outs], dim=1)  # [H, B*L, d]
+        lse = torch.cat([out[1].transpose(0, 1).flatten(1) for out in outs], dim=1)
+        return o.view(h, b, length, d).transpose(0, 1), _accumulate(lse.view(h, b, length).transpose(0, 1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do: torch.Tensor, dlse: torch.Tensor):
+        q, k, v, mask, *outs = ctx.saved_tensors
+        h, d, c, t = q.shape[1], q.shape[3], mask.shape[3], ctx.t
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for (i, a, e), o, lse in zip(ctx.pieces, outs[::2], outs[1::2]):
+            n, rows = e - a, slice(a * c, e * c)
+            do_i = do[i, :, rows].contiguous().view(h, n, c, d).transpose(0, 1)  # the kernel's layout of o
+            dlse_i = dlse[i, :, rows].reshape(h, n, c).transpose(0, 1)
+            norm = _accumulate(do_i).square().sum(-1)
+            torch._assert_async(~((norm == 0) & (dlse_i != 0)).any(), "blocks_union_attention: a gradient through "
+                                "the LSE of a query whose output has no gradient is not supported; use "
+                                "union_attention(impl='merge')")  # fmt: skip
+            shift = (dlse_i / norm.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(-1) * do_i
+            slots = slice(a, e + t - 1)
+            views = _block_views(q[i, :, rows], k[i, :, slots], v[i, :, slots], n, t)
+            gq, gk, gv = _flash_cpu_backward(do_i, *views, (_accumulate(o) - shift).to(o.dtype), lse, 0.0, False,
+                                             attn_mask=mask[i, a:e], scale=ctx.scale)  # fmt: skip
+            dq[i, :, rows] = gq.transpose(0, 1).flatten(1, 2)
+            _fold_blocks(dk[i, :, slots], gk, t)
+            _fold_blocks(dv[i, :, slots], gv, t)
+        return dq, dk, dv, None, None, None, None
+
+
+def _fold_blocks(out: torch.Tensor, g: torch.Tensor, t: int) -> None:
+    """Adds the gradients of the overlapping views ``g [n, H, t*S, d]`` onto their slots ``out [H, n + t - 1, S, d]``."""
+    n, h, ts, d = g.shape
+    g = g.view(n, h, t, ts // t, d)
+    for j in range(t):
+        out[:, j : j + n] += g[:, :, j].transpose(0, 1)
 
 
 def blocks_union_attention(
     q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None, block_size: int = 64
-) -> torch.Tensor:
-    """:func:`union_attention`'s output without the LSE, through ``scaled_dot_product_attention`` (the CPU path).
+) -> AttnOut:
+    """:func:`union_attention` through PyTorch's fused CPU flash-attention kernel, without gathering windows.
 
-    Each block of ``block_size`` queries gathers the keys it can see (a span of ``block_size + hi - lo`` keys per
-    band, and the memories of the chunks its queries are in) under one boolean mask, so one fused softmax covers
-    the union (blocks no longer than a chunk, so a block meets at most two chunks). Blocks are batched into SDPA
-    calls of about ``4 * SEGMENT_BYTES`` of gathered keys. Needs a band
-    with ``lo = 0`` first (every query sees itself) and finite bands.
+    Keys are laid out in slots of ``c`` positions (``c <= block_size``, dividing the memory's chunk): slot ``j``
+    holds one block of each band, each band shifted so that its keys for query block ``i`` lie in slots
+    ``i..i+t-1`` (the fading band of width ``w`` right before the window of ``w`` share the same ``t = w/c + 1``
+    slots), then the memory of the slot's chunk. Every query block is one batch entry of a single kernel call over
+    overlapping strided views of the slots, under one additive mask. Needs CPU tensors and a band with ``lo = 0``
+    first (every query sees itself) and finite bands. Scores ``t * S`` keys per query, ``S = bands * c + m``.
     """
     b, hq, length, d = q.shape
-    if not _blocks_ok(bands):
-        raise ValueError("blocks_union_attention needs finite bands, the first with lo = 0")
-    c = max(1, min(block_size, length, length if memory is None else memory.chunk))  # a block meets <= 2 chunks
-    nb = -(-length // c)
-    per_block = sum(c + band.hi - band.lo for band in bands) + (0 if memory is None else 2 * memory.k.shape[3])
-    seg = max(1, 4 * SEGMENT_BYTES // (8 * b * hq * per_block * d))
-    qp = F.pad(q, (0, 0, 0, nb * c - length))
-    padded = [(F.pad(band.k, (0, 0, band.hi, nb * c - length)), F.pad(band.v, (0, 0, band.hi, nb * c - length)),
-               band.lo, band.hi) for band in bands]  # fmt: skip
-    parts = [_blocks_segment(qp[:, :, b0 * c : min(b0 + seg, nb) * c], b0, c, padded, memory, length)
-             for b0 in range(0, nb, seg)]  # fmt: skip
-    return torch.cat(parts, dim=2)[:, :, :length]
+    if not _blocks_ok(q, bands):
+        raise ValueError("blocks_union_attention needs CPU tensors and finite bands, the first with lo = 0")
+    hkv = bands[0].k.shape[1]
+    _group(q, hkv)
+    c = _block_size(length, block_size, memory)
+    n = -(-length // c)
+    shifts, t = _blocks_layout(bands, c)
+    slot_chunk = torch.arange(-(t - 1), n, device=q.device).clamp(min=0) * c
+    if memory is not None:
+        slot_chunk = (slot_chunk // memory.chunk).clamp(max=memory.k.shape[2] - 1)
+    keys = [_blocks_keys([band.k for band in bands], shifts, None if memory is None else memory.k, slot_chunk, c, n, t),
+            _blocks_keys([band.v for band in bands], shifts, None if memory is None else memory.v, slot_chunk, c, n, t)]
+    if hq != hkv:
+        keys = [x.repeat_interleave(hq // hkv, dim=1) for x in keys]
+    mask = _blocks_mask(bands, shifts, memory, slot_chunk, b, c, n, t, q.dtype)
+    per_piece = max(1, SEGMENT_BYTES // (hq * keys[0].shape[3] * t * d * q.element_size()))
+    o, lse = _BlocksAttention.apply(F.pad(q, (0, 0, 0, n * c - length)), *keys, mask, t, d**-0.5, per_piece)
+    return o[:, :, :length], lse[:, :, :length]
 
 
 def union_attention(
-    q: torch.Tensor,
-    bands: list[Band],
-    memory: ChunkMemory | None = None,
-    block_size: int = 64,
-    impl: str = "auto",
-    need_lse: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None, block_size: int = 64, impl: str = "auto"
+) -> AttnOut:
     """One softmax of ``q [B, Hq, L, d]`` over the union of ``bands`` and the per-chunk ``memory``: ``(o, lse)``.
 
-    ``impl``: ``"flex"`` (:func:`flex_union_attention`), ``"blocks"`` (:func:`blocks_union_attention`: fused SDPA,
-    no LSE, so ``need_lse=False``), ``"merge"`` (:func:`banded_attention` per band and :func:`chunk_attention`,
-    merged by :func:`merge_attention`), or ``"auto"``: FlexAttention where ``bmojo.ops.triton.use_fused_cuda``
-    allows it (CUDA tensors, kernel mode not ``reference``); else blocks when the LSE is not needed, the bands are
-    finite and the kernel mode is not ``reference``; else merge. ``lse`` is ``None`` from blocks.
+    ``impl``: ``"flex"`` (:func:`flex_union_attention`), ``"blocks"`` (:func:`blocks_union_attention`: the fused
+    CPU kernel), ``"merge"`` (:func:`banded_attention` per band and :func:`chunk_attention`, merged by
+    :func:`merge_attention`), or ``"auto"``: FlexAttention where ``bmojo.ops.triton.use_fused_cuda`` allows it
+    (CUDA tensors, kernel mode not ``reference``); else blocks where it applies (CPU, finite bands, kernel mode
+    not ``reference``); else merge.
     """
     if impl == "auto":
         if use_fused_cuda(q) and flex_available():
             impl = "flex"
-        elif not need_lse and _blocks_ok(bands) and kernels() != "reference":
+        elif _blocks_ok(q, bands) and kernels() != "reference":
             impl = "blocks"
         else:
             impl = "merge"
     if impl == "flex":
         return flex_union_attention(q, bands, memory)
     if impl == "blocks":
-        if need_lse:
-            raise ValueError("impl='blocks' gives no LSE: pass need_lse=False")
-        return blocks_union_attention(q, bands, memory, block_size), None
+        return blocks_union_attention(q, bands, memory, block_size)
     if impl != "merge":
         raise ValueError(f"impl must be 'auto', 'flex', 'blocks' or 'merge', got {impl!r}")
     parts = [banded_attention(q, band.k, band.v, band.lo, band.hi, block_size) for band in bands]
