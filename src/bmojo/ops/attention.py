@@ -361,15 +361,6 @@ def _blocks_ok(q: torch.Tensor, bands: list[Band]) -> bool:
             and all(band.hi is not None for band in bands))  # fmt: skip
 
 
-def _block_size(length: int, block_size: int, memory: ChunkMemory | None) -> int:
-    """Queries per block: at most ``block_size``, and a divisor of the memory's chunk (so no block meets two
-    chunks) unless the whole sequence is one chunk."""
-    c = max(1, min(block_size, length))
-    if memory is not None and length > memory.chunk:
-        c = max(i for i in range(1, min(c, memory.chunk) + 1) if memory.chunk % i == 0)
-    return c
-
-
 def _blocks_layout(bands: list[Band], c: int) -> tuple[list[int], int]:
     """Each band's shift in blocks (query block ``i`` sees band keys up to block ``i - shift``) and ``t``, the
     number of consecutive key blocks every query block needs to see all its bands."""
@@ -377,25 +368,18 @@ def _blocks_layout(bands: list[Band], c: int) -> tuple[list[int], int]:
     return shifts, max(-(-band.hi // c) - shift + 1 for band, shift in zip(bands, shifts))
 
 
-def _blocks_keys(xs: list[torch.Tensor], shifts: list[int], memory: torch.Tensor | None, slot_chunk: torch.Tensor,
-                 c: int, n: int, t: int) -> torch.Tensor:  # fmt: skip
-    """Key (or value) blocks ``[B, Hkv, n + t - 1, S, d]``: slot ``j`` holds block ``j - (t - 1) - shift`` of each
-    band's ``x [B, Hkv, L, d]`` (zeros outside ``0..L-1``) and then, from ``memory [B, Hkv, n_chunks, m, d]``,
-    chunk ``slot_chunk[j]``'s memory (``S = len(xs) * c + m``)."""
+def _blocks_keys(xs: list[torch.Tensor], shifts: list[int], c: int, n: int, t: int) -> torch.Tensor:
+    """Key (or value) slots ``[B, Hkv, n + t - 1, S, d]``, ``S = len(xs) * c``: slot ``j`` holds block
+    ``j - (t - 1) - shift`` of each band's ``x [B, Hkv, L, d]`` (zeros outside ``0..L-1``)."""
     slots, length = n + t - 1, xs[0].shape[2]
-    parts = [F.pad(x, (0, 0, (t - 1 + s) * c, max(0, (n - s) * c - length)))[:, :, : slots * c].unflatten(2, (slots, c))
-             for x, s in zip(xs, shifts)]  # fmt: skip
-    if memory is not None:
-        parts.append(memory[:, :, slot_chunk])
-    return torch.cat(parts, dim=3)
+    return torch.cat([F.pad(x, (0, 0, (t - 1 + s) * c, max(0, (n - s) * c - length)))[:, :, : slots * c]
+                      .unflatten(2, (slots, c)) for x, s in zip(xs, shifts)], dim=3)  # fmt: skip
 
 
-def _blocks_mask(bands: list[Band], shifts: list[int], memory: ChunkMemory | None, slot_chunk: torch.Tensor,
-                 b: int, c: int, n: int, t: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """Additive mask ``[B, n, 1, c, t * S]`` (0 visible, -inf not) of query row ``r`` of block ``i`` over the keys of
-    slots ``i..i+t-1`` of :func:`_blocks_keys`: band keys with ``lo <= i*c + r - position <= hi`` and position >= 0,
-    and the valid memory entries of the block's own chunk, which sit in slot ``i + t - 1``."""
-    device = slot_chunk.device
+def _blocks_mask(bands: list[Band], shifts: list[int], c: int, n: int, t: int, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:  # fmt: skip
+    """Additive mask ``[n, 1, c, t * S]`` (0 visible, -inf not) of query row ``r`` of block ``i`` over the keys of
+    slots ``i..i+t-1`` of :func:`_blocks_keys`: band keys with ``lo <= i*c + r - position <= hi``, position >= 0."""
     i = torch.arange(n, device=device).view(n, 1, 1, 1)
     r = torch.arange(c, device=device).view(1, c, 1, 1)
     slot = torch.arange(t, device=device).view(1, 1, t, 1)
@@ -404,13 +388,9 @@ def _blocks_mask(bands: list[Band], shifts: list[int], memory: ChunkMemory | Non
     for band, shift in zip(bands, shifts):
         position = (i + slot - (t - 1) - shift) * c + s
         delta = i * c + r - position
-        parts.append(((delta >= band.lo) & (delta <= band.hi) & (position >= 0)).expand(b, n, c, t, c))
-    if memory is not None:
-        own = memory.valid[:, slot_chunk[t - 1 :]]  # [B, n, m]
-        last = torch.arange(t, device=device) == t - 1
-        parts.append(own[:, :, None, None, :] & last.view(1, 1, 1, t, 1).expand(b, n, c, t, own.shape[-1]))
-    visible = torch.cat(parts, dim=-1).flatten(3)
-    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf")).unsqueeze(2)
+        parts.append((delta >= band.lo) & (delta <= band.hi) & (position >= 0))
+    visible = torch.cat(parts, dim=-1).flatten(2)  # [n, c, t * S]
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf")).unsqueeze(1)
 
 
 def _block_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, t: int) -> tuple[torch.Tensor, ...]:
@@ -427,54 +407,85 @@ def _block_pieces(b: int, n: int, per_piece: int) -> list[tuple[int, int, int]]:
     return [(i, a, min(a + per_piece, n)) for i in range(b) for a in range(0, n, per_piece)]
 
 
-class _BlocksAttention(torch.autograd.Function):
+def _piece_views(q, k, v, i: int, a: int, e: int, c: int, t: int) -> tuple[torch.Tensor, ...]:
+    """:func:`_block_views` of blocks ``a..e-1`` of sequence ``i``."""
+    return _block_views(q[i, :, a * c : e * c], k[i, :, a : e + t - 1], v[i, :, a : e + t - 1], e - a, t)
+
+
+@torch.library.custom_op("bmojo::blocks_attention", mutates_args=())
+def _blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, t: int, scale: float,
+                      per_piece: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Query block ``i`` of ``q [B, H, n*c, d]`` attends to key/value slots ``i..i+t-1`` of ``k, v [B, H, n+t-1, S,
-    d]`` under the additive ``mask [B, n, 1, c, t*S]``: fused CPU flash-attention calls over overlapping strided
+    d]`` under the additive ``mask [n, 1, c, t*S]``: fused CPU flash-attention calls over overlapping strided
     views of the slots (no gathered windows), ``per_piece`` blocks per call (so the kernel's gradient buffers stay
     small enough to be reused rather than freshly mapped); returns ``(o [B, H, n*c, d], lse [B, H, n*c])``.
 
-    Backward runs the kernel's backward per call and folds each block's key gradients back onto the slots (``t``
-    shifted adds). The LSE's gradient ``dlse`` enters through the kernel's ``D = rowsum(do * o)`` term, which is all
-    ``o`` is used for: passing ``o - dlse / |do|^2 * do`` subtracts ``dlse`` from ``D``, exactly what differentiating
-    ``lse`` adds to the score gradients (rows with ``do = 0`` and ``dlse != 0`` are refused).
+    A custom op, so that ``torch.compile`` keeps it whole; its backward is :func:`_blocks_attention_backward`.
     """
+    b, h, length, d = q.shape
+    c = mask.shape[2]
+    o, lse = torch.empty_like(q), q.new_empty((b, h, length), dtype=_accumulate(q).dtype)
+    for i, a, e in _block_pieces(b, length // c, per_piece):
+        out, piece_lse = _flash_cpu(*_piece_views(q, k, v, i, a, e, c, t), attn_mask=mask[a:e], scale=scale)
+        o[i, :, a * c : e * c] = out.transpose(0, 1).flatten(1, 2)
+        lse[i, :, a * c : e * c] = piece_lse.transpose(0, 1).flatten(1)
+    return o, lse
 
-    @staticmethod
-    def forward(ctx, q, k, v, mask, t: int, scale: float, per_piece: int):
-        b, h, length, d = q.shape
-        c = mask.shape[3]
-        pieces = _block_pieces(b, length // c, per_piece)
-        outs = [_flash_cpu(*_block_views(q[i, :, a * c : e * c], k[i, :, a : e + t - 1], v[i, :, a : e + t - 1],
-                                         e - a, t), attn_mask=mask[i, a:e], scale=scale) for i, a, e in pieces]  # fmt: skip
-        ctx.save_for_backward(q, k, v, mask, *[x for out in outs for x in out])
-        ctx.t, ctx.scale, ctx.pieces = t, scale, pieces
-        o = torch.cat([out[0].transpose(0, 1).flatten(1, 2) for out in outs], dim=1)  # [H, B*L, d]
-        lse = torch.cat([out[1].transpose(0, 1).flatten(1) for out in outs], dim=1)
-        return o.view(h, b, length, d).transpose(0, 1), _accumulate(lse.view(h, b, length).transpose(0, 1))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do: torch.Tensor, dlse: torch.Tensor):
-        q, k, v, mask, *outs = ctx.saved_tensors
-        h, d, c, t = q.shape[1], q.shape[3], mask.shape[3], ctx.t
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for (i, a, e), o, lse in zip(ctx.pieces, outs[::2], outs[1::2]):
-            n, rows = e - a, slice(a * c, e * c)
-            do_i = do[i, :, rows].contiguous().view(h, n, c, d).transpose(0, 1)  # the kernel's layout of o
-            dlse_i = dlse[i, :, rows].reshape(h, n, c).transpose(0, 1)
-            norm = _accumulate(do_i).square().sum(-1)
-            torch._assert_async(~((norm == 0) & (dlse_i != 0)).any(), "blocks_union_attention: a gradient through "
-                                "the LSE of a query whose output has no gradient is not supported; use "
-                                "union_attention(impl='merge')")  # fmt: skip
-            shift = (dlse_i / norm.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(-1) * do_i
-            slots = slice(a, e + t - 1)
-            views = _block_views(q[i, :, rows], k[i, :, slots], v[i, :, slots], n, t)
-            gq, gk, gv = _flash_cpu_backward(do_i, *views, (_accumulate(o) - shift).to(o.dtype), lse, 0.0, False,
-                                             attn_mask=mask[i, a:e], scale=ctx.scale)  # fmt: skip
-            dq[i, :, rows] = gq.transpose(0, 1).flatten(1, 2)
-            _fold_blocks(dk[i, :, slots], gk, t)
-            _fold_blocks(dv[i, :, slots], gv, t)
-        return dq, dk, dv, None, None, None, None
+@_blocks_attention.register_fake
+def _(q, k, v, mask, t, scale, per_piece):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_accumulate(q).dtype)
+
+
+@torch.library.custom_op("bmojo::blocks_attention_backward", mutates_args=())
+def _blocks_attention_backward(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                               v: torch.Tensor, mask: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, t: int,
+                               scale: float, per_piece: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients of :func:`_blocks_attention` with respect to ``q, k, v``: the kernel's backward per call, each
+    block's key gradients folded back onto the slots (``t`` shifted adds).
+
+    The LSE's gradient ``dlse`` enters through the kernel's ``D = rowsum(do * o)`` term, which is all ``o`` is used
+    for: passing ``o - dlse / |do|^2 * do`` subtracts ``dlse`` from ``D``, exactly what differentiating ``lse`` adds
+    to the score gradients (rows with ``do = 0`` and ``dlse != 0`` are refused).
+    """
+    b, h, length, d = q.shape
+    c = mask.shape[2]
+    norm = _accumulate(do).square().sum(-1)
+    torch._assert_async(~((norm == 0) & (dlse != 0)).any(), "blocks_union_attention: a gradient through the LSE "
+                        "of a query whose output has no gradient is not supported; use union_attention(impl='merge')")
+    o = (_accumulate(o) - (dlse / norm.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(-1) * do).to(o.dtype)
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for i, a, e in _block_pieces(b, length // c, per_piece):
+        n, rows = e - a, slice(a * c, e * c)
+        gq, gk, gv = _flash_cpu_backward(do[i, :, rows].view(h, n, c, d).transpose(0, 1),
+                                         *_piece_views(q, k, v, i, a, e, c, t),
+                                         o[i, :, rows].view(h, n, c, d).transpose(0, 1),
+                                         lse[i, :, rows].view(h, n, c).transpose(0, 1), 0.0, False,
+                                         attn_mask=mask[a:e], scale=scale)  # fmt: skip
+        dq[i, :, rows] = gq.transpose(0, 1).flatten(1, 2)
+        _fold_blocks(dk[i, :, a : e + t - 1], gk, t)
+        _fold_blocks(dv[i, :, a : e + t - 1], gv, t)
+    return dq, dk, dv
+
+
+@_blocks_attention_backward.register_fake
+def _(do, dlse, q, k, v, mask, o, lse, t, scale, per_piece):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _blocks_setup(ctx, inputs, output) -> None:
+    q, k, v, mask, t, scale, per_piece = inputs
+    ctx.save_for_backward(q, k, v, mask, *output)
+    ctx.args = (t, scale, per_piece)
+
+
+def _blocks_backward(ctx, do: torch.Tensor, dlse: torch.Tensor):
+    q, k, v, mask, o, lse = ctx.saved_tensors
+    dq, dk, dv = _blocks_attention_backward(do.contiguous(), dlse.contiguous(), q, k, v, mask, o, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+_blocks_attention.register_autograd(_blocks_backward, setup_context=_blocks_setup)
 
 
 def _fold_blocks(out: torch.Tensor, g: torch.Tensor, t: int) -> None:
@@ -490,32 +501,32 @@ def blocks_union_attention(
 ) -> AttnOut:
     """:func:`union_attention` through PyTorch's fused CPU flash-attention kernel, without gathering windows.
 
-    Keys are laid out in slots of ``c`` positions (``c <= block_size``, dividing the memory's chunk): slot ``j``
-    holds one block of each band, each band shifted so that its keys for query block ``i`` lie in slots
-    ``i..i+t-1`` (the fading band of width ``w`` right before the window of ``w`` share the same ``t = w/c + 1``
-    slots), then the memory of the slot's chunk. Every query block is one batch entry of a single kernel call over
-    overlapping strided views of the slots, under one additive mask. Needs CPU tensors and a band with ``lo = 0``
-    first (every query sees itself) and finite bands. Scores ``t * S`` keys per query, ``S = bands * c + m``.
+    Band keys are laid out in slots of ``c = block_size`` positions: slot ``j`` holds one block of each band, each
+    band shifted so that its keys for query block ``i`` lie in slots ``i..i+t-1`` (the fading band of width ``w``
+    right before the window of ``w`` share the same ``t = w/c + 1`` slots). Every query block is one batch entry of
+    a kernel call over overlapping strided views of the slots, under one additive mask; the chunk memories
+    (:func:`chunk_attention`) join by :func:`merge_attention`. Needs CPU tensors and a band with ``lo = 0`` first
+    (every query sees itself) and finite bands. Scores ``t * c`` keys per band per query.
     """
     b, hq, length, d = q.shape
     if not _blocks_ok(q, bands):
         raise ValueError("blocks_union_attention needs CPU tensors and finite bands, the first with lo = 0")
     hkv = bands[0].k.shape[1]
     _group(q, hkv)
-    c = _block_size(length, block_size, memory)
+    c = max(1, min(block_size, length))
     n = -(-length // c)
     shifts, t = _blocks_layout(bands, c)
-    slot_chunk = torch.arange(-(t - 1), n, device=q.device).clamp(min=0) * c
-    if memory is not None:
-        slot_chunk = (slot_chunk // memory.chunk).clamp(max=memory.k.shape[2] - 1)
-    keys = [_blocks_keys([band.k for band in bands], shifts, None if memory is None else memory.k, slot_chunk, c, n, t),
-            _blocks_keys([band.v for band in bands], shifts, None if memory is None else memory.v, slot_chunk, c, n, t)]
+    keys = [_blocks_keys([band.k for band in bands], shifts, c, n, t),
+            _blocks_keys([band.v for band in bands], shifts, c, n, t)]  # fmt: skip
     if hq != hkv:
         keys = [x.repeat_interleave(hq // hkv, dim=1) for x in keys]
-    mask = _blocks_mask(bands, shifts, memory, slot_chunk, b, c, n, t, q.dtype)
+    mask = _blocks_mask(bands, shifts, c, n, t, q.dtype, q.device)
     per_piece = max(1, SEGMENT_BYTES // (hq * keys[0].shape[3] * t * d * q.element_size()))
-    o, lse = _BlocksAttention.apply(F.pad(q, (0, 0, 0, n * c - length)), *keys, mask, t, d**-0.5, per_piece)
-    return o[:, :, :length], lse[:, :, :length]
+    o, lse = _blocks_attention(F.pad(q, (0, 0, 0, n * c - length)), *keys, mask, t, d**-0.5, per_piece)
+    parts = [(o[:, :, :length], lse[:, :, :length])]
+    if memory is not None:
+        parts.append(chunk_attention(q, memory))
+    return merge_attention(parts)
 
 
 def union_attention(
