@@ -283,3 +283,16 @@ def test_union_auto_picks_blocks_on_cpu_and_raises_on_bad_requests(monkeypatch):
     monkeypatch.setattr("bmojo.ops.triton._mode", "auto")
     union_attention(q, full, memory)  # merge: blocks needs finite bands
     assert len(calls) == 1
+
+
+def test_blocks_kernel_ops_pass_opcheck():
+    """The custom ops behind the CPU read-out have consistent fake (meta) implementations, autograd registration and
+    schemas (``torch.library.opcheck``), so ``torch.compile`` can keep them whole."""
+    from bmojo.ops.attention import _blocks_attention, _blocks_keys, _blocks_layout, _blocks_mask
+
+    q, bands, _ = _union_inputs(2, 2, 2, 16, 8, 4, True, 0, 4)
+    shifts, t = _blocks_layout(bands, 4)
+    k = _blocks_keys([band.k for band in bands], shifts, 4, 4, t).requires_grad_()
+    v = _blocks_keys([band.v for band in bands], shifts, 4, 4, t).requires_grad_()
+    mask = _blocks_mask(bands, shifts, 4, 4, t, q.dtype, q.device)
+    torch.library.opcheck(_blocks_attention, (q.requires_grad_(), k, v, mask, t, 8**-0.5, 3))

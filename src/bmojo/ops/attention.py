@@ -8,10 +8,10 @@ softmax over their union with :func:`merge_attention`.
 
 :func:`union_attention` is the B'MOJO read-out: one softmax over bands of aligned keys (the window, the
 fading band) and per-chunk memories (the eidetic tokens). On CUDA it is one FlexAttention call over the
-concatenated keys with a block-sparse mask; on CPU one fused ``scaled_dot_product_attention`` per batch of
-query blocks over the keys each block sees, or, where the LSE is needed (to merge retrieved tokens), the banded
-attentions and the chunk attention merged by log-sum-exp. :func:`union_attention_ref` is the dense definition
-all three are tested against.
+concatenated keys with a block-sparse mask; on CPU PyTorch's fused flash-attention kernel over overlapping strided
+views of the band keys (:func:`blocks_union_attention`: nothing gathered, LSE included), with the chunk memories
+merged by log-sum-exp; else (reference mode, unbounded bands) the banded attentions and the chunk attention merged
+by log-sum-exp. :func:`union_attention_ref` is the dense definition all three are tested against.
 """
 
 from __future__ import annotations
@@ -433,7 +433,7 @@ def _blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 @_blocks_attention.register_fake
-def _(q, k, v, mask, t, scale, per_piece):
+def _blocks_attention_fake(q, k, v, mask, t, scale, per_piece):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_accumulate(q).dtype)
 
 
@@ -469,7 +469,7 @@ def _blocks_attention_backward(do: torch.Tensor, dlse: torch.Tensor, q: torch.Te
 
 
 @_blocks_attention_backward.register_fake
-def _(do, dlse, q, k, v, mask, o, lse, t, scale, per_piece):
+def _blocks_attention_backward_fake(do, dlse, q, k, v, mask, o, lse, t, scale, per_piece):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
