@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from bmojo.atomic import atomic_file
+from bmojo.ops.attention import masked_softmax
 
 WRITES = ("evicted", "all")
 FORMAT_VERSION = 1
@@ -597,9 +598,7 @@ def topk_attention(
     Returns ``(o [..., d], lse [...])`` in float32 (``lse = -inf`` and ``o = 0`` when nothing is present).
     """
     logits, values = _top(logits, r, values)
-    s = logits.float() * scale
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
+    p, lse = masked_softmax(logits.float() * scale)
     return (p.unsqueeze(-2) @ values.float()).squeeze(-2), lse
 
 

@@ -41,7 +41,7 @@ def _accumulate(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and log-sum-exp over the last axis of float32 (or float64) ``scores`` (masked entries -inf;
     all masked: probabilities 0, lse -inf)."""
     lse = torch.logsumexp(scores, dim=-1)
@@ -49,8 +49,8 @@ def _softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _softmax_lse(scores: torch.Tensor, v: torch.Tensor) -> AttnOut:
-    """Softmax over the last axis of ``scores`` (see :func:`_softmax`), then ``@ v``."""
-    p, lse = _softmax(scores)
+    """Softmax over the last axis of ``scores`` (see :func:`masked_softmax`), then ``@ v``."""
+    p, lse = masked_softmax(scores)
     return p.to(v.dtype) @ v, lse
 
 
@@ -81,7 +81,7 @@ def attention_with_lse(
         return o.reshape(b, hq, m, d), lse.reshape(b, hq, m)
     ek, ev, valid = extra
     extra_scores = (_accumulate(ek @ q.unsqueeze(-1)).squeeze(-1) * scale).masked_fill(~valid, float("-inf"))
-    p, lse = _softmax(torch.cat([scores.reshape(b, hq, m, n_keys), extra_scores], -1))
+    p, lse = masked_softmax(torch.cat([scores.reshape(b, hq, m, n_keys), extra_scores], -1))
     o = p[..., :n_keys].reshape(b, hkv, -1, m, n_keys).to(v.dtype) @ v.unsqueeze(2)
     o = o.reshape(b, hq, m, d) + (p[..., n_keys:].unsqueeze(-2).to(ev.dtype) @ ev).squeeze(-2)
     return o, lse
