@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -372,14 +373,17 @@ class BMojoMixer(nn.Module):
 
     def _write_store(self, state: MixerState) -> None:
         """At the end of a chunk: write the tokens the next chunk's eidetic memory (``stage``) leaves out."""
-        pos, k, v = state.mem_pos, state.mem_k, state.mem_v
+        parts = [(state.mem_pos, state.mem_k, state.mem_v)]
         if state.pend_pos is not None:
-            pos = torch.cat([pos, state.pend_pos.expand(pos.shape[0], -1)], 1)
-            k, v = torch.cat([k, state.pend_k], 2), torch.cat([v, state.pend_v], 2)
+            parts.append((state.pend_pos.expand(state.mem_pos.shape[0], -1), state.pend_k, state.pend_v))
             state.pend_pos = torch.full_like(state.pend_pos, -1)
-        leave = (pos >= 0) & ~(pos.unsqueeze(-1) == state.stage_pos.unsqueeze(1)).any(-1)
-        rows, slots = leave.nonzero(as_tuple=True)
-        self.store.add(state.store_ids[rows.cpu()], pos[rows, slots], k[rows, :, slots], v[rows, :, slots])
+        # selected in numpy: a handful of operations on a few dozen rows, each far cheaper there than a torch call
+        pos = np.concatenate([p.cpu().numpy() for p, _, _ in parts], 1)  # [B, n]
+        k = np.concatenate([x.detach().float().cpu().numpy() for _, x, _ in parts], 2)  # [B, Hkv, n, d]
+        v = np.concatenate([x.detach().float().cpu().numpy() for _, _, x in parts], 2)
+        leave = (pos >= 0) & ~(pos[:, :, None] == state.stage_pos.cpu().numpy()[:, None, :]).any(-1)
+        rows, slots = leave.nonzero()
+        self.store.add(state.store_ids.cpu().numpy()[rows], pos[rows, slots], k[rows, :, slots], v[rows, :, slots])
 
     def _write_window(
         self, state: MixerState, t: int, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor | None
