@@ -121,6 +121,38 @@ def test_approximate_index_with_tail_of_recent_rows_and_merges(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_norm_tier_holds_the_largest_norms_and_finds_outlying_keys(tmp_path):
+    """Among near-identical background keys, a few large outlying keys: the norm tier (updated as the graph grows,
+    rebuilt on load) holds the largest norms, and a query equal to an outlier finds it first, with no row twice."""
+    rng = np.random.default_rng(5)
+    n = 2600
+    k = (1 + 0.01 * rng.standard_normal((n, HKV, HD))).astype(np.float32)
+    outliers = rng.choice(n, 6, replace=False)
+    k[outliers] = 4 * rng.standard_normal((6, HKV, HD)).astype(np.float32)
+    store = VectorStore(HD, HKV, StorageConfig(approx_threshold=1000, norm_tier=16))
+    for i in range(0, n, 100):
+        store.add(np.zeros(100), np.arange(i, i + 100), k[i : i + 100], k[i : i + 100])
+    store.flush()
+    shard = store._shard(0)
+    assert 1000 < shard.indexed < n  # the graph was extended once, rows remain in the exact tail
+    norms = np.linalg.norm(k[: shard.indexed], axis=2)
+    for h in range(HKV):
+        assert set(shard.tier[h]) == set(np.argsort(-norms[:, h])[:16])
+    q = np.ascontiguousarray(k[outliers].transpose(1, 0, 2))  # [Hkv, 6, d]
+    scores, got = store.search(0, q, 3)
+    for h in range(HKV):
+        assert (got[h, :, 0] == outliers).all()
+        assert all(len(set(row)) == 3 for row in got[h])
+        np.testing.assert_allclose(scores[h], np.take_along_axis(q[h] @ k[:, h].T, got[h], 1), rtol=1e-5)
+    store.save(tmp_path / "s.npz")
+    loaded = VectorStore(HD, HKV, StorageConfig(approx_threshold=1000, norm_tier=16))
+    loaded.load(tmp_path / "s.npz")
+    for a, b in zip(store.search(0, q, 3), loaded.search(0, q, 3)):
+        np.testing.assert_array_equal(np.sort(a, axis=2), np.sort(b, axis=2))
+    with pytest.raises(ValueError, match="norm_tier"):
+        StorageConfig(norm_tier=-1)
+
+
 def test_retrieve_merges_graph_and_tail_into_the_top_r():
     """With rows in the exact tail, each query's retrieved keys are the r best of graph and tail (search()'s rows,
     the same as brute force here), in any order."""

@@ -17,7 +17,9 @@ kv head are stored once and each of the group's query heads searches that index 
 :class:`VectorStore` keeps, per sequence id, rows of ``(position, keys [Hkv, d], values [Hkv, d])``, searched
 exactly (one matrix product) while a sequence holds fewer than ``approx_threshold`` rows, and beyond through one
 faiss HNSW graph per kv head (``IndexHNSWFlat``, inner-product metric) plus an exact search of the rows added since
-the graph was last extended. Writes go through a queue to a background thread, which publishes new rows and graphs
+the graph was last extended and of the norm tier: the ``norm_tier`` rows with the largest key norms. An inner
+product is at most the key's norm times the query's, so the keys that win by far are large-norm outliers, and a
+graph walk among many near-identical keys can miss exactly those; the tier finds them. Writes go through a queue to a background thread, which publishes new rows and graphs
 as new, immutable shard objects, so that readers hold the lock only to pick up the current one; searches see the
 store as of the last completed write, and :meth:`VectorStore.flush` waits for every write submitted before it.
 :func:`in_batch_retrieval` computes the same retrieval exactly over the tokens of the current pass (training, and
@@ -89,7 +91,9 @@ class StorageConfig:
     (fewer, larger writes keep the writer off most decoding steps; :meth:`VectorStore.flush` hands over the rest);
     ``synchronous``: every write completes before ``add`` returns (deterministic results without ``flush``);
     ``async_retrieval``: decoding steps search on the retrieval thread (:meth:`VectorStore.retrieve_async`) while
-    the layer's SSM runs, instead of inline.
+    the layer's SSM runs, instead of inline; ``norm_tier``: in approximate mode, the rows with the largest key norms
+    (this many per kv head) are also searched exactly, so that outlying keys, which win inner products but which
+    graph walks among many similar keys miss, are always found (0: none).
     """
 
     topk: int = 16
@@ -101,6 +105,7 @@ class StorageConfig:
     write_batch: int = 256
     synchronous: bool = False
     async_retrieval: bool = True
+    norm_tier: int = 256
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -113,11 +118,15 @@ class StorageConfig:
             raise ValueError(f"storage write_batch must be >= 1, got {self.write_batch}")
         if self.hnsw_m < 2 or self.ef_search < 1:
             raise ValueError(f"need hnsw_m >= 2 and ef_search >= 1, got {self.hnsw_m}, {self.ef_search}")
+        if self.norm_tier < 0:
+            raise ValueError(f"storage norm_tier must be >= 0, got {self.norm_tier}")
 
 
 class _Shard:
     """The rows of one sequence, as published to readers: ``positions [cap]``, ``keys, values [Hkv, cap, d]`` with
-    rows ``[0, size)`` visible, and (approximate mode) one HNSW graph per kv head over rows ``[0, indexed)``.
+    rows ``[0, size)`` visible, and (approximate mode) one HNSW graph per kv head over rows ``[0, indexed)`` and the
+    norm tier: per kv head, the rows ``tier [Hkv, T]`` of ``[0, indexed)`` with the largest key norms, their keys
+    ``tier_keys [Hkv, T, d]``, searched exactly beside the graph, and ``in_tier [Hkv, indexed + 1]`` (membership).
 
     A published shard never changes: the writer writes new rows past ``size`` (or into larger copies of the arrays)
     and adds to copies of the graphs, then publishes a new shard object under the store's lock. Readers take the
@@ -131,6 +140,9 @@ class _Shard:
         self.keys = np.empty((heads, capacity, dim), np.float32)
         self.values = np.empty((heads, capacity, dim), np.float32)
         self.graphs: list | None = None
+        self.tier: np.ndarray | None = None
+        self.tier_keys: np.ndarray | None = None
+        self.in_tier: np.ndarray | None = None
 
     @property
     def approx(self) -> bool:
@@ -154,25 +166,39 @@ class _Shard:
         new.size = self.size + n
         return new
 
-    def indexed_to(self, graphs: list, indexed: int) -> _Shard:
-        """A new shard whose rows ``[0, indexed)`` are searched through ``graphs``."""
+    def indexed_to(self, graphs: list, indexed: int, tier: int) -> _Shard:
+        """A new shard whose rows ``[0, indexed)`` are searched through ``graphs`` and a norm tier of ``tier`` rows
+        per kv head (this shard's tier and the newly indexed rows compete for it)."""
         new = copy.copy(self)
         new.graphs, new.indexed = graphs, indexed
+        if tier:
+            fresh = np.broadcast_to(np.arange(self.indexed, indexed), (len(self.keys), indexed - self.indexed))
+            rows = fresh if self.tier is None else np.concatenate([self.tier, fresh], 1)
+            norms = np.linalg.norm(np.take_along_axis(self.keys, rows[:, :, None], 1), axis=2)
+            if rows.shape[1] > tier:
+                rows = np.take_along_axis(rows, np.argpartition(-norms, tier - 1, axis=1)[:, :tier], 1)
+            new.tier = np.ascontiguousarray(rows)
+            new.tier_keys = np.ascontiguousarray(np.take_along_axis(self.keys, rows[:, :, None], 1))
+            new.in_tier = np.zeros((len(rows), indexed + 1), bool)  # the last column answers for row -1 (absent)
+            np.put_along_axis(new.in_tier, rows, True, 1)
         return new
 
     def search(self, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``r`` ``(scores, rows) [Hkv, m, r]`` for ``queries [Hkv, m, d]`` (kv head ``h`` searches its own keys),
-        unsorted, rows ``-1`` and scores ``-inf`` where absent: the graphs' top ``r`` and the exact top ``r`` of the
-        rows not in them, merged."""
+        unsorted, rows ``-1`` and scores ``-inf`` where absent: the graphs' top ``r`` (less the norm tier's rows), the
+        exact top ``r`` of the norm tier and of the rows not in the graphs, merged."""
         found = []
         if self.graphs is not None:
             hits = [graph.search(queries[h], r) for h, graph in enumerate(self.graphs)]
             rows = np.stack([i for _, i in hits])
+            if self.tier is not None:  # tier rows come from the exact search below, once
+                rows = np.where(np.take_along_axis(self.in_tier, rows.reshape(len(rows), -1), 1).reshape(rows.shape),
+                                -1, rows)  # fmt: skip
             found.append((np.where(rows >= 0, np.stack([d for d, _ in hits]), -np.inf), rows))
+        if self.tier is not None:
+            found.append(_exact_top(queries, self.tier_keys, r, self.tier))
         if self.size > self.indexed:
-            exact = torch.from_numpy(queries) @ torch.from_numpy(self.keys[:, self.indexed : self.size]).transpose(1, 2)
-            top = exact.topk(min(r, self.size - self.indexed), dim=-1)
-            found.append((top.values.numpy(), top.indices.numpy() + self.indexed))
+            found.append(_exact_top(queries, self.keys[:, self.indexed : self.size], r, self.indexed))
         if len(found) == 1 and found[0][0].shape[2] == r:
             return found[0]
         scores = np.concatenate([d for d, _ in found] or [np.empty((*queries.shape[:2], 0), np.float32)], 2)
@@ -182,6 +208,20 @@ class _Shard:
             return np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
         best = np.argpartition(-scores, r - 1, axis=2)[:, :, :r]
         return np.take_along_axis(scores, best, 2), np.take_along_axis(rows, best, 2)
+
+
+def _exact_top(queries: np.ndarray, keys: np.ndarray, r: int, rows: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``r`` ``(scores, rows) [Hkv, m, r']`` of ``queries [Hkv, m, d]`` over ``keys [Hkv, n, d]`` (kv head
+    ``h`` its own), whose store rows are ``rows [Hkv, n]`` or ``rows + arange(n)``; best first."""
+    scores = (torch.from_numpy(queries) @ torch.from_numpy(keys).transpose(1, 2)).numpy()  # same sums for any layout
+    index = np.argpartition(-scores, r - 1, axis=2)[:, :, :r] if keys.shape[1] > r else None
+    if index is not None:
+        scores = np.take_along_axis(scores, index, 2)
+    order = np.argsort(-scores, axis=2, kind="stable")
+    scores, index = np.take_along_axis(scores, order, 2), order if index is None else np.take_along_axis(index, order, 2)
+    if isinstance(rows, int):
+        return scores, index + rows
+    return scores, np.take_along_axis(rows[:, None, :], index, 2)
 
 
 def _hnsw(keys: np.ndarray, m: int, ef_search: int):
@@ -232,7 +272,7 @@ class _Core:
                 graphs = [_hnsw(shard.keys[h, : shard.size], cfg.hnsw_m, cfg.ef_search) for h in range(self.heads)]
             else:
                 continue
-            self._publish(int(s), shard, shard.indexed_to(graphs, shard.size))
+            self._publish(int(s), shard, shard.indexed_to(graphs, shard.size, cfg.norm_tier))
 
 
 @functools.cache
@@ -509,7 +549,7 @@ class VectorStore:
                     raise StorageFileError(f"{name}: HNSW index of sequence {s} does not match its rows")
                 for graph in graphs:
                     graph.hnsw.efSearch = self.config.ef_search
-                shards[int(s)] = shard.indexed_to(graphs, n)
+                shards[int(s)] = shard.indexed_to(graphs, n, self.config.norm_tier)
         return shards, max(int(meta.get("next_seq", 0)), int(seq.max()) + 1 if len(seq) else 0)
 
     def _install(self, shards: dict[int, _Shard], next_seq: int) -> None:

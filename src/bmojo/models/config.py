@@ -20,8 +20,10 @@ A Jamba-style hybrid interleaves ``mamba`` and ``attention`` layers.
 ``storage_in_batch`` (exact in-batch emulation in forward passes without a cache, for training),
 ``storage_approx_threshold`` (rows per sequence from which search is approximate, HNSW), ``storage_ef_search``
 (HNSW search breadth: higher finds more of the true top rows, slower), ``storage_write_batch`` (rows gathered
-before one background write) and ``storage_async_retrieval`` (in decoding, search on the retrieval thread while the
-layer's SSM runs: faster for wide layers; off is faster when Python overhead dominates, as in very small models).
+before one background write), ``storage_async_retrieval`` (in decoding, search on the retrieval thread while the
+layer's SSM runs: faster for wide layers; off is faster when Python overhead dominates, as in very small models)
+and ``storage_norm_tier`` (with HNSW, this many rows per kv head with the largest key norms are searched exactly
+too: outlying keys that graph walks miss; 0: none).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class BMojoConfig(PretrainedConfig):
         storage_write_batch: int = 256,
         storage_ef_search: int = 64,
         storage_async_retrieval: bool = True,
+        storage_norm_tier: int = 256,
         bmojo_ssm: str = "mamba2",
         tie_fading_kv: bool = True,
         state_size: int = 16,
@@ -149,6 +152,7 @@ class BMojoConfig(PretrainedConfig):
         self.storage_write_batch = storage_write_batch
         self.storage_ef_search = storage_ef_search
         self.storage_async_retrieval = storage_async_retrieval
+        self.storage_norm_tier = storage_norm_tier
         self.bmojo_ssm = bmojo_ssm
         self.tie_fading_kv = tie_fading_kv
         self.state_size = state_size
@@ -204,6 +208,8 @@ class BMojoConfig(PretrainedConfig):
                     f"storage_topk, storage_approx_threshold, storage_write_batch and storage_ef_search must be >= 1, "
                     f"got {', '.join(map(str, sizes))}"
                 )
+            if self.storage_norm_tier < 0:
+                raise ValueError(f"storage_norm_tier must be >= 0, got {self.storage_norm_tier}")
             if self.storage_write not in WRITES:
                 raise ValueError(f"storage_write must be one of {WRITES}, got {self.storage_write!r}")
         if self.bmojo_ssm not in ("mamba", "mamba2"):
