@@ -452,6 +452,8 @@ def test_bad_storage_configuration_raises():
     for field in ("storage_ef_search", "storage_write_batch"):
         with pytest.raises(ValueError, match=field):
             BMojoConfig.from_preset("bmojo", storage=True, **{field: 0})
+    with pytest.raises(ValueError, match="storage_norm_tier"):
+        BMojoConfig.from_preset("bmojo", storage=True, storage_norm_tier=-1)
 
 
 def test_model_config_reaches_each_layer_store():
@@ -461,10 +463,12 @@ def test_model_config_reaches_each_layer_store():
         storage_write_batch=7,
         storage_approx_threshold=99,
         storage_async_retrieval=False,
+        storage_norm_tier=5,
     )
     for store in model.vector_stores().values():
         cfg = store.config
-        assert (cfg.ef_search, cfg.write_batch, cfg.approx_threshold, cfg.async_retrieval) == (200, 7, 99, False)
+        got = (cfg.ef_search, cfg.write_batch, cfg.approx_threshold, cfg.async_retrieval, cfg.norm_tier)
+        assert got == (200, 7, 99, False, 5)
 
 
 # ---------------------------------------------------------------- the model
