@@ -19,9 +19,10 @@ exactly (one matrix product) while a sequence holds fewer than ``approx_threshol
 faiss HNSW graph per kv head (``IndexHNSWFlat``, inner-product metric) plus an exact search of the rows added since
 the graph was last extended and of the norm tier: the ``norm_tier`` rows with the largest key norms. An inner
 product is at most the key's norm times the query's, so the keys that win by far are large-norm outliers, and a
-graph walk among many near-identical keys can miss exactly those; the tier finds them. Writes go through a queue to a background thread, which publishes new rows and graphs
-as new, immutable shard objects, so that readers hold the lock only to pick up the current one; searches see the
-store as of the last completed write, and :meth:`VectorStore.flush` waits for every write submitted before it.
+graph walk among many near-identical keys can miss exactly those; the tier finds them. Writes go through a queue
+to a background thread, which publishes new rows and graphs as new, immutable shard objects, so that readers hold
+the lock only to pick up the current one; searches see the store as of the last completed write, and
+:meth:`VectorStore.flush` waits for every write submitted before it.
 :func:`in_batch_retrieval` computes the same retrieval exactly over the tokens of the current pass (training, and
 the part of a prefill not yet in the store; ``O(L^2)`` in the pass length).
 
@@ -214,11 +215,11 @@ def _exact_top(queries: np.ndarray, keys: np.ndarray, r: int, rows: np.ndarray |
     """Exact top-``r`` ``(scores, rows) [Hkv, m, r']`` of ``queries [Hkv, m, d]`` over ``keys [Hkv, n, d]`` (kv head
     ``h`` its own), whose store rows are ``rows [Hkv, n]`` or ``rows + arange(n)``; best first."""
     scores = (torch.from_numpy(queries) @ torch.from_numpy(keys).transpose(1, 2)).numpy()  # same sums for any layout
-    index = np.argpartition(-scores, r - 1, axis=2)[:, :, :r] if keys.shape[1] > r else None
-    if index is not None:
-        scores = np.take_along_axis(scores, index, 2)
+    n = keys.shape[1]
+    index = np.argpartition(-scores, r - 1, axis=2)[:, :, :r] if n > r else np.broadcast_to(np.arange(n), scores.shape)
+    scores = np.take_along_axis(scores, index, 2)
     order = np.argsort(-scores, axis=2, kind="stable")
-    scores, index = np.take_along_axis(scores, order, 2), order if index is None else np.take_along_axis(index, order, 2)
+    scores, index = np.take_along_axis(scores, order, 2), np.take_along_axis(index, order, 2)
     if isinstance(rows, int):
         return scores, index + rows
     return scores, np.take_along_axis(rows[:, None, :], index, 2)
