@@ -352,6 +352,8 @@ def flex_available() -> bool:
 
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _flash_cpu_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+if _flash_cpu is not None and "attn_mask" not in {a.name for a in _flash_cpu.default._schema.arguments}:
+    _flash_cpu = None  # a torch whose CPU kernel takes no mask: the merge path serves instead
 
 
 def _blocks_ok(q: torch.Tensor, bands: list[Band]) -> bool:
