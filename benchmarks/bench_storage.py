@@ -5,7 +5,8 @@ label at each repeated key is its value. Keys, values and filler come from disjo
 
 1. Train a 2-layer B'MOJO (window ``w``, eidetic memory ``k``, store top-``r``, ``storage_write`` from ``--write``,
    default ``all``; RoPE on ``--rope-fraction`` of each head, default none, so that matching does not depend on
-   distance) with the in-batch storage emulation at gaps of 0 to 8 windows; the weights are saved under ``--out``/model, and ``--load`` skips training.
+   distance) with the in-batch storage emulation at gaps of 0 to 8 windows; the weights are saved under
+   ``--out``/model, and ``--load`` skips training.
 2. Stream rows with a gap of ``--gap`` tokens (default 65,536) through the cached model, one token at a time after
    a short prefill, with the store on and, for the same weights, off; report answer accuracy, the store size, and
    per-token decode latency (p50/p99 over every step, and the mean over the first and last 1,000 steps).

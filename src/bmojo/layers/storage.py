@@ -175,11 +175,11 @@ class _Shard:
         if tier:
             fresh = np.broadcast_to(np.arange(self.indexed, indexed), (len(self.keys), indexed - self.indexed))
             rows = fresh if self.tier is None else np.concatenate([self.tier, fresh], 1)
-            norms = np.linalg.norm(np.take_along_axis(self.keys, rows[:, :, None], 1), axis=2)
+            keys = np.take_along_axis(self.keys, rows[:, :, None], 1)  # the candidates' keys [Hkv, n, d]
             if rows.shape[1] > tier:
-                rows = np.take_along_axis(rows, np.argpartition(-norms, tier - 1, axis=1)[:, :tier], 1)
-            new.tier = np.ascontiguousarray(rows)
-            new.tier_keys = np.ascontiguousarray(np.take_along_axis(self.keys, rows[:, :, None], 1))
+                keep = np.argpartition(-np.linalg.norm(keys, axis=2), tier - 1, axis=1)[:, :tier]
+                rows, keys = np.take_along_axis(rows, keep, 1), np.take_along_axis(keys, keep[:, :, None], 1)
+            new.tier, new.tier_keys = np.ascontiguousarray(rows), np.ascontiguousarray(keys)
             new.in_tier = np.zeros((len(rows), indexed + 1), bool)  # the last column answers for row -1 (absent)
             np.put_along_axis(new.in_tier, rows, True, 1)
         return new

@@ -147,15 +147,20 @@ def _band_segment(
     return o.reshape(b, hq, nc, d), lse.reshape(b, hq, nc)
 
 
+def _in_band(query_pos: torch.Tensor, key_pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Whether a query at ``query_pos`` sees a band key at ``key_pos`` (``lo <= query_pos - key_pos <= hi``) that
+    exists (``key_pos >= 0``); broadcasting."""
+    delta = query_pos - key_pos
+    return (delta >= lo) & (delta <= hi) & (key_pos >= 0)
+
+
 def _band_visible(b0: int, n: int, c: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
     """``[n, c, c + hi - lo]``: which of the left-padded keys from padded index ``b*c`` query ``i`` of block
     ``b = b0..b0+n-1`` sees (``lo <= i - j <= hi``, and no key before position 0)."""
-    span = c + hi - lo
-    qi = torch.arange(c, device=device).view(c, 1)
-    s = torch.arange(span, device=device).view(1, span)
-    offset = qi + hi - s  # i - j inside a block
-    key_pos = torch.arange(b0, b0 + n, device=device).view(n, 1) * c - hi + s  # [n, span]
-    return (offset >= lo) & (offset <= hi) & (key_pos >= 0).unsqueeze(1)
+    start = torch.arange(b0, b0 + n, device=device).view(n, 1, 1) * c
+    query_pos = start + torch.arange(c, device=device).view(1, c, 1)
+    key_pos = start - hi + torch.arange(c + hi - lo, device=device).view(1, 1, -1)
+    return _in_band(query_pos, key_pos, lo, hi)
 
 
 def _segments(nb: int, seg: int, c: int, hi: int, lo: int) -> list[tuple[int, slice, slice]]:
@@ -388,9 +393,7 @@ def _blocks_mask(bands: list[Band], shifts: list[int], c: int, n: int, t: int, d
     s = torch.arange(c, device=device).view(1, 1, 1, c)
     parts = []
     for band, shift in zip(bands, shifts):
-        position = (i + slot - (t - 1) - shift) * c + s
-        delta = i * c + r - position
-        parts.append((delta >= band.lo) & (delta <= band.hi) & (position >= 0))
+        parts.append(_in_band(i * c + r, (i + slot - (t - 1) - shift) * c + s, band.lo, band.hi))
     visible = torch.cat(parts, dim=-1).flatten(2)  # [n, c, t * S]
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf")).unsqueeze(1)
 
