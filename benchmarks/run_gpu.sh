@@ -3,9 +3,11 @@
 # used from the checkout). Optional wheels in .whl/ (fla-core for the SSD kernels) are installed first.
 #   bash benchmarks/run_gpu.sh OUT tests   # tests/test_cuda.py
 #   bash benchmarks/run_gpu.sh OUT probe   # 130m bf16 training steps: step times, graphs dynamo compiled, a profile
+#   bash benchmarks/run_gpu.sh OUT probe-compiled  # the same with the model through torch.compile
 #   bash benchmarks/run_gpu.sh OUT train   # 130m training and prefill at 2K (batch 8) and 8K (batch 2), bf16
 #   bash benchmarks/run_gpu.sh OUT train-compiled  # the 2K training point with both models through torch.compile
 #   bash benchmarks/run_gpu.sh OUT decode  # decode tokens/s and cache memory at 4K and 32K
+#   bash benchmarks/run_gpu.sh OUT flex    # the read-out's FlexAttention call against FlashAttention, tile sizes
 set -uo pipefail
 out=${1:?output directory}
 mkdir -p "$out"
@@ -21,17 +23,18 @@ bench() { python3 -m bmojo.cli bench --device cuda --dtype bfloat16 --size 130m 
 for stage in "${@:2}"; do
   case $stage in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log" ;;
-    probe) python3 - <<'PY'
-import time, torch
+    probe|probe-compiled) python3 - "$stage" <<'PY' 2>&1 | tee "$out/$stage.log"
+import sys, time, torch
 from torch._dynamo.utils import counters
 from bmojo import BMojoConfig, BMojoForCausalLM
 config = BMojoConfig.from_preset("bmojo", "130m", window_size=512, chunk_size=512)
 model = BMojoForCausalLM(config).cuda()
+forward = torch.compile(model) if sys.argv[1] == "probe-compiled" else model
 ids = torch.randint(0, config.vocab_size, (8, 2048), device="cuda")
 for step in range(4):
     t0 = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(ids, labels=ids).loss
+        loss = forward(ids, labels=ids).loss
     loss.backward()
     torch.cuda.synchronize()
     print(f"step {step}: {time.perf_counter() - t0:.3f} s, loss {loss.item():.3f}")
@@ -39,7 +42,7 @@ print("dynamo:", {k: dict(v) for k, v in counters.items() if k in ("stats", "rec
 from torch.profiler import ProfilerActivity, profile
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(ids, labels=ids).loss
+        loss = forward(ids, labels=ids).loss
     loss.backward()
     torch.cuda.synchronize()
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
@@ -50,6 +53,7 @@ PY
       bench --lengths 8192 --modes train,prefill --batch 2 --repeats 5 --warmup 2 --out "$out/train_8k" ;;
     train-compiled) bench --lengths 2048 --modes train --batch 8 --repeats 5 --warmup 2 --compile --out "$out/train_2k_compiled" ;;
     decode) bench --lengths 4096,32768 --modes decode --batch 1 --decode-steps 32 --repeats 3 --out "$out/decode" ;;
+    flex) python3 benchmarks/bench_flex.py --block 64x64 --block 128x64 --block 64x128 2>&1 | tee "$out/flex.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -14,7 +14,7 @@ import torch
 import bmojo.ops.triton as kernels
 from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.models.config import PRESETS
-from bmojo.ops.attention import Band, ChunkMemory, union_attention, union_attention_ref
+from bmojo.ops.attention import Band, ChunkMemory, flex_union_attention, union_attention, union_attention_ref
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
 from bmojo.ops.ssd import fla_available, fla_backward_supported, ssd_scan_fla, ssd_scan_ref
 
@@ -64,6 +64,15 @@ def test_flex_union_forward_and_gradients_match_reference(dtype, tol, length, w,
     torch.testing.assert_close(lse, lse_ref, atol=tol, rtol=tol)
     for a, r in zip(grads, grads_ref):
         torch.testing.assert_close(a, r, atol=tol * 5, rtol=tol * 5)
+
+
+@pytest.mark.parametrize("block", [(64, 64), (64, 128)])
+def test_flex_union_kernel_options_change_tiles_not_results(block):
+    q, bands, memory, _ = _union_inputs(2, 4, 2, 300, 64, 32, 8, 32, torch.float32, seed=3)
+    o_ref, lse_ref = union_attention_ref(q, bands, memory)
+    o, lse = flex_union_attention(q, bands, memory, {"BLOCK_M": block[0], "BLOCK_N": block[1]})
+    torch.testing.assert_close(o, o_ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, lse_ref, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.skipif(not fla_available(), reason="flash-linear-attention (fla) is not installed")

@@ -323,11 +323,14 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_union_attention(q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None) -> AttnOut:
+def flex_union_attention(
+    q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None, kernel_options: dict | None = None
+) -> AttnOut:
     """:func:`union_attention` as one FlexAttention call with a block-sparse mask (compiled on CUDA).
 
     Only the key blocks that some query of a block can see are computed, so the cost is
     ``O(L * (sum of band widths + memory size))``. On CPU it runs FlexAttention's eager path (forward only).
+    ``kernel_options`` go to FlexAttention unchanged (tile sizes such as ``BLOCK_M``, ``BLOCK_N``).
     """
     from torch.nn.attention import flex_attention as fa
 
@@ -339,9 +342,10 @@ def flex_union_attention(q: torch.Tensor, bands: list[Band], memory: ChunkMemory
     flex = _compiled_flex_attention() if q.is_cuda else fa.flex_attention
     gqa = hq != k.shape[1]
     if hasattr(fa, "AuxRequest"):
-        o, aux = flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, return_aux=fa.AuxRequest(lse=True))
+        o, aux = flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=kernel_options,
+                      return_aux=fa.AuxRequest(lse=True))  # fmt: skip
         return o, aux.lse.float()
-    o, lse = flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, return_lse=True)
+    o, lse = flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=kernel_options, return_lse=True)
     return o, lse.float()
 
 
@@ -427,7 +431,7 @@ def _blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
     A custom op, so that ``torch.compile`` keeps it whole; its backward is :func:`_blocks_attention_backward`.
     """
-    b, h, length, d = q.shape
+    b, h, length, _ = q.shape
     c = mask.shape[2]
     o, lse = torch.empty_like(q), q.new_empty((b, h, length), dtype=_accumulate(q).dtype)
     for i, a, e in _block_pieces(b, length // c, per_piece):
@@ -513,7 +517,7 @@ def blocks_union_attention(
     (:func:`chunk_attention`) join by :func:`merge_attention`. Needs CPU tensors and a band with ``lo = 0`` first
     (every query sees itself) and finite bands. Scores ``t * c`` keys per band per query.
     """
-    b, hq, length, d = q.shape
+    _, hq, length, d = q.shape
     if not _blocks_ok(q, bands):
         raise ValueError("blocks_union_attention needs CPU tensors and finite bands, the first with lo = 0")
     hkv = bands[0].k.shape[1]

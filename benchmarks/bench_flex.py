@@ -1,0 +1,95 @@
+"""The B'MOJO read-out through FlexAttention against FlashAttention, at the 130m preset's shapes (CUDA, bf16).
+
+    python benchmarks/bench_flex.py                         # B=8, H=12, L=2048, d=64, window 512, 64 eidetic
+    python benchmarks/bench_flex.py --block 64x64 --block 128x64 --block 64x128
+
+Rows: causal SDPA over the whole sequence (FlashAttention; as many keys per query as the read-out on average at
+L=2048), ``flex_union_attention`` as the model calls it (window and fading band as bands, the eidetic memory as
+per-chunk keys with a per-batch validity mask), the bands alone, and the model's call with each
+``--block BLOCK_MxBLOCK_N`` kernel option. Each row: forward (inputs requiring grad, as in training) and forward +
+backward, medians of ``--repeats`` runs after warm-up; then a CUDA profile of one forward + backward. On a CPU it
+runs the same rows on tiny shapes, forward only (FlexAttention has no CPU backward), to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import flex_attention as fa
+
+from bmojo.ops.attention import AttnOut, Band, ChunkMemory, _union_keys, _union_mask_mod, flex_union_attention
+
+
+def median_ms(fn: Callable[[], AttnOut], backward: bool, repeats: int, device: torch.device) -> float:
+    """Median ms of ``fn`` (and the backward of ``o.sum() + lse.sum()`` when ``backward``) after 3 warm-up runs."""
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        o, lse = fn()
+        if backward:
+            (o.float().sum() + lse.sum()).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(3):
+        once()
+    return statistics.median(once() for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--block", action="append", default=[], help="a kernel option BLOCK_MxBLOCK_N to try")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.type == "cuda"
+    b, h, length, d, w, m, c = (8, 12, 2048, 64, 512, 64, 512) if cuda else (1, 2, 256, 16, 64, 8, 64)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=dev, dtype=dtype, requires_grad=cuda)
+
+    q, k, v, kf, vf = (tensor(b, h, length, d) for _ in range(5))
+    n = -(-length // c)
+    memory = ChunkMemory(tensor(b, h, n, m, d), tensor(b, h, n, m, d), torch.rand(b, n, m, device=dev) < 0.9, c)
+    bands = [Band(k, v, 0, w - 1), Band(kf, vf, w, 2 * w - 1)]
+    keys, _ = _union_keys(bands, memory)
+    block_mask = fa.create_block_mask(_union_mask_mod(length, bands, memory), b, None, length, keys.shape[2],
+                                      device=dev)  # fmt: skip
+    print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; B={b} H={h} L={length} "
+          f"d={d}, window {w}, band {w}, {m} eidetic per {c}-chunk; block mask {tuple(block_mask.shape)}, "
+          f"sparsity {block_mask.sparsity():.1f}%")  # fmt: skip
+
+    def with_options(block: str) -> Callable[[], AttnOut]:
+        bm, bn = (int(x) for x in block.lower().split("x"))
+        return lambda: flex_union_attention(q, bands, memory, {"BLOCK_M": bm, "BLOCK_N": bn})
+
+    rows: list[tuple[str, Callable[[], AttnOut]]] = [
+        ("causal SDPA, whole sequence", lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=True), q[..., 0])),
+        ("flex_union_attention (the model's call)", lambda: flex_union_attention(q, bands, memory)),
+        ("flex_union_attention, bands only", lambda: flex_union_attention(q, bands, None)),
+    ] + [(f"the model's call, BLOCK_MxN = {block}", with_options(block)) for block in args.block]
+    for name, fn in rows:
+        fwd = median_ms(fn, False, args.repeats, dev)
+        both = f"{median_ms(fn, True, args.repeats, dev):9.3f}" if cuda else "        -"
+        print(f"{name:45s} forward {fwd:9.3f} ms   forward+backward {both} ms", flush=True)
+    if cuda:
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            o, lse = flex_union_attention(q, bands, memory)
+            (o.float().sum() + lse.sum()).backward()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
