@@ -126,13 +126,14 @@ class StorageConfig:
 class _Shard:
     """The rows of one sequence, as published to readers: ``positions [cap]``, ``keys, values [Hkv, cap, d]`` with
     rows ``[0, size)`` visible, and (approximate mode) one HNSW graph per kv head over rows ``[0, indexed)`` and the
-    norm tier: per kv head, the rows ``tier [Hkv, T]`` of ``[0, indexed)`` with the largest key norms, their keys
-    ``tier_keys [Hkv, T, d]``, searched exactly beside the graph, and ``in_tier [Hkv, indexed + 1]`` (membership).
+    norm tier: per kv head, the rows ``tier [Hkv, T]`` of ``[0, indexed)`` with the largest key norms. The exact set
+    ``exact_rows [Hkv, E]``, ``exact_keys [Hkv, E, d]`` (the tier, then rows ``[indexed, size)``) is searched
+    exactly beside the graph, whose search parameters (``search_params``, one per kv head) filter the tier out.
 
     A published shard never changes: the writer writes new rows past ``size`` (or into larger copies of the arrays)
     and adds to copies of the graphs, then publishes a new shard object under the store's lock. Readers take the
-    current object under the lock and search it without the lock. Rows ``[indexed, size)`` (all rows while exact)
-    are searched exactly.
+    current object under the lock and search it without the lock. While exact (no graphs) every row is searched
+    exactly. Every search is a faiss call, which releases the interpreter lock.
     """
 
     def __init__(self, heads: int, dim: int, capacity: int = 64) -> None:
@@ -141,9 +142,10 @@ class _Shard:
         self.keys = np.empty((heads, capacity, dim), np.float32)
         self.values = np.empty((heads, capacity, dim), np.float32)
         self.graphs: list | None = None
+        self.search_params: list | None = None
         self.tier: np.ndarray | None = None
-        self.tier_keys: np.ndarray | None = None
-        self.in_tier: np.ndarray | None = None
+        self.exact_rows: np.ndarray | None = None
+        self.exact_keys: np.ndarray | None = None
 
     @property
     def approx(self) -> bool:
@@ -165,64 +167,54 @@ class _Shard:
         new.keys[:, self.size : self.size + n] = keys.transpose(1, 0, 2)
         new.values[:, self.size : self.size + n] = values.transpose(1, 0, 2)
         new.size = self.size + n
+        if self.approx:
+            rows = np.broadcast_to(np.arange(self.size, new.size), (len(self.keys), n))
+            new.exact_rows = np.concatenate([self.exact_rows, rows], 1)
+            new.exact_keys = np.concatenate([self.exact_keys, new.keys[:, self.size : new.size]], 1)
         return new
 
     def indexed_to(self, graphs: list, indexed: int, tier: int) -> _Shard:
         """A new shard whose rows ``[0, indexed)`` are searched through ``graphs`` and a norm tier of ``tier`` rows
         per kv head (this shard's tier and the newly indexed rows compete for it)."""
-        new = copy.copy(self)
-        new.graphs, new.indexed = graphs, indexed
+        new, heads = copy.copy(self), len(self.keys)
+        new.graphs, new.indexed, new.tier = graphs, indexed, None
+        new.search_params = [_faiss().SearchParametersHNSW(efSearch=graph.hnsw.efSearch) for graph in graphs]
         if tier:
-            fresh = np.broadcast_to(np.arange(self.indexed, indexed), (len(self.keys), indexed - self.indexed))
+            fresh = np.broadcast_to(np.arange(self.indexed, indexed), (heads, indexed - self.indexed))
             rows = fresh if self.tier is None else np.concatenate([self.tier, fresh], 1)
-            keys = np.take_along_axis(self.keys, rows[:, :, None], 1)  # the candidates' keys [Hkv, n, d]
             if rows.shape[1] > tier:
-                keep = np.argpartition(-np.linalg.norm(keys, axis=2), tier - 1, axis=1)[:, :tier]
-                rows, keys = np.take_along_axis(rows, keep, 1), np.take_along_axis(keys, keep[:, :, None], 1)
-            new.tier, new.tier_keys = np.ascontiguousarray(rows), np.ascontiguousarray(keys)
-            new.in_tier = np.zeros((len(rows), indexed + 1), bool)  # the last column answers for row -1 (absent)
-            np.put_along_axis(new.in_tier, rows, True, 1)
+                norms = np.linalg.norm(np.take_along_axis(self.keys, rows[:, :, None], 1), axis=2)
+                rows = np.take_along_axis(rows, np.argpartition(-norms, tier - 1, axis=1)[:, :tier], 1)
+            new.tier = np.ascontiguousarray(rows)
+            for h, params in enumerate(new.search_params):
+                outside = np.ones(indexed, bool)
+                outside[new.tier[h]] = False
+                params.bitmap = np.packbits(outside, bitorder="little")  # kept alive beside the selector using it
+                params.selector = _faiss().IDSelectorBitmap(indexed, _faiss().swig_ptr(params.bitmap))
+                params.sel = params.selector
+        tail = np.broadcast_to(np.arange(indexed, self.size), (heads, self.size - indexed))
+        new.exact_rows = tail if new.tier is None else np.concatenate([new.tier, tail], 1)
+        new.exact_keys = np.ascontiguousarray(np.take_along_axis(self.keys, new.exact_rows[:, :, None], 1))
         return new
 
     def search(self, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``r`` ``(scores, rows) [Hkv, m, r]`` for ``queries [Hkv, m, d]`` (kv head ``h`` searches its own keys),
-        unsorted, rows ``-1`` and scores ``-inf`` where absent: the graphs' top ``r`` (less the norm tier's rows), the
-        exact top ``r`` of the norm tier and of the rows not in the graphs, merged."""
-        found = []
-        if self.graphs is not None:
-            hits = [graph.search(queries[h], r) for h, graph in enumerate(self.graphs)]
-            rows = np.stack([i for _, i in hits])
-            if self.tier is not None:  # tier rows come from the exact search below, once
-                rows = np.where(np.take_along_axis(self.in_tier, rows.reshape(len(rows), -1), 1).reshape(rows.shape),
-                                -1, rows)  # fmt: skip
-            found.append((np.where(rows >= 0, np.stack([d for d, _ in hits]), -np.inf), rows))
-        if self.tier is not None:
-            found.append(_exact_top(queries, self.tier_keys, r, self.tier))
-        if self.size > self.indexed:
-            found.append(_exact_top(queries, self.keys[:, self.indexed : self.size], r, self.indexed))
-        if len(found) == 1 and found[0][0].shape[2] == r:
-            return found[0]
-        scores = np.concatenate([d for d, _ in found] or [np.empty((*queries.shape[:2], 0), np.float32)], 2)
-        rows = np.concatenate([i for _, i in found] or [np.empty((*queries.shape[:2], 0), np.int64)], 2)
-        if scores.shape[2] < r:
-            pad = ((0, 0), (0, 0), (0, r - scores.shape[2]))
-            return np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
+        unsorted, rows ``-1`` and scores ``-inf`` where absent: the graph's top ``r`` outside the tier and the exact
+        top ``r`` of the exact set, merged; while exact, the exact top ``r`` of every row."""
+        faiss, (heads, m, _) = _faiss(), queries.shape
+        if not self.approx:
+            found = [faiss.knn(queries[h], self.keys[h, : self.size], r, faiss.METRIC_INNER_PRODUCT) for h in range(heads)]
+            scores, rows = np.stack([d for d, _ in found]), np.stack([i for _, i in found])
+            return np.where(rows >= 0, scores, -np.inf), rows
+        scores, rows = np.empty((heads, m, 2 * r), np.float32), np.full((heads, m, 2 * r), -1, np.int64)
+        for h, (graph, params) in enumerate(zip(self.graphs, self.search_params)):
+            scores[h, :, :r], rows[h, :, :r] = graph.search(queries[h], r, params=params)
+            if self.exact_rows.shape[1]:
+                scores[h, :, r:], index = faiss.knn(queries[h], self.exact_keys[h], r, faiss.METRIC_INNER_PRODUCT)
+                rows[h, :, r:] = np.where(index >= 0, self.exact_rows[h][index], -1)
+        scores = np.where(rows >= 0, scores, -np.inf)
         best = np.argpartition(-scores, r - 1, axis=2)[:, :, :r]
         return np.take_along_axis(scores, best, 2), np.take_along_axis(rows, best, 2)
-
-
-def _exact_top(queries: np.ndarray, keys: np.ndarray, r: int, rows: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``r`` ``(scores, rows) [Hkv, m, r']`` of ``queries [Hkv, m, d]`` over ``keys [Hkv, n, d]`` (kv head
-    ``h`` its own), whose store rows are ``rows [Hkv, n]`` or ``rows + arange(n)``; best first."""
-    scores = (torch.from_numpy(queries) @ torch.from_numpy(keys).transpose(1, 2)).numpy()  # same sums for any layout
-    n = keys.shape[1]
-    index = np.argpartition(-scores, r - 1, axis=2)[:, :, :r] if n > r else np.broadcast_to(np.arange(n), scores.shape)
-    scores = np.take_along_axis(scores, index, 2)
-    order = np.argsort(-scores, axis=2, kind="stable")
-    scores, index = np.take_along_axis(scores, order, 2), np.take_along_axis(index, order, 2)
-    if isinstance(rows, int):
-        return scores, index + rows
-    return scores, np.take_along_axis(rows[:, None, :], index, 2)
 
 
 def _hnsw(keys: np.ndarray, m: int, ef_search: int):
