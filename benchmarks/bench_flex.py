@@ -7,9 +7,10 @@ Rows: causal SDPA over the whole sequence (FlashAttention; as many keys per quer
 L=2048), ``flex_union_attention`` as the model calls it (window and fading band as bands, the eidetic memory as
 per-chunk keys with a per-batch validity mask), the bands alone, and the model's call with each ``--options``
 (FlexAttention kernel options such as tile sizes and warps; the default forward tile on an H100 / H200 for bf16 at
-d=64 is 128 x 128 with 4 warps, where the mask's integer arithmetic may spill registers). Each row: forward (inputs requiring grad, as in training) and forward +
-backward, medians of ``--repeats`` runs after warm-up; then a CUDA profile of one forward + backward. On a CPU it
-runs the same rows on tiny shapes, forward only (FlexAttention has no CPU backward), to check the script.
+d=64 is 128 x 128 with 4 warps, where the mask's integer arithmetic may spill registers). Each row: forward
+(inputs requiring grad, as in training) and forward + backward, medians of ``--repeats`` runs after warm-up; then a
+CUDA profile of one forward + backward. On a CPU it runs the same rows on tiny shapes, forward only (FlexAttention
+has no CPU backward), to check the script.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def median_ms(fn: Callable[[], AttnOut], backward: bool, repeats: int, device: t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--options", action="append", default=[], help="kernel options to try, e.g. BLOCK_M=64,BLOCK_N=64")
+    parser.add_argument("--options", action="append", default=[], help="kernel options, e.g. BLOCK_M=64,BLOCK_N=64")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

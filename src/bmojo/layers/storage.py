@@ -15,9 +15,10 @@ softmax (log-sum-exp merge). Each query head retrieves its own top-``r`` keys by
 kv head are stored once and each of the group's query heads searches that index with its own query.
 
 :class:`VectorStore` keeps, per sequence id, rows of ``(position, keys [Hkv, d], values [Hkv, d])``, searched
-exactly (one matrix product) while a sequence holds fewer than ``approx_threshold`` rows, and beyond through one
-faiss HNSW graph per kv head (``IndexHNSWFlat``, inner-product metric) plus an exact search of the rows added since
-the graph was last extended and of the norm tier: the ``norm_tier`` rows with the largest key norms. An inner
+exactly (faiss's brute-force ``knn``) while a sequence holds fewer than ``approx_threshold`` rows, and beyond through
+one faiss HNSW graph per kv head (``IndexHNSWFlat``, inner-product metric) plus an exact search of the rows added
+since the graph was last extended and of the norm tier: the ``norm_tier`` rows with the largest key norms (which the
+graph search filters out, so that no row is found twice). An inner
 product is at most the key's norm times the query's, so the keys that win by far are large-norm outliers, and a
 graph walk among many near-identical keys can miss exactly those; the tier finds them. Writes go through a queue
 to a background thread, which publishes new rows and graphs as new, immutable shard objects, so that readers hold
@@ -202,15 +203,16 @@ class _Shard:
         unsorted, rows ``-1`` and scores ``-inf`` where absent: the graph's top ``r`` outside the tier and the exact
         top ``r`` of the exact set, merged; while exact, the exact top ``r`` of every row."""
         faiss, (heads, m, _) = _faiss(), queries.shape
+        ip = faiss.METRIC_INNER_PRODUCT
         if not self.approx:
-            found = [faiss.knn(queries[h], self.keys[h, : self.size], r, faiss.METRIC_INNER_PRODUCT) for h in range(heads)]
+            found = [faiss.knn(queries[h], self.keys[h, : self.size], r, ip) for h in range(heads)]
             scores, rows = np.stack([d for d, _ in found]), np.stack([i for _, i in found])
             return np.where(rows >= 0, scores, -np.inf), rows
         scores, rows = np.empty((heads, m, 2 * r), np.float32), np.full((heads, m, 2 * r), -1, np.int64)
         for h, (graph, params) in enumerate(zip(self.graphs, self.search_params)):
             scores[h, :, :r], rows[h, :, :r] = graph.search(queries[h], r, params=params)
             if self.exact_rows.shape[1]:
-                scores[h, :, r:], index = faiss.knn(queries[h], self.exact_keys[h], r, faiss.METRIC_INNER_PRODUCT)
+                scores[h, :, r:], index = faiss.knn(queries[h], self.exact_keys[h], r, ip)
                 rows[h, :, r:] = np.where(index >= 0, self.exact_rows[h][index], -1)
         scores = np.where(rows >= 0, scores, -np.inf)
         best = np.argpartition(-scores, r - 1, axis=2)[:, :, :r]
