@@ -47,6 +47,7 @@ import torch
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from bmojo.malloc import kept
 from bmojo.models.config import PRESETS, SIZES, BMojoConfig
 from bmojo.models.modeling import BMojoForCausalLM, count_parameters
 
@@ -131,7 +132,8 @@ def matched_transformer(target: BMojoConfig, size: str, overrides: dict[str, Any
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    """CPU model, cores, threads, torch version, device name, platform and load average."""
+    """CPU model, cores, threads, torch version, device name, platform, load average, and whether freed memory is kept
+    in the process (``bmojo.malloc``)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -148,6 +150,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "keep_freed_memory": kept(),
     }
 
 
@@ -491,7 +494,8 @@ def markdown(result: dict[str, Any]) -> str:
     machine = (
         f"Machine: {m['device']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['platform']}; "
         f"load average {m['load_average']} at the start. Measured {s['dtype']} matmul peak: "
-        f"{result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s."
+        f"{result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s. Freed memory kept in the process (bmojo.malloc): "
+        f"{'yes' if m.get('keep_freed_memory') else 'no'}."
     )
     run = (
         f"Size {s['size']}, batch {s['batch']}, {s['repeats']} repeats after {s['warmup']} warm-up (medians), "

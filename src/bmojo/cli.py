@@ -20,6 +20,7 @@ from bmojo.bench import BenchSettings, ratio_summary, results_table, run_bench, 
 from bmojo.data import MARKER as TOKENIZER_MARKER
 from bmojo.data import DataError, Tokenizer, load_corpus, load_tokenizer
 from bmojo.evaluate import length_generalisation, perplexity, plot_length_generalisation, write_rows
+from bmojo.malloc import keep_freed_memory
 from bmojo.models import BMojoConfig, BMojoForCausalLM
 from bmojo.models.config import PRESETS, SIZES
 from bmojo.models.convert import convert_checkpoint, pattern_summary
@@ -41,6 +42,12 @@ from bmojo.train import run as run_training
 
 app = typer.Typer(help="B'MOJO hybrid state-space language models.", no_args_is_help=True)
 console = Console()
+
+
+@app.callback()
+def _startup() -> None:
+    """B'MOJO hybrid state-space language models."""
+    keep_freed_memory()  # a training step reuses the last one's memory (bmojo.malloc; BMOJO_KEEP_FREED_MEMORY=0: off)
 
 
 def _parity_and_cache(name: str, lengths: tuple[int, ...], seed: int = 0) -> dict[str, float]:
