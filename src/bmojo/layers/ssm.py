@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmojo.layers.norm import GatedRMSNorm, RMSNorm
+from bmojo.ops.conv import depthwise_conv1d
 from bmojo.ops.selective_scan import selective_scan, selective_scan_step
 from bmojo.ops.ssd import ssd_scan, ssd_step
 
@@ -38,7 +39,7 @@ def _causal_conv(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None) ->
     if prev is None:
         prev = xt.new_zeros(xt.shape[0], xt.shape[1], k - 1)
     xt = torch.cat([prev.to(xt.dtype), xt], dim=-1)
-    y = F.conv1d(xt, conv.weight, conv.bias, groups=conv.groups)
+    y = depthwise_conv1d(xt, conv.weight, conv.bias)
     return F.silu(y).transpose(1, 2), xt[:, :, xt.shape[-1] - (k - 1) :]
 
 
