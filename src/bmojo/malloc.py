@@ -4,8 +4,8 @@ glibc returns the free top of the heap to the operating system once it exceeds a
 the largest chunk freed so far) and serves large allocations by fresh ``mmap`` calls; every such buffer is then
 zero-filled page by page by the kernel on first touch, on every step. A B'MOJO training step makes many large
 intermediate tensors (band key slots, scan chunks, their gradients), so on CPU it pays this again each step: on the
-project's 2-core machine, 2K-token training of the bench's tiny preset runs about 4% faster with the settings here
-(an SDPA Transformer of the same size does not change; ``benchmarks/RESULTS.md``). The price is that the process
+project's 2-core machine, 2K-token training of the bench's 5M-parameter B'MOJO runs 6-7% faster with the settings
+here (an SDPA Transformer of the same size does not change; ``benchmarks/RESULTS.md``). The price is that the process
 keeps up to ``TRIM_THRESHOLD`` bytes of freed memory instead of returning it.
 
 ``bmojo`` commands apply it at start-up; ``BMOJO_KEEP_FREED_MEMORY=0`` turns it off.
