@@ -28,7 +28,7 @@ class _DepthwiseConv1d(torch.autograd.Function):
         k, length = weight.shape[-1], grad.shape[-1]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.conv1d(F.pad(grad, (k - 1, k - 1)), weight.flip(-1), groups=x.shape[1])
+            grad_x = F.conv1d(grad, weight.flip(-1), padding=k - 1, groups=x.shape[1])
         if ctx.needs_input_grad[1]:
             grad_w = torch.stack([(x[..., j : j + length] * grad).sum((0, 2)) for j in range(k)], -1).unsqueeze(1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
