@@ -18,12 +18,12 @@ kv head are stored once and each of the group's query heads searches that index 
 exactly (faiss's brute-force ``knn``) while a sequence holds fewer than ``approx_threshold`` rows, and beyond through
 one faiss HNSW graph per kv head (``IndexHNSWFlat``, inner-product metric) plus an exact search of the rows added
 since the graph was last extended and of the norm tier: the ``norm_tier`` rows with the largest key norms (which the
-graph search filters out, so that no row is found twice). An inner
-product is at most the key's norm times the query's, so the keys that win by far are large-norm outliers, and a
-graph walk among many near-identical keys can miss exactly those; the tier finds them. Writes go through a queue
-to a background thread, which publishes new rows and graphs as new, immutable shard objects, so that readers hold
-the lock only to pick up the current one; searches see the store as of the last completed write, and
-:meth:`VectorStore.flush` waits for every write submitted before it.
+graph search filters out, so that no row is found twice). An inner product is at most the key's norm times the
+query's, so the keys that win by far are large-norm outliers, and a graph walk among many near-identical keys can
+miss exactly those; the tier finds them. Writes go through a queue to a background thread, which publishes new rows
+and graphs as new, immutable shard objects, so that readers hold the lock only to pick up the current one; searches
+see the store as of the last completed write, and :meth:`VectorStore.flush` waits for every write submitted before
+it.
 :func:`in_batch_retrieval` computes the same retrieval exactly over the tokens of the current pass (training, and
 the part of a prefill not yet in the store; ``O(L^2)`` in the pass length).
 

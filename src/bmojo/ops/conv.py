@@ -37,8 +37,8 @@ class _DepthwiseConv1d(torch.autograd.Function):
 
 
 def depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.conv1d(x, weight, bias, groups=C)`` for ``x [B, C, L + K - 1]`` -> ``[B, C, L]``; the backward of this
-    module's on CPU."""
+    """``F.conv1d(x, weight, bias, groups=C)`` for ``x [B, C, L + K - 1]`` -> ``[B, C, L]``, differentiated by this
+    module's backward on CPU."""
     if x.device.type == "cpu" and torch.is_grad_enabled():
         return _DepthwiseConv1d.apply(x, weight, bias)
     return F.conv1d(x, weight, bias, groups=x.shape[1])
