@@ -34,3 +34,18 @@ def test_depthwise_conv1d_gradcheck_and_frozen_inputs():
     assert torch.autograd.gradcheck(depthwise_conv1d, (x, w, b))
     (gx,) = torch.autograd.grad(depthwise_conv1d(x, w.detach(), b.detach()).sum(), x)  # weights frozen
     torch.testing.assert_close(gx, torch.autograd.grad(F.conv1d(x, w, b, groups=3).sum(), x)[0])
+
+
+def test_depthwise_conv1d_under_bfloat16_autocast_follows_conv1d():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 40, generator=g, requires_grad=True)
+    w = torch.randn(6, 1, 4, generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True)
+    results = []
+    for fn in (depthwise_conv1d, lambda *a: F.conv1d(*a, groups=6)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w, b)
+        results.append((y, *torch.autograd.grad(y.float().square().sum(), (x, w, b))))
+    for a, r in zip(*results):
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a, r, atol=0.1, rtol=0.02)

@@ -17,12 +17,14 @@ import torch.nn.functional as F
 
 class _DepthwiseConv1d(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # the backward's convolution runs under the forward's autocast state
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return F.conv1d(x, weight, bias, groups=x.shape[1])
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         k, length = weight.shape[-1], grad.shape[-1]
