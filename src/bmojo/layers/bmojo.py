@@ -390,7 +390,7 @@ class BMojoMixer(nn.Module):
     ) -> None:
         """Put token ``t`` in ring slot ``t % w``; the token it evicts becomes an eidetic candidate."""
         slot = t % self.window
-        old = int(state.win_pos[slot])
+        old = t - self.window  # the slot's occupant (-1 or less: empty), known without reading the device
         if self.memory is not None and old >= 0:
             cand_k, cand_v = state.win_k[:, :, slot : slot + 1], state.win_v[:, :, slot : slot + 1]
             state.stage_score, state.stage_pos, idx = merge_topk(
