@@ -169,19 +169,18 @@ class _Shard:
         new.values[:, self.size : self.size + n] = values.transpose(1, 0, 2)
         new.size = self.size + n
         if self.approx:
-            rows = np.broadcast_to(np.arange(self.size, new.size), (len(self.keys), n))
-            new.exact_rows = np.concatenate([self.exact_rows, rows], 1)
+            new.exact_rows = np.concatenate([self.exact_rows, _row_range(len(self.keys), self.size, new.size)], 1)
             new.exact_keys = np.concatenate([self.exact_keys, new.keys[:, self.size : new.size]], 1)
         return new
 
     def indexed_to(self, graphs: list, indexed: int, tier: int) -> _Shard:
         """A new shard whose rows ``[0, indexed)`` are searched through ``graphs`` and a norm tier of ``tier`` rows
         per kv head (this shard's tier and the newly indexed rows compete for it)."""
-        new, heads = copy.copy(self), len(self.keys)
+        faiss, new, heads = _faiss(), copy.copy(self), len(self.keys)
         new.graphs, new.indexed, new.tier = graphs, indexed, None
-        new.search_params = [_faiss().SearchParametersHNSW(efSearch=graph.hnsw.efSearch) for graph in graphs]
+        new.search_params = [faiss.SearchParametersHNSW(efSearch=graph.hnsw.efSearch) for graph in graphs]
         if tier:
-            fresh = np.broadcast_to(np.arange(self.indexed, indexed), (heads, indexed - self.indexed))
+            fresh = _row_range(heads, self.indexed, indexed)
             rows = fresh if self.tier is None else np.concatenate([self.tier, fresh], 1)
             if rows.shape[1] > tier:
                 norms = np.linalg.norm(np.take_along_axis(self.keys, rows[:, :, None], 1), axis=2)
@@ -191,9 +190,9 @@ class _Shard:
                 outside = np.ones(indexed, bool)
                 outside[new.tier[h]] = False
                 params.bitmap = np.packbits(outside, bitorder="little")  # kept alive beside the selector using it
-                params.selector = _faiss().IDSelectorBitmap(indexed, _faiss().swig_ptr(params.bitmap))
+                params.selector = faiss.IDSelectorBitmap(indexed, faiss.swig_ptr(params.bitmap))
                 params.sel = params.selector
-        tail = np.broadcast_to(np.arange(indexed, self.size), (heads, self.size - indexed))
+        tail = _row_range(heads, indexed, self.size)
         new.exact_rows = tail if new.tier is None else np.concatenate([new.tier, tail], 1)
         new.exact_keys = np.ascontiguousarray(np.take_along_axis(self.keys, new.exact_rows[:, :, None], 1))
         return new
@@ -217,6 +216,11 @@ class _Shard:
         scores = np.where(rows >= 0, scores, -np.inf)
         best = np.argpartition(-scores, r - 1, axis=2)[:, :, :r]
         return np.take_along_axis(scores, best, 2), np.take_along_axis(rows, best, 2)
+
+
+def _row_range(heads: int, start: int, stop: int) -> np.ndarray:
+    """Rows ``start..stop-1`` for every kv head: ``[heads, stop - start]`` (a read-only broadcast view)."""
+    return np.broadcast_to(np.arange(start, stop), (heads, stop - start))
 
 
 def _hnsw(keys: np.ndarray, m: int, ef_search: int):

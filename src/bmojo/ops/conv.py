@@ -20,7 +20,6 @@ class _DepthwiseConv1d(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cpu")  # the backward's convolution runs under the forward's autocast state
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return F.conv1d(x, weight, bias, groups=x.shape[1])
 
     @staticmethod
@@ -33,7 +32,7 @@ class _DepthwiseConv1d(torch.autograd.Function):
             grad_x = F.conv1d(grad, weight.flip(-1), padding=k - 1, groups=x.shape[1])
         if ctx.needs_input_grad[1]:
             grad_w = torch.stack([(x[..., j : j + length] * grad).sum((0, 2)) for j in range(k)], -1).unsqueeze(1)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False without a bias
             grad_b = grad.sum((0, 2))
         return grad_x, grad_w, grad_b
 
