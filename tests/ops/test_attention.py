@@ -11,6 +11,7 @@ from bmojo.ops.attention import (
     banded_attention_ref,
     causal_attention,
     merge_attention,
+    step_attention,
     union_attention,
     union_attention_ref,
 )
@@ -137,26 +138,32 @@ def test_merge_equals_one_softmax_over_union():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_extra_per_query_keys_join_the_softmax(dtype):
-    """``extra`` keys of each query alone (retrieved candidates) equal a per-query softmax loop over the union."""
-    b, hq, hkv, m, n_keys, n, d = 2, 6, 2, 3, 7, 5, 4
+@pytest.mark.parametrize("hkv", [1, 2, 6])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_step_attention_matches_a_per_query_loop(dtype, hkv, with_extra):
+    """A decoding step's attention (window keys, plus each query head's own ``extra`` keys, retrieved candidates)
+    equals a softmax per query head over the visible keys and its valid extra keys."""
+    b, hq, n_keys, n, d = 2, 6, 7, 5, 4
     q, k, v = _qkv(b, hq, hkv, n_keys, d, dtype, seed=5)
-    q = q[:, :, :m]
+    q = q[:, :, :1]
     g = torch.Generator().manual_seed(6)
-    ek, ev = (torch.randn(b, hq, m, n, d, generator=g).to(dtype) for _ in range(2))
-    valid = torch.rand(b, hq, m, n, generator=g) > 0.4
-    mask = torch.rand(b, n_keys, generator=g) > 0.3
-    mask[:, 0] = True
-    o, lse = attention_with_lse(q, k, v, mask[:, None, None, None, :], extra=(ek, ev, valid))
+    ek, ev = (torch.randn(b, hq, 1, n, d, generator=g).to(dtype) for _ in range(2))
+    valid = torch.rand(b, hq, 1, n, generator=g) > 0.4
+    visible = torch.rand(b, n_keys, generator=g) > 0.3
+    visible[:, 0] = True
+    o = step_attention(q, k, v, visible, (ek, ev, valid) if with_extra else None)
+    assert o.shape == q.shape and o.dtype == dtype
     for bi in range(b):
         for h in range(hq):
-            for i in range(m):
-                keys = torch.cat([k[bi, h // (hq // hkv)][mask[bi]], ek[bi, h, i][valid[bi, h, i]]])
-                vals = torch.cat([v[bi, h // (hq // hkv)][mask[bi]], ev[bi, h, i][valid[bi, h, i]]])
-                s = keys.double() @ q[bi, h, i].double() * d**-0.5
-                tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
-                torch.testing.assert_close(o[bi, h, i].double(), torch.softmax(s, 0) @ vals.double(), **tol)
-                torch.testing.assert_close(lse[bi, h, i].double(), torch.logsumexp(s, 0), **tol)
+            keys, vals = k[bi, h // (hq // hkv)][visible[bi]], v[bi, h // (hq // hkv)][visible[bi]]
+            if with_extra:
+                keys = torch.cat([keys, ek[bi, h, 0][valid[bi, h, 0]]])
+                vals = torch.cat([vals, ev[bi, h, 0][valid[bi, h, 0]]])
+            s = keys.double() @ q[bi, h, 0].double() * d**-0.5
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+            torch.testing.assert_close(o[bi, h, 0].double(), torch.softmax(s, 0) @ vals.double(), **tol)
+    with pytest.raises(ValueError, match="one query per head"):
+        step_attention(q.expand(-1, -1, 2, -1), k, v, visible)
 
 
 def test_merge_with_empty_sets_gives_zero_and_ignores_them():

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,9 +39,9 @@ from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval,
 from bmojo.ops.attention import (
     Band,
     ChunkMemory,
-    attention_with_lse,
     causal_attention,
     merge_attention,
+    step_attention,
     union_attention,
 )
 
@@ -366,24 +365,20 @@ class BMojoMixer(nn.Module):
                 visible.append(state.mem_pos >= 0)
             keys, values, visible = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(visible, 1)
         retrieved = None if self.store is None else found.result()
-        o, _ = attention_with_lse(q, keys, values, visible[:, None, None, None, :], extra=retrieved)
+        o = step_attention(q, keys, values, visible, retrieved)
         if self.store is not None and (t + 1) % self.memory.chunk_size == 0:
             self._write_store(state)
         return self.attn.output(o)
 
     def _write_store(self, state: MixerState) -> None:
-        """At the end of a chunk: write the tokens the next chunk's eidetic memory (``stage``) leaves out."""
-        parts = [(state.mem_pos, state.mem_k, state.mem_v)]
+        """At the end of a chunk: hand the store this chunk's eidetic tokens and (``write="all"``) the tokens the
+        window evicted during it; it writes those the next chunk's eidetic memory (``stage``) leaves out."""
+        pos, k, v = state.mem_pos, state.mem_k, state.mem_v
         if state.pend_pos is not None:
-            parts.append((state.pend_pos.expand(state.mem_pos.shape[0], -1), state.pend_k, state.pend_v))
+            pos = torch.cat([pos, state.pend_pos.expand(pos.shape[0], -1)], 1)
+            k, v = torch.cat([k, state.pend_k], 2), torch.cat([v, state.pend_v], 2)
             state.pend_pos = torch.full_like(state.pend_pos, -1)
-        # selected in numpy: a handful of operations on a few dozen rows, each far cheaper there than a torch call
-        pos = np.concatenate([p.cpu().numpy() for p, _, _ in parts], 1)  # [B, n]
-        k = np.concatenate([x.detach().float().cpu().numpy() for _, x, _ in parts], 2)  # [B, Hkv, n, d]
-        v = np.concatenate([x.detach().float().cpu().numpy() for _, _, x in parts], 2)
-        leave = (pos >= 0) & ~(pos[:, :, None] == state.stage_pos.cpu().numpy()[:, None, :]).any(-1)
-        rows, slots = leave.nonzero()
-        self.store.add(state.store_ids.cpu().numpy()[rows], pos[rows, slots], k[rows, :, slots], v[rows, :, slots])
+        self.store.add_candidates(state.store_ids, pos, k, v, skip=state.stage_pos)
 
     def _write_window(
         self, state: MixerState, t: int, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor | None

@@ -54,6 +54,7 @@ import queue
 import sys
 import threading
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,6 @@ from bmojo.ops.attention import masked_softmax
 WRITES = ("evicted", "all")
 FORMAT_VERSION = 1
 TAIL_ROWS = 1024  # rows searched exactly beside the HNSW graph before they are merged into it
-WRITER_NICENESS = 10  # added to the background writer's niceness: it yields the CPU to decoding (Linux)
 
 
 class StorageFileError(ValueError):
@@ -295,15 +295,14 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
 
 
 def _write_forever(jobs: queue.Queue) -> None:
-    """Apply queued writes in order, at a lower priority; remember each store's first failure."""
-    if sys.platform == "linux":  # lower this thread's priority only (raising niceness needs no privilege)
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICENESS))
+    """Apply queued writes in order, at idle priority; remember each store's first failure."""
+    if sys.platform == "linux":  # this thread only: runs when a core is idle, preempted by any waking thread
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     while True:
         core, job = jobs.get()
         try:
             if core.error is None:
-                core.apply(*job)
+                core.apply(*(np.concatenate(parts) for parts in zip(*(rows() for rows in job))))
         except BaseException as e:  # noqa: BLE001 - reported by the store's next flush/add
             core.error = e
         finally:
@@ -312,10 +311,22 @@ def _write_forever(jobs: queue.Queue) -> None:
                 core.done.notify_all()
 
 
-def _numpy(x: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
+def _numpy(x: torch.Tensor | np.ndarray, dtype: type, copy: bool = True) -> np.ndarray:
+    """``x`` as a numpy array of ``dtype``: a copy of its own, or (``copy=False``) a view where one will do."""
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32 if dtype is np.float32 else torch.int64).numpy()
-    return np.array(x, dtype=dtype, copy=True)
+    return np.array(x, dtype=dtype) if copy else np.asarray(x, dtype=dtype)
+
+
+def _leaving(
+    seq: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, skip: torch.Tensor
+) -> tuple[np.ndarray, ...]:
+    """The rows of :meth:`VectorStore.add_candidates`: candidate ``(b, j)`` is written iff ``positions[b, j] >= 0``
+    and not in ``skip[b]``. Returns ``seq, positions [n], keys, values [n, Hkv, d]``."""
+    pos, skip = _numpy(positions, np.int64, copy=False), _numpy(skip, np.int64, copy=False)
+    b, j = ((pos >= 0) & ~(pos[:, :, None] == skip[:, None, :]).any(-1)).nonzero()
+    k, v = (_numpy(x, np.float32, copy=False) for x in (keys, values))
+    return _numpy(seq, np.int64, copy=False)[b], pos[b, j], k[b, :, j], v[b, :, j]
 
 
 class VectorStore:
@@ -336,7 +347,7 @@ class VectorStore:
         self._core = _Core(num_kv_heads, head_dim, self.config)
         self._submit_lock = threading.Lock()
         self._submitted = 0
-        self._waiting: list[tuple[np.ndarray, ...]] = []
+        self._waiting: list[Callable[[], tuple[np.ndarray, ...]]] = []
         self._waiting_rows = 0
         self._next_seq = 0
 
@@ -364,13 +375,45 @@ class VectorStore:
                 f"add expects seq_ids [n], positions [n], keys/values {list(shape)}; got {len(seq)}, {len(pos)}, "
                 f"{list(k.shape)}, {list(v.shape)}"
             )
-        if len(seq) == 0:
-            return
+        if len(seq):
+            self._enqueue(seq, lambda: (seq, pos, k, v), len(seq))
+
+    def add_candidates(
+        self,
+        seq_ids: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        skip: torch.Tensor,
+    ) -> None:
+        """Submit, of each sequence's candidates ``positions [B, n], keys, values [B, Hkv, n, d]`` (sequence ids
+        ``seq_ids [B]``), those whose position is ``>= 0`` and not in its ``skip [B, s]`` (positions kept
+        elsewhere). The choice and the conversion happen on the writer thread, so a decoding step hands over its
+        tensors in a few microseconds: they are taken over, not copied, and must not be modified afterwards."""
+        b, hkv, n, d = keys.shape
+        if (
+            (hkv, d) != (self.num_kv_heads, self.head_dim)
+            or values.shape != keys.shape
+            or positions.shape != (b, n)
+            or seq_ids.shape != (b,)
+            or skip.shape[0] != b
+        ):
+            raise ValueError(
+                f"add_candidates expects seq_ids [B], positions [B, n], keys/values [B, {self.num_kv_heads}, n, "
+                f"{self.head_dim}], skip [B, s]; got {list(seq_ids.shape)}, {list(positions.shape)}, "
+                f"{list(keys.shape)}, {list(values.shape)}, {list(skip.shape)}"
+            )
+        if b * n:
+            seq = _numpy(seq_ids, np.int64)
+            self._enqueue(seq, functools.partial(_leaving, seq, positions, keys, values, skip), b * n)
+
+    def _enqueue(self, seq: np.ndarray, rows: Callable[[], tuple[np.ndarray, ...]], n: int) -> None:
+        """Queue ``rows()`` (at most ``n`` rows of sequences ``seq``), evaluated on the writer thread."""
         self._raise_error()
         with self._submit_lock:
             self._next_seq = max(self._next_seq, int(seq.max()) + 1)
-            self._waiting.append((seq, pos, k, v))
-            self._waiting_rows += len(seq)
+            self._waiting.append(rows)
+            self._waiting_rows += n
             if self._waiting_rows >= self.config.write_batch or self.config.synchronous:
                 self._submit()
             ticket = self._submitted
@@ -381,7 +424,7 @@ class VectorStore:
         """Hand the waiting rows to the writer thread as one job (under ``_submit_lock``)."""
         if not self._waiting:
             return
-        _writer()[0].put((self._core, tuple(np.concatenate(parts) for parts in zip(*self._waiting))))
+        _writer()[0].put((self._core, self._waiting))
         self._waiting, self._waiting_rows = [], 0
         self._submitted += 1
 

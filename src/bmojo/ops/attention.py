@@ -55,36 +55,44 @@ def _softmax_lse(scores: torch.Tensor, v: torch.Tensor) -> AttnOut:
 
 
 def attention_with_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
 ) -> AttnOut:
     """Dense attention of every query to every key allowed by ``mask``.
 
     ``mask`` is boolean (True = visible), broadcastable to ``[B, Hkv, G, M, K]`` where
     ``G = Hq // Hkv``; a mask of shape ``[B, M, K]`` or ``[B, K]`` must be unsqueezed by the caller.
-    ``extra = (keys, values [B, Hq, M, n, d], valid [B, Hq, M, n])``: further keys of each query alone (retrieved
-    from a store), in the same softmax.
     """
     b, hq, m, d = q.shape
-    hkv, n_keys = k.shape[1], k.shape[2]
     scale = d**-0.5 if scale is None else scale
-    qg = _group(q, hkv)
-    scores = _accumulate(qg @ k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, M, K]
+    scores = _accumulate(_group(q, k.shape[1]) @ k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, M, K]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    if extra is None:
-        o, lse = _softmax_lse(scores, v.unsqueeze(2))
-        return o.reshape(b, hq, m, d), lse.reshape(b, hq, m)
-    ek, ev, valid = extra
-    extra_scores = (_accumulate(ek @ q.unsqueeze(-1)).squeeze(-1) * scale).masked_fill(~valid, float("-inf"))
-    p, lse = masked_softmax(torch.cat([scores.reshape(b, hq, m, n_keys), extra_scores], -1))
-    o = p[..., :n_keys].reshape(b, hkv, -1, m, n_keys).to(v.dtype) @ v.unsqueeze(2)
-    o = o.reshape(b, hq, m, d) + (p[..., n_keys:].unsqueeze(-2).to(ev.dtype) @ ev).squeeze(-2)
-    return o, lse
+    o, lse = _softmax_lse(scores, v.unsqueeze(2))
+    return o.reshape(b, hq, m, d), lse.reshape(b, hq, m)
+
+
+def step_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor,
+    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One decoding step in one fused SDPA call: queries ``q [B, Hq, 1, d]`` attend to the keys ``k, v [B, Hkv, K,
+    d]`` where ``visible [B, K]`` and, with ``extra = (keys, values [B, Hq, 1, n, d], valid [B, Hq, 1, n])``, to
+    further keys of each query head alone (retrieved from a store), in the same softmax. Returns ``[B, Hq, 1, d]``;
+    every query must see at least one key."""
+    b, hq, m, d = q.shape
+    if m != 1:
+        raise ValueError(f"step_attention takes one query per head, got {m}")
+    hkv, n_keys = k.shape[1], k.shape[2]
+    g = _group(q, hkv).shape[2]
+    k, v = (x.unsqueeze(2).expand(b, hkv, g, n_keys, d).reshape(b, hq, n_keys, d) for x in (k, v))
+    mask = visible[:, None, None, :].expand(b, hq, 1, n_keys)
+    if extra is not None:
+        ek, ev, valid = extra
+        k, v, mask = torch.cat([k, ek[:, :, 0]], 2), torch.cat([v, ev[:, :, 0]], 2), torch.cat([mask, valid], -1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def banded_attention(
