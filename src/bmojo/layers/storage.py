@@ -329,6 +329,27 @@ def _leaving(
     return _numpy(seq, np.int64, copy=False)[b], pos[b, j], k[b, :, j], v[b, :, j]
 
 
+def _as_tensors(q: torch.Tensor, found: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Arrays from :meth:`VectorStore._found` as :meth:`VectorStore.retrieve` returns them: shaped per query head
+    ``[B, H, M, ...]``, in ``q``'s dtype and on its device (views of the arrays where they already are)."""
+    b, nh, m, _ = q.shape
+    keys, values, valid = (torch.from_numpy(x.reshape(b, nh, m, *x.shape[3:])) for x in found)
+    if keys.dtype != q.dtype or q.device.type != "cpu":
+        keys, values = keys.to(q.device, q.dtype), values.to(q.device, q.dtype)
+    return keys, values, valid.to(q.device)
+
+
+class Retrieval:
+    """A search under way (:meth:`VectorStore.retrieve_async`): :meth:`result` waits for it."""
+
+    def __init__(self, future: Future, q: torch.Tensor) -> None:
+        self._future, self._q = future, q
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`VectorStore.retrieve` returns (converted on the calling thread)."""
+        return _as_tensors(self._q, self._future.result())
+
+
 class VectorStore:
     """Per-layer store of key/value vectors for many sequences, searched by inner product.
 
@@ -501,13 +522,32 @@ class VectorStore:
         values [B, H, M, r, d]`` and ``valid [B, H, M, r]`` (False where fewer than ``r`` rows exist; those
         keys/values are meaningless), in ``q``'s dtype and on its device.
         """
+        return _as_tensors(q, self._found(seq_ids, self._queries(q), r))
+
+    def retrieve_async(self, seq_ids: list[int], q: torch.Tensor, r: int) -> Retrieval:
+        """:meth:`retrieve` with the search on the retrieval thread (one, shared by every store), so that a decoding
+        step can go on while faiss searches; ``.result()`` gives what :meth:`retrieve` returns (or raises what it
+        raised). The thread runs numpy and faiss only (no torch operation, little Python), so that it rarely holds
+        the interpreter lock the decoding step needs. With ``config.async_retrieval`` off, the search runs now."""
+        qn = self._queries(q)
+        if self.config.async_retrieval:
+            return Retrieval(_retriever().submit(self._found, seq_ids, qn, r), q)
+        done: Future = Future()
+        done.set_result(self._found(seq_ids, qn, r))
+        return Retrieval(done, q)
+
+    def _queries(self, q: torch.Tensor) -> np.ndarray:
+        """``q [B, H, M, d]`` -> float32 ``[B, Hkv, H // Hkv * M, d]``: the queries of each kv head."""
         b, nh, m, d = q.shape
-        hkv = self.num_kv_heads
-        qn = q.detach().to("cpu", torch.float32).reshape(b, hkv, nh // hkv * m, d).numpy()
-        keys = np.zeros((*qn.shape[:3], r, d), np.float32)
+        return q.detach().to("cpu", torch.float32).reshape(b, self.num_kv_heads, nh // self.num_kv_heads * m, d).numpy()
+
+    def _found(self, seq_ids: list[int], qn: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The top ``r`` of queries ``qn [B, Hkv, n, d]`` (:meth:`_queries`), as numpy arrays: ``keys, values [B,
+        Hkv, n, r, d]`` and ``valid [B, Hkv, n, r]``."""
+        keys = np.zeros((*qn.shape[:3], r, qn.shape[3]), np.float32)
         values = np.zeros_like(keys)
         rows = np.full(keys.shape[:4], -1, np.int64)
-        heads = np.arange(hkv)[:, None, None]
+        heads = np.arange(self.num_kv_heads)[:, None, None]
         for i, s in enumerate(seq_ids):
             shard = self._shard(s)
             if shard is None:
@@ -515,21 +555,7 @@ class VectorStore:
             rows[i] = shard.search(qn[i], r)[1]
             found = np.maximum(rows[i], 0)  # rows -1 (absent) read row 0, masked below
             keys[i], values[i] = shard.keys[heads, found], shard.values[heads, found]
-
-        def out(x: np.ndarray, dtype: torch.dtype = q.dtype) -> torch.Tensor:
-            return torch.from_numpy(x).reshape(b, nh, m, *x.shape[3:]).to(q.device, dtype)
-
-        return out(keys), out(values), out(rows >= 0, torch.bool)
-
-    def retrieve_async(self, seq_ids: list[int], q: torch.Tensor, r: int) -> Future:
-        """:meth:`retrieve` on the retrieval thread (one, shared by every store), so that a decoding step can go on
-        while faiss searches; ``.result()`` gives what :meth:`retrieve` returns (or raises what it raised). With
-        ``config.async_retrieval`` off, the search runs now and the future is already done."""
-        if self.config.async_retrieval:
-            return _retriever().submit(self.retrieve, seq_ids, q, r)
-        done: Future = Future()
-        done.set_result(self.retrieve(seq_ids, q, r))
-        return done
+        return keys, values, rows >= 0
 
     # ---------------------------------------------------------------- persistence
     def state_arrays(self) -> dict[str, np.ndarray]:
