@@ -326,17 +326,16 @@ def test_writes_wait_for_a_full_batch_and_flush_hands_over_the_rest():
     np.testing.assert_array_equal(got_k, k)
 
 
-
 def test_add_candidates_writes_those_not_negative_or_skipped():
-    """Of each sequence's candidates, exactly those with a position >= 0 that its ``skip`` does not hold are
-    written (checked against a loop), beside rows added by ``add`` in the same batch."""
+    """Of each sequence's candidates (given in parts), exactly those with a position >= 0 that its ``skip`` does
+    not hold are written (checked against a loop), beside rows added by ``add`` in the same batch."""
     b, n, s = 3, 6, 2
     g = torch.Generator().manual_seed(0)
     pos = torch.randint(-1, 8, (b, n), generator=g)
     skip = torch.randint(-1, 8, (b, s), generator=g)
     k, v = torch.randn(b, HKV, n, HD, generator=g), torch.randn(b, HKV, n, HD, generator=g)
     store = VectorStore(HD, HKV, StorageConfig(write_batch=1000))
-    store.add_candidates(torch.tensor([4, 5, 6]), pos, k, v, skip)
+    store.add_candidates(torch.tensor([4, 5, 6]), (pos[:, :2], pos[:, 2:]), (k[:, :, :2], k[:, :, 2:]), (v[:, :, :2], v[:, :, 2:]), skip)
     store.add(np.array([4]), np.array([99]), np.ones((1, HKV, HD)), np.ones((1, HKV, HD)))
     store.flush()
     for i, seq in enumerate([4, 5, 6]):
@@ -347,7 +346,8 @@ def test_add_candidates_writes_those_not_negative_or_skipped():
         np.testing.assert_array_equal(got_k[: len(want)], k[i, :, want].transpose(0, 1).numpy())
         np.testing.assert_array_equal(got_v[: len(want)], v[i, :, want].transpose(0, 1).numpy())
     with pytest.raises(ValueError, match="add_candidates expects"):
-        store.add_candidates(torch.tensor([4, 5, 6]), pos[:, :2], k, v, skip)
+        store.add_candidates(torch.tensor([4, 5, 6]), (pos[:, :2],), (k,), (v,), skip)
+
 
 # ---------------------------------------------------------------- the mixer
 def make(write: str = "evicted", seed: int = 0, **kw) -> BMojoMixer:

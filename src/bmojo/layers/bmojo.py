@@ -373,12 +373,12 @@ class BMojoMixer(nn.Module):
     def _write_store(self, state: MixerState) -> None:
         """At the end of a chunk: hand the store this chunk's eidetic tokens and (``write="all"``) the tokens the
         window evicted during it; it writes those the next chunk's eidetic memory (``stage``) leaves out."""
-        pos, k, v = state.mem_pos, state.mem_k, state.mem_v
-        if state.pend_pos is not None:
-            pos = torch.cat([pos, state.pend_pos.expand(pos.shape[0], -1)], 1)
-            k, v = torch.cat([k, state.pend_k], 2), torch.cat([v, state.pend_v], 2)
+        parts = [(state.mem_pos, state.mem_k, state.mem_v)]
+        if state.pend_pos is not None:  # the store takes these buffers over: the next chunk fills fresh ones
+            parts.append((state.pend_pos.expand(state.mem_pos.shape[0], -1), state.pend_k, state.pend_v))
             state.pend_pos = torch.full_like(state.pend_pos, -1)
-        self.store.add_candidates(state.store_ids, pos, k, v, skip=state.stage_pos)
+            state.pend_k, state.pend_v = torch.empty_like(state.pend_k), torch.empty_like(state.pend_v)
+        self.store.add_candidates(state.store_ids, *zip(*parts), skip=state.stage_pos)
 
     def _write_window(
         self, state: MixerState, t: int, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor | None

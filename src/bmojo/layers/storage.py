@@ -54,7 +54,7 @@ import queue
 import sys
 import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +66,7 @@ from bmojo.atomic import atomic_file
 from bmojo.ops.attention import masked_softmax
 
 WRITES = ("evicted", "all")
+Parts = Sequence[torch.Tensor]  # pieces of one array, concatenated along the candidate axis
 FORMAT_VERSION = 1
 TAIL_ROWS = 1024  # rows searched exactly beside the HNSW graph before they are merged into it
 
@@ -319,14 +320,14 @@ def _numpy(x: torch.Tensor | np.ndarray, dtype: type, copy: bool = True) -> np.n
 
 
 def _leaving(
-    seq: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, skip: torch.Tensor
+    seq: np.ndarray, positions: Parts, keys: Parts, values: Parts, skip: torch.Tensor
 ) -> tuple[np.ndarray, ...]:
-    """The rows of :meth:`VectorStore.add_candidates`: candidate ``(b, j)`` is written iff ``positions[b, j] >= 0``
-    and not in ``skip[b]``. Returns ``seq, positions [n], keys, values [n, Hkv, d]``."""
-    pos, skip = _numpy(positions, np.int64, copy=False), _numpy(skip, np.int64, copy=False)
-    b, j = ((pos >= 0) & ~(pos[:, :, None] == skip[:, None, :]).any(-1)).nonzero()
-    k, v = (_numpy(x, np.float32, copy=False) for x in (keys, values))
-    return _numpy(seq, np.int64, copy=False)[b], pos[b, j], k[b, :, j], v[b, :, j]
+    """The rows of :meth:`VectorStore.add_candidates`: candidate ``(b, j)`` of the parts, concatenated, is written
+    iff its position is ``>= 0`` and not in ``skip[b]``. Returns ``seq, positions [n], keys, values [n, Hkv, d]``."""
+    pos = np.concatenate([_numpy(p, np.int64, copy=False) for p in positions], 1)
+    k, v = (np.concatenate([_numpy(x, np.float32, copy=False) for x in xs], 2) for xs in (keys, values))
+    b, j = ((pos >= 0) & ~(pos[:, :, None] == _numpy(skip, np.int64, copy=False)[:, None, :]).any(-1)).nonzero()
+    return seq[b], pos[b, j], k[b, :, j], v[b, :, j]
 
 
 def _as_tensors(q: torch.Tensor, found: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -400,30 +401,24 @@ class VectorStore:
             self._enqueue(seq, lambda: (seq, pos, k, v), len(seq))
 
     def add_candidates(
-        self,
-        seq_ids: torch.Tensor,
-        positions: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        skip: torch.Tensor,
+        self, seq_ids: torch.Tensor, positions: Parts, keys: Parts, values: Parts, skip: torch.Tensor
     ) -> None:
-        """Submit, of each sequence's candidates ``positions [B, n], keys, values [B, Hkv, n, d]`` (sequence ids
-        ``seq_ids [B]``), those whose position is ``>= 0`` and not in its ``skip [B, s]`` (positions kept
-        elsewhere). The choice and the conversion happen on the writer thread, so a decoding step hands over its
-        tensors in a few microseconds: they are taken over, not copied, and must not be modified afterwards."""
-        b, hkv, n, d = keys.shape
-        if (
-            (hkv, d) != (self.num_kv_heads, self.head_dim)
-            or values.shape != keys.shape
-            or positions.shape != (b, n)
-            or seq_ids.shape != (b,)
-            or skip.shape[0] != b
+        """Submit, of each sequence's candidates, those whose position is ``>= 0`` and not in its ``skip [B, s]``
+        (positions kept elsewhere). The candidates come in parts, concatenated along the candidate axis: ``positions
+        [B, n_i]``, ``keys, values [B, Hkv, n_i, d]``, for sequence ids ``seq_ids [B]``. The concatenation, the
+        choice and the conversion happen on the writer thread, so a decoding step hands its tensors over in a few
+        microseconds: they are taken over, not copied, and must not be modified afterwards."""
+        b, shape = len(seq_ids), (self.num_kv_heads, self.head_dim)
+        if not (len(positions) == len(keys) == len(values) and skip.shape[0] == b) or any(
+            p.shape != (b, k.shape[2]) or k.shape != v.shape or (k.shape[1], k.shape[3]) != shape
+            for p, k, v in zip(positions, keys, values)
         ):
             raise ValueError(
-                f"add_candidates expects seq_ids [B], positions [B, n], keys/values [B, {self.num_kv_heads}, n, "
-                f"{self.head_dim}], skip [B, s]; got {list(seq_ids.shape)}, {list(positions.shape)}, "
-                f"{list(keys.shape)}, {list(values.shape)}, {list(skip.shape)}"
+                f"add_candidates expects seq_ids [B], parts of positions [B, n], keys/values [B, {shape[0]}, n, "
+                f"{shape[1]}], and skip [B, s]; got {list(seq_ids.shape)}, {[list(p.shape) for p in positions]}, "
+                f"{[list(k.shape) for k in keys]}, {[list(v.shape) for v in values]}, {list(skip.shape)}"
             )
+        n = sum(p.shape[1] for p in positions)
         if b * n:
             seq = _numpy(seq_ids, np.int64)
             self._enqueue(seq, functools.partial(_leaving, seq, positions, keys, values, skip), b * n)
