@@ -103,8 +103,9 @@ def ssd_scan(
     The sequence is cut into chunks of ``Q = chunk_size`` steps, padded with ``dt = 0`` steps so the
     final state is exact. Per chunk: the intra-chunk output is the masked quadratic form
     ``(C B^T * exp(segsum(dt A)) * dt) @ x``; each chunk's own final state is ``B``-weighted ``x`` decayed
-    to the chunk end; a sequential recurrence over the ``L / Q`` chunks gives every chunk's incoming
-    state (starting from ``initial_state``), whose decayed read-out through ``C`` is added to ``y``.
+    to the chunk end; the recurrence over the ``L / Q`` chunks, in closed form (the same segsum over the
+    chunks' total decays), gives every chunk's incoming state (starting from ``initial_state``), whose
+    decayed read-out through ``C`` is added to ``y``.
     Differentiable by autograd. Returns ``(y [batch, L, H, P], final_state [batch, H, P, N])``.
     CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed (see the module docstring).
     """
@@ -130,18 +131,17 @@ def ssd_scan(
 
     to_end = (decay[..., -1, :] * d).permute(0, 1, 4, 2, 3)[..., None]  # [b, c, q, g, r, 1]
     chunk_states = torch.einsum("bcjgrp,bcjgn->bcgrpn", xs * to_end, bs)
-    chunk_decay = torch.exp(log_decay.sum(-1))[..., None, None]  # [b, c, g, r, 1, 1]
-    carry = x.new_zeros(bsz, g, r, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
-    carry = carry.view(bsz, g, r, p, n)
-    carries = []
-    for state, dec in zip(chunk_states.unbind(1), chunk_decay.unbind(1)):
-        carries.append(carry)
-        carry = dec * carry + state
+    # the recurrence over chunks in closed form: incoming state of chunk z = sum over j <= z of the states
+    # [initial, chunk 0, ..., chunk C-1][j] decayed through chunks j..z-1 (segsum over the per-chunk log decays)
+    first = x.new_zeros(bsz, g, r, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    states = torch.cat([first.view(bsz, 1, g, r, p, n), chunk_states], dim=1)  # [b, c + 1, g, r, p, n]
+    across = torch.exp(_segsum(F.pad(log_decay.sum(-1).permute(0, 2, 3, 1), (1, 0))))  # [b, g, r, c + 1, c + 1]
+    carries = torch.einsum("bgrzj,bjgrpn->bzgrpn", across, states)
 
     from_start = torch.exp(log_decay.cumsum(-1)).permute(0, 1, 4, 2, 3)[..., None]  # [b, c, q, g, r, 1]
-    y = y + torch.einsum("bcign,bcgrpn->bcigrp", cs, torch.stack(carries, dim=1)) * from_start
+    y = y + torch.einsum("bcign,bcgrpn->bcigrp", cs, carries[:, :-1]) * from_start
     y = y.reshape(bsz, chunks * q, heads, p)[:, :length]
-    return y.to(x.dtype), carry.reshape(bsz, heads, p, n)
+    return y.to(x.dtype), carries[:, -1].reshape(bsz, heads, p, n)
 
 
 @functools.cache
