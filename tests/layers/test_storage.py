@@ -193,6 +193,23 @@ def test_background_writer_runs_at_idle_priority():
     assert os.sched_getscheduler(0) != os.SCHED_IDLE
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="scheduling policy set on Linux only")
+def test_writer_works_where_idle_priority_is_refused(monkeypatch):
+    """A sandbox that refuses ``SCHED_IDLE`` leaves the writer at normal priority, still writing."""
+
+    def refuse(*args):
+        raise PermissionError("not allowed here")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    _writer.cache_clear()  # a fresh writer thread, started under the refusal
+    try:
+        store, data = filled_store({0: 5})
+        np.testing.assert_array_equal(store.entries(0)[0], data[0][0])
+        assert os.sched_getscheduler(_writer()[1].native_id) != os.SCHED_IDLE
+    finally:
+        _writer.cache_clear()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_store_works_in_a_forked_child():
     """A child forked after the writer and retrieval threads started gets threads of its own."""

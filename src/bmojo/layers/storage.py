@@ -45,6 +45,7 @@ Streaming with a model whose config has ``storage=True``::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -298,7 +299,8 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
 def _write_forever(jobs: queue.Queue) -> None:
     """Apply queued writes in order, at idle priority; remember each store's first failure."""
     if sys.platform == "linux":  # this thread only: runs when a core is idle, preempted by any waking thread
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        with contextlib.suppress(OSError):  # a sandbox may refuse it: the writer then runs at normal priority
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     while True:
         core, job = jobs.get()
         try:
