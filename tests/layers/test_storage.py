@@ -352,7 +352,9 @@ def test_add_candidates_writes_those_not_negative_or_skipped():
     skip = torch.randint(-1, 8, (b, s), generator=g)
     k, v = torch.randn(b, HKV, n, HD, generator=g), torch.randn(b, HKV, n, HD, generator=g)
     store = VectorStore(HD, HKV, StorageConfig(write_batch=1000))
-    store.add_candidates(torch.tensor([4, 5, 6]), (pos[:, :2], pos[:, 2:]), (k[:, :, :2], k[:, :, 2:]), (v[:, :, :2], v[:, :, 2:]), skip)
+    store.add_candidates(
+        torch.tensor([4, 5, 6]), (pos[:, :2], pos[:, 2:]), (k[:, :, :2], k[:, :, 2:]), (v[:, :, :2], v[:, :, 2:]), skip
+    )
     store.add(np.array([4]), np.array([99]), np.ones((1, HKV, HD)), np.ones((1, HKV, HD)))
     store.flush()
     for i, seq in enumerate([4, 5, 6]):
