@@ -17,6 +17,7 @@ cost of the search itself:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import subprocess
@@ -93,8 +94,6 @@ def install_stub(kind: str, wait_us: float) -> None:
         return Answer(jobs[0], arrays(self, self._queries(q), r), q)
 
     storage.VectorStore.retrieve_async = retrieve_async
-    import atexit
-
     atexit.register(lambda: (proc.kill(), shm.close(), shm.unlink()))
 
 

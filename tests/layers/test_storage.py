@@ -184,7 +184,6 @@ def test_retrieve_async_gives_what_retrieve_gives():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-@pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="thread niceness is Linux's")
 @pytest.mark.skipif(sys.platform != "linux", reason="scheduling policy set on Linux only")
 def test_background_writer_runs_at_idle_priority():
     """The writer runs only when a core is free: decoding and retrieval threads preempt it as soon as they wake."""
