@@ -59,7 +59,7 @@ def build(args: argparse.Namespace, storage: bool) -> BMojoForCausalLM:
         storage_topk=args.topk, storage_write=args.write, storage_in_batch=storage, use_rope=args.rope_fraction > 0,
         partial_rotary_factor=args.rope_fraction or 1.0,
         storage_approx_threshold=args.approx_threshold, storage_ef_search=args.ef_search,
-        storage_async_retrieval=not args.sync_retrieval,
+        storage_async_retrieval=not args.sync_retrieval, storage_process=args.process,
     )  # fmt: skip
     return BMojoForCausalLM(config)
 
@@ -152,6 +152,7 @@ def main() -> None:
     p.add_argument("--ef-search", type=int, default=64, help="HNSW search breadth")
     p.add_argument("--write", choices=("all", "evicted"), default="all", help="which tokens the store receives")
     p.add_argument("--sync-retrieval", action="store_true", help="search inline in decoding steps, not on a thread")
+    p.add_argument("--process", action="store_true", help="the stores' indexes in a helper process (storage_process)")
     p.add_argument("--steps", type=int, default=1200, help="training steps (0: latency of an untrained model)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -170,6 +171,7 @@ def main() -> None:
             storage_approx_threshold=args.approx_threshold,
             storage_ef_search=args.ef_search,
             storage_async_retrieval=not args.sync_retrieval,
+            storage_process=args.process,
             storage_write=args.write,
         ).eval()
     x, y = far_recall(

@@ -3,28 +3,22 @@
 Two copies of one untrained model, store on and off, decode a random stream in turns (so that both see the same
 machine load); every step's time is kept. Printed: p50 and p99 of each and their ratios, the chunk-end steps (which
 hand rows to the store) against the rest, and the CPU time of each thread. ``--search`` swaps the faiss search for a
-stub that only waits ``--stub-us`` where the search would run, to tell the cost of handing the search over from the
-cost of the search itself:
-
-- ``faiss``: the real search (on the retrieval thread, or inline with ``--sync-retrieval``);
-- ``stub``: the stub on the retrieval thread (or inline with ``--sync-retrieval``);
-- ``process``: the stub in a helper process that the decoding thread posts to and polls through shared memory
-  (no interpreter lock shared; the helper spins while it waits for work).
+stub that only waits ``--stub-us`` where the search would run (on the retrieval thread, or inline with
+``--sync-retrieval``), to tell the cost of handing the search over from the cost of the search itself. ``--process``
+keeps the indexes in the helper process (``StorageConfig(process=True)``, real search only).
 
     OMP_NUM_THREADS=1 python benchmarks/probe_storage_decode.py --tokens 4000 --search stub
+    OMP_NUM_THREADS=1 python benchmarks/probe_storage_decode.py --tokens 4000 --process
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
-from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -33,68 +27,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_storage  # noqa: E402
 
-from bmojo.layers import storage  # noqa: E402
+from bmojo.layers.storage_index import Index  # noqa: E402
 from bmojo.models.cache import BMojoCache  # noqa: E402
 
 
-def helper(name: str, wait_s: float) -> None:
-    """The ``process`` stub: wait for a new job number in ``flags[0]``, spin ``wait_s``, answer it in ``flags[1]``."""
-    shm = shared_memory.SharedMemory(name=name)
-    flags = np.ndarray((2,), dtype=np.int64, buffer=shm.buf)
-    last = 0
-    while last >= 0:
-        while flags[0] == last:
-            pass
-        last = int(flags[0])
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < wait_s:
-            pass
-        flags[1] = last
-
-
-def install_stub(kind: str, wait_us: float) -> None:
-    """Replace the store's search by a stub returning fixed arrays of the right shapes after ``wait_us``."""
+def install_stub(wait_us: float) -> None:
+    """Replace the index's search by a stub that sleeps ``wait_us`` and returns fixed arrays of the right shapes."""
     answers: dict[tuple, tuple[np.ndarray, ...]] = {}
 
-    def arrays(store: storage.VectorStore, qn: np.ndarray, r: int) -> tuple[np.ndarray, ...]:
-        key = (id(store), qn.shape, r)
+    def found(self, seq_ids, qn, r):
+        if wait_us:
+            time.sleep(wait_us * 1e-6)
+        key = (id(self), qn.shape, r)
         if key not in answers:
             shape = (*qn.shape[:3], r)
             kv = np.random.default_rng(0).standard_normal((2, *shape, qn.shape[3]), dtype=np.float32)
             answers[key] = (kv[0], kv[1], np.ones(shape, bool))
         return answers[key]
 
-    if kind == "stub":
-
-        def found(self, seq_ids, qn, r):
-            if wait_us:
-                time.sleep(wait_us * 1e-6)
-            return arrays(self, qn, r)
-
-        storage.VectorStore._found = found
-        return
-    shm = shared_memory.SharedMemory(create=True, size=16)
-    flags = np.ndarray((2,), dtype=np.int64, buffer=shm.buf)
-    flags[:] = 0
-    proc = subprocess.Popen([sys.executable, __file__, "--helper", shm.name, str(wait_us * 1e-6)])
-    jobs = [0]
-
-    class Answer:
-        def __init__(self, job: int, found: tuple[np.ndarray, ...], q: torch.Tensor) -> None:
-            self.job, self.found, self.q = job, found, q
-
-        def result(self):
-            while flags[1] != self.job:
-                pass
-            return storage._as_tensors(self.q, self.found)
-
-    def retrieve_async(self, seq_ids, q, r):
-        jobs[0] += 1
-        flags[0] = jobs[0]
-        return Answer(jobs[0], arrays(self, self._queries(q), r), q)
-
-    storage.VectorStore.retrieve_async = retrieve_async
-    atexit.register(lambda: (proc.kill(), shm.close(), shm.unlink()))
+    Index.found = found
 
 
 def thread_cpu() -> dict[str, float]:
@@ -116,20 +67,21 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--approx-threshold", type=int, default=2048, help="rows per sequence from which search is HNSW")
     p.add_argument("--ef-search", type=int, default=64)
-    p.add_argument("--search", choices=("faiss", "stub", "process"), default="faiss")
+    p.add_argument("--search", choices=("faiss", "stub"), default="faiss")
     p.add_argument("--stub-us", type=float, default=250.0, help="how long a stub search takes")
     p.add_argument("--sync-retrieval", action="store_true", help="search inline in decoding steps, not on a thread")
+    p.add_argument("--process", action="store_true", help="the real search, with the index in a helper process")
     p.add_argument("--out", type=Path, default=None, help="a .npz file for the per-step times")
-    p.add_argument("--helper", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.helper:
-        return helper(args.helper[0], float(args.helper[1]))
     torch.set_num_threads(1)
-    if args.search != "faiss":
-        install_stub(args.search, args.stub_us)
+    if args.search == "stub":
+        if args.process:
+            p.error("--search stub runs in this process: not with --process")
+        install_stub(args.stub_us)
     build = argparse.Namespace(
         vocab=96, hidden=args.hidden, layers=args.layers, window=16, eidetic=4, topk=8, write="all", rope_fraction=0.0,
         approx_threshold=args.approx_threshold, ef_search=args.ef_search, sync_retrieval=args.sync_retrieval,
+        process=args.process,
     )  # fmt: skip
     models = {}
     for on in (True, False):
@@ -158,7 +110,8 @@ def main() -> None:
 
     every = np.ones(len(on), bool)
     summary = {
-        "search": args.search + (" inline" if args.sync_retrieval else ""),
+        "search": args.search
+        + (" inline" if args.sync_retrieval else " in the helper process" if args.process else ""),
         "p50_ms_on_off": [float(np.percentile(on, 50)), float(np.percentile(off, 50))],
         "p99_ms_on_off": [float(np.percentile(on, 99)), float(np.percentile(off, 99))],
         "p50_ratio": ratio(50, every),

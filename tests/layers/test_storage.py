@@ -132,7 +132,7 @@ def test_norm_tier_holds_the_largest_norms_and_finds_outlying_keys(tmp_path):
     for i in range(0, n, 100):
         store.add(np.zeros(100), np.arange(i, i + 100), k[i : i + 100], k[i : i + 100])
     store.flush()
-    shard = store._shard(0)
+    shard = store._index.shard(0)
     assert 1000 < shard.indexed < n  # the graph was extended once, rows remain in the exact tail
     norms = np.linalg.norm(k[: shard.indexed], axis=2)
     for h in range(HKV):

@@ -14,21 +14,17 @@ softmax (log-sum-exp merge). Each query head retrieves its own top-``r`` keys by
 (the attention logit itself) from the index of its key/value head: with grouped-query attention the keys of each
 kv head are stored once and each of the group's query heads searches that index with its own query.
 
-:class:`VectorStore` keeps, per sequence id, rows of ``(position, keys [Hkv, d], values [Hkv, d])``, searched
-exactly (faiss's brute-force ``knn``) while a sequence holds fewer than ``approx_threshold`` rows, and beyond through
-one faiss HNSW graph per kv head (``IndexHNSWFlat``, inner-product metric) plus an exact search of the rows added
-since the graph was last extended and of the norm tier: the ``norm_tier`` rows with the largest key norms (which the
-graph search filters out, so that no row is found twice). An inner product is at most the key's norm times the
-query's, so the keys that win by far are large-norm outliers, and a graph walk among many near-identical keys can
-miss exactly those; the tier finds them. Writes go through a queue to a background thread, which publishes new rows
-and graphs as new, immutable shard objects, so that readers hold the lock only to pick up the current one; searches
-see the store as of the last completed write, and :meth:`VectorStore.flush` waits for every write submitted before
-it.
+:class:`VectorStore` keeps, per sequence id, rows of ``(position, keys [Hkv, d], values [Hkv, d])`` in an index
+(``layers.storage_index``: exact search while small, then HNSW graphs beside an exact search of the newest rows and
+of the largest-norm keys). Writes go through a queue to a background thread; searches see the store as of the last
+completed write, and :meth:`VectorStore.flush` waits for every write submitted before it.
 :func:`in_batch_retrieval` computes the same retrieval exactly over the tokens of the current pass (training, and
 the part of a prefill not yet in the store; ``O(L^2)`` in the pass length).
 
-In decoding, each step's search runs on a retrieval thread (:meth:`VectorStore.retrieve_async`, faiss releases the
-GIL) while the layer's SSM and window attention run, and the retrieved keys join the step's softmax.
+In decoding, each step's search runs while the layer's SSM and window attention run (:meth:`VectorStore.retrieve_async`)
+and the retrieved keys join the step's softmax: on a retrieval thread (faiss releases the interpreter lock, but the
+thread's numpy and Python between faiss calls take it), or with ``process=True`` in a helper process that holds the
+index (``layers.storage_process``), which leaves the decoding process's interpreter lock to the decoding step.
 
 Parallel and recurrent modes agree (to float rounding) when every write is searchable before the next token is
 processed (``flush()`` between steps, or ``synchronous=True``) and the sequence's index is still exact; with
@@ -46,7 +42,6 @@ Streaming with a model whose config has ``storage=True``::
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import io
 import json
@@ -64,24 +59,14 @@ import numpy as np
 import torch
 
 from bmojo.atomic import atomic_file
+from bmojo.layers.storage_index import FORMAT_VERSION, Index, StorageFileError, _faiss
+from bmojo.layers.storage_process import RemoteIndex, _Answer
 from bmojo.ops.attention import masked_softmax
+
+__all__ = ["StorageConfig", "StorageFileError", "VectorStore", "in_batch_retrieval", "load_stores", "save_stores"]
 
 WRITES = ("evicted", "all")
 Parts = Sequence[torch.Tensor]  # pieces of one array, concatenated along the candidate axis
-FORMAT_VERSION = 1
-TAIL_ROWS = 1024  # rows searched exactly beside the HNSW graph before they are merged into it
-
-
-class StorageFileError(ValueError):
-    """A store file is missing pieces, truncated, corrupt or does not match the store it is loaded into."""
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("long-term storage needs faiss: pip install 'bmojo[storage]' (faiss-cpu)") from e
-    return faiss
 
 
 @dataclass
@@ -95,7 +80,9 @@ class StorageConfig:
     (fewer, larger writes keep the writer off most decoding steps; :meth:`VectorStore.flush` hands over the rest);
     ``synchronous``: every write completes before ``add`` returns (deterministic results without ``flush``);
     ``async_retrieval``: decoding steps search on the retrieval thread (:meth:`VectorStore.retrieve_async`) while
-    the layer's SSM runs, instead of inline; ``norm_tier``: in approximate mode, the rows with the largest key norms
+    the layer's SSM runs, instead of inline; ``process``: the index lives in a helper process
+    (``layers.storage_process``, POSIX) and is searched there, so that searching never holds this process's
+    interpreter lock (lower decoding latency when cores are few); ``norm_tier``: in approximate mode, the rows with the largest key norms
     (this many per kv head) are also searched exactly, so that outlying keys, which win inner products but which
     graph walks among many similar keys miss, are always found (0: none).
     """
@@ -109,6 +96,7 @@ class StorageConfig:
     write_batch: int = 256
     synchronous: bool = False
     async_retrieval: bool = True
+    process: bool = False
     norm_tier: int = 256
 
     def __post_init__(self) -> None:
@@ -126,156 +114,6 @@ class StorageConfig:
             raise ValueError(f"storage norm_tier must be >= 0, got {self.norm_tier}")
 
 
-class _Shard:
-    """The rows of one sequence, as published to readers: ``positions [cap]``, ``keys, values [Hkv, cap, d]`` with
-    rows ``[0, size)`` visible, and (approximate mode) one HNSW graph per kv head over rows ``[0, indexed)`` and the
-    norm tier: per kv head, the rows ``tier [Hkv, T]`` of ``[0, indexed)`` with the largest key norms. The exact set
-    ``exact_rows [Hkv, E]``, ``exact_keys [Hkv, E, d]`` (the tier, then rows ``[indexed, size)``) is searched
-    exactly beside the graph, whose search parameters (``search_params``, one per kv head) filter the tier out.
-
-    A published shard never changes: the writer writes new rows past ``size`` (or into larger copies of the arrays)
-    and adds to copies of the graphs, then publishes a new shard object under the store's lock. Readers take the
-    current object under the lock and search it without the lock. While exact (no graphs) every row is searched
-    exactly. Every search is a faiss call, which releases the interpreter lock.
-    """
-
-    def __init__(self, heads: int, dim: int, capacity: int = 64) -> None:
-        self.size = self.indexed = 0
-        self.positions = np.empty(capacity, np.int64)
-        self.keys = np.empty((heads, capacity, dim), np.float32)
-        self.values = np.empty((heads, capacity, dim), np.float32)
-        self.graphs: list | None = None
-        self.search_params: list | None = None
-        self.tier: np.ndarray | None = None
-        self.exact_rows: np.ndarray | None = None
-        self.exact_keys: np.ndarray | None = None
-
-    @property
-    def approx(self) -> bool:
-        return self.graphs is not None
-
-    def appended(self, positions: np.ndarray, keys: np.ndarray, values: np.ndarray) -> _Shard:
-        """A new shard with rows ``positions [n], keys, values [n, Hkv, d]`` added (this one stays as it is)."""
-        new, n = copy.copy(self), len(positions)
-        if self.size + n > len(self.positions):
-            cap = max(2 * len(self.positions), self.size + n)
-            new.positions = np.empty(cap, np.int64)
-            new.positions[: self.size] = self.positions[: self.size]
-            new.keys, new.values = (
-                np.empty((x.shape[0], cap, x.shape[2]), np.float32) for x in (self.keys, self.values)
-            )
-            new.keys[:, : self.size] = self.keys[:, : self.size]
-            new.values[:, : self.size] = self.values[:, : self.size]
-        new.positions[self.size : self.size + n] = positions
-        new.keys[:, self.size : self.size + n] = keys.transpose(1, 0, 2)
-        new.values[:, self.size : self.size + n] = values.transpose(1, 0, 2)
-        new.size = self.size + n
-        if self.approx:
-            new.exact_rows = np.concatenate([self.exact_rows, _row_range(len(self.keys), self.size, new.size)], 1)
-            new.exact_keys = np.concatenate([self.exact_keys, new.keys[:, self.size : new.size]], 1)
-        return new
-
-    def indexed_to(self, graphs: list, indexed: int, tier: int) -> _Shard:
-        """A new shard whose rows ``[0, indexed)`` are searched through ``graphs`` and a norm tier of ``tier`` rows
-        per kv head (this shard's tier and the newly indexed rows compete for it)."""
-        faiss, new, heads = _faiss(), copy.copy(self), len(self.keys)
-        new.graphs, new.indexed, new.tier = graphs, indexed, None
-        new.search_params = [faiss.SearchParametersHNSW(efSearch=graph.hnsw.efSearch) for graph in graphs]
-        if tier:
-            fresh = _row_range(heads, self.indexed, indexed)
-            rows = fresh if self.tier is None else np.concatenate([self.tier, fresh], 1)
-            if rows.shape[1] > tier:
-                norms = np.linalg.norm(np.take_along_axis(self.keys, rows[:, :, None], 1), axis=2)
-                rows = np.take_along_axis(rows, np.argpartition(-norms, tier - 1, axis=1)[:, :tier], 1)
-            new.tier = np.ascontiguousarray(rows)
-            for h, params in enumerate(new.search_params):
-                outside = np.ones(indexed, bool)
-                outside[new.tier[h]] = False
-                params.bitmap = np.packbits(outside, bitorder="little")  # kept alive beside the selector using it
-                params.selector = faiss.IDSelectorBitmap(indexed, faiss.swig_ptr(params.bitmap))
-                params.sel = params.selector
-        tail = _row_range(heads, indexed, self.size)
-        new.exact_rows = tail if new.tier is None else np.concatenate([new.tier, tail], 1)
-        new.exact_keys = np.ascontiguousarray(np.take_along_axis(self.keys, new.exact_rows[:, :, None], 1))
-        return new
-
-    def search(self, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``r`` ``(scores, rows) [Hkv, m, r]`` for ``queries [Hkv, m, d]`` (kv head ``h`` searches its own keys),
-        unsorted, rows ``-1`` and scores ``-inf`` where absent: the graph's top ``r`` outside the tier and the exact
-        top ``r`` of the exact set, merged; while exact, the exact top ``r`` of every row."""
-        faiss, (heads, m, _) = _faiss(), queries.shape
-        ip = faiss.METRIC_INNER_PRODUCT
-        if not self.approx:
-            found = [faiss.knn(queries[h], self.keys[h, : self.size], r, ip) for h in range(heads)]
-            scores, rows = np.stack([d for d, _ in found]), np.stack([i for _, i in found])
-            return np.where(rows >= 0, scores, -np.inf), rows
-        scores, rows = np.empty((heads, m, 2 * r), np.float32), np.full((heads, m, 2 * r), -1, np.int64)
-        for h, (graph, params) in enumerate(zip(self.graphs, self.search_params)):
-            scores[h, :, :r], rows[h, :, :r] = graph.search(queries[h], r, params=params)
-            if self.exact_rows.shape[1]:
-                scores[h, :, r:], index = faiss.knn(queries[h], self.exact_keys[h], r, ip)
-                rows[h, :, r:] = np.where(index >= 0, self.exact_rows[h][index], -1)
-        scores = np.where(rows >= 0, scores, -np.inf)
-        best = np.argpartition(-scores, r - 1, axis=2)[:, :, :r]
-        return np.take_along_axis(scores, best, 2), np.take_along_axis(rows, best, 2)
-
-
-def _row_range(heads: int, start: int, stop: int) -> np.ndarray:
-    """Rows ``start..stop-1`` for every kv head: ``[heads, stop - start]`` (a read-only broadcast view)."""
-    return np.broadcast_to(np.arange(start, stop), (heads, stop - start))
-
-
-def _hnsw(keys: np.ndarray, m: int, ef_search: int):
-    """An HNSW inner-product index over ``keys [n, d]``."""
-    faiss = _faiss()
-    index = faiss.IndexHNSWFlat(keys.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efSearch = ef_search
-    index.add(np.ascontiguousarray(keys))
-    return index
-
-
-class _Core:
-    """What the writer thread and readers share: the published shards, one lock, and the write counters."""
-
-    def __init__(self, heads: int, dim: int, config: StorageConfig) -> None:
-        self.heads, self.dim, self.config = heads, dim, config
-        self.shards: dict[int, _Shard] = {}
-        self.lock = threading.Lock()
-        self.done = threading.Condition()
-        self.applied = 0
-        self.error: BaseException | None = None
-
-    def _publish(self, seq: int, old: _Shard | None, new: _Shard) -> bool:
-        """Replace ``old`` by ``new`` unless the sequence was removed or replaced meanwhile."""
-        with self.lock:
-            if self.shards.get(seq) is not old:
-                return False
-            self.shards[seq] = new
-            return True
-
-    def apply(self, seq: np.ndarray, positions: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
-        """Insert rows: publish them (searched exactly at first), then, past ``approx_threshold`` rows or every
-        ``TAIL_ROWS`` exact rows, build or extend the graphs off the lock and publish those. The writer thread is the
-        only caller, so it is the only thread that makes shards."""
-        faiss, cfg = _faiss(), self.config
-        for s in np.unique(seq):
-            rows = seq == s
-            with self.lock:
-                old = self.shards.get(int(s))
-            shard = (old or _Shard(self.heads, self.dim)).appended(positions[rows], keys[rows], values[rows])
-            if not self._publish(int(s), old, shard):
-                continue
-            if shard.approx and shard.size - shard.indexed >= TAIL_ROWS:
-                graphs = [faiss.clone_index(graph) for graph in shard.graphs]
-                for h, graph in enumerate(graphs):
-                    graph.add(np.ascontiguousarray(shard.keys[h, shard.indexed : shard.size]))
-            elif not shard.approx and shard.size >= cfg.approx_threshold:
-                graphs = [_hnsw(shard.keys[h, : shard.size], cfg.hnsw_m, cfg.ef_search) for h in range(self.heads)]
-            else:
-                continue
-            self._publish(int(s), shard, shard.indexed_to(graphs, shard.size, cfg.norm_tier))
-
-
 @functools.cache
 def _retriever() -> ThreadPoolExecutor:
     """The retrieval thread, shared by every store."""
@@ -285,7 +123,7 @@ def _retriever() -> ThreadPoolExecutor:
 @functools.cache
 def _writer() -> tuple[queue.Queue, threading.Thread]:
     """The background writer, shared by every store (one thread, so writes never take both cores from decoding):
-    its queue of ``(core, rows)`` jobs and its thread."""
+    its queue of ``(store, job)`` pairs and its thread."""
     jobs: queue.Queue = queue.Queue()
     thread = threading.Thread(target=_write_forever, args=(jobs,), daemon=True, name="bmojo-store-writer")
     thread.start()
@@ -302,16 +140,8 @@ def _write_forever(jobs: queue.Queue) -> None:
         with contextlib.suppress(OSError):  # a sandbox may refuse it: the writer then runs at normal priority
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     while True:
-        core, job = jobs.get()
-        try:
-            if core.error is None:
-                core.apply(*(np.concatenate(parts) for parts in zip(*(rows() for rows in job))))
-        except BaseException as e:  # noqa: BLE001 - reported by the store's next flush/add
-            core.error = e
-        finally:
-            with core.done:
-                core.applied += 1
-                core.done.notify_all()
+        store, job = jobs.get()
+        store._apply(job)
 
 
 def _numpy(x: torch.Tensor | np.ndarray, dtype: type, copy: bool = True) -> np.ndarray:
@@ -333,7 +163,7 @@ def _leaving(
 
 
 def _as_tensors(q: torch.Tensor, found: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Arrays from :meth:`VectorStore._found` as :meth:`VectorStore.retrieve` returns them: shaped per query head
+    """Arrays from :meth:`Index.found` as :meth:`VectorStore.retrieve` returns them: shaped per query head
     ``[B, H, M, ...]``, in ``q``'s dtype and on its device (views of the arrays where they already are)."""
     b, nh, m, _ = q.shape
     keys, values, valid = (torch.from_numpy(x.reshape(b, nh, m, *x.shape[3:])) for x in found)
@@ -345,12 +175,12 @@ def _as_tensors(q: torch.Tensor, found: tuple[np.ndarray, ...]) -> tuple[torch.T
 class Retrieval:
     """A search under way (:meth:`VectorStore.retrieve_async`): :meth:`result` waits for it."""
 
-    def __init__(self, future: Future, q: torch.Tensor) -> None:
-        self._future, self._q = future, q
+    def __init__(self, pending: Future | _Answer, q: torch.Tensor) -> None:
+        self._pending, self._q = pending, q
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What :meth:`VectorStore.retrieve` returns (converted on the calling thread)."""
-        return _as_tensors(self._q, self._future.result())
+        return _as_tensors(self._q, self._pending.result())
 
 
 class VectorStore:
@@ -359,7 +189,8 @@ class VectorStore:
     Rows are ``(sequence id, position, keys [Hkv, d], values [Hkv, d])``. :meth:`add` takes the rows and returns
     (the insert is acknowledged); once ``config.write_batch`` rows are waiting they go to the background writer as
     one job. :meth:`search` and :meth:`retrieve` see every write completed so far; :meth:`flush` hands over the
-    waiting rows and waits for every write submitted before it.
+    waiting rows and waits for every write submitted before it. The rows live in an
+    :class:`~bmojo.layers.storage_index.Index`, here or (``config.process``) in the helper process.
     """
 
     def __init__(self, head_dim: int, num_kv_heads: int = 1, config: StorageConfig | None = None) -> None:
@@ -368,12 +199,17 @@ class VectorStore:
         _faiss()
         self.config = config or StorageConfig()
         self.head_dim, self.num_kv_heads = head_dim, num_kv_heads
-        self._core = _Core(num_kv_heads, head_dim, self.config)
+        self._index: Index | RemoteIndex = (RemoteIndex if self.config.process else Index)(
+            num_kv_heads, head_dim, self.config
+        )
         self._submit_lock = threading.Lock()
         self._submitted = 0
         self._waiting: list[Callable[[], tuple[np.ndarray, ...]]] = []
         self._waiting_rows = 0
         self._next_seq = 0
+        self._done = threading.Condition()  # the writer thread's progress: jobs applied, first failure
+        self._applied = 0
+        self._error: BaseException | None = None
 
     # ---------------------------------------------------------------- writing
     def new_sequences(self, n: int) -> list[int]:
@@ -442,9 +278,21 @@ class VectorStore:
         """Hand the waiting rows to the writer thread as one job (under ``_submit_lock``)."""
         if not self._waiting:
             return
-        _writer()[0].put((self._core, self._waiting))
+        _writer()[0].put((self, self._waiting))
         self._waiting, self._waiting_rows = [], 0
         self._submitted += 1
+
+    def _apply(self, job: list[Callable[[], tuple[np.ndarray, ...]]]) -> None:
+        """On the writer thread: insert a job's rows into the index (unless a write failed before) and count it."""
+        try:
+            if self._error is None:
+                self._index.apply(*(np.concatenate(parts) for parts in zip(*(rows() for rows in job))))
+        except BaseException as e:  # noqa: BLE001 - reported by the next flush/add
+            self._error = e
+        finally:
+            with self._done:
+                self._applied += 1
+                self._done.notify_all()
 
     def flush(self) -> None:
         """Hand over the waiting rows, then wait until every write so far is searchable; re-raise a writer failure."""
@@ -454,52 +302,39 @@ class VectorStore:
         self._wait(ticket)
 
     def _wait(self, ticket: int) -> None:
-        with self._core.done:
-            self._core.done.wait_for(lambda: self._core.applied >= ticket)
+        with self._done:
+            self._done.wait_for(lambda: self._applied >= ticket)
         self._raise_error()
 
     def _raise_error(self) -> None:
-        if self._core.error is not None:
-            raise RuntimeError(f"a background write to the vector store failed: {self._core.error!r}")
+        if self._error is not None:
+            raise RuntimeError(f"a background write to the vector store failed: {self._error!r}")
 
     def remove(self, seq_ids: list[int] | None = None) -> None:
         """Drop the rows of ``seq_ids`` (default: every sequence), after pending writes complete."""
         self.flush()
-        with self._core.lock:
-            for s in list(self._core.shards) if seq_ids is None else seq_ids:
-                self._core.shards.pop(int(s), None)
+        self._index.remove(None if seq_ids is None else [int(s) for s in seq_ids])
 
     # ---------------------------------------------------------------- reading
     def __len__(self) -> int:
         """Rows written so far (completed writes)."""
-        with self._core.lock:
-            return sum(s.size for s in self._core.shards.values())
+        return self._index.count()
 
     def count(self, seq_id: int) -> int:
         """Rows of one sequence (completed writes)."""
-        shard = self._shard(seq_id)
-        return 0 if shard is None else shard.size
+        return self._index.count(int(seq_id))
 
     def sequences(self) -> list[int]:
         """Sequence ids with at least one row."""
-        with self._core.lock:
-            return sorted(self._core.shards)
+        return self._index.sequences()
 
     def is_approximate(self, seq_id: int) -> bool:
         """Whether the sequence is searched with HNSW (else exactly)."""
-        shard = self._shard(seq_id)
-        return shard is not None and shard.approx
-
-    def _shard(self, seq_id: int) -> _Shard | None:
-        """The published shard of a sequence (searched without the lock: it never changes)."""
-        with self._core.lock:
-            return self._core.shards.get(int(seq_id))
+        return self._index.is_approximate(int(seq_id))
 
     def entries(self, seq_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Copies of one sequence's ``positions [n], keys [n, Hkv, d], values [n, Hkv, d]`` in insertion order."""
-        shard = self._shard(seq_id) or _Shard(self.num_kv_heads, self.head_dim, 0)
-        n = shard.size
-        return (shard.positions[:n].copy(), *(x[:, :n].transpose(1, 0, 2).copy() for x in (shard.keys, shard.values)))
+        return self._index.entries(int(seq_id))
 
     def search(self, seq_id: int, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``r`` rows by inner product for ``queries [Hkv, M, d]`` (kv head ``h`` searches its own keys).
@@ -507,10 +342,7 @@ class VectorStore:
         Returns ``(scores [Hkv, M, r], rows [Hkv, M, r])``, best first, with rows ``-1`` (score ``-inf``) where the
         sequence holds fewer than ``r`` rows.
         """
-        shard = self._shard(seq_id) or _Shard(self.num_kv_heads, self.head_dim, 0)
-        scores, rows = shard.search(np.ascontiguousarray(queries, np.float32), r)
-        best = np.argsort(-scores, axis=2, kind="stable")
-        return np.take_along_axis(scores, best, 2), np.take_along_axis(rows, best, 2)
+        return self._index.search(int(seq_id), np.ascontiguousarray(queries, np.float32), r)
 
     def retrieve(self, seq_ids: list[int], q: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values retrieved for queries ``q [B, H, M, d]`` of sequences ``seq_ids [B]``.
@@ -519,59 +351,34 @@ class VectorStore:
         values [B, H, M, r, d]`` and ``valid [B, H, M, r]`` (False where fewer than ``r`` rows exist; those
         keys/values are meaningless), in ``q``'s dtype and on its device.
         """
-        return _as_tensors(q, self._found(seq_ids, self._queries(q), r))
+        return _as_tensors(q, self._index.found([int(s) for s in seq_ids], self._queries(q), r))
 
     def retrieve_async(self, seq_ids: list[int], q: torch.Tensor, r: int) -> Retrieval:
-        """:meth:`retrieve` with the search on the retrieval thread (one, shared by every store), so that a decoding
-        step can go on while faiss searches; ``.result()`` gives what :meth:`retrieve` returns (or raises what it
-        raised). The thread runs numpy and faiss only (no torch operation, little Python), so that it rarely holds
-        the interpreter lock the decoding step needs. With ``config.async_retrieval`` off, the search runs now."""
-        qn = self._queries(q)
-        if self.config.async_retrieval:
-            return Retrieval(_retriever().submit(self._found, seq_ids, qn, r), q)
-        done: Future = Future()
-        done.set_result(self._found(seq_ids, qn, r))
-        return Retrieval(done, q)
+        """:meth:`retrieve` with the search under way while the caller goes on; ``.result()`` gives what
+        :meth:`retrieve` returns (or raises what it raised). The search runs on the retrieval thread (one, shared by
+        every store; it runs numpy and faiss only, so that it rarely holds the interpreter lock the decoding step
+        needs) or, with ``config.process``, in the helper process. With ``config.async_retrieval`` off, the search
+        runs now."""
+        seq_ids, qn = [int(s) for s in seq_ids], self._queries(q)
+        if not self.config.async_retrieval:
+            pending: Future | _Answer = Future()
+            pending.set_result(self._index.found(seq_ids, qn, r))
+        elif self.config.process:
+            pending = self._index.found_async(seq_ids, qn, r)
+        else:
+            pending = _retriever().submit(self._index.found, seq_ids, qn, r)
+        return Retrieval(pending, q)
 
     def _queries(self, q: torch.Tensor) -> np.ndarray:
         """``q [B, H, M, d]`` -> float32 ``[B, Hkv, H // Hkv * M, d]``: the queries of each kv head."""
         b, nh, m, d = q.shape
         return q.detach().to("cpu", torch.float32).reshape(b, self.num_kv_heads, nh // self.num_kv_heads * m, d).numpy()
 
-    def _found(self, seq_ids: list[int], qn: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The top ``r`` of queries ``qn [B, Hkv, n, d]`` (:meth:`_queries`), as numpy arrays: ``keys, values [B,
-        Hkv, n, r, d]`` and ``valid [B, Hkv, n, r]``."""
-        keys = np.zeros((*qn.shape[:3], r, qn.shape[3]), np.float32)
-        values = np.zeros_like(keys)
-        rows = np.full(keys.shape[:4], -1, np.int64)
-        heads = np.arange(self.num_kv_heads)[:, None, None]
-        for i, s in enumerate(seq_ids):
-            shard = self._shard(s)
-            if shard is None:
-                continue
-            rows[i] = shard.search(qn[i], r)[1]
-            found = np.maximum(rows[i], 0)  # rows -1 (absent) read row 0, masked below
-            keys[i], values[i] = shard.keys[heads, found], shard.values[heads, found]
-        return keys, values, rows >= 0
-
     # ---------------------------------------------------------------- persistence
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Every row (with a sequence id column) and the serialised HNSW indexes, after pending writes."""
         self.flush()
-        faiss = _faiss()
-        with self._core.lock:
-            shards = sorted(self._core.shards.items())
-        arrays: dict[str, np.ndarray] = {
-            "seq_ids": np.concatenate([np.full(s.size, i, np.int64) for i, s in shards] or [np.empty(0, np.int64)]),
-            "positions": np.concatenate([s.positions[: s.size] for _, s in shards] or [np.empty(0, np.int64)]),
-        }
-        for name in ("keys", "values"):
-            empty = np.empty((0, self.num_kv_heads, self.head_dim), np.float32)
-            rows = [getattr(s, name)[:, : s.size].transpose(1, 0, 2) for _, s in shards]
-            arrays[name] = np.concatenate(rows or [empty])
-        for i, s in shards:
-            for h, graph in enumerate(s.graphs or []):
-                arrays[f"hnsw_{i}_{h}"] = faiss.serialize_index(graph)
+        arrays = self._index.state()
         meta = dict(
             version=FORMAT_VERSION, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads, next_seq=self._next_seq
         )
@@ -580,47 +387,12 @@ class VectorStore:
 
     def load_arrays(self, arrays: dict[str, np.ndarray], name: str = "store") -> None:
         """Replace the content by ``arrays`` (from :meth:`state_arrays`); on any mismatch raise and change nothing."""
-        self._install(*self._read_arrays(arrays, name))
+        self._install(self._index.stage(arrays, name))
 
-    def _read_arrays(self, arrays: dict[str, np.ndarray], name: str) -> tuple[dict[int, _Shard], int]:
-        """Validate ``arrays`` and build their shards and next sequence id; raise :class:`StorageFileError`."""
-        faiss = _faiss()
-        try:
-            meta = json.loads(bytes(arrays["meta"]).decode())
-            seq, pos, keys, values = (arrays[k] for k in ("seq_ids", "positions", "keys", "values"))
-        except (KeyError, ValueError) as e:
-            raise StorageFileError(f"{name}: not a vector store ({e!r})") from e
-        shape = (len(seq), self.num_kv_heads, self.head_dim)
-        if meta.get("version") != FORMAT_VERSION or (meta.get("num_kv_heads"), meta.get("head_dim")) != shape[1:]:
-            raise StorageFileError(
-                f"{name}: store format {meta} does not match head_dim={shape[2]}, kv heads={shape[1]}"
-            )
-        if len(pos) != len(seq) or keys.shape != shape or values.shape != shape:
-            raise StorageFileError(
-                f"{name}: inconsistent array shapes {len(seq)}, {len(pos)}, {keys.shape}, {values.shape}"
-            )
-        shards: dict[int, _Shard] = {}
-        for s in np.unique(seq):
-            rows = seq == s
-            shard = _Shard(self.num_kv_heads, self.head_dim, int(rows.sum()))
-            shard = shards[int(s)] = shard.appended(pos[rows], keys[rows], values[rows])
-            if f"hnsw_{s}_0" in arrays:
-                try:
-                    graphs = [faiss.deserialize_index(arrays[f"hnsw_{s}_{h}"]) for h in range(self.num_kv_heads)]
-                except (KeyError, RuntimeError) as e:
-                    raise StorageFileError(f"{name}: HNSW index of sequence {s} is unreadable ({e!r})") from e
-                n = graphs[0].ntotal
-                if any(not isinstance(g, faiss.IndexHNSW) or g.ntotal != n for g in graphs) or n > shard.size:
-                    raise StorageFileError(f"{name}: HNSW index of sequence {s} does not match its rows")
-                for graph in graphs:
-                    graph.hnsw.efSearch = self.config.ef_search
-                shards[int(s)] = shard.indexed_to(graphs, n, self.config.norm_tier)
-        return shards, max(int(meta.get("next_seq", 0)), int(seq.max()) + 1 if len(seq) else 0)
-
-    def _install(self, shards: dict[int, _Shard], next_seq: int) -> None:
+    def _install(self, next_seq: int) -> None:
+        """Replace the content by what the index staged last (:meth:`Index.stage`)."""
         self.flush()
-        with self._core.lock:
-            self._core.shards = shards
+        self._index.commit()
         with self._submit_lock:
             self._next_seq = next_seq
 
@@ -663,10 +435,10 @@ def load_stores(stores: dict[str, VectorStore], path: str | os.PathLike) -> None
     if missing:
         raise StorageFileError(f"vector store file {path} has no store named {missing}")
     staged = {
-        name: store._read_arrays(grouped[name], f"vector store file {path} [{name}]") for name, store in stores.items()
+        name: store._index.stage(grouped[name], f"vector store file {path} [{name}]") for name, store in stores.items()
     }
     for name, store in stores.items():
-        store._install(*staged[name])
+        store._install(staged[name])
 
 
 # -------------------------------------------------------------------- retrieval as a key/value set of the softmax

@@ -21,7 +21,9 @@ A Jamba-style hybrid interleaves ``mamba`` and ``attention`` layers.
 ``storage_approx_threshold`` (rows per sequence from which search is approximate, HNSW), ``storage_ef_search``
 (HNSW search breadth: higher finds more of the true top rows, slower), ``storage_write_batch`` (rows gathered
 before one background write), ``storage_async_retrieval`` (in decoding, search on the retrieval thread while the
-layer's SSM runs: faster for wide layers; off is faster when Python overhead dominates, as in very small models)
+layer's SSM runs: faster for wide layers; off is faster when Python overhead dominates, as in very small models),
+``storage_process`` (the stores' indexes live in a helper process, searched there: decoding latency with the store
+close to that without it when cores are few; POSIX)
 and ``storage_norm_tier`` (with HNSW, this many rows per kv head with the largest key norms are searched exactly
 too: outlying keys that graph walks miss; 0: none).
 """
@@ -100,6 +102,7 @@ class BMojoConfig(PretrainedConfig):
         storage_write_batch: int = 256,
         storage_ef_search: int = 64,
         storage_async_retrieval: bool = True,
+        storage_process: bool = False,
         storage_norm_tier: int = 256,
         bmojo_ssm: str = "mamba2",
         tie_fading_kv: bool = True,
@@ -152,6 +155,7 @@ class BMojoConfig(PretrainedConfig):
         self.storage_write_batch = storage_write_batch
         self.storage_ef_search = storage_ef_search
         self.storage_async_retrieval = storage_async_retrieval
+        self.storage_process = storage_process
         self.storage_norm_tier = storage_norm_tier
         self.bmojo_ssm = bmojo_ssm
         self.tie_fading_kv = tie_fading_kv

@@ -43,7 +43,7 @@ def build_mixer(config: BMojoConfig, kind: str, layer_idx: int = 0) -> BMojoMixe
             topk=config.storage_topk, write=config.storage_write, in_batch=config.storage_in_batch,
             approx_threshold=config.storage_approx_threshold, write_batch=config.storage_write_batch,
             ef_search=config.storage_ef_search, async_retrieval=config.storage_async_retrieval,
-            norm_tier=config.storage_norm_tier,
+            norm_tier=config.storage_norm_tier, process=config.storage_process,
         )  # fmt: skip
     return BMojoMixer(
         config.hidden_size,
