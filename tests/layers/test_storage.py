@@ -188,7 +188,7 @@ def test_retrieve_async_gives_what_retrieve_gives():
 def test_background_writer_runs_at_idle_priority():
     """The writer runs only when a core is free: decoding and retrieval threads preempt it as soon as they wake."""
     filled_store({0: 5})
-    assert os.sched_getscheduler(_writer()[1].native_id) == os.SCHED_IDLE
+    assert os.sched_getscheduler(_writer(True)[1].native_id) == os.SCHED_IDLE
     assert os.sched_getscheduler(0) != os.SCHED_IDLE
 
 
@@ -204,7 +204,7 @@ def test_writer_works_where_idle_priority_is_refused(monkeypatch):
     try:
         store, data = filled_store({0: 5})
         np.testing.assert_array_equal(store.entries(0)[0], data[0][0])
-        assert os.sched_getscheduler(_writer()[1].native_id) != os.SCHED_IDLE
+        assert os.sched_getscheduler(_writer(True)[1].native_id) != os.SCHED_IDLE
     finally:
         _writer.cache_clear()
 

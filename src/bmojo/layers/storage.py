@@ -50,7 +50,7 @@ import queue
 import sys
 import threading
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from bmojo.atomic import atomic_file
-from bmojo.layers.storage_index import FORMAT_VERSION, Index, StorageFileError, _faiss
+from bmojo.layers.storage_index import FORMAT_VERSION, Entry, Index, StorageFileError, _faiss
 from bmojo.layers.storage_process import RemoteIndex, _Answer
 from bmojo.ops.attention import masked_softmax
 
@@ -121,11 +121,14 @@ def _retriever() -> ThreadPoolExecutor:
 
 
 @functools.cache
-def _writer() -> tuple[queue.Queue, threading.Thread]:
+def _writer(idle: bool = True) -> tuple[queue.Queue, threading.Thread]:
     """The background writer, shared by every store (one thread, so writes never take both cores from decoding):
-    its queue of ``(store, job)`` pairs and its thread."""
+    its queue of ``(store, job)`` pairs and its thread. Stores whose index is in the helper process have one of
+    their own at normal priority (``idle=False``): it only hands rows over, and at idle priority it could be
+    preempted while it holds the interpreter lock the decoding thread waits for."""
     jobs: queue.Queue = queue.Queue()
-    thread = threading.Thread(target=_write_forever, args=(jobs,), daemon=True, name="bmojo-store-writer")
+    name = "bmojo-store-writer" if idle else "bmojo-store-sender"
+    thread = threading.Thread(target=_write_forever, args=(jobs, idle), daemon=True, name=name)
     thread.start()
     return jobs, thread
 
@@ -134,9 +137,9 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
     os.register_at_fork(after_in_child=lambda: (_retriever.cache_clear(), _writer.cache_clear()))
 
 
-def _write_forever(jobs: queue.Queue) -> None:
-    """Apply queued writes in order, at idle priority; remember each store's first failure."""
-    if sys.platform == "linux":  # this thread only: runs when a core is idle, preempted by any waking thread
+def _write_forever(jobs: queue.Queue, idle: bool) -> None:
+    """Apply queued writes in order (at idle priority if ``idle``); each store remembers its first failure."""
+    if idle and sys.platform == "linux":  # this thread only: runs when a core is idle, preempted by any waking thread
         with contextlib.suppress(OSError):  # a sandbox may refuse it: the writer then runs at normal priority
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     while True:
@@ -151,15 +154,18 @@ def _numpy(x: torch.Tensor | np.ndarray, dtype: type, copy: bool = True) -> np.n
     return np.array(x, dtype=dtype) if copy else np.asarray(x, dtype=dtype)
 
 
-def _leaving(
-    seq: np.ndarray, positions: Parts, keys: Parts, values: Parts, skip: torch.Tensor
-) -> tuple[np.ndarray, ...]:
-    """The rows of :meth:`VectorStore.add_candidates`: candidate ``(b, j)`` of the parts, concatenated, is written
-    iff its position is ``>= 0`` and not in ``skip[b]``. Returns ``seq, positions [n], keys, values [n, Hkv, d]``."""
-    pos = np.concatenate([_numpy(p, np.int64, copy=False) for p in positions], 1)
-    k, v = (np.concatenate([_numpy(x, np.float32, copy=False) for x in xs], 2) for xs in (keys, values))
-    b, j = ((pos >= 0) & ~(pos[:, :, None] == _numpy(skip, np.int64, copy=False)[:, None, :]).any(-1)).nonzero()
-    return seq[b], pos[b, j], k[b, :, j], v[b, :, j]
+def _as_numpy(entry: Entry) -> Entry:
+    """A job entry with its tensors as numpy arrays (views where they already are float32 / int64 on the CPU)."""
+    if entry[0] == "rows":
+        return entry
+    kind, seq, positions, keys, values, skip = entry
+    return (
+        kind,
+        seq,
+        [_numpy(p, np.int64, copy=False) for p in positions],
+        *([_numpy(x, np.float32, copy=False) for x in xs] for xs in (keys, values)),
+        _numpy(skip, np.int64, copy=False),
+    )
 
 
 def _as_tensors(q: torch.Tensor, found: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,7 +210,7 @@ class VectorStore:
         )
         self._submit_lock = threading.Lock()
         self._submitted = 0
-        self._waiting: list[Callable[[], tuple[np.ndarray, ...]]] = []
+        self._waiting: list[Entry] = []
         self._waiting_rows = 0
         self._next_seq = 0
         self._done = threading.Condition()  # the writer thread's progress: jobs applied, first failure
@@ -236,7 +242,7 @@ class VectorStore:
                 f"{list(k.shape)}, {list(v.shape)}"
             )
         if len(seq):
-            self._enqueue(seq, lambda: (seq, pos, k, v), len(seq))
+            self._enqueue(("rows", seq, pos, k, v), len(seq))
 
     def add_candidates(
         self, seq_ids: torch.Tensor, positions: Parts, keys: Parts, values: Parts, skip: torch.Tensor
@@ -258,15 +264,14 @@ class VectorStore:
             )
         n = sum(p.shape[1] for p in positions)
         if b * n:
-            seq = _numpy(seq_ids, np.int64)
-            self._enqueue(seq, functools.partial(_leaving, seq, positions, keys, values, skip), b * n)
+            self._enqueue(("candidates", _numpy(seq_ids, np.int64), positions, keys, values, skip), b * n)
 
-    def _enqueue(self, seq: np.ndarray, rows: Callable[[], tuple[np.ndarray, ...]], n: int) -> None:
-        """Queue ``rows()`` (at most ``n`` rows of sequences ``seq``), evaluated on the writer thread."""
+    def _enqueue(self, entry: Entry, n: int) -> None:
+        """Queue a job entry (:meth:`Index.apply_job`; at most ``n`` rows) for the writer thread."""
         self._raise_error()
         with self._submit_lock:
-            self._next_seq = max(self._next_seq, int(seq.max()) + 1)
-            self._waiting.append(rows)
+            self._next_seq = max(self._next_seq, int(entry[1].max()) + 1)
+            self._waiting.append(entry)
             self._waiting_rows += n
             if self._waiting_rows >= self.config.write_batch or self.config.synchronous:
                 self._submit()
@@ -278,15 +283,15 @@ class VectorStore:
         """Hand the waiting rows to the writer thread as one job (under ``_submit_lock``)."""
         if not self._waiting:
             return
-        _writer()[0].put((self, self._waiting))
+        _writer(not self.config.process)[0].put((self, self._waiting))
         self._waiting, self._waiting_rows = [], 0
         self._submitted += 1
 
-    def _apply(self, job: list[Callable[[], tuple[np.ndarray, ...]]]) -> None:
+    def _apply(self, job: list[Entry]) -> None:
         """On the writer thread: insert a job's rows into the index (unless a write failed before) and count it."""
         try:
             if self._error is None:
-                self._index.apply(*(np.concatenate(parts) for parts in zip(*(rows() for rows in job))))
+                self._index.apply_job([_as_numpy(entry) for entry in job])
         except BaseException as e:  # noqa: BLE001 - reported by the next flush/add
             self._error = e
         finally:

@@ -149,6 +149,20 @@ def _hnsw(keys: np.ndarray, m: int, ef_search: int):
     return index
 
 
+Entry = tuple  # of a writer job: ("rows", seq, positions, keys, values) or ("candidates", seq, positions, keys, values, skip)
+
+
+def leaving(
+    seq: np.ndarray, positions: list[np.ndarray], keys: list[np.ndarray], values: list[np.ndarray], skip: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """The rows a batch of candidates leaves to the store: candidate ``(b, j)`` of the parts ``positions [B, n_i]``,
+    ``keys, values [B, Hkv, n_i, d]``, concatenated, is written iff its position is ``>= 0`` and not in ``skip [B,
+    s]``. Returns ``seq, positions [n], keys, values [n, Hkv, d]`` (``seq [B]``: the batch's sequence ids)."""
+    pos, k, v = np.concatenate(positions, 1), np.concatenate(keys, 2), np.concatenate(values, 2)
+    b, j = ((pos >= 0) & ~(pos[:, :, None] == skip[:, None, :]).any(-1)).nonzero()
+    return seq[b], pos[b, j], k[b, :, j], v[b, :, j]
+
+
 class Index:
     """The rows of every sequence of one store, as published shards (:class:`_Shard`), and the lock that guards
     their swap. One writer calls :meth:`apply`; any thread may read."""
@@ -193,6 +207,12 @@ class Index:
             else:
                 continue
             self._publish(int(s), shard, shard.indexed_to(graphs, shard.size, cfg.norm_tier))
+
+    def apply_job(self, entries: list[Entry]) -> None:
+        """Insert the rows of a writer job, as one :meth:`apply`: entries ``("rows", seq, positions, keys, values)``
+        (rows as they are) or ``("candidates", seq, positions, keys, values, skip)`` (see :func:`leaving`)."""
+        rows = [entry[1:] if entry[0] == "rows" else leaving(*entry[1:]) for entry in entries]
+        self.apply(*(np.concatenate(parts) for parts in zip(*rows)))
 
     def remove(self, seq_ids: list[int] | None = None) -> None:
         """Drop the rows of ``seq_ids`` (default: every sequence)."""

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import itertools
 import os
+import pickle
 import platform
 import socket
 import subprocess
@@ -87,6 +88,26 @@ class Mailbox:
             self.shm.close()
 
 
+def _send(conn: Connection, obj: object) -> None:
+    """Send ``obj`` with its arrays out of band: the pickle stream and the arrays' sizes, then each array's bytes as
+    they are (no copy on this side; the writes release the interpreter lock)."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raw = [b.raw() for b in buffers]
+    conn.send_bytes(pickle.dumps((stream, [r.nbytes for r in raw]), protocol=5))
+    for r in raw:
+        conn.send_bytes(r)
+
+
+def _recv(conn: Connection) -> object:
+    """What :func:`_send` sent (its arrays in writable buffers of their own)."""
+    stream, sizes = pickle.loads(conn.recv_bytes())
+    buffers = [bytearray(n) for n in sizes]
+    for buffer in buffers:
+        conn.recv_bytes_into(buffer)
+    return pickle.loads(stream, buffers=buffers)
+
+
 def _wait(condition, process: subprocess.Popen | None = None) -> None:
     """Poll ``condition()`` until true; every 10 ms, check that ``process`` still runs."""
     check = time.perf_counter() + 0.01
@@ -125,8 +146,8 @@ class Helper:
         conn = self.conns[channel]
         with self.locks[channel]:
             try:
-                conn.send((key, method, args))
-                ok, value = conn.recv()
+                _send(conn, (key, method, args))
+                ok, value = _recv(conn)
             except (EOFError, OSError) as e:
                 raise HelperError(
                     f"the storage helper process (pid {self.process.pid}) is gone (exit code {self.process.poll()})"
@@ -191,8 +212,8 @@ class RemoteIndex:
             raise AttributeError(method)
         return functools.partial(self.helper.call, "call", self.key, method)
 
-    def apply(self, *rows: np.ndarray) -> None:
-        self.helper.call("write", self.key, "apply", *rows)
+    def apply_job(self, entries: list[tuple]) -> None:
+        self.helper.call("write", self.key, "apply_job", entries)
 
     def found_async(self, seq_ids: list[int], qn: np.ndarray, r: int) -> _Answer:
         """:meth:`Index.found` posted now; ``.result()`` waits for it. While another search is in flight (another
@@ -264,7 +285,7 @@ class _Server:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         while True:
             try:
-                key, method, args = conn.recv()
+                key, method, args = _recv(conn)
             except (EOFError, OSError):
                 self.closed.set()
                 return
@@ -273,9 +294,12 @@ class _Server:
             except Exception as e:  # noqa: BLE001 - sent back and raised by the caller
                 answer = (False, e)
             try:
-                conn.send(answer)
+                _send(conn, answer)
+            except OSError:
+                self.closed.set()
+                return
             except Exception as e:  # noqa: BLE001 - an answer that does not pickle
-                conn.send((False, HelperError(f"{method} answered with something that cannot be sent: {e!r}")))
+                _send(conn, (False, HelperError(f"{method} answered with something that cannot be sent: {e!r}")))
 
     def search_forever(self) -> None:
         """Answer the mailbox's jobs: poll for ``SPIN_S`` after each answer, then sleep between polls, longer and
