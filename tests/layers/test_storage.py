@@ -506,11 +506,12 @@ def test_model_config_reaches_each_layer_store():
         storage_approx_threshold=99,
         storage_async_retrieval=False,
         storage_norm_tier=5,
+        storage_process=os.name == "posix",
     )
     for store in model.vector_stores().values():
         cfg = store.config
-        got = (cfg.ef_search, cfg.write_batch, cfg.approx_threshold, cfg.async_retrieval, cfg.norm_tier)
-        assert got == (200, 7, 99, False, 5)
+        got = (cfg.ef_search, cfg.write_batch, cfg.approx_threshold, cfg.async_retrieval, cfg.norm_tier, cfg.process)
+        assert got == (200, 7, 99, False, 5, os.name == "posix")
 
 
 # ---------------------------------------------------------------- the model

@@ -149,8 +149,10 @@ def _write_forever(jobs: queue.Queue, idle: bool) -> None:
 
 def _numpy(x: torch.Tensor | np.ndarray, dtype: type, copy: bool = True) -> np.ndarray:
     """``x`` as a numpy array of ``dtype``: a copy of its own, or (``copy=False``) a view where one will do."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float32 if dtype is np.float32 else torch.int64).numpy()
+    if isinstance(x, torch.Tensor):  # as few torch calls as will do: each one hands the interpreter lock around
+        want = torch.float32 if dtype is np.float32 else torch.int64
+        x = x.detach() if x.requires_grad else x
+        x = (x if x.device.type == "cpu" and x.dtype == want else x.to("cpu", want)).numpy()
     return np.array(x, dtype=dtype) if copy else np.asarray(x, dtype=dtype)
 
 

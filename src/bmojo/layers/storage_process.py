@@ -44,6 +44,7 @@ CHANNELS = ("write", "call")
 SPIN_S = 0.0005  # after an answer, how long the helper polls without sleeping for the next search
 NAP_S = (5e-5, 2e-4, 5e-3)  # then its sleeps between polls: the first, the longest while active, the longest idle
 IDLE_S = 1.0  # no search for this long: idle
+OUT_OF_BAND = 1 << 20  # bytes: arrays sent as they are, after the pickle stream
 MAILBOX = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -89,10 +90,11 @@ class Mailbox:
 
 
 def _send(conn: Connection, obj: object) -> None:
-    """Send ``obj`` with its arrays out of band: the pickle stream and the arrays' sizes, then each array's bytes as
-    they are (no copy on this side; the writes release the interpreter lock)."""
+    """Send ``obj`` with its large arrays out of band: the pickle stream and the arrays' sizes, then each array's
+    bytes as they are (no copy on this side; the writes release the interpreter lock). Arrays under ``OUT_OF_BAND``
+    bytes go in the stream: one copy costs less than a write, which takes the interpreter lock again after it."""
     buffers: list[pickle.PickleBuffer] = []
-    stream = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    stream = pickle.dumps(obj, protocol=5, buffer_callback=lambda b: b.raw().nbytes < OUT_OF_BAND or buffers.append(b))
     raw = [b.raw() for b in buffers]
     conn.send_bytes(pickle.dumps((stream, [r.nbytes for r in raw]), protocol=5))
     for r in raw:
