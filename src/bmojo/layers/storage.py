@@ -82,9 +82,9 @@ class StorageConfig:
     ``async_retrieval``: decoding steps search on the retrieval thread (:meth:`VectorStore.retrieve_async`) while
     the layer's SSM runs, instead of inline; ``process``: the index lives in a helper process
     (``layers.storage_process``, POSIX) and is searched there, so that searching never holds this process's
-    interpreter lock (lower decoding latency when cores are few); ``norm_tier``: in approximate mode, the rows with the largest key norms
-    (this many per kv head) are also searched exactly, so that outlying keys, which win inner products but which
-    graph walks among many similar keys miss, are always found (0: none).
+    interpreter lock (lower decoding latency when cores are few); ``norm_tier``: in approximate mode, the rows with
+    the largest key norms (this many per kv head) are also searched exactly, so that outlying keys, which win inner
+    products but which graph walks among many similar keys miss, are always found (0: none).
     """
 
     topk: int = 16

@@ -149,7 +149,7 @@ def _hnsw(keys: np.ndarray, m: int, ef_search: int):
     return index
 
 
-Entry = tuple  # of a writer job: ("rows", seq, positions, keys, values) or ("candidates", seq, positions, keys, values, skip)
+Entry = tuple  # of a writer job: ("rows", seq, positions, keys, values) or ("candidates", ..., skip), see apply_job
 
 
 def leaving(

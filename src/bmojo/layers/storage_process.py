@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing import resource_tracker, shared_memory
 from multiprocessing.connection import Connection
 
@@ -110,11 +111,11 @@ def _recv(conn: Connection) -> object:
     return pickle.loads(stream, buffers=buffers)
 
 
-def _wait(condition, process: subprocess.Popen | None = None) -> None:
+def _wait(condition: Callable[[], bool], process: subprocess.Popen) -> None:
     """Poll ``condition()`` until true; every 10 ms, check that ``process`` still runs."""
     check = time.perf_counter() + 0.01
     while not condition():
-        if process is not None and time.perf_counter() > check:
+        if time.perf_counter() > check:
             if process.poll() is not None:
                 raise HelperError(f"the storage helper process exited (code {process.returncode})")
             check = time.perf_counter() + 0.01
