@@ -114,7 +114,7 @@ def test_a_dead_helper_gives_a_clear_error_and_a_new_store_starts_a_new_one():
             store.retrieve_async([0], torch.randn(1, H, 1, HD), 3).result()
     finally:
         storage_process.helper.cache_clear()
-    fresh, data = filled_store({0: 20})
+    fresh, _ = filled_store({0: 20})
     assert fresh._index.helper is not old and fresh.count(0) == 20
 
 

@@ -41,13 +41,11 @@ Streaming with a model whose config has ``storage=True``::
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import json
 import os
 import queue
-import sys
 import threading
 import zipfile
 from collections.abc import Sequence
@@ -60,7 +58,7 @@ import torch
 
 from bmojo.atomic import atomic_file
 from bmojo.layers.storage_index import FORMAT_VERSION, Entry, Index, StorageFileError, _faiss
-from bmojo.layers.storage_process import RemoteIndex, _Answer
+from bmojo.layers.storage_process import RemoteIndex, _Answer, idle_priority
 from bmojo.ops.attention import masked_softmax
 
 __all__ = ["StorageConfig", "StorageFileError", "VectorStore", "in_batch_retrieval", "load_stores", "save_stores"]
@@ -139,9 +137,8 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
 
 def _write_forever(jobs: queue.Queue, idle: bool) -> None:
     """Apply queued writes in order (at idle priority if ``idle``); each store remembers its first failure."""
-    if idle and sys.platform == "linux":  # this thread only: runs when a core is idle, preempted by any waking thread
-        with contextlib.suppress(OSError):  # a sandbox may refuse it: the writer then runs at normal priority
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    if idle:
+        idle_priority()
     while True:
         store, job = jobs.get()
         store._apply(job)
@@ -349,7 +346,7 @@ class VectorStore:
         Returns ``(scores [Hkv, M, r], rows [Hkv, M, r])``, best first, with rows ``-1`` (score ``-inf``) where the
         sequence holds fewer than ``r`` rows.
         """
-        return self._index.search(int(seq_id), np.ascontiguousarray(queries, np.float32), r)
+        return self._index.search(int(seq_id), queries, r)
 
     def retrieve(self, seq_ids: list[int], q: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values retrieved for queries ``q [B, H, M, d]`` of sequences ``seq_ids [B]``.

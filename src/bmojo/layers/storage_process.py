@@ -90,6 +90,14 @@ class Mailbox:
             self.shm.close()
 
 
+def idle_priority() -> None:
+    """Run the calling thread only when a core is idle, preempted by any waking thread (Linux ``SCHED_IDLE``); where
+    a sandbox refuses it, the thread stays at normal priority."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def _send(conn: Connection, obj: object) -> None:
     """Send ``obj`` with its large arrays out of band: the pickle stream and the arrays' sizes, then each array's
     bytes as they are (no copy on this side; the writes release the interpreter lock). Arrays under ``OUT_OF_BAND``
@@ -283,9 +291,8 @@ class _Server:
     def serve(self, conn: Connection, channel: str) -> None:
         """Answer one channel's calls ``(key, method, args)`` with ``(True, result)`` or ``(False, exception)``
         until the other end closes, then end the process."""
-        if channel == "write" and sys.platform == "linux":  # graph building yields to searches and to decoding
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        if channel == "write":  # graph building yields to searches and to decoding
+            idle_priority()
         while True:
             try:
                 key, method, args = _recv(conn)
@@ -320,7 +327,7 @@ class _Server:
             key, r, *shape = box.header[2:8].tolist()
             seq, queries, keys, values, valid = box.arrays(*shape, r)
             try:
-                keys[:], values[:], valid[:] = self.indexes[key].found(seq.tolist(), queries.copy(), r)
+                keys[:], values[:], valid[:] = self.indexes[key].found(seq.tolist(), queries, r)
                 box.header[8] = 0
             except Exception:  # noqa: BLE001 - the caller runs the search again on the call channel to raise it
                 box.header[8] = 1
