@@ -227,8 +227,10 @@ class BMojoMixer(nn.Module):
         else:
             bands = [Band(k, v, 0, None if w is None else w - 1)]
             if self.fading:
-                kf, vf = self.attn.keys_values(f, pos, self.fading_k_proj, self.fading_v_proj)
-                bands.append(Band(kf, vf, w, 2 * w - 1))
+                # no query sees the fading keys of the last w positions; the recurrent state keeps them
+                seen = length if state is not None else max(0, length - w)
+                kf, vf = self.attn.keys_values(f[:, :seen], pos[:seen], self.fading_k_proj, self.fading_v_proj)
+                bands.append(Band(*(F.pad(x, (0, 0, 0, length - seen)) for x in (kf, vf)), w, 2 * w - 1))
             eidetic = None
             if self.memory is not None:
                 f_prev = F.pad(f[:, :-1], (0, 0, 1, 0))
@@ -244,7 +246,7 @@ class BMojoMixer(nn.Module):
         out = self.attn.output(o)
 
         if state is not None:
-            self._fill_state(state, k, v, f, pos, scores)
+            self._fill_state(state, k, v, pos, bands[-1] if self.fading else None, scores)
         return out, aux, state
 
     def _eidetic_memory(
@@ -298,11 +300,12 @@ class BMojoMixer(nn.Module):
         state: MixerState,
         k: torch.Tensor,
         v: torch.Tensor,
-        f: torch.Tensor | None,
         pos: torch.Tensor,
+        fading: Band | None,
         scores: torch.Tensor | None,
     ) -> None:
-        """Recurrent state after a parallel pass over positions ``pos``."""
+        """Recurrent state after a parallel pass over positions ``pos`` with keys/values ``k, v`` and the ``fading``
+        band's."""
         w = self.window
         if w is None:
             state.win_k, state.win_v, state.win_pos = k, v, pos
@@ -313,10 +316,9 @@ class BMojoMixer(nn.Module):
             state.win_score = scores.new_zeros(scores.shape[0], w)
             valid = state.win_pos >= 0
             state.win_score[:, valid] = scores[:, state.win_pos[valid]]
-        if self.fading:
-            kf, vf = self.attn.keys_values(f, pos, self.fading_k_proj, self.fading_v_proj)
-            state.fad_k, state.fad_pos = _ring_fill(kf, 2 * w)
-            state.fad_v, _ = _ring_fill(vf, 2 * w)
+        if fading is not None:
+            state.fad_k, state.fad_pos = _ring_fill(fading.k, 2 * w)
+            state.fad_v, _ = _ring_fill(fading.v, 2 * w)
 
     # ---------------------------------------------------------------- recurrent (decoding)
     def _step(self, h: torch.Tensor, state: MixerState) -> torch.Tensor:

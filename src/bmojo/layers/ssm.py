@@ -149,7 +149,7 @@ class Mamba2(SegmentedSSM):
         head_dim: int = 64,
         n_groups: int = 1,
         conv_kernel: int = 4,
-        chunk_size: int = 64,
+        chunk_size: int = 32,
         bias: bool = False,
         conv_bias: bool = True,
         norm_eps: float = 1e-5,

@@ -113,7 +113,7 @@ class BMojoConfig(PretrainedConfig):
         time_step_rank: int | None = None,
         mamba2_head_dim: int = 64,
         n_groups: int = 1,
-        ssm_chunk_size: int = 64,
+        ssm_chunk_size: int = 32,
         qk_norm: bool = False,
         rope_theta: float = 10000.0,
         use_rope: bool = True,

@@ -80,13 +80,14 @@ def ssd_scan_ref(
 def _segsum(a: torch.Tensor) -> torch.Tensor:
     """``[..., Q] -> [..., Q, Q]`` with ``out[..., i, j] = a[j+1] + ... + a[i]`` for ``i >= j``, ``-inf`` above.
 
-    Built by a masked cumsum, not as a difference of prefix sums, so it stays accurate when the
-    prefix sums are large (strong decay).
+    A difference of prefix sums taken in float64 (no float64 on MPS), so it stays accurate to the output's rounding
+    when the prefix sums are large (strong decay); one fused elementwise pass, where a masked cumsum of the
+    ``[Q, Q]`` matrix costs a strided scan forward and backward.
     """
     q = a.shape[-1]
-    below = torch.ones(q, q, dtype=torch.bool, device=a.device).tril(-1)
-    s = a[..., :, None].masked_fill(~below, 0.0).cumsum(-2)
-    return s.masked_fill(torch.ones_like(below).triu(1), float("-inf"))
+    cum = a.to(torch.float32 if a.device.type == "mps" else torch.float64).cumsum(-1)
+    causal = torch.ones(q, q, dtype=torch.bool, device=a.device).tril()
+    return (cum[..., :, None] - cum[..., None, :]).to(a.dtype).masked_fill(~causal, float("-inf"))
 
 
 def ssd_scan(
@@ -95,7 +96,7 @@ def ssd_scan(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
     initial_state: torch.Tensor | None = None,
 ) -> ScanOut:
     """Chunked SSD, equal to :func:`ssd_scan_ref` up to float32 rounding.
@@ -106,6 +107,8 @@ def ssd_scan(
     to the chunk end; the recurrence over the ``L / Q`` chunks, in closed form (the same segsum over the
     chunks' total decays), gives every chunk's incoming state (starting from ``initial_state``), whose
     decayed read-out through ``C`` is added to ``y``.
+    The intra-chunk work grows with ``Q`` and the closed-form recurrence with ``(L / Q)^2``; on CPU, 32 was the
+    fastest at 2K tokens (8 heads of 64, state 16: 10.4 ms forward and backward compiled, 11.6 ms with 64).
     Differentiable by autograd. Returns ``(y [batch, L, H, P], final_state [batch, H, P, N])``.
     CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed (see the module docstring).
     """
