@@ -397,17 +397,29 @@ def _blocks_keys(xs: list[torch.Tensor], shifts: list[int], c: int, n: int, t: i
 
 def _blocks_mask(bands: list[Band], shifts: list[int], c: int, n: int, t: int, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:  # fmt: skip
-    """Additive mask ``[n, 1, c, t * S]`` (0 visible, -inf not) of query row ``r`` of block ``i`` over the keys of
-    slots ``i..i+t-1`` of :func:`_blocks_keys`: band keys with ``lo <= i*c + r - position <= hi``, position >= 0."""
-    i = torch.arange(n, device=device).view(n, 1, 1, 1)
+    """Additive mask ``[m, 1, c, t * S]`` (0 visible, -inf not) of query row ``r`` of block ``i`` over the keys of
+    slots ``i..i+t-1`` of :func:`_blocks_keys`: band keys with ``lo <= i*c + r - position <= hi``, position >= 0.
+
+    Which keys a row sees depends on ``i`` only through ``position >= 0``, so every block from ``t - 1 + max(shifts)``
+    on has the same mask: only ``m = min(n, t + max(shifts))`` rows are built, and block ``i`` uses row
+    ``min(i, m - 1)`` (:func:`_piece_mask`).
+    """
+    i = torch.arange(min(n, t + max(shifts)), device=device).view(-1, 1, 1, 1)
     r = torch.arange(c, device=device).view(1, c, 1, 1)
     slot = torch.arange(t, device=device).view(1, 1, t, 1)
     s = torch.arange(c, device=device).view(1, 1, 1, c)
     parts = []
     for band, shift in zip(bands, shifts):
         parts.append(_in_band(i * c + r, (i + slot - (t - 1) - shift) * c + s, band.lo, band.hi))
-    visible = torch.cat(parts, dim=-1).flatten(2)  # [n, c, t * S]
+    visible = torch.cat(parts, dim=-1).flatten(2)  # [m, c, t * S]
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf")).unsqueeze(1)
+
+
+def _piece_mask(mask: torch.Tensor, a: int, e: int) -> torch.Tensor:
+    """The rows of :func:`_blocks_mask` for blocks ``a..e-1`` (pieces from :func:`_block_pieces` lie on one side of
+    the last row): its own rows, or the last row broadcast over the piece."""
+    m = mask.shape[0]
+    return mask[a:e] if e < m else mask[m - 1 :]
 
 
 def _block_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, t: int) -> tuple[torch.Tensor, ...]:
@@ -419,9 +431,11 @@ def _block_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, t: i
     return q.view(h, n, -1, d).transpose(0, 1), kv, vv
 
 
-def _block_pieces(b: int, n: int, per_piece: int) -> list[tuple[int, int, int]]:
-    """``(sequence, first block, end block)`` of each kernel call: ``per_piece`` blocks of one sequence."""
-    return [(i, a, min(a + per_piece, n)) for i in range(b) for a in range(0, n, per_piece)]
+def _block_pieces(b: int, n: int, per_piece: int, steady: int) -> list[tuple[int, int, int]]:
+    """``(sequence, first block, end block)`` of each kernel call: up to ``per_piece`` blocks of one sequence, cut
+    at block ``steady`` as well (the first block that :func:`_blocks_mask` shares with every later one)."""
+    cuts = sorted({*range(0, n, per_piece), min(steady, n)} - {n})
+    return [(i, a, e) for i in range(b) for a, e in zip(cuts, [*cuts[1:], n])]
 
 
 def _piece_views(q, k, v, i: int, a: int, e: int, c: int, t: int) -> tuple[torch.Tensor, ...]:
@@ -433,7 +447,7 @@ def _piece_views(q, k, v, i: int, a: int, e: int, c: int, t: int) -> tuple[torch
 def _blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, t: int, scale: float,
                       per_piece: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Query block ``i`` of ``q [B, H, n*c, d]`` attends to key/value slots ``i..i+t-1`` of ``k, v [B, H, n+t-1, S,
-    d]`` under the additive ``mask [n, 1, c, t*S]``: fused CPU flash-attention calls over overlapping strided
+    d]`` under the additive ``mask [m, 1, c, t*S]`` (:func:`_blocks_mask`): fused CPU flash-attention calls over overlapping strided
     views of the slots (no gathered windows), ``per_piece`` blocks per call (so the kernel's gradient buffers stay
     small enough to be reused rather than freshly mapped); returns ``(o [B, H, n*c, d], lse [B, H, n*c])``.
 
@@ -442,8 +456,9 @@ def _blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     b, h, length, _ = q.shape
     c = mask.shape[2]
     o, lse = torch.empty_like(q), q.new_empty((b, h, length), dtype=_accumulate(q).dtype)
-    for i, a, e in _block_pieces(b, length // c, per_piece):
-        out, piece_lse = _flash_cpu(*_piece_views(q, k, v, i, a, e, c, t), attn_mask=mask[a:e], scale=scale)
+    for i, a, e in _block_pieces(b, length // c, per_piece, mask.shape[0] - 1):
+        out, piece_lse = _flash_cpu(*_piece_views(q, k, v, i, a, e, c, t), attn_mask=_piece_mask(mask, a, e),
+                                    scale=scale)  # fmt: skip
         o[i, :, a * c : e * c] = out.transpose(0, 1).flatten(1, 2)
         lse[i, :, a * c : e * c] = piece_lse.transpose(0, 1).flatten(1)
     return o, lse
@@ -468,17 +483,20 @@ def _blocks_attention_backward(do: torch.Tensor, dlse: torch.Tensor, q: torch.Te
     b, h, length, d = q.shape
     c = mask.shape[2]
     norm = _accumulate(do).square().sum(-1)
-    torch._assert_async(~((norm == 0) & (dlse != 0)).any(), "blocks_union_attention: a gradient through the LSE "
-                        "of a query whose output has no gradient is not supported; use union_attention(impl='merge')")
+    torch._assert_async(
+        ~((norm == 0) & (dlse != 0)).any(),
+        "blocks_union_attention: a gradient through the LSE "
+        "of a query whose output has no gradient is not supported; use union_attention(impl='merge')",
+    )
     o = (_accumulate(o) - (dlse / norm.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(-1) * do).to(o.dtype)
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for i, a, e in _block_pieces(b, length // c, per_piece):
+    for i, a, e in _block_pieces(b, length // c, per_piece, mask.shape[0] - 1):
         n, rows = e - a, slice(a * c, e * c)
         gq, gk, gv = _flash_cpu_backward(do[i, :, rows].view(h, n, c, d).transpose(0, 1),
                                          *_piece_views(q, k, v, i, a, e, c, t),
                                          o[i, :, rows].view(h, n, c, d).transpose(0, 1),
                                          lse[i, :, rows].view(h, n, c).transpose(0, 1), 0.0, False,
-                                         attn_mask=mask[a:e], scale=scale)  # fmt: skip
+                                         attn_mask=_piece_mask(mask, a, e), scale=scale)  # fmt: skip
         dq[i, :, rows] = gq.transpose(0, 1).flatten(1, 2)
         _fold_blocks(dk[i, :, a : e + t - 1], gk, t)
         _fold_blocks(dv[i, :, a : e + t - 1], gv, t)
