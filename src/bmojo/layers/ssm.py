@@ -39,8 +39,8 @@ def _causal_conv(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None) ->
     if prev is None:
         prev = xt.new_zeros(xt.shape[0], xt.shape[1], k - 1)
     xt = torch.cat([prev.to(xt.dtype), xt], dim=-1)
-    y = depthwise_conv1d(xt, conv.weight, conv.bias)
-    return F.silu(y).transpose(1, 2), xt[:, :, xt.shape[-1] - (k - 1) :]
+    y = depthwise_conv1d(xt, conv.weight, conv.bias, silu=True)
+    return y.transpose(1, 2), xt[:, :, xt.shape[-1] - (k - 1) :]
 
 
 def _inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
