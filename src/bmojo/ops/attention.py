@@ -402,7 +402,7 @@ def _blocks_mask(bands: list[Band], shifts: list[int], c: int, n: int, t: int, d
 
     Which keys a row sees depends on ``i`` only through ``position >= 0``, so every block from ``t - 1 + max(shifts)``
     on has the same mask: only ``m = min(n, t + max(shifts))`` rows are built, and block ``i`` uses row
-    ``min(i, m - 1)`` (:func:`_piece_mask`).
+    ``min(i, m - 1)`` (:func:`_block_pieces`).
     """
     i = torch.arange(min(n, t + max(shifts)), device=device).view(-1, 1, 1, 1)
     r = torch.arange(c, device=device).view(1, c, 1, 1)
@@ -415,13 +415,6 @@ def _blocks_mask(bands: list[Band], shifts: list[int], c: int, n: int, t: int, d
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf")).unsqueeze(1)
 
 
-def _piece_mask(mask: torch.Tensor, a: int, e: int) -> torch.Tensor:
-    """The rows of :func:`_blocks_mask` for blocks ``a..e-1`` (pieces from :func:`_block_pieces` lie on one side of
-    the last row): its own rows, or the last row broadcast over the piece."""
-    m = mask.shape[0]
-    return mask[a:e] if e < m else mask[m - 1 :]
-
-
 def _block_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, t: int) -> tuple[torch.Tensor, ...]:
     """``n`` query blocks of one sequence, ``q [H, n*c, d]``, and their key/value slots ``[H, n + t - 1, S, d]`` as
     the batches the CPU flash kernel takes: queries ``[n, H, c, d]``, keys/values ``[n, H, t*S, d]`` (overlapping
@@ -431,11 +424,13 @@ def _block_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, t: i
     return q.view(h, n, -1, d).transpose(0, 1), kv, vv
 
 
-def _block_pieces(b: int, n: int, per_piece: int, steady: int) -> list[tuple[int, int, int]]:
-    """``(sequence, first block, end block)`` of each kernel call: up to ``per_piece`` blocks of one sequence, cut
-    at block ``steady`` as well (the first block that :func:`_blocks_mask` shares with every later one)."""
-    cuts = sorted({*range(0, n, per_piece), min(steady, n)} - {n})
-    return [(i, a, e) for i in range(b) for a, e in zip(cuts, [*cuts[1:], n])]
+def _block_pieces(b: int, n: int, per_piece: int, mask: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor]]:
+    """``(sequence, first block, end block, mask)`` of each kernel call: up to ``per_piece`` blocks of one sequence,
+    cut also where the last row of ``mask`` (:func:`_blocks_mask`) starts to serve every block; the piece's own rows
+    before, that row broadcast over the piece from there."""
+    m = mask.shape[0]
+    cuts = sorted({*range(0, n, per_piece), m - 1})
+    return [(i, a, e, mask[a:e] if e < m else mask[m - 1 :]) for i in range(b) for a, e in zip(cuts, [*cuts[1:], n])]
 
 
 def _piece_views(q, k, v, i: int, a: int, e: int, c: int, t: int) -> tuple[torch.Tensor, ...]:
@@ -447,18 +442,18 @@ def _piece_views(q, k, v, i: int, a: int, e: int, c: int, t: int) -> tuple[torch
 def _blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, t: int, scale: float,
                       per_piece: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Query block ``i`` of ``q [B, H, n*c, d]`` attends to key/value slots ``i..i+t-1`` of ``k, v [B, H, n+t-1, S,
-    d]`` under the additive ``mask [m, 1, c, t*S]`` (:func:`_blocks_mask`): fused CPU flash-attention calls over overlapping strided
-    views of the slots (no gathered windows), ``per_piece`` blocks per call (so the kernel's gradient buffers stay
-    small enough to be reused rather than freshly mapped); returns ``(o [B, H, n*c, d], lse [B, H, n*c])``.
+    d]`` under the additive ``mask [m, 1, c, t*S]`` (:func:`_blocks_mask`): fused CPU flash-attention calls over
+    overlapping strided views of the slots (no gathered windows), ``per_piece`` blocks per call (so the kernel's
+    gradient buffers stay small enough to be reused rather than freshly mapped); returns ``(o [B, H, n*c, d], lse [B,
+    H, n*c])``.
 
     A custom op, so that ``torch.compile`` keeps it whole; its backward is :func:`_blocks_attention_backward`.
     """
     b, h, length, _ = q.shape
     c = mask.shape[2]
     o, lse = torch.empty_like(q), q.new_empty((b, h, length), dtype=_accumulate(q).dtype)
-    for i, a, e in _block_pieces(b, length // c, per_piece, mask.shape[0] - 1):
-        out, piece_lse = _flash_cpu(*_piece_views(q, k, v, i, a, e, c, t), attn_mask=_piece_mask(mask, a, e),
-                                    scale=scale)  # fmt: skip
+    for i, a, e, piece_mask in _block_pieces(b, length // c, per_piece, mask):
+        out, piece_lse = _flash_cpu(*_piece_views(q, k, v, i, a, e, c, t), attn_mask=piece_mask, scale=scale)
         o[i, :, a * c : e * c] = out.transpose(0, 1).flatten(1, 2)
         lse[i, :, a * c : e * c] = piece_lse.transpose(0, 1).flatten(1)
     return o, lse
@@ -490,13 +485,13 @@ def _blocks_attention_backward(do: torch.Tensor, dlse: torch.Tensor, q: torch.Te
     )
     o = (_accumulate(o) - (dlse / norm.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(-1) * do).to(o.dtype)
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for i, a, e in _block_pieces(b, length // c, per_piece, mask.shape[0] - 1):
+    for i, a, e, piece_mask in _block_pieces(b, length // c, per_piece, mask):
         n, rows = e - a, slice(a * c, e * c)
         gq, gk, gv = _flash_cpu_backward(do[i, :, rows].view(h, n, c, d).transpose(0, 1),
                                          *_piece_views(q, k, v, i, a, e, c, t),
                                          o[i, :, rows].view(h, n, c, d).transpose(0, 1),
                                          lse[i, :, rows].view(h, n, c).transpose(0, 1), 0.0, False,
-                                         attn_mask=_piece_mask(mask, a, e), scale=scale)  # fmt: skip
+                                         attn_mask=piece_mask, scale=scale)  # fmt: skip
         dq[i, :, rows] = gq.transpose(0, 1).flatten(1, 2)
         _fold_blocks(dk[i, :, a : e + t - 1], gk, t)
         _fold_blocks(dv[i, :, a : e + t - 1], gv, t)
