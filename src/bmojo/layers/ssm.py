@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmojo.layers.norm import GatedRMSNorm, RMSNorm
-from bmojo.ops.conv import depthwise_conv1d
+from bmojo.ops.conv import causal_conv1d
 from bmojo.ops.selective_scan import selective_scan, selective_scan_step
 from bmojo.ops.ssd import ssd_scan, ssd_step
 
@@ -35,12 +35,11 @@ def _causal_conv(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None) ->
     Returns ``silu(conv(x)) [B, L, C]`` and the new conv state ``[B, C, K-1]``.
     """
     k = conv.kernel_size[0]
-    xt = x.transpose(1, 2)
     if prev is None:
-        prev = xt.new_zeros(xt.shape[0], xt.shape[1], k - 1)
-    xt = torch.cat([prev.to(xt.dtype), xt], dim=-1)
-    y = depthwise_conv1d(xt, conv.weight, conv.bias, silu=True)
-    return y.transpose(1, 2), xt[:, :, xt.shape[-1] - (k - 1) :]
+        prev = x.new_zeros(x.shape[0], x.shape[2], k - 1)
+    x = torch.cat([prev.transpose(1, 2).to(x.dtype), x], dim=1)
+    state = x[:, x.shape[1] - (k - 1) :].transpose(1, 2).contiguous()
+    return causal_conv1d(x, conv.weight, conv.bias, silu=True), state
 
 
 def _inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:

@@ -1,55 +1,35 @@
-"""Depthwise 1-d convolution (the SSM layers' short causal conv) with a cheaper backward pass on CPU.
+"""Causal depthwise 1-d convolution (the SSM layers' short conv) in the layers' ``[B, L, C]`` layout.
 
-:func:`depthwise_conv1d` computes ``y[b, c, t] = bias[c] + sum_j weight[c, 0, j] * x[b, c, t + j]`` for ``x [B, C,
-L + K - 1]`` (already padded on the left for a causal conv), ``weight [C, 1, K]``, ``bias [C]``: ``F.conv1d(x, weight,
-bias, groups=C)``, which stays the reference, optionally followed by SiLU (as causal-conv1d's ``activation="silu"``).
-On CPU its backward is computed here: the input gradient as the same depthwise convolution of the gradient with the
-flipped kernel, the kernel gradient as ``K`` products of shifted inputs with the gradient, summed; PyTorch's own
-depthwise backward is about 1.5-3x slower at the layers' shapes. The SSM layers use the output transposed to ``[B,
-L, C]``, so its gradient arrives transposed: the backward makes it contiguous once, which makes the SiLU backward
-and the products about 5-10x faster than on the strided gradient.
+:func:`causal_conv1d` computes ``y[b, t, c] = bias[c] + sum_j weight[c, 0, j] * x[b, t + j, c]`` for ``x [B, L + K - 1,
+C]`` (already holding the ``K - 1`` inputs before the first output), an ``nn.Conv1d(C, C, K, groups=C)`` weight
+``[C, 1, K]`` and bias ``[C]``, optionally followed by SiLU (as causal-conv1d's ``activation="silu"``). The reference
+is ``F.conv1d`` of the input transposed to ``[B, C, L + K - 1]``; here it is ``K`` shifted multiply-adds, which
+autograd differentiates and ``torch.compile`` fuses into one pass, and which keep the tokens-major layout of the
+projections around it. On CPU that is faster than the convolution for the whole training step: PyTorch's depthwise
+conv backward is slow at these shapes, and a channels-major conv output leaves the elementwise work after it
+(the SSD's skip, the gated norm, their backward) reading transposed memory.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 
-class _DepthwiseConv1d(torch.autograd.Function):
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu")  # the backward's convolution runs under the forward's autocast state
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
-        y = F.conv1d(x, weight, bias, groups=x.shape[1])
-        ctx.save_for_backward(x, weight, y if silu else None)
-        return F.silu(y) if silu else y
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, y = ctx.saved_tensors
-        grad = grad.contiguous()
-        if y is not None:
-            grad = torch.ops.aten.silu_backward(grad, y)
-        k, length = weight.shape[-1], grad.shape[-1]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv1d(grad, weight.flip(-1), padding=k - 1, groups=x.shape[1])
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.stack([(x[..., j : j + length] * grad).sum((0, 2)) for j in range(k)], -1).unsqueeze(1)
-        if ctx.needs_input_grad[2]:  # False without a bias
-            grad_b = grad.sum((0, 2))
-        return grad_x, grad_w, grad_b, None
-
-
-def depthwise_conv1d(
+def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = False
 ) -> torch.Tensor:
-    """``F.conv1d(x, weight, bias, groups=C)`` for ``x [B, C, L + K - 1]`` -> ``[B, C, L]``, then SiLU if ``silu``,
-    differentiated by this module's backward on CPU."""
-    if x.device.type == "cpu" and torch.is_grad_enabled():
-        return _DepthwiseConv1d.apply(x, weight, bias, silu)
-    y = F.conv1d(x, weight, bias, groups=x.shape[1])
+    """``x [B, L + K - 1, C]``, ``weight [C, 1, K]``, ``bias [C]`` -> ``[B, L, C]``, then SiLU if ``silu``; computed
+    in ``x``'s dtype (as ``F.conv1d`` under autocast)."""
+    c, k = weight.shape[0], weight.shape[-1]
+    if weight.shape != (c, 1, k) or x.dim() != 3 or x.shape[2] != c:
+        raise ValueError(f"expected x [B, L + K - 1, C] and a depthwise weight [C, 1, K], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    length = x.shape[1] - k + 1
+    if length < 1:
+        raise ValueError(f"a kernel of {k} needs at least {k} inputs, got {x.shape[1]}")
+    w = weight[:, 0].to(x.dtype)
+    y = x[:, :length] * w[:, 0] if bias is None else torch.addcmul(bias.to(x.dtype), x[:, :length], w[:, 0])
+    for j in range(1, k):
+        y = torch.addcmul(y, x[:, j : j + length], w[:, j])
     return F.silu(y) if silu else y
