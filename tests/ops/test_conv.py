@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops.conv import causal_conv1d
+from bmojo.ops.conv import causal_conv1d, conv_taps
 
 
 def conv1d_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, silu: bool = False) -> torch.Tensor:
@@ -67,3 +67,25 @@ def test_causal_conv1d_under_bfloat16_autocast_follows_conv1d():
 def test_causal_conv1d_rejects_bad_shapes(x_shape, w_shape, match):
     with pytest.raises(ValueError, match=match):
         causal_conv1d(torch.randn(x_shape), torch.randn(w_shape))
+
+
+def test_causal_conv1d_compiled_matches_eager():
+    """Under ``torch.compile`` the taps come from the opaque ``conv_taps`` op; same values and gradients."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 19, 6, generator=g, requires_grad=True)
+    w = torch.randn(6, 1, 4, generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True)
+    grad = torch.randn(2, 16, 6, generator=g)
+    compiled = torch.compile(causal_conv1d, fullgraph=True)
+    y, y_ref = compiled(x, w, b, True), conv1d_ref(x, w, b, True)
+    torch.testing.assert_close(y, y_ref)
+    for a, r in zip(torch.autograd.grad(y, (x, w, b), grad), torch.autograd.grad(y_ref, (x, w, b), grad)):
+        torch.testing.assert_close(a, r)
+
+
+def test_conv_taps_layout_and_gradient():
+    w = torch.randn(5, 1, 3, dtype=torch.float64, requires_grad=True)
+    taps = conv_taps(w)
+    assert taps.shape == (3, 5) and taps.is_contiguous()
+    torch.testing.assert_close(taps, w[:, 0].t())
+    assert torch.autograd.gradcheck(conv_taps, (w,))
