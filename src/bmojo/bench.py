@@ -21,8 +21,8 @@ and reported as achieved FLOP/s and as a fraction of the measured matmul peak (o
 hide their FLOPs from the counter). Every ``train`` point also reports model FLOPs utilisation (``mfu``): the
 usual estimate of a step's useful FLOPs (:func:`model_flops`) per second over the measured matmul peak in the run's
 dtype. ``dtype="bfloat16"`` runs every mode under ``torch.autocast`` (weights stay float32). ``compile=True`` times
-``train`` and ``prefill`` through ``torch.compile`` of every model (compilation happens in the warm-up runs; FLOP
-counts and memory come from the eager model; ``decode`` stays eager).
+every mode through ``torch.compile`` of every model (compilation happens in the warm-up runs; FLOP counts and
+memory come from the eager model).
 """
 
 from __future__ import annotations
@@ -227,9 +227,10 @@ def _autocast(device: torch.device, dtype: str) -> torch.autocast:
 def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int,
                 dtype: str = "float32", compile: bool = False) -> Callable[[], None]:  # fmt: skip
     """A function running one unit of ``mode`` on ``ids [batch, L]`` under autocast to ``dtype`` (for ``decode``
-    the prefill happens now); ``compile``: ``train`` and ``prefill`` call the model through ``torch.compile``."""
+    the prefill happens now); ``compile``: the model runs through ``torch.compile``, for ``train`` and ``prefill``
+    with a graph per length, for ``decode`` with one graph for every position (after a first one for the first)."""
     amp = functools.partial(_autocast, ids.device, dtype)
-    forward = torch.compile(model, dynamic=False) if compile and mode != "decode" else model  # a graph per length
+    forward = torch.compile(model, dynamic=False if mode != "decode" else None) if compile else model
     if mode == "train":
         model.train()
 
@@ -253,7 +254,7 @@ def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_st
     def decode() -> None:
         with torch.no_grad(), amp():
             for _ in range(decode_steps):
-                model(token, cache=cache, use_cache=True)
+                forward(token, cache=cache, use_cache=True)
 
     decode.cache = cache  # type: ignore[attr-defined]
     return decode
@@ -500,7 +501,7 @@ def markdown(result: dict[str, Any]) -> str:
     run = (
         f"Size {s['size']}, batch {s['batch']}, {s['repeats']} repeats after {s['warmup']} warm-up (medians), "
         f"{s['decode_steps']} decode steps, overrides {s['overrides'] or 'none'}"
-        f"{', train and prefill through torch.compile' if s.get('compile') else ''}."
+        f"{', through torch.compile' if s.get('compile') else ''}."
     )
     lines = [
         f"# bmojo bench ({result['date']})", "", machine, "", run, "",

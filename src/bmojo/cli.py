@@ -433,7 +433,7 @@ def bench(
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's)"),
     device: str = typer.Option("cpu", help="torch device"),
     dtype: str = typer.Option("float32", help="float32, or bfloat16 (autocast)"),
-    compile: bool = typer.Option(False, "--compile/--eager", help="time train and prefill through torch.compile"),
+    compile: bool = typer.Option(False, "--compile/--eager", help="time every mode through torch.compile"),
     overrides: list[str] | None = typer.Option(None, "--set", help="config field of every model: KEY=VALUE"),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="measure peak memory (CPU: a process per point)"),
     out: Path = typer.Option(Path("runs/bench"), help="output directory"),

@@ -103,6 +103,37 @@ def test_prefill_then_steps_equals_parallel(name, prefill):
     assert state.seen == 30
 
 
+def test_full_attention_cache_grows_while_decoding():
+    """The full-attention key buffer grows by an eighth (at least 64 slots) when full: three growths here."""
+    m = make(**CONFIGS["transformer"])
+    h = torch.randn(1, 200, D)
+    with torch.no_grad():
+        full, _, _ = m(h)
+        state = MixerState()
+        outs = [m(h[:, :1], state)[0]] + [m(h[:, t : t + 1], state)[0] for t in range(1, 200)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
+    assert state.win_k.shape[2] == 257 and state.win_pos[200:].eq(-1).all()
+
+
+@pytest.mark.parametrize("name", ["bmojo", "transformer"])
+def test_compiled_decoding_equals_eager_with_one_graph_for_every_position(name):
+    """Ring slots and chunk boundaries come from the state's position tensor: after a first graph for the first
+    position, one graph serves every later one (the full-attention buffer's growth adds one)."""
+    from torch._dynamo.utils import counters
+
+    m = make(**CONFIGS[name])
+    h = torch.randn(2, 20, D)
+    torch.compiler.reset()
+    counters.clear()
+    step = torch.compile(m)
+    with torch.no_grad():
+        eager, compiled = MixerState(), MixerState()
+        m(h[:, :5], eager), m(h[:, :5], compiled)
+        for t in range(5, 20):  # crosses chunk boundaries (chunk 4) and a full ring (window 4)
+            torch.testing.assert_close(step(h[:, t : t + 1], compiled)[0], m(h[:, t : t + 1], eager)[0])
+    assert compiled.seen == 20 and counters["stats"]["unique_graphs"] <= (2 if name == "bmojo" else 3)
+
+
 def test_multi_token_continuation_equals_parallel():
     m = make()
     h = torch.randn(1, 27, D)

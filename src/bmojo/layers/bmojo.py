@@ -52,8 +52,11 @@ SSM_TYPES = {"mamba": Mamba, "mamba2": Mamba2}
 class MixerState:
     """Recurrent state of one mixer after ``seen`` tokens.
 
+    ``pos [1]``: ``seen`` as a tensor on the state's device, from which decoding computes its ring slots, so that a
+    compiled step does not depend on the Python integer (one graph for every position).
     ``win_*``: raw keys/values ``[B, Hkv, S, d]`` in ring slots ``pos % w`` (full attention: all
-    tokens in order), with ``win_pos [S]`` (``-1`` = empty) and eidetic scores ``win_score [B, S]``.
+    tokens in order, in a buffer that grows by an eighth when full), with ``win_pos [S]`` (``-1`` = empty) and eidetic
+    scores ``win_score [B, S]``.
     ``fad_*``: fading keys/values in ring slots ``pos % 2w``. ``mem_*``: the eidetic memory in use
     (positions ``[B, k]``), ``stage_*``: the best ``k`` tokens that have left the window so far,
     which becomes the memory in use at the next chunk boundary. ``f_last [B, D]``: last fading token.
@@ -62,6 +65,7 @@ class MixerState:
     """
 
     seen: int = 0
+    pos: torch.Tensor | None = None
     ssm: SSMState | None = None
     f_last: torch.Tensor | None = None
     win_k: torch.Tensor | None = None
@@ -212,7 +216,7 @@ class BMojoMixer(nn.Module):
         if self.ssm is not None:
             f, ssm_state = self.ssm(h)
         if state is not None:
-            state.seen, state.ssm = length, ssm_state
+            state.seen, state.pos, state.ssm = length, torch.tensor([length], device=h.device), ssm_state
             state.f_last = None if f is None else f[:, -1]
         if self.attn is None:
             return f, None, state
@@ -323,9 +327,8 @@ class BMojoMixer(nn.Module):
     # ---------------------------------------------------------------- recurrent (decoding)
     def _step(self, h: torch.Tensor, state: MixerState) -> torch.Tensor:
         """One token ``h [B, 1, D]`` at position ``state.seen``; updates ``state`` in place."""
-        t = state.seen
+        t, pos = state.seen, state.pos
         if self.attn is not None:
-            pos = torch.tensor([t], device=h.device)
             q = self.attn.queries(h, pos)
             if self.store is not None:  # the search runs while the SSM and the window attention do
                 found = self.store.retrieve_async(state.store_ids.tolist(), q, self.storage.topk)
@@ -333,7 +336,7 @@ class BMojoMixer(nn.Module):
         if self.ssm is not None:
             f, state.ssm = self.ssm(h, state.ssm)
         f_prev, state.f_last = state.f_last, (None if f is None else f[:, -1])
-        state.seen = t + 1
+        state.seen, state.pos = t + 1, pos + 1
         if self.attn is None:
             return f
 
@@ -342,22 +345,31 @@ class BMojoMixer(nn.Module):
         score = None
         if self.memory is not None:
             score, _ = self.memory.score(h, f_prev.unsqueeze(1), pos)
-            if t % self.memory.chunk_size == 0:
-                state.mem_k, state.mem_v, state.mem_pos = state.stage_k, state.stage_v, state.stage_pos
+            boundary = pos % self.memory.chunk_size == 0  # the memory built so far comes into use
+            state.mem_k = torch.where(boundary, state.stage_k, state.mem_k)
+            state.mem_v = torch.where(boundary, state.stage_v, state.mem_v)
+            state.mem_pos = torch.where(boundary, state.stage_pos, state.mem_pos)
         if w is None:
-            state.win_k = torch.cat([state.win_k, k], dim=2)
-            state.win_v = torch.cat([state.win_v, v], dim=2)
-            state.win_pos = torch.cat([state.win_pos, pos])
-            keys, values, visible = state.win_k, state.win_v, (state.win_pos >= 0).expand(h.shape[0], -1)
+            if t == state.win_k.shape[2]:  # full: grow by an eighth, so copying costs O(1) per token on average
+                extra = max(64, t // 8)
+                state.win_k, state.win_v = (F.pad(x, (0, 0, 0, extra)) for x in (state.win_k, state.win_v))
+                state.win_pos = F.pad(state.win_pos, (0, extra), value=-1)
+            state.win_k.index_copy_(2, pos, k)
+            state.win_v.index_copy_(2, pos, v)
+            state.win_pos.index_copy_(0, pos, pos)
+            keys, values = state.win_k[:, :, : t + 1], state.win_v[:, :, : t + 1]
+            visible = (state.win_pos[: t + 1] >= 0).expand(h.shape[0], -1)
         else:
-            self._write_window(state, t, k, v, score)
+            self._write_window(state, pos, k, v, score)
             keys, values = [state.win_k], [state.win_v]
             visible = [(state.win_pos >= 0).expand(h.shape[0], -1)]
             if self.fading:
                 kf, vf = self.attn.keys_values(f, pos, self.fading_k_proj, self.fading_v_proj)
-                slot = t % (2 * w)
-                state.fad_k[:, :, slot], state.fad_v[:, :, slot], state.fad_pos[slot] = kf[:, :, 0], vf[:, :, 0], t
-                lag = t - state.fad_pos
+                slot = pos % (2 * w)
+                state.fad_k.index_copy_(2, slot, kf)
+                state.fad_v.index_copy_(2, slot, vf)
+                state.fad_pos.index_copy_(0, slot, pos)
+                lag = pos - state.fad_pos
                 keys.append(state.fad_k)
                 values.append(state.fad_v)
                 visible.append(((state.fad_pos >= 0) & (lag >= w)).expand(h.shape[0], -1))
@@ -383,27 +395,28 @@ class BMojoMixer(nn.Module):
         self.store.add_candidates(state.store_ids, *zip(*parts), skip=state.stage_pos)
 
     def _write_window(
-        self, state: MixerState, t: int, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor | None
+        self, state: MixerState, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor | None
     ) -> None:
-        """Put token ``t`` in ring slot ``t % w``; the token it evicts becomes an eidetic candidate."""
-        slot = t % self.window
-        old = t - self.window  # the slot's occupant (-1 or less: empty), known without reading the device
-        if self.memory is not None and old >= 0:
-            cand_k, cand_v = state.win_k[:, :, slot : slot + 1], state.win_v[:, :, slot : slot + 1]
+        """Put the token at position ``pos [1]`` in ring slot ``pos % w``; the token it evicts (none while the ring
+        fills: slot position ``-1``) becomes an eidetic candidate."""
+        slot = pos % self.window
+        if self.memory is not None:
+            cand_k, cand_v = state.win_k.index_select(2, slot), state.win_v.index_select(2, slot)
+            cand_pos = state.win_pos.index_select(0, slot).expand(k.shape[0], 1)
+            cand_score = state.win_score.index_select(1, slot).masked_fill(cand_pos < 0, float("-inf"))
             state.stage_score, state.stage_pos, idx = merge_topk(
-                state.stage_score,
-                state.stage_pos,
-                state.win_score[:, slot : slot + 1],
-                state.win_pos[slot : slot + 1].expand(k.shape[0], 1),
-                self.memory.size,
+                state.stage_score, state.stage_pos, cand_score, cand_pos, self.memory.size
             )
             idx = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
             state.stage_k = torch.cat([state.stage_k, cand_k], 2).gather(2, idx)
             state.stage_v = torch.cat([state.stage_v, cand_v], 2).gather(2, idx)
-            if state.pend_pos is not None:
+            t = state.seen - 1  # this token's position as a Python int, for the store's host-side bookkeeping
+            if state.pend_pos is not None and t >= self.window:
                 pend = t % self.memory.chunk_size
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]
-                state.pend_pos[pend] = old
-        state.win_k[:, :, slot], state.win_v[:, :, slot], state.win_pos[slot] = k[:, :, 0], v[:, :, 0], t
+                state.pend_pos[pend] = t - self.window
+        state.win_k.index_copy_(2, slot, k)
+        state.win_v.index_copy_(2, slot, v)
+        state.win_pos.index_copy_(0, slot, pos)
         if score is not None:
-            state.win_score[:, slot] = score[:, 0]
+            state.win_score.index_copy_(1, slot, score)
