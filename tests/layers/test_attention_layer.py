@@ -27,7 +27,9 @@ def test_partial_rotary_rotates_the_first_dims_and_passes_the_rest(fraction, rot
     attn = Attention(32, num_heads=2, head_dim=16, rotary_fraction=fraction)
     h, pos = torch.randn(1, 5, 32), torch.tensor([0, 3, 7, 100, 4096])
     raw = attn.q_proj(h).unflatten(-1, (2, 16)).transpose(1, 2)
-    torch.testing.assert_close(attn.queries(h, pos), rotate_pairs(raw, pos, rotary_dim), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attn.queries(h, attn.rope(pos)), rotate_pairs(raw, pos, rotary_dim), atol=1e-5, rtol=1e-5
+    )
     assert attn.rotary.head_dim == rotary_dim
 
 
@@ -46,4 +48,3 @@ def test_bad_rotary_fraction_raises():
         Attention(32, num_heads=2, rotary_fraction=0.0)
     with pytest.raises(ValueError, match="even number"):
         Attention(32, num_heads=2, head_dim=16, rotary_fraction=0.1)  # one dimension: nothing to rotate in pairs
-

@@ -24,9 +24,7 @@ def test_chunk_memories_match_brute_force(length, window, chunk, k):
     pos, (stage_score, stage_pos) = chunk_memories(scores, window, chunk, k, n_chunks)
     for j in range(n_chunks):
         assert pos[:, j].tolist() == brute_force_memory(scores, window, chunk, k, j)
-    final = [
-        sorted(range(max(0, length - window)), key=lambda p: (-row[p], p))[:k] for row in scores.tolist()
-    ]
+    final = [sorted(range(max(0, length - window)), key=lambda p: (-row[p], p))[:k] for row in scores.tolist()]
     assert stage_pos.tolist() == [f + [-1] * (k - len(f)) for f in final]
     assert torch.isinf(stage_score[stage_pos < 0]).all()
 
@@ -38,9 +36,7 @@ def test_merge_topk_one_at_a_time_equals_all_at_once():
     ms, mp = torch.full((2, 5), float("-inf")), torch.full((2, 5), -1)
     for t in range(30):
         ms, mp, _ = merge_topk(ms, mp, scores[:, t : t + 1], positions[:, t : t + 1], 5)
-    _, all_pos, _ = merge_topk(
-        torch.full((2, 5), float("-inf")), torch.full((2, 5), -1), scores, positions, 5
-    )
+    _, all_pos, _ = merge_topk(torch.full((2, 5), float("-inf")), torch.full((2, 5), -1), scores, positions, 5)
     assert mp.tolist() == all_pos.tolist()
 
 

@@ -13,6 +13,8 @@ from torch import nn
 from bmojo.layers.norm import RMSNorm
 from bmojo.layers.rotary import RotaryEmbedding, apply_rotary
 
+Rope = tuple[torch.Tensor, torch.Tensor] | None
+
 
 class Attention(nn.Module):
     """Grouped-query attention projections ``D -> (H, d)`` for queries and ``D -> (Hkv, d)`` for keys/values.
@@ -58,20 +60,22 @@ class Attention(nn.Module):
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)  # [B, n, L, d]
 
-    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return x if self.rotary is None else apply_rotary(x, *self.rotary(positions))
+    def rope(self, positions: torch.Tensor) -> Rope:
+        """``(cos, sin) [L, r]`` of ``positions [L]``, computed once for :meth:`queries` and :meth:`keys_values`
+        (``None`` without RoPE)."""
+        return None if self.rotary is None else self.rotary(positions)
 
-    def queries(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``h [B, L, D]`` at ``positions [L]`` -> rotated queries ``[B, H, L, d]``."""
+    def queries(self, h: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """``h [B, L, D]`` -> queries ``[B, H, L, d]`` rotated by ``rope`` (:meth:`rope` of their positions)."""
         q = self._heads(self.q_proj(h), self.num_heads)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        return self._rotate(q, positions)
+        return q if rope is None else apply_rotary(q, *rope)
 
     def keys_values(
-        self, x: torch.Tensor, positions: torch.Tensor, k_proj: nn.Linear | None = None, v_proj: nn.Linear | None = None
+        self, x: torch.Tensor, rope: Rope, k_proj: nn.Linear | None = None, v_proj: nn.Linear | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [B, L, D]`` at ``positions [L]`` -> rotated keys and values ``[B, Hkv, L, d]``.
+        """``x [B, L, D]`` -> keys rotated by ``rope`` (:meth:`rope` of their positions) and values ``[B, Hkv, L, d]``.
 
         ``k_proj, v_proj`` replace the layer's own projections (untied fading keys/values).
         """
@@ -79,7 +83,7 @@ class Attention(nn.Module):
         v = self._heads((v_proj or self.v_proj)(x), self.num_kv_heads)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return self._rotate(k, positions), v
+        return (k if rope is None else apply_rotary(k, *rope)), v
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """Heads ``[B, H, L, d]`` -> ``[B, L, D]``."""

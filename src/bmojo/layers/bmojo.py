@@ -223,8 +223,9 @@ class BMojoMixer(nn.Module):
 
         w = self.window
         pos = torch.arange(length, device=h.device)
-        q = self.attn.queries(h, pos)
-        k, v = self.attn.keys_values(h, pos)
+        rope = self.attn.rope(pos)
+        q = self.attn.queries(h, rope)
+        k, v = self.attn.keys_values(h, rope)
         aux = scores = None
         if self.fading is False and self.memory is None and w is None:
             o = causal_attention(q, k, v)
@@ -233,7 +234,8 @@ class BMojoMixer(nn.Module):
             if self.fading:
                 # no query sees the fading keys of the last w positions; the recurrent state keeps them
                 seen = length if state is not None else max(0, length - w)
-                kf, vf = self.attn.keys_values(f[:, :seen], pos[:seen], self.fading_k_proj, self.fading_v_proj)
+                rope_f = None if rope is None else (rope[0][:seen], rope[1][:seen])
+                kf, vf = self.attn.keys_values(f[:, :seen], rope_f, self.fading_k_proj, self.fading_v_proj)
                 bands.append(Band(*(F.pad(x, (0, 0, 0, length - seen)) for x in (kf, vf)), w, 2 * w - 1))
             eidetic = None
             if self.memory is not None:
@@ -329,7 +331,8 @@ class BMojoMixer(nn.Module):
         """One token ``h [B, 1, D]`` at position ``state.seen``; updates ``state`` in place."""
         t, pos = state.seen, state.pos
         if self.attn is not None:
-            q = self.attn.queries(h, pos)
+            rope = self.attn.rope(pos)
+            q = self.attn.queries(h, rope)
             if self.store is not None:  # the search runs while the SSM and the window attention do
                 found = self.store.retrieve_async(state.store_ids.tolist(), q, self.storage.topk)
         f = None
@@ -341,7 +344,7 @@ class BMojoMixer(nn.Module):
             return f
 
         w = self.window
-        k, v = self.attn.keys_values(h, pos)
+        k, v = self.attn.keys_values(h, rope)
         score = None
         if self.memory is not None:
             score, _ = self.memory.score(h, f_prev.unsqueeze(1), pos)
@@ -364,7 +367,7 @@ class BMojoMixer(nn.Module):
             keys, values = [state.win_k], [state.win_v]
             visible = [(state.win_pos >= 0).expand(h.shape[0], -1)]
             if self.fading:
-                kf, vf = self.attn.keys_values(f, pos, self.fading_k_proj, self.fading_v_proj)
+                kf, vf = self.attn.keys_values(f, rope, self.fading_k_proj, self.fading_v_proj)
                 slot = pos % (2 * w)
                 state.fad_k.index_copy_(2, slot, kf)
                 state.fad_v.index_copy_(2, slot, vf)

@@ -48,12 +48,14 @@ def ssd_step(
 ) -> ScanOut:
     """One recurrent step from ``state [batch, H, P, N]`` with ``x [batch, H, P]``, ``dt [batch, H]``,
     ``B, C [batch, G, N]``. Returns ``(y [batch, H, P], new_state [batch, H, P, N])``."""
-    rep = _heads_per_group(x.shape[1], B.shape[1])
-    d = dt.float()
-    b, c = B.float().repeat_interleave(rep, dim=1), C.float().repeat_interleave(rep, dim=1)
-    decay = torch.exp(d * A.float())[..., None, None]
-    s = decay * state.float() + (d[..., None] * x.float())[..., None] * b[:, :, None]
-    return torch.einsum("bhpn,bhn->bhp", s, c).to(x.dtype), s
+    bsz, heads, p = x.shape
+    g, n = B.shape[1:]
+    r = _heads_per_group(heads, g)
+    d = dt.float().view(bsz, g, r, 1, 1)  # heads split as (group, head in group): B and C broadcast over the group
+    decay = torch.exp(d * A.float().view(g, r, 1, 1))
+    s = decay * state.float().view(bsz, g, r, p, n) + d * x.float().view(bsz, g, r, p, 1) * B.float()[:, :, None, None]
+    y = s @ C.float()[:, :, None, :, None]  # [bsz, g, r, p, 1]
+    return y.view(bsz, heads, p).to(x.dtype), s.view(bsz, heads, p, n)
 
 
 def ssd_scan_ref(
