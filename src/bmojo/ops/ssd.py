@@ -51,9 +51,10 @@ def ssd_step(
     bsz, heads, p = x.shape
     g, n = B.shape[1:]
     r = _heads_per_group(heads, g)
-    d = dt.float().view(bsz, g, r, 1, 1)  # heads split as (group, head in group): B and C broadcast over the group
+    d = dt.float().reshape(bsz, g, r, 1, 1)  # heads split as (group, head in group): B and C broadcast over the group
     decay = torch.exp(d * A.float().view(g, r, 1, 1))
-    s = decay * state.float().view(bsz, g, r, p, n) + d * x.float().view(bsz, g, r, p, 1) * B.float()[:, :, None, None]
+    s = decay * state.float().reshape(bsz, g, r, p, n)
+    s = s + d * x.float().reshape(bsz, g, r, p, 1) * B.float()[:, :, None, None]
     y = s @ C.float()[:, :, None, :, None]  # [bsz, g, r, p, 1]
     return y.view(bsz, heads, p).to(x.dtype), s.view(bsz, heads, p, n)
 
