@@ -8,6 +8,7 @@
 #   bash benchmarks/run_gpu.sh OUT train-compiled  # the 2K training point with both models through torch.compile
 #   bash benchmarks/run_gpu.sh OUT decode  # decode tokens/s and cache memory at 4K and 32K
 #   bash benchmarks/run_gpu.sh OUT decode-compiled  # decode at 32K with both models through torch.compile, batch 1 and 8
+#   bash benchmarks/run_gpu.sh OUT decode-graphs    # the same with --compile-mode reduce-overhead (CUDA graphs)
 #   bash benchmarks/run_gpu.sh OUT flex    # the read-out's FlexAttention call against FlashAttention, tile sizes
 set -uo pipefail
 out=${1:?output directory}
@@ -54,10 +55,11 @@ PY
       bench --lengths 8192 --modes train,prefill --batch 2 --repeats 5 --warmup 2 --out "$out/train_8k" ;;
     train-compiled) bench --lengths 2048 --modes train --batch 8 --repeats 5 --warmup 2 --compile --out "$out/train_2k_compiled" ;;
     decode) bench --lengths 4096,32768 --modes decode --batch 1 --decode-steps 32 --repeats 3 --out "$out/decode" ;;
-    decode-compiled)
+    decode-compiled|decode-graphs)
+      mode=$([ "$stage" = decode-graphs ] && echo reduce-overhead || echo default)
       for b in 1 8; do
-        bench --lengths 32768 --modes decode --batch $b --decode-steps 32 --repeats 3 --compile --no-memory \
-          --out "$out/decode_compiled_b$b"
+        bench --lengths 32768 --modes decode --batch $b --decode-steps 32 --repeats 3 --compile --compile-mode $mode \
+          --no-memory --out "$out/${stage}_b$b"
       done ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \
             --options BLOCK_M=128,BLOCK_N=128,num_warps=8 2>&1 | tee "$out/flex.log" ;;  # ~45 s of compiling a row

@@ -54,6 +54,7 @@ from bmojo.models.modeling import BMojoForCausalLM, count_parameters
 MODES = ("train", "prefill", "decode")
 BASELINE = "transformer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=...)
 MATCH_TOLERANCE = 0.05
 
 
@@ -76,6 +77,7 @@ class BenchSettings:
     seed: int = 0
     dtype: str = "float32"
     compile: bool = False
+    compile_mode: str = "default"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -95,6 +97,8 @@ class BenchSettings:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         fields = inspect.signature(BMojoConfig.__init__).parameters
@@ -224,13 +228,16 @@ def _autocast(device: torch.device, dtype: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
 
 
-def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int,
-                dtype: str = "float32", compile: bool = False) -> Callable[[], None]:  # fmt: skip
+def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int, dtype: str = "float32",
+                compile: bool = False, compile_mode: str = "default") -> Callable[[], None]:  # fmt: skip
     """A function running one unit of ``mode`` on ``ids [batch, L]`` under autocast to ``dtype`` (for ``decode``
-    the prefill happens now); ``compile``: the model runs through ``torch.compile``, for ``train`` and ``prefill``
-    with a graph per length, for ``decode`` with one graph for every position (after a first one for the first)."""
+    the prefill happens now); ``compile``: the model runs through ``torch.compile`` in ``compile_mode``, for
+    ``train`` and ``prefill`` with a graph per length, for ``decode`` with one graph for every position (after a
+    first one for the first) and the cache's addresses marked static (``"reduce-overhead"``: CUDA graphs)."""
     amp = functools.partial(_autocast, ids.device, dtype)
-    forward = torch.compile(model, dynamic=False if mode != "decode" else None) if compile else model
+    forward = model
+    if compile:
+        forward = torch.compile(model, dynamic=False if mode != "decode" else None, mode=compile_mode)
     if mode == "train":
         model.train()
 
@@ -252,6 +259,9 @@ def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_st
         cache, token = _prefill(model, ids), ids[:, -1:]
 
     def decode() -> None:
+        if compile:  # room for the steps first: the state then stays where it is (cache.mark_static_addresses)
+            cache.reserve(decode_steps)
+            cache.mark_static_addresses()
         with torch.no_grad(), amp():
             for _ in range(decode_steps):
                 forward(token, cache=cache, use_cache=True)
@@ -396,7 +406,7 @@ def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: 
     dev, steps = torch.device(settings.device), settings.decode_steps
     ids = {name: _ids(models[name]["config"], settings.batch, length, settings.seed, dev) for name in built}
     runners = {
-        name: make_runner(model, mode, ids[name], steps, settings.dtype, settings.compile)
+        name: make_runner(model, mode, ids[name], steps, settings.dtype, settings.compile, settings.compile_mode)
         for name, model in built.items()
     }
     for _ in range(settings.warmup):
@@ -475,7 +485,7 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
 
 
 COLUMNS = ["model", "params", "mode", "L", "tokens/s", "vs transformer", "peak memory", "cache", "GFLOP/s (of peak)",
-           "MFU"]
+           "MFU"]  # fmt: skip
 
 
 def results_table(result: dict[str, Any]) -> Table:
@@ -501,7 +511,7 @@ def markdown(result: dict[str, Any]) -> str:
     run = (
         f"Size {s['size']}, batch {s['batch']}, {s['repeats']} repeats after {s['warmup']} warm-up (medians), "
         f"{s['decode_steps']} decode steps, overrides {s['overrides'] or 'none'}"
-        f"{', through torch.compile' if s.get('compile') else ''}."
+        f"{', through torch.compile (mode ' + s.get('compile_mode', 'default') + ')' if s.get('compile') else ''}."
     )
     lines = [
         f"# bmojo bench ({result['date']})", "", machine, "", run, "",

@@ -60,9 +60,7 @@ def _parity_and_cache(name: str, lengths: tuple[int, ...], seed: int = 0) -> dic
         short = ids[:, :64]
         full = model(short, use_cache=False).logits
         out = model(short[:, :20], use_cache=True)
-        steps = [out.logits] + [
-            model(short[:, t : t + 1], past_key_values=out.cache).logits for t in range(20, 64)
-        ]
+        steps = [out.logits] + [model(short[:, t : t + 1], past_key_values=out.cache).logits for t in range(20, 64)]
         row["parity"] = (torch.cat(steps, 1) - full).abs().max().item()
         for n in lengths:
             t0 = time.perf_counter()
@@ -220,8 +218,7 @@ def recall(
     rows, _ = _train_all(runs)
     csv_path, md_path = write_results(rows, out)
     figures = [
-        plot_accuracy(rows, x, out / f"accuracy_vs_{x.removeprefix('model.')}.png", f"accuracy vs {x}")
-        for x in plots
+        plot_accuracy(rows, x, out / f"accuracy_vs_{x.removeprefix('model.')}.png", f"accuracy vs {x}") for x in plots
     ]
     console.print(_results_table(rows, f"recall sweep ({len(runs)} runs)", varied))
     console.print(f"wrote {csv_path}, {md_path}" + "".join(f", {f}" for f in figures))
@@ -434,6 +431,7 @@ def bench(
     device: str = typer.Option("cpu", help="torch device"),
     dtype: str = typer.Option("float32", help="float32, or bfloat16 (autocast)"),
     compile: bool = typer.Option(False, "--compile/--eager", help="time every mode through torch.compile"),
+    compile_mode: str = typer.Option("default", help="torch.compile mode; reduce-overhead: CUDA graphs on CUDA"),
     overrides: list[str] | None = typer.Option(None, "--set", help="config field of every model: KEY=VALUE"),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="measure peak memory (CPU: a process per point)"),
     out: Path = typer.Option(Path("runs/bench"), help="output directory"),
@@ -444,6 +442,7 @@ def bench(
             presets=presets.split(","), size=size, lengths=_csv_ints(lengths), modes=modes.split(","), batch=batch,
             repeats=repeats, warmup=warmup, decode_steps=decode_steps, threads=threads, device=device,
             overrides=parse_overrides(overrides or []), memory=memory, dtype=dtype, compile=compile,
+            compile_mode=compile_mode,
         )  # fmt: skip
         settings.validate()
     except ValueError as e:

@@ -134,6 +134,20 @@ def test_compiled_decoding_equals_eager_with_one_graph_for_every_position(name):
     assert compiled.seen == 20 and counters["stats"]["unique_graphs"] <= (2 if name == "bmojo" else 3)
 
 
+@pytest.mark.parametrize("name", ["bmojo", "bmojo-mamba1", "swa", "mamba2"])
+def test_decoding_updates_the_state_in_place(name):
+    """Every state tensor keeps its storage while decoding (what a CUDA graph replaying the step needs)."""
+    m = make(**CONFIGS[name])
+    h = torch.randn(2, 20, D)
+    state = MixerState()
+    with torch.no_grad():
+        m(h[:, :5], state)
+        ptrs = [t.data_ptr() for t in state.tensors()]
+        for t in range(5, 20):  # crosses chunk boundaries (chunk 4) and a full ring (window 4)
+            m(h[:, t : t + 1], state)
+    assert [t.data_ptr() for t in state.tensors()] == ptrs and state.pos.item() == state.seen == 20
+
+
 def test_multi_token_continuation_equals_parallel():
     m = make()
     h = torch.randn(1, 27, D)

@@ -20,9 +20,10 @@ def tiny(name: str, seed: int = 0, **kw) -> BMojoForCausalLM:
 
 def test_preset_layer_patterns():
     assert BMojoConfig.from_preset("transformer").layer_pattern == ["attention", "attention"]
-    assert BMojoConfig.from_preset("jamba", num_hidden_layers=8).layer_pattern == ["mamba"] * 4 + ["attention"] + [
-        "mamba"
-    ] * 3
+    assert (
+        BMojoConfig.from_preset("jamba", num_hidden_layers=8).layer_pattern
+        == ["mamba"] * 4 + ["attention"] + ["mamba"] * 3
+    )
     assert BMojoConfig.from_preset("bmojo").layer_pattern == ["bmojo", "bmojo"]
     assert BMojoConfig.from_preset("mamba").use_mlp is False
     cfg = BMojoConfig.from_preset("bmojo", window_size=16, eidetic_size=2, selection="recency", state_size=4)
@@ -53,6 +54,22 @@ def test_full_forward_equals_prefill_plus_decode(name, extra):
     print(name, "max diff", (step - full).abs().max().item())
     torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
     assert cache.get_seq_length() == 40
+
+
+def test_compiled_decoding_with_static_cache_addresses_equals_eager():
+    """The cache marked static (what a CUDA-graph replay of the step needs) keeps its tensors' storage through
+    compiled decoding, and the compiled steps give the eager logits."""
+    model = tiny("bmojo")
+    ids = torch.randint(0, 128, (2, 30))
+    step = torch.compile(model)
+    with torch.no_grad():
+        eager, compiled = (model(ids[:, :13], use_cache=True).cache for _ in range(2))
+        compiled.mark_static_addresses()
+        ptrs = [t.data_ptr() for state in compiled.layers for t in state.tensors()]
+        for t in range(13, 30):
+            a = step(ids[:, t : t + 1], past_key_values=compiled, use_cache=True).logits
+            torch.testing.assert_close(a, model(ids[:, t : t + 1], past_key_values=eager, use_cache=True).logits)
+    assert [t.data_ptr() for state in compiled.layers for t in state.tensors()] == ptrs
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -54,8 +54,8 @@ class MixerState:
 
     ``pos [1]``: ``seen`` as a tensor on the state's device, from which decoding computes its ring slots, so that a
     compiled step does not depend on the Python integer (one graph for every position).
-    ``win_*``: raw keys/values ``[B, Hkv, S, d]`` in ring slots ``pos % w`` (full attention: all
-    tokens in order, in a buffer that grows by an eighth when full), with ``win_pos [S]`` (``-1`` = empty) and eidetic
+    ``win_*``: raw keys/values ``[B, Hkv, S, d]`` in ring slots ``pos % w`` (``full`` attention: all tokens in order,
+    in a buffer that grows by an eighth when full, :meth:`reserve`), with ``win_pos [S]`` (``-1`` = empty) and eidetic
     scores ``win_score [B, S]``.
     ``fad_*``: fading keys/values in ring slots ``pos % 2w``. ``mem_*``: the eidetic memory in use
     (positions ``[B, k]``), ``stage_*``: the best ``k`` tokens that have left the window so far,
@@ -66,6 +66,7 @@ class MixerState:
 
     seen: int = 0
     pos: torch.Tensor | None = None
+    full: bool = False
     ssm: SSMState | None = None
     f_last: torch.Tensor | None = None
     win_k: torch.Tensor | None = None
@@ -86,6 +87,14 @@ class MixerState:
     pend_k: torch.Tensor | None = None
     pend_v: torch.Tensor | None = None
     pend_pos: torch.Tensor | None = None
+
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` more keys in a full-attention buffer: grown, when short, by at least an eighth (so
+        that decoding token by token copies the keys O(1) times per token on average); a no-op for other states."""
+        if self.full and self.seen + tokens > self.win_k.shape[2]:
+            extra = max(64, self.seen // 8, self.seen + tokens - self.win_k.shape[2])
+            self.win_k, self.win_v = (F.pad(x, (0, 0, 0, extra)) for x in (self.win_k, self.win_v))
+            self.win_pos = F.pad(self.win_pos, (0, extra), value=-1)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the state holds."""
@@ -204,7 +213,11 @@ class BMojoMixer(nn.Module):
             raise ValueError("empty sequence: length must be >= 1")
         if state is None or state.seen == 0:
             return self._parallel(h, state)
-        outs = [self._step(h[:, t : t + 1], state) for t in range(h.shape[1])]
+        outs = []
+        for t in range(h.shape[1]):
+            outs.append(self._step(h[:, t : t + 1], state))
+            state.seen += 1
+            state.pos.add_(1)
         return torch.cat(outs, dim=1), None, state
 
     # ---------------------------------------------------------------- parallel (training, prefill)
@@ -217,7 +230,7 @@ class BMojoMixer(nn.Module):
             f, ssm_state = self.ssm(h)
         if state is not None:
             state.seen, state.pos, state.ssm = length, torch.tensor([length], device=h.device), ssm_state
-            state.f_last = None if f is None else f[:, -1]
+            state.f_last = None if f is None else f[:, -1].clone()  # decoding overwrites it in place
         if self.attn is None:
             return f, None, state
 
@@ -314,7 +327,7 @@ class BMojoMixer(nn.Module):
         band's."""
         w = self.window
         if w is None:
-            state.win_k, state.win_v, state.win_pos = k, v, pos
+            state.win_k, state.win_v, state.win_pos, state.full = k, v, pos, True
             return
         state.win_k, state.win_pos = _ring_fill(k, w)
         state.win_v, _ = _ring_fill(v, w)
@@ -328,35 +341,41 @@ class BMojoMixer(nn.Module):
 
     # ---------------------------------------------------------------- recurrent (decoding)
     def _step(self, h: torch.Tensor, state: MixerState) -> torch.Tensor:
-        """One token ``h [B, 1, D]`` at position ``state.seen``; updates ``state`` in place."""
+        """One token ``h [B, 1, D]`` at position ``state.seen`` (the caller then advances ``seen`` and ``pos``).
+
+        Updates the state in place: its tensors keep their storage (but a full-attention buffer that grows, and the
+        store's pending rows), so a compiled step can run as a CUDA graph (:meth:`BMojoCache.mark_static_addresses`).
+        """
         t, pos = state.seen, state.pos
         if self.attn is not None:
             rope = self.attn.rope(pos)
             q = self.attn.queries(h, rope)
             if self.store is not None:  # the search runs while the SSM and the window attention do
                 found = self.store.retrieve_async(state.store_ids.tolist(), q, self.storage.topk)
-        f = None
+        f = score = None
         if self.ssm is not None:
-            f, state.ssm = self.ssm(h, state.ssm)
-        f_prev, state.f_last = state.f_last, (None if f is None else f[:, -1])
-        state.seen, state.pos = t + 1, pos + 1
+            f, ssm = self.ssm(h, state.ssm)
+            state.ssm.conv.copy_(ssm.conv)
+            state.ssm.ssm.copy_(ssm.ssm)
+        if self.memory is not None:  # the innovation of this token given the fading state before it
+            score, _ = self.memory.score(h, state.f_last.unsqueeze(1), pos)
+        if f is not None:
+            state.f_last.copy_(f[:, -1])
         if self.attn is None:
             return f
 
         w = self.window
         k, v = self.attn.keys_values(h, rope)
-        score = None
         if self.memory is not None:
-            score, _ = self.memory.score(h, f_prev.unsqueeze(1), pos)
             boundary = pos % self.memory.chunk_size == 0  # the memory built so far comes into use
-            state.mem_k = torch.where(boundary, state.stage_k, state.mem_k)
-            state.mem_v = torch.where(boundary, state.stage_v, state.mem_v)
-            state.mem_pos = torch.where(boundary, state.stage_pos, state.mem_pos)
+            for mem, stage in (
+                (state.mem_k, state.stage_k),
+                (state.mem_v, state.stage_v),
+                (state.mem_pos, state.stage_pos),
+            ):
+                mem.copy_(torch.where(boundary, stage, mem))
         if w is None:
-            if t == state.win_k.shape[2]:  # full: grow by an eighth, so copying costs O(1) per token on average
-                extra = max(64, t // 8)
-                state.win_k, state.win_v = (F.pad(x, (0, 0, 0, extra)) for x in (state.win_k, state.win_v))
-                state.win_pos = F.pad(state.win_pos, (0, extra), value=-1)
+            state.reserve(1)
             state.win_k.index_copy_(2, pos, k)
             state.win_v.index_copy_(2, pos, v)
             state.win_pos.index_copy_(0, pos, pos)
@@ -390,12 +409,13 @@ class BMojoMixer(nn.Module):
     def _write_store(self, state: MixerState) -> None:
         """At the end of a chunk: hand the store this chunk's eidetic tokens and (``write="all"``) the tokens the
         window evicted during it; it writes those the next chunk's eidetic memory (``stage``) leaves out."""
-        parts = [(state.mem_pos, state.mem_k, state.mem_v)]
+        # the store reads what it is handed in the background: copies of the buffers decoding updates in place
+        parts = [(state.mem_pos.clone(), state.mem_k.clone(), state.mem_v.clone())]
         if state.pend_pos is not None:  # the store takes these buffers over: the next chunk fills fresh ones
             parts.append((state.pend_pos.expand(state.mem_pos.shape[0], -1), state.pend_k, state.pend_v))
             state.pend_pos = torch.full_like(state.pend_pos, -1)
             state.pend_k, state.pend_v = torch.empty_like(state.pend_k), torch.empty_like(state.pend_v)
-        self.store.add_candidates(state.store_ids, *zip(*parts), skip=state.stage_pos)
+        self.store.add_candidates(state.store_ids, *zip(*parts), skip=state.stage_pos.clone())
 
     def _write_window(
         self, state: MixerState, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor | None
@@ -407,13 +427,15 @@ class BMojoMixer(nn.Module):
             cand_k, cand_v = state.win_k.index_select(2, slot), state.win_v.index_select(2, slot)
             cand_pos = state.win_pos.index_select(0, slot).expand(k.shape[0], 1)
             cand_score = state.win_score.index_select(1, slot).masked_fill(cand_pos < 0, float("-inf"))
-            state.stage_score, state.stage_pos, idx = merge_topk(
+            score_kept, pos_kept, idx = merge_topk(
                 state.stage_score, state.stage_pos, cand_score, cand_pos, self.memory.size
             )
             idx = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-            state.stage_k = torch.cat([state.stage_k, cand_k], 2).gather(2, idx)
-            state.stage_v = torch.cat([state.stage_v, cand_v], 2).gather(2, idx)
-            t = state.seen - 1  # this token's position as a Python int, for the store's host-side bookkeeping
+            state.stage_k.copy_(torch.cat([state.stage_k, cand_k], 2).gather(2, idx))
+            state.stage_v.copy_(torch.cat([state.stage_v, cand_v], 2).gather(2, idx))
+            state.stage_score.copy_(score_kept)
+            state.stage_pos.copy_(pos_kept)
+            t = state.seen  # this token's position as a Python int, for the store's host-side bookkeeping
             if state.pend_pos is not None and t >= self.window:
                 pend = t % self.memory.chunk_size
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]

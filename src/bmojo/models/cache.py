@@ -38,6 +38,18 @@ class BMojoCache:
         """Bytes held by each layer's state."""
         return [state.nbytes() for state in self.layers]
 
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` more tokens in the full-attention layers' key buffers (other layers' states are fixed)."""
+        for state in self.layers:
+            state.reserve(tokens)
+
+    def mark_static_addresses(self) -> None:
+        """Tell ``torch.compile`` that every state tensor keeps its address (``torch._dynamo.mark_static_address``):
+        decoding updates them in place, so a step compiled with ``mode="reduce-overhead"`` can replay as a CUDA graph.
+        Call after the prefill and :meth:`reserve` (a full-attention buffer that grows moves)."""
+        for t in (t for state in self.layers for t in state.tensors()):
+            torch._dynamo.mark_static_address(t)
+
     @property
     def device(self) -> torch.device | None:
         tensors = [t for state in self.layers for t in state.tensors()]
