@@ -27,14 +27,15 @@ def naive_mixer(m: BMojoMixer, h: torch.Tensor) -> torch.Tensor:
     f = m.ssm(h)[0] if m.ssm is not None else None
     if m.attn is None:
         return f
-    q = m.attn.queries(h, m.attn.rope(pos))
-    k, v = m.attn.keys_values(h, m.attn.rope(pos))
+    rope = m.attn.rope(pos)
+    q = m.attn.queries(h, rope)
+    k, v = m.attn.keys_values(h, rope)
     keys, values = [k], [v]
     i, j = pos.view(-1, 1), pos.view(1, -1)
     w = m.window if m.window is not None else length
     masks = [((i - j >= 0) & (i - j < w)).expand(b, -1, -1)]
     if m.fading:
-        kf, vf = m.attn.keys_values(f, m.attn.rope(pos), m.fading_k_proj, m.fading_v_proj)
+        kf, vf = m.attn.keys_values(f, rope, m.fading_k_proj, m.fading_v_proj)
         keys.append(kf)
         values.append(vf)
         masks.append(((i - j >= w) & (i - j < 2 * w)).expand(b, -1, -1))

@@ -408,9 +408,10 @@ def naive_mixer_with_store(m: BMojoMixer, h: torch.Tensor) -> torch.Tensor:
     b, length, _ = h.shape
     pos = torch.arange(length)
     f = m.ssm(h)[0]
-    q = m.attn.queries(h, m.attn.rope(pos))
-    k, v = m.attn.keys_values(h, m.attn.rope(pos))
-    kf, vf = m.attn.keys_values(f, m.attn.rope(pos))
+    rope = m.attn.rope(pos)
+    q = m.attn.queries(h, rope)
+    k, v = m.attn.keys_values(h, rope)
+    kf, vf = m.attn.keys_values(f, rope)
     g = H // HKV
     k, v, kf, vf = (x.repeat_interleave(g, 1) for x in (k, v, kf, vf))
     w, c, kmem, r = m.window, m.memory.chunk_size, m.memory.size, m.storage.topk
