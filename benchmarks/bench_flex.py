@@ -2,6 +2,7 @@
 
     python benchmarks/bench_flex.py                         # B=8, H=12, L=2048, d=64, window 512, 64 eidetic
     python benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=128,num_warps=8
+    python benchmarks/bench_flex.py --forward-only --options fwd_num_warps=8   # inputs without grad: forward only
 
 Rows: causal SDPA over the whole sequence (FlashAttention; as many keys per query as the read-out on average at
 L=2048), ``flex_union_attention`` as the model calls it (window and fading band as bands, the eidetic memory as
@@ -9,7 +10,9 @@ per-chunk keys with a per-batch validity mask), the bands alone, and the model's
 (FlexAttention kernel options such as tile sizes and warps; the default forward tile on an H100 / H200 for bf16 at
 d=64 is 128 x 128 with 4 warps, where the mask's integer arithmetic may spill registers). Each row: forward
 (inputs requiring grad, as in training) and forward + backward, medians of ``--repeats`` runs after warm-up; then a
-CUDA profile of one forward + backward. On a CPU it runs the same rows on tiny shapes, forward only (FlexAttention
+CUDA profile of one forward + backward. The last line names the fastest option set by forward time
+(``best kernel options: ...``, empty for FlexAttention's defaults), in the form ``BMOJO_FLEX_OPTIONS`` takes.
+``--forward-only`` skips the backward (and its compilation) and the profile. On a CPU it runs the same rows on tiny shapes, forward only (FlexAttention
 has no CPU backward), to check the script.
 """
 
@@ -24,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as fa
 
-from bmojo.ops.attention import AttnOut, Band, ChunkMemory, _union_keys, _union_mask_mod, flex_union_attention
+from bmojo.ops.attention import (
+    AttnOut,
+    Band,
+    ChunkMemory,
+    _union_keys,
+    _union_mask_mod,
+    flex_union_attention,
+    parse_kernel_options,
+)
 
 
 def median_ms(fn: Callable[[], AttnOut], backward: bool, repeats: int, device: torch.device) -> float:
@@ -50,15 +61,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--options", action="append", default=[], help="kernel options, e.g. BLOCK_M=64,BLOCK_N=64")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--forward-only", action="store_true", help="inputs without grad; no backward, no profile")
     args = parser.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
+    backward = cuda and not args.forward_only
     b, h, length, d, w, m, c = (8, 12, 2048, 64, 512, 64, 512) if cuda else (1, 2, 256, 16, 64, 8, 64)
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
 
     def tensor(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device=dev, dtype=dtype, requires_grad=cuda)
+        return torch.randn(*shape, device=dev, dtype=dtype, requires_grad=backward)
 
     q, k, v, kf, vf = (tensor(b, h, length, d) for _ in range(5))
     n = -(-length // c)
@@ -72,19 +85,24 @@ def main() -> None:
           f"sparsity {block_mask.sparsity():.1f}%")  # fmt: skip
 
     def with_options(text: str) -> Callable[[], AttnOut]:
-        options = {key: int(value) for key, value in (item.split("=") for item in text.split(","))}
+        options = parse_kernel_options(text)
         return lambda: flex_union_attention(q, bands, memory, options)
 
     rows: list[tuple[str, Callable[[], AttnOut]]] = [
         ("causal SDPA, whole sequence", lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=True), q[..., 0])),
-        ("flex_union_attention (the model's call)", lambda: flex_union_attention(q, bands, memory)),
+        ("flex_union_attention (the model's call)", lambda: flex_union_attention(q, bands, memory, {})),
         ("flex_union_attention, bands only", lambda: flex_union_attention(q, bands, None)),
     ] + [(f"the model's call, {text}", with_options(text)) for text in args.options]
+    forward_ms: dict[str, float] = {}
     for name, fn in rows:
         fwd = median_ms(fn, False, args.repeats, dev)
-        both = f"{median_ms(fn, True, args.repeats, dev):9.3f}" if cuda else "        -"
+        both = f"{median_ms(fn, True, args.repeats, dev):9.3f}" if backward else "        -"
         print(f"{name:60s} forward {fwd:9.3f} ms   forward+backward {both} ms", flush=True)
-    if cuda:
+        forward_ms[name] = fwd
+    candidates = {"": forward_ms["flex_union_attention (the model's call)"]}
+    candidates.update({text: forward_ms[f"the model's call, {text}"] for text in args.options})
+    print("best kernel options:", min(candidates, key=candidates.__getitem__))
+    if backward:
         activities = [torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             o, lse = flex_union_attention(q, bands, memory)

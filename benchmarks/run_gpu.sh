@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks as run for benchmarks/RESULTS.md (a CUDA machine with torch and triton; the project is
 # used from the checkout). Optional wheels in .whl/ (fla-core for the SSD kernels) are installed first.
-#   bash benchmarks/run_gpu.sh OUT tests   # tests/test_cuda.py
+#   bash benchmarks/run_gpu.sh OUT tests   # tests/test_cuda.py (TESTS_K="expr": only the tests pytest -k selects)
 #   bash benchmarks/run_gpu.sh OUT probe   # 130m bf16 training steps: step times, graphs dynamo compiled, a profile
 #   bash benchmarks/run_gpu.sh OUT probe-compiled  # the same with the model through torch.compile
 #   bash benchmarks/run_gpu.sh OUT train   # 130m training and prefill at 2K (batch 8) and 8K (batch 2), bf16
@@ -10,11 +10,16 @@
 #   bash benchmarks/run_gpu.sh OUT decode-compiled  # decode at 32K with both models through torch.compile, batch 1 and 8
 #   bash benchmarks/run_gpu.sh OUT decode-graphs    # the same with --compile-mode reduce-overhead (CUDA graphs)
 #   bash benchmarks/run_gpu.sh OUT flex    # the read-out's FlexAttention call against FlashAttention, tile sizes
+#   bash benchmarks/run_gpu.sh OUT flex-warm     # compile the flex-sweep rows, one process each, in parallel
+#   bash benchmarks/run_gpu.sh OUT flex-sweep    # forward times of the sweep's kernel options; exports the fastest
+#                                                # as BMOJO_FLEX_OPTIONS to the stages after it (and in OUT/flex_best.txt)
 set -uo pipefail
+sweep=(fwd_num_warps=8 BLOCK_M=128,BLOCK_N=64 BLOCK_M=128,BLOCK_N=64,fwd_num_warps=8 BLOCK_M=64,BLOCK_N=64
+       BLOCK_M=128,BLOCK_N=32 fwd_num_warps=8,fwd_num_stages=2)
 out=${1:?output directory}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -24,7 +29,8 @@ bench() { python3 -m bmojo.cli bench --device cuda --dtype bfloat16 --size 130m 
   --set window_size=512 --set chunk_size=512 "$@"; }
 for stage in "${@:2}"; do
   case $stage in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log" ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
+             tee "$out/test_cuda.log" ;;
     probe|probe-compiled) python3 - "$stage" <<'PY' 2>&1 | tee "$out/$stage.log"
 import sys, time, torch
 from torch._dynamo.utils import counters
@@ -63,6 +69,15 @@ PY
       done ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \
             --options BLOCK_M=128,BLOCK_N=128,num_warps=8 2>&1 | tee "$out/flex.log" ;;  # ~45 s of compiling a row
+    flex-warm)
+      for i in "${!sweep[@]}"; do python3 benchmarks/bench_flex.py --forward-only --repeats 1 \
+        --options "${sweep[i]}" >"$out/flex_warm_$i.log" 2>&1 & done
+      wait ;;
+    flex-sweep)
+      python3 benchmarks/bench_flex.py --forward-only "${sweep[@]/#/--options=}" 2>&1 | tee "$out/flex_sweep.log"
+      sed -n 's/^best kernel options: *//p' "$out/flex_sweep.log" >"$out/flex_best.txt"
+      export BMOJO_FLEX_OPTIONS=$(cat "$out/flex_best.txt")
+      echo "BMOJO_FLEX_OPTIONS=$BMOJO_FLEX_OPTIONS" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

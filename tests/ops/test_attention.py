@@ -10,7 +10,9 @@ from bmojo.ops.attention import (
     banded_attention,
     banded_attention_ref,
     causal_attention,
+    flex_union_attention,
     merge_attention,
+    parse_kernel_options,
     step_attention,
     union_attention,
     union_attention_ref,
@@ -228,6 +230,40 @@ def test_union_matches_dense_reference(impl, block, length, w, fading, m, chunk)
     o_ref, lse_ref = union_attention_ref(q, bands, memory)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_parse_kernel_options():
+    assert parse_kernel_options("BLOCK_M=128, BLOCK_N=64,fwd_num_warps=8") == {
+        "BLOCK_M": 128,
+        "BLOCK_N": 64,
+        "fwd_num_warps": 8,
+    }
+    assert parse_kernel_options("") == {}
+    for bad in ("BLOCK_M", "BLOCK_M=big", "=64"):
+        with pytest.raises(ValueError, match="NAME=INTEGER"):
+            parse_kernel_options(bad)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_kernel_options_default_to_the_module_setting(monkeypatch):
+    """A call without ``kernel_options`` passes ``FLEX_KERNEL_OPTIONS`` (``BMOJO_FLEX_OPTIONS``) to FlexAttention;
+    explicit options, even empty ones, win."""
+    from torch.nn.attention import flex_attention as fa
+
+    seen = []
+    real = fa.flex_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["kernel_options"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa, "flex_attention", spy)
+    monkeypatch.setattr("bmojo.ops.attention.FLEX_KERNEL_OPTIONS", {"BLOCK_M": 64})
+    q, bands, memory = _union_inputs(1, 2, 2, 9, 8, 4, True, 2, 4)
+    flex_union_attention(q, bands, memory)
+    flex_union_attention(q, bands, memory, {"BLOCK_N": 32})
+    flex_union_attention(q, bands, memory, {})
+    assert seen == [{"BLOCK_M": 64}, {"BLOCK_N": 32}, None]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -17,6 +17,7 @@ by log-sum-exp. :func:`union_attention_ref` is the dense definition all three ar
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -324,6 +325,22 @@ def _mask_mod_for(length: int, spans: tuple[tuple[int, int, int | None], ...], m
     return mask_mod
 
 
+def parse_kernel_options(text: str) -> dict[str, int]:
+    """FlexAttention kernel options from ``"BLOCK_M=64,BLOCK_N=64,fwd_num_warps=8"`` (integer values)."""
+    options: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"kernel option {item!r} is not NAME=INTEGER (in {text!r})")
+        options[key.strip()] = int(value)
+    return options
+
+
+# FlexAttention kernel options for every flex_union_attention call that passes none (BMOJO_FLEX_OPTIONS, read at
+# import; e.g. "BLOCK_M=128,BLOCK_N=64"); empty: FlexAttention's defaults for the device.
+FLEX_KERNEL_OPTIONS: dict[str, int] = parse_kernel_options(os.environ.get("BMOJO_FLEX_OPTIONS", ""))
+
+
 @functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
@@ -338,7 +355,8 @@ def flex_union_attention(
 
     Only the key blocks that some query of a block can see are computed, so the cost is
     ``O(L * (sum of band widths + memory size))``. On CPU it runs FlexAttention's eager path (forward only).
-    ``kernel_options`` go to FlexAttention unchanged (tile sizes such as ``BLOCK_M``, ``BLOCK_N``).
+    ``kernel_options`` go to FlexAttention unchanged (tile sizes such as ``BLOCK_M``, ``BLOCK_N``; default
+    :data:`FLEX_KERNEL_OPTIONS`).
     """
     from torch.nn.attention import flex_attention as fa
 
@@ -349,6 +367,7 @@ def flex_union_attention(
                                       device=q.device, _compile=q.is_cuda)  # fmt: skip
     flex = _compiled_flex_attention() if q.is_cuda else fa.flex_attention
     gqa = hq != k.shape[1]
+    kernel_options = dict(FLEX_KERNEL_OPTIONS if kernel_options is None else kernel_options) or None
     if hasattr(fa, "AuxRequest"):
         o, aux = flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=kernel_options,
                       return_aux=fa.AuxRequest(lse=True))  # fmt: skip
