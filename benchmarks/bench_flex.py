@@ -5,15 +5,16 @@
     python benchmarks/bench_flex.py --forward-only --options fwd_num_warps=8   # inputs without grad: forward only
 
 Rows: causal SDPA over the whole sequence (FlashAttention; as many keys per query as the read-out on average at
-L=2048), ``flex_union_attention`` as the model calls it (window and fading band as bands, the eidetic memory as
-per-chunk keys with a per-batch validity mask), the bands alone, and the model's call with each ``--options``
-(FlexAttention kernel options such as tile sizes and warps; the default forward tile on an H100 / H200 for bf16 at
-d=64 is 128 x 128 with 4 warps, where the mask's integer arithmetic may spill registers). Each row: forward
-(inputs requiring grad, as in training) and forward + backward, medians of ``--repeats`` runs after warm-up; then a
-CUDA profile of one forward + backward. The last line names the fastest option set by forward time
-(``best kernel options: ...``, empty for FlexAttention's defaults), in the form ``BMOJO_FLEX_OPTIONS`` takes.
-``--forward-only`` skips the backward (and its compilation) and the profile. On a CPU it runs the same rows on tiny shapes, forward only (FlexAttention
-has no CPU backward), to check the script.
+L=2048), ``flex_union_attention`` with FlexAttention's default tiles and as the model calls it (tuned tiles, or
+``BMOJO_FLEX_OPTIONS``; window and fading band as bands, the eidetic memory as per-chunk keys with a per-batch
+validity mask), the bands alone, and the call with each ``--options`` (FlexAttention kernel options such as tile
+sizes and warps; the default forward tile on an H100 / H200 for bf16 at d=64 is 128 x 128 with 4 warps, where the
+mask's integer arithmetic spills registers). Each row: forward (inputs requiring grad, as in training) and
+forward + backward, medians of ``--repeats`` runs after warm-up; then a CUDA profile of one forward + backward. The
+last line names the fastest option set by forward time (``best kernel options: ...``, empty for FlexAttention's
+defaults), in the form ``BMOJO_FLEX_OPTIONS`` takes. ``--forward-only``: inputs without grad, no backward (nor its
+compilation), no profile. On a CPU it runs the same rows on tiny shapes, forward only (FlexAttention has no CPU
+backward), to check the script.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main() -> None:
 
     rows: list[tuple[str, Callable[[], AttnOut]]] = [
         ("causal SDPA, whole sequence", lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=True), q[..., 0])),
-        ("flex_union_attention (the model's call)", lambda: flex_union_attention(q, bands, memory, {})),
+        ("flex_union_attention, FlexAttention's default tiles", lambda: flex_union_attention(q, bands, memory, {})),
+        ("flex_union_attention (the model's call)", lambda: flex_union_attention(q, bands, memory)),
         ("flex_union_attention, bands only", lambda: flex_union_attention(q, bands, None)),
     ] + [(f"the model's call, {text}", with_options(text)) for text in args.options]
     forward_ms: dict[str, float] = {}
@@ -99,7 +101,7 @@ def main() -> None:
         both = f"{median_ms(fn, True, args.repeats, dev):9.3f}" if backward else "        -"
         print(f"{name:60s} forward {fwd:9.3f} ms   forward+backward {both} ms", flush=True)
         forward_ms[name] = fwd
-    candidates = {"": forward_ms["flex_union_attention (the model's call)"]}
+    candidates = {"": forward_ms["flex_union_attention, FlexAttention's default tiles"]}
     candidates.update({text: forward_ms[f"the model's call, {text}"] for text in args.options})
     print("best kernel options:", min(candidates, key=candidates.__getitem__))
     if backward:

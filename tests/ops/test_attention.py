@@ -263,7 +263,9 @@ def test_flex_kernel_options_default_to_the_module_setting(monkeypatch):
     flex_union_attention(q, bands, memory)
     flex_union_attention(q, bands, memory, {"BLOCK_N": 32})
     flex_union_attention(q, bands, memory, {})
-    assert seen == [{"BLOCK_M": 64}, {"BLOCK_N": 32}, None]
+    monkeypatch.setattr("bmojo.ops.attention.FLEX_KERNEL_OPTIONS", {})
+    flex_union_attention(q, bands, memory)  # tuned tiles apply to CUDA only
+    assert seen == [{"BLOCK_M": 64}, {"BLOCK_N": 32}, None, None]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

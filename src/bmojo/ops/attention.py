@@ -337,8 +337,17 @@ def parse_kernel_options(text: str) -> dict[str, int]:
 
 
 # FlexAttention kernel options for every flex_union_attention call that passes none (BMOJO_FLEX_OPTIONS, read at
-# import; e.g. "BLOCK_M=128,BLOCK_N=64"); empty: FlexAttention's defaults for the device.
+# import; e.g. "BLOCK_M=128,BLOCK_N=64"); empty: the tuned tiles of _tuned_flex_options.
 FLEX_KERNEL_OPTIONS: dict[str, int] = parse_kernel_options(os.environ.get("BMOJO_FLEX_OPTIONS", ""))
+
+
+def _tuned_flex_options(q: torch.Tensor) -> dict[str, int]:
+    """Forward tiles for the read-out's mask where measured faster than FlexAttention's defaults: CUDA, 16-bit, head
+    dim <= 64, 128 x 32 (5.5 -> 2.3 ms on an H200 at the 130m preset's shapes; the default 128 x 128 tile at 4
+    warps spills the mask's integer work; benchmarks/RESULTS.md). Else FlexAttention's own choice."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 32}
+    return {}
 
 
 @functools.cache
@@ -355,8 +364,8 @@ def flex_union_attention(
 
     Only the key blocks that some query of a block can see are computed, so the cost is
     ``O(L * (sum of band widths + memory size))``. On CPU it runs FlexAttention's eager path (forward only).
-    ``kernel_options`` go to FlexAttention unchanged (tile sizes such as ``BLOCK_M``, ``BLOCK_N``; default
-    :data:`FLEX_KERNEL_OPTIONS`).
+    ``kernel_options`` go to FlexAttention unchanged (tile sizes such as ``BLOCK_M``, ``BLOCK_N``; ``{}``:
+    FlexAttention's defaults); ``None``: :data:`FLEX_KERNEL_OPTIONS` if set, else tuned tiles where measured.
     """
     from torch.nn.attention import flex_attention as fa
 
@@ -367,7 +376,9 @@ def flex_union_attention(
                                       device=q.device, _compile=q.is_cuda)  # fmt: skip
     flex = _compiled_flex_attention() if q.is_cuda else fa.flex_attention
     gqa = hq != k.shape[1]
-    kernel_options = dict(FLEX_KERNEL_OPTIONS if kernel_options is None else kernel_options) or None
+    if kernel_options is None:
+        kernel_options = FLEX_KERNEL_OPTIONS or _tuned_flex_options(q)
+    kernel_options = dict(kernel_options) or None
     if hasattr(fa, "AuxRequest"):
         o, aux = flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=kernel_options,
                       return_aux=fa.AuxRequest(lse=True))  # fmt: skip
