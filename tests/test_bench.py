@@ -179,15 +179,19 @@ def test_compiled_train_step_matches_eager_and_bench_runs_compiled():
 
 
 def test_bench_decodes_compiled_with_room_reserved_and_static_cache_addresses():
-    """``compile=True`` for ``decode``: each run reserves room for its steps in the full-attention cache, so no state
-    tensor moves while the compiled steps run (what ``compile_mode="reduce-overhead"``'s CUDA graphs need)."""
+    """``compile=True`` for ``decode``: the full-attention cache gets exactly the room of the planned runs' steps, so
+    no state tensor moves while the compiled steps run (what ``compile_mode="reduce-overhead"``'s CUDA graphs need);
+    a run beyond the plan reserves its own."""
     config = BMojoConfig.from_preset("transformer", "tiny", vocab_size=64, hidden_size=32, num_hidden_layers=1)
     model = BMojoForCausalLM(config)
-    run = make_runner(model, "decode", torch.randint(0, 64, (1, 12)), 5, compile=True, compile_mode="reduce-overhead")
+    ids = torch.randint(0, 64, (1, 12))
+    run = make_runner(model, "decode", ids, 5, compile=True, compile_mode="reduce-overhead", runs=2)
     run()
     ptrs = [t.data_ptr() for state in run.cache.layers for t in state.tensors()]
     run()
     assert [t.data_ptr() for state in run.cache.layers for t in state.tensors()] == ptrs
-    assert run.cache.get_seq_length() == 22 and run.cache.layers[0].win_k.shape[2] >= 22
+    assert run.cache.get_seq_length() == 22 and run.cache.layers[0].win_k.shape[2] == 22
+    run()
+    assert run.cache.get_seq_length() == 27 and run.cache.layers[0].win_k.shape[2] == 27
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         tiny_settings(compile_mode="fastest").validate()

@@ -229,11 +229,12 @@ def _autocast(device: torch.device, dtype: str) -> torch.autocast:
 
 
 def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int, dtype: str = "float32",
-                compile: bool = False, compile_mode: str = "default") -> Callable[[], None]:  # fmt: skip
+                compile: bool = False, compile_mode: str = "default", runs: int = 1) -> Callable[[], None]:  # fmt: skip
     """A function running one unit of ``mode`` on ``ids [batch, L]`` under autocast to ``dtype`` (for ``decode``
     the prefill happens now); ``compile``: the model runs through ``torch.compile`` in ``compile_mode``, for
     ``train`` and ``prefill`` with a graph per length, for ``decode`` with one graph for every position (after a
-    first one for the first) and the cache's addresses marked static (``"reduce-overhead"``: CUDA graphs)."""
+    first one for the first) and the cache's addresses marked static (``"reduce-overhead"``: CUDA graphs), its
+    full-attention buffers sized for ``runs`` calls of ``decode_steps`` (a compiled step reads all of them)."""
     amp = functools.partial(_autocast, ids.device, dtype)
     forward = model
     if compile:
@@ -257,9 +258,11 @@ def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_st
         return prefill
     with amp():
         cache, token = _prefill(model, ids), ids[:, -1:]
+    if compile:
+        cache.reserve(decode_steps * runs)
 
     def decode() -> None:
-        if compile:  # room for the steps first: the state then stays where it is (cache.mark_static_addresses)
+        if compile:  # room for the steps first (if called more than ``runs`` times): the state then stays put
             cache.reserve(decode_steps)
             cache.mark_static_addresses()
         with torch.no_grad(), amp():
@@ -406,7 +409,8 @@ def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: 
     dev, steps = torch.device(settings.device), settings.decode_steps
     ids = {name: _ids(models[name]["config"], settings.batch, length, settings.seed, dev) for name in built}
     runners = {
-        name: make_runner(model, mode, ids[name], steps, settings.dtype, settings.compile, settings.compile_mode)
+        name: make_runner(model, mode, ids[name], steps, settings.dtype, settings.compile, settings.compile_mode,
+                          settings.warmup + settings.repeats)  # fmt: skip
         for name, model in built.items()
     }
     for _ in range(settings.warmup):

@@ -56,20 +56,50 @@ def test_full_forward_equals_prefill_plus_decode(name, extra):
     assert cache.get_seq_length() == 40
 
 
-def test_compiled_decoding_with_static_cache_addresses_equals_eager():
+@pytest.mark.parametrize("name", ["bmojo", "transformer"])
+def test_compiled_decoding_with_static_cache_addresses_equals_eager(name):
     """The cache marked static (what a CUDA-graph replay of the step needs) keeps its tensors' storage through
-    compiled decoding, and the compiled steps give the eager logits."""
-    model = tiny("bmojo")
+    compiled decoding, and the compiled steps give the eager logits (full attention: with room reserved first)."""
+    model = tiny(name)
     ids = torch.randint(0, 128, (2, 30))
     step = torch.compile(model)
     with torch.no_grad():
         eager, compiled = (model(ids[:, :13], use_cache=True).cache for _ in range(2))
+        compiled.reserve(17)
         compiled.mark_static_addresses()
         ptrs = [t.data_ptr() for state in compiled.layers for t in state.tensors()]
         for t in range(13, 30):
             a = step(ids[:, t : t + 1], past_key_values=compiled, use_cache=True).logits
             torch.testing.assert_close(a, model(ids[:, t : t + 1], past_key_values=eager, use_cache=True).logits)
     assert [t.data_ptr() for state in compiled.layers for t in state.tensors()] == ptrs
+
+
+@pytest.mark.parametrize("name", ["bmojo", "transformer"])
+def test_compiled_decoding_graphs_take_no_ints_and_have_static_shapes(name):
+    """Every position's step is the same graph: no int inputs (the cache's token count is advanced outside it) and
+    no dynamic shapes (full attention reads its whole reserved buffer, masked), as one CUDA graph replay needs
+    (CUDA graphs record a graph per distinct int input or shape)."""
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append([v for v in values if isinstance(v, torch.SymInt)])
+        graphs[-1] += [
+            v for v in values if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape)
+        ]
+        return gm.forward
+
+    model = tiny(name)
+    ids = torch.randint(0, 128, (1, 24))
+    torch._dynamo.reset()
+    step = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        cache = model(ids[:, :13], use_cache=True).cache
+        cache.reserve(11)
+        for t in range(13, 24):
+            step(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 24
+    assert 0 < len(graphs) <= 4 and all(not dynamic for dynamic in graphs), graphs
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -88,11 +88,18 @@ class MixerState:
     pend_v: torch.Tensor | None = None
     pend_pos: torch.Tensor | None = None
 
-    def reserve(self, tokens: int) -> None:
+    @property
+    def started(self) -> bool:
+        """Whether a prefill has filled the state (the layer then continues it token by token)."""
+        return self.pos is not None
+
+    def reserve(self, tokens: int, exact: bool = False) -> None:
         """Room for ``tokens`` more keys in a full-attention buffer: grown, when short, by at least an eighth (so
-        that decoding token by token copies the keys O(1) times per token on average); a no-op for other states."""
+        that decoding token by token copies the keys O(1) times per token on average), or by exactly what is
+        missing (``exact``: a compiled step reads the whole buffer); a no-op for other states."""
         if self.full and self.seen + tokens > self.win_k.shape[2]:
-            extra = max(64, self.seen // 8, self.seen + tokens - self.win_k.shape[2])
+            missing = self.seen + tokens - self.win_k.shape[2]
+            extra = missing if exact else max(64, self.seen // 8, missing)
             self.win_k, self.win_v = (F.pad(x, (0, 0, 0, extra)) for x in (self.win_k, self.win_v))
             self.win_pos = F.pad(self.win_pos, (0, extra), value=-1)
 
@@ -199,25 +206,29 @@ class BMojoMixer(nn.Module):
         self.store = None if storage is None else VectorStore(self.attn.head_dim, self.attn.num_kv_heads, storage)
 
     def forward(
-        self, h: torch.Tensor, state: MixerState | None = None
+        self, h: torch.Tensor, state: MixerState | None = None, advance: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None, MixerState | None]:
         """``h [B, L, D] -> (out [B, L, D], auxiliary predictor loss or None, state)``.
 
         Without ``state`` the sequence is processed in parallel from position 0. With an empty
         ``state`` it is processed in parallel and the state is filled (prefill); with a non-empty
-        one every token is a recurrent step from where the state left off.
+        one every token is a recurrent step from where the state left off; ``advance=False`` leaves
+        ``state.seen`` (a Python int) for the caller to advance, outside compiled code (``BMojoCache.advance``): an
+        int that a compiled step changes would be an input of its graph, and CUDA graphs record one per value.
         """
         if h.dim() != 3:
             raise ValueError(f"expected hidden states [batch, length, hidden], got shape {tuple(h.shape)}")
         if h.shape[1] == 0:
             raise ValueError("empty sequence: length must be >= 1")
-        if state is None or state.seen == 0:
+        if state is None or not state.started:
             return self._parallel(h, state)
         outs = []
-        for t in range(h.shape[1]):
-            outs.append(self._step(h[:, t : t + 1], state))
-            state.seen += 1
+        state.reserve(h.shape[1])
+        for i in range(h.shape[1]):
+            outs.append(self._step(h[:, i : i + 1], state, state.seen + i))
             state.pos.add_(1)
+        if advance:
+            state.seen += h.shape[1]
         return torch.cat(outs, dim=1), None, state
 
     # ---------------------------------------------------------------- parallel (training, prefill)
@@ -340,13 +351,14 @@ class BMojoMixer(nn.Module):
             state.fad_v, _ = _ring_fill(fading.v, 2 * w)
 
     # ---------------------------------------------------------------- recurrent (decoding)
-    def _step(self, h: torch.Tensor, state: MixerState) -> torch.Tensor:
-        """One token ``h [B, 1, D]`` at position ``state.seen`` (the caller then advances ``seen`` and ``pos``).
+    def _step(self, h: torch.Tensor, state: MixerState, t: int) -> torch.Tensor:
+        """One token ``h [B, 1, D]`` at position ``t``, which ``state.pos`` holds too (the caller then advances
+        ``pos``, and ``seen``).
 
         Updates the state in place: its tensors keep their storage (but a full-attention buffer that grows, and the
         store's pending rows), so a compiled step can run as a CUDA graph (:meth:`BMojoCache.mark_static_addresses`).
         """
-        t, pos = state.seen, state.pos
+        pos = state.pos
         if self.attn is not None:
             rope = self.attn.rope(pos)
             q = self.attn.queries(h, rope)
@@ -375,14 +387,14 @@ class BMojoMixer(nn.Module):
             ):
                 mem.copy_(torch.where(boundary, stage, mem))
         if w is None:
-            state.reserve(1)
             state.win_k.index_copy_(2, pos, k)
             state.win_v.index_copy_(2, pos, v)
             state.win_pos.index_copy_(0, pos, pos)
-            keys, values = state.win_k[:, :, : t + 1], state.win_v[:, :, : t + 1]
-            visible = (state.win_pos[: t + 1] >= 0).expand(h.shape[0], -1)
+            n = state.win_k.shape[2] if torch.compiler.is_compiling() else t + 1  # compiled: one shape, masked
+            keys, values = state.win_k[:, :, :n], state.win_v[:, :, :n]
+            visible = (state.win_pos[:n] >= 0).expand(h.shape[0], -1)
         else:
-            self._write_window(state, pos, k, v, score)
+            self._write_window(state, t, pos, k, v, score)
             keys, values = [state.win_k], [state.win_v]
             visible = [(state.win_pos >= 0).expand(h.shape[0], -1)]
             if self.fading:
@@ -418,10 +430,16 @@ class BMojoMixer(nn.Module):
         self.store.add_candidates(state.store_ids, *zip(*parts), skip=state.stage_pos.clone())
 
     def _write_window(
-        self, state: MixerState, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor | None
+        self,
+        state: MixerState,
+        t: int,
+        pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        score: torch.Tensor | None,
     ) -> None:
-        """Put the token at position ``pos [1]`` in ring slot ``pos % w``; the token it evicts (none while the ring
-        fills: slot position ``-1``) becomes an eidetic candidate."""
+        """Put the token at position ``t`` (``pos [1]`` as a tensor) in ring slot ``pos % w``; the token it evicts
+        (none while the ring fills: slot position ``-1``) becomes an eidetic candidate."""
         slot = pos % self.window
         if self.memory is not None:
             cand_k, cand_v = state.win_k.index_select(2, slot), state.win_v.index_select(2, slot)
@@ -435,7 +453,6 @@ class BMojoMixer(nn.Module):
             state.stage_v.copy_(torch.cat([state.stage_v, cand_v], 2).gather(2, idx))
             state.stage_score.copy_(score_kept)
             state.stage_pos.copy_(pos_kept)
-            t = state.seen  # this token's position as a Python int, for the store's host-side bookkeeping
             if state.pend_pos is not None and t >= self.window:
                 pend = t % self.memory.chunk_size
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]

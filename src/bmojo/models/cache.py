@@ -38,10 +38,18 @@ class BMojoCache:
         """Bytes held by each layer's state."""
         return [state.nbytes() for state in self.layers]
 
-    def reserve(self, tokens: int) -> None:
-        """Room for ``tokens`` more tokens in the full-attention layers' key buffers (other layers' states are fixed)."""
+    @torch.compiler.disable
+    def advance(self, tokens: int) -> None:
+        """Count ``tokens`` more tokens seen by every layer (after steps run with ``advance=False``). Outside compiled
+        code, so that a compiled decoding step has no int inputs and replays as one CUDA graph at every position."""
         for state in self.layers:
-            state.reserve(tokens)
+            state.seen += tokens
+
+    def reserve(self, tokens: int) -> None:
+        """Room for exactly ``tokens`` more tokens in the full-attention layers' key buffers (a compiled step reads
+        the whole buffer, masked; other layers' states are fixed)."""
+        for state in self.layers:
+            state.reserve(tokens, exact=True)
 
     def mark_static_addresses(self) -> None:
         """Tell ``torch.compile`` that every state tensor keeps its address (``torch._dynamo.mark_static_address``):

@@ -95,9 +95,9 @@ class BMojoBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if config.use_mlp else None
 
     def forward(
-        self, x: torch.Tensor, state: MixerState | None = None
+        self, x: torch.Tensor, state: MixerState | None = None, advance: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, aux, _ = self.mixer(self.input_layernorm(x), state)
+        y, aux, _ = self.mixer(self.input_layernorm(x), state, advance)
         x = x + y
         if self.mlp is not None:
             x = x + self.mlp(self.post_attention_layernorm(x))
@@ -230,12 +230,16 @@ class BMojoModel(BMojoPreTrainedModel):
             raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}")
 
         x, aux_losses = inputs_embeds, []
+        stepping = cache is not None and cache[0].started  # else the layers run in parallel (prefill)
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, None if cache is None else cache[i])
+            x, aux = layer(x, None if cache is None else cache[i], advance=not stepping)
             if aux is not None:
                 aux_losses.append(aux)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        return BMojoModelOutput(self.norm(x), cache, aux_loss)
+        x = self.norm(x)
+        if stepping:
+            cache.advance(x.shape[1])
+        return BMojoModelOutput(x, cache, aux_loss)
 
 
 STORAGE_FILE = "storage.npz"
