@@ -102,6 +102,19 @@ def test_compiled_decoding_graphs_take_no_ints_and_have_static_shapes(name):
     assert 0 < len(graphs) <= 4 and all(not dynamic for dynamic in graphs), graphs
 
 
+def test_base_model_continues_and_counts_like_the_lm():
+    """``BMojoModel`` advances a continued cache's token count itself; ``BMojoForCausalLM`` does it last."""
+    model = tiny("bmojo")
+    ids = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        base, lm = (model(ids[:, :12], use_cache=True).cache for _ in range(2))
+        for t in range(12, 20):
+            hidden = model.model(ids[:, t : t + 1], cache=base).last_hidden_state
+            logits = model(ids[:, t : t + 1], past_key_values=lm, use_cache=True).logits
+            torch.testing.assert_close(model.lm_head(hidden).float(), logits)
+    assert base.get_seq_length() == lm.get_seq_length() == 20 and base.started
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_cache_size_constant_in_context_except_full_attention(name):
     model = tiny(name)

@@ -38,6 +38,11 @@ class BMojoCache:
         """Bytes held by each layer's state."""
         return [state.nbytes() for state in self.layers]
 
+    @property
+    def started(self) -> bool:
+        """Whether a prefill has filled the cache (a forward then continues it token by token)."""
+        return bool(self.layers) and self.layers[0].started
+
     @torch.compiler.disable
     def advance(self, tokens: int) -> None:
         """Count ``tokens`` more tokens seen by every layer (after steps run with ``advance=False``). Outside compiled

@@ -204,9 +204,13 @@ class BMojoModel(BMojoPreTrainedModel):
         past_key_values: BMojoCache | None = None,
         use_cache: bool | None = None,
         cache: BMojoCache | None = None,
+        advance: bool = True,
         **kwargs: Any,
     ) -> BMojoModelOutput:
-        """``input_ids [B, L]`` (or ``inputs_embeds [B, L, D]``) -> hidden states; continues ``cache`` if given."""
+        """``input_ids [B, L]`` (or ``inputs_embeds [B, L, D]``) -> hidden states; continues ``cache`` if given.
+
+        ``advance=False``: a continued cache's token count is left for the caller to advance, last, outside compiled
+        code (``cache.advance(L)``, as ``BMojoForCausalLM`` does; see ``BMojoMixer.forward``)."""
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -230,16 +234,16 @@ class BMojoModel(BMojoPreTrainedModel):
             raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}")
 
         x, aux_losses = inputs_embeds, []
-        stepping = cache is not None and cache[0].started  # else the layers run in parallel (prefill)
+        stepping = cache is not None and cache.started  # else the layers run in parallel (prefill)
         for i, layer in enumerate(self.layers):
             x, aux = layer(x, None if cache is None else cache[i], advance=not stepping)
             if aux is not None:
                 aux_losses.append(aux)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        x = self.norm(x)
-        if stepping:
+        out = BMojoModelOutput(self.norm(x), cache, aux_loss)
+        if stepping and advance:
             cache.advance(x.shape[1])
-        return BMojoModelOutput(x, cache, aux_loss)
+        return out
 
 
 STORAGE_FILE = "storage.npz"
@@ -340,9 +344,9 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         """Logits ``[B, L, V]`` (float32); with ``labels [B, L]`` also the next-token loss (``-100`` ignored)."""
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        out = self.model(
-            input_ids, attention_mask, inputs_embeds, past_key_values=past_key_values, cache=cache, use_cache=use_cache
-        )
+        cache = cache if cache is not None else past_key_values
+        stepping = isinstance(cache, BMojoCache) and cache.started
+        out = self.model(input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -356,7 +360,10 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             )
             if out.aux_loss is not None:
                 loss = loss + self.config.innovation_loss_weight * out.aux_loss
-        return BMojoCausalLMOutput(loss, logits, out.aux_loss, out.cache)
+        output = BMojoCausalLMOutput(loss, logits, out.aux_loss, out.cache)
+        if stepping:  # last: the graph break this makes under torch.compile leaves nothing after it to compile
+            cache.advance(out.last_hidden_state.shape[1])
+        return output
 
     def prepare_inputs_for_generation(
         self,
