@@ -43,6 +43,21 @@ def test_partial_rotary_keeps_a_content_part_that_ignores_distance():
     assert math.isclose(near[..., :8].norm().item(), far[..., :8].norm().item(), rel_tol=1e-5)  # a rotation
 
 
+def test_rotary_frequencies_are_cached_in_eager_mode_only():
+    """Eager calls reuse one frequency tensor (a decoding step would recompute it per token); compiled code gets
+    the same values without writing the cache (so a later call does not see a changed module and recompile)."""
+    rotary = RotaryEmbedding(8, theta=500.0)
+    expected = torch.tensor([500.0 ** (-2 * i / 8) for i in range(4)])
+    first = rotary.inv_freq(torch.device("cpu"))
+    torch.testing.assert_close(first, expected)
+    assert rotary.inv_freq(torch.device("cpu")) is first
+    rotary._inv_freq = None
+    compiled = torch.compile(lambda p: rotary(p), backend="eager", fullgraph=True)
+    cos, _ = compiled(torch.tensor([3]))
+    torch.testing.assert_close(cos, torch.cos(3 * expected).repeat(2)[None])
+    assert rotary._inv_freq is None
+
+
 def test_bad_rotary_fraction_raises():
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         Attention(32, num_heads=2, rotary_fraction=0.0)

@@ -19,11 +19,23 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2 or head_dim < 2:
             raise ValueError(f"RoPE needs an even number of rotated dimensions >= 2, got {head_dim}")
         self.head_dim, self.theta = head_dim, theta
+        self._inv_freq: torch.Tensor | None = None
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """``theta^(-2i/d)`` for ``i < d/2``: cached per device in eager mode (eager decoding would recompute it at
+        every token; not a buffer, so meta-device loading cannot miss it), computed in compiled code (which folds
+        it into a constant, and so never sees the cache change)."""
+        cached = self._inv_freq
+        if cached is not None and cached.device == device and not torch.compiler.is_compiling():
+            return cached
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        inv_freq = 1.0 / self.theta**exponents
+        if not torch.compiler.is_compiling():
+            self._inv_freq = inv_freq
+        return inv_freq
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # frequencies are recomputed (d/2 values) rather than kept in a buffer, so meta-device loading cannot miss them
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
-        angles = positions.to(torch.float32).unsqueeze(-1) / self.theta**exponents
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq(positions.device)
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos(), angles.sin()
 
