@@ -60,7 +60,9 @@ class MixerState:
     ``fad_*``: fading keys/values in ring slots ``pos % 2w``. ``mem_*``: the eidetic memory in use
     (positions ``[B, k]``), ``stage_*``: the best ``k`` tokens that have left the window so far,
     which becomes the memory in use at the next chunk boundary. ``f_last [B, D]``: last fading token.
-    With storage: ``store_ids [B]``, the sequences of the layer's vector store this batch reads and
+    With a window, ``keys``/``values [B, Hkv, w (+ 2w) (+ k), d]`` hold the window's, fading and eidetic keys and
+    values in one buffer, which a decoding step reads at once: ``win_k``, ``fad_k``, ``mem_k`` (and the ``_v``) are
+    views of it. With storage: ``store_ids [B]``, the sequences of the layer's vector store this batch reads and
     writes; ``pend_*``: this chunk's tokens that left the window (``write="all"``), ring slots ``t % c``.
     """
 
@@ -79,6 +81,8 @@ class MixerState:
     mem_k: torch.Tensor | None = None
     mem_v: torch.Tensor | None = None
     mem_pos: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
     stage_k: torch.Tensor | None = None
     stage_v: torch.Tensor | None = None
     stage_pos: torch.Tensor | None = None
@@ -104,13 +108,26 @@ class MixerState:
             self.win_pos = F.pad(self.win_pos, (0, extra), value=-1)
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the state holds."""
+        """Every tensor the state holds (views of ``keys``/``values`` too), each once."""
         out = [] if self.ssm is None else [self.ssm.conv, self.ssm.ssm]
-        return out + [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+        out += [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+        return list({id(t): t for t in out}.values())
 
     def nbytes(self) -> int:
-        """Bytes held by the state."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        """Bytes held by the state (the views of ``keys``/``values`` counted in them)."""
+        joined = [t for t in (self.keys, self.values) if t is not None]
+        return sum(t.numel() * t.element_size() for t in self.tensors() if not any(t._base is j for j in joined))
+
+    def join_keys(self) -> None:
+        """Put the window's, fading and eidetic keys (and values) in one buffer, ``keys``/``values``, and make the
+        pieces views of it."""
+        for kind in ("k", "v"):
+            names = [f"{part}_{kind}" for part in ("win", "fad", "mem") if getattr(self, f"{part}_{kind}") is not None]
+            pieces = [getattr(self, name) for name in names]
+            joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
+            setattr(self, "keys" if kind == "k" else "values", joined)
+            for name, view in zip(names, joined.split([piece.shape[2] for piece in pieces], 2)):
+                setattr(self, name, view)
 
 
 def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -349,6 +366,7 @@ class BMojoMixer(nn.Module):
         if fading is not None:
             state.fad_k, state.fad_pos = _ring_fill(fading.k, 2 * w)
             state.fad_v, _ = _ring_fill(fading.v, 2 * w)
+        state.join_keys()
 
     # ---------------------------------------------------------------- recurrent (decoding)
     def _step(self, h: torch.Tensor, state: MixerState, t: int) -> torch.Tensor:
@@ -395,7 +413,7 @@ class BMojoMixer(nn.Module):
             visible = (state.win_pos[:n] >= 0).expand(h.shape[0], -1)
         else:
             self._write_window(state, t, pos, k, v, score)
-            keys, values = [state.win_k], [state.win_v]
+            keys, values = state.keys, state.values  # the window's, fading and memory keys (views of them updated)
             visible = [(state.win_pos >= 0).expand(h.shape[0], -1)]
             if self.fading:
                 kf, vf = self.attn.keys_values(f, rope, self.fading_k_proj, self.fading_v_proj)
@@ -404,14 +422,10 @@ class BMojoMixer(nn.Module):
                 state.fad_v.index_copy_(2, slot, vf)
                 state.fad_pos.index_copy_(0, slot, pos)
                 lag = pos - state.fad_pos
-                keys.append(state.fad_k)
-                values.append(state.fad_v)
                 visible.append(((state.fad_pos >= 0) & (lag >= w)).expand(h.shape[0], -1))
             if self.memory is not None:
-                keys.append(state.mem_k)
-                values.append(state.mem_v)
                 visible.append(state.mem_pos >= 0)
-            keys, values, visible = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(visible, 1)
+            visible = torch.cat(visible, 1)
         retrieved = None if self.store is None else found.result()
         o = step_attention(q, keys, values, visible, retrieved)
         if self.store is not None and (t + 1) % self.memory.chunk_size == 0:
