@@ -6,10 +6,11 @@
 
 Rows: causal SDPA over the whole sequence (FlashAttention; as many keys per query as the read-out on average at
 L=2048), ``flex_union_attention`` with FlexAttention's default tiles and as the model calls it (tuned tiles, or
-``BMOJO_FLEX_OPTIONS``; window and fading band as bands, the eidetic memory as per-chunk keys with a per-batch
-validity mask), the bands alone, and the call with each ``--options`` (FlexAttention kernel options such as tile
-sizes and warps; the default forward tile on an H100 / H200 for bf16 at d=64 is 128 x 128 with 4 warps, where the
-mask's integer arithmetic spills registers). Each row: forward (inputs requiring grad, as in training) and
+``BMOJO_FLEX_OPTIONS``; window and fading band over concatenated keys, the eidetic memory as per-chunk keys with a
+per-batch validity mask), the same with the two bands as one sliding window over interleaved keys
+(``interleave=True``), the bands alone, and the call with each ``--options`` (FlexAttention kernel options such as
+tile sizes and warps; the default forward tile on an H100 / H200 for bf16 at d=64 is 128 x 128 with 4 warps, where
+the mask's integer arithmetic spills registers). Each row: forward (inputs requiring grad, as in training) and
 forward + backward, medians of ``--repeats`` runs after warm-up; then a CUDA profile of one forward + backward. The
 last line names the fastest option set by forward time (``best kernel options: ...``, empty for FlexAttention's
 defaults), in the form ``BMOJO_FLEX_OPTIONS`` takes. ``--forward-only``: inputs without grad, no backward (nor its
@@ -93,6 +94,7 @@ def main() -> None:
         ("causal SDPA, whole sequence", lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=True), q[..., 0])),
         ("flex_union_attention, FlexAttention's default tiles", lambda: flex_union_attention(q, bands, memory, {})),
         ("flex_union_attention (the model's call)", lambda: flex_union_attention(q, bands, memory)),
+        ("the model's call, bands interleaved", lambda: flex_union_attention(q, bands, memory, interleave=True)),
         ("flex_union_attention, bands only", lambda: flex_union_attention(q, bands, None)),
     ] + [(f"the model's call, {text}", with_options(text)) for text in args.options]
     forward_ms: dict[str, float] = {}

@@ -232,6 +232,23 @@ def test_union_matches_dense_reference(impl, block, length, w, fading, m, chunk)
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("length,w,m,chunk", [(1, 4, 3, 4), (33, 4, 5, 4), (40, 1, 2, 3), (64, 16, 0, 16)])
+def test_flex_interleaved_window_and_fading_band_equal_the_concatenated_layout(length, w, m, chunk):
+    """The window and its fading band as one sliding window over interleaved keys (what the model's FlexAttention
+    call uses) and as two bands over concatenated keys both give the dense reference."""
+    from bmojo.ops.attention import _paired_window
+
+    q, bands, memory = _union_inputs(2, 4, 2, length, 16, w, True, m, chunk, seed=length + w)
+    assert _paired_window(bands) == w
+    assert _paired_window(bands[:1]) is None and _paired_window([bands[0], Band(bands[1].k, bands[1].v, w, 2 * w)]) is None
+    o_ref, lse_ref = union_attention_ref(q, bands, memory)
+    for interleave in (True, False):
+        o, lse = flex_union_attention(q, bands, memory, interleave=interleave)
+        torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_parse_kernel_options():
     assert parse_kernel_options("BLOCK_M=128, BLOCK_N=64,fwd_num_warps=8") == {
         "BLOCK_M": 128,

@@ -292,29 +292,61 @@ def _union_keys(bands: list[Band], memory: ChunkMemory | None) -> tuple[torch.Te
     return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
 
-def _union_mask_mod(length: int, bands: list[Band], memory: ChunkMemory | None):
-    """``mask_mod(b, h, q_idx, kv_idx)`` over the keys of :func:`_union_keys` (FlexAttention's convention)."""
+def _union_mask_mod(length: int, bands: list[Band], memory: ChunkMemory | None, pair: int | None = None):
+    """``mask_mod(b, h, q_idx, kv_idx)`` over the keys of :func:`_union_keys` (FlexAttention's convention), or of
+    :func:`_paired_keys` for a window of ``pair`` tokens and its fading band."""
     spans = tuple((i * length, band.lo, band.hi) for i, band in enumerate(bands))
     m, chunk = (None, None) if memory is None else (memory.valid.shape[2], memory.chunk)
-    mask_mod = _mask_mod_for(length, spans, m, chunk)
+    mask_mod = _mask_mod_for(length, spans, m, chunk, pair)
     if memory is not None:
         mask_mod.buffers["valid"] = memory.valid.flatten(1)  # [B, n_chunks * m]
     return mask_mod
 
 
+def _paired_window(bands: list[Band]) -> int | None:
+    """``w`` if ``bands`` are a window ``[0, w - 1]`` and a fading band ``[w, 2w - 1]`` over as many keys (B'MOJO's
+    read-out), else ``None``."""
+    if len(bands) != 2 or bands[0].lo != 0 or bands[0].hi is None or bands[0].k.shape != bands[1].k.shape:
+        return None
+    w = bands[0].hi + 1
+    return w if (bands[1].lo, bands[1].hi) == (w, 2 * w - 1) else None
+
+
+def _paired_keys(bands: list[Band], w: int, memory: ChunkMemory | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A window of ``w`` and its fading band as one sliding window over interleaved keys: slot ``2p`` holds window
+    key ``p``, slot ``2p + 1`` fading key ``p - w`` (seen at distances ``w..2w-1``, so at ``0..w-1`` from ``p``);
+    then the memories as in :func:`_union_keys`. FlexAttention then meets half the partial blocks at band edges."""
+
+    def interleave(x: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
+        shifted = F.pad(xf, (0, 0, w, 0))[:, :, : xf.shape[2]]
+        return torch.stack([x, shifted], dim=3).flatten(2, 3)
+
+    k, v = interleave(bands[0].k, bands[1].k), interleave(bands[0].v, bands[1].v)
+    if memory is None:
+        return k, v
+    return torch.cat([k, memory.k.flatten(2, 3)], dim=2), torch.cat([v, memory.v.flatten(2, 3)], dim=2)
+
+
 @functools.lru_cache(maxsize=256)
-def _mask_mod_for(length: int, spans: tuple[tuple[int, int, int | None], ...], m: int | None, chunk: int | None):
+def _mask_mod_for(
+    length: int, spans: tuple[tuple[int, int, int | None], ...], m: int | None, chunk: int | None, pair: int | None
+):
     """One ``mask_mod`` function per mask structure, so compiled FlexAttention sees the same function every call
     (a new closure per call could recompile); the memory's validity is the tensor in ``mask_mod.buffers``."""
     start = len(spans) * length
     buffers: dict[str, torch.Tensor] = {}
 
     def mask_mod(b, h, q_idx, kv_idx):
-        visible = q_idx < 0
-        for offset, lo, hi in spans:
-            dist = q_idx - (kv_idx - offset)
-            ok = (kv_idx >= offset) & (kv_idx < offset + length) & (dist >= lo)
-            visible = visible | (ok if hi is None else ok & (dist <= hi))
+        if pair is None:
+            visible = q_idx < 0
+            for offset, lo, hi in spans:
+                dist = q_idx - (kv_idx - offset)
+                ok = (kv_idx >= offset) & (kv_idx < offset + length) & (dist >= lo)
+                visible = visible | (ok if hi is None else ok & (dist <= hi))
+        else:  # interleaved (_paired_keys): slot kv_idx holds position kv_idx // 2, a fading key from pair on
+            slot = kv_idx // 2
+            dist = q_idx - slot
+            visible = (kv_idx < start) & (dist >= 0) & (dist < pair) & ((kv_idx % 2 == 0) | (slot >= pair))
         if m is not None:
             valid = buffers["valid"]
             slot = (kv_idx - start).clamp(0, valid.shape[1] - 1)
@@ -358,20 +390,27 @@ def _compiled_flex_attention():
 
 
 def flex_union_attention(
-    q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None, kernel_options: dict | None = None
+    q: torch.Tensor,
+    bands: list[Band],
+    memory: ChunkMemory | None = None,
+    kernel_options: dict | None = None,
+    interleave: bool = False,
 ) -> AttnOut:
     """:func:`union_attention` as one FlexAttention call with a block-sparse mask (compiled on CUDA).
 
     Only the key blocks that some query of a block can see are computed, so the cost is
-    ``O(L * (sum of band widths + memory size))``. On CPU it runs FlexAttention's eager path (forward only).
+    ``O(L * (sum of band widths + memory size))``. ``interleave``: a window and its fading band as one sliding window
+    over interleaved keys (:func:`_paired_keys`: half the partial blocks, a simpler mask; not yet timed on a GPU,
+    ``benchmarks/bench_flex.py`` compares the two). On CPU it runs FlexAttention's eager path (forward only).
     ``kernel_options`` go to FlexAttention unchanged (tile sizes such as ``BLOCK_M``, ``BLOCK_N``; ``{}``:
     FlexAttention's defaults); ``None``: :data:`FLEX_KERNEL_OPTIONS` if set, else tuned tiles where measured.
     """
     from torch.nn.attention import flex_attention as fa
 
     b, hq, length, _ = q.shape
-    k, v = _union_keys(bands, memory)
-    mask_mod = _union_mask_mod(length, bands, memory)
+    pair = _paired_window(bands) if interleave else None
+    k, v = _union_keys(bands, memory) if pair is None else _paired_keys(bands, pair, memory)
+    mask_mod = _union_mask_mod(length, bands, memory, pair)
     block_mask = fa.create_block_mask(mask_mod, None if memory is None else b, None, length, k.shape[2],
                                       device=q.device, _compile=q.is_cuda)  # fmt: skip
     flex = _compiled_flex_attention() if q.is_cuda else fa.flex_attention
