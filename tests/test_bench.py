@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from bmojo.bench import (
     BenchSettings,
     _Memory,
+    inference_model,
     make_runner,
     matched_transformer,
     run_bench,
@@ -157,6 +158,22 @@ def test_bench_bfloat16_autocast_reports_mfu():
     assert train and all(0 < p["mfu"] and p["model_flops"] > 0 for p in train)
     with pytest.raises(ValueError, match="dtype must be one of"):
         tiny_settings(dtype="float16").validate()
+
+
+def test_bfloat16_inference_runs_on_a_bfloat16_copy_and_training_under_autocast():
+    """Prefill and decode time the model with bfloat16 weights (no per-step weight casts), training keeps the
+    float32 weights; the caller's model is left as it was."""
+    config = BMojoConfig.from_preset("bmojo", "tiny", vocab_size=64, hidden_size=32, num_hidden_layers=1)
+    model = BMojoForCausalLM(config)
+    ids = torch.randint(0, 64, (1, 12))
+    run = make_runner(model, "decode", ids, 2, "bfloat16")
+    run()
+    floats = {t.dtype for state in run.cache.layers for t in state.tensors() if t.is_floating_point()}
+    assert torch.bfloat16 in floats and run.cache.get_seq_length() == 14
+    train = make_runner(model, "train", ids, 2, "bfloat16")
+    train()
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert inference_model(model, "float32") is model
 
 
 @pytest.mark.slow  # about a minute of compilation on 2 CPU cores

@@ -15,19 +15,21 @@ on a shared machine falls on all of them alike and the ratios (``vs_baseline``) 
 Peak memory: on CPU the peak resident-set growth of one run, measured in a fresh subprocess per point (so memory
 that earlier points freed into the allocator cannot hide it); on CUDA ``torch.cuda.max_memory_allocated`` growth.
 For ``decode`` it is the size of the cache after the prefill plus the peak growth while decoding (not what the
-prefill freed into the allocator), and ``cache_bytes`` is the cache's exact size after the timed steps. For ``train`` the step's FLOPs are counted by
-``torch.utils.flop_counter`` (matmuls and attention as executed, masked-out entries of banded attention included)
-and reported as achieved FLOP/s and as a fraction of the measured matmul peak (on CPU only: compiled CUDA kernels
-hide their FLOPs from the counter). Every ``train`` point also reports model FLOPs utilisation (``mfu``): the
-usual estimate of a step's useful FLOPs (:func:`model_flops`) per second over the measured matmul peak in the run's
-dtype. ``dtype="bfloat16"`` runs every mode under ``torch.autocast`` (weights stay float32). ``compile=True`` times
-every mode through ``torch.compile`` of every model (compilation happens in the warm-up runs; FLOP counts and
-memory come from the eager model).
+prefill freed into the allocator), and ``cache_bytes`` is the cache's exact size after the timed steps. For
+``train`` the step's FLOPs are counted by ``torch.utils.flop_counter`` (matmuls and attention as executed,
+masked-out entries of banded attention included) and reported as achieved FLOP/s and as a fraction of the measured
+matmul peak (on CPU only: compiled CUDA kernels hide their FLOPs from the counter). Every ``train`` point also
+reports model FLOPs utilisation (``mfu``): the usual estimate of a step's useful FLOPs (:func:`model_flops`) per
+second over the measured matmul peak in the run's dtype. ``dtype="bfloat16"`` runs ``train`` under
+``torch.autocast`` (float32 weights, as training keeps them) and ``prefill``/``decode`` on a bfloat16 copy of each
+model (as inference runs: autocast would cast every weight at every step, and compiled graphs do not cache those
+casts). ``compile=True`` times every mode through ``torch.compile`` of every model (compilation happens in the
+warm-up runs; FLOP counts and memory come from the eager model).
 """
 
 from __future__ import annotations
 
-import functools
+import copy
 import inspect
 import json
 import os
@@ -218,6 +220,12 @@ def _build(config: BMojoConfig, seed: int, device: torch.device) -> BMojoForCaus
     return BMojoForCausalLM(config).to(device)
 
 
+def inference_model(model: BMojoForCausalLM, dtype: str) -> BMojoForCausalLM:
+    """``model`` for ``prefill`` and ``decode`` in ``dtype``: itself if its weights are in it, else a copy in it."""
+    target = DTYPES[dtype]
+    return model if next(model.parameters()).dtype == target else copy.deepcopy(model).to(target)
+
+
 def _prefill(model: torch.nn.Module, ids: torch.Tensor) -> Any:
     with torch.no_grad():
         return model.eval()(ids, use_cache=True, logits_to_keep=1).cache
@@ -230,12 +238,14 @@ def _autocast(device: torch.device, dtype: str) -> torch.autocast:
 
 def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int, dtype: str = "float32",
                 compile: bool = False, compile_mode: str = "default", runs: int = 1) -> Callable[[], None]:  # fmt: skip
-    """A function running one unit of ``mode`` on ``ids [batch, L]`` under autocast to ``dtype`` (for ``decode``
-    the prefill happens now); ``compile``: the model runs through ``torch.compile`` in ``compile_mode``, for
+    """A function running one unit of ``mode`` on ``ids [batch, L]``: ``train`` under autocast to ``dtype``,
+    ``prefill`` and ``decode`` with the weights in ``dtype`` (:func:`inference_model`; for ``decode`` the prefill
+    happens now); ``compile``: the model runs through ``torch.compile`` in ``compile_mode``, for
     ``train`` and ``prefill`` with a graph per length, for ``decode`` with one graph for every position (after a
     first one for the first) and the cache's addresses marked static (``"reduce-overhead"``: CUDA graphs), its
     full-attention buffers sized for ``runs`` calls of ``decode_steps`` (a compiled step reads all of them)."""
-    amp = functools.partial(_autocast, ids.device, dtype)
+    if mode != "train":
+        model = inference_model(model, dtype)
     forward = model
     if compile:
         forward = torch.compile(model, dynamic=False if mode != "decode" else None, mode=compile_mode)
@@ -244,7 +254,7 @@ def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_st
 
         def train() -> None:
             model.zero_grad(set_to_none=True)
-            with amp():
+            with _autocast(ids.device, dtype):
                 loss = forward(ids, labels=ids, use_cache=False).loss
             loss.backward()
 
@@ -252,12 +262,10 @@ def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_st
     if mode == "prefill":
 
         def prefill() -> None:
-            with amp():
-                _prefill(forward, ids)
+            _prefill(forward, ids)
 
         return prefill
-    with amp():
-        cache, token = _prefill(model, ids), ids[:, -1:]
+    cache, token = _prefill(model, ids), ids[:, -1:]
     if compile:
         cache.reserve(decode_steps * runs)
 
@@ -265,7 +273,7 @@ def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_st
         if compile:  # room for the steps first (if called more than ``runs`` times): the state then stays put
             cache.reserve(decode_steps)
             cache.mark_static_addresses()
-        with torch.no_grad(), amp():
+        with torch.no_grad():
             for _ in range(decode_steps):
                 forward(token, cache=cache, use_cache=True)
 
@@ -311,6 +319,8 @@ def memory_point(config: BMojoConfig, mode: str, batch: int, length: int, decode
     decoding after the prefill."""
     dev = torch.device(device)
     model, ids = _build(config, seed, dev), _ids(config, batch, length, seed, dev)
+    if mode != "train":  # the inference copy is not part of the run's memory
+        model = inference_model(model, dtype)
     probe = _Memory(dev)
     _sync(dev)
     before = probe.current()

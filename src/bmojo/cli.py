@@ -429,7 +429,7 @@ def bench(
     decode_steps: int = typer.Option(16, help="single-token steps timed per decode run"),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's)"),
     device: str = typer.Option("cpu", help="torch device"),
-    dtype: str = typer.Option("float32", help="float32, or bfloat16 (autocast)"),
+    dtype: str = typer.Option("float32", help="float32, or bfloat16 (training under autocast, inference in bf16)"),
     compile: bool = typer.Option(False, "--compile/--eager", help="time every mode through torch.compile"),
     compile_mode: str = typer.Option("default", help="torch.compile mode; reduce-overhead: CUDA graphs on CUDA"),
     overrides: list[str] | None = typer.Option(None, "--set", help="config field of every model: KEY=VALUE"),
