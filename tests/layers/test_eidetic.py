@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bmojo.layers.eidetic import EideticMemory, chunk_memories, merge_topk, position_hash
+from bmojo.layers.eidetic import EideticMemory, chunk_memories, insert_slot, merge_topk, position_hash
 
 
 def brute_force_memory(scores: torch.Tensor, window: int, chunk: int, k: int, j: int) -> list[list[int]]:
@@ -38,6 +38,27 @@ def test_merge_topk_one_at_a_time_equals_all_at_once():
         ms, mp, _ = merge_topk(ms, mp, scores[:, t : t + 1], positions[:, t : t + 1], 5)
     _, all_pos, _ = merge_topk(torch.full((2, 5), float("-inf")), torch.full((2, 5), -1), scores, positions, 5)
     assert mp.tolist() == all_pos.tolist()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_insert_slot_one_at_a_time_keeps_what_merge_topk_keeps(k):
+    """Decoding's in-place insertion (unsorted memory, many tied scores, a shuffled start) keeps the same set of
+    positions as merge_topk over all candidates at once, ties going to the earlier position."""
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (3, 40), generator=g).float()
+    positions = torch.arange(40).expand(3, 40)
+    ms, mp, _ = merge_topk(
+        torch.full((3, k), float("-inf")), torch.full((3, k), -1), scores[:, :10], positions[:, :10], k
+    )
+    perm = torch.randperm(k, generator=g)
+    ms, mp = ms[:, perm].clone(), mp[:, perm].clone()
+    for t in range(10, 40):
+        at, enter = insert_slot(ms, mp, scores[:, t : t + 1])
+        ms.scatter_(1, at, torch.where(enter, scores[:, t : t + 1], ms.gather(1, at)))
+        mp.scatter_(1, at, torch.where(enter, positions[:, t : t + 1], mp.gather(1, at)))
+        empty = (torch.full((3, k), float("-inf")), torch.full((3, k), -1))
+        _, kept, _ = merge_topk(*empty, scores[:, : t + 1], positions[:, : t + 1], k)
+        assert mp.sort(1).values.tolist() == kept.sort(1).values.tolist(), t
 
 
 def test_innovation_score_formula_and_aux_loss():

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmojo.layers.attention import Attention
-from bmojo.layers.eidetic import EideticMemory, chunk_memories, merge_topk
+from bmojo.layers.eidetic import EideticMemory, chunk_memories, insert_slot
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
 from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership
 from bmojo.ops.attention import (
@@ -459,14 +459,16 @@ class BMojoMixer(nn.Module):
             cand_k, cand_v = state.win_k.index_select(2, slot), state.win_v.index_select(2, slot)
             cand_pos = state.win_pos.index_select(0, slot).expand(k.shape[0], 1)
             cand_score = state.win_score.index_select(1, slot).masked_fill(cand_pos < 0, float("-inf"))
-            score_kept, pos_kept, idx = merge_topk(
-                state.stage_score, state.stage_pos, cand_score, cand_pos, self.memory.size
-            )
-            idx = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-            state.stage_k.copy_(torch.cat([state.stage_k, cand_k], 2).gather(2, idx))
-            state.stage_v.copy_(torch.cat([state.stage_v, cand_v], 2).gather(2, idx))
-            state.stage_score.copy_(score_kept)
-            state.stage_pos.copy_(pos_kept)
+            at, enter = insert_slot(state.stage_score, state.stage_pos, cand_score)  # [B, 1] each
+            for stage, cand, dim in (
+                (state.stage_score, cand_score, 1),
+                (state.stage_pos, cand_pos, 1),
+                (state.stage_k, cand_k, 2),
+                (state.stage_v, cand_v, 2),
+            ):
+                ones = [-1] + [1] * (stage.dim() - 1)
+                index = at.view(ones).expand(cand.shape)
+                stage.scatter_(dim, index, torch.where(enter.view(ones), cand, stage.gather(dim, index)))
             if state.pend_pos is not None and t >= self.window:
                 pend = t % self.memory.chunk_size
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]

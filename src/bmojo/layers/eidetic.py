@@ -8,8 +8,8 @@ without a selection signal (ablations).
 
 Selection works at chunk boundaries: before chunk ``j`` (start ``s = j * chunk``) the memory is
 the ``size`` highest-scoring tokens among positions ``< s - window`` (ties: earlier position first).
-:func:`chunk_memories` computes this for a whole sequence; :func:`merge_topk` is the single rule
-both it and recurrent decoding use, so the two modes select identical tokens.
+:func:`chunk_memories` computes this for a whole sequence with :func:`merge_topk`; recurrent decoding adds one
+token at a time by the same rule (:func:`insert_slot`), so the two modes select identical tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +44,15 @@ def merge_topk(
     pos = torch.cat([mem_pos, new_pos], dim=1)
     order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
     return score.gather(1, order), pos.gather(1, order), order
+
+
+def insert_slot(score: torch.Tensor, pos: torch.Tensor, new_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where one candidate, newer than every entry of a memory ``score, pos [B, k]`` (in any order), goes by
+    :func:`merge_topk`'s rule: ``(slot [B, 1], enter [B, 1])``. It replaces the entry that rule drops (the lowest
+    score, the newest among equal scores) where it scores strictly higher (a tie keeps the earlier position)."""
+    worst = score.min(1, keepdim=True).values
+    slot = torch.where(score == worst, pos, -2).argmax(1, keepdim=True)
+    return slot, new_score > worst
 
 
 def empty_memory(batch: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
