@@ -395,7 +395,12 @@ class BMojoMixer(nn.Module):
             return f
 
         w = self.window
-        k, v = self.attn.keys_values(h, rope)
+        if self.fading and self.fading_k_proj is None:  # tied: the token and its fading output through one product
+            (k, kf), (v, vf) = (x.chunk(2) for x in self.attn.keys_values(torch.cat([h, f]), rope))
+        else:
+            k, v = self.attn.keys_values(h, rope)
+            if self.fading:
+                kf, vf = self.attn.keys_values(f, rope, self.fading_k_proj, self.fading_v_proj)
         if self.memory is not None:
             boundary = pos % self.memory.chunk_size == 0  # the memory built so far comes into use
             for mem, stage in (
@@ -416,7 +421,6 @@ class BMojoMixer(nn.Module):
             keys, values = state.keys, state.values  # the window's, fading and memory keys (views of them updated)
             visible = [(state.win_pos >= 0).expand(h.shape[0], -1)]
             if self.fading:
-                kf, vf = self.attn.keys_values(f, rope, self.fading_k_proj, self.fading_v_proj)
                 slot = pos % (2 * w)
                 state.fad_k.index_copy_(2, slot, kf)
                 state.fad_v.index_copy_(2, slot, vf)
