@@ -418,9 +418,9 @@ def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: 
     """One (mode, length) for every model, timed repeats interleaved across the models (``peak``: matmul FLOP/s)."""
     dev, steps = torch.device(settings.device), settings.decode_steps
     ids = {name: _ids(models[name]["config"], settings.batch, length, settings.seed, dev) for name in built}
-    compiled, runs = (settings.compile, settings.compile_mode), settings.warmup + settings.repeats
+    runs = settings.warmup + settings.repeats
     runners = {
-        name: make_runner(model, mode, ids[name], steps, settings.dtype, *compiled, runs)
+        name: make_runner(model, mode, ids[name], steps, settings.dtype, settings.compile, settings.compile_mode, runs)
         for name, model in built.items()
     }
     for _ in range(settings.warmup):

@@ -25,14 +25,15 @@ class RotaryEmbedding(nn.Module):
         """``theta^(-2i/d)`` for ``i < d/2``: cached per device in eager mode (eager decoding would recompute it at
         every token; not a buffer, so meta-device loading cannot miss it), computed in compiled code (which folds
         it into a constant, and so never sees the cache change)."""
-        cached = self._inv_freq
-        if cached is not None and cached.device == device and not torch.compiler.is_compiling():
-            return cached
+        if torch.compiler.is_compiling():
+            return self._frequencies(device)
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = self._frequencies(device)
+        return self._inv_freq
+
+    def _frequencies(self, device: torch.device) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        inv_freq = 1.0 / self.theta**exponents
-        if not torch.compiler.is_compiling():
-            self._inv_freq = inv_freq
-        return inv_freq
+        return 1.0 / self.theta**exponents
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq(positions.device)

@@ -236,7 +236,7 @@ class BMojoModel(BMojoPreTrainedModel):
         x, aux_losses = inputs_embeds, []
         stepping = cache is not None and cache.started  # else the layers run in parallel (prefill)
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, None if cache is None else cache[i], advance=not stepping)
+            x, aux = layer(x, None if cache is None else cache[i], advance=False)  # the cache advances below
             if aux is not None:
                 aux_losses.append(aux)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None

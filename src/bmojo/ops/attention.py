@@ -286,10 +286,11 @@ def chunk_attention(q: torch.Tensor, memory: ChunkMemory) -> AttnOut:
 
 
 def _union_keys(bands: list[Band], memory: ChunkMemory | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every key set concatenated along the key axis: bands in order, then the memories chunk by chunk."""
+    """Every key set concatenated along the key axis: bands in order, then the memories chunk by chunk (a single
+    set as it is)."""
     ks = [band.k for band in bands] + ([] if memory is None else [memory.k.flatten(2, 3)])
     vs = [band.v for band in bands] + ([] if memory is None else [memory.v.flatten(2, 3)])
-    return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+    return (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, dim=2), torch.cat(vs, dim=2))
 
 
 def _union_mask_mod(length: int, bands: list[Band], memory: ChunkMemory | None, pair: int | None = None):
@@ -321,10 +322,8 @@ def _paired_keys(bands: list[Band], w: int, memory: ChunkMemory | None) -> tuple
         shifted = F.pad(xf, (0, 0, w, 0))[:, :, : xf.shape[2]]
         return torch.stack([x, shifted], dim=3).flatten(2, 3)
 
-    k, v = interleave(bands[0].k, bands[1].k), interleave(bands[0].v, bands[1].v)
-    if memory is None:
-        return k, v
-    return torch.cat([k, memory.k.flatten(2, 3)], dim=2), torch.cat([v, memory.v.flatten(2, 3)], dim=2)
+    paired = Band(interleave(bands[0].k, bands[1].k), interleave(bands[0].v, bands[1].v), 0, None)
+    return _union_keys([paired], memory)  # (the band's lo / hi are not read)
 
 
 @functools.lru_cache(maxsize=256)
