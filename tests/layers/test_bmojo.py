@@ -114,11 +114,11 @@ def test_full_attention_cache_grows_while_decoding():
         state = MixerState()
         outs = [m(h[:, :1], state)[0]] + [m(h[:, t : t + 1], state)[0] for t in range(1, 200)]
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
-    assert state.win_k.shape[2] == 257 and state.win_pos[200:].eq(-1).all()
+    assert state.win_k.shape[2] == 257 and state.win_pos[:, 200:].eq(-1).all()
     state.reserve(50, exact=True)
     assert state.win_k.shape[2] == 257
     state.reserve(60, exact=True)
-    assert state.win_k.shape[2] == state.win_v.shape[2] == state.win_pos.shape[0] == 260
+    assert state.win_k.shape[2] == state.win_v.shape[2] == state.win_pos.shape[1] == 260
 
 
 @pytest.mark.parametrize("name", ["bmojo", "transformer"])

@@ -19,9 +19,10 @@ attention (the read-out is the SSM output), and no eidetic memory.
 
 Parallel mode (training, prefill) and recurrent mode (decoding with a :class:`MixerState`) give
 the same outputs: the state keeps the SSM state, a ``w``-slot ring of raw keys/values, a
-``2w``-slot ring of fading keys/values and ``2k`` eidetic keys/values (the memory in use and the
-one being built for the next chunk boundary), so its size does not depend on the context length;
-only full attention (no window) keeps every key.
+``w``-slot ring of the fading band's keys/values, the last ``w`` fading tokens (each projected into the band
+``w`` steps after it is made) and ``2k`` eidetic keys/values (the memory in use and the one being built for the
+next chunk boundary), so its size does not depend on the context length; only full attention (no window) keeps
+every key.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmojo.layers.attention import Attention
+from bmojo.layers.attention import Attention, Rope
 from bmojo.layers.eidetic import EideticMemory, chunk_memories, insert_slot
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
 from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership
@@ -55,14 +56,17 @@ class MixerState:
     ``pos [1]``: ``seen`` as a tensor on the state's device, from which decoding computes its ring slots, so that a
     compiled step does not depend on the Python integer (one graph for every position).
     ``win_*``: raw keys/values ``[B, Hkv, S, d]`` in ring slots ``pos % w`` (``full`` attention: all tokens in order,
-    in a buffer that grows by an eighth when full, :meth:`reserve`), with ``win_pos [S]`` (``-1`` = empty) and eidetic
-    scores ``win_score [B, S]``.
-    ``fad_*``: fading keys/values in ring slots ``pos % 2w``. ``mem_*``: the eidetic memory in use
+    in a buffer that grows by an eighth when full, :meth:`reserve`), with positions ``win_pos [B, S]`` (``-1`` =
+    empty) and eidetic scores ``win_score [B, S]``.
+    ``fad_*``: the fading band, keys/values of the fading tokens of positions ``pos - 2w .. pos - w - 1`` in ring
+    slots ``p % w``; ``f_pend [B, w, D]``: the fading tokens of the last ``w`` positions (slots ``p % w``), each
+    projected into the band when it enters it. ``mem_*``: the eidetic memory in use
     (positions ``[B, k]``), ``stage_*``: the best ``k`` tokens that have left the window so far,
     which becomes the memory in use at the next chunk boundary. ``f_last [B, D]``: last fading token.
-    With a window, ``keys``/``values [B, Hkv, w (+ 2w) (+ k), d]`` hold the window's, fading and eidetic keys and
-    values in one buffer, which a decoding step reads at once: ``win_k``, ``fad_k``, ``mem_k`` (and the ``_v``) are
-    views of it. With storage: ``store_ids [B]``, the sequences of the layer's vector store this batch reads and
+    With a window, ``keys``/``values [B, Hkv, w (+ w) (+ k), d]`` and ``positions [B, w (+ w) (+ k)]`` hold the
+    window's, fading and eidetic keys, values and positions in one buffer each, which a decoding step reads at once
+    (every slot holds a key its query sees, or a negative position): ``win_k``, ``fad_k``, ``mem_k`` (and the
+    ``_v``, ``_pos``) are views of them. With storage: ``store_ids [B]``, the sequences of the layer's vector store this batch reads and
     writes; ``pend_*``: this chunk's tokens that left the window (``write="all"``), ring slots ``t % c``.
     """
 
@@ -78,11 +82,13 @@ class MixerState:
     fad_k: torch.Tensor | None = None
     fad_v: torch.Tensor | None = None
     fad_pos: torch.Tensor | None = None
+    f_pend: torch.Tensor | None = None
     mem_k: torch.Tensor | None = None
     mem_v: torch.Tensor | None = None
     mem_pos: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
     stage_k: torch.Tensor | None = None
     stage_v: torch.Tensor | None = None
     stage_pos: torch.Tensor | None = None
@@ -114,20 +120,25 @@ class MixerState:
         return list({id(t): t for t in out}.values())
 
     def nbytes(self) -> int:
-        """Bytes held by the state (the views of ``keys``/``values`` counted in them)."""
-        joined = [t for t in (self.keys, self.values) if t is not None]
+        """Bytes held by the state (the views of ``keys``/``values``/``positions`` counted in them)."""
+        joined = [t for t in (self.keys, self.values, self.positions) if t is not None]
         return sum(t.numel() * t.element_size() for t in self.tensors() if not any(t._base is j for j in joined))
 
     def join_keys(self) -> None:
-        """Put the window's, fading and eidetic keys (and values) in one buffer, ``keys``/``values``, and make the
-        pieces views of it."""
-        for kind in ("k", "v"):
+        """Put the window's, fading and eidetic keys (values, positions) in one buffer, ``keys`` (``values``,
+        ``positions``), and make the pieces views of it."""
+        for kind, joined_name, dim in (("k", "keys", 2), ("v", "values", 2), ("pos", "positions", 1)):
             names = [f"{part}_{kind}" for part in ("win", "fad", "mem") if getattr(self, f"{part}_{kind}") is not None]
             pieces = [getattr(self, name) for name in names]
-            joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
-            setattr(self, "keys" if kind == "k" else "values", joined)
-            for name, view in zip(names, joined.split([piece.shape[2] for piece in pieces], 2)):
+            joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+            setattr(self, joined_name, joined)
+            for name, view in zip(names, joined.split([piece.shape[dim] for piece in pieces], dim)):
                 setattr(self, name, view)
+
+
+def _rows(rope: Rope, rows: slice) -> Rope:
+    """``rope`` (``(cos, sin)`` or ``None``) at some of its positions."""
+    return None if rope is None else (rope[0][rows], rope[1][rows])
 
 
 def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -138,12 +149,13 @@ def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def _ring_fill(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ring buffer of the last ``size`` entries of ``x [B, H, L, d]``: ``(buffer [B, H, size, d], pos [size])``."""
-    b, h, length, d = x.shape
+    """Ring buffer of the last ``size`` entries of ``x [..., L, d]`` (time on dim -2): ``(buffer [..., size, d],
+    positions [size])``, entry ``p`` in slot ``p % size`` (empty slots: zeros, position ``-1``)."""
+    length = x.shape[-2]
     pos = torch.arange(max(0, length - size), length, device=x.device)
-    buf = x.new_zeros(b, h, size, d)
+    buf = x.new_zeros(*x.shape[:-2], size, x.shape[-1])
     slots = torch.full((size,), -1, dtype=torch.long, device=x.device)
-    buf[:, :, pos % size] = x[:, :, pos]
+    buf[..., pos % size, :] = x[..., pos, :]
     slots[pos % size] = pos
     return buf, slots
 
@@ -267,17 +279,17 @@ class BMojoMixer(nn.Module):
         rope = self.attn.rope(pos)
         q = self.attn.queries(h, rope)
         k, v = self.attn.keys_values(h, rope)
-        aux = scores = None
+        aux = scores = fading = None
         if self.fading is False and self.memory is None and w is None:
             o = causal_attention(q, k, v)
         else:
             bands = [Band(k, v, 0, None if w is None else w - 1)]
             if self.fading:
-                # no query sees the fading keys of the last w positions; the recurrent state keeps them
-                seen = length if state is not None else max(0, length - w)
+                # no query sees the fading keys of the last w positions (the recurrent state keeps their tokens)
+                seen = max(0, length - w)
                 rope_f = None if rope is None else (rope[0][:seen], rope[1][:seen])
-                kf, vf = self.attn.keys_values(f[:, :seen], rope_f, self.fading_k_proj, self.fading_v_proj)
-                bands.append(Band(*(F.pad(x, (0, 0, 0, length - seen)) for x in (kf, vf)), w, 2 * w - 1))
+                fading = self.attn.keys_values(f[:, :seen], rope_f, self.fading_k_proj, self.fading_v_proj)
+                bands.append(Band(*(F.pad(x, (0, 0, 0, length - seen)) for x in fading), w, 2 * w - 1))
             eidetic = None
             if self.memory is not None:
                 f_prev = F.pad(f[:, :-1], (0, 0, 1, 0))
@@ -293,7 +305,7 @@ class BMojoMixer(nn.Module):
         out = self.attn.output(o)
 
         if state is not None:
-            self._fill_state(state, k, v, pos, bands[-1] if self.fading else None, scores)
+            self._fill_state(state, k, v, pos, fading, f, scores)
         return out, aux, state
 
     def _eidetic_memory(
@@ -348,24 +360,26 @@ class BMojoMixer(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         pos: torch.Tensor,
-        fading: Band | None,
+        fading: tuple[torch.Tensor, torch.Tensor] | None,
+        f: torch.Tensor | None,
         scores: torch.Tensor | None,
     ) -> None:
-        """Recurrent state after a parallel pass over positions ``pos`` with keys/values ``k, v`` and the ``fading``
-        band's."""
-        w = self.window
+        """Recurrent state after a parallel pass over positions ``pos`` with keys/values ``k, v``, the ``fading``
+        band's (positions ``< L - w``) and fading tokens ``f``."""
+        w, b = self.window, k.shape[0]
         if w is None:
-            state.win_k, state.win_v, state.win_pos, state.full = k, v, pos, True
+            state.win_k, state.win_v, state.win_pos, state.full = k, v, pos.repeat(b, 1), True
             return
-        state.win_k, state.win_pos = _ring_fill(k, w)
+        state.win_k, slots = _ring_fill(k, w)
         state.win_v, _ = _ring_fill(v, w)
+        state.win_pos = slots.repeat(b, 1)
         if scores is not None:
-            state.win_score = scores.new_zeros(scores.shape[0], w)
-            valid = state.win_pos >= 0
-            state.win_score[:, valid] = scores[:, state.win_pos[valid]]
+            state.win_score = scores.new_zeros(b, w)
+            state.win_score[:, slots >= 0] = scores[:, slots[slots >= 0]]
         if fading is not None:
-            state.fad_k, state.fad_pos = _ring_fill(fading.k, 2 * w)
-            state.fad_v, _ = _ring_fill(fading.v, 2 * w)
+            (state.fad_k, slots), (state.fad_v, _) = (_ring_fill(x, w) for x in fading)
+            state.fad_pos = slots.repeat(b, 1)
+            state.f_pend, _ = _ring_fill(f, w)
         state.join_keys()
 
     # ---------------------------------------------------------------- recurrent (decoding)
@@ -375,11 +389,16 @@ class BMojoMixer(nn.Module):
 
         Updates the state in place: its tensors keep their storage (but a full-attention buffer that grows, and the
         store's pending rows), so a compiled step can run as a CUDA graph (:meth:`BMojoCache.mark_static_addresses`).
+        Every write to a buffer comes after the step's reads of it, which read the joined buffers rather than views of
+        them: inductor then updates the buffers in place, where it would otherwise copy them whole at every step.
+        With a fading band, the fading token of position ``t - w`` enters it: its key and value are projected with
+        the token's (in one product when tied) and written with them.
         """
-        pos = state.pos
+        pos, w = state.pos, self.window
         if self.attn is not None:
-            rope = self.attn.rope(pos)
-            q = self.attn.queries(h, rope)
+            at = torch.cat([pos, pos - w]) if self.fading else pos  # positions of the keys this step writes
+            rope = self.attn.rope(at)
+            q = self.attn.queries(h, _rows(rope, slice(0, 1)))
             if self.store is not None:  # the search runs while the SSM and the window attention do
                 found = self.store.retrieve_async(state.store_ids.tolist(), q, self.storage.topk)
         f = score = None
@@ -394,42 +413,35 @@ class BMojoMixer(nn.Module):
         if self.attn is None:
             return f
 
-        w = self.window
-        if self.fading and self.fading_k_proj is None:  # tied: the token and its fading output through one product
-            (k, kf), (v, vf) = (x.chunk(2) for x in self.attn.keys_values(torch.cat([h, f]), rope))
-        else:
+        if not self.fading:
             k, v = self.attn.keys_values(h, rope)
-            if self.fading:
-                kf, vf = self.attn.keys_values(f, rope, self.fading_k_proj, self.fading_v_proj)
+        else:
+            entering = state.f_pend.index_select(1, pos % w)  # the fading token of position t - w
+            if self.fading_k_proj is None:  # tied: the token and the entering fading token through one product
+                k, v = self.attn.keys_values(torch.cat([h, entering], 1), rope)
+            else:
+                k, v = self.attn.keys_values(h, _rows(rope, slice(0, 1)))
+                kf, vf = self.attn.keys_values(entering, _rows(rope, slice(1, 2)), self.fading_k_proj,
+                                               self.fading_v_proj)  # fmt: skip
+                k, v = torch.cat([k, kf], 2), torch.cat([v, vf], 2)
         if self.memory is not None:
             boundary = pos % self.memory.chunk_size == 0  # the memory built so far comes into use
-            for mem, stage in (
-                (state.mem_k, state.stage_k),
-                (state.mem_v, state.stage_v),
-                (state.mem_pos, state.stage_pos),
-            ):
-                mem.copy_(torch.where(boundary, stage, mem))
+            n = state.positions.shape[1]
+            mem = torch.arange(n - self.memory.size, n, device=pos.device)  # its slots, last in the joined buffers
+            for joined, stage, dim in ((state.keys, state.stage_k, 2), (state.values, state.stage_v, 2),
+                                       (state.positions, state.stage_pos, 1)):  # fmt: skip
+                joined.index_copy_(dim, mem, torch.where(boundary, stage, joined.index_select(dim, mem)))
         if w is None:
             state.win_k.index_copy_(2, pos, k)
             state.win_v.index_copy_(2, pos, v)
-            state.win_pos.index_copy_(0, pos, pos)
+            state.win_pos.index_copy_(1, pos, pos.expand(h.shape[0], 1))
             n = state.win_k.shape[2] if torch.compiler.is_compiling() else t + 1  # compiled: one shape, masked
-            keys, values = state.win_k[:, :, :n], state.win_v[:, :, :n]
-            visible = (state.win_pos[:n] >= 0).expand(h.shape[0], -1)
+            keys, values, visible = state.win_k[:, :, :n], state.win_v[:, :, :n], state.win_pos[:, :n] >= 0
         else:
-            self._write_window(state, t, pos, k, v, score)
-            keys, values = state.keys, state.values  # the window's, fading and memory keys (views of them updated)
-            visible = [(state.win_pos >= 0).expand(h.shape[0], -1)]
+            self._write_window(state, t, at, k, v, score)
             if self.fading:
-                slot = pos % (2 * w)
-                state.fad_k.index_copy_(2, slot, kf)
-                state.fad_v.index_copy_(2, slot, vf)
-                state.fad_pos.index_copy_(0, slot, pos)
-                lag = pos - state.fad_pos
-                visible.append(((state.fad_pos >= 0) & (lag >= w)).expand(h.shape[0], -1))
-            if self.memory is not None:
-                visible.append(state.mem_pos >= 0)
-            visible = torch.cat(visible, 1)
+                state.f_pend.index_copy_(1, pos % w, f)
+            keys, values, visible = state.keys, state.values, state.positions >= 0
         retrieved = None if self.store is None else found.result()
         o = step_attention(q, keys, values, visible, retrieved)
         if self.store is not None and (t + 1) % self.memory.chunk_size == 0:
@@ -451,19 +463,21 @@ class BMojoMixer(nn.Module):
         self,
         state: MixerState,
         t: int,
-        pos: torch.Tensor,
+        at: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         score: torch.Tensor | None,
     ) -> None:
-        """Put the token at position ``t`` (``pos [1]`` as a tensor) in ring slot ``pos % w``; the token it evicts
-        (none while the ring fills: slot position ``-1``) becomes an eidetic candidate."""
-        slot = pos % self.window
+        """Put the token at position ``t`` (``at [1]`` as a tensor; ``at [2]``: with the position ``t - w`` of the
+        fading key entering the band) and its keys/values ``k, v [B, Hkv, 1 or 2, d]`` in ring slot ``t % w`` of the
+        window (and of the band); the token it evicts (none while the ring fills: slot position ``-1``) becomes an
+        eidetic candidate."""
+        slot = at[:1] % self.window
         if self.memory is not None:
-            cand_k, cand_v = state.win_k.index_select(2, slot), state.win_v.index_select(2, slot)
-            cand_pos = state.win_pos.index_select(0, slot).expand(k.shape[0], 1)
+            cand_k, cand_v = state.keys.index_select(2, slot), state.values.index_select(2, slot)
+            cand_pos = state.positions.index_select(1, slot)
             cand_score = state.win_score.index_select(1, slot).masked_fill(cand_pos < 0, float("-inf"))
-            at, enter = insert_slot(state.stage_score, state.stage_pos, cand_score)  # [B, 1] each
+            at_slot, enter = insert_slot(state.stage_score, state.stage_pos, cand_score)  # [B, 1] each
             for stage, cand, dim in (
                 (state.stage_score, cand_score, 1),
                 (state.stage_pos, cand_pos, 1),
@@ -471,14 +485,15 @@ class BMojoMixer(nn.Module):
                 (state.stage_v, cand_v, 2),
             ):
                 ones = [-1] + [1] * (stage.dim() - 1)
-                index = at.view(ones).expand(cand.shape)
+                index = at_slot.view(ones).expand(cand.shape)
                 stage.scatter_(dim, index, torch.where(enter.view(ones), cand, stage.gather(dim, index)))
             if state.pend_pos is not None and t >= self.window:
                 pend = t % self.memory.chunk_size
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]
                 state.pend_pos[pend] = t - self.window
-        state.win_k.index_copy_(2, slot, k)
-        state.win_v.index_copy_(2, slot, v)
-        state.win_pos.index_copy_(0, slot, pos)
+        index = slot + torch.arange(0, at.shape[0] * self.window, self.window, device=at.device)  # [win | band]
+        state.keys.index_copy_(2, index, k)
+        state.values.index_copy_(2, index, v)
+        state.positions.index_copy_(1, index, at.expand(k.shape[0], -1))
         if score is not None:
             state.win_score.index_copy_(1, slot, score)
