@@ -1,6 +1,7 @@
 """BMojoForCausalLM: presets, parity of full forward vs cached decoding, save/load, generate, loss, errors."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -100,6 +101,28 @@ def test_compiled_decoding_graphs_take_no_ints_and_have_static_shapes(name):
             step(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == 24
     assert 0 < len(graphs) <= 4 and all(not dynamic for dynamic in graphs), graphs
+
+
+def test_compiled_decoding_updates_the_state_buffers_in_place():
+    """Inductor writes the joined key/value/position buffers and the pending fading tokens in place: the compiled
+    step allocates no buffer of their shape and dtype (it copies a whole buffer at every step where the step reads
+    the buffer after writing it, or through a view of it)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny("bmojo")
+    ids = torch.randint(0, 128, (1, 40))
+    torch._dynamo.reset()
+    step = torch.compile(model)
+    with torch.no_grad():
+        cache = model(ids[:, :30], use_cache=True).cache
+        cache.mark_static_addresses()
+        step(ids[:, 30:31], past_key_values=cache, use_cache=True)  # the first position has a graph of its own
+        _, codes = run_and_get_code(step, ids[:, 31:32], past_key_values=cache, use_cache=True)
+    buffers = {(tuple(t.shape), str(t.dtype)) for s in cache.layers for t in (s.keys, s.values, s.positions, s.f_pend)}
+    pattern = r"empty_strided_\w+\(\(([^)]*)\), \([^)]*\), (torch\.\w+)\)"
+    allocated = {(tuple(int(x) for x in shape.split(",") if x.strip()), dtype)
+                 for code in codes for shape, dtype in re.findall(pattern, code)}  # fmt: skip
+    assert codes and allocated and not buffers & allocated, buffers & allocated
 
 
 def test_base_model_continues_and_counts_like_the_lm():
