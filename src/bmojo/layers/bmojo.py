@@ -66,8 +66,9 @@ class MixerState:
     With a window, ``keys``/``values [B, Hkv, w (+ w) (+ k), d]`` and ``positions [B, w (+ w) (+ k)]`` hold the
     window's, fading and eidetic keys, values and positions in one buffer each, which a decoding step reads at once
     (every slot holds a key its query sees, or a negative position): ``win_k``, ``fad_k``, ``mem_k`` (and the
-    ``_v``, ``_pos``) are views of them. With storage: ``store_ids [B]``, the sequences of the layer's vector store this batch reads and
-    writes; ``pend_*``: this chunk's tokens that left the window (``write="all"``), ring slots ``t % c``.
+    ``_v``, ``_pos``) are views of them. With storage: ``store_ids [B]``, the sequences of the layer's vector store
+    this batch reads and writes; ``pend_*``: this chunk's tokens that left the window (``write="all"``), ring slots
+    ``t % c``.
     """
 
     seen: int = 0
