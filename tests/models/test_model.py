@@ -104,9 +104,9 @@ def test_compiled_decoding_graphs_take_no_ints_and_have_static_shapes(name):
 
 
 def test_compiled_decoding_updates_the_state_buffers_in_place():
-    """Inductor writes the joined key/value/position buffers and the pending fading tokens in place: the compiled
-    step allocates no buffer of their shape and dtype (it copies a whole buffer at every step where the step reads
-    the buffer after writing it, or through a view of it)."""
+    """Inductor writes the joined key/value/position buffers, the pending fading tokens and the eidetic staging
+    keys/values in place: the compiled step allocates no buffer of their shape and dtype (it copies a whole buffer at
+    every step where the step reads the buffer after writing it, or through a view of it, or scatters into it)."""
     from torch._inductor.utils import run_and_get_code
 
     model = tiny("bmojo")
@@ -118,7 +118,8 @@ def test_compiled_decoding_updates_the_state_buffers_in_place():
         cache.mark_static_addresses()
         step(ids[:, 30:31], past_key_values=cache, use_cache=True)  # the first position has a graph of its own
         _, codes = run_and_get_code(step, ids[:, 31:32], past_key_values=cache, use_cache=True)
-    buffers = {(tuple(t.shape), str(t.dtype)) for s in cache.layers for t in (s.keys, s.values, s.positions, s.f_pend)}
+    updated = ("keys", "values", "positions", "f_pend", "stage_k", "stage_v")
+    buffers = {(tuple(t.shape), str(t.dtype)) for s in cache.layers for t in (getattr(s, name) for name in updated)}
     pattern = r"empty_strided_\w+\(\(([^)]*)\), \([^)]*\), (torch\.\w+)\)"
     allocated = {(tuple(int(x) for x in shape.split(",") if x.strip()), dtype)
                  for code in codes for shape, dtype in re.findall(pattern, code)}  # fmt: skip

@@ -479,15 +479,12 @@ class BMojoMixer(nn.Module):
             cand_pos = state.positions.index_select(1, slot)
             cand_score = state.win_score.index_select(1, slot).masked_fill(cand_pos < 0, float("-inf"))
             at_slot, enter = insert_slot(state.stage_score, state.stage_pos, cand_score)  # [B, 1] each
-            for stage, cand, dim in (
-                (state.stage_score, cand_score, 1),
-                (state.stage_pos, cand_pos, 1),
-                (state.stage_k, cand_k, 2),
-                (state.stage_v, cand_v, 2),
-            ):
-                ones = [-1] + [1] * (stage.dim() - 1)
-                index = at_slot.view(ones).expand(cand.shape)
-                stage.scatter_(dim, index, torch.where(enter.view(ones), cand, stage.gather(dim, index)))
+            rows = torch.arange(at_slot.shape[0], device=at_slot.device)[:, None]
+            for stage, cand in ((state.stage_score, cand_score), (state.stage_pos, cand_pos)):
+                stage.index_put_((rows, at_slot), torch.where(enter, cand, stage[rows, at_slot]))
+            for stage, cand in ((state.stage_k, cand_k), (state.stage_v, cand_v)):
+                index = (rows, slice(None), at_slot)  # of stage [B, Hkv, k, d]: the entries [B, 1, Hkv, d]
+                stage[index] = torch.where(enter[:, :, None, None], cand.transpose(1, 2), stage[index])
             if state.pend_pos is not None and t >= self.window:
                 pend = t % self.memory.chunk_size
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]
