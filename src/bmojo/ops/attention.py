@@ -316,7 +316,8 @@ def _paired_window(bands: list[Band]) -> int | None:
 def _paired_keys(bands: list[Band], w: int, memory: ChunkMemory | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A window of ``w`` and its fading band as one sliding window over interleaved keys: slot ``2p`` holds window
     key ``p``, slot ``2p + 1`` fading key ``p - w`` (seen at distances ``w..2w-1``, so at ``0..w-1`` from ``p``);
-    then the memories as in :func:`_union_keys`. FlexAttention then meets half the partial blocks at band edges."""
+    then the memories as in :func:`_union_keys`. FlexAttention meets as many partial blocks as with the bands
+    concatenated (more where the band's fading slots are still empty), but evaluates a simpler mask in them."""
 
     def interleave(x: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
         shifted = F.pad(xf, (0, 0, w, 0))[:, :, : xf.shape[2]]
@@ -399,7 +400,7 @@ def flex_union_attention(
 
     Only the key blocks that some query of a block can see are computed, so the cost is
     ``O(L * (sum of band widths + memory size))``. ``interleave``: a window and its fading band as one sliding window
-    over interleaved keys (:func:`_paired_keys`: half the partial blocks, a simpler mask; not yet timed on a GPU,
+    over interleaved keys (:func:`_paired_keys`: a simpler mask, as many partial blocks; not yet timed on a GPU,
     ``benchmarks/bench_flex.py`` compares the two). On CPU it runs FlexAttention's eager path (forward only).
     ``kernel_options`` go to FlexAttention unchanged (tile sizes such as ``BLOCK_M``, ``BLOCK_N``; ``{}``:
     FlexAttention's defaults); ``None``: :data:`FLEX_KERNEL_OPTIONS` if set, else tuned tiles where measured.
