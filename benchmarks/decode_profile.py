@@ -2,21 +2,25 @@
 
     python benchmarks/decode_profile.py                      # CUDA: 130m, 32K context, batch 1, bf16, CUDA graphs
     python benchmarks/decode_profile.py --batch 8 --mode default
+    python benchmarks/decode_profile.py --option combo_kernels=True   # inductor options on top of the mode's
 
 For B'MOJO and the equal-size Transformer (``bench.matched_transformer``), each with bfloat16 weights on CUDA
 (float32 on CPU): a prefill of ``--length`` tokens, room reserved and the cache's addresses marked static, the model
 through ``torch.compile(mode=--mode)``, warm-up steps, then ``--steps`` timed steps (median of 3 runs), then a
 profile of ``--steps`` steps counting the device kernels (CUDA) and their total time per token. At batch 1 a step
 with many small kernels is bound by their count (a few microseconds each even replayed from a CUDA graph) rather
-than by the bytes it reads; the Transformer reads its whole KV cache every token. On a CPU it runs tiny shapes to
-check the script (no kernel counts).
+than by the bytes it reads; the Transformer reads its whole KV cache every token. ``--option NAME=VALUE`` sets an
+inductor option on top of the mode's (``combo_kernels=True`` launches independent kernels, such as the writes to
+several state buffers, as one). On a CPU it runs tiny shapes to check the script (no kernel counts).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -25,7 +29,21 @@ from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.bench import matched_transformer
 
 
-def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, mode: str) -> dict[str, float]:
+def inductor_options(mode: str, items: list[str]) -> dict[str, Any]:
+    """``torch.compile`` options of ``mode`` updated by ``NAME=VALUE`` items (values as Python literals, else text)."""
+    options = dict(torch._inductor.list_mode_options(mode))
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"inductor option {item!r} is not NAME=VALUE")
+        try:
+            options[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[name] = value
+    return options
+
+
+def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, options: dict[str, Any]) -> dict[str, float]:
     """Per-token wall ms (median of 3 runs of ``steps``), and device-busy ms and kernels per token (CUDA)."""
     cuda = ids.is_cuda
     with torch.no_grad():
@@ -33,7 +51,7 @@ def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, mode: str) -
         cache, token = out.cache, out.logits.argmax(-1)
         cache.reserve(steps * 8)
         cache.mark_static_addresses()
-        step = torch.compile(model, mode=mode)
+        step = torch.compile(model, options=options)
 
         def run() -> float:
             if cuda:
@@ -64,7 +82,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
+    parser.add_argument("--option", action="append", default=[], help="inductor option NAME=VALUE (repeatable)")
     args = parser.parse_args()
+    options = inductor_options(args.mode, args.option)
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     size, length = (args.size, args.length) if cuda else ("tiny", 256)
@@ -72,12 +92,12 @@ def main() -> None:
     bmojo = BMojoConfig.from_preset("bmojo", size, **overrides)
     configs = {"transformer": matched_transformer(bmojo, size, overrides), "bmojo": bmojo}
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; {size}, context {length}, "
-          f"batch {args.batch}, {args.steps} steps, torch.compile mode {args.mode}")  # fmt: skip
+          f"batch {args.batch}, {args.steps} steps, torch.compile mode {args.mode}, options {options}")  # fmt: skip
     for name, config in configs.items():
         torch.manual_seed(0)
         model = BMojoForCausalLM(config).to(dev, dtype).eval()
         ids = torch.randint(0, config.vocab_size, (args.batch, length), device=dev)
-        r = measure(model, ids, args.steps, args.mode)
+        r = measure(model, ids, args.steps, options)
         extra = f"  device busy {r['device_ms']:.3f} ms  kernels {r['kernels']:.0f}" if cuda else ""
         print(f"{name:12s} {r['wall_ms']:8.3f} ms/token  {args.batch / r['wall_ms'] * 1e3:9.1f} tokens/s{extra}",
               flush=True)  # fmt: skip

@@ -10,6 +10,7 @@
 #   bash benchmarks/run_gpu.sh OUT decode-compiled  # decode at 32K with both models through torch.compile, batch 1 and 8
 #   bash benchmarks/run_gpu.sh OUT decode-graphs    # the same with --compile-mode reduce-overhead (CUDA graphs)
 #   bash benchmarks/run_gpu.sh OUT decode-profile   # ms, device-busy ms and kernels per token at 32K, CUDA graphs
+#                                                   # (batch 1 and 8, then batch 1 with inductor's combo kernels)
 #   bash benchmarks/run_gpu.sh OUT flex    # the read-out's FlexAttention call against FlashAttention, tile sizes
 #   bash benchmarks/run_gpu.sh OUT flex-warm     # compile the flex-sweep rows, one process each, in parallel
 #   bash benchmarks/run_gpu.sh OUT flex-sweep    # forward times of the sweep's kernel options; exports the fastest
@@ -68,7 +69,8 @@ PY
         bench --lengths 32768 --modes decode --batch $b --decode-steps 32 --repeats 3 --compile --compile-mode $mode \
           --no-memory --out "$out/${stage}_b$b"
       done ;;
-    decode-profile) for b in 1 8; do python3 benchmarks/decode_profile.py --batch $b; done 2>&1 |
+    decode-profile) { for b in 1 8; do python3 benchmarks/decode_profile.py --batch $b; done
+                      python3 benchmarks/decode_profile.py --option combo_kernels=True; } 2>&1 |
                     tee "$out/decode_profile.log" ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \
             --options BLOCK_M=128,BLOCK_N=128,num_warps=8 2>&1 | tee "$out/flex.log" ;;  # ~45 s of compiling a row
