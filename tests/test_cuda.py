@@ -1,8 +1,8 @@
 """The fused CUDA paths against the PyTorch references, on a GPU (skipped without one).
 
 What runs here: FlexAttention for the B'MOJO union attention (forward, and gradients of the output and of the
-log-sum-exp), flash-linear-attention's SSD scan when ``fla`` is installed, our Triton selective scan on real
-CUDA tensors, whole models on the fused paths against ``BMOJO_KERNELS=reference``, parallel vs recurrent
+log-sum-exp), flash-linear-attention's SSD scan when ``fla`` is installed, our Triton selective scan and SSD
+forward on real CUDA tensors, whole models on the fused paths against ``BMOJO_KERNELS=reference``, parallel vs recurrent
 decoding on CUDA, and a bf16 training run. ``benchmarks/RESULTS.md`` records the device these last passed on.
 """
 
@@ -113,6 +113,26 @@ def test_triton_selective_scan_on_cuda_matches_reference():
     y_ref, state_ref = selective_scan_ref(u, delta, A, B, C, initial_state=s0)
     torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(state, state_ref, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_ssd_on_cuda_matches_reference(dtype):
+    """Our SSD forward kernel (``ssd_scan_fwd`` directly: ``ssd_scan`` prefers fla when it is installed)."""
+    from bmojo.ops.triton.ssd import ssd_scan_fwd
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    b, length, h, p, groups, n = 2, 300, 8, 64, 2, 16
+    x = torch.randn(b, length, h, p, generator=g, device=DEV)
+    dt = torch.nn.functional.softplus(torch.randn(b, length, h, generator=g, device=DEV) - 1)
+    A = -torch.rand(h, generator=g, device=DEV) * 2 - 0.1
+    B, C = (torch.randn(b, length, groups, n, generator=g, device=DEV) for _ in range(2))
+    s0 = torch.randn(b, h, p, n, generator=g, device=DEV)
+    inputs = [t.to(dtype) for t in (x, dt, A, B, C)] + [s0]
+    y, state = ssd_scan_fwd(*inputs)
+    y_ref, state_ref = ssd_scan_ref(*inputs)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(state, state_ref, atol=tol, rtol=tol)
 
 
 def _tiny(name: str, **overrides) -> BMojoForCausalLM:

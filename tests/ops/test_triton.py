@@ -15,15 +15,16 @@ import pytest
 import torch
 
 import bmojo.ops.triton as kernels
-from bmojo.layers.ssm import Mamba
+from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
+from bmojo.ops.ssd import ssd_scan, ssd_scan_ref
 
 WORKER = """
 import importlib, sys, torch
-import bmojo.ops.triton.selective_scan as kernel
+import bmojo.ops.triton.selective_scan as scan_kernel, bmojo.ops.triton.ssd as ssd_kernel
 calls, counted = torch.load(sys.argv[1], weights_only=False), []
-original = kernel.selective_scan_fwd
-kernel.selective_scan_fwd = lambda *a, **k: counted.append(1) or original(*a, **k)
+for module, name in ((scan_kernel, "selective_scan_fwd"), (ssd_kernel, "ssd_scan_fwd")):
+    setattr(module, name, lambda *a, f=getattr(module, name), **k: counted.append(1) or f(*a, **k))
 outs = []
 with torch.no_grad():
     for target, args, kwargs in calls:
@@ -35,6 +36,8 @@ torch.save(outs, sys.argv[2])
 """
 FWD = "bmojo.ops.triton.selective_scan:selective_scan_fwd"
 SCAN = "bmojo.ops.selective_scan:selective_scan"
+SSD_FWD = "bmojo.ops.triton.ssd:ssd_scan_fwd"
+SSD = "bmojo.ops.ssd:ssd_scan"
 
 
 def scan_inputs(bsz: int, length: int, e: int, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -67,6 +70,50 @@ def mamba_layer() -> Mamba:
     return Mamba(16, state_size=4).eval()
 
 
+def ssd_inputs(bsz: int, length: int, heads: int, p: int, groups: int, n: int, h0: bool = True, seed: int = 0,
+               decay: float = 2.0) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """Random Mamba-2-like inputs: positive ``dt``, negative ``A`` (down to ``-decay``), an initial state."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(bsz, length, heads, p, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(bsz, length, heads, generator=g) - 1)
+    a = -torch.rand(heads, generator=g) * decay - 0.1
+    b, c = torch.randn(bsz, length, groups, n, generator=g), torch.randn(bsz, length, groups, n, generator=g)
+    return x, dt, a, b, c, torch.randn(bsz, heads, p, n, generator=g) if h0 else None
+
+
+# (batch, length, heads, head dim, B/C groups, state, initial state, kernel options): a length that does not fill
+# its last chunk, 2 heads per group, a state below 16 (padded for tl.dot); one step with a head dim that is not a
+# power of two; several chunks with two programs per head; strong decay (exp(dt * A) down to about 1e-13 a step)
+SSD_SHAPES = [
+    (2, 37, 4, 16, 2, 8, True, {}),
+    (1, 1, 2, 24, 1, 5, False, {}),
+    (1, 70, 2, 64, 1, 16, True, {"chunk_size": 16, "block_p": 32}),
+    (1, 50, 2, 16, 1, 4, True, {"decay": 30.0}),
+]
+
+
+def ssd_call(case: int) -> tuple[tuple[torch.Tensor | None, ...], dict]:
+    """Inputs and kernel options of ``SSD_SHAPES[case]``."""
+    *shape, h0, options = SSD_SHAPES[case]
+    decay = options.get("decay", 2.0)
+    return ssd_inputs(*shape, h0=h0, decay=decay), {k: v for k, v in options.items() if k != "decay"}
+
+
+def mamba2_layer() -> Mamba2:
+    torch.manual_seed(0)
+    return Mamba2(32, state_size=8, head_dim=16, chunk_size=8).eval()
+
+
+def strided_ssd_inputs() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Non-contiguous views of the same SSD inputs (as the layer's ``split`` makes them), and the originals."""
+    x, dt, a, b, c, h0 = ssd_inputs(2, 20, 2, 16, 1, 8, seed=5)
+    x_view = torch.cat([x, torch.randn_like(x)], dim=-1)[..., :16]
+    bc = torch.cat([b, c], dim=-1)
+    views = (x_view, dt, a, bc[..., :8], bc[..., 8:], h0.transpose(2, 3).contiguous().mT)
+    assert not any(t.is_contiguous() for t in (views[0], views[3], views[5]))
+    return views, (x, dt, a, b, c, h0)
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Outputs of the calls below, run with the Triton interpreter on CPU: ``[(output, kernel calls so far)]``."""
@@ -78,6 +125,12 @@ def interpreted(tmp_path_factory):
     calls.append((FWD, (half[0], half[1], half[2].float(), half[3], half[4]), {}))
     calls.append((SCAN, scan_inputs(2, 12, 8, 4, seed=2), {}))
     calls.append((mamba_layer(), (torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(4)),), {}))
+    calls += [(SSD_FWD, *ssd_call(case)) for case in range(len(SSD_SHAPES))]
+    calls.append((SSD_FWD, strided_ssd_inputs()[0], {}))
+    calls.append((SSD_FWD, tuple(t.half() for t in ssd_inputs(1, 21, 2, 16, 1, 8, seed=6)), {}))
+    *args, h0 = ssd_inputs(2, 30, 4, 16, 2, 8, seed=7)
+    calls.append((SSD, tuple(args), {"chunk_size": 8, "initial_state": h0}))
+    calls.append((mamba2_layer(), (torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(8)),), {}))
     folder = tmp_path_factory.mktemp("triton")
     torch.save(calls, folder / "calls.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1", "BMOJO_KERNELS": "triton"}
@@ -164,3 +217,60 @@ def test_use_triton_rules(kernel_mode):
     assert not kernels.use_triton(x)
     with pytest.raises(ValueError, match="BMOJO_KERNELS must be one of"):
         kernels.set_kernels("fast")
+
+
+SSD_FIRST = len(SHAPES) + 4  # index of the first SSD call in ``interpreted``
+
+
+@pytest.mark.parametrize("case", range(len(SSD_SHAPES)))
+def test_ssd_kernel_matches_reference(interpreted, case):
+    inputs, _ = ssd_call(case)
+    (y, final), _ = interpreted[SSD_FIRST + case]
+    y_ref, final_ref = ssd_scan_ref(*inputs)
+    assert y.dtype == torch.float32 and final.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ssd_kernel_strided_and_half_inputs(interpreted):
+    i = SSD_FIRST + len(SSD_SHAPES)
+    (y, final), _ = interpreted[i]
+    y_ref, final_ref = ssd_scan_ref(*strided_ssd_inputs()[1])
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
+    (y16, final16), _ = interpreted[i + 1]
+    y_ref16, final_ref16 = ssd_scan_ref(*(t.half() for t in ssd_inputs(1, 21, 2, 16, 1, 8, seed=6)))
+    assert y16.dtype == torch.float16 and final16.dtype == torch.float32
+    torch.testing.assert_close(y16, y_ref16, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(final16, final_ref16, rtol=1e-4, atol=1e-4)
+
+
+def test_dispatch_runs_ssd_kernel_in_ssd_scan_and_mamba2_layer(interpreted):
+    """With ``BMOJO_KERNELS=triton``, ``ssd_scan`` and a Mamba-2 layer's forward run the kernel (one call each) and
+    match the PyTorch path computed here."""
+    i = SSD_FIRST + len(SSD_SHAPES) + 2
+    ((y, final), calls_ssd), (out, calls_layer) = interpreted[i], interpreted[i + 1]
+    assert (calls_ssd - interpreted[i - 1][1], calls_layer - calls_ssd) == (1, 1)
+    *args, h0 = ssd_inputs(2, 30, 4, 16, 2, 8, seed=7)
+    y_ref, final_ref = ssd_scan(*args, chunk_size=8, initial_state=h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        out_ref = mamba2_layer()(torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(8)))
+    torch.testing.assert_close(out[0], out_ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1].ssm, out_ref[1].ssm, rtol=1e-4, atol=1e-4)
+
+
+def test_ssd_kernel_rejects_bad_shapes():
+    kernel = pytest.importorskip("bmojo.ops.triton.ssd")
+    x, dt, a, b, c, h0 = ssd_inputs(1, 5, 4, 16, 2, 8)
+    with pytest.raises(ValueError, match="C must have shape"):
+        kernel.ssd_scan_fwd(x, dt, a, b, c[..., :3])
+    with pytest.raises(ValueError, match="A must have shape"):
+        kernel.ssd_scan_fwd(x, dt, a[:3], b, c)
+    with pytest.raises(ValueError, match="multiple of B/C groups"):
+        kernel.ssd_scan_fwd(x[:, :, :3], dt[:, :, :3], a[:3], b, c)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        kernel.ssd_scan_fwd(x, dt, a, b, c, h0[..., :2])
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        kernel.ssd_scan_fwd(x, dt, a, b, c, chunk_size=8)

@@ -15,7 +15,8 @@ computed in float32; ``y`` comes back in the dtype of ``x`` and states in float3
 chunk makes subnormal floats, which slow it down (up to about 2x); ``torch.set_flush_denormal(True)``
 avoids that. On CUDA, when flash-linear-attention (``fla``) is installed, :func:`ssd_scan` runs its Triton
 ``chunk_simple_gla`` (forward, and backward where fla supports it: :func:`fla_backward_supported`), which
-computes in the inputs' dtype with float32 accumulation.
+computes in the inputs' dtype with float32 accumulation; else a call without gradients runs our Triton forward
+kernel (``bmojo.ops.triton.ssd``, float32 arithmetic; ``bmojo.ops.triton`` has the switch).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops.triton import needs_grad, use_fused_cuda
+from bmojo.ops.triton import needs_grad, use_fused_cuda, use_triton
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -113,12 +114,17 @@ def ssd_scan(
     The intra-chunk work grows with ``Q`` and the closed-form recurrence with ``(L / Q)^2``; on CPU, 32 was the
     fastest at 2K tokens (8 heads of 64, state 16: 10.4 ms forward and backward compiled, 11.6 ms with 64).
     Differentiable by autograd. Returns ``(y [batch, L, H, P], final_state [batch, H, P, N])``.
-    CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed (see the module docstring).
+    CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed, else, without gradients, our Triton kernel
+    (with ``chunk_size`` rounded up to a power of two of at least 16; see the module docstring).
     """
     inputs = (x, dt, A, B, C, initial_state)
     if use_fused_cuda(*inputs) and fla_available():
         if not needs_grad(*inputs) or fla_backward_supported(x.device):
             return ssd_scan_fla(*inputs)
+    if use_triton(*inputs):
+        from bmojo.ops.triton.ssd import ssd_scan_fwd
+
+        return ssd_scan_fwd(*inputs, chunk_size=max(16, 1 << (chunk_size - 1).bit_length()))
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
     r = _heads_per_group(heads, g)
