@@ -2,7 +2,7 @@
 
 What runs here: FlexAttention for the B'MOJO union attention (forward, and gradients of the output and of the
 log-sum-exp), flash-linear-attention's SSD scan when ``fla`` is installed, our Triton selective scan and SSD
-forward on real CUDA tensors, whole models on the fused paths against ``BMOJO_KERNELS=reference``, parallel vs recurrent
+(forward and backward) on real CUDA tensors, whole models on the fused paths against ``BMOJO_KERNELS=reference``, parallel vs recurrent
 decoding on CUDA, and a bf16 training run. ``benchmarks/RESULTS.md`` records the device these last passed on.
 """
 
@@ -117,8 +117,9 @@ def test_triton_selective_scan_on_cuda_matches_reference():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_ssd_on_cuda_matches_reference(dtype):
-    """Our SSD forward kernel (``ssd_scan_fwd`` directly: ``ssd_scan`` prefers fla when it is installed)."""
-    from bmojo.ops.triton.ssd import ssd_scan_fwd
+    """Our SSD kernels, forward and backward (``ssd_scan_triton`` directly: ``ssd_scan`` prefers fla when it is
+    installed)."""
+    from bmojo.ops.triton.ssd import ssd_scan_triton
 
     g = torch.Generator(device=DEV).manual_seed(0)
     b, length, h, p, groups, n = 2, 300, 8, 64, 2, 16
@@ -127,12 +128,14 @@ def test_triton_ssd_on_cuda_matches_reference(dtype):
     A = -torch.rand(h, generator=g, device=DEV) * 2 - 0.1
     B, C = (torch.randn(b, length, groups, n, generator=g, device=DEV) for _ in range(2))
     s0 = torch.randn(b, h, p, n, generator=g, device=DEV)
-    inputs = [t.to(dtype) for t in (x, dt, A, B, C)] + [s0]
-    y, state = ssd_scan_fwd(*inputs)
-    y_ref, state_ref = ssd_scan_ref(*inputs)
+    leaves = [t.to(dtype).requires_grad_() for t in (x, dt, A, B, C)] + [s0.requires_grad_()]
     tol = 1e-3 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(y.float(), y_ref.float(), atol=tol, rtol=tol)
-    torch.testing.assert_close(state, state_ref, atol=tol, rtol=tol)
+    outs, outs_ref = ssd_scan_triton(*leaves), ssd_scan_ref(*leaves)
+    for out, ref in zip(outs, outs_ref):
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    grads, grads_ref = (torch.autograd.grad(sum(t.float().pow(2).sum() for t in o), leaves) for o in (outs, outs_ref))
+    for grad, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad.float(), ref.float(), atol=tol * 10, rtol=tol)
 
 
 def _tiny(name: str, **overrides) -> BMojoForCausalLM:

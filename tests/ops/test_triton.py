@@ -7,6 +7,7 @@ other test modules import it earlier through torch, so the kernels run in one su
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -19,24 +20,45 @@ from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
 from bmojo.ops.ssd import ssd_scan, ssd_scan_ref
 
-WORKER = """
+
+def probe_loss(out) -> torch.Tensor:
+    """A loss over a call's first output (and second, if a tensor) that weighs every element differently."""
+    parts = [out[0]] + ([out[1]] if isinstance(out[1], torch.Tensor) else [])
+    return sum((t.float() * torch.linspace(-1, 1, t.numel()).view(t.shape)).sum() for t in parts)
+
+
+# A call with ``_grad=True`` runs with gradients and returns ``(probe_loss, gradients of its tensor arguments that
+# require them, then of the module's parameters)``; the others run under no_grad and return the output.
+WORKER = (
+    """
 import importlib, sys, torch
 import bmojo.ops.triton.selective_scan as scan_kernel, bmojo.ops.triton.ssd as ssd_kernel
 calls, counted = torch.load(sys.argv[1], weights_only=False), []
-for module, name in ((scan_kernel, "selective_scan_fwd"), (ssd_kernel, "ssd_scan_fwd")):
+for module, name in ((scan_kernel, "selective_scan_fwd"), (ssd_kernel, "ssd_scan_triton")):
     setattr(module, name, lambda *a, f=getattr(module, name), **k: counted.append(1) or f(*a, **k))
+"""
+    + inspect.getsource(probe_loss)
+    + """
 outs = []
-with torch.no_grad():
-    for target, args, kwargs in calls:
-        if isinstance(target, str):
-            module, name = target.split(":")
-            target = getattr(importlib.import_module(module), name)
-        outs.append((target(*args, **kwargs), len(counted)))
+for target, args, kwargs in calls:
+    if isinstance(target, str):
+        module, name = target.split(":")
+        target = getattr(importlib.import_module(module), name)
+    grad = kwargs.pop("_grad", False)
+    with torch.set_grad_enabled(grad):
+        out = target(*args, **kwargs)
+        if grad:
+            leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            leaves += list(target.parameters()) if isinstance(target, torch.nn.Module) else []
+            loss = probe_loss(out)
+            out = (loss.detach(), torch.autograd.grad(loss, leaves))
+    outs.append((out, len(counted)))
 torch.save(outs, sys.argv[2])
 """
+)
 FWD = "bmojo.ops.triton.selective_scan:selective_scan_fwd"
 SCAN = "bmojo.ops.selective_scan:selective_scan"
-SSD_FWD = "bmojo.ops.triton.ssd:ssd_scan_fwd"
+SSD_TRITON = "bmojo.ops.triton.ssd:ssd_scan_triton"
 SSD = "bmojo.ops.ssd:ssd_scan"
 
 
@@ -92,11 +114,16 @@ SSD_SHAPES = [
 ]
 
 
-def ssd_call(case: int) -> tuple[tuple[torch.Tensor | None, ...], dict]:
-    """Inputs and kernel options of ``SSD_SHAPES[case]``."""
+def ssd_call(case: int, grad: bool = False) -> tuple[tuple[torch.Tensor | None, ...], dict]:
+    """Inputs and kernel options of ``SSD_SHAPES[case]`` (``grad``: inputs that require gradients, and the worker's
+    flag for a call with gradients)."""
     *shape, h0, options = SSD_SHAPES[case]
-    decay = options.get("decay", 2.0)
-    return ssd_inputs(*shape, h0=h0, decay=decay), {k: v for k, v in options.items() if k != "decay"}
+    inputs = ssd_inputs(*shape, h0=h0, decay=options.get("decay", 2.0))
+    kwargs = {k: v for k, v in options.items() if k != "decay"}
+    if grad:
+        inputs = tuple(None if t is None else t.requires_grad_() for t in inputs)
+        kwargs["_grad"] = True
+    return inputs, kwargs
 
 
 def mamba2_layer() -> Mamba2:
@@ -125,12 +152,16 @@ def interpreted(tmp_path_factory):
     calls.append((FWD, (half[0], half[1], half[2].float(), half[3], half[4]), {}))
     calls.append((SCAN, scan_inputs(2, 12, 8, 4, seed=2), {}))
     calls.append((mamba_layer(), (torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(4)),), {}))
-    calls += [(SSD_FWD, *ssd_call(case)) for case in range(len(SSD_SHAPES))]
-    calls.append((SSD_FWD, strided_ssd_inputs()[0], {}))
-    calls.append((SSD_FWD, tuple(t.half() for t in ssd_inputs(1, 21, 2, 16, 1, 8, seed=6)), {}))
+    calls += [(SSD_TRITON, *ssd_call(case)) for case in range(len(SSD_SHAPES))]
+    calls.append((SSD_TRITON, strided_ssd_inputs()[0], {}))
+    calls.append((SSD_TRITON, tuple(t.half() for t in ssd_inputs(1, 21, 2, 16, 1, 8, seed=6)), {}))
     *args, h0 = ssd_inputs(2, 30, 4, 16, 2, 8, seed=7)
     calls.append((SSD, tuple(args), {"chunk_size": 8, "initial_state": h0}))
     calls.append((mamba2_layer(), (torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(8)),), {}))
+    calls += [(SSD_TRITON, *ssd_call(case, grad=True)) for case in range(len(SSD_SHAPES))]
+    calls.append(
+        (mamba2_layer(), (torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(9)),), {"_grad": True})
+    )
     folder = tmp_path_factory.mktemp("triton")
     torch.save(calls, folder / "calls.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1", "BMOJO_KERNELS": "triton"}
@@ -202,7 +233,8 @@ def kernel_mode():
 
 
 def test_use_triton_rules(kernel_mode):
-    """CPU tensors (auto), tensors needing gradients and float64 take the PyTorch path; unknown modes are rejected."""
+    """CPU tensors (auto), tensors needing gradients (but for a kernel with a backward) and float64 take the PyTorch
+    path; unknown modes are rejected."""
     x = torch.zeros(2)
     kernel_mode("auto")
     assert not kernels.use_triton(x, None)
@@ -211,6 +243,7 @@ def test_use_triton_rules(kernel_mode):
         assert kernels.use_triton(x, None)
         with torch.no_grad():
             assert kernels.use_triton(torch.zeros(2, requires_grad=True))
+        assert kernels.use_triton(x, torch.zeros(2, requires_grad=True), differentiable=True)
     assert not kernels.use_triton(x.double())
     assert not kernels.use_triton(x, torch.zeros(2, requires_grad=True))
     kernel_mode("reference")
@@ -265,12 +298,41 @@ def test_ssd_kernel_rejects_bad_shapes():
     kernel = pytest.importorskip("bmojo.ops.triton.ssd")
     x, dt, a, b, c, h0 = ssd_inputs(1, 5, 4, 16, 2, 8)
     with pytest.raises(ValueError, match="C must have shape"):
-        kernel.ssd_scan_fwd(x, dt, a, b, c[..., :3])
+        kernel.ssd_scan_triton(x, dt, a, b, c[..., :3])
     with pytest.raises(ValueError, match="A must have shape"):
-        kernel.ssd_scan_fwd(x, dt, a[:3], b, c)
+        kernel.ssd_scan_triton(x, dt, a[:3], b, c)
     with pytest.raises(ValueError, match="multiple of B/C groups"):
-        kernel.ssd_scan_fwd(x[:, :, :3], dt[:, :, :3], a[:3], b, c)
+        kernel.ssd_scan_triton(x[:, :, :3], dt[:, :, :3], a[:3], b, c)
     with pytest.raises(ValueError, match="initial_state must have shape"):
-        kernel.ssd_scan_fwd(x, dt, a, b, c, h0[..., :2])
+        kernel.ssd_scan_triton(x, dt, a, b, c, h0[..., :2])
     with pytest.raises(ValueError, match="power of two >= 16"):
-        kernel.ssd_scan_fwd(x, dt, a, b, c, chunk_size=8)
+        kernel.ssd_scan_triton(x, dt, a, b, c, chunk_size=8)
+
+
+@pytest.mark.parametrize("case", range(len(SSD_SHAPES)))
+def test_ssd_kernel_gradients_match_reference(interpreted, case):
+    """The backward kernel's gradients of every input (``x, dt, A, B, C`` and the initial state) equal autograd's
+    through the sequential reference."""
+    (loss, grads), _ = interpreted[SSD_FIRST + len(SSD_SHAPES) + 4 + case]
+    inputs, _ = ssd_call(case, grad=True)
+    leaves = [t for t in inputs if t is not None]
+    loss_ref = probe_loss(ssd_scan_ref(*inputs))
+    grads_ref = torch.autograd.grad(loss_ref, leaves)
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-4, atol=1e-4)
+    assert len(grads) == len(grads_ref)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_mamba2_layer_trains_through_the_ssd_kernels(interpreted):
+    """A Mamba-2 layer's forward and backward with ``BMOJO_KERNELS=triton`` run the kernels and give the PyTorch
+    path's parameter gradients."""
+    i = SSD_FIRST + 2 * len(SSD_SHAPES) + 4
+    (loss, grads), calls = interpreted[i]
+    assert calls - interpreted[i - 1][1] == 1
+    layer = mamba2_layer()
+    loss_ref = probe_loss(layer(torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(9))))
+    grads_ref = torch.autograd.grad(loss_ref, list(layer.parameters()))
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)

@@ -15,8 +15,9 @@ computed in float32; ``y`` comes back in the dtype of ``x`` and states in float3
 chunk makes subnormal floats, which slow it down (up to about 2x); ``torch.set_flush_denormal(True)``
 avoids that. On CUDA, when flash-linear-attention (``fla``) is installed, :func:`ssd_scan` runs its Triton
 ``chunk_simple_gla`` (forward, and backward where fla supports it: :func:`fla_backward_supported`), which
-computes in the inputs' dtype with float32 accumulation; else a call without gradients runs our Triton forward
-kernel (``bmojo.ops.triton.ssd``, float32 arithmetic; ``bmojo.ops.triton`` has the switch).
+computes in the inputs' dtype with float32 accumulation; else our Triton kernels (``bmojo.ops.triton.ssd``, forward
+and backward, float32 arithmetic), for calls without gradients and for eager calls with them (under
+``torch.compile`` inductor compiles the PyTorch path instead; ``bmojo.ops.triton`` has the switch).
 """
 
 from __future__ import annotations
@@ -114,17 +115,17 @@ def ssd_scan(
     The intra-chunk work grows with ``Q`` and the closed-form recurrence with ``(L / Q)^2``; on CPU, 32 was the
     fastest at 2K tokens (8 heads of 64, state 16: 10.4 ms forward and backward compiled, 11.6 ms with 64).
     Differentiable by autograd. Returns ``(y [batch, L, H, P], final_state [batch, H, P, N])``.
-    CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed, else, without gradients, our Triton kernel
-    (with ``chunk_size`` rounded up to a power of two of at least 16; see the module docstring).
+    CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed, else our Triton kernels (with ``chunk_size``
+    rounded up to a power of two of at least 16; see the module docstring).
     """
     inputs = (x, dt, A, B, C, initial_state)
     if use_fused_cuda(*inputs) and fla_available():
         if not needs_grad(*inputs) or fla_backward_supported(x.device):
             return ssd_scan_fla(*inputs)
-    if use_triton(*inputs):
-        from bmojo.ops.triton.ssd import ssd_scan_fwd
+    if use_triton(*inputs, differentiable=True):
+        from bmojo.ops.triton.ssd import ssd_scan_triton
 
-        return ssd_scan_fwd(*inputs, chunk_size=max(16, 1 << (chunk_size - 1).bit_length()))
+        return ssd_scan_triton(*inputs, chunk_size=max(16, 1 << (chunk_size - 1).bit_length()))
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
     r = _heads_per_group(heads, g)

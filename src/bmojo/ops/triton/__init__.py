@@ -7,8 +7,10 @@
 * ``triton``: always the Triton kernels, for any device (with ``TRITON_INTERPRET=1`` they run on CPU tensors,
   which is how the tests check them); raises if ``triton`` is missing.
 
-``triton`` itself is imported only when a kernel runs, never on import of ``bmojo``. Kernels cover inference:
-a call whose inputs need gradients takes the PyTorch path, whose backward pass is hand-written.
+``triton`` itself is imported only when a kernel runs, never on import of ``bmojo``. The selective scan's kernel
+covers inference: a call whose inputs need gradients takes the PyTorch path, whose backward pass is hand-written. The
+SSD's kernels have a backward pass and serve such calls too, in eager mode (under ``torch.compile`` the PyTorch path
+is compiled instead).
 
 The same switch governs the fused CUDA paths of other libraries, which also train (:func:`use_fused_cuda`):
 FlexAttention for the B'MOJO attention and flash-linear-attention's SSD scan when ``fla`` is installed.
@@ -56,15 +58,17 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def use_triton(*tensors: torch.Tensor | None) -> bool:
+def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> bool:
     """Whether a call on ``tensors`` should run our Triton kernel.
 
-    Never when any input needs a gradient under grad mode (the kernels are forward-only) or is float64 (the
-    kernels compute in float32); otherwise always in ``triton`` mode, and in ``auto`` mode when every tensor is
-    on a CUDA device and ``triton`` is importable.
+    Never when any input is float64 (the kernels compute in float32), nor when an input needs a gradient under grad
+    mode, unless the kernel is ``differentiable`` and the call is not being compiled; otherwise always in ``triton``
+    mode, and in ``auto`` mode when every tensor is on a CUDA device and ``triton`` is importable.
     """
     present = [t for t in tensors if t is not None]
-    if _mode == "reference" or needs_grad(*present):
+    if _mode == "reference":
+        return False
+    if needs_grad(*present) and (not differentiable or torch.compiler.is_compiling()):
         return False
     if any(t.dtype == torch.float64 for t in present):
         return False

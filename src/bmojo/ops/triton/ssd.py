@@ -1,13 +1,16 @@
-"""Mamba-2 SSD forward pass as one Triton kernel; same contract as ``bmojo.ops.ssd.ssd_scan``.
+"""Mamba-2 SSD as Triton kernels, forward and backward; same contract as ``bmojo.ops.ssd.ssd_scan``.
 
-One program per (batch element, head, block of ``BLOCK_P`` head dimensions) keeps the ``[BLOCK_P, N]`` state in
-registers and walks the sequence chunk by chunk (``BLOCK_Q`` steps)::
+Forward: one program per (batch element, head, block of ``BLOCK_P`` head dimensions) keeps the ``[BLOCK_P, N]``
+state in registers and walks the sequence chunk by chunk (``BLOCK_Q`` steps)::
 
     cum_i = sum_{s <= i} dt_s A                                   (log decay from the chunk start, per step)
     y_i   = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j + exp(cum_i) S C_i
     S    <- exp(cum_end) S + sum_j exp(cum_end - cum_j) dt_j outer(x_j, B_j)
 
-so it reads every input once and writes ``y`` and the final state, with no ``[chunks, Q, Q]`` intermediate in memory.
+so it reads every input once and writes ``y`` and the final state (and, for the backward, each chunk's incoming
+state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward: one program per (batch element, head) walks the
+chunks in reverse with the gradient of the state in registers, recomputing each chunk's products; ``B, C`` and ``A``
+gradients come out per head and are summed over the heads of a group (and the batch) afterwards.
 Inputs may be any float dtype and any strides; the arithmetic is float32 (float32 products at full precision).
 Importing this module imports ``triton``.
 """
@@ -25,12 +28,12 @@ ScanOut = tuple[torch.Tensor, torch.Tensor]
 
 @triton.jit
 def _ssd_fwd_kernel(
-    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, h0_ptr, y_ptr, ht_ptr,
+    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, h0_ptr, y_ptr, ht_ptr, chunk_states_ptr,
     length, heads, head_dim, states, heads_per_group,
     sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
-    sh0_b, sh0_h, sh0_p, sh0_n, sy_b, sy_t, sy_h, sy_p, sht_b, sht_h, sht_p, sht_n,
-    HAS_H0: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    sh0_b, sh0_h, sh0_p, sh0_n, sy_b, sy_t, sy_h, sy_p, sht_b, sht_h, sht_p, sht_n, scs_b, scs_h, scs_c, scs_p, scs_n,
+    HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     batch, head = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
@@ -52,7 +55,10 @@ def _ssd_fwd_kernel(
     c_base = c_ptr + batch * sc_b + group * sc_g + n[None, :] * sc_n
     y_base = y_ptr + batch * sy_b + head * sy_h + p[None, :] * sy_p
     causal = q[:, None] >= q[None, :]
+    cs_base = chunk_states_ptr + batch * scs_b + head * scs_h + p[:, None] * scs_p + n[None, :] * scs_n
     for start in range(0, length, BLOCK_Q):
+        if STORE_STATES:  # the chunk's incoming state, for the backward pass
+            tl.store(cs_base + (start // BLOCK_Q) * scs_c, state, mask=pn_ok)
         t = start + q
         t_ok = t < length
         # steps past the end get dt = 0 (no decay, no input) and B = C = x = 0: they change nothing
@@ -71,6 +77,95 @@ def _ssd_fwd_kernel(
         state = tl.exp(total) * state + tl.dot(tl.trans(x * weight[:, None]), bq, input_precision=PRECISION)
     ht = ht_ptr + batch * sht_b + head * sht_h + p[:, None] * sht_p + n[None, :] * sht_n
     tl.store(ht, state, mask=pn_ok)
+
+
+@triton.jit
+def _ssd_bwd_kernel(
+    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, chunk_states_ptr, dy_ptr, dht_ptr,
+    dx_ptr, ddt_ptr, da_ptr, db_ptr, dc_ptr, dh0_ptr,
+    length, heads, head_dim, states, heads_per_group, n_chunks,
+    sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
+    scs_b, scs_h, scs_c, scs_p, scs_n, sdy_b, sdy_t, sdy_h, sdy_p, sdht_b, sdht_h, sdht_p, sdht_n,
+    HAS_DHT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Gradients of one (batch element, head), chunks in reverse, ``dS`` the gradient of the chunk's outgoing state.
+    Outputs are contiguous: ``dx [b, L, H, P]``, ``ddt [b, L, H]``, ``da [b, H]``, ``db, dc [b, L, H, N]`` (per head),
+    ``dh0 [b, H, P, N]``."""
+    bh = tl.program_id(0)
+    batch, head = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+    group = head // heads_per_group
+    p, n, q = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
+    p_ok, n_ok = p < head_dim, n < states
+    pn_ok = p_ok[:, None] & n_ok[None, :]
+    if HAS_DHT:
+        dht = dht_ptr + batch * sdht_b + head * sdht_h + p[:, None] * sdht_p + n[None, :] * sdht_n
+        d_state = tl.load(dht, mask=pn_ok, other=0.0).to(tl.float32)
+    else:
+        d_state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    a = tl.load(a_ptr + head * sa_h).to(tl.float32)
+    x_base = x_ptr + batch * sx_b + head * sx_h + p[None, :] * sx_p
+    dy_base = dy_ptr + batch * sdy_b + head * sdy_h + p[None, :] * sdy_p
+    dt_base = dt_ptr + batch * sdt_b + head * sdt_h
+    b_base = b_ptr + batch * sb_b + group * sb_g + n[None, :] * sb_n
+    c_base = c_ptr + batch * sc_b + group * sc_g + n[None, :] * sc_n
+    cs_base = chunk_states_ptr + batch * scs_b + head * scs_h + p[:, None] * scs_p + n[None, :] * scs_n
+    row = batch * length * heads + head  # offset of (batch, t = 0, head) in the [b, L, H, ...] outputs
+    causal = q[:, None] >= q[None, :]
+    da = 0.0
+    for back in range(n_chunks):
+        chunk = n_chunks - 1 - back
+        t = chunk * BLOCK_Q + q
+        t_ok = t < length
+        tp_ok, tn_ok = t_ok[:, None] & p_ok[None, :], t_ok[:, None] & n_ok[None, :]
+        x = tl.load(x_base + t[:, None] * sx_t, mask=tp_ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_base + t[:, None] * sdy_t, mask=tp_ok, other=0.0).to(tl.float32)
+        dt = tl.load(dt_base + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
+        bq = tl.load(b_base + t[:, None] * sb_t, mask=tn_ok, other=0.0).to(tl.float32)
+        cq = tl.load(c_base + t[:, None] * sc_t, mask=tn_ok, other=0.0).to(tl.float32)
+        state = tl.load(cs_base + chunk * scs_c, mask=pn_ok, other=0.0)
+        cum = tl.cumsum(dt * a, 0)
+        total = tl.sum(dt * a, 0)
+        decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+        cb = tl.dot(cq, tl.trans(bq), input_precision=PRECISION)  # [Q, Q]
+        w = cb * decay * dt[None, :]
+        # within the chunk: y_i += sum_j w_ij x_j
+        dw = tl.dot(dy, tl.trans(x), input_precision=PRECISION)  # [Q, Q]: dy_i . x_j
+        dx = tl.dot(tl.trans(w), dy, input_precision=PRECISION)  # [Q, P]
+        g = dw * w
+        d_cum = tl.sum(g, 1) - tl.sum(g, 0)
+        d_dt = tl.sum(dw * cb * decay, 0)
+        d_cb = dw * decay * dt[None, :]
+        dc = tl.dot(d_cb, bq, input_precision=PRECISION)  # [Q, N]
+        db = tl.dot(tl.trans(d_cb), cq, input_precision=PRECISION)
+        # from the incoming state: y_i += exp(cum_i) S C_i
+        e_cum = tl.exp(cum)
+        z = tl.dot(cq, tl.trans(state), input_precision=PRECISION)  # [Q, P]
+        dz = e_cum[:, None] * dy
+        dc += tl.dot(dz, state, input_precision=PRECISION)
+        d_cum += e_cum * tl.sum(dy * z, 1)
+        d_incoming = tl.dot(tl.trans(dz), cq, input_precision=PRECISION)  # [P, N]
+        # into the outgoing state: S' = exp(total) S + sum_j u_j outer(x_j, B_j), u_j = exp(total - cum_j) dt_j
+        e_total = tl.exp(total)
+        u = tl.exp(total - cum) * dt
+        xds = tl.dot(x, d_state, input_precision=PRECISION)  # [Q, N]: x_j^T dS'
+        r = tl.sum(xds * bq, 1)
+        dx += u[:, None] * tl.dot(bq, tl.trans(d_state), input_precision=PRECISION)
+        db += u[:, None] * xds
+        d_dt += tl.exp(total - cum) * r
+        d_total = tl.sum(tl.sum(d_state * state, 1), 0) * e_total + tl.sum(u * r, 0)
+        d_cum += tl.where(q == BLOCK_Q - 1, d_total, 0.0) - u * r  # total = cum of the last step (padding adds 0)
+        d_log_decay = tl.cumsum(d_cum, 0, reverse=True)  # cum_i sums the log decays of steps <= i
+        d_dt += d_log_decay * a
+        da += tl.sum(d_log_decay * dt, 0)
+        out_t = row + t * heads  # [Q]: (batch, t, head) in [b, L, H]
+        tl.store(dx_ptr + out_t[:, None] * head_dim + p[None, :], dx, mask=tp_ok)
+        tl.store(ddt_ptr + out_t, d_dt, mask=t_ok)
+        tl.store(db_ptr + out_t[:, None] * states + n[None, :], db, mask=tn_ok)
+        tl.store(dc_ptr + out_t[:, None] * states + n[None, :], dc, mask=tn_ok)
+        d_state = d_incoming + e_total * d_state
+    tl.store(da_ptr + batch * heads + head, da)
+    tl.store(dh0_ptr + ((batch * heads + head) * head_dim + p[:, None]) * states + n[None, :], d_state, mask=pn_ok)
 
 
 def _check_shapes(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -96,7 +191,69 @@ def _check_shapes(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
-def ssd_scan_fwd(
+def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             initial_state: torch.Tensor | None, chunk_size: int, block_p: int,
+             store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """``(y [b, L, H, P] float32, final [b, H, P, N], chunk_states [b, H, chunks, P, N] or None)``."""
+    bsz, length, heads, p = x.shape
+    g, n = B.shape[2:]
+    y = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
+    final = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
+    chunk_states = None
+    if store_states:
+        chunk_states = torch.empty(bsz, heads, triton.cdiv(length, chunk_size), p, n, device=x.device)
+    h0 = final if initial_state is None else initial_state  # never read without HAS_H0
+    cs = final.unsqueeze(2) if chunk_states is None else chunk_states  # never written without STORE_STATES
+    block_p = min(block_p, max(16, triton.next_power_of_2(p)))
+    grid = (bsz * heads, triton.cdiv(p, block_p))
+    _ssd_fwd_kernel[grid](
+        x, dt, A, B, C, h0, y, final, cs, length, heads, p, n, heads // g,
+        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *h0.stride(), *y.stride(), *final.stride(),
+        *cs.stride(), HAS_H0=initial_state is not None, STORE_STATES=store_states, BLOCK_Q=chunk_size,
+        BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=_precision(x),
+    )  # fmt: skip
+    return y, final, chunk_states
+
+
+def _precision(x: torch.Tensor) -> str:
+    """``tl.dot`` precision: full float32 products for float32 inputs; TF32 for 16-bit ones (rounded coarser)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+class _SSDScan(torch.autograd.Function):
+    """The forward kernel (keeping each chunk's incoming state) and the backward kernel."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, initial_state, chunk_size: int, block_p: int):
+        y, final, chunk_states = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p, store_states=True)
+        ctx.save_for_backward(x, dt, A, B, C, chunk_states)
+        ctx.chunk_size, ctx.initial_dtype = chunk_size, None if initial_state is None else initial_state.dtype
+        return y.to(x.dtype), final
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, d_final: torch.Tensor):
+        x, dt, A, B, C, chunk_states = ctx.saved_tensors
+        bsz, length, heads, p = x.shape
+        g, n = B.shape[2:]
+        dx = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
+        ddt = torch.empty(bsz, length, heads, dtype=torch.float32, device=x.device)
+        da = torch.empty(bsz, heads, dtype=torch.float32, device=x.device)
+        db, dc = (torch.empty(bsz, length, heads, n, dtype=torch.float32, device=x.device) for _ in range(2))
+        dh0 = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
+        _ssd_bwd_kernel[(bsz * heads,)](
+            x, dt, A, B, C, chunk_states, dy, d_final, dx, ddt, da, db, dc, dh0,
+            length, heads, p, n, heads // g, chunk_states.shape[2],
+            *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *chunk_states.stride(), *dy.stride(),
+            *d_final.stride(), HAS_DHT=True, BLOCK_Q=ctx.chunk_size, BLOCK_P=max(16, triton.next_power_of_2(p)),
+            BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=_precision(x),
+        )  # fmt: skip
+        per_group = (bsz, length, g, heads // g, n)  # B and C serve every head of their group
+        dB, dC = (d.view(per_group).sum(3).to(B.dtype) for d in (db, dc))
+        dh0 = None if ctx.initial_dtype is None else dh0.to(ctx.initial_dtype)
+        return dx.to(x.dtype), ddt.to(dt.dtype), da.sum(0).to(A.dtype), dB, dC, dh0, None, None
+
+
+def ssd_scan_triton(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -106,26 +263,17 @@ def ssd_scan_fwd(
     chunk_size: int = 32,
     block_p: int = 32,
 ) -> ScanOut:
-    """``(y [batch, L, H, P] in x's dtype, final_state [batch, H, P, N] float32)``, equal to ``ssd_scan_ref``.
+    """``(y [batch, L, H, P] in x's dtype, final_state [batch, H, P, N] float32)``, equal to ``ssd_scan_ref``;
+    differentiable (the backward kernel) where an input needs gradients.
 
-    Shapes as in ``bmojo.ops.ssd``; ``chunk_size`` steps per chunk and ``block_p`` head dimensions per program are
-    powers of two (16 or more: the sizes ``tl.dot`` takes; the state size is padded to one too).
+    Shapes as in ``bmojo.ops.ssd``; ``chunk_size`` steps per chunk and ``block_p`` head dimensions per forward
+    program are powers of two (16 or more: the sizes ``tl.dot`` takes; the state size is padded to one too).
     """
     _check_shapes(x, dt, A, B, C, initial_state)
     for name, value in (("chunk_size", chunk_size), ("block_p", block_p)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-    bsz, length, heads, p = x.shape
-    g, n = B.shape[2:]
-    y = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
-    final = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
-    h0 = final if initial_state is None else initial_state  # never read without HAS_H0
-    block_p = min(block_p, max(16, triton.next_power_of_2(p)))
-    grid = (bsz * heads, triton.cdiv(p, block_p))
-    _ssd_fwd_kernel[grid](
-        x, dt, A, B, C, h0, y, final, length, heads, p, n, heads // g,
-        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *h0.stride(), *y.stride(), *final.stride(),
-        HAS_H0=initial_state is not None, BLOCK_Q=chunk_size, BLOCK_P=block_p,
-        BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-    )  # fmt: skip
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, initial_state)):
+        return _SSDScan.apply(x, dt, A, B, C, initial_state, chunk_size, block_p)
+    y, final, _ = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p, store_states=False)
     return y.to(x.dtype), final
