@@ -11,6 +11,7 @@
 #   bash benchmarks/run_gpu.sh OUT decode-graphs    # the same with --compile-mode reduce-overhead (CUDA graphs)
 #   bash benchmarks/run_gpu.sh OUT decode-profile   # ms, device-busy ms and kernels per token at 32K, CUDA graphs
 #                                                   # (batch 1 and 8, then batch 1 with inductor's combo kernels)
+#   bash benchmarks/run_gpu.sh OUT ssd     # the Mamba-2 SSD's paths (PyTorch eager / compiled, our Triton kernels, fla)
 #   bash benchmarks/run_gpu.sh OUT flex    # the read-out's FlexAttention call against FlashAttention, tile sizes
 #   bash benchmarks/run_gpu.sh OUT flex-warm     # compile the flex-sweep rows, one process each, in parallel
 #   bash benchmarks/run_gpu.sh OUT flex-sweep    # forward times of the sweep's kernel options; exports the fastest
@@ -72,6 +73,7 @@ PY
     decode-profile) { for b in 1 8; do python3 benchmarks/decode_profile.py --batch $b; done
                       python3 benchmarks/decode_profile.py --option combo_kernels=True; } 2>&1 |
                     tee "$out/decode_profile.log" ;;
+    ssd) python3 benchmarks/bench_ssd.py 2>&1 | tee "$out/ssd.log" ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \
             --options BLOCK_M=128,BLOCK_N=128,num_warps=8 2>&1 | tee "$out/flex.log" ;;  # ~45 s of compiling a row
     flex-warm)

@@ -1,0 +1,98 @@
+"""The Mamba-2 SSD at the 130m preset's training shapes on CUDA: every path ``ssd_scan`` can take, timed alike.
+
+    python benchmarks/bench_ssd.py                 # B=8, L=2048, 24 heads of 64, state 16, one B/C group, bf16
+    python benchmarks/bench_ssd.py --dtype float32
+
+Rows: the PyTorch chunked SSD eager (``BMOJO_KERNELS=reference``) and through ``torch.compile``, our Triton kernels
+(``ops.triton.ssd``), and flash-linear-attention's ``chunk_simple_gla`` when ``fla`` is installed (its backward only
+where ``fla_backward_supported``). Each row: forward without gradients, and forward + backward (gradients of every
+input), medians of ``--repeats`` runs after warm-up. On a CPU it runs the PyTorch rows on tiny shapes, to check
+the script (the Triton kernels run on CPU only under ``TRITON_INTERPRET=1``, in ``tests/ops/test_triton.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import bmojo.ops.triton as kernels
+from bmojo.ops.ssd import fla_available, fla_backward_supported, ssd_scan, ssd_scan_fla
+
+
+def median_ms(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Median ms of ``fn`` after 3 warm-up runs."""
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(3):
+        once()
+    return statistics.median(once() for _ in range(repeats))
+
+
+def reference(*inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ssd_scan`` on its PyTorch path."""
+    before = kernels.kernels()
+    kernels.set_kernels("reference")
+    try:
+        return ssd_scan(*inputs[:5], initial_state=inputs[5])
+    finally:
+        kernels.set_kernels(before)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.type == "cuda"
+    b, length, h, p, n = (8, 2048, 24, 64, 16) if cuda else (1, 256, 4, 16, 8)
+    dtype = getattr(torch, args.dtype) if cuda else torch.float32
+    torch.manual_seed(0)
+    x = torch.randn(b, length, h, p, device=dev, dtype=dtype)
+    dt = F.softplus(torch.randn(b, length, h, device=dev) - 1).to(dtype)
+    a = -torch.rand(h, device=dev) * 2 - 0.1
+    bc = [torch.randn(b, length, 1, n, device=dev, dtype=dtype) for _ in range(2)]
+    inputs = [x, dt, a, *bc, torch.zeros(b, h, p, n, device=dev)]
+    print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; B={b} L={length} H={h} "
+          f"P={p} N={n}, {dtype}")  # fmt: skip
+    rows: list[tuple[str, Callable, bool]] = [
+        ("PyTorch chunked SSD, eager", reference, True),
+        ("PyTorch chunked SSD, torch.compile", torch.compile(reference, dynamic=False), True),
+    ]
+    if cuda:
+        from bmojo.ops.triton.ssd import ssd_scan_triton
+
+        rows.append(("our Triton kernels (ops.triton.ssd)", ssd_scan_triton, True))
+        if fla_available():
+            rows.append(("fla chunk_simple_gla", ssd_scan_fla, fla_backward_supported(dev)))
+    for name, scan, backward in rows:
+
+        def forward(scan: Callable = scan) -> None:
+            with torch.no_grad():
+                scan(*inputs)
+
+        def both(scan: Callable = scan) -> None:
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            y, state = scan(*leaves)
+            torch.autograd.grad(y.float().sum() + state.sum(), leaves)
+
+        both_ms = f"{median_ms(both, args.repeats, dev):9.3f}" if backward else "        -"
+        print(f"{name:40s} forward {median_ms(forward, args.repeats, dev):9.3f} ms   forward+backward {both_ms} ms",
+              flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
