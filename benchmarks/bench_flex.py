@@ -21,14 +21,13 @@ backward), to check the script.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as fa
 
+from bmojo.bench import median_ms
 from bmojo.ops.attention import (
     AttnOut,
     Band,
@@ -40,23 +39,15 @@ from bmojo.ops.attention import (
 )
 
 
-def median_ms(fn: Callable[[], AttnOut], backward: bool, repeats: int, device: torch.device) -> float:
-    """Median ms of ``fn`` (and the backward of ``o.sum() + lse.sum()`` when ``backward``) after 3 warm-up runs."""
+def run(fn: Callable[[], AttnOut], backward: bool) -> Callable[[], None]:
+    """``fn``, and the backward of ``o.sum() + lse.sum()`` when ``backward``."""
 
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def once() -> None:
         o, lse = fn()
         if backward:
             (o.float().sum() + lse.sum()).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
 
-    for _ in range(3):
-        once()
-    return statistics.median(once() for _ in range(repeats))
+    return once
 
 
 def main() -> None:
@@ -99,8 +90,8 @@ def main() -> None:
     ] + [(f"the model's call, {text}", with_options(text)) for text in args.options]
     forward_ms: dict[str, float] = {}
     for name, fn in rows:
-        fwd = median_ms(fn, False, args.repeats, dev)
-        both = f"{median_ms(fn, True, args.repeats, dev):9.3f}" if backward else "        -"
+        fwd = median_ms(run(fn, False), dev, args.repeats)
+        both = f"{median_ms(run(fn, True), dev, args.repeats):9.3f}" if backward else "        -"
         print(f"{name:60s} forward {fwd:9.3f} ms   forward+backward {both} ms", flush=True)
         forward_ms[name] = fwd
     candidates = {"": forward_ms["flex_union_attention, FlexAttention's default tiles"]}

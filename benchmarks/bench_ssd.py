@@ -13,32 +13,14 @@ the script (the Triton kernels run on CPU only under ``TRITON_INTERPRET=1``, in 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import bmojo.ops.triton as kernels
+from bmojo.bench import median_ms
 from bmojo.ops.ssd import fla_available, fla_backward_supported, ssd_scan, ssd_scan_fla
-
-
-def median_ms(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
-    """Median ms of ``fn`` after 3 warm-up runs."""
-
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
-
-    for _ in range(3):
-        once()
-    return statistics.median(once() for _ in range(repeats))
 
 
 def reference(*inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +71,8 @@ def main() -> None:
             y, state = scan(*leaves)
             torch.autograd.grad(y.float().sum() + state.sum(), leaves)
 
-        both_ms = f"{median_ms(both, args.repeats, dev):9.3f}" if backward else "        -"
-        print(f"{name:40s} forward {median_ms(forward, args.repeats, dev):9.3f} ms   forward+backward {both_ms} ms",
+        both_ms = f"{median_ms(both, dev, args.repeats):9.3f}" if backward else "        -"
+        print(f"{name:40s} forward {median_ms(forward, dev, args.repeats):9.3f} ms   forward+backward {both_ms} ms",
               flush=True)  # fmt: skip
 
 

@@ -353,12 +353,20 @@ def _memory_in_subprocess(config: BMojoConfig, **kwargs: Any) -> int:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_bytes"]
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds ``fn()`` takes, with ``device`` synchronised before and after (CUDA kernels run asynchronously)."""
     _sync(device)
     t0 = time.perf_counter()
     fn()
     _sync(device)
     return time.perf_counter() - t0
+
+
+def median_ms(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``repeats`` :func:`timed` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn, device) for _ in range(repeats)) * 1e3
 
 
 def build_models(settings: BenchSettings) -> dict[str, dict[str, Any]]:
@@ -429,7 +437,7 @@ def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: 
     times: dict[str, list[float]] = {name: [] for name in built}
     for _ in range(settings.repeats):
         for name, run in runners.items():
-            times[name].append(_timed(run, dev))
+            times[name].append(timed(run, dev))
     tokens = settings.batch * (steps if mode == "decode" else length)
     points = {}
     for name, run in runners.items():

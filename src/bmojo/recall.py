@@ -213,7 +213,7 @@ DEMO_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "swa": ("swa", {"window_size": 48}),
     "mamba2": ("mamba2", {"mamba2_state_size": 48}),
     "jamba": ("jamba", {"layer_pattern": ["mamba2", "swa"], "window_size": 48, "mamba2_state_size": 48}),
-    "bmojo-f": ("bmojo-f", {"window_size": 12}),
+    "bmojo-f": ("bmojo-f", {"window_size": 14}),
     "bmojo": ("bmojo", {"window_size": 4, "eidetic_size": 12, "chunk_size": 4}),
 }
 

@@ -79,6 +79,17 @@ def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> b
     return all(t.is_cuda for t in present) and triton_available()
 
 
+def check_inputs(expected: dict[str, tuple[torch.Tensor, tuple[int, ...]]], *tensors: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the first input of ``expected`` (name: (tensor, shape)) whose shape differs, or if
+    ``tensors`` lie on more than one device."""
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
 def use_fused_cuda(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on ``tensors`` should take a fused CUDA path (FlexAttention, flash-linear-attention):
     every tensor on a CUDA device, none float64, and the kernel mode not ``reference``."""

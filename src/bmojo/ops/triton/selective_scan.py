@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bmojo.ops.triton import check_inputs
+
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -64,12 +66,7 @@ def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     expected = {"delta": (delta, (bsz, length, e)), "B": (B, (bsz, length, n)), "C": (C, (bsz, length, n))}
     if initial_state is not None:
         expected["initial_state"] = (initial_state, (bsz, e, n))
-    for name, (x, shape) in expected.items():
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-    devices = {x.device for x in (u, delta, A, B, C, initial_state) if x is not None}
-    if len(devices) > 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    check_inputs(expected, u, delta, A, B, C, initial_state)
 
 
 def selective_scan_fwd(

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from bmojo.ops.ssd import _heads_per_group
+from bmojo.ops.triton import check_inputs
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -183,12 +184,7 @@ def _check_shapes(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
                 "C": (C, (bsz, length, g, n))}  # fmt: skip
     if initial_state is not None:
         expected["initial_state"] = (initial_state, (bsz, heads, p, n))
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    devices = {t.device for t in (x, dt, A, B, C, initial_state) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    check_inputs(expected, x, dt, A, B, C, initial_state)
 
 
 def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
