@@ -8,7 +8,9 @@ Rows: causal SDPA over the whole sequence (FlashAttention; as many keys per quer
 L=2048), ``flex_union_attention`` with FlexAttention's default tiles and as the model calls it (tuned tiles, or
 ``BMOJO_FLEX_OPTIONS``; window and fading band over concatenated keys, the eidetic memory as per-chunk keys with a
 per-batch validity mask), the same with the two bands as one sliding window over interleaved keys
-(``interleave=True``), the bands alone, and the call with each ``--options`` (FlexAttention kernel options such as
+(``interleave=True``), the bands alone; the kernel alone (keys and block mask made beforehand), then with the same
+key blocks under a mask that lets every score through and with every visited block full (no mask evaluated): what
+the mask costs; and the call with each ``--options`` (FlexAttention kernel options such as
 tile sizes and warps; the default forward tile on an H100 / H200 for bf16 at d=64 is 128 x 128 with 4 warps, where
 the mask's integer arithmetic spills registers). Each row: forward (inputs requiring grad, as in training) and
 forward + backward, medians of ``--repeats`` runs after warm-up; then a CUDA profile of one forward + backward. The
@@ -34,6 +36,7 @@ from bmojo.ops.attention import (
     ChunkMemory,
     _union_keys,
     _union_mask_mod,
+    flex_call,
     flex_union_attention,
     parse_kernel_options,
 )
@@ -70,12 +73,23 @@ def main() -> None:
     n = -(-length // c)
     memory = ChunkMemory(tensor(b, h, n, m, d), tensor(b, h, n, m, d), torch.rand(b, n, m, device=dev) < 0.9, c)
     bands = [Band(k, v, 0, w - 1), Band(kf, vf, w, 2 * w - 1)]
-    keys, _ = _union_keys(bands, memory)
+    keys, values = _union_keys(bands, memory)
     block_mask = fa.create_block_mask(_union_mask_mod(length, bands, memory), b, None, length, keys.shape[2],
                                       device=dev)  # fmt: skip
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; B={b} H={h} L={length} "
           f"d={d}, window {w}, band {w}, {m} eidetic per {c}-chunk; block mask {tuple(block_mask.shape)}, "
           f"sparsity {block_mask.sparsity():.1f}%")  # fmt: skip
+
+    # the same key blocks with a mask that lets every score through (no mask evaluated in effect), and with every
+    # block full (no mask evaluated at all): what evaluating the mask costs in the partial blocks
+    dense = block_mask.to_dense()
+    all_full = fa.BlockMask.from_kv_blocks(
+        torch.zeros_like(dense[..., 0], dtype=torch.int32), torch.zeros_like(dense, dtype=torch.int32),
+        dense.sum(-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32),
+        BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=fa.noop_mask, seq_lengths=block_mask.seq_lengths)  # fmt: skip
+    noop = fa.BlockMask.from_kv_blocks(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                                       block_mask.full_kv_indices, BLOCK_SIZE=block_mask.BLOCK_SIZE,
+                                       mask_mod=fa.noop_mask, seq_lengths=block_mask.seq_lengths)  # fmt: skip
 
     def with_options(text: str) -> Callable[[], AttnOut]:
         options = parse_kernel_options(text)
@@ -87,6 +101,9 @@ def main() -> None:
         ("flex_union_attention (the model's call)", lambda: flex_union_attention(q, bands, memory)),
         ("the model's call, bands interleaved", lambda: flex_union_attention(q, bands, memory, interleave=True)),
         ("flex_union_attention, bands only", lambda: flex_union_attention(q, bands, None)),
+        ("kernel alone (keys and block mask made beforehand)", lambda: flex_call(q, keys, values, block_mask)),
+        ("kernel alone, mask_mod always true", lambda: flex_call(q, keys, values, noop)),
+        ("kernel alone, every visited block full", lambda: flex_call(q, keys, values, all_full)),
     ] + [(f"the model's call, {text}", with_options(text)) for text in args.options]
     forward_ms: dict[str, float] = {}
     for name, fn in rows:

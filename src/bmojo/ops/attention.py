@@ -407,14 +407,23 @@ def flex_union_attention(
     """
     from torch.nn.attention import flex_attention as fa
 
-    b, hq, length, _ = q.shape
+    b, _, length, _ = q.shape
     pair = _paired_window(bands) if interleave else None
     k, v = _union_keys(bands, memory) if pair is None else _paired_keys(bands, pair, memory)
     mask_mod = _union_mask_mod(length, bands, memory, pair)
     block_mask = fa.create_block_mask(mask_mod, None if memory is None else b, None, length, k.shape[2],
                                       device=q.device, _compile=q.is_cuda)  # fmt: skip
+    return flex_call(q, k, v, block_mask, kernel_options)
+
+
+def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, kernel_options: dict | None = None
+              ) -> AttnOut:  # fmt: skip
+    """FlexAttention of ``q`` over ``k, v`` under ``block_mask`` (compiled on CUDA), with its LSE; ``kernel_options``
+    as in :func:`flex_union_attention`."""
+    from torch.nn.attention import flex_attention as fa
+
     flex = _compiled_flex_attention() if q.is_cuda else fa.flex_attention
-    gqa = hq != k.shape[1]
+    gqa = q.shape[1] != k.shape[1]
     if kernel_options is None:
         kernel_options = FLEX_KERNEL_OPTIONS or _tuned_flex_options(q)
     kernel_options = dict(kernel_options) or None
