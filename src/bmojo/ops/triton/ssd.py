@@ -87,8 +87,7 @@ def _ssd_bwd_kernel(
     length, heads, head_dim, states, heads_per_group, n_chunks,
     sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
     scs_b, scs_h, scs_c, scs_p, scs_n, sdy_b, sdy_t, sdy_h, sdy_p, sdht_b, sdht_h, sdht_p, sdht_n,
-    HAS_DHT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one (batch element, head), chunks in reverse, ``dS`` the gradient of the chunk's outgoing state.
     Outputs are contiguous: ``dx [b, L, H, P]``, ``ddt [b, L, H]``, ``da [b, H]``, ``db, dc [b, L, H, N]`` (per head),
@@ -99,11 +98,8 @@ def _ssd_bwd_kernel(
     p, n, q = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
     p_ok, n_ok = p < head_dim, n < states
     pn_ok = p_ok[:, None] & n_ok[None, :]
-    if HAS_DHT:
-        dht = dht_ptr + batch * sdht_b + head * sdht_h + p[:, None] * sdht_p + n[None, :] * sdht_n
-        d_state = tl.load(dht, mask=pn_ok, other=0.0).to(tl.float32)
-    else:
-        d_state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    dht = dht_ptr + batch * sdht_b + head * sdht_h + p[:, None] * sdht_p + n[None, :] * sdht_n
+    d_state = tl.load(dht, mask=pn_ok, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + head * sa_h).to(tl.float32)
     x_base = x_ptr + batch * sx_b + head * sx_h + p[None, :] * sx_p
     dy_base = dy_ptr + batch * sdy_b + head * sdy_h + p[None, :] * sdy_p
@@ -240,7 +236,7 @@ class _SSDScan(torch.autograd.Function):
             x, dt, A, B, C, chunk_states, dy, d_final, dx, ddt, da, db, dc, dh0,
             length, heads, p, n, heads // g, chunk_states.shape[2],
             *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *chunk_states.stride(), *dy.stride(),
-            *d_final.stride(), HAS_DHT=True, BLOCK_Q=ctx.chunk_size, BLOCK_P=max(16, triton.next_power_of_2(p)),
+            *d_final.stride(), BLOCK_Q=ctx.chunk_size, BLOCK_P=max(16, triton.next_power_of_2(p)),
             BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=_precision(x),
         )  # fmt: skip
         per_group = (bsz, length, g, heads // g, n)  # B and C serve every head of their group
