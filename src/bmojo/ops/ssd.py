@@ -95,6 +95,23 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     return (cum[..., :, None] - cum[..., None, :]).to(a.dtype).masked_fill(~causal, float("-inf"))
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: a batched product whose output is then permuted gets a
+    strided gradient, for which PyTorch's CPU ``bmm`` falls back to one small product per batch entry (the SSD's
+    backward ran 20% slower eager)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+_contiguous_grad = _ContiguousGrad.apply
+
+
 def ssd_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -140,7 +157,7 @@ def ssd_scan(
     decay = torch.exp(_segsum(log_decay))  # [b, c, g, r, q, q]: from after step j to after step i
 
     scores = torch.einsum("bcign,bcjgn->bcgij", cs, bs)[:, :, :, None] * decay * d[..., None, :]
-    y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores, xs)
+    y = _contiguous_grad(scores @ xs.permute(0, 1, 3, 4, 2, 5)).permute(0, 1, 4, 2, 3, 5)  # [b, c, q, g, r, p]
 
     to_end = (decay[..., -1, :] * d).permute(0, 1, 4, 2, 3)[..., None]  # [b, c, q, g, r, 1]
     chunk_states = torch.einsum("bcjgrp,bcjgn->bcgrpn", xs * to_end, bs)
