@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops.conv import causal_conv1d, conv_taps
+from bmojo.ops.conv import causal_conv1d, causal_conv1d_step, conv_taps
 
 
 def conv1d_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, silu: bool = False) -> torch.Tensor:
@@ -30,6 +30,18 @@ def test_causal_conv1d_matches_conv1d_forward_and_gradients(b, c, length, k, bia
     torch.testing.assert_close(y, y_ref)
     for a, r in zip(torch.autograd.grad(y, leaves, grad), torch.autograd.grad(y_ref, leaves, grad)):
         torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_step_is_the_last_output_over_its_window(k, bias):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2, 9 + k, 5, generator=g)
+    w, b = torch.randn(5, 1, k, generator=g), torch.randn(5, generator=g) if bias else None
+    full = conv1d_ref(x, w, b, silu=True)
+    for t in (0, 4, 9):  # output t reads inputs t .. t + k - 1
+        step = causal_conv1d_step(x[:, t : t + k].transpose(1, 2), w, b, silu=True)
+        torch.testing.assert_close(step, full[:, t])
 
 
 def test_causal_conv1d_gradcheck():

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmojo.layers.norm import GatedRMSNorm, RMSNorm
-from bmojo.ops.conv import causal_conv1d
+from bmojo.ops.conv import causal_conv1d, causal_conv1d_step
 from bmojo.ops.selective_scan import selective_scan, selective_scan_step
 from bmojo.ops.ssd import ssd_scan, ssd_step
 
@@ -32,9 +32,13 @@ class SSMState:
 def _causal_conv(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv of ``x [B, L, C]`` continuing from ``prev [B, C, K-1]`` (zeros when None).
 
-    Returns ``silu(conv(x)) [B, L, C]`` and the new conv state ``[B, C, K-1]``.
+    Returns ``silu(conv(x)) [B, L, C]`` and the new conv state ``[B, C, K-1]`` (for one token continuing a state:
+    a view of the window of the last ``K`` inputs, which the caller copies).
     """
     k = conv.kernel_size[0]
+    if prev is not None and x.shape[1] == 1:  # decoding
+        window = torch.cat([prev.to(x.dtype), x.transpose(1, 2)], dim=2)  # [B, C, K]
+        return causal_conv1d_step(window, conv.weight, conv.bias, silu=True).unsqueeze(1), window[:, :, 1:]
     if prev is None:
         prev = x.new_zeros(x.shape[0], x.shape[2], k - 1)
     x = torch.cat([prev.transpose(1, 2).to(x.dtype), x], dim=1)

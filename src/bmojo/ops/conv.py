@@ -7,7 +7,8 @@ is ``F.conv1d`` of the input transposed to ``[B, C, L + K - 1]``; here it is ``K
 autograd differentiates and ``torch.compile`` fuses into one pass, and which keep the tokens-major layout of the
 projections around it. On CPU that is faster than the convolution for the whole training step: PyTorch's depthwise
 conv backward is slow at these shapes, and a channels-major conv output leaves the elementwise work after it
-(the SSD's skip, the gated norm, their backward) reading transposed memory.
+(the SSD's skip, the gated norm, their backward) reading transposed memory. :func:`causal_conv1d_step` is one
+output from the last ``K`` inputs, for decoding.
 """
 
 from __future__ import annotations
@@ -51,4 +52,14 @@ def causal_conv1d(
     y = x[:, :length] * w[0] if bias is None else torch.addcmul(bias.to(x.dtype), x[:, :length], w[0])
     for j in range(1, k):
         y = torch.addcmul(y, x[:, j : j + length], w[j])
+    return F.silu(y) if silu else y
+
+
+def causal_conv1d_step(
+    window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = False
+) -> torch.Tensor:
+    """The conv's output for the last of ``window [B, C, K]``, the last ``K`` inputs (oldest first): ``[B, C]``, then
+    SiLU if ``silu`` (:func:`causal_conv1d` over those inputs, in one product and sum)."""
+    y = (window * weight[:, 0].to(window.dtype)).sum(-1)
+    y = y if bias is None else y + bias.to(y.dtype)
     return F.silu(y) if silu else y
