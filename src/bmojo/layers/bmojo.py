@@ -396,6 +396,7 @@ class BMojoMixer(nn.Module):
         the token's (in one product when tied) and written with them.
         """
         pos, w = state.pos, self.window
+        slot = None if w is None else pos % w  # the ring slot of this token (and of the fading key entering the band)
         if self.attn is not None:
             at = torch.cat([pos, pos - w]) if self.fading else pos  # positions of the keys this step writes
             rope = self.attn.rope(at)
@@ -417,7 +418,7 @@ class BMojoMixer(nn.Module):
         if not self.fading:
             k, v = self.attn.keys_values(h, rope)
         else:
-            entering = state.f_pend.index_select(1, pos % w)  # the fading token of position t - w
+            entering = state.f_pend.index_select(1, slot)  # the fading token of position t - w
             if self.fading_k_proj is None:  # tied: the token and the entering fading token through one product
                 k, v = self.attn.keys_values(torch.cat([h, entering], 1), rope)
             else:
@@ -439,9 +440,9 @@ class BMojoMixer(nn.Module):
             n = state.win_k.shape[2] if torch.compiler.is_compiling() else t + 1  # compiled: one shape, masked
             keys, values, visible = state.win_k[:, :, :n], state.win_v[:, :, :n], state.win_pos[:, :n] >= 0
         else:
-            self._write_window(state, t, at, k, v, score)
+            self._write_window(state, t, slot, at, k, v, score)
             if self.fading:
-                state.f_pend.index_copy_(1, pos % w, f)
+                state.f_pend.index_copy_(1, slot, f)
             keys, values, visible = state.keys, state.values, state.positions >= 0
         retrieved = None if self.store is None else found.result()
         o = step_attention(q, keys, values, visible, retrieved)
@@ -464,16 +465,16 @@ class BMojoMixer(nn.Module):
         self,
         state: MixerState,
         t: int,
+        slot: torch.Tensor,
         at: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         score: torch.Tensor | None,
     ) -> None:
         """Put the token at position ``t`` (``at [1]`` as a tensor; ``at [2]``: with the position ``t - w`` of the
-        fading key entering the band) and its keys/values ``k, v [B, Hkv, 1 or 2, d]`` in ring slot ``t % w`` of the
-        window (and of the band); the token it evicts (none while the ring fills: slot position ``-1``) becomes an
-        eidetic candidate."""
-        slot = at[:1] % self.window
+        fading key entering the band) and its keys/values ``k, v [B, Hkv, 1 or 2, d]`` in ring slot ``slot [1]``
+        (``t % w``) of the window (and of the band); the token it evicts (none while the ring fills: slot position
+        ``-1``) becomes an eidetic candidate."""
         if self.memory is not None:
             cand_k, cand_v = state.keys.index_select(2, slot), state.values.index_select(2, slot)
             cand_pos = state.positions.index_select(1, slot)

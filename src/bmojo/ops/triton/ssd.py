@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from bmojo.ops.ssd import _heads_per_group
-from bmojo.ops.triton import check_inputs
+from bmojo.ops.triton import check_inputs, needs_grad
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -265,7 +265,7 @@ def ssd_scan_triton(
     for name, value in (("chunk_size", chunk_size), ("block_p", block_p)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, initial_state)):
+    if needs_grad(x, dt, A, B, C, initial_state):
         return _SSDScan.apply(x, dt, A, B, C, initial_state, chunk_size, block_p)
     y, final, _ = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p, store_states=False)
     return y.to(x.dtype), final
