@@ -1,12 +1,14 @@
 """The fused CUDA paths against the PyTorch references, on a GPU (skipped without one).
 
-What runs here: FlexAttention for the B'MOJO union attention (forward, and gradients of the output and of the
-log-sum-exp), flash-linear-attention's SSD scan when ``fla`` is installed, our Triton selective scan and SSD
-(forward and backward) on real CUDA tensors, whole models on the fused paths against ``BMOJO_KERNELS=reference``, parallel vs recurrent
+What runs here: our Triton kernels and FlexAttention for the B'MOJO union attention (forward, and gradients of the
+output and of the log-sum-exp), flash-linear-attention's SSD scan when ``fla`` is installed, our Triton selective
+scan and SSD (forward and backward) on real CUDA tensors, whole models on the fused paths against ``BMOJO_KERNELS=reference``, parallel vs recurrent
 decoding on CUDA, and a bf16 training run. ``benchmarks/RESULTS.md`` records the device these last passed on.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -46,16 +48,21 @@ def _union_inputs(b, hq, hkv, length, d, w, m, chunk, dtype, seed):
     return q, bands, memory, leaves
 
 
+@pytest.mark.parametrize("impl", ["triton", "flex", "triton-compiled"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("length,w,m,chunk,hq,hkv", [(1, 16, 4, 16, 4, 4), (200, 32, 8, 32, 4, 2),
                                                      (1000, 64, 16, 64, 8, 8), (777, 100, 8, 100, 4, 1)])  # fmt: skip
-def test_flex_union_forward_and_gradients_match_reference(dtype, tol, length, w, m, chunk, hq, hkv):
+def test_union_kernels_forward_and_gradients_match_reference(impl, dtype, tol, length, w, m, chunk, hq, hkv):
+    """Our Triton read-out (eager, and compiled: a ``triton_op`` inductor keeps) and FlexAttention."""
     q, bands, memory, leaves = _union_inputs(2, hq, hkv, length, 64, w, m, chunk, dtype, seed=length)
     g = torch.Generator(device=DEV).manual_seed(1)
     do = torch.randn(q.shape, generator=g, device=DEV).to(dtype)
     dlse = torch.randn(q.shape[:3], generator=g, device=DEV)
+    fused = functools.partial(union_attention, impl=impl.removesuffix("-compiled"))
+    if impl.endswith("compiled"):
+        fused = torch.compile(fused, fullgraph=True)
     results = []
-    for fn in (lambda: union_attention(q, bands, memory, impl="flex"), lambda: union_attention_ref(q, bands, memory)):
+    for fn in (lambda: fused(q, bands, memory), lambda: union_attention_ref(q, bands, memory)):
         o, lse = fn()
         grads = torch.autograd.grad((o.float() * do.float()).sum() + (lse * dlse).sum(), leaves)
         results.append((o.float(), lse, [x.float() for x in grads]))

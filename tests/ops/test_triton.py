@@ -1,61 +1,17 @@
-"""Our Triton kernels against their PyTorch references, on CPU tensors under ``TRITON_INTERPRET=1``.
-
-The interpreter must be on before ``triton`` is first imported (its own ``tl.sum`` etc. are decorated then), and
-other test modules import it earlier through torch, so the kernels run in one subprocess started with
-``TRITON_INTERPRET=1 BMOJO_KERNELS=triton``; the references run here.
-"""
+"""Our Triton scan kernels against their PyTorch references, on CPU tensors under ``TRITON_INTERPRET=1``
+(``interpret.py``)."""
 
 from __future__ import annotations
 
-import inspect
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from interpret import probe_loss, run_interpreted
 
 import bmojo.ops.triton as kernels
 from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
 from bmojo.ops.ssd import ssd_scan, ssd_scan_ref
 
-
-def probe_loss(out) -> torch.Tensor:
-    """A loss over a call's first output (and second, if a tensor) that weighs every element differently."""
-    parts = [out[0]] + ([out[1]] if isinstance(out[1], torch.Tensor) else [])
-    return sum((t.float() * torch.linspace(-1, 1, t.numel()).view(t.shape)).sum() for t in parts)
-
-
-# A call with ``_grad=True`` runs with gradients and returns ``(probe_loss, gradients of its tensor arguments that
-# require them, then of the module's parameters)``; the others run under no_grad and return the output.
-WORKER = (
-    """
-import importlib, sys, torch
-import bmojo.ops.triton.selective_scan as scan_kernel, bmojo.ops.triton.ssd as ssd_kernel
-calls, counted = torch.load(sys.argv[1], weights_only=False), []
-for module, name in ((scan_kernel, "selective_scan_fwd"), (ssd_kernel, "ssd_scan_triton")):
-    setattr(module, name, lambda *a, f=getattr(module, name), **k: counted.append(1) or f(*a, **k))
-"""
-    + inspect.getsource(probe_loss)
-    + """
-outs = []
-for target, args, kwargs in calls:
-    if isinstance(target, str):
-        module, name = target.split(":")
-        target = getattr(importlib.import_module(module), name)
-    grad = kwargs.pop("_grad", False)
-    with torch.set_grad_enabled(grad):
-        out = target(*args, **kwargs)
-        if grad:
-            leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-            leaves += list(target.parameters()) if isinstance(target, torch.nn.Module) else []
-            loss = probe_loss(out)
-            out = (loss.detach(), torch.autograd.grad(loss, leaves))
-    outs.append((out, len(counted)))
-torch.save(outs, sys.argv[2])
-"""
-)
 FWD = "bmojo.ops.triton.selective_scan:selective_scan_fwd"
 SCAN = "bmojo.ops.selective_scan:selective_scan"
 SSD_TRITON = "bmojo.ops.triton.ssd:ssd_scan_triton"
@@ -143,39 +99,35 @@ def strided_ssd_inputs() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    """Outputs of the calls below, run with the Triton interpreter on CPU: ``[(output, kernel calls so far)]``."""
+    """Outputs of the calls below, run with the Triton interpreter on CPU: ``{key: (output, kernel calls)}``."""
     pytest.importorskip("triton")
     half = [x.half() for x in scan_inputs(1, 7, 6, 4, seed=3)]
-    calls = [(FWD, (*scan_inputs(bs, n, e, s)[:5], scan_inputs(bs, n, e, s)[5] if h0 else None), {"block_e": be})
-             for bs, n, e, s, be, h0 in SHAPES]  # fmt: skip
-    calls.append((FWD, strided_inputs()[0], {}))
-    calls.append((FWD, (half[0], half[1], half[2].float(), half[3], half[4]), {}))
-    calls.append((SCAN, scan_inputs(2, 12, 8, 4, seed=2), {}))
-    calls.append((mamba_layer(), (torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(4)),), {}))
-    calls += [(SSD_TRITON, *ssd_call(case)) for case in range(len(SSD_SHAPES))]
-    calls.append((SSD_TRITON, strided_ssd_inputs()[0], {}))
-    calls.append((SSD_TRITON, tuple(t.half() for t in ssd_inputs(1, 21, 2, 16, 1, 8, seed=6)), {}))
+    calls = {f"scan{i}": (FWD, (*scan_inputs(bs, n, e, s)[:5], scan_inputs(bs, n, e, s)[5] if h0 else None),
+                          {"block_e": be}) for i, (bs, n, e, s, be, h0) in enumerate(SHAPES)}  # fmt: skip
+    calls["scan_strided"] = (FWD, strided_inputs()[0], {})
+    calls["scan_half"] = (FWD, (half[0], half[1], half[2].float(), half[3], half[4]), {})
+    calls["scan_dispatch"] = (SCAN, scan_inputs(2, 12, 8, 4, seed=2), {})
+    calls["mamba"] = (mamba_layer(), (torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(4)),), {})
+    calls |= {f"ssd{case}": (SSD_TRITON, *ssd_call(case)) for case in range(len(SSD_SHAPES))}
+    calls["ssd_strided"] = (SSD_TRITON, strided_ssd_inputs()[0], {})
+    calls["ssd_half"] = (SSD_TRITON, tuple(t.half() for t in ssd_inputs(1, 21, 2, 16, 1, 8, seed=6)), {})
     *args, h0 = ssd_inputs(2, 30, 4, 16, 2, 8, seed=7)
-    calls.append((SSD, tuple(args), {"chunk_size": 8, "initial_state": h0}))
-    calls.append((mamba2_layer(), (torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(8)),), {}))
-    calls += [(SSD_TRITON, *ssd_call(case, grad=True)) for case in range(len(SSD_SHAPES))]
-    calls.append(
-        (mamba2_layer(), (torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(9)),), {"_grad": True})
+    calls["ssd_dispatch"] = (SSD, tuple(args), {"chunk_size": 8, "initial_state": h0})
+    calls["mamba2"] = (mamba2_layer(), (torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(8)),), {})
+    calls |= {f"ssd_grad{case}": (SSD_TRITON, *ssd_call(case, grad=True)) for case in range(len(SSD_SHAPES))}
+    calls["mamba2_grad"] = (
+        mamba2_layer(),
+        (torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(9)),),
+        {"_grad": True},
     )
-    folder = tmp_path_factory.mktemp("triton")
-    torch.save(calls, folder / "calls.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "BMOJO_KERNELS": "triton"}
-    args = [sys.executable, "-c", WORKER, str(folder / "calls.pt"), str(folder / "outs.pt")]
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(folder / "outs.pt", weights_only=False)
+    return run_interpreted(calls, tmp_path_factory.mktemp("triton"))
 
 
 @pytest.mark.parametrize("case", range(len(SHAPES)))
 def test_selective_scan_kernel_matches_reference(interpreted, case):
     bsz, length, e, n, _, with_h0 = SHAPES[case]
     u, delta, a, b, c, h0 = scan_inputs(bsz, length, e, n)
-    (y, final), _ = interpreted[case]
+    (y, final), _ = interpreted[f"scan{case}"]
     y_ref, final_ref = selective_scan_ref(u, delta, a, b, c, h0 if with_h0 else None)
     assert y.dtype == torch.float32 and final.dtype == torch.float32
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -183,12 +135,12 @@ def test_selective_scan_kernel_matches_reference(interpreted, case):
 
 
 def test_selective_scan_kernel_strided_and_half_inputs(interpreted):
-    (y, final), _ = interpreted[len(SHAPES)]
+    (y, final), _ = interpreted["scan_strided"]
     y_ref, final_ref = selective_scan_ref(*strided_inputs()[1])
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(final, final_ref, rtol=1e-5, atol=1e-5)
     half = [x.half() for x in scan_inputs(1, 7, 6, 4, seed=3)]
-    (y16, final16), _ = interpreted[len(SHAPES) + 1]
+    (y16, final16), _ = interpreted["scan_half"]
     y_ref16, final_ref16 = selective_scan_ref(half[0], half[1], half[2].float(), half[3], half[4])
     assert y16.dtype == torch.float16 and final16.dtype == torch.float32
     torch.testing.assert_close(y16, y_ref16, rtol=2e-3, atol=2e-3)
@@ -198,10 +150,8 @@ def test_selective_scan_kernel_strided_and_half_inputs(interpreted):
 def test_dispatch_runs_kernel_in_selective_scan_and_mamba_layer(interpreted):
     """With ``BMOJO_KERNELS=triton``, ``selective_scan`` and a Mamba layer's forward run the kernel and match the
     PyTorch path computed here."""
-    i = len(SHAPES) + 2
-    before = interpreted[i - 1][1]
-    ((y, final), calls_scan), (out, calls_layer) = interpreted[i], interpreted[i + 1]
-    assert (calls_scan - before, calls_layer - calls_scan) == (1, 1)  # one kernel call each
+    ((y, final), calls_scan), (out, calls_layer) = interpreted["scan_dispatch"], interpreted["mamba"]
+    assert (calls_scan, calls_layer) == (1, 1)  # one kernel call each
     y_ref, final_ref = selective_scan(*scan_inputs(2, 12, 8, 4, seed=2))
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(final, final_ref, rtol=1e-5, atol=1e-5)
@@ -252,13 +202,10 @@ def test_use_triton_rules(kernel_mode):
         kernels.set_kernels("fast")
 
 
-SSD_FIRST = len(SHAPES) + 4  # index of the first SSD call in ``interpreted``
-
-
 @pytest.mark.parametrize("case", range(len(SSD_SHAPES)))
 def test_ssd_kernel_matches_reference(interpreted, case):
     inputs, _ = ssd_call(case)
-    (y, final), _ = interpreted[SSD_FIRST + case]
+    (y, final), _ = interpreted[f"ssd{case}"]
     y_ref, final_ref = ssd_scan_ref(*inputs)
     assert y.dtype == torch.float32 and final.dtype == torch.float32
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
@@ -266,12 +213,11 @@ def test_ssd_kernel_matches_reference(interpreted, case):
 
 
 def test_ssd_kernel_strided_and_half_inputs(interpreted):
-    i = SSD_FIRST + len(SSD_SHAPES)
-    (y, final), _ = interpreted[i]
+    (y, final), _ = interpreted["ssd_strided"]
     y_ref, final_ref = ssd_scan_ref(*strided_ssd_inputs()[1])
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
-    (y16, final16), _ = interpreted[i + 1]
+    (y16, final16), _ = interpreted["ssd_half"]
     y_ref16, final_ref16 = ssd_scan_ref(*(t.half() for t in ssd_inputs(1, 21, 2, 16, 1, 8, seed=6)))
     assert y16.dtype == torch.float16 and final16.dtype == torch.float32
     torch.testing.assert_close(y16, y_ref16, rtol=2e-3, atol=2e-3)
@@ -281,9 +227,8 @@ def test_ssd_kernel_strided_and_half_inputs(interpreted):
 def test_dispatch_runs_ssd_kernel_in_ssd_scan_and_mamba2_layer(interpreted):
     """With ``BMOJO_KERNELS=triton``, ``ssd_scan`` and a Mamba-2 layer's forward run the kernel (one call each) and
     match the PyTorch path computed here."""
-    i = SSD_FIRST + len(SSD_SHAPES) + 2
-    ((y, final), calls_ssd), (out, calls_layer) = interpreted[i], interpreted[i + 1]
-    assert (calls_ssd - interpreted[i - 1][1], calls_layer - calls_ssd) == (1, 1)
+    ((y, final), calls_ssd), (out, calls_layer) = interpreted["ssd_dispatch"], interpreted["mamba2"]
+    assert (calls_ssd, calls_layer) == (1, 1)
     *args, h0 = ssd_inputs(2, 30, 4, 16, 2, 8, seed=7)
     y_ref, final_ref = ssd_scan(*args, chunk_size=8, initial_state=h0)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
@@ -313,7 +258,7 @@ def test_ssd_kernel_rejects_bad_shapes():
 def test_ssd_kernel_gradients_match_reference(interpreted, case):
     """The backward kernel's gradients of every input (``x, dt, A, B, C`` and the initial state) equal autograd's
     through the sequential reference."""
-    (loss, grads), _ = interpreted[SSD_FIRST + len(SSD_SHAPES) + 4 + case]
+    (loss, grads), _ = interpreted[f"ssd_grad{case}"]
     inputs, _ = ssd_call(case, grad=True)
     leaves = [t for t in inputs if t is not None]
     loss_ref = probe_loss(ssd_scan_ref(*inputs))
@@ -327,9 +272,8 @@ def test_ssd_kernel_gradients_match_reference(interpreted, case):
 def test_mamba2_layer_trains_through_the_ssd_kernels(interpreted):
     """A Mamba-2 layer's forward and backward with ``BMOJO_KERNELS=triton`` run the kernels and give the PyTorch
     path's parameter gradients."""
-    i = SSD_FIRST + 2 * len(SSD_SHAPES) + 4
-    (loss, grads), calls = interpreted[i]
-    assert calls - interpreted[i - 1][1] == 1
+    (loss, grads), calls = interpreted["mamba2_grad"]
+    assert calls == 1
     layer = mamba2_layer()
     loss_ref = probe_loss(layer(torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(9))))
     grads_ref = torch.autograd.grad(loss_ref, list(layer.parameters()))

@@ -7,11 +7,12 @@ sees no key. Several ``(o, lse)`` pairs computed over disjoint key sets combine 
 softmax over their union with :func:`merge_attention`.
 
 :func:`union_attention` is the B'MOJO read-out: one softmax over bands of aligned keys (the window, the
-fading band) and per-chunk memories (the eidetic tokens). On CUDA it is one FlexAttention call over the
-concatenated keys with a block-sparse mask; on CPU PyTorch's fused flash-attention kernel over overlapping strided
+fading band) and per-chunk memories (the eidetic tokens). On CUDA it is our Triton kernels
+(``bmojo.ops.triton.attention``: each block of queries walks only the key blocks its bands and chunk reach), or one
+FlexAttention call over the concatenated keys with a block-sparse mask; on CPU PyTorch's fused flash-attention kernel over overlapping strided
 views of the band keys (:func:`blocks_union_attention`: nothing gathered, LSE included), with the chunk memories
 merged by log-sum-exp; else (reference mode, unbounded bands) the banded attentions and the chunk attention merged
-by log-sum-exp. :func:`union_attention_ref` is the dense definition all three are tested against.
+by log-sum-exp. :func:`union_attention_ref` is the dense definition they are all tested against.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops.triton import kernels, use_fused_cuda
+from bmojo.ops.triton import kernels, use_fused_cuda, use_triton
 
 AttnOut = tuple[torch.Tensor, torch.Tensor]
 SEGMENT_BYTES = 4 << 20  # float32 scores per segment of query blocks: small enough to stay in a CPU cache
@@ -642,25 +643,32 @@ def union_attention(
 ) -> AttnOut:
     """One softmax of ``q [B, Hq, L, d]`` over the union of ``bands`` and the per-chunk ``memory``: ``(o, lse)``.
 
-    ``impl``: ``"flex"`` (:func:`flex_union_attention`), ``"blocks"`` (:func:`blocks_union_attention`: the fused
-    CPU kernel), ``"merge"`` (:func:`banded_attention` per band and :func:`chunk_attention`, merged by
-    :func:`merge_attention`), or ``"auto"``: FlexAttention where ``bmojo.ops.triton.use_fused_cuda`` allows it
-    (CUDA tensors, kernel mode not ``reference``); else blocks where it applies (CPU, finite bands, kernel mode
-    not ``reference``); else merge.
+    ``impl``: ``"triton"`` (``bmojo.ops.triton.attention.union_attention_triton``: our kernels, up to two bands),
+    ``"flex"`` (:func:`flex_union_attention`), ``"blocks"`` (:func:`blocks_union_attention`: the fused CPU kernel),
+    ``"merge"`` (:func:`banded_attention` per band and :func:`chunk_attention`, merged by :func:`merge_attention`), or
+    ``"auto"``: ours where ``bmojo.ops.triton.use_triton`` allows it (CUDA tensors, or kernel mode ``triton``) and
+    there are at most two bands; else FlexAttention where ``use_fused_cuda`` allows it; else blocks where it applies
+    (CPU, finite bands, kernel mode not ``reference``); else merge.
     """
     if impl == "auto":
-        if use_fused_cuda(q) and flex_available():
+        if use_triton(q, differentiable=True) and len(bands) <= 2:
+            impl = "triton"
+        elif use_fused_cuda(q) and flex_available():
             impl = "flex"
         elif _blocks_ok(q, bands) and kernels() != "reference":
             impl = "blocks"
         else:
             impl = "merge"
+    if impl == "triton":
+        from bmojo.ops.triton.attention import union_attention_triton
+
+        return union_attention_triton(q, bands, memory)
     if impl == "flex":
         return flex_union_attention(q, bands, memory)
     if impl == "blocks":
         return blocks_union_attention(q, bands, memory, block_size)
     if impl != "merge":
-        raise ValueError(f"impl must be 'auto', 'flex', 'blocks' or 'merge', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'triton', 'flex', 'blocks' or 'merge', got {impl!r}")
     parts = [banded_attention(q, band.k, band.v, band.lo, band.hi, block_size) for band in bands]
     if memory is not None:
         parts.append(chunk_attention(q, memory))

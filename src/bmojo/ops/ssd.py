@@ -16,8 +16,7 @@ chunk makes subnormal floats, which slow it down (up to about 2x); ``torch.set_f
 avoids that. On CUDA, when flash-linear-attention (``fla``) is installed, :func:`ssd_scan` runs its Triton
 ``chunk_simple_gla`` (forward, and backward where fla supports it: :func:`fla_backward_supported`), which
 computes in the inputs' dtype with float32 accumulation; else our Triton kernels (``bmojo.ops.triton.ssd``, forward
-and backward, float32 arithmetic), for calls without gradients and for eager calls with them (under
-``torch.compile`` inductor compiles the PyTorch path instead; ``bmojo.ops.triton`` has the switch).
+and backward, float32 arithmetic; ``bmojo.ops.triton`` has the switch).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@
 
 ``triton`` itself is imported only when a kernel runs, never on import of ``bmojo``. The selective scan's kernel
 covers inference: a call whose inputs need gradients takes the PyTorch path, whose backward pass is hand-written. The
-SSD's kernels have a backward pass and serve such calls too, in eager mode (under ``torch.compile`` the PyTorch path
-is compiled instead).
+SSD's and the B'MOJO read-out's kernels have backward kernels and serve such calls too, compiled or not (they are
+``torch.library.triton_op`` custom ops, which ``torch.compile`` keeps whole and differentiates through).
 
 The same switch governs the fused CUDA paths of other libraries, which also train (:func:`use_fused_cuda`):
 FlexAttention for the B'MOJO attention and flash-linear-attention's SSD scan when ``fla`` is installed.
@@ -62,13 +62,13 @@ def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> b
     """Whether a call on ``tensors`` should run our Triton kernel.
 
     Never when any input is float64 (the kernels compute in float32), nor when an input needs a gradient under grad
-    mode, unless the kernel is ``differentiable`` and the call is not being compiled; otherwise always in ``triton``
-    mode, and in ``auto`` mode when every tensor is on a CUDA device and ``triton`` is importable.
+    mode, unless the kernel is ``differentiable`` (has a backward kernel); otherwise always in ``triton`` mode, and in
+    ``auto`` mode when every tensor is on a CUDA device and ``triton`` is importable.
     """
     present = [t for t in tensors if t is not None]
     if _mode == "reference":
         return False
-    if needs_grad(*present) and (not differentiable or torch.compiler.is_compiling()):
+    if needs_grad(*present) and not differentiable:
         return False
     if any(t.dtype == torch.float64 for t in present):
         return False
@@ -88,6 +88,12 @@ def check_inputs(expected: dict[str, tuple[torch.Tensor, tuple[int, ...]]], *ten
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """``tl.dot`` precision for inputs like ``x``: full float32 products for float32 inputs; TF32 for 16-bit ones
+    (rounded coarser anyway)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def use_fused_cuda(*tensors: torch.Tensor | None) -> bool:

@@ -12,7 +12,8 @@ state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward: one program
 chunks in reverse with the gradient of the state in registers, recomputing each chunk's products; ``B, C`` and ``A``
 gradients come out per head and are summed over the heads of a group (and the batch) afterwards.
 Inputs may be any float dtype and any strides; the arithmetic is float32 (float32 products at full precision).
-Importing this module imports ``triton``.
+The calls are ``torch.library.triton_op`` custom ops, so ``torch.compile`` keeps the kernels and differentiates
+through them. Importing this module imports ``triton``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from bmojo.ops.ssd import _heads_per_group
-from bmojo.ops.triton import check_inputs, needs_grad
+from bmojo.ops.triton import check_inputs, dot_precision, needs_grad
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -198,51 +200,62 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     cs = final.unsqueeze(2) if chunk_states is None else chunk_states  # never written without STORE_STATES
     block_p = min(block_p, max(16, triton.next_power_of_2(p)))
     grid = (bsz * heads, triton.cdiv(p, block_p))
-    _ssd_fwd_kernel[grid](
+    wrap_triton(_ssd_fwd_kernel)[grid](
         x, dt, A, B, C, h0, y, final, cs, length, heads, p, n, heads // g,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *h0.stride(), *y.stride(), *final.stride(),
         *cs.stride(), HAS_H0=initial_state is not None, STORE_STATES=store_states, BLOCK_Q=chunk_size,
-        BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=_precision(x),
+        BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=dot_precision(x),
     )  # fmt: skip
     return y, final, chunk_states
 
 
-def _precision(x: torch.Tensor) -> str:
-    """``tl.dot`` precision: full float32 products for float32 inputs; TF32 for 16-bit ones (rounded coarser)."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+@triton_op("bmojo::ssd_fwd", mutates_args=())
+def _ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             initial_state: torch.Tensor | None, chunk_size: int, block_p: int,
+             store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(y in x's dtype, final state, each chunk's incoming state)`` (the last empty unless ``store_states``, which
+    the backward needs)."""
+    y, final, chunk_states = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p, store_states)
+    return y.to(x.dtype), final, x.new_empty(0) if chunk_states is None else chunk_states
 
 
-class _SSDScan(torch.autograd.Function):
-    """The forward kernel (keeping each chunk's incoming state) and the backward kernel."""
+@triton_op("bmojo::ssd_bwd", mutates_args=())
+def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+             B: torch.Tensor, C: torch.Tensor, chunk_states: torch.Tensor, chunk_size: int,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients of :func:`_ssd_fwd` with respect to ``x, dt, A, B, C`` and the initial state (float32)."""
+    bsz, length, heads, p = x.shape
+    g, n = B.shape[2:]
+    dx = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
+    ddt = torch.empty(bsz, length, heads, dtype=torch.float32, device=x.device)
+    da = torch.empty(bsz, heads, dtype=torch.float32, device=x.device)
+    db, dc = (torch.empty(bsz, length, heads, n, dtype=torch.float32, device=x.device) for _ in range(2))
+    dh0 = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
+    wrap_triton(_ssd_bwd_kernel)[(bsz * heads,)](
+        x, dt, A, B, C, chunk_states, dy, d_final, dx, ddt, da, db, dc, dh0,
+        length, heads, p, n, heads // g, chunk_states.shape[2],
+        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *chunk_states.stride(), *dy.stride(),
+        *d_final.stride(), BLOCK_Q=chunk_size, BLOCK_P=max(16, triton.next_power_of_2(p)),
+        BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=dot_precision(x),
+    )  # fmt: skip
+    per_group = (bsz, length, g, heads // g, n)  # B and C serve every head of their group
+    dB, dC = (d.view(per_group).sum(3).to(B.dtype) for d in (db, dc))
+    return dx.to(x.dtype), ddt.to(dt.dtype), da.sum(0).to(A.dtype), dB, dC, dh0
 
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, initial_state, chunk_size: int, block_p: int):
-        y, final, chunk_states = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p, store_states=True)
-        ctx.save_for_backward(x, dt, A, B, C, chunk_states)
-        ctx.chunk_size, ctx.initial_dtype = chunk_size, None if initial_state is None else initial_state.dtype
-        return y.to(x.dtype), final
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor, d_final: torch.Tensor):
-        x, dt, A, B, C, chunk_states = ctx.saved_tensors
-        bsz, length, heads, p = x.shape
-        g, n = B.shape[2:]
-        dx = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
-        ddt = torch.empty(bsz, length, heads, dtype=torch.float32, device=x.device)
-        da = torch.empty(bsz, heads, dtype=torch.float32, device=x.device)
-        db, dc = (torch.empty(bsz, length, heads, n, dtype=torch.float32, device=x.device) for _ in range(2))
-        dh0 = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
-        _ssd_bwd_kernel[(bsz * heads,)](
-            x, dt, A, B, C, chunk_states, dy, d_final, dx, ddt, da, db, dc, dh0,
-            length, heads, p, n, heads // g, chunk_states.shape[2],
-            *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *chunk_states.stride(), *dy.stride(),
-            *d_final.stride(), BLOCK_Q=ctx.chunk_size, BLOCK_P=max(16, triton.next_power_of_2(p)),
-            BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=_precision(x),
-        )  # fmt: skip
-        per_group = (bsz, length, g, heads // g, n)  # B and C serve every head of their group
-        dB, dC = (d.view(per_group).sum(3).to(B.dtype) for d in (db, dc))
-        dh0 = None if ctx.initial_dtype is None else dh0.to(ctx.initial_dtype)
-        return dx.to(x.dtype), ddt.to(dt.dtype), da.sum(0).to(A.dtype), dB, dC, dh0, None, None
+def _ssd_setup(ctx, inputs, output) -> None:
+    x, dt, A, B, C, initial_state, chunk_size, _, _ = inputs
+    ctx.save_for_backward(x, dt, A, B, C, output[2])
+    ctx.chunk_size, ctx.initial_dtype = chunk_size, None if initial_state is None else initial_state.dtype
+
+
+def _ssd_backward(ctx, dy: torch.Tensor, d_final: torch.Tensor, _):
+    dx, ddt, dA, dB, dC, dh0 = _ssd_bwd(dy, d_final, *ctx.saved_tensors, ctx.chunk_size)
+    dh0 = None if ctx.initial_dtype is None else dh0.to(ctx.initial_dtype)
+    return dx, ddt, dA, dB, dC, dh0, None, None, None
+
+
+_ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
 
 
 def ssd_scan_triton(
@@ -265,7 +278,7 @@ def ssd_scan_triton(
     for name, value in (("chunk_size", chunk_size), ("block_p", block_p)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-    if needs_grad(x, dt, A, B, C, initial_state):
-        return _SSDScan.apply(x, dt, A, B, C, initial_state, chunk_size, block_p)
-    y, final, _ = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p, store_states=False)
-    return y.to(x.dtype), final
+    y, final, _ = _ssd_fwd(
+        x, dt, A, B, C, initial_state, chunk_size, block_p, needs_grad(x, dt, A, B, C, initial_state)
+    )
+    return y, final

@@ -1,0 +1,336 @@
+"""B'MOJO's read-out (``bmojo.ops.attention.union_attention``) as Triton kernels, forward and backward.
+
+One softmax of each query over up to two bands of aligned keys (query ``i`` sees key ``j`` of a band iff ``lo <= i -
+j <= hi``: the window and the fading band) and its chunk's memory (the eidetic tokens), as in FlashAttention: a
+program per block of queries walks only the key blocks its bands and chunks can reach, with a running max and sum,
+and writes ``o`` and the LSE; nothing ``L x L`` is built and no mask is evaluated outside a band's reach. Backward:
+``dq`` by the same walk; ``dk, dv`` by a program per block of band keys (or per chunk of memory) walking the query
+blocks that see it, over every query head of its group, so no atomics. The LSE's gradient enters as ``D = rowsum(do *
+o) - dlse``. Scores are kept in log2 units (``exp2``); arithmetic in float32, products in the inputs' dtype (full
+float32 products for float32 inputs).
+
+The calls are ``torch.library.triton_op`` custom ops, so ``torch.compile`` keeps the kernels and differentiates
+through them. Importing this module imports ``triton``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from bmojo.ops.attention import AttnOut, Band, ChunkMemory, _group
+from bmojo.ops.triton import check_inputs, dot_precision
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _attend(q, k, v, visible, acc, m_i, l_i, qk_scale, PRECISION: tl.constexpr):
+    """One block of keys ``k, v [N, D]`` into the running softmax of ``q [M, D]``: ``(acc, max, sum)``."""
+    s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _grad_q(q, do, k, v, visible, lse2, delta, dq, qk_scale, PRECISION: tl.constexpr):
+    """``dq [M, D]`` plus one block of keys' share (in units of the softmax scale)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _grad_kv(k, v, q, do, visible, lse2, delta, dk, dv, qk_scale, PRECISION: tl.constexpr):
+    """``dk, dv [N, D]`` plus one block of queries' share; ``visible [N, M]`` (keys by queries)."""
+    s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    p = tl.where(visible, tl.exp2(s - lse2[None, :]), 0.0)
+    dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+    ds = p * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+    return dk + tl.dot(ds.to(q.dtype), q, input_precision=PRECISION), dv
+
+
+@triton.jit
+def _band_reach(band, lo0, hi0, lo1, hi1):
+    """``(lo, hi)`` of band 0 or 1."""
+    return tl.where(band == 0, lo0, lo1), tl.where(band == 0, hi0, hi1)
+
+
+@triton.jit
+def _query_kernel(
+    q_ptr, k_ptr, v_ptr, mk_ptr, mv_ptr, valid_ptr, do_ptr, lse_ptr, delta_ptr, out_ptr,
+    length, heads, group, head_dim, lo0, hi0, lo1, hi1, chunk, slots, qk_scale, sm_scale,
+    sq_b, sq_h, sq_t, sq_d, sk_s, sk_b, sk_h, sk_t, sk_d, sv_s, sv_b, sv_h, sv_t, sv_d,
+    smk_b, smk_h, smk_c, smk_m, smk_d, smv_b, smv_h, smv_c, smv_m, smv_d, sva_b, sva_c, sva_m,
+    sdo_b, sdo_h, sdo_t, sdo_d,
+    BACKWARD: tl.constexpr, BANDS: tl.constexpr, HAS_MEMORY: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One block of queries over the key blocks its bands and chunks reach: ``o`` into ``out`` and the LSE into
+    ``lse``, or (``BACKWARD``) ``dq`` into ``out`` from ``do``, the LSE and ``delta``. ``k, v [bands, b, Hkv, L, D]``
+    (``s*_s`` the band stride); ``out [b, H, L, D]`` and ``lse, delta [b, H, L]`` contiguous."""
+    start, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+    batch, head = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+    kv_head = head // group
+    i = start + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    i_ok, d_ok = i < length, d < head_dim
+    q_ok = i_ok[:, None] & d_ok[None, :]
+    row = bh.to(tl.int64) * length + i
+    q = tl.load(q_ptr + batch * sq_b + head * sq_h + i[:, None] * sq_t + d[None, :] * sq_d, mask=q_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # o's numerator, or dq
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if BACKWARD:
+        do = tl.load(do_ptr + batch * sdo_b + head * sdo_h + i[:, None] * sdo_t + d[None, :] * sdo_d, mask=q_ok,
+                     other=0.0)  # fmt: skip
+        lse2 = tl.load(lse_ptr + row, mask=i_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # rows that see no key: every p is masked to 0
+        delta = tl.load(delta_ptr + row, mask=i_ok, other=0.0)
+    for band in tl.static_range(BANDS):
+        lo, hi = _band_reach(band, lo0, hi0, lo1, hi1)
+        k_base = k_ptr + band * sk_s + batch * sk_b + kv_head * sk_h + d[None, :] * sk_d
+        v_base = v_ptr + band * sv_s + batch * sv_b + kv_head * sv_h + d[None, :] * sv_d
+        first = tl.maximum(start - hi, 0) // BLOCK_N * BLOCK_N
+        for key in range(first, tl.minimum(start + BLOCK_M - lo, length), BLOCK_N):
+            j = key + tl.arange(0, BLOCK_N)
+            kv_ok = (j < length)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + j[:, None] * sk_t, mask=kv_ok, other=0.0)
+            v = tl.load(v_base + j[:, None] * sv_t, mask=kv_ok, other=0.0)
+            dist = i[:, None] - j[None, :]
+            visible = (dist >= lo) & (dist <= hi) & (j < length)[None, :]
+            if BACKWARD:
+                acc = _grad_q(q, do, k, v, visible, lse2, delta, acc, qk_scale, PRECISION)
+            else:
+                acc, m_i, l_i = _attend(q, k, v, visible, acc, m_i, l_i, qk_scale, PRECISION)
+    if HAS_MEMORY:
+        s = tl.arange(0, BLOCK_S)
+        s_ok = s < slots
+        kv_ok = s_ok[:, None] & d_ok[None, :]
+        mk_base = mk_ptr + batch * smk_b + kv_head * smk_h + s[:, None] * smk_m + d[None, :] * smk_d
+        mv_base = mv_ptr + batch * smv_b + kv_head * smv_h + s[:, None] * smv_m + d[None, :] * smv_d
+        for c in range(start // chunk, (tl.minimum(start + BLOCK_M, length) - 1) // chunk + 1):
+            ok = tl.load(valid_ptr + batch * sva_b + c * sva_c + s * sva_m, mask=s_ok, other=0) != 0
+            k = tl.load(mk_base + c * smk_c, mask=kv_ok, other=0.0)
+            v = tl.load(mv_base + c * smv_c, mask=kv_ok, other=0.0)
+            visible = (i // chunk == c)[:, None] & ok[None, :]
+            if BACKWARD:
+                acc = _grad_q(q, do, k, v, visible, lse2, delta, acc, qk_scale, PRECISION)
+            else:
+                acc, m_i, l_i = _attend(q, k, v, visible, acc, m_i, l_i, qk_scale, PRECISION)
+    out = out_ptr + row[:, None] * head_dim + d[None, :]
+    if BACKWARD:
+        tl.store(out, (acc * sm_scale).to(out_ptr.dtype.element_ty), mask=q_ok)
+    else:
+        seen = l_i > 0
+        l_safe = tl.where(seen, l_i, 1.0)
+        tl.store(out, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=q_ok)
+        tl.store(lse_ptr + row, tl.where(seen, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf")), mask=i_ok)
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    q_ptr, k_ptr, v_ptr, valid_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    batch_size, length, heads, group, head_dim, lo0, hi0, lo1, hi1, chunk, n_keys, qk_scale, sm_scale,
+    sq_b, sq_h, sq_t, sq_d, sk_s, sk_b, sk_h, sk_t, sk_d, sv_s, sv_b, sv_h, sv_t, sv_d, sva_b, sva_c, sva_m,
+    sdo_b, sdo_h, sdo_t, sdo_d,
+    MEMORY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``dk, dv`` over every query head of a group: of one block of a band's keys (``k [bands, b, Hkv, L, D]``,
+    ``s*_s`` the band stride; program axis 0 over key blocks, axis 1 over ``(band, batch, kv head)``), or of one
+    chunk's memory (``MEMORY``: ``k [b, Hkv, chunks, n_keys slots, D]``, ``s*_s`` the chunk stride, ``s*_t`` the
+    slot stride; axis 0 over chunks, axis 1 over ``(batch, kv head)``). ``dk, dv`` are contiguous like ``k``."""
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    kv_heads = heads // group
+    band, batch, kv_head = bh // (batch_size * kv_heads), (bh // kv_heads) % batch_size, bh % kv_heads
+    band, batch, kv_head = band.to(tl.int64), batch.to(tl.int64), kv_head.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    if MEMORY:
+        j = tl.arange(0, BLOCK_N)
+        j_ok = j < n_keys
+        k_base = k_ptr + batch * sk_b + kv_head * sk_h + pid * sk_s
+        v_base = v_ptr + batch * sv_b + kv_head * sv_h + pid * sv_s
+        key_ok = j_ok & (tl.load(valid_ptr + batch * sva_b + pid * sva_c + j * sva_m, mask=j_ok, other=0) != 0)
+        first, end = pid * chunk, tl.minimum(pid * chunk + chunk, length)
+        out = (bh.to(tl.int64) * tl.num_programs(0) + pid) * n_keys + j
+        lo, hi = 0, 0  # (not read)
+    else:
+        j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = j < n_keys
+        k_base = k_ptr + band * sk_s + batch * sk_b + kv_head * sk_h
+        v_base = v_ptr + band * sv_s + batch * sv_b + kv_head * sv_h
+        key_ok = j_ok
+        lo, hi = _band_reach(band, lo0, hi0, lo1, hi1)
+        first = tl.maximum(pid * BLOCK_N + lo, 0) // BLOCK_M * BLOCK_M
+        end = tl.minimum(pid * BLOCK_N + BLOCK_N + hi, length)
+        out = bh.to(tl.int64) * n_keys + j
+    kv_ok = j_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + j[:, None] * sk_t + d[None, :] * sk_d, mask=kv_ok, other=0.0)
+    v = tl.load(v_base + j[:, None] * sv_t + d[None, :] * sv_d, mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group):
+        head = kv_head * group + g
+        for start in range(first, end, BLOCK_M):
+            i = start + tl.arange(0, BLOCK_M)
+            i_ok = i < end
+            q_ok = i_ok[:, None] & d_ok[None, :]
+            q = tl.load(
+                q_ptr + batch * sq_b + head * sq_h + i[:, None] * sq_t + d[None, :] * sq_d, mask=q_ok, other=0.0
+            )
+            do = tl.load(do_ptr + batch * sdo_b + head * sdo_h + i[:, None] * sdo_t + d[None, :] * sdo_d, mask=q_ok,
+                         other=0.0)  # fmt: skip
+            row = (batch * heads + head) * length + i
+            lse2 = tl.load(lse_ptr + row, mask=i_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_ptr + row, mask=i_ok, other=0.0)
+            visible = key_ok[:, None] & i_ok[None, :]
+            if not MEMORY:
+                visible = visible & (i[None, :] - j[:, None] >= lo) & (i[None, :] - j[:, None] <= hi)
+            dk, dv = _grad_kv(k, v, q, do, visible, lse2, delta, dk, dv, qk_scale, PRECISION)
+    tl.store(dk_ptr + out[:, None] * head_dim + d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
+    tl.store(dv_ptr + out[:, None] * head_dim + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
+
+
+def _memory_args(q: torch.Tensor, mk: torch.Tensor | None, mv: torch.Tensor | None, valid: torch.Tensor | None):
+    """Memory tensors and their strides for the kernels (``q`` and zero strides in their place when absent)."""
+    if mk is None:
+        return (q, q, q), (0,) * 13
+    return (mk, mv, valid.view(torch.uint8)), (*mk.stride(), *mv.stride(), *valid.stride())
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of ``x``'s shape, dtype and device (the kernels write their outputs contiguous)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _block_d(q: torch.Tensor) -> int:
+    return max(16, triton.next_power_of_2(q.shape[-1]))
+
+
+@triton_op("bmojo::union_attention_fwd", mutates_args=())
+def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tensor | None, mv: torch.Tensor | None,
+               valid: torch.Tensor | None, lo0: int, hi0: int, lo1: int, hi1: int, chunk: int, scale: float,
+               block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(o [B, Hq, L, d] in q's dtype, lse [B, Hq, L] float32)`` of ``q`` over the bands ``k, v [bands, B, Hkv, L,
+    d]`` and the chunk memories ``mk, mv [B, Hkv, chunks, slots, d]``, ``valid [B, chunks, slots]``."""
+    b, hq, length, d = q.shape
+    o = _empty(q)
+    lse = torch.empty(b, hq, length, dtype=torch.float32, device=q.device)
+    (mk_, mv_, valid_), mem_strides = _memory_args(q, mk, mv, valid)
+    slots = 0 if mk is None else mk.shape[3]
+    wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b * hq)](
+        q, k, v, mk_, mv_, valid_, q, lse, lse, o, length, hq, hq // k.shape[2], d, lo0, hi0, lo1, hi1, chunk, slots,
+        scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides, 0, 0, 0, 0,
+        BACKWARD=False, BANDS=k.shape[0], HAS_MEMORY=mk is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_S=max(16, triton.next_power_of_2(slots)), BLOCK_D=_block_d(q), PRECISION=dot_precision(q),
+    )  # fmt: skip
+    return o, lse
+
+
+@triton_op("bmojo::union_attention_bwd", mutates_args=())
+def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mk: torch.Tensor | None, mv: torch.Tensor | None, valid: torch.Tensor | None, o: torch.Tensor,
+               lse: torch.Tensor, lo0: int, hi0: int, lo1: int, hi1: int, chunk: int, scale: float, block_m: int,
+               block_n: int) -> list[torch.Tensor]:  # fmt: skip
+    """Gradients of :func:`_union_fwd` with respect to ``q, k, v, mk, mv`` (the last two empty without memory)."""
+    b, hq, length, d = q.shape
+    hkv = k.shape[2]
+    delta = ((do.float() * o.float()).sum(-1) - dlse).contiguous()
+    lse = lse.contiguous()
+    dq, dk, dv = _empty(q), _empty(k), _empty(v)
+    (mk_, mv_, valid_), mem_strides = _memory_args(q, mk, mv, valid)
+    slots = 0 if mk is None else mk.shape[3]
+    block_s = max(16, triton.next_power_of_2(slots))
+    common = dict(BLOCK_D=_block_d(q), PRECISION=dot_precision(q))
+    wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b * hq)](
+        q, k, v, mk_, mv_, valid_, do, lse, delta, dq, length, hq, hq // hkv, d, lo0, hi0, lo1, hi1, chunk, slots,
+        scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides, *do.stride(),
+        BACKWARD=True, BANDS=k.shape[0], HAS_MEMORY=mk is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_S=block_s, **common,
+    )  # fmt: skip
+    group_args = (hq, hq // hkv, d, lo0, hi0, lo1, hi1, chunk)
+    wrap_triton(_bwd_kv_kernel)[(triton.cdiv(length, block_n), k.shape[0] * b * hkv)](
+        q, k, v, q, do, lse, delta, dk, dv, b, length, *group_args, length, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, *do.stride(),
+        MEMORY=False, BLOCK_M=block_m, BLOCK_N=block_n, **common,
+    )  # fmt: skip
+    if mk is None:
+        return [dq, dk, dv, q.new_empty(0), q.new_empty(0)]
+    dmk, dmv = _empty(mk), _empty(mv)
+    wrap_triton(_bwd_kv_kernel)[(mk.shape[2], b * hkv)](
+        q, mk, mv, valid_, do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E, scale,
+        *q.stride(), mk.stride(2), *mk.stride()[:2], *mk.stride()[3:], mv.stride(2), *mv.stride()[:2],
+        *mv.stride()[3:], *valid.stride(), *do.stride(),
+        MEMORY=True, BLOCK_M=block_m, BLOCK_N=block_s, **common,
+    )  # fmt: skip
+    return [dq, dk, dv, dmk, dmv]
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, v, mk, mv, valid, *args = inputs
+    ctx.save_for_backward(q, k, v, mk, mv, valid, *output)
+    ctx.args = args
+
+
+def _backward(ctx, do: torch.Tensor, dlse: torch.Tensor):
+    q, k, v, mk, mv, valid, o, lse = ctx.saved_tensors
+    dq, dk, dv, dmk, dmv = _union_bwd(do, dlse, q, k, v, mk, mv, valid, o, lse, *ctx.args)
+    memory_grads = (None, None) if mk is None else (dmk, dmv)
+    return dq, dk, dv, *memory_grads, None, *(None,) * len(ctx.args)
+
+
+_union_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def union_attention_triton(
+    q: torch.Tensor,
+    bands: list[Band],
+    memory: ChunkMemory | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    scale: float | None = None,
+) -> AttnOut:
+    """``bmojo.ops.attention.union_attention`` of ``q [B, Hq, L, d]`` over one or two ``bands`` and the per-chunk
+    ``memory`` in the Triton kernels: ``(o [B, Hq, L, d], lse [B, Hq, L] float32)``, differentiable.
+
+    ``block_m`` queries and ``block_n`` keys per tile, powers of two >= 16. Two bands' keys (values) are stacked
+    into one ``[2, B, Hkv, L, d]`` tensor (a copy) for the kernels.
+    """
+    b, hq, length, d = q.shape
+    if not 1 <= len(bands) <= 2:
+        raise ValueError(f"union_attention_triton takes one or two bands, got {len(bands)}")
+    if length == 0:
+        raise ValueError("union_attention_triton needs at least one query")
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    hkv = bands[0].k.shape[1]
+    _group(q, hkv)
+    expected = {f"bands[{i}].{n}": (x, (b, hkv, length, d)) for i, band in enumerate(bands)
+                for n, x in (("k", band.k), ("v", band.v))}  # fmt: skip
+    if memory is not None:
+        n_chunks, slots = memory.k.shape[2:4]
+        expected |= {"memory.k": (memory.k, (b, hkv, n_chunks, slots, d)),
+                     "memory.v": (memory.v, (b, hkv, n_chunks, slots, d)),
+                     "memory.valid": (memory.valid, (b, n_chunks, slots))}  # fmt: skip
+        if n_chunks * memory.chunk < length:
+            raise ValueError(f"memory has {n_chunks} chunks of {memory.chunk}, fewer than the {length} queries need")
+    check_inputs(expected, q, *(x for band in bands for x in (band.k, band.v)))
+    spans = [(band.lo, length if band.hi is None else band.hi) for band in bands] + [(0, -1)]
+    if any(lo < 0 or hi < lo for lo, hi in spans[: len(bands)]):
+        raise ValueError(f"bands need 0 <= lo <= hi, got {[(band.lo, band.hi) for band in bands]}")
+    k, v = (torch.stack(xs) if len(xs) > 1 else xs[0][None] for xs in ([b.k for b in bands], [b.v for b in bands]))
+    mk, mv, valid, chunk = (None, None, None, 1) if memory is None else (memory.k, memory.v, memory.valid, memory.chunk)
+    scale = d**-0.5 if scale is None else scale
+    return _union_fwd(q, k, v, mk, mv, valid, *spans[0], *spans[1], chunk, scale, block_m, block_n)

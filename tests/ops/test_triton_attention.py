@@ -1,0 +1,143 @@
+"""Our Triton read-out kernels (``bmojo.ops.triton.attention``) against the dense definition
+``union_attention_ref``, outputs and every gradient, on CPU tensors under ``TRITON_INTERPRET=1`` (``interpret.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from interpret import grad_leaves, probe_loss, run_interpreted
+
+from bmojo.layers import BMojoMixer
+from bmojo.ops.attention import Band, ChunkMemory, union_attention_ref
+
+KERNEL = "bmojo.ops.triton.attention:union_attention_triton"
+UNION = "bmojo.ops.attention:union_attention"
+
+# name: (batch, query heads, kv heads, length, head dim, bands as (lo, hi), memory chunk (0: none), memory slots,
+# tiles (block_m, block_n), dtype)
+CASES = {
+    # the B'MOJO read-out: window, fading band, eidetic tokens; grouped heads, a head dim that is not a power of two,
+    # a length that fills no tile, chunks smaller than a query tile (a tile spans chunks), invalid slots
+    "bmojo": (2, 4, 2, 37, 24, [(0, 7), (8, 15)], 8, 5, (16, 16), torch.float32),
+    "window": (1, 2, 2, 33, 16, [(0, 9)], 0, 0, (32, 16), torch.float32),
+    "one_token": (1, 2, 1, 1, 16, [(0, 3), (4, 7)], 16, 3, (16, 16), torch.float32),
+    # a band alone that starts at distance 8: the first 8 queries see nothing (o = 0, lse = -inf)
+    "empty_rows": (1, 2, 1, 30, 16, [(8, 15)], 0, 0, (16, 16), torch.float32),
+    # full causal attention and a memory whose chunk spans several tiles
+    "causal": (1, 2, 1, 50, 16, [(0, None)], 32, 4, (16, 32), torch.float32),
+    "half": (2, 2, 1, 45, 32, [(0, 7), (8, 15)], 16, 6, (32, 16), torch.float16),
+}
+
+
+def case_inputs(name: str, grad: bool = False, seed: int = 0) -> tuple[torch.Tensor, list[Band], ChunkMemory | None]:
+    """Random queries, bands and chunk memories (one chunk more than the queries need, as the layer makes them)."""
+    b, hq, hkv, length, d, spans, chunk, slots, _, dtype = CASES[name]
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad)
+
+    q = rand(b, hq, length, d)
+    bands = [Band(rand(b, hkv, length, d), rand(b, hkv, length, d), lo, hi) for lo, hi in spans]
+    memory = None
+    if chunk:
+        n_chunks = length // chunk + 1
+        valid = torch.rand(b, n_chunks, slots, generator=g) > 0.3
+        memory = ChunkMemory(rand(b, hkv, n_chunks, slots, d), rand(b, hkv, n_chunks, slots, d), valid, chunk)
+    return q, bands, memory
+
+
+def tolerance(name: str) -> dict[str, float]:
+    return {"rtol": 2e-3, "atol": 2e-3} if CASES[name][-1] == torch.float16 else {"rtol": 1e-4, "atol": 1e-4}
+
+
+def mixer() -> BMojoMixer:
+    torch.manual_seed(0)
+    return BMojoMixer(32, num_heads=4, num_kv_heads=2, window=8, eidetic_size=3, selection="recency",
+                      ssm_kwargs=dict(state_size=8, head_dim=16, chunk_size=16))  # fmt: skip
+
+
+def layer_input(seed: int) -> torch.Tensor:
+    return torch.randn(1, 29, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Outputs of the calls below, run with the Triton interpreter on CPU: ``{key: (output, kernel calls)}``."""
+    pytest.importorskip("triton")
+    calls = {}
+    for name, case in CASES.items():
+        block_m, block_n = case[-2]
+        tiles = {"block_m": block_m, "block_n": block_n}
+        calls[name] = (KERNEL, case_inputs(name), tiles)
+        calls[f"{name}_grad"] = (KERNEL, case_inputs(name, grad=True), {**tiles, "_grad": True})
+    calls["dispatch"] = (UNION, case_inputs("bmojo", seed=1), {})
+    calls["layer_grad"] = (mixer(), (layer_input(2),), {"_grad": True})
+    return run_interpreted(calls, tmp_path_factory.mktemp("triton_attention"))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_union_attention_kernel_matches_reference(interpreted, name):
+    (o, lse), calls = interpreted[name]
+    o_ref, lse_ref = union_attention_ref(*case_inputs(name))
+    assert calls == 1 and o.dtype == o_ref.dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(o, o_ref, **tolerance(name))
+    torch.testing.assert_close(lse, lse_ref, **tolerance(name))
+    if name == "empty_rows":
+        assert torch.isinf(lse[:, :, :8]).all() and not o[:, :, :8].any()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_union_attention_kernel_gradients_match_reference(interpreted, name):
+    """The backward kernels' gradients of the queries, every band's keys and values and the memory's, through both
+    outputs (``o`` and the LSE, as the merge with retrieved tokens uses it), equal autograd's through the dense
+    reference."""
+    (loss, grads), _ = interpreted[f"{name}_grad"]
+    inputs = case_inputs(name, grad=True)
+    loss_ref = probe_loss(union_attention_ref(*inputs))
+    grads_ref = torch.autograd.grad(loss_ref, grad_leaves(inputs))
+    torch.testing.assert_close(loss, loss_ref.detach(), **tolerance(name))
+    assert len(grads) == len(grads_ref)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, **tolerance(name))
+
+
+def test_union_attention_dispatches_to_the_kernel(interpreted):
+    """With ``BMOJO_KERNELS=triton``, ``union_attention`` runs the kernel (one call)."""
+    (o, lse), calls = interpreted["dispatch"]
+    o_ref, lse_ref = union_attention_ref(*case_inputs("bmojo", seed=1))
+    assert calls == 1
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bmojo_layer_trains_through_the_kernels(interpreted):
+    """A B'MOJO layer (window, fading band, eidetic tokens; its SSD also in our kernels) gives the PyTorch path's
+    output and parameter gradients with ``BMOJO_KERNELS=triton``."""
+    (loss, grads), calls = interpreted["layer_grad"]
+    layer = mixer()
+    loss_ref = probe_loss(layer(layer_input(2)))
+    grads_ref = torch.autograd.grad(loss_ref, list(layer.parameters()))
+    assert calls == 2  # the SSD's kernel and the read-out's
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_union_attention_kernel_rejects_bad_input():
+    kernel = pytest.importorskip("bmojo.ops.triton.attention")
+    q, bands, memory = case_inputs("bmojo")
+    with pytest.raises(ValueError, match="one or two bands"):
+        kernel.union_attention_triton(q, bands * 2, memory)
+    with pytest.raises(ValueError, match=r"bands\[1\].v must have shape"):
+        kernel.union_attention_triton(q, [bands[0], Band(bands[1].k, bands[1].v[:, :, :5], 8, 15)], memory)
+    with pytest.raises(ValueError, match="memory.valid must have shape"):
+        kernel.union_attention_triton(q, bands, ChunkMemory(memory.k, memory.v, memory.valid[:, :2], 8))
+    with pytest.raises(ValueError, match="fewer than the 37 queries need"):
+        kernel.union_attention_triton(q, bands, ChunkMemory(memory.k, memory.v, memory.valid, 4))
+    with pytest.raises(ValueError, match="0 <= lo <= hi"):
+        kernel.union_attention_triton(q, [Band(bands[0].k, bands[0].v, 3, 2)])
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        kernel.union_attention_triton(q, bands, memory, block_m=24)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        kernel.union_attention_triton(q[:, :3], bands, memory)
