@@ -1,11 +1,13 @@
-"""The B'MOJO read-out through FlexAttention against FlashAttention, at the 130m preset's shapes (CUDA, bf16).
+"""The B'MOJO read-out through our Triton kernels and FlexAttention against FlashAttention, at the 130m preset's
+shapes (CUDA, bf16).
 
     python benchmarks/bench_flex.py                         # B=8, H=12, L=2048, d=64, window 512, 64 eidetic
     python benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=128,num_warps=8
     python benchmarks/bench_flex.py --forward-only --options fwd_num_warps=8   # inputs without grad: forward only
 
 Rows: causal SDPA over the whole sequence (FlashAttention; as many keys per query as the read-out on average at
-L=2048), ``flex_union_attention`` with FlexAttention's default tiles and as the model calls it (tuned tiles, or
+L=2048); our kernels (``union_attention_triton``, the model's choice on CUDA) with ``block_m x block_n`` tiles of
+64 x 64 (the default), 128 x 64, 64 x 32 and 128 x 32; ``flex_union_attention`` with FlexAttention's default tiles and as the model calls it (tuned tiles, or
 ``BMOJO_FLEX_OPTIONS``; window and fading band over concatenated keys, the eidetic memory as per-chunk keys with a
 per-batch validity mask), the same with the two bands as one sliding window over interleaved keys
 (``interleave=True``), the bands alone; the kernel alone (keys and block mask made beforehand), then with the same
@@ -13,11 +15,12 @@ key blocks under a mask that lets every score through and with every visited blo
 the mask costs; and the call with each ``--options`` (FlexAttention kernel options such as
 tile sizes and warps; the default forward tile on an H100 / H200 for bf16 at d=64 is 128 x 128 with 4 warps, where
 the mask's integer arithmetic spills registers). Each row: forward (inputs requiring grad, as in training) and
-forward + backward, medians of ``--repeats`` runs after warm-up; then a CUDA profile of one forward + backward. The
+forward + backward, medians of ``--repeats`` runs after warm-up; then CUDA profiles of one forward + backward of
+ours and of FlexAttention. The
 last line names the fastest option set by forward time (``best kernel options: ...``, empty for FlexAttention's
 defaults), in the form ``BMOJO_FLEX_OPTIONS`` takes. ``--forward-only``: inputs without grad, no backward (nor its
-compilation), no profile. On a CPU it runs the same rows on tiny shapes, forward only (FlexAttention has no CPU
-backward), to check the script.
+compilation), no profile. On a CPU it runs the FlexAttention rows on tiny shapes, forward only (FlexAttention has no
+CPU backward), to check the script.
 """
 
 from __future__ import annotations
@@ -95,8 +98,15 @@ def main() -> None:
         options = parse_kernel_options(text)
         return lambda: flex_union_attention(q, bands, memory, options)
 
+    def ours(block_m: int, block_n: int) -> Callable[[], AttnOut]:
+        from bmojo.ops.triton.attention import union_attention_triton
+
+        return lambda: union_attention_triton(q, bands, memory, block_m, block_n)
+
+    tiles = [(64, 64), (128, 64), (64, 32), (128, 32)] if cuda else []
     rows: list[tuple[str, Callable[[], AttnOut]]] = [
         ("causal SDPA, whole sequence", lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=True), q[..., 0])),
+        *((f"ours (Triton), {bm} x {bn} tiles", ours(bm, bn)) for bm, bn in tiles),
         ("flex_union_attention, FlexAttention's default tiles", lambda: flex_union_attention(q, bands, memory, {})),
         ("flex_union_attention (the model's call)", lambda: flex_union_attention(q, bands, memory)),
         ("the model's call, bands interleaved", lambda: flex_union_attention(q, bands, memory, interleave=True)),
@@ -115,12 +125,12 @@ def main() -> None:
     candidates.update({text: forward_ms[f"the model's call, {text}"] for text in args.options})
     print("best kernel options:", min(candidates, key=candidates.__getitem__))
     if backward:
-        activities = [torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
-            o, lse = flex_union_attention(q, bands, memory)
-            (o.float().sum() + lse.sum()).backward()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
+        for name, fn in (("ours", ours(64, 64)), ("FlexAttention", lambda: flex_union_attention(q, bands, memory))):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                run(fn, True)()
+                torch.cuda.synchronize()
+            print(f"{name}:")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
 
 
 if __name__ == "__main__":

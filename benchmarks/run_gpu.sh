@@ -6,13 +6,14 @@
 #   bash benchmarks/run_gpu.sh OUT probe-compiled  # the same with the model through torch.compile
 #   bash benchmarks/run_gpu.sh OUT train   # 130m training and prefill at 2K (batch 8) and 8K (batch 2), bf16
 #   bash benchmarks/run_gpu.sh OUT train-compiled  # the 2K training point with both models through torch.compile
+#   bash benchmarks/run_gpu.sh OUT train-compiled-flex  # the same with the read-out through FlexAttention
 #   bash benchmarks/run_gpu.sh OUT decode  # decode tokens/s and cache memory at 4K and 32K
 #   bash benchmarks/run_gpu.sh OUT decode-compiled  # decode at 32K with both models through torch.compile, batch 1 and 8
 #   bash benchmarks/run_gpu.sh OUT decode-graphs    # the same with --compile-mode reduce-overhead (CUDA graphs)
 #   bash benchmarks/run_gpu.sh OUT decode-profile   # ms, device-busy ms and kernels per token at 32K, CUDA graphs
 #                                                   # (batch 1 and 8, then batch 1 with inductor's combo kernels)
 #   bash benchmarks/run_gpu.sh OUT ssd     # the Mamba-2 SSD's paths (PyTorch eager / compiled, our Triton kernels, fla)
-#   bash benchmarks/run_gpu.sh OUT flex    # the read-out's FlexAttention call against FlashAttention, tile sizes
+#   bash benchmarks/run_gpu.sh OUT flex    # the read-out's kernels (ours, FlexAttention) against FlashAttention, tiles
 #   bash benchmarks/run_gpu.sh OUT flex-warm     # compile the flex-sweep rows, one process each, in parallel
 #   bash benchmarks/run_gpu.sh OUT flex-sweep    # forward times of the sweep's kernel options; exports the fastest
 #                                                # as BMOJO_FLEX_OPTIONS to the stages after it (and in OUT/flex_best.txt)
@@ -62,7 +63,10 @@ PY
     train)
       bench --lengths 2048 --modes train,prefill --batch 8 --repeats 5 --warmup 2 --out "$out/train_2k"
       bench --lengths 8192 --modes train,prefill --batch 2 --repeats 5 --warmup 2 --out "$out/train_8k" ;;
-    train-compiled) bench --lengths 2048 --modes train --batch 8 --repeats 5 --warmup 2 --compile --out "$out/train_2k_compiled" ;;
+    train-compiled|train-compiled-flex)
+      impl=$([ "$stage" = train-compiled-flex ] && echo flex || echo auto)
+      bench --lengths 2048 --modes train --batch 8 --repeats 5 --warmup 2 --compile --set attention_impl=$impl \
+        --out "$out/${stage//-/_}_2k" ;;
     decode) bench --lengths 4096,32768 --modes decode --batch 1 --decode-steps 32 --repeats 3 --out "$out/decode" ;;
     decode-compiled|decode-graphs)
       mode=$([ "$stage" = decode-graphs ] && echo reduce-overhead || echo default)

@@ -276,6 +276,7 @@ def test_bad_cache_type():
         (dict(hidden_size=30, num_attention_heads=4), "must divide"),
         (dict(num_key_value_heads=3), "num_key_value_heads"),
         (dict(selection="oracle"), "selection"),
+        (dict(attention_impl="cudnn"), "attention_impl"),
         (dict(layer_pattern=["bmojo", "lstm"]), "unknown layer kind"),
         (dict(layer_pattern=["bmojo"]), "num_hidden_layers"),
     ],
@@ -283,6 +284,23 @@ def test_bad_cache_type():
 def test_invalid_config(kw, match):
     with pytest.raises(ValueError, match=match):
         BMojoConfig.from_preset("bmojo", **kw)
+
+
+@pytest.mark.parametrize("impl", ["merge", "blocks"])
+def test_attention_impl_selects_the_read_out_and_keeps_the_logits(impl, monkeypatch):
+    """``attention_impl`` reaches every B'MOJO layer's ``union_attention`` call, and each implementation gives the
+    default path's logits."""
+    import bmojo.layers.bmojo as mixer_module
+
+    seen = []
+    union = mixer_module.union_attention
+    monkeypatch.setattr(mixer_module, "union_attention", lambda *a: seen.append(a[-1]) or union(*a))
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tiny("bmojo")(ids).logits
+        logits = tiny("bmojo", attention_impl=impl)(ids).logits
+    assert seen == ["auto"] * (len(seen) // 2) + [impl] * (len(seen) // 2) and seen
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_preset_and_size():

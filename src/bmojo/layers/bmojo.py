@@ -38,6 +38,7 @@ from bmojo.layers.eidetic import EideticMemory, chunk_memories, insert_slot
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
 from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership
 from bmojo.ops.attention import (
+    ATTENTION_IMPLS,
     Band,
     ChunkMemory,
     causal_attention,
@@ -173,6 +174,9 @@ class BMojoMixer(nn.Module):
         selection: ``innovation | random | recency | none``.
         chunk_size: selection period ``c`` (default ``w``).
         tie_fading_kv: fading keys/values use the raw ``k_proj, v_proj`` (else their own).
+        block_size: query block of the CPU read-out and of the banded reference attention.
+        attention_impl: the read-out's implementation (``union_attention``'s ``impl``: ``auto | triton | flex |
+            blocks | merge``).
         ssm_kwargs: passed to the SSM constructor (``state_size``, ``expand``, ...).
         attention_kwargs: passed to :class:`Attention` (``norm_eps``, ``rope``).
         storage: long-term memory settings (needs the eidetic memory); ``None`` = no store.
@@ -196,6 +200,7 @@ class BMojoMixer(nn.Module):
         attention_bias: bool = False,
         tie_fading_kv: bool = True,
         block_size: int = 64,
+        attention_impl: str = "auto",
         ssm_kwargs: dict | None = None,
         attention_kwargs: dict | None = None,
         seed: int = 0,
@@ -212,11 +217,14 @@ class BMojoMixer(nn.Module):
             raise ValueError("the fading band needs both an SSM and a finite window")
         if eidetic_size < 0:
             raise ValueError(f"eidetic_size must be >= 0, got {eidetic_size}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         if attention and eidetic_size > 0 and selection != "none" and window is None:
             raise ValueError("eidetic memory needs a finite window (tokens are selected once they leave it)")
         self.window = window
         self.fading = attention and fading
         self.block_size = block_size
+        self.attention_impl = attention_impl
         self.ssm = None if ssm is None else SSM_TYPES[ssm](hidden_size, **(ssm_kwargs or {}))
         attn_args = (hidden_size, num_heads, num_kv_heads, head_dim, qk_norm, rope_theta, attention_bias)
         self.attn = Attention(*attn_args, **(attention_kwargs or {})) if attention else None
@@ -300,7 +308,7 @@ class BMojoMixer(nn.Module):
                                           length // self.memory.chunk_size + 1)  # fmt: skip
                 eidetic = self._eidetic_memory(k, v, memories, state)
             retrieve = self.store is not None and (state is not None or self.storage.in_batch)
-            o, lse = union_attention(q, bands, eidetic, self.block_size)
+            o, lse = union_attention(q, bands, eidetic, self.block_size, self.attention_impl)
             if retrieve:
                 o, _ = merge_attention([(o, lse), self._storage_attention(q, k, v, memories[0], state)])
         out = self.attn.output(o)

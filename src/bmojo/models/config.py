@@ -26,6 +26,10 @@ layer's SSM runs: faster for wide layers; off is faster when Python overhead dom
 close to that without it when cores are few; POSIX)
 and ``storage_norm_tier`` (with HNSW, this many rows per kv head with the largest key norms are searched exactly
 too: outlying keys that graph walks miss; 0: none).
+
+``attention_impl`` picks the read-out's implementation in every layer with a window, fading band or eidetic memory
+(``bmojo.ops.attention.union_attention``'s ``impl``): ``auto`` (default: the fastest that applies), ``triton``,
+``flex``, ``blocks`` or ``merge``; full causal attention layers always use SDPA.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from transformers import PretrainedConfig
 
 from bmojo.layers.eidetic import SELECTIONS
 from bmojo.layers.storage import WRITES
+from bmojo.ops.attention import ATTENTION_IMPLS
 
 LAYER_KINDS = ("attention", "swa", "mamba", "mamba2", "bmojo-f", "bmojo")
 PRESETS = ("transformer", "swa", "mamba", "mamba2", "jamba", "bmojo-f", "bmojo")
@@ -120,6 +125,7 @@ class BMojoConfig(PretrainedConfig):
         partial_rotary_factor: float = 1.0,
         attention_bias: bool = False,
         attention_block_size: int = 64,
+        attention_impl: str = "auto",
         ssm_bias: bool = False,
         ssm_conv_bias: bool = True,
         mamba_dt_bc_norm: bool = False,
@@ -173,6 +179,7 @@ class BMojoConfig(PretrainedConfig):
         self.partial_rotary_factor = partial_rotary_factor
         self.attention_bias = attention_bias
         self.attention_block_size = attention_block_size
+        self.attention_impl = attention_impl
         self.ssm_bias = ssm_bias
         self.ssm_conv_bias = ssm_conv_bias
         self.mamba_dt_bc_norm = mamba_dt_bc_norm
@@ -201,6 +208,8 @@ class BMojoConfig(PretrainedConfig):
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.eidetic_size < 0:
             raise ValueError(f"eidetic_size must be >= 0, got {self.eidetic_size}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.storage:

@@ -62,6 +62,7 @@ def build_mixer(config: BMojoConfig, kind: str, layer_idx: int = 0) -> BMojoMixe
         attention_bias=config.attention_bias,
         tie_fading_kv=config.tie_fading_kv,
         block_size=config.attention_block_size,
+        attention_impl=config.attention_impl,
         ssm_kwargs=ssm_kwargs,
         attention_kwargs=dict(norm_eps=config.rms_norm_eps, rope=config.use_rope,
                               rotary_fraction=config.partial_rotary_factor),

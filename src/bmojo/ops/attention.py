@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from bmojo.ops.triton import kernels, use_fused_cuda, use_triton
 
 AttnOut = tuple[torch.Tensor, torch.Tensor]
+ATTENTION_IMPLS = ("auto", "triton", "flex", "blocks", "merge")  # union_attention's impl
 SEGMENT_BYTES = 4 << 20  # float32 scores per segment of query blocks: small enough to stay in a CPU cache
 
 
@@ -668,7 +669,7 @@ def union_attention(
     if impl == "blocks":
         return blocks_union_attention(q, bands, memory, block_size)
     if impl != "merge":
-        raise ValueError(f"impl must be 'auto', 'triton', 'flex', 'blocks' or 'merge', got {impl!r}")
+        raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     parts = [banded_attention(q, band.k, band.v, band.lo, band.hi, block_size) for band in bands]
     if memory is not None:
         parts.append(chunk_attention(q, memory))
