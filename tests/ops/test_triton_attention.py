@@ -20,6 +20,9 @@ CASES = {
     # a length that fills no tile, chunks smaller than a query tile (a tile spans chunks), invalid slots
     "bmojo": (2, 4, 2, 37, 24, [(0, 7), (8, 15)], 8, 5, (16, 16), torch.float32),
     "window": (1, 2, 2, 33, 16, [(0, 9)], 0, 0, (32, 16), torch.float32),
+    # bands wider than the tiles: blocks every query of a tile sees, computed without a mask
+    "wide": (1, 4, 2, 100, 16, [(0, 39), (40, 79)], 32, 4, (16, 16), torch.float32),
+    "wide_tiles": (2, 2, 1, 90, 16, [(0, 47), (48, 95)], 0, 0, (32, 16), torch.float32),
     "one_token": (1, 2, 1, 1, 16, [(0, 3), (4, 7)], 16, 3, (16, 16), torch.float32),
     # a band alone that starts at distance 8: the first 8 queries see nothing (o = 0, lse = -inf)
     "empty_rows": (1, 2, 1, 30, 16, [(8, 15)], 0, 0, (16, 16), torch.float32),

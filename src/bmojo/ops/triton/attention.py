@@ -29,9 +29,11 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _attend(q, k, v, visible, acc, m_i, l_i, qk_scale, PRECISION: tl.constexpr):
+def _attend(q, k, v, visible, acc, m_i, l_i, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """One block of keys ``k, v [N, D]`` into the running softmax of ``q [M, D]``: ``(acc, max, sum)``."""
-    s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
     alpha = tl.exp2(m_i - m_safe)
@@ -41,19 +43,21 @@ def _attend(q, k, v, visible, acc, m_i, l_i, qk_scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _grad_q(q, do, k, v, visible, lse2, delta, dq, qk_scale, PRECISION: tl.constexpr):
+def _grad_q(q, do, k, v, visible, lse2, delta, dq, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """``dq [M, D]`` plus one block of keys' share (in units of the softmax scale)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
     ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
 @triton.jit
-def _grad_kv(k, v, q, do, visible, lse2, delta, dk, dv, qk_scale, PRECISION: tl.constexpr):
+def _grad_kv(k, v, q, do, visible, lse2, delta, dk, dv, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """``dk, dv [N, D]`` plus one block of queries' share; ``visible [N, M]`` (keys by queries)."""
-    s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-    p = tl.where(visible, tl.exp2(s - lse2[None, :]), 0.0)
+    p = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
     dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
     ds = p * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
     return dk + tl.dot(ds.to(q.dtype), q, input_precision=PRECISION), dv
@@ -63,6 +67,36 @@ def _grad_kv(k, v, q, do, visible, lse2, delta, dk, dv, qk_scale, PRECISION: tl.
 def _band_reach(band, lo0, hi0, lo1, hi1):
     """``(lo, hi)`` of band 0 or 1."""
     return tl.where(band == 0, lo0, lo1), tl.where(band == 0, hi0, hi1)
+
+
+@triton.jit
+def _full_blocks(first, end, low, high, BLOCK: tl.constexpr):
+    """``(full_lo, full_hi)``: the blocks of ``BLOCK`` steps from ``first`` (a multiple of ``BLOCK``) below ``end``
+    that lie within ``[low, high)``, as ``[first, full_lo) | [full_lo, full_hi) | [full_hi, end)``."""
+    full_lo = tl.minimum(tl.maximum(first, (tl.maximum(low, 0) + BLOCK - 1) // BLOCK * BLOCK), end)
+    return full_lo, tl.maximum(full_lo, tl.minimum(tl.maximum(high, 0) // BLOCK * BLOCK, end))
+
+
+@triton.jit
+def _key_blocks(
+    q, do, lse2, delta, acc, m_i, l_i, k_base, v_base, sk_t, sv_t, i, d_ok, lo, hi, first, end, length, qk_scale,
+    BACKWARD: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Key blocks ``first, first + BLOCK_N, ...`` below ``end`` of a band seen by queries ``i`` at distances ``lo..hi``
+    into the running softmax ``(acc, m_i, l_i)``, or (``BACKWARD``) into ``dq`` (``acc``). Without ``MASKED`` every
+    query sees every key of these blocks: no visibility is evaluated."""
+    for key in range(first, end, BLOCK_N):
+        j = key + tl.arange(0, BLOCK_N)
+        kv_ok = (j < length)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + j[:, None] * sk_t, mask=kv_ok, other=0.0)
+        v = tl.load(v_base + j[:, None] * sv_t, mask=kv_ok, other=0.0)
+        dist = i[:, None] - j[None, :]
+        visible = (dist >= lo) & (dist <= hi) & (j < length)[None, :]
+        if BACKWARD:
+            acc = _grad_q(q, do, k, v, visible, lse2, delta, acc, qk_scale, MASKED, PRECISION)
+        else:
+            acc, m_i, l_i = _attend(q, k, v, visible, acc, m_i, l_i, qk_scale, MASKED, PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -96,22 +130,24 @@ def _query_kernel(
         lse2 = tl.load(lse_ptr + row, mask=i_ok, other=0.0) * 1.4426950408889634
         lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # rows that see no key: every p is masked to 0
         delta = tl.load(delta_ptr + row, mask=i_ok, other=0.0)
+    else:
+        do, lse2, delta = q, m_i, m_i  # (not read)
     for band in tl.static_range(BANDS):
         lo, hi = _band_reach(band, lo0, hi0, lo1, hi1)
         k_base = k_ptr + band * sk_s + batch * sk_b + kv_head * sk_h + d[None, :] * sk_d
         v_base = v_ptr + band * sv_s + batch * sv_b + kv_head * sv_h + d[None, :] * sv_d
         first = tl.maximum(start - hi, 0) // BLOCK_N * BLOCK_N
-        for key in range(first, tl.minimum(start + BLOCK_M - lo, length), BLOCK_N):
-            j = key + tl.arange(0, BLOCK_N)
-            kv_ok = (j < length)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + j[:, None] * sk_t, mask=kv_ok, other=0.0)
-            v = tl.load(v_base + j[:, None] * sv_t, mask=kv_ok, other=0.0)
-            dist = i[:, None] - j[None, :]
-            visible = (dist >= lo) & (dist <= hi) & (j < length)[None, :]
-            if BACKWARD:
-                acc = _grad_q(q, do, k, v, visible, lse2, delta, acc, qk_scale, PRECISION)
-            else:
-                acc, m_i, l_i = _attend(q, k, v, visible, acc, m_i, l_i, qk_scale, PRECISION)
+        end = tl.minimum(start + BLOCK_M - lo, length)
+        # keys every query of the block sees: from (last query - hi) to (first query - lo), inside the sequence
+        full_lo, full_hi = _full_blocks(first, end, start + BLOCK_M - 1 - hi, tl.minimum(start - lo + 1, length),
+                                        BLOCK_N)  # fmt: skip
+        reach = (k_base, v_base, sk_t, sv_t, i, d_ok, lo, hi)
+        acc, m_i, l_i = _key_blocks(q, do, lse2, delta, acc, m_i, l_i, *reach, first, full_lo, length, qk_scale,
+                                    BACKWARD, True, BLOCK_N, PRECISION)  # fmt: skip
+        acc, m_i, l_i = _key_blocks(q, do, lse2, delta, acc, m_i, l_i, *reach, full_lo, full_hi, length, qk_scale,
+                                    BACKWARD, False, BLOCK_N, PRECISION)  # fmt: skip
+        acc, m_i, l_i = _key_blocks(q, do, lse2, delta, acc, m_i, l_i, *reach, full_hi, end, length, qk_scale,
+                                    BACKWARD, True, BLOCK_N, PRECISION)  # fmt: skip
     if HAS_MEMORY:
         s = tl.arange(0, BLOCK_S)
         s_ok = s < slots
@@ -124,9 +160,9 @@ def _query_kernel(
             v = tl.load(mv_base + c * smv_c, mask=kv_ok, other=0.0)
             visible = (i // chunk == c)[:, None] & ok[None, :]
             if BACKWARD:
-                acc = _grad_q(q, do, k, v, visible, lse2, delta, acc, qk_scale, PRECISION)
+                acc = _grad_q(q, do, k, v, visible, lse2, delta, acc, qk_scale, True, PRECISION)
             else:
-                acc, m_i, l_i = _attend(q, k, v, visible, acc, m_i, l_i, qk_scale, PRECISION)
+                acc, m_i, l_i = _attend(q, k, v, visible, acc, m_i, l_i, qk_scale, True, PRECISION)
     out = out_ptr + row[:, None] * head_dim + d[None, :]
     if BACKWARD:
         tl.store(out, (acc * sm_scale).to(out_ptr.dtype.element_ty), mask=q_ok)
@@ -135,6 +171,27 @@ def _query_kernel(
         l_safe = tl.where(seen, l_i, 1.0)
         tl.store(out, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=q_ok)
         tl.store(lse_ptr + row, tl.where(seen, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf")), mask=i_ok)
+
+
+@triton.jit
+def _query_blocks(
+    k, v, dk, dv, key_ok, j, q_base, do_base, row_base, lse_ptr, delta_ptr, sq_t, sdo_t, d_ok, lo, hi, first, end,
+    qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Query blocks ``first, first + BLOCK_M, ...`` below ``end`` (of one head) into ``dk, dv`` of keys ``j`` (seen at
+    distances ``lo..hi``, and where ``key_ok``). Without ``MASKED`` every query sees every key: nothing evaluated."""
+    for start in range(first, end, BLOCK_M):
+        i = start + tl.arange(0, BLOCK_M)
+        i_ok = i < end
+        q_ok = i_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + i[:, None] * sq_t, mask=q_ok, other=0.0)
+        do = tl.load(do_base + i[:, None] * sdo_t, mask=q_ok, other=0.0)
+        lse2 = tl.load(lse_ptr + row_base + i, mask=i_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + row_base + i, mask=i_ok, other=0.0)
+        dist = i[None, :] - j[:, None]
+        visible = key_ok[:, None] & i_ok[None, :] & (dist >= lo) & (dist <= hi)
+        dk, dv = _grad_kv(k, v, q, do, visible, lse2, delta, dk, dv, qk_scale, MASKED, PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -163,8 +220,9 @@ def _bwd_kv_kernel(
         v_base = v_ptr + batch * sv_b + kv_head * sv_h + pid * sv_s
         key_ok = j_ok & (tl.load(valid_ptr + batch * sva_b + pid * sva_c + j * sva_m, mask=j_ok, other=0) != 0)
         first, end = pid * chunk, tl.minimum(pid * chunk + chunk, length)
+        lo, hi = -BLOCK_N, length  # every query of the chunk sees every valid slot
+        full_lo, full_hi = end, end  # (validity is tested everywhere)
         out = (bh.to(tl.int64) * tl.num_programs(0) + pid) * n_keys + j
-        lo, hi = 0, 0  # (not read)
     else:
         j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         j_ok = j < n_keys
@@ -172,8 +230,12 @@ def _bwd_kv_kernel(
         v_base = v_ptr + band * sv_s + batch * sv_b + kv_head * sv_h
         key_ok = j_ok
         lo, hi = _band_reach(band, lo0, hi0, lo1, hi1)
-        first = tl.maximum(pid * BLOCK_N + lo, 0) // BLOCK_M * BLOCK_M
-        end = tl.minimum(pid * BLOCK_N + BLOCK_N + hi, length)
+        key = pid * BLOCK_N
+        first = tl.maximum(key + lo, 0) // BLOCK_M * BLOCK_M
+        end = tl.minimum(key + BLOCK_N + hi, length)
+        # queries that see every key of the block: from (last key + lo) to (first key + hi), when the block is whole
+        high = tl.where(key + BLOCK_N <= n_keys, tl.minimum(key + hi + 1, length), 0)
+        full_lo, full_hi = _full_blocks(first, end, key + BLOCK_N - 1 + lo, high, BLOCK_M)
         out = bh.to(tl.int64) * n_keys + j
     kv_ok = j_ok[:, None] & d_ok[None, :]
     k = tl.load(k_base + j[:, None] * sk_t + d[None, :] * sk_d, mask=kv_ok, other=0.0)
@@ -182,22 +244,13 @@ def _bwd_kv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(group):
         head = kv_head * group + g
-        for start in range(first, end, BLOCK_M):
-            i = start + tl.arange(0, BLOCK_M)
-            i_ok = i < end
-            q_ok = i_ok[:, None] & d_ok[None, :]
-            q = tl.load(
-                q_ptr + batch * sq_b + head * sq_h + i[:, None] * sq_t + d[None, :] * sq_d, mask=q_ok, other=0.0
-            )
-            do = tl.load(do_ptr + batch * sdo_b + head * sdo_h + i[:, None] * sdo_t + d[None, :] * sdo_d, mask=q_ok,
-                         other=0.0)  # fmt: skip
-            row = (batch * heads + head) * length + i
-            lse2 = tl.load(lse_ptr + row, mask=i_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(delta_ptr + row, mask=i_ok, other=0.0)
-            visible = key_ok[:, None] & i_ok[None, :]
-            if not MEMORY:
-                visible = visible & (i[None, :] - j[:, None] >= lo) & (i[None, :] - j[:, None] <= hi)
-            dk, dv = _grad_kv(k, v, q, do, visible, lse2, delta, dk, dv, qk_scale, PRECISION)
+        q_base = q_ptr + batch * sq_b + head * sq_h + d[None, :] * sq_d
+        do_base = do_ptr + batch * sdo_b + head * sdo_h + d[None, :] * sdo_d
+        reach = (key_ok, j, q_base, do_base, (batch * heads + head) * length, lse_ptr, delta_ptr, sq_t, sdo_t, d_ok,
+                 lo, hi)  # fmt: skip
+        dk, dv = _query_blocks(k, v, dk, dv, *reach, first, full_lo, qk_scale, True, BLOCK_M, PRECISION)
+        dk, dv = _query_blocks(k, v, dk, dv, *reach, full_lo, full_hi, qk_scale, False, BLOCK_M, PRECISION)
+        dk, dv = _query_blocks(k, v, dk, dv, *reach, full_hi, end, qk_scale, True, BLOCK_M, PRECISION)
     tl.store(dk_ptr + out[:, None] * head_dim + d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
     tl.store(dv_ptr + out[:, None] * head_dim + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
 
