@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from interpret import grad_leaves, probe_loss, run_interpreted
 
+from bmojo import BMojoConfig
 from bmojo.layers import BMojoMixer
 from bmojo.ops.attention import Band, ChunkMemory, union_attention_ref
 
@@ -144,3 +149,58 @@ def test_union_attention_kernel_rejects_bad_input():
         kernel.union_attention_triton(q, bands, memory, block_m=24)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         kernel.union_attention_triton(q[:, :3], bands, memory)
+
+
+# Traces a compiled training step of a tiny B'MOJO model with BMOJO_KERNELS=triton through dynamo and AOT autograd
+# (fake tensors: no kernel runs) and prints the Triton kernels in its forward and backward graphs. Triton analyses a
+# kernel for torch.compile by lowering it for a target; with no GPU here, a stand-in driver names an H100.
+TRACE = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from torch._dynamo.backends.common import aot_autograd
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from bmojo import BMojoConfig, BMojoForCausalLM
+
+class Driver:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+triton.runtime.driver.set_active(Driver())
+torch._functorch.config.force_non_lazy_backward_lowering = True
+graphs = {}
+
+def record(name):
+    def compiler(gm, example_inputs):
+        graphs[name] = gm
+        def run(*args):
+            raise SystemExit
+        return run
+    return compiler
+
+model = BMojoForCausalLM(BMojoConfig.from_preset("bmojo", "tiny", window_size=16, chunk_size=16, eidetic_size=4))
+ids = torch.randint(0, 100, (2, 64))
+backend = aot_autograd(fw_compiler=record("forward"), bw_compiler=record("backward"))
+try:
+    torch.compile(model, backend=backend, fullgraph=True)(ids, labels=ids, use_cache=False)
+except SystemExit:
+    pass
+for name, gm in graphs.items():
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
+    print(name, *(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in calls))
+"""
+
+
+def test_compiled_training_traces_through_the_kernels(tmp_path):
+    """``torch.compile(model, fullgraph=True)`` of a training step keeps our kernels (``triton_op``s) in one graph:
+    per B'MOJO layer the SSD's and the read-out's forward kernels, and their backward kernels (the read-out's ``dk,
+    dv`` kernel twice: bands and memory)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "BMOJO_KERNELS": "triton"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", TRACE], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    graphs = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    layers = BMojoConfig.from_preset("bmojo", "tiny").num_hidden_layers
+    assert sorted(graphs["forward"].split()) == sorted(["_ssd_fwd_kernel", "_query_kernel"] * layers)
+    backward = ["_query_kernel", "_bwd_kv_kernel", "_bwd_kv_kernel", "_ssd_bwd_kernel"] * layers
+    assert sorted(graphs["backward"].split()) == sorted(backward)
