@@ -7,20 +7,19 @@ shapes (CUDA, bf16).
 
 Rows: causal SDPA over the whole sequence (FlashAttention; as many keys per query as the read-out on average at
 L=2048); our kernels (``union_attention_triton``, the model's choice on CUDA) with ``block_m x block_n`` tiles of
-64 x 64 (the default), 128 x 64, 64 x 32 and 128 x 32; ``flex_union_attention`` with FlexAttention's default tiles and as the model calls it (tuned tiles, or
-``BMOJO_FLEX_OPTIONS``; window and fading band over concatenated keys, the eidetic memory as per-chunk keys with a
-per-batch validity mask), the same with the two bands as one sliding window over interleaved keys
-(``interleave=True``), the bands alone; the kernel alone (keys and block mask made beforehand), then with the same
-key blocks under a mask that lets every score through and with every visited block full (no mask evaluated): what
-the mask costs; and the call with each ``--options`` (FlexAttention kernel options such as
-tile sizes and warps; the default forward tile on an H100 / H200 for bf16 at d=64 is 128 x 128 with 4 warps, where
-the mask's integer arithmetic spills registers). Each row: forward (inputs requiring grad, as in training) and
+64 x 64 (the default), 128 x 64, 64 x 32 and 128 x 32; ``flex_union_attention`` with FlexAttention's default tiles
+and as the model calls it (tuned tiles, or ``BMOJO_FLEX_OPTIONS``; window and fading band over concatenated keys,
+the eidetic memory as per-chunk keys with a per-batch validity mask), the same with the two bands as one sliding
+window over interleaved keys (``interleave=True``), the bands alone; the kernel alone (keys and block mask made
+beforehand), then with the same key blocks under a mask that lets every score through and with every visited block
+full (no mask evaluated): what the mask costs; and the call with each ``--options`` (FlexAttention kernel options
+such as tile sizes and warps; the default forward tile on an H100 / H200 for bf16 at d=64 is 128 x 128 with 4 warps,
+where the mask's integer arithmetic spills registers). Each row: forward (inputs requiring grad, as in training) and
 forward + backward, medians of ``--repeats`` runs after warm-up; then CUDA profiles of one forward + backward of
-ours and of FlexAttention. The
-last line names the fastest option set by forward time (``best kernel options: ...``, empty for FlexAttention's
-defaults), in the form ``BMOJO_FLEX_OPTIONS`` takes. ``--forward-only``: inputs without grad, no backward (nor its
-compilation), no profile. On a CPU it runs the FlexAttention rows on tiny shapes, forward only (FlexAttention has no
-CPU backward), to check the script.
+ours and of FlexAttention. The last line names the fastest FlexAttention option set by forward time (``best kernel
+options: ...``, empty for FlexAttention's defaults), in the form ``BMOJO_FLEX_OPTIONS`` takes. ``--forward-only``:
+inputs without grad, no backward (nor its compilation), no profile. On a CPU it runs the FlexAttention rows on tiny
+shapes, forward only (FlexAttention has no CPU backward), to check the script.
 """
 
 from __future__ import annotations

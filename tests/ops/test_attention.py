@@ -241,7 +241,8 @@ def test_flex_interleaved_window_and_fading_band_equal_the_concatenated_layout(l
 
     q, bands, memory = _union_inputs(2, 4, 2, length, 16, w, True, m, chunk, seed=length + w)
     assert _paired_window(bands) == w
-    assert _paired_window(bands[:1]) is None and _paired_window([bands[0], Band(bands[1].k, bands[1].v, w, 2 * w)]) is None
+    assert _paired_window(bands[:1]) is None
+    assert _paired_window([bands[0], Band(bands[1].k, bands[1].v, w, 2 * w)]) is None
     o_ref, lse_ref = union_attention_ref(q, bands, memory)
     for interleave in (True, False):
         o, lse = flex_union_attention(q, bands, memory, interleave=interleave)

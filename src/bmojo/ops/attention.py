@@ -9,10 +9,11 @@ softmax over their union with :func:`merge_attention`.
 :func:`union_attention` is the B'MOJO read-out: one softmax over bands of aligned keys (the window, the
 fading band) and per-chunk memories (the eidetic tokens). On CUDA it is our Triton kernels
 (``bmojo.ops.triton.attention``: each block of queries walks only the key blocks its bands and chunk reach), or one
-FlexAttention call over the concatenated keys with a block-sparse mask; on CPU PyTorch's fused flash-attention kernel over overlapping strided
-views of the band keys (:func:`blocks_union_attention`: nothing gathered, LSE included), with the chunk memories
-merged by log-sum-exp; else (reference mode, unbounded bands) the banded attentions and the chunk attention merged
-by log-sum-exp. :func:`union_attention_ref` is the dense definition they are all tested against.
+FlexAttention call over the concatenated keys with a block-sparse mask; on CPU PyTorch's fused flash-attention
+kernel over overlapping strided views of the band keys (:func:`blocks_union_attention`: nothing gathered, LSE
+included), with the chunk memories merged by log-sum-exp; else (reference mode, unbounded bands) the banded
+attentions and the chunk attention merged by log-sum-exp. :func:`union_attention_ref` is the dense definition they
+are all tested against.
 """
 
 from __future__ import annotations

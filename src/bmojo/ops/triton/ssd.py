@@ -221,8 +221,8 @@ def _ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 
 @triton_op("bmojo::ssd_bwd", mutates_args=())
 def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-             B: torch.Tensor, C: torch.Tensor, chunk_states: torch.Tensor, chunk_size: int,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+             B: torch.Tensor, C: torch.Tensor, chunk_states: torch.Tensor,
+             chunk_size: int) -> list[torch.Tensor]:  # fmt: skip
     """Gradients of :func:`_ssd_fwd` with respect to ``x, dt, A, B, C`` and the initial state (float32)."""
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
@@ -240,7 +240,7 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
     )  # fmt: skip
     per_group = (bsz, length, g, heads // g, n)  # B and C serve every head of their group
     dB, dC = (d.view(per_group).sum(3).to(B.dtype) for d in (db, dc))
-    return dx.to(x.dtype), ddt.to(dt.dtype), da.sum(0).to(A.dtype), dB, dC, dh0
+    return [dx.to(x.dtype), ddt.to(dt.dtype), da.sum(0).to(A.dtype), dB, dC, dh0]
 
 
 def _ssd_setup(ctx, inputs, output) -> None:
