@@ -110,17 +110,20 @@ def test_fla_ssd_matches_reference(length):
 
 
 def test_triton_selective_scan_on_cuda_matches_reference():
+    """Our selective-scan kernels through ``selective_scan``, forward and backward."""
     g = torch.Generator(device=DEV).manual_seed(0)
     b, length, e, n = 2, 300, 64, 16
     u, delta = torch.randn(b, length, e, generator=g, device=DEV), torch.rand(b, length, e, generator=g, device=DEV)
     A = -torch.rand(e, n, generator=g, device=DEV)
     B, C = torch.randn(b, length, n, generator=g, device=DEV), torch.randn(b, length, n, generator=g, device=DEV)
     s0 = torch.randn(b, e, n, generator=g, device=DEV)
-    with torch.no_grad():
-        y, state = selective_scan(u, delta, A, B, C, initial_state=s0)
-    y_ref, state_ref = selective_scan_ref(u, delta, A, B, C, initial_state=s0)
-    torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(state, state_ref, atol=1e-3, rtol=1e-3)
+    leaves = [t.requires_grad_() for t in (u, delta, A, B, C, s0)]
+    outs, outs_ref = selective_scan(*leaves[:5], initial_state=s0), selective_scan_ref(*leaves[:5], initial_state=s0)
+    for out, ref in zip(outs, outs_ref):
+        torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+    grads, grads_ref = (torch.autograd.grad(sum(t.pow(2).sum() for t in o), leaves) for o in (outs, outs_ref))
+    for grad, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, ref, atol=1e-2, rtol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,5 +1,5 @@
-"""Our Triton scan kernels against their PyTorch references, on CPU tensors under ``TRITON_INTERPRET=1``
-(``interpret.py``)."""
+"""Our Triton scan kernels (forward and backward) against their PyTorch references, on CPU tensors under
+``TRITON_INTERPRET=1`` (``interpret.py``)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def scan_inputs(bsz: int, length: int, e: int, n: int, seed: int = 0) -> tuple[t
 # (batch, length, channels, states, channels per program, initial state): channel and state counts that do not
 # fill a block (masked lanes), a single step, one channel per program
 SHAPES = [(2, 13, 24, 8, 16, True), (1, 9, 5, 3, 4, False), (3, 1, 16, 16, 8, True), (1, 20, 33, 6, 1, True)]
+# steps between the states the forward keeps for the backward: a length that fills no chunk, one chunk longer than
+# the sequence, chunks longer than one step, chunks that do not divide the length
+SCAN_CHUNKS = [4, 64, 4, 7]
 
 
 def strided_inputs() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -41,6 +44,13 @@ def strided_inputs() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]
     views = (u_view, delta, a.t().contiguous().t(), bc[..., :4], bc[..., 4:], h0.transpose(1, 2).contiguous().mT)
     assert not any(x.is_contiguous() for x in (views[0], views[2], views[3], views[5]))
     return views, (u, delta, a, b, c, h0)
+
+
+def scan_grad_inputs(case: int) -> tuple[torch.Tensor | None, ...]:
+    """The inputs of ``SHAPES[case]``, requiring gradients."""
+    bsz, length, e, n, _, h0 = SHAPES[case]
+    inputs = scan_inputs(bsz, length, e, n)
+    return tuple(t.requires_grad_() for t in inputs[:5]) + (inputs[5].requires_grad_() if h0 else None,)
 
 
 def mamba_layer() -> Mamba:
@@ -108,6 +118,13 @@ def interpreted(tmp_path_factory):
     calls["scan_half"] = (FWD, (half[0], half[1], half[2].float(), half[3], half[4]), {})
     calls["scan_dispatch"] = (SCAN, scan_inputs(2, 12, 8, 4, seed=2), {})
     calls["mamba"] = (mamba_layer(), (torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(4)),), {})
+    calls |= {f"scan_grad{i}": (FWD, scan_grad_inputs(i), {"block_e": SHAPES[i][4], "chunk": SCAN_CHUNKS[i],
+                                                           "_grad": True}) for i in range(len(SHAPES))}  # fmt: skip
+    calls["mamba_grad"] = (
+        mamba_layer(),
+        (torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(10)),),
+        {"_grad": True},
+    )
     calls |= {f"ssd{case}": (SSD_TRITON, *ssd_call(case)) for case in range(len(SSD_SHAPES))}
     calls["ssd_strided"] = (SSD_TRITON, strided_ssd_inputs()[0], {})
     calls["ssd_half"] = (SSD_TRITON, tuple(t.half() for t in ssd_inputs(1, 21, 2, 16, 1, 8, seed=6)), {})
@@ -161,6 +178,34 @@ def test_dispatch_runs_kernel_in_selective_scan_and_mamba_layer(interpreted):
     torch.testing.assert_close(out[1].ssm, out_ref[1].ssm, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+def test_selective_scan_kernel_gradients_match_reference(interpreted, case):
+    """The backward kernel's gradients of ``u, delta, A, B, C`` and the initial state equal autograd's through the
+    sequential reference."""
+    (loss, grads), calls = interpreted[f"scan_grad{case}"]
+    inputs = scan_grad_inputs(case)
+    loss_ref = probe_loss(selective_scan_ref(*inputs))
+    grads_ref = torch.autograd.grad(loss_ref, [t for t in inputs if t is not None])
+    assert calls == 1
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(grads_ref)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_mamba_layer_trains_through_the_selective_scan_kernels(interpreted):
+    """A Mamba layer's forward and backward with ``BMOJO_KERNELS=triton`` run the kernels and give the PyTorch
+    path's parameter gradients."""
+    (loss, grads), calls = interpreted["mamba_grad"]
+    layer = mamba_layer()
+    loss_ref = probe_loss(layer(torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(10))))
+    grads_ref = torch.autograd.grad(loss_ref, list(layer.parameters()))
+    assert calls == 1
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 def test_selective_scan_kernel_rejects_bad_shapes():
     kernel = pytest.importorskip("bmojo.ops.triton.selective_scan")
     u, delta, a, b, c, h0 = scan_inputs(1, 5, 6, 4)
@@ -172,6 +217,8 @@ def test_selective_scan_kernel_rejects_bad_shapes():
         kernel.selective_scan_fwd(u, delta, a, b, c, h0[:, :, :2])
     with pytest.raises(ValueError, match="power of two"):
         kernel.selective_scan_fwd(u, delta, a, b, c, block_e=3)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        kernel.selective_scan_fwd(u, delta, a, b, c, chunk=0)
 
 
 @pytest.fixture

@@ -151,7 +151,7 @@ def test_union_attention_kernel_rejects_bad_input():
         kernel.union_attention_triton(q[:, :3], bands, memory)
 
 
-# Traces a compiled training step of a tiny B'MOJO model with BMOJO_KERNELS=triton through dynamo and AOT autograd
+# Traces a compiled training step of a tiny model of the preset argv[1] with BMOJO_KERNELS=triton through dynamo and AOT autograd
 # (fake tensors: no kernel runs) and prints the Triton kernels in its forward and backward graphs. Triton analyses a
 # kernel for torch.compile by lowering it for a target; with no GPU here, a stand-in driver names an H100.
 TRACE = """
@@ -177,7 +177,9 @@ def record(name):
         return run
     return compiler
 
-model = BMojoForCausalLM(BMojoConfig.from_preset("bmojo", "tiny", window_size=16, chunk_size=16, eidetic_size=4))
+import sys
+config = BMojoConfig.from_preset(sys.argv[1], "tiny", window_size=16, chunk_size=16, eidetic_size=4)
+model = BMojoForCausalLM(config)
 ids = torch.randint(0, 100, (2, 64))
 backend = aot_autograd(fw_compiler=record("forward"), bw_compiler=record("backward"))
 try:
@@ -190,17 +192,27 @@ for name, gm in graphs.items():
 """
 
 
-def test_compiled_training_traces_through_the_kernels(tmp_path):
+# the kernels of one layer's forward and backward, by preset (the read-out's dk/dv kernel runs twice: bands, memory)
+TRACED = {
+    "bmojo": (
+        ["_ssd_fwd_kernel", "_query_kernel"],
+        ["_query_kernel", "_bwd_kv_kernel", "_bwd_kv_kernel", "_ssd_bwd_kernel"],
+    ),
+    "mamba": (["_selective_scan_fwd_kernel"], ["_selective_scan_bwd_kernel"]),
+}
+
+
+@pytest.mark.parametrize("preset", TRACED)
+def test_compiled_training_traces_through_the_kernels(preset):
     """``torch.compile(model, fullgraph=True)`` of a training step keeps our kernels (``triton_op``s) in one graph:
-    per B'MOJO layer the SSD's and the read-out's forward kernels, and their backward kernels (the read-out's ``dk,
-    dv`` kernel twice: bands and memory)."""
+    per layer the scan's (and the read-out's) forward kernels, and their backward kernels."""
     pytest.importorskip("triton")
     env = {**os.environ, "BMOJO_KERNELS": "triton"}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", TRACE], env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-c", TRACE, preset], env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     graphs = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
-    layers = BMojoConfig.from_preset("bmojo", "tiny").num_hidden_layers
-    assert sorted(graphs["forward"].split()) == sorted(["_ssd_fwd_kernel", "_query_kernel"] * layers)
-    backward = ["_query_kernel", "_bwd_kv_kernel", "_bwd_kv_kernel", "_ssd_bwd_kernel"] * layers
-    assert sorted(graphs["backward"].split()) == sorted(backward)
+    layers = BMojoConfig.from_preset(preset, "tiny").num_hidden_layers
+    forward, backward = TRACED[preset]
+    assert sorted(graphs["forward"].split()) == sorted(forward * layers)
+    assert sorted(graphs["backward"].split()) == sorted(backward * layers)

@@ -252,10 +252,10 @@ def selective_scan(
     the same three steps backwards in time for ``dL/dh``, recomputing the states block by block from
     the checkpoints. Python loops run about ``4T + 2L / T`` small steps over ``[batch * L / T, N, E]``
     tensors. Computes in float64 when ``u`` is float64, else float32.
-    Without gradients, CUDA inputs run the Triton kernel ``bmojo.ops.triton.selective_scan`` (see
+    CUDA inputs run the Triton kernels ``bmojo.ops.triton.selective_scan`` (forward and backward; see
     ``bmojo.ops.triton`` for the switch). Returns ``(y [batch, L, E], final_state [batch, E, N])``.
     """
-    if use_triton(u, delta, A, B, C, initial_state):
+    if use_triton(u, delta, A, B, C, initial_state, differentiable=True):
         from bmojo.ops.triton.selective_scan import selective_scan_fwd
 
         return selective_scan_fwd(u, delta, A, B, C, initial_state)

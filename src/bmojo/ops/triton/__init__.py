@@ -7,10 +7,10 @@
 * ``triton``: always the Triton kernels, for any device (with ``TRITON_INTERPRET=1`` they run on CPU tensors,
   which is how the tests check them); raises if ``triton`` is missing.
 
-``triton`` itself is imported only when a kernel runs, never on import of ``bmojo``. The selective scan's kernel
-covers inference: a call whose inputs need gradients takes the PyTorch path, whose backward pass is hand-written. The
-SSD's and the B'MOJO read-out's kernels have backward kernels and serve such calls too, compiled or not (they are
-``torch.library.triton_op`` custom ops, which ``torch.compile`` keeps whole and differentiates through).
+``triton`` itself is imported only when a kernel runs, never on import of ``bmojo``. Every kernel of ours has a
+backward kernel (the selective scan's, the SSD's and the B'MOJO read-out's), so calls with gradients take them too,
+compiled or not (they are ``torch.library.triton_op`` custom ops, which ``torch.compile`` keeps whole and
+differentiates through).
 
 The same switch governs the fused CUDA paths of other libraries, which also train (:func:`use_fused_cuda`):
 FlexAttention for the B'MOJO attention and flash-linear-attention's SSD scan when ``fla`` is installed.
