@@ -32,6 +32,17 @@ def probe_loss(out) -> torch.Tensor:
     return sum((t * torch.linspace(-1, 1, t.numel()).view(t.shape)).sum() for t in parts)
 
 
+def assert_same_gradients(result, loss_ref: torch.Tensor, leaves: list[torch.Tensor], **tolerance: float) -> None:
+    """``result = (loss, gradients)`` of a ``_grad`` call equals ``loss_ref`` and its gradients with respect to
+    ``leaves`` (``tolerance``: ``rtol``, ``atol``)."""
+    loss, grads = result
+    grads_ref = torch.autograd.grad(loss_ref, leaves)
+    torch.testing.assert_close(loss, loss_ref.detach(), **tolerance)
+    assert len(grads) == len(grads_ref)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, **tolerance)
+
+
 def grad_leaves(args) -> list[torch.Tensor]:
     """The tensors requiring gradients in ``args``, in order, looking into lists, tuples and dataclasses."""
     if isinstance(args, torch.Tensor):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interpret import probe_loss, run_interpreted
+from interpret import assert_same_gradients, grad_leaves, probe_loss, run_interpreted
 
 import bmojo.ops.triton as kernels
 from bmojo.layers.ssm import Mamba, Mamba2
@@ -182,28 +182,20 @@ def test_dispatch_runs_kernel_in_selective_scan_and_mamba_layer(interpreted):
 def test_selective_scan_kernel_gradients_match_reference(interpreted, case):
     """The backward kernel's gradients of ``u, delta, A, B, C`` and the initial state equal autograd's through the
     sequential reference."""
-    (loss, grads), calls = interpreted[f"scan_grad{case}"]
+    result, calls = interpreted[f"scan_grad{case}"]
     inputs = scan_grad_inputs(case)
-    loss_ref = probe_loss(selective_scan_ref(*inputs))
-    grads_ref = torch.autograd.grad(loss_ref, [t for t in inputs if t is not None])
     assert calls == 1
-    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=1e-5)
-    assert len(grads) == len(grads_ref)
-    for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert_same_gradients(result, probe_loss(selective_scan_ref(*inputs)), grad_leaves(inputs), rtol=1e-4, atol=1e-4)
 
 
 def test_mamba_layer_trains_through_the_selective_scan_kernels(interpreted):
     """A Mamba layer's forward and backward with ``BMOJO_KERNELS=triton`` run the kernels and give the PyTorch
     path's parameter gradients."""
-    (loss, grads), calls = interpreted["mamba_grad"]
+    result, calls = interpreted["mamba_grad"]
     layer = mamba_layer()
     loss_ref = probe_loss(layer(torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(10))))
-    grads_ref = torch.autograd.grad(loss_ref, list(layer.parameters()))
     assert calls == 1
-    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-4, atol=1e-4)
-    for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert_same_gradients(result, loss_ref, list(layer.parameters()), rtol=1e-4, atol=1e-4)
 
 
 def test_selective_scan_kernel_rejects_bad_shapes():
@@ -305,25 +297,16 @@ def test_ssd_kernel_rejects_bad_shapes():
 def test_ssd_kernel_gradients_match_reference(interpreted, case):
     """The backward kernel's gradients of every input (``x, dt, A, B, C`` and the initial state) equal autograd's
     through the sequential reference."""
-    (loss, grads), _ = interpreted[f"ssd_grad{case}"]
     inputs, _ = ssd_call(case, grad=True)
-    leaves = [t for t in inputs if t is not None]
     loss_ref = probe_loss(ssd_scan_ref(*inputs))
-    grads_ref = torch.autograd.grad(loss_ref, leaves)
-    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-4, atol=1e-4)
-    assert len(grads) == len(grads_ref)
-    for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert_same_gradients(interpreted[f"ssd_grad{case}"][0], loss_ref, grad_leaves(inputs), rtol=1e-4, atol=1e-4)
 
 
 def test_mamba2_layer_trains_through_the_ssd_kernels(interpreted):
     """A Mamba-2 layer's forward and backward with ``BMOJO_KERNELS=triton`` run the kernels and give the PyTorch
     path's parameter gradients."""
-    (loss, grads), calls = interpreted["mamba2_grad"]
+    result, calls = interpreted["mamba2_grad"]
     assert calls == 1
     layer = mamba2_layer()
     loss_ref = probe_loss(layer(torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(9))))
-    grads_ref = torch.autograd.grad(loss_ref, list(layer.parameters()))
-    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-4, atol=1e-4)
-    for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert_same_gradients(result, loss_ref, list(layer.parameters()), rtol=1e-4, atol=1e-4)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from interpret import grad_leaves, probe_loss, run_interpreted
+from interpret import assert_same_gradients, grad_leaves, probe_loss, run_interpreted
 
 from bmojo import BMojoConfig
 from bmojo.layers import BMojoMixer
@@ -100,14 +100,9 @@ def test_union_attention_kernel_gradients_match_reference(interpreted, name):
     """The backward kernels' gradients of the queries, every band's keys and values and the memory's, through both
     outputs (``o`` and the LSE, as the merge with retrieved tokens uses it), equal autograd's through the dense
     reference."""
-    (loss, grads), _ = interpreted[f"{name}_grad"]
     inputs = case_inputs(name, grad=True)
     loss_ref = probe_loss(union_attention_ref(*inputs))
-    grads_ref = torch.autograd.grad(loss_ref, grad_leaves(inputs))
-    torch.testing.assert_close(loss, loss_ref.detach(), **tolerance(name))
-    assert len(grads) == len(grads_ref)
-    for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, **tolerance(name))
+    assert_same_gradients(interpreted[f"{name}_grad"][0], loss_ref, grad_leaves(inputs), **tolerance(name))
 
 
 def test_union_attention_dispatches_to_the_kernel(interpreted):
@@ -122,14 +117,10 @@ def test_union_attention_dispatches_to_the_kernel(interpreted):
 def test_bmojo_layer_trains_through_the_kernels(interpreted):
     """A B'MOJO layer (window, fading band, eidetic tokens; its SSD also in our kernels) gives the PyTorch path's
     output and parameter gradients with ``BMOJO_KERNELS=triton``."""
-    (loss, grads), calls = interpreted["layer_grad"]
+    result, calls = interpreted["layer_grad"]
     layer = mixer()
-    loss_ref = probe_loss(layer(layer_input(2)))
-    grads_ref = torch.autograd.grad(loss_ref, list(layer.parameters()))
     assert calls == 2  # the SSD's kernel and the read-out's
-    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-4, atol=1e-4)
-    for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert_same_gradients(result, probe_loss(layer(layer_input(2))), list(layer.parameters()), rtol=1e-4, atol=1e-4)
 
 
 def test_union_attention_kernel_rejects_bad_input():
