@@ -4,10 +4,12 @@ shapes (CUDA, bf16).
     python benchmarks/bench_flex.py                         # B=8, H=12, L=2048, d=64, window 512, 64 eidetic
     python benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=128,num_warps=8
     python benchmarks/bench_flex.py --forward-only --options fwd_num_warps=8   # inputs without grad: forward only
+    python benchmarks/bench_flex.py --ours --tiles block_m=128,block_n=64 --tiles block_m=64,block_n=64,num_warps=8
 
 Rows: causal SDPA over the whole sequence (FlashAttention; as many keys per query as the read-out on average at
-L=2048); our kernels (``union_attention_triton``, the model's choice on CUDA) with ``block_m x block_n`` tiles of
-64 x 64 (the default), 128 x 64, 64 x 32 and 128 x 32; ``flex_union_attention`` with FlexAttention's default tiles
+L=2048); our kernels (``union_attention_triton``, the model's choice on CUDA) with each ``--tiles`` (default: the
+sweep ``TILE_SWEEP``; ``--ours``: these rows alone), the line ``best tiles: ...`` naming the fastest by forward +
+backward time in the form ``BMOJO_TRITON_TILES`` takes; ``flex_union_attention`` with FlexAttention's default tiles
 and as the model calls it (tuned tiles, or ``BMOJO_FLEX_OPTIONS``; window and fading band over concatenated keys,
 the eidetic memory as per-chunk keys with a per-batch validity mask), the same with the two bands as one sliding
 window over interleaved keys (``interleave=True``), the bands alone; the kernel alone (keys and block mask made
@@ -41,7 +43,13 @@ from bmojo.ops.attention import (
     flex_call,
     flex_union_attention,
     parse_kernel_options,
+    parse_triton_tiles,
 )
+
+
+# tile sets of our kernels timed by default ("": the kernels' defaults, 64 x 64 with Triton's warps and stages)
+TILE_SWEEP = ["", "block_m=128,block_n=64", "block_m=64,block_n=32", "block_m=128,block_n=32",
+              "block_m=128,block_n=64,num_warps=8", "block_m=64,block_n=64,num_stages=2"]  # fmt: skip
 
 
 def run(fn: Callable[[], AttnOut], backward: bool) -> Callable[[], None]:
@@ -58,6 +66,13 @@ def run(fn: Callable[[], AttnOut], backward: bool) -> Callable[[], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--options", action="append", default=[], help="kernel options, e.g. BLOCK_M=64,BLOCK_N=64")
+    parser.add_argument(
+        "--tiles",
+        action="append",
+        default=[],
+        help="tiles of our kernels, e.g. block_m=128,block_n=64,num_warps=8 (default: a sweep)",
+    )
+    parser.add_argument("--ours", action="store_true", help="only our kernels (and the SDPA row): a tile sweep")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--forward-only", action="store_true", help="inputs without grad; no backward, no profile")
     args = parser.parse_args()
@@ -97,34 +112,48 @@ def main() -> None:
         options = parse_kernel_options(text)
         return lambda: flex_union_attention(q, bands, memory, options)
 
-    def ours(block_m: int, block_n: int) -> Callable[[], AttnOut]:
+    def ours(text: str) -> Callable[[], AttnOut]:
         from bmojo.ops.triton.attention import union_attention_triton
 
-        return lambda: union_attention_triton(q, bands, memory, block_m, block_n)
+        tiles = parse_triton_tiles(text)
+        return lambda: union_attention_triton(q, bands, memory, **tiles)
 
-    tiles = [(64, 64), (128, 64), (64, 32), (128, 32)] if cuda else []
+    tiles = (args.tiles or TILE_SWEEP) if cuda else []
     rows: list[tuple[str, Callable[[], AttnOut]]] = [
         ("causal SDPA, whole sequence", lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=True), q[..., 0])),
-        *((f"ours (Triton), {bm} x {bn} tiles", ours(bm, bn)) for bm, bn in tiles),
-        ("flex_union_attention, FlexAttention's default tiles", lambda: flex_union_attention(q, bands, memory, {})),
-        ("flex_union_attention (the model's call)", lambda: flex_union_attention(q, bands, memory)),
-        ("the model's call, bands interleaved", lambda: flex_union_attention(q, bands, memory, interleave=True)),
-        ("flex_union_attention, bands only", lambda: flex_union_attention(q, bands, None)),
-        ("kernel alone (keys and block mask made beforehand)", lambda: flex_call(q, keys, values, block_mask)),
-        ("kernel alone, mask_mod always true", lambda: flex_call(q, keys, values, noop)),
-        ("kernel alone, every visited block full", lambda: flex_call(q, keys, values, all_full)),
-    ] + [(f"the model's call, {text}", with_options(text)) for text in args.options]
-    forward_ms: dict[str, float] = {}
+        *((f"ours (Triton), {text or 'default tiles'}", ours(text)) for text in tiles),
+    ]
+    rows += (
+        []
+        if args.ours
+        else [
+            ("flex_union_attention, FlexAttention's default tiles", lambda: flex_union_attention(q, bands, memory, {})),
+            ("flex_union_attention (the model's call)", lambda: flex_union_attention(q, bands, memory)),
+            ("the model's call, bands interleaved", lambda: flex_union_attention(q, bands, memory, interleave=True)),
+            ("flex_union_attention, bands only", lambda: flex_union_attention(q, bands, None)),
+            ("kernel alone (keys and block mask made beforehand)", lambda: flex_call(q, keys, values, block_mask)),
+            ("kernel alone, mask_mod always true", lambda: flex_call(q, keys, values, noop)),
+            ("kernel alone, every visited block full", lambda: flex_call(q, keys, values, all_full)),
+        ]
+        + [(f"the model's call, {text}", with_options(text)) for text in args.options]
+    )
+    forward_ms, both_ms = {}, {}
     for name, fn in rows:
-        fwd = median_ms(run(fn, False), dev, args.repeats)
-        both = f"{median_ms(run(fn, True), dev, args.repeats):9.3f}" if backward else "        -"
-        print(f"{name:60s} forward {fwd:9.3f} ms   forward+backward {both} ms", flush=True)
-        forward_ms[name] = fwd
-    candidates = {"": forward_ms["flex_union_attention, FlexAttention's default tiles"]}
-    candidates.update({text: forward_ms[f"the model's call, {text}"] for text in args.options})
-    print("best kernel options:", min(candidates, key=candidates.__getitem__))
+        forward_ms[name] = median_ms(run(fn, False), dev, args.repeats)
+        both_ms[name] = median_ms(run(fn, True), dev, args.repeats) if backward else float("nan")
+        print(f"{name:60s} forward {forward_ms[name]:9.3f} ms   forward+backward {both_ms[name]:9.3f} ms", flush=True)
+    if tiles:
+        timed = both_ms if backward else forward_ms
+        print("best tiles:", min(tiles, key=lambda text: timed[f"ours (Triton), {text or 'default tiles'}"]))
+    if not args.ours:
+        candidates = {"": forward_ms["flex_union_attention, FlexAttention's default tiles"]}
+        candidates.update({text: forward_ms[f"the model's call, {text}"] for text in args.options})
+        print("best kernel options:", min(candidates, key=candidates.__getitem__))
     if backward:
-        for name, fn in (("ours", ours(64, 64)), ("FlexAttention", lambda: flex_union_attention(q, bands, memory))):
+        profiled = [("ours", ours(""))] + (
+            [] if args.ours else [("FlexAttention", lambda: flex_union_attention(q, bands, memory))]
+        )
+        for name, fn in profiled:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 run(fn, True)()
                 torch.cuda.synchronize()

@@ -14,6 +14,8 @@
 #                                                   # (batch 1 and 8, then batch 1 with inductor's combo kernels)
 #   bash benchmarks/run_gpu.sh OUT ssd     # the Mamba-2 SSD's paths (PyTorch eager / compiled, our Triton kernels, fla)
 #   bash benchmarks/run_gpu.sh OUT flex    # the read-out's kernels (ours, FlexAttention) against FlashAttention, tiles
+#   bash benchmarks/run_gpu.sh OUT tiles   # our read-out kernels' tile sweep (forward + backward); exports the fastest
+#                                          # as BMOJO_TRITON_TILES to the stages after it (and in OUT/tiles_best.txt)
 #   bash benchmarks/run_gpu.sh OUT flex-warm     # compile the flex-sweep rows, one process each, in parallel
 #   bash benchmarks/run_gpu.sh OUT flex-sweep    # forward times of the sweep's kernel options; exports the fastest
 #                                                # as BMOJO_FLEX_OPTIONS to the stages after it (and in OUT/flex_best.txt)
@@ -80,6 +82,11 @@ PY
     ssd) python3 benchmarks/bench_ssd.py 2>&1 | tee "$out/ssd.log" ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \
             --options BLOCK_M=128,BLOCK_N=128,num_warps=8 2>&1 | tee "$out/flex.log" ;;  # ~45 s of compiling a row
+    tiles)
+      python3 benchmarks/bench_flex.py --ours 2>&1 | tee "$out/tiles.log"
+      sed -n 's/^best tiles: *//p' "$out/tiles.log" >"$out/tiles_best.txt"
+      export BMOJO_TRITON_TILES=$(cat "$out/tiles_best.txt")
+      echo "BMOJO_TRITON_TILES=$BMOJO_TRITON_TILES" ;;
     flex-warm)
       for i in "${!sweep[@]}"; do python3 benchmarks/bench_flex.py --forward-only --repeats 1 \
         --options "${sweep[i]}" >"$out/flex_warm_$i.log" 2>&1 & done

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import bmojo.ops.attention as attention
 from bmojo.ops.attention import (
     Band,
     ChunkMemory,
@@ -13,6 +14,7 @@ from bmojo.ops.attention import (
     flex_union_attention,
     merge_attention,
     parse_kernel_options,
+    parse_triton_tiles,
     step_attention,
     union_attention,
     union_attention_ref,
@@ -260,6 +262,23 @@ def test_parse_kernel_options():
     for bad in ("BLOCK_M", "BLOCK_M=big", "=64"):
         with pytest.raises(ValueError, match="NAME=INTEGER"):
             parse_kernel_options(bad)
+
+
+def test_parse_triton_tiles():
+    assert parse_triton_tiles("block_m=128,num_warps=8") == {"block_m": 128, "num_warps": 8}
+    with pytest.raises(ValueError, match=r"tiles take .* got \['BLOCK_M'\]"):
+        parse_triton_tiles("BLOCK_M=128")
+
+
+def test_union_attention_passes_the_triton_tiles(monkeypatch):
+    """``impl="triton"`` calls our kernels with ``TRITON_TILES`` (``BMOJO_TRITON_TILES``)."""
+    kernel = pytest.importorskip("bmojo.ops.triton.attention")
+    seen = []
+    monkeypatch.setattr(kernel, "union_attention_triton", lambda q, bands, memory, **tiles: seen.append(tiles))
+    monkeypatch.setattr(attention, "TRITON_TILES", {"block_m": 128, "num_warps": 8})
+    q = torch.randn(1, 1, 4, 16)
+    attention.union_attention(q, [Band(q, q, 0, 1)], impl="triton")
+    assert seen == [{"block_m": 128, "num_warps": 8}]
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

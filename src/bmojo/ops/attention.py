@@ -371,6 +371,20 @@ def parse_kernel_options(text: str) -> dict[str, int]:
     return options
 
 
+def parse_triton_tiles(text: str) -> dict[str, int]:
+    """Tiles of our Triton read-out from ``"block_m=128,block_n=64,num_warps=8"`` (keys ``block_m, block_n,
+    num_warps, num_stages``)."""
+    tiles = parse_kernel_options(text)
+    unknown = set(tiles) - {"block_m", "block_n", "num_warps", "num_stages"}
+    if unknown:
+        raise ValueError(f"tiles take block_m, block_n, num_warps and num_stages, got {sorted(unknown)} in {text!r}")
+    return tiles
+
+
+# Tiles of our Triton read-out (bmojo.ops.triton.attention) for every union_attention call that takes it
+# (BMOJO_TRITON_TILES, read at import); empty: the kernels' defaults.
+TRITON_TILES: dict[str, int] = parse_triton_tiles(os.environ.get("BMOJO_TRITON_TILES", ""))
+
 # FlexAttention kernel options for every flex_union_attention call that passes none (BMOJO_FLEX_OPTIONS, read at
 # import; e.g. "BLOCK_M=128,BLOCK_N=64"); empty: the tuned tiles of _tuned_flex_options.
 FLEX_KERNEL_OPTIONS: dict[str, int] = parse_kernel_options(os.environ.get("BMOJO_FLEX_OPTIONS", ""))
@@ -664,7 +678,7 @@ def union_attention(
     if impl == "triton":
         from bmojo.ops.triton.attention import union_attention_triton
 
-        return union_attention_triton(q, bands, memory)
+        return union_attention_triton(q, bands, memory, **TRITON_TILES)
     if impl == "flex":
         return flex_union_attention(q, bands, memory)
     if impl == "blocks":

@@ -267,6 +267,11 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _launch(num_warps: int, num_stages: int) -> dict[str, int]:
+    """Launch options given (non-zero) for the kernels."""
+    return {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
+
+
 def _block_d(q: torch.Tensor) -> int:
     return max(16, triton.next_power_of_2(q.shape[-1]))
 
@@ -274,9 +279,11 @@ def _block_d(q: torch.Tensor) -> int:
 @triton_op("bmojo::union_attention_fwd", mutates_args=())
 def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tensor | None, mv: torch.Tensor | None,
                valid: torch.Tensor | None, lo0: int, hi0: int, lo1: int, hi1: int, chunk: int, scale: float,
-               block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+               block_m: int, block_n: int, num_warps: int, num_stages: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(o [B, Hq, L, d] in q's dtype, lse [B, Hq, L] float32)`` of ``q`` over the bands ``k, v [bands, B, Hkv, L,
-    d]`` and the chunk memories ``mk, mv [B, Hkv, chunks, slots, d]``, ``valid [B, chunks, slots]``."""
+    d]`` and the chunk memories ``mk, mv [B, Hkv, chunks, slots, d]``, ``valid [B, chunks, slots]``; ``num_warps,
+    num_stages`` 0: Triton's defaults."""
     b, hq, length, d = q.shape
     o = _empty(q)
     lse = torch.empty(b, hq, length, dtype=torch.float32, device=q.device)
@@ -287,6 +294,7 @@ def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tens
         scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides, 0, 0, 0, 0,
         BACKWARD=False, BANDS=k.shape[0], HAS_MEMORY=mk is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_S=max(16, triton.next_power_of_2(slots)), BLOCK_D=_block_d(q), PRECISION=dot_precision(q),
+        **_launch(num_warps, num_stages),
     )  # fmt: skip
     return o, lse
 
@@ -295,7 +303,7 @@ def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tens
 def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mk: torch.Tensor | None, mv: torch.Tensor | None, valid: torch.Tensor | None, o: torch.Tensor,
                lse: torch.Tensor, lo0: int, hi0: int, lo1: int, hi1: int, chunk: int, scale: float, block_m: int,
-               block_n: int) -> list[torch.Tensor]:  # fmt: skip
+               block_n: int, num_warps: int, num_stages: int) -> list[torch.Tensor]:  # fmt: skip
     """Gradients of :func:`_union_fwd` with respect to ``q, k, v, mk, mv`` (the last two empty without memory)."""
     b, hq, length, d = q.shape
     hkv = k.shape[2]
@@ -305,7 +313,7 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     (mk_, mv_, valid_), mem_strides = _memory_args(q, mk, mv, valid)
     slots = 0 if mk is None else mk.shape[3]
     block_s = max(16, triton.next_power_of_2(slots))
-    common = dict(BLOCK_D=_block_d(q), PRECISION=dot_precision(q))
+    common = dict(BLOCK_D=_block_d(q), PRECISION=dot_precision(q), **_launch(num_warps, num_stages))
     wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b * hq)](
         q, k, v, mk_, mv_, valid_, do, lse, delta, dq, length, hq, hq // hkv, d, lo0, hi0, lo1, hi1, chunk, slots,
         scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides, *do.stride(),
@@ -352,13 +360,16 @@ def union_attention_triton(
     memory: ChunkMemory | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    num_warps: int = 0,
+    num_stages: int = 0,
     scale: float | None = None,
 ) -> AttnOut:
     """``bmojo.ops.attention.union_attention`` of ``q [B, Hq, L, d]`` over one or two ``bands`` and the per-chunk
     ``memory`` in the Triton kernels: ``(o [B, Hq, L, d], lse [B, Hq, L] float32)``, differentiable.
 
-    ``block_m`` queries and ``block_n`` keys per tile, powers of two >= 16. Two bands' keys (values) are stacked
-    into one ``[2, B, Hkv, L, d]`` tensor (a copy) for the kernels.
+    ``block_m`` queries and ``block_n`` keys per tile, powers of two >= 16; ``num_warps``, ``num_stages`` of every
+    kernel (0: Triton's defaults). Two bands' keys (values) are stacked into one ``[2, B, Hkv, L, d]`` tensor (a
+    copy) for the kernels.
     """
     b, hq, length, d = q.shape
     if not 1 <= len(bands) <= 2:
@@ -386,4 +397,5 @@ def union_attention_triton(
     k, v = (torch.stack(xs) if len(xs) > 1 else xs[0][None] for xs in ([b.k for b in bands], [b.v for b in bands]))
     mk, mv, valid, chunk = (None, None, None, 1) if memory is None else (memory.k, memory.v, memory.valid, memory.chunk)
     scale = d**-0.5 if scale is None else scale
-    return _union_fwd(q, k, v, mk, mv, valid, *spans[0], *spans[1], chunk, scale, block_m, block_n)
+    tiles = (block_m, block_n, num_warps, num_stages)
+    return _union_fwd(q, k, v, mk, mv, valid, *spans[0], *spans[1], chunk, scale, *tiles)
