@@ -8,9 +8,9 @@ state in registers and walks the sequence chunk by chunk (``BLOCK_Q`` steps)::
     S    <- exp(cum_end) S + sum_j exp(cum_end - cum_j) dt_j outer(x_j, B_j)
 
 so it reads every input once and writes ``y`` and the final state (and, for the backward, each chunk's incoming
-state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward: one program per (batch element, head) walks the
-chunks in reverse with the gradient of the state in registers, recomputing each chunk's products; ``B, C`` and ``A``
-gradients come out per head and are summed over the heads of a group (and the batch) afterwards.
+state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward: the same programs walk the chunks in reverse
+with their rows of the state's gradient in registers, recomputing each chunk's products; ``dt, B, C`` and ``A``
+gradients come out per head and block of head dimensions and are summed over them (and the batch) afterwards.
 Inputs may be any float dtype and any strides; the arithmetic is float32 (float32 products at full precision).
 The calls are ``torch.library.triton_op`` custom ops, so ``torch.compile`` keeps the kernels and differentiates
 through them. Importing this module imports ``triton``.
@@ -91,13 +91,14 @@ def _ssd_bwd_kernel(
     scs_b, scs_h, scs_c, scs_p, scs_n, sdy_b, sdy_t, sdy_h, sdy_p, sdht_b, sdht_h, sdht_p, sdht_n,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of one (batch element, head), chunks in reverse, ``dS`` the gradient of the chunk's outgoing state.
-    Outputs are contiguous: ``dx [b, L, H, P]``, ``ddt [b, L, H]``, ``da [b, H]``, ``db, dc [b, L, H, N]`` (per head),
-    ``dh0 [b, H, P, N]``."""
-    bh = tl.program_id(0)
+    """Gradients of one (batch element, head, block of ``BLOCK_P`` head dimensions), chunks in reverse, ``dS`` the
+    gradient of the chunk's outgoing state (its rows are independent, so the head dimensions split). Outputs are
+    contiguous: ``dx [b, L, H, P]``, ``dh0 [b, H, P, N]``, and the sums over head dimensions per block of them,
+    ``ddt [b, L, H, blocks]``, ``da [b, H, blocks]``, ``db, dc [b, L, H, blocks, N]`` (per head)."""
+    bh, block, blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     batch, head = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
     group = head // heads_per_group
-    p, n, q = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
+    p, n, q = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
     p_ok, n_ok = p < head_dim, n < states
     pn_ok = p_ok[:, None] & n_ok[None, :]
     dht = dht_ptr + batch * sdht_b + head * sdht_h + p[:, None] * sdht_p + n[None, :] * sdht_n
@@ -158,12 +159,13 @@ def _ssd_bwd_kernel(
         d_dt += d_log_decay * a
         da += tl.sum(d_log_decay * dt, 0)
         out_t = row + t * heads  # [Q]: (batch, t, head) in [b, L, H]
+        part = out_t * blocks + block  # [Q]: (batch, t, head, block) in [b, L, H, blocks]
         tl.store(dx_ptr + out_t[:, None] * head_dim + p[None, :], dx, mask=tp_ok)
-        tl.store(ddt_ptr + out_t, d_dt, mask=t_ok)
-        tl.store(db_ptr + out_t[:, None] * states + n[None, :], db, mask=tn_ok)
-        tl.store(dc_ptr + out_t[:, None] * states + n[None, :], dc, mask=tn_ok)
+        tl.store(ddt_ptr + part, d_dt, mask=t_ok)
+        tl.store(db_ptr + part[:, None] * states + n[None, :], db, mask=tn_ok)
+        tl.store(dc_ptr + part[:, None] * states + n[None, :], dc, mask=tn_ok)
         d_state = d_incoming + e_total * d_state
-    tl.store(da_ptr + batch * heads + head, da)
+    tl.store(da_ptr + (batch * heads + head) * blocks + block, da)
     tl.store(dh0_ptr + ((batch * heads + head) * head_dim + p[:, None]) * states + n[None, :], d_state, mask=pn_ok)
 
 
@@ -198,7 +200,7 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         chunk_states = torch.empty(bsz, heads, triton.cdiv(length, chunk_size), p, n, device=x.device)
     h0 = final if initial_state is None else initial_state  # never read without HAS_H0
     cs = final.unsqueeze(2) if chunk_states is None else chunk_states  # never written without STORE_STATES
-    block_p = min(block_p, max(16, triton.next_power_of_2(p)))
+    block_p = _block_p(block_p, p)
     grid = (bsz * heads, triton.cdiv(p, block_p))
     wrap_triton(_ssd_fwd_kernel)[grid](
         x, dt, A, B, C, h0, y, final, cs, length, heads, p, n, heads // g,
@@ -207,6 +209,11 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=dot_precision(x),
     )  # fmt: skip
     return y, final, chunk_states
+
+
+def _block_p(block_p: int, p: int) -> int:
+    """Head dimensions per program: ``block_p``, or fewer for a small head (16 at least: ``tl.dot``'s minimum)."""
+    return min(block_p, max(16, triton.next_power_of_2(p)))
 
 
 @triton_op("bmojo::ssd_fwd", mutates_args=())
@@ -221,36 +228,38 @@ def _ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 
 @triton_op("bmojo::ssd_bwd", mutates_args=())
 def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-             B: torch.Tensor, C: torch.Tensor, chunk_states: torch.Tensor,
-             chunk_size: int) -> list[torch.Tensor]:  # fmt: skip
+             B: torch.Tensor, C: torch.Tensor, chunk_states: torch.Tensor, chunk_size: int,
+             block_p: int) -> list[torch.Tensor]:  # fmt: skip
     """Gradients of :func:`_ssd_fwd` with respect to ``x, dt, A, B, C`` and the initial state (float32)."""
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
+    block_p = _block_p(block_p, p)
+    blocks = triton.cdiv(p, block_p)
     dx = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
-    ddt = torch.empty(bsz, length, heads, dtype=torch.float32, device=x.device)
-    da = torch.empty(bsz, heads, dtype=torch.float32, device=x.device)
-    db, dc = (torch.empty(bsz, length, heads, n, dtype=torch.float32, device=x.device) for _ in range(2))
+    ddt = torch.empty(bsz, length, heads, blocks, dtype=torch.float32, device=x.device)
+    da = torch.empty(bsz, heads, blocks, dtype=torch.float32, device=x.device)
+    db, dc = (torch.empty(bsz, length, heads, blocks, n, dtype=torch.float32, device=x.device) for _ in range(2))
     dh0 = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
-    wrap_triton(_ssd_bwd_kernel)[(bsz * heads,)](
+    wrap_triton(_ssd_bwd_kernel)[(bsz * heads, blocks)](
         x, dt, A, B, C, chunk_states, dy, d_final, dx, ddt, da, db, dc, dh0,
         length, heads, p, n, heads // g, chunk_states.shape[2],
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *chunk_states.stride(), *dy.stride(),
-        *d_final.stride(), BLOCK_Q=chunk_size, BLOCK_P=max(16, triton.next_power_of_2(p)),
-        BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=dot_precision(x),
+        *d_final.stride(), BLOCK_Q=chunk_size, BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)),
+        PRECISION=dot_precision(x),
     )  # fmt: skip
-    per_group = (bsz, length, g, heads // g, n)  # B and C serve every head of their group
+    per_group = (bsz, length, g, heads // g * blocks, n)  # B and C serve every head of their group
     dB, dC = (d.view(per_group).sum(3).to(B.dtype) for d in (db, dc))
-    return [dx.to(x.dtype), ddt.to(dt.dtype), da.sum(0).to(A.dtype), dB, dC, dh0]
+    return [dx.to(x.dtype), ddt.sum(3).to(dt.dtype), da.sum((0, 2)).to(A.dtype), dB, dC, dh0]
 
 
 def _ssd_setup(ctx, inputs, output) -> None:
-    x, dt, A, B, C, initial_state, chunk_size, _, _ = inputs
+    x, dt, A, B, C, initial_state, chunk_size, block_p, _ = inputs
     ctx.save_for_backward(x, dt, A, B, C, output[2])
-    ctx.chunk_size, ctx.initial_dtype = chunk_size, None if initial_state is None else initial_state.dtype
+    ctx.args, ctx.initial_dtype = (chunk_size, block_p), None if initial_state is None else initial_state.dtype
 
 
 def _ssd_backward(ctx, dy: torch.Tensor, d_final: torch.Tensor, _):
-    dx, ddt, dA, dB, dC, dh0 = _ssd_bwd(dy, d_final, *ctx.saved_tensors, ctx.chunk_size)
+    dx, ddt, dA, dB, dC, dh0 = _ssd_bwd(dy, d_final, *ctx.saved_tensors, *ctx.args)
     dh0 = None if ctx.initial_dtype is None else dh0.to(ctx.initial_dtype)
     return dx, ddt, dA, dB, dC, dh0, None, None, None
 
@@ -271,8 +280,9 @@ def ssd_scan_triton(
     """``(y [batch, L, H, P] in x's dtype, final_state [batch, H, P, N] float32)``, equal to ``ssd_scan_ref``;
     differentiable (the backward kernel) where an input needs gradients.
 
-    Shapes as in ``bmojo.ops.ssd``; ``chunk_size`` steps per chunk and ``block_p`` head dimensions per forward
-    program are powers of two (16 or more: the sizes ``tl.dot`` takes; the state size is padded to one too).
+    Shapes as in ``bmojo.ops.ssd``; ``chunk_size`` steps per chunk and ``block_p`` head dimensions per program
+    (forward and backward) are powers of two (16 or more: the sizes ``tl.dot`` takes; the state size is padded to
+    one too).
     """
     _check_shapes(x, dt, A, B, C, initial_state)
     for name, value in (("chunk_size", chunk_size), ("block_p", block_p)):
