@@ -3,7 +3,8 @@
 One softmax of each query over up to two bands of aligned keys (query ``i`` sees key ``j`` of a band iff ``lo <= i -
 j <= hi``: the window and the fading band) and its chunk's memory (the eidetic tokens), as in FlashAttention: a
 program per block of queries walks only the key blocks its bands and chunks can reach, with a running max and sum,
-and writes ``o`` and the LSE; nothing ``L x L`` is built and no mask is evaluated outside a band's reach. Backward:
+and writes ``o`` and the LSE; nothing ``L x L`` is built, and visibility is tested only in the blocks at a band's
+edges (the blocks every query of a tile sees skip it). Backward:
 ``dq`` by the same walk; ``dk, dv`` by a program per block of band keys (or per chunk of memory) walking the query
 blocks that see it, over every query head of its group, so no atomics. The LSE's gradient enters as ``D = rowsum(do *
 o) - dlse``. Scores are kept in log2 units (``exp2``); arithmetic in float32, products in the inputs' dtype (full
@@ -256,10 +257,13 @@ def _bwd_kv_kernel(
 
 
 def _memory_args(q: torch.Tensor, mk: torch.Tensor | None, mv: torch.Tensor | None, valid: torch.Tensor | None):
-    """Memory tensors and their strides for the kernels (``q`` and zero strides in their place when absent)."""
+    """``(tensors, strides, slots, BLOCK_S)`` of the memory for the kernels (``q``, zero strides and no slots when
+    absent)."""
     if mk is None:
-        return (q, q, q), (0,) * 13
-    return (mk, mv, valid.view(torch.uint8)), (*mk.stride(), *mv.stride(), *valid.stride())
+        return (q, q, q), (0,) * 13, 0, 16
+    slots = mk.shape[3]
+    strides = (*mk.stride(), *mv.stride(), *valid.stride())
+    return (mk, mv, valid.view(torch.uint8)), strides, slots, max(16, triton.next_power_of_2(slots))
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -273,6 +277,7 @@ def _launch(num_warps: int, num_stages: int) -> dict[str, int]:
 
 
 def _block_d(q: torch.Tensor) -> int:
+    """The head dimension padded to a power of two (16 at least: ``tl.dot``'s minimum)."""
     return max(16, triton.next_power_of_2(q.shape[-1]))
 
 
@@ -287,14 +292,12 @@ def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tens
     b, hq, length, d = q.shape
     o = _empty(q)
     lse = torch.empty(b, hq, length, dtype=torch.float32, device=q.device)
-    (mk_, mv_, valid_), mem_strides = _memory_args(q, mk, mv, valid)
-    slots = 0 if mk is None else mk.shape[3]
+    (mk_, mv_, valid_), mem_strides, slots, block_s = _memory_args(q, mk, mv, valid)
     wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b * hq)](
         q, k, v, mk_, mv_, valid_, q, lse, lse, o, length, hq, hq // k.shape[2], d, lo0, hi0, lo1, hi1, chunk, slots,
         scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides, 0, 0, 0, 0,
         BACKWARD=False, BANDS=k.shape[0], HAS_MEMORY=mk is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_S=max(16, triton.next_power_of_2(slots)), BLOCK_D=_block_d(q), PRECISION=dot_precision(q),
-        **_launch(num_warps, num_stages),
+        BLOCK_S=block_s, BLOCK_D=_block_d(q), PRECISION=dot_precision(q), **_launch(num_warps, num_stages),
     )  # fmt: skip
     return o, lse
 
@@ -310,9 +313,7 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     delta = ((do.float() * o.float()).sum(-1) - dlse).contiguous()
     lse = lse.contiguous()
     dq, dk, dv = _empty(q), _empty(k), _empty(v)
-    (mk_, mv_, valid_), mem_strides = _memory_args(q, mk, mv, valid)
-    slots = 0 if mk is None else mk.shape[3]
-    block_s = max(16, triton.next_power_of_2(slots))
+    (mk_, mv_, valid_), mem_strides, slots, block_s = _memory_args(q, mk, mv, valid)
     common = dict(BLOCK_D=_block_d(q), PRECISION=dot_precision(q), **_launch(num_warps, num_stages))
     wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b * hq)](
         q, k, v, mk_, mv_, valid_, do, lse, delta, dq, length, hq, hq // hkv, d, lo0, hi0, lo1, hi1, chunk, slots,
