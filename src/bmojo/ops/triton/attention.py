@@ -391,11 +391,15 @@ def union_attention_triton(
                      "memory.valid": (memory.valid, (b, n_chunks, slots))}  # fmt: skip
         if n_chunks * memory.chunk < length:
             raise ValueError(f"memory has {n_chunks} chunks of {memory.chunk}, fewer than the {length} queries need")
-    check_inputs(expected, q, *(x for band in bands for x in (band.k, band.v)))
+        if memory.valid.dtype != torch.bool:
+            raise ValueError(f"memory.valid must be bool, got {memory.valid.dtype}")
+    memory_tensors = () if memory is None else (memory.k, memory.v, memory.valid)
+    check_inputs(expected, q, *(x for band in bands for x in (band.k, band.v)), *memory_tensors)
     spans = [(band.lo, length if band.hi is None else band.hi) for band in bands] + [(0, -1)]
     if any(lo < 0 or hi < lo for lo, hi in spans[: len(bands)]):
         raise ValueError(f"bands need 0 <= lo <= hi, got {[(band.lo, band.hi) for band in bands]}")
-    k, v = (torch.stack(xs) if len(xs) > 1 else xs[0][None] for xs in ([b.k for b in bands], [b.v for b in bands]))
+    keys, values = [band.k for band in bands], [band.v for band in bands]
+    k, v = (torch.stack(xs) if len(xs) > 1 else xs[0][None] for xs in (keys, values))
     mk, mv, valid, chunk = (None, None, None, 1) if memory is None else (memory.k, memory.v, memory.valid, memory.chunk)
     scale = d**-0.5 if scale is None else scale
     tiles = (block_m, block_n, num_warps, num_stages)
