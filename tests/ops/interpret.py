@@ -18,7 +18,7 @@ import torch
 
 # the kernels' entry points, whose calls the worker counts
 ENTRY_POINTS = (
-    ("bmojo.ops.triton.selective_scan", "selective_scan_fwd"),
+    ("bmojo.ops.triton.selective_scan", "selective_scan_triton"),
     ("bmojo.ops.triton.ssd", "ssd_scan_triton"),
     ("bmojo.ops.triton.attention", "union_attention_triton"),
 )

@@ -12,7 +12,7 @@ from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
 from bmojo.ops.ssd import ssd_scan, ssd_scan_ref
 
-FWD = "bmojo.ops.triton.selective_scan:selective_scan_fwd"
+SCAN_TRITON = "bmojo.ops.triton.selective_scan:selective_scan_triton"
 SCAN = "bmojo.ops.selective_scan:selective_scan"
 SSD_TRITON = "bmojo.ops.triton.ssd:ssd_scan_triton"
 SSD = "bmojo.ops.ssd:ssd_scan"
@@ -112,13 +112,13 @@ def interpreted(tmp_path_factory):
     """Outputs of the calls below, run with the Triton interpreter on CPU: ``{key: (output, kernel calls)}``."""
     pytest.importorskip("triton")
     half = [x.half() for x in scan_inputs(1, 7, 6, 4, seed=3)]
-    calls = {f"scan{i}": (FWD, (*scan_inputs(bs, n, e, s)[:5], scan_inputs(bs, n, e, s)[5] if h0 else None),
+    calls = {f"scan{i}": (SCAN_TRITON, (*scan_inputs(bs, n, e, s)[:5], scan_inputs(bs, n, e, s)[5] if h0 else None),
                           {"block_e": be}) for i, (bs, n, e, s, be, h0) in enumerate(SHAPES)}  # fmt: skip
-    calls["scan_strided"] = (FWD, strided_inputs()[0], {})
-    calls["scan_half"] = (FWD, (half[0], half[1], half[2].float(), half[3], half[4]), {})
+    calls["scan_strided"] = (SCAN_TRITON, strided_inputs()[0], {})
+    calls["scan_half"] = (SCAN_TRITON, (half[0], half[1], half[2].float(), half[3], half[4]), {})
     calls["scan_dispatch"] = (SCAN, scan_inputs(2, 12, 8, 4, seed=2), {})
     calls["mamba"] = (mamba_layer(), (torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(4)),), {})
-    calls |= {f"scan_grad{i}": (FWD, scan_grad_inputs(i), {"block_e": SHAPES[i][4], "chunk": SCAN_CHUNKS[i],
+    calls |= {f"scan_grad{i}": (SCAN_TRITON, scan_grad_inputs(i), {"block_e": SHAPES[i][4], "chunk": SCAN_CHUNKS[i],
                                                            "_grad": True}) for i in range(len(SHAPES))}  # fmt: skip
     calls["mamba_grad"] = (
         mamba_layer(),
@@ -202,15 +202,15 @@ def test_selective_scan_kernel_rejects_bad_shapes():
     kernel = pytest.importorskip("bmojo.ops.triton.selective_scan")
     u, delta, a, b, c, h0 = scan_inputs(1, 5, 6, 4)
     with pytest.raises(ValueError, match="B must have shape"):
-        kernel.selective_scan_fwd(u, delta, a, b[..., :3], c)
+        kernel.selective_scan_triton(u, delta, a, b[..., :3], c)
     with pytest.raises(ValueError, match="A must be"):
-        kernel.selective_scan_fwd(u, delta, a[:5], b, c)
+        kernel.selective_scan_triton(u, delta, a[:5], b, c)
     with pytest.raises(ValueError, match="initial_state must have shape"):
-        kernel.selective_scan_fwd(u, delta, a, b, c, h0[:, :, :2])
+        kernel.selective_scan_triton(u, delta, a, b, c, h0[:, :, :2])
     with pytest.raises(ValueError, match="power of two"):
-        kernel.selective_scan_fwd(u, delta, a, b, c, block_e=3)
+        kernel.selective_scan_triton(u, delta, a, b, c, block_e=3)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
-        kernel.selective_scan_fwd(u, delta, a, b, c, chunk=0)
+        kernel.selective_scan_triton(u, delta, a, b, c, chunk=0)
 
 
 @pytest.fixture

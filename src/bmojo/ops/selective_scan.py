@@ -256,8 +256,8 @@ def selective_scan(
     ``bmojo.ops.triton`` for the switch). Returns ``(y [batch, L, E], final_state [batch, E, N])``.
     """
     if use_triton(u, delta, A, B, C, initial_state, differentiable=True):
-        from bmojo.ops.triton.selective_scan import selective_scan_fwd
+        from bmojo.ops.triton.selective_scan import selective_scan_triton
 
-        return selective_scan_fwd(u, delta, A, B, C, initial_state)
+        return selective_scan_triton(u, delta, A, B, C, initial_state)
     t = chunk_size or _default_chunk_size(u.shape[1])
     return _SelectiveScanFn.apply(u, delta, A, B, C, initial_state, t)

@@ -152,8 +152,9 @@ def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     check_inputs(expected, u, delta, A, B, C, initial_state)
 
 
-def _grid(u: torch.Tensor, block_e: int) -> tuple[int, int]:
-    return u.shape[0], triton.cdiv(u.shape[2], block_e)
+def _launch(u: torch.Tensor, block_e: int, block_n: int) -> tuple[tuple[int, int], int]:
+    """The grid (batch elements, blocks of channels) and the warps of a program (one for a small state tile)."""
+    return (u.shape[0], triton.cdiv(u.shape[2], block_e)), 1 if block_e * block_n <= 512 else 4
 
 
 @triton_op("bmojo::selective_scan_fwd", mutates_args=())
@@ -170,11 +171,12 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     h0 = final if initial_state is None else initial_state  # never read without HAS_H0
     cs = chunk_states if store_states else final  # never written without STORE_STATES
     block_n = triton.next_power_of_2(n)
-    wrap_triton(_selective_scan_fwd_kernel)[_grid(u, block_e)](
+    grid, warps = _launch(u, block_e, block_n)
+    wrap_triton(_selective_scan_fwd_kernel)[grid](
         u, delta, A, B, C, h0, y, final, cs, length, e, n,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *h0.stride(), *y.stride(),
         *final.stride(), HAS_H0=initial_state is not None, STORE_STATES=store_states, CHUNK=chunk, BLOCK_E=block_e,
-        BLOCK_N=block_n, num_warps=1 if block_e * block_n <= 512 else 4,
+        BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
     return y.to(u.dtype), final, chunk_states
 
@@ -186,8 +188,8 @@ def _scan_bwd(dy: torch.Tensor, d_final: torch.Tensor, u: torch.Tensor, delta: t
     """Gradients of :func:`_scan_fwd` with respect to ``u, delta, A, B, C`` and the initial state (float32)."""
     bsz, length, e = u.shape
     n = A.shape[1]
-    grid = _grid(u, block_e)
     block_n = triton.next_power_of_2(n)
+    grid, warps = _launch(u, block_e, block_n)
     du, ddelta = (torch.empty(bsz, length, e, dtype=torch.float32, device=u.device) for _ in range(2))
     da, dh0 = (torch.empty(bsz, e, n, dtype=torch.float32, device=u.device) for _ in range(2))
     db, dc = (torch.empty(bsz, length, grid[1], n, dtype=torch.float32, device=u.device) for _ in range(2))
@@ -195,7 +197,7 @@ def _scan_bwd(dy: torch.Tensor, d_final: torch.Tensor, u: torch.Tensor, delta: t
     wrap_triton(_selective_scan_bwd_kernel)[grid](
         u, delta, A, B, C, chunk_states, dy, d_final, scratch, du, ddelta, da, db, dc, dh0, length, e, n,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *dy.stride(), *d_final.stride(),
-        CHUNK=chunk, BLOCK_E=block_e, BLOCK_N=block_n, num_warps=1 if block_e * block_n <= 512 else 4,
+        CHUNK=chunk, BLOCK_E=block_e, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
     return [du.to(u.dtype), ddelta.to(delta.dtype), da.sum(0).to(A.dtype), db.sum(2).to(B.dtype),
             dc.sum(2).to(C.dtype), dh0]  # fmt: skip
@@ -216,7 +218,7 @@ def _scan_backward(ctx, dy: torch.Tensor, d_final: torch.Tensor, _):
 _scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
 
 
-def selective_scan_fwd(
+def selective_scan_triton(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
