@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -209,3 +210,21 @@ def test_compiled_training_traces_through_the_kernels(preset):
     forward, backward = TRACED[preset]
     assert sorted(graphs["forward"].split()) == sorted(forward * layers)
     assert sorted(graphs["backward"].split()) == sorted(backward * layers)
+
+
+def test_kernel_registers_script_reports_every_kernel():
+    """``benchmarks/kernel_registers.py`` compiles the three kernels for sm_90a without a GPU and reports each one's
+    registers and spills (skipped where this Triton ships no ``ptxas``)."""
+    triton = pytest.importorskip("triton")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not any(os.path.exists(os.path.join(bin_dir, name)) for name in ("ptxas-blackwell", "ptxas")):
+        pytest.skip("this triton ships no ptxas")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "kernel_registers.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "--tiles", "block_m=16,block_n=16"], env=env, capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.splitlines()[-1]
+    assert line.startswith("block_m=16,block_n=16")
+    numbers = [int(x) for x in re.findall(r"(\d+) / (\d+)", line) for x in x]
+    assert len(numbers) == 6 and all(0 < r <= 255 for r in numbers[::2])
