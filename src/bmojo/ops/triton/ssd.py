@@ -8,9 +8,10 @@ state in registers and walks the sequence chunk by chunk (``BLOCK_Q`` steps)::
     S    <- exp(cum_end) S + sum_j exp(cum_end - cum_j) dt_j outer(x_j, B_j)
 
 so it reads every input once and writes ``y`` and the final state (and, for the backward, each chunk's incoming
-state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward: the same programs walk the chunks in reverse
-with their rows of the state's gradient in registers, recomputing each chunk's products; ``dt, B, C`` and ``A``
-gradients come out per head and block of head dimensions and are summed over them (and the batch) afterwards.
+state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward: a program per (batch element, head, block of
+:data:`BWD_BLOCK_P` head dimensions) walks the chunks in reverse with its rows of the state's gradient in
+registers, recomputing each chunk's products; ``dt, B, C`` and ``A`` gradients come out per head and block of head
+dimensions and are summed over them (and the batch) afterwards.
 Inputs may be any float dtype and any strides; the arithmetic is float32 (float32 products at full precision).
 The calls are ``torch.library.triton_op`` custom ops, so ``torch.compile`` keeps the kernels and differentiates
 through them. Importing this module imports ``triton``.
@@ -211,6 +212,12 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return y, final, chunk_states
 
 
+# Head dimensions per backward program: 16 keeps the backward's tiles in registers at 32-step chunks (compiled for
+# sm_90a, benchmarks/kernel_registers.py: no spills, where 32 spill 164 bytes a thread and 64 700), and makes four
+# programs per head of 64.
+BWD_BLOCK_P = 16
+
+
 def _block_p(block_p: int, p: int) -> int:
     """Head dimensions per program: ``block_p``, or fewer for a small head (16 at least: ``tl.dot``'s minimum)."""
     return min(block_p, max(16, triton.next_power_of_2(p)))
@@ -228,12 +235,12 @@ def _ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 
 @triton_op("bmojo::ssd_bwd", mutates_args=())
 def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-             B: torch.Tensor, C: torch.Tensor, chunk_states: torch.Tensor, chunk_size: int,
-             block_p: int) -> list[torch.Tensor]:  # fmt: skip
+             B: torch.Tensor, C: torch.Tensor, chunk_states: torch.Tensor,
+             chunk_size: int) -> list[torch.Tensor]:  # fmt: skip
     """Gradients of :func:`_ssd_fwd` with respect to ``x, dt, A, B, C`` and the initial state (float32)."""
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
-    block_p = _block_p(block_p, p)
+    block_p = _block_p(BWD_BLOCK_P, p)
     blocks = triton.cdiv(p, block_p)
     dx = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
     ddt = torch.empty(bsz, length, heads, blocks, dtype=torch.float32, device=x.device)
@@ -253,13 +260,13 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
 
 
 def _ssd_setup(ctx, inputs, output) -> None:
-    x, dt, A, B, C, initial_state, chunk_size, block_p, _ = inputs
+    x, dt, A, B, C, initial_state, chunk_size, _, _ = inputs
     ctx.save_for_backward(x, dt, A, B, C, output[2])
-    ctx.args, ctx.initial_dtype = (chunk_size, block_p), None if initial_state is None else initial_state.dtype
+    ctx.chunk_size, ctx.initial_dtype = chunk_size, None if initial_state is None else initial_state.dtype
 
 
 def _ssd_backward(ctx, dy: torch.Tensor, d_final: torch.Tensor, _):
-    dx, ddt, dA, dB, dC, dh0 = _ssd_bwd(dy, d_final, *ctx.saved_tensors, *ctx.args)
+    dx, ddt, dA, dB, dC, dh0 = _ssd_bwd(dy, d_final, *ctx.saved_tensors, ctx.chunk_size)
     dh0 = None if ctx.initial_dtype is None else dh0.to(ctx.initial_dtype)
     return dx, ddt, dA, dB, dC, dh0, None, None, None
 
@@ -280,9 +287,9 @@ def ssd_scan_triton(
     """``(y [batch, L, H, P] in x's dtype, final_state [batch, H, P, N] float32)``, equal to ``ssd_scan_ref``;
     differentiable (the backward kernel) where an input needs gradients.
 
-    Shapes as in ``bmojo.ops.ssd``; ``chunk_size`` steps per chunk and ``block_p`` head dimensions per program
-    (forward and backward) are powers of two (16 or more: the sizes ``tl.dot`` takes; the state size is padded to
-    one too).
+    Shapes as in ``bmojo.ops.ssd``; ``chunk_size`` steps per chunk and ``block_p`` head dimensions per forward
+    program (the backward takes :data:`BWD_BLOCK_P`) are powers of two (16 or more: the sizes ``tl.dot`` takes; the
+    state size is padded to one too).
     """
     _check_shapes(x, dt, A, B, C, initial_state)
     for name, value in (("chunk_size", chunk_size), ("block_p", block_p)):
