@@ -1,14 +1,15 @@
-"""Registers and spills of our Triton read-out kernels per tile, compiled for an H100 (sm_90a) without a GPU.
+"""Registers and spills of our Triton kernels, compiled for an H100 (sm_90a) without a GPU.
 
-    python benchmarks/kernel_registers.py                        # the tile sweep of bench_flex.py
+    python benchmarks/kernel_registers.py     # the read-out at bench_flex.py's tile sweep, then the scans' kernels
     python benchmarks/kernel_registers.py --tiles block_m=128,block_n=64,num_warps=8
 
-Each kernel of ``bmojo.ops.triton.attention`` (the forward, ``dq`` and ``dk, dv`` walks) is compiled by Triton for
-``GPUTarget("cuda", 90, 32)`` at the 130m preset's read-out (bf16, head dim 64, two bands, 64 eidetic slots) and
-its PTX assembled by the ``ptxas`` Triton ships, whose report gives the registers a thread uses and the bytes it
-spills to local memory. Spills are what made FlexAttention's default tile slow on the H200 (benchmarks/RESULTS.md);
-registers bound how many programs share an SM (65,536 registers: two programs of 4 warps at 255 registers).
-Needs ``triton`` with its NVIDIA backend (the Linux wheels); no GPU, no driver.
+Each kernel is compiled by Triton for ``GPUTarget("cuda", 90, 32)`` at the 130m preset's shapes (bf16 inputs; the
+read-out: head dim 64, two bands, 64 eidetic slots; the SSD: 32-step chunks, state 16; the selective scan: state
+16) and its PTX assembled by the ``ptxas`` Triton ships, whose report gives the registers a thread uses and the
+bytes it spills to local memory. Spills are what made FlexAttention's default tile slow on the H200
+(benchmarks/RESULTS.md); registers bound how many programs share an SM (65,536 registers: two programs of 4 warps
+at 255 registers). ``--tiles``: only the read-out, at those tiles. Needs ``triton`` with its NVIDIA backend (the
+Linux wheels); no GPU, no driver.
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ from bench_flex import TILE_SWEEP  # noqa: E402
 
 from bmojo.ops.attention import parse_triton_tiles  # noqa: E402
 from bmojo.ops.triton.attention import _bwd_kv_kernel, _query_kernel  # noqa: E402
+from bmojo.ops.triton.selective_scan import _selective_scan_bwd_kernel, _selective_scan_fwd_kernel  # noqa: E402
+from bmojo.ops.triton.ssd import BWD_BLOCK_P, _ssd_bwd_kernel, _ssd_fwd_kernel  # noqa: E402
 
-POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "valid_ptr": "*u8"}  # the rest bf16
+BF16 = {f"{name}_ptr" for name in ("q", "k", "v", "mk", "mv", "do", "out", "dk", "dv", "x", "b", "c", "dy", "u")}
+
+
+def pointer_type(name: str) -> str:
+    """Inputs and the read-out's outputs in bf16, validity in bytes, the rest (states, gradients) float32."""
+    return "*bf16" if name in BF16 else "*u8" if name == "valid_ptr" else "*fp32"
 
 
 def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int) -> tuple[int, int]:
     """``(registers, spilled bytes)`` of ``fn`` compiled with ``constexprs`` for sm_90a."""
-    signature = {name: "constexpr" if name in constexprs else POINTERS.get(name, "*bf16") if name.endswith("_ptr")
+    signature = {name: "constexpr" if name in constexprs else pointer_type(name) if name.endswith("_ptr")
                  else "fp32" if name.endswith("scale") else "i32" for name in fn.arg_names}  # fmt: skip
     options = {"num_warps": num_warps, "num_stages": num_stages}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
@@ -68,6 +76,22 @@ def main() -> None:
             )
         cells.append("dk, dv %d / %d" % compile_report(_bwd_kv_kernel, dict(MEMORY=False, **blocks), *launch))
         print(f"{text or 'default tiles':40s} " + "   ".join(cells), flush=True)
+    if args.tiles:
+        return
+    ssd = dict(BLOCK_Q=32, BLOCK_N=16, PRECISION="tf32")
+    for block_p in (32, 64):
+        report = compile_report(_ssd_fwd_kernel, dict(HAS_H0=True, STORE_STATES=True, BLOCK_P=block_p, **ssd), 4, 3)
+        print(f"SSD forward, {block_p} head dims a program: %d / %d" % report, flush=True)
+    for block_p in (BWD_BLOCK_P, 32, 64):
+        report = compile_report(_ssd_bwd_kernel, dict(BLOCK_P=block_p, **ssd), 4, 3)
+        print(f"SSD backward, {block_p} head dims a program: %d / %d" % report, flush=True)
+    for block_e in (16, 32, 64):
+        warps = 1 if block_e * 16 <= 512 else 4  # as ops.triton.selective_scan launches them
+        scan = dict(CHUNK=64, BLOCK_E=block_e, BLOCK_N=16)
+        forward = compile_report(_selective_scan_fwd_kernel, dict(HAS_H0=True, STORE_STATES=True, **scan), warps, 3)
+        backward = compile_report(_selective_scan_bwd_kernel, scan, warps, 3)
+        print(f"selective scan, {block_e} channels a program: forward %d / %d   backward %d / %d"
+              % (*forward, *backward), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
