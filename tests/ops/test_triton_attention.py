@@ -133,6 +133,8 @@ def test_union_attention_kernel_rejects_bad_input():
         kernel.union_attention_triton(q, [bands[0], Band(bands[1].k, bands[1].v[:, :, :5], 8, 15)], memory)
     with pytest.raises(ValueError, match="memory.valid must have shape"):
         kernel.union_attention_triton(q, bands, ChunkMemory(memory.k, memory.v, memory.valid[:, :2], 8))
+    with pytest.raises(ValueError, match="must share one dtype"):
+        kernel.union_attention_triton(q.half(), bands, memory)
     with pytest.raises(ValueError, match="memory.valid must be bool"):
         kernel.union_attention_triton(q, bands, ChunkMemory(memory.k, memory.v, memory.valid.float(), 8))
     with pytest.raises(ValueError, match="fewer than the 37 queries need"):

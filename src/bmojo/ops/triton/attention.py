@@ -395,6 +395,9 @@ def union_attention_triton(
             raise ValueError(f"memory.valid must be bool, got {memory.valid.dtype}")
     memory_tensors = () if memory is None else (memory.k, memory.v, memory.valid)
     check_inputs(expected, q, *(x for band in bands for x in (band.k, band.v)), *memory_tensors)
+    dtypes = {x.dtype for x in (q, *(x for band in bands for x in (band.k, band.v)), *memory_tensors[:2])}
+    if len(dtypes) > 1:
+        raise ValueError(f"queries, keys and values must share one dtype, got {sorted(map(str, dtypes))}")
     spans = [(band.lo, length if band.hi is None else band.hi) for band in bands] + [(0, -1)]
     if any(lo < 0 or hi < lo for lo, hi in spans[: len(bands)]):
         raise ValueError(f"bands need 0 <= lo <= hi, got {[(band.lo, band.hi) for band in bands]}")
