@@ -12,7 +12,7 @@ import pytest
 import torch
 from interpret import assert_same_gradients, grad_leaves, probe_loss, run_interpreted
 
-from bmojo import BMojoConfig
+from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.layers import BMojoMixer
 from bmojo.ops.attention import Band, ChunkMemory, union_attention_ref
 
@@ -70,6 +70,21 @@ def layer_input(seed: int) -> torch.Tensor:
     return torch.randn(1, 29, 32, generator=torch.Generator().manual_seed(seed))
 
 
+# kernel calls of a tiny model's forward: two B'MOJO layers (SSD and read-out each); two sliding-window layers (a
+# read-out over one band); a Mamba layer (selective scan) and a full-attention layer (SDPA, not ours)
+MODEL_PRESETS = {"bmojo": 4, "swa": 2, "jamba": 1}
+
+
+def tiny_model(preset: str) -> BMojoForCausalLM:
+    torch.manual_seed(0)
+    config = BMojoConfig.from_preset(preset, "tiny", window_size=8, chunk_size=8, eidetic_size=3, selection="recency")
+    return BMojoForCausalLM(config)
+
+
+def model_input() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(3))
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Outputs of the calls below, run with the Triton interpreter on CPU: ``{key: (output, kernel calls)}``."""
@@ -82,6 +97,9 @@ def interpreted(tmp_path_factory):
         calls[f"{name}_grad"] = (KERNEL, case_inputs(name, grad=True), {**tiles, "_grad": True})
     calls["dispatch"] = (UNION, case_inputs("bmojo", seed=1), {})
     calls["layer_grad"] = (mixer(), (layer_input(2),), {"_grad": True})
+    for preset in MODEL_PRESETS:
+        ids = model_input()
+        calls[f"model_{preset}"] = (tiny_model(preset), (ids,), {"labels": ids, "use_cache": False, "_grad": True})
     return run_interpreted(calls, tmp_path_factory.mktemp("triton_attention"))
 
 
@@ -122,6 +140,18 @@ def test_bmojo_layer_trains_through_the_kernels(interpreted):
     layer = mixer()
     assert calls == 2  # the SSD's kernel and the read-out's
     assert_same_gradients(result, probe_loss(layer(layer_input(2))), list(layer.parameters()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_model_trains_through_the_kernels(interpreted, preset):
+    """A whole tiny model's loss and every parameter's gradient with ``BMOJO_KERNELS=triton`` (our kernels for every
+    scan and read-out) equal those of its CPU paths."""
+    result, calls = interpreted[f"model_{preset}"]
+    model = tiny_model(preset)
+    ids = model_input()
+    assert calls == MODEL_PRESETS[preset]
+    loss_ref = probe_loss(model(ids, labels=ids, use_cache=False))
+    assert_same_gradients(result, loss_ref, list(model.parameters()), rtol=1e-4, atol=1e-4)
 
 
 def test_union_attention_kernel_rejects_bad_input():
