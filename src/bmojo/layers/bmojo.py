@@ -9,9 +9,10 @@ For pre-normed hidden states ``h [B, L, D]`` (SPEC section 2):
 4. eidetic memory: up to ``k`` raw past tokens chosen by the innovation test (``layers.eidetic``);
 5. optional long-term memory: each query's top-``r`` keys retrieved from a vector store of tokens that
    left the eidetic memory (``layers.storage``);
-6. one softmax over the union (``ops.attention.union_attention``: one FlexAttention call on CUDA, the fused
-   CPU flash-attention kernel over strided views of the band keys on CPU; eidetic and retrieved tokens are
-   merged exactly by log-sum-exp, and in decoding join the step's softmax), then ``out = Wo o``.
+6. one softmax over the union (``ops.attention.union_attention``: our Triton kernels on CUDA, the fused CPU
+   flash-attention kernel over strided views of the band keys on CPU, with the eidetic tokens merged exactly by
+   log-sum-exp; retrieved tokens are merged by log-sum-exp too, and in decoding every key joins the step's
+   softmax), then ``out = Wo o``.
 
 Transformers, sliding-window Transformers, Mamba and B'MOJO-F are configurations of this one
 module: no SSM and no window (full causal attention), no SSM with a window, an SSM and no
