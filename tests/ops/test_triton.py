@@ -241,6 +241,20 @@ def test_use_triton_rules(kernel_mode):
         kernels.set_kernels("fast")
 
 
+def test_kernels_need_a_torch_that_registers_triton_ops(kernel_mode, monkeypatch):
+    """A torch without ``torch.library.triton_op`` (before 2.6) takes the PyTorch paths in ``auto`` mode and says what
+    ``triton`` mode needs."""
+    monkeypatch.delattr(torch.library, "triton_op")
+    kernels.triton_available.cache_clear()
+    try:
+        assert not kernels.triton_available()
+        kernel_mode("triton")
+        with pytest.raises(RuntimeError, match=r"torch >= 2.6"):
+            kernels.use_triton(torch.zeros(2))
+    finally:
+        kernels.triton_available.cache_clear()
+
+
 @pytest.mark.parametrize("case", range(len(SSD_SHAPES)))
 def test_ssd_kernel_matches_reference(interpreted, case):
     inputs, _ = ssd_call(case)

@@ -49,8 +49,9 @@ def kernels() -> str:
 
 @functools.cache
 def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported (looked up once)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether our kernels can run: the ``triton`` package can be imported and this torch registers Triton kernels as
+    ops (``torch.library.triton_op``, torch 2.6 and later). Looked up once."""
+    return importlib.util.find_spec("triton") is not None and hasattr(torch.library, "triton_op")
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -74,7 +75,7 @@ def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> b
         return False
     if _mode == "triton":
         if not triton_available():
-            raise RuntimeError("BMOJO_KERNELS=triton but the triton package is not installed (pip install triton)")
+            raise RuntimeError("BMOJO_KERNELS=triton needs the triton package (pip install triton) and torch >= 2.6")
         return True
     return all(t.is_cuda for t in present) and triton_available()
 
