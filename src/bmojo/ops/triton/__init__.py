@@ -2,10 +2,11 @@
 
 ``BMOJO_KERNELS`` (read at import; :func:`set_kernels` changes it at run time) chooses the path:
 
-* ``auto`` (default): our Triton kernels for CUDA tensors when ``triton`` is importable, else the PyTorch path;
+* ``auto`` (default): our Triton kernels for CUDA tensors when :func:`triton_available` (``triton`` importable,
+  torch 2.6 or later), else the PyTorch path;
 * ``reference``: always the PyTorch path;
 * ``triton``: always the Triton kernels, for any device (with ``TRITON_INTERPRET=1`` they run on CPU tensors,
-  which is how the tests check them); raises if ``triton`` is missing.
+  which is how the tests check them); raises where they are not available.
 
 ``triton`` itself is imported only when a kernel runs, never on import of ``bmojo``. Every kernel of ours has a
 backward kernel (the selective scan's, the SSD's and the B'MOJO read-out's), so calls with gradients take them too,
