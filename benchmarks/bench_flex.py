@@ -49,7 +49,8 @@ from bmojo.ops.attention import (
 
 # tile sets of our kernels timed by default ("": the kernels' defaults, 64 x 64 with Triton's warps and stages)
 TILE_SWEEP = ["", "block_m=64,block_n=64,num_warps=8", "block_m=128,block_n=64", "block_m=128,block_n=64,num_warps=8",
-              "block_m=64,block_n=32", "block_m=128,block_n=32", "block_m=64,block_n=64,num_stages=2"]  # fmt: skip
+              "block_m=64,block_n=32", "block_m=128,block_n=32", "block_m=64,block_n=64,num_stages=2",
+              "block_m=128,block_n=64,num_warps=8,bwd_block_m=64,bwd_block_n=64,bwd_num_warps=8"]  # fmt: skip
 
 
 def run(fn: Callable[[], AttnOut], backward: bool) -> Callable[[], None]:

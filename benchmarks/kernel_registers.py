@@ -65,17 +65,18 @@ def main() -> None:
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_90a; registers / spilled bytes per thread")
     for text in args.tiles or TILE_SWEEP:
-        tiles = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, **parse_triton_tiles(text)}
-        blocks = dict(BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"], BLOCK_D=64, PRECISION="tf32")
-        launch = (tiles["num_warps"], tiles["num_stages"])
+        given = parse_triton_tiles(text)
+        forward = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
+        forward.update({k: v for k, v in given.items() if not k.startswith("bwd_")})
+        backward = {**forward, **{k.removeprefix("bwd_"): v for k, v in given.items() if k.startswith("bwd_")}}
         cells = []
-        for backward in (False, True):
-            query = dict(BACKWARD=backward, BANDS=2, HAS_MEMORY=True, BLOCK_S=64, **blocks)
-            cells.append(
-                "%s %d / %d" % ("dq" if backward else "forward", *compile_report(_query_kernel, query, *launch))
-            )
-        cells.append("dk, dv %d / %d" % compile_report(_bwd_kv_kernel, dict(MEMORY=False, **blocks), *launch))
-        print(f"{text or 'default tiles':40s} " + "   ".join(cells), flush=True)
+        for name, tiles in (("forward", forward), ("dq", backward), ("dk, dv", backward)):
+            blocks = dict(BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"], BLOCK_D=64, PRECISION="tf32")
+            kernel, constexprs = (_bwd_kv_kernel, dict(MEMORY=False)) if name == "dk, dv" else (
+                _query_kernel, dict(BACKWARD=name == "dq", BANDS=2, HAS_MEMORY=True, BLOCK_S=64))  # fmt: skip
+            report = compile_report(kernel, {**constexprs, **blocks}, tiles["num_warps"], tiles["num_stages"])
+            cells.append("%s %d / %d" % (name, *report))
+        print(f"{text or 'default tiles'}:  " + "   ".join(cells), flush=True)
     if args.tiles:
         return
     ssd = dict(BLOCK_Q=32, BLOCK_N=16, PRECISION="tf32")

@@ -265,7 +265,8 @@ def test_parse_kernel_options():
 
 
 def test_parse_triton_tiles():
-    assert parse_triton_tiles("block_m=128,num_warps=8") == {"block_m": 128, "num_warps": 8}
+    tiles = parse_triton_tiles("block_m=128,num_warps=8,bwd_num_warps=4")
+    assert tiles == {"block_m": 128, "num_warps": 8, "bwd_num_warps": 4}
     with pytest.raises(ValueError, match=r"tiles take .* got \['BLOCK_M'\]"):
         parse_triton_tiles("BLOCK_M=128")
 

@@ -19,21 +19,23 @@ KERNEL = "bmojo.ops.triton.attention:union_attention_triton"
 UNION = "bmojo.ops.attention:union_attention"
 
 # name: (batch, query heads, kv heads, length, head dim, bands as (lo, hi), memory chunk (0: none), memory slots,
-# tiles (block_m, block_n), dtype)
+# tiles (union_attention_triton's arguments), dtype)
+SQUARE, TALL, F32 = {"block_m": 16, "block_n": 16}, {"block_m": 32, "block_n": 16}, torch.float32
 CASES = {
     # the B'MOJO read-out: window, fading band, eidetic tokens; grouped heads, a head dim that is not a power of two,
     # a length that fills no tile, chunks smaller than a query tile (a tile spans chunks), invalid slots
-    "bmojo": (2, 4, 2, 37, 24, [(0, 7), (8, 15)], 8, 5, (16, 16), torch.float32),
-    "window": (1, 2, 2, 33, 16, [(0, 9)], 0, 0, (32, 16), torch.float32),
+    "bmojo": (2, 4, 2, 37, 24, [(0, 7), (8, 15)], 8, 5, SQUARE, F32),
+    "window": (1, 2, 2, 33, 16, [(0, 9)], 0, 0, TALL, F32),
     # bands wider than the tiles: blocks every query of a tile sees, computed without a mask
-    "wide": (1, 4, 2, 100, 16, [(0, 39), (40, 79)], 32, 4, (16, 16), torch.float32),
-    "wide_tiles": (2, 2, 1, 90, 16, [(0, 47), (48, 95)], 0, 0, (32, 16), torch.float32),
-    "one_token": (1, 2, 1, 1, 16, [(0, 3), (4, 7)], 16, 3, (16, 16), torch.float32),
+    "wide": (1, 4, 2, 100, 16, [(0, 39), (40, 79)], 32, 4, SQUARE, F32),
+    # ... with other tiles in the backward
+    "wide_tiles": (2, 2, 1, 90, 16, [(0, 47), (48, 95)], 0, 0, {**TALL, "bwd_block_m": 16, "bwd_block_n": 32}, F32),
+    "one_token": (1, 2, 1, 1, 16, [(0, 3), (4, 7)], 16, 3, SQUARE, F32),
     # a band alone that starts at distance 8: the first 8 queries see nothing (o = 0, lse = -inf)
-    "empty_rows": (1, 2, 1, 30, 16, [(8, 15)], 0, 0, (16, 16), torch.float32),
+    "empty_rows": (1, 2, 1, 30, 16, [(8, 15)], 0, 0, SQUARE, F32),
     # full causal attention and a memory whose chunk spans several tiles
-    "causal": (1, 2, 1, 50, 16, [(0, None)], 32, 4, (16, 32), torch.float32),
-    "half": (2, 2, 1, 45, 32, [(0, 7), (8, 15)], 16, 6, (32, 16), torch.float16),
+    "causal": (1, 2, 1, 50, 16, [(0, None)], 32, 4, {"block_m": 16, "block_n": 32}, F32),
+    "half": (2, 2, 1, 45, 32, [(0, 7), (8, 15)], 16, 6, TALL, torch.float16),
 }
 
 
@@ -80,8 +82,7 @@ def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
     calls = {}
     for name, case in CASES.items():
-        block_m, block_n = case[-2]
-        tiles = {"block_m": block_m, "block_n": block_n}
+        tiles = case[-2]
         calls[name] = (KERNEL, case_inputs(name), tiles)
         calls[f"{name}_grad"] = (KERNEL, case_inputs(name, grad=True), {**tiles, "_grad": True})
     calls["dispatch"] = (UNION, case_inputs("bmojo", seed=1), {})
@@ -156,9 +157,10 @@ def test_union_attention_kernel_rejects_bad_input():
         kernel.union_attention_triton(q[:, :3], bands, memory)
 
 
-# Traces a compiled training step of a tiny model of the preset argv[1] with BMOJO_KERNELS=triton through dynamo and AOT autograd
-# (fake tensors: no kernel runs) and prints the Triton kernels in its forward and backward graphs. Triton analyses a
-# kernel for torch.compile by lowering it for a target; with no GPU here, a stand-in driver names an H100.
+# Traces a compiled training step of a tiny model of the preset argv[1] with BMOJO_KERNELS=triton through dynamo and
+# AOT autograd (fake tensors: no kernel runs) and prints the Triton kernels in its forward and backward graphs.
+# Triton analyses a kernel for torch.compile by lowering it for a target; with no GPU here, a stand-in driver names
+# an H100.
 TRACE = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
@@ -236,6 +238,6 @@ def test_kernel_registers_script_reports_every_kernel():
                           text=True, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.splitlines()[-1]
-    assert line.startswith("block_m=16,block_n=16")
+    assert line.startswith("block_m=16,block_n=16:")
     numbers = [int(x) for x in re.findall(r"(\d+) / (\d+)", line) for x in x]
     assert len(numbers) == 6 and all(0 < r <= 255 for r in numbers[::2])

@@ -372,12 +372,13 @@ def parse_kernel_options(text: str) -> dict[str, int]:
 
 
 def parse_triton_tiles(text: str) -> dict[str, int]:
-    """Tiles of our Triton read-out from ``"block_m=128,block_n=64,num_warps=8"`` (keys ``block_m, block_n,
-    num_warps, num_stages``)."""
+    """Tiles of our Triton read-out from ``"block_m=128,block_n=64,num_warps=8,bwd_num_warps=4"`` (keys ``block_m,
+    block_n, num_warps, num_stages`` of the forward and the same with ``bwd_`` for the backward)."""
     tiles = parse_kernel_options(text)
-    unknown = set(tiles) - {"block_m", "block_n", "num_warps", "num_stages"}
+    names = {"block_m", "block_n", "num_warps", "num_stages"}
+    unknown = set(tiles) - names - {f"bwd_{name}" for name in names}
     if unknown:
-        raise ValueError(f"tiles take block_m, block_n, num_warps and num_stages, got {sorted(unknown)} in {text!r}")
+        raise ValueError(f"tiles take {sorted(names)} and the same with bwd_, got {sorted(unknown)} in {text!r}")
     return tiles
 
 

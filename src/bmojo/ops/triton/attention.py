@@ -284,11 +284,11 @@ def _block_d(q: torch.Tensor) -> int:
 @triton_op("bmojo::union_attention_fwd", mutates_args=())
 def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tensor | None, mv: torch.Tensor | None,
                valid: torch.Tensor | None, lo0: int, hi0: int, lo1: int, hi1: int, chunk: int, scale: float,
-               block_m: int, block_n: int, num_warps: int, num_stages: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+               block_m: int, block_n: int, num_warps: int, num_stages: int, bwd_block_m: int, bwd_block_n: int,
+               bwd_num_warps: int, bwd_num_stages: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(o [B, Hq, L, d] in q's dtype, lse [B, Hq, L] float32)`` of ``q`` over the bands ``k, v [bands, B, Hkv, L,
     d]`` and the chunk memories ``mk, mv [B, Hkv, chunks, slots, d]``, ``valid [B, chunks, slots]``; ``num_warps,
-    num_stages`` 0: Triton's defaults."""
+    num_stages`` 0: Triton's defaults; the ``bwd_`` tiles are the backward's (:func:`_setup` passes them on)."""
     b, hq, length, d = q.shape
     o = _empty(q)
     lse = torch.empty(b, hq, length, dtype=torch.float32, device=q.device)
@@ -342,14 +342,15 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
 def _setup(ctx, inputs, output) -> None:
     q, k, v, mk, mv, valid, *args = inputs
     ctx.save_for_backward(q, k, v, mk, mv, valid, *output)
-    ctx.args = args
+    ctx.args = (*args[:6], *args[10:])  # spans, chunk, scale and the backward's tiles
+    ctx.inputs = len(inputs)
 
 
 def _backward(ctx, do: torch.Tensor, dlse: torch.Tensor):
     q, k, v, mk, mv, valid, o, lse = ctx.saved_tensors
     dq, dk, dv, dmk, dmv = _union_bwd(do, dlse, q, k, v, mk, mv, valid, o, lse, *ctx.args)
     memory_grads = (None, None) if mk is None else (dmk, dmv)
-    return dq, dk, dv, *memory_grads, None, *(None,) * len(ctx.args)
+    return dq, dk, dv, *memory_grads, *(None,) * (ctx.inputs - 5)
 
 
 _union_fwd.register_autograd(_backward, setup_context=_setup)
@@ -363,21 +364,27 @@ def union_attention_triton(
     block_n: int = 64,
     num_warps: int = 0,
     num_stages: int = 0,
+    bwd_block_m: int = 0,
+    bwd_block_n: int = 0,
+    bwd_num_warps: int = 0,
+    bwd_num_stages: int = 0,
     scale: float | None = None,
 ) -> AttnOut:
     """``bmojo.ops.attention.union_attention`` of ``q [B, Hq, L, d]`` over one or two ``bands`` and the per-chunk
     ``memory`` in the Triton kernels: ``(o [B, Hq, L, d], lse [B, Hq, L] float32)``, differentiable.
 
-    ``block_m`` queries and ``block_n`` keys per tile, powers of two >= 16; ``num_warps``, ``num_stages`` of every
-    kernel (0: Triton's defaults). Two bands' keys (values) are stacked into one ``[2, B, Hkv, L, d]`` tensor (a
-    copy) for the kernels.
+    ``block_m`` queries and ``block_n`` keys per tile, powers of two >= 16, and ``num_warps``, ``num_stages`` (0:
+    Triton's defaults) of the forward kernel; the ``bwd_`` ones of the backward's two kernels (0: the forward's).
+    Two bands' keys (values) are stacked into one ``[2, B, Hkv, L, d]`` tensor (a copy) for the kernels.
     """
     b, hq, length, d = q.shape
     if not 1 <= len(bands) <= 2:
         raise ValueError(f"union_attention_triton takes one or two bands, got {len(bands)}")
     if length == 0:
         raise ValueError("union_attention_triton needs at least one query")
-    for name, value in (("block_m", block_m), ("block_n", block_n)):
+    bwd_block_m, bwd_block_n = bwd_block_m or block_m, bwd_block_n or block_n
+    for name, value in (("block_m", block_m), ("block_n", block_n), ("bwd_block_m", bwd_block_m),
+                        ("bwd_block_n", bwd_block_n)):  # fmt: skip
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
     hkv = bands[0].k.shape[1]
@@ -393,17 +400,18 @@ def union_attention_triton(
             raise ValueError(f"memory has {n_chunks} chunks of {memory.chunk}, fewer than the {length} queries need")
         if memory.valid.dtype != torch.bool:
             raise ValueError(f"memory.valid must be bool, got {memory.valid.dtype}")
-    memory_tensors = () if memory is None else (memory.k, memory.v, memory.valid)
-    check_inputs(expected, q, *(x for band in bands for x in (band.k, band.v)), *memory_tensors)
-    dtypes = {x.dtype for x in (q, *(x for band in bands for x in (band.k, band.v)), *memory_tensors[:2])}
+    band_tensors = [x for band in bands for x in (band.k, band.v)]
+    memory_tensors = [] if memory is None else [memory.k, memory.v, memory.valid]
+    check_inputs(expected, q, *band_tensors, *memory_tensors)
+    dtypes = {x.dtype for x in (q, *band_tensors, *memory_tensors[:2])}
     if len(dtypes) > 1:
         raise ValueError(f"queries, keys and values must share one dtype, got {sorted(map(str, dtypes))}")
     spans = [(band.lo, length if band.hi is None else band.hi) for band in bands] + [(0, -1)]
     if any(lo < 0 or hi < lo for lo, hi in spans[: len(bands)]):
         raise ValueError(f"bands need 0 <= lo <= hi, got {[(band.lo, band.hi) for band in bands]}")
-    keys, values = [band.k for band in bands], [band.v for band in bands]
-    k, v = (torch.stack(xs) if len(xs) > 1 else xs[0][None] for xs in (keys, values))
+    k, v = (torch.stack(xs) if len(xs) > 1 else xs[0][None] for xs in (band_tensors[::2], band_tensors[1::2]))
     mk, mv, valid, chunk = (None, None, None, 1) if memory is None else (memory.k, memory.v, memory.valid, memory.chunk)
     scale = d**-0.5 if scale is None else scale
-    tiles = (block_m, block_n, num_warps, num_stages)
+    tiles = (block_m, block_n, num_warps, num_stages, bwd_block_m, bwd_block_n, bwd_num_warps or num_warps,
+             bwd_num_stages or num_stages)  # fmt: skip
     return _union_fwd(q, k, v, mk, mv, valid, *spans[0], *spans[1], chunk, scale, *tiles)
