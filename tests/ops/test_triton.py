@@ -241,6 +241,17 @@ def test_use_triton_rules(kernel_mode):
         kernels.set_kernels("fast")
 
 
+def test_inputs_too_large_for_32_bit_offsets_are_refused(kernel_mode):
+    """A tensor spanning ``2**31`` elements or more within a batch entry (meta tensors: no memory) takes the PyTorch
+    path in ``auto`` mode and is refused by the kernels' input check; ``2**31 - 1`` fits."""
+    fits, huge = (torch.empty(2, 2**16, n, device="meta") for n in (2**15, 2**15 + 1))  # last offsets 2**31 - 1, more
+    assert kernels.offsets_fit(fits) and not kernels.offsets_fit(huge)
+    assert kernels.offsets_fit(torch.empty(2**20, 2**12, device="meta"))  # the batch entries' own offsets are 64-bit
+    kernels.check_inputs({}, fits)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        kernels.check_inputs({}, fits, huge)
+
+
 def test_kernels_need_a_torch_that_registers_triton_ops(kernel_mode, monkeypatch):
     """A torch without ``torch.library.triton_op`` (before 2.6) takes the PyTorch paths in ``auto`` mode and says what
     ``triton`` mode needs."""

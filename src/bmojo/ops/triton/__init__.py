@@ -60,12 +60,19 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def offsets_fit(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` lies within ``2**31`` elements of its batch entry's first: the kernels take
+    32-bit offsets within a batch entry (64-bit across entries)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:])) < 2**31
+
+
 def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> bool:
     """Whether a call on ``tensors`` should run our Triton kernel.
 
     Never when any input is float64 (the kernels compute in float32), nor when an input needs a gradient under grad
     mode, unless the kernel is ``differentiable`` (has a backward kernel); otherwise always in ``triton`` mode, and in
-    ``auto`` mode when every tensor is on a CUDA device and ``triton`` is importable.
+    ``auto`` mode when every tensor is on a CUDA device, ``triton`` is importable and every tensor's offsets fit the
+    kernels' (:func:`offsets_fit`).
     """
     present = [t for t in tensors if t is not None]
     if _mode == "reference":
@@ -78,18 +85,24 @@ def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> b
         if not triton_available():
             raise RuntimeError("BMOJO_KERNELS=triton needs the triton package (pip install triton) and torch >= 2.6")
         return True
-    return all(t.is_cuda for t in present) and triton_available()
+    return all(t.is_cuda and offsets_fit(t) for t in present) and triton_available()
 
 
 def check_inputs(expected: dict[str, tuple[torch.Tensor, tuple[int, ...]]], *tensors: torch.Tensor | None) -> None:
     """Raise ``ValueError`` naming the first input of ``expected`` (name: (tensor, shape)) whose shape differs, or if
-    ``tensors`` lie on more than one device."""
+    ``tensors`` lie on more than one device, or one of them is too large for the kernels' offsets
+    (:func:`offsets_fit`)."""
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    for t in tensors:
+        if t is not None and not offsets_fit(t):
+            raise ValueError(f"an input of shape {tuple(t.shape)} spans 2**31 elements or more within one batch "
+                             "entry: too large for the Triton kernels' 32-bit offsets (BMOJO_KERNELS=reference runs "
+                             "it)")  # fmt: skip
 
 
 def dot_precision(x: torch.Tensor) -> str:
