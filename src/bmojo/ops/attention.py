@@ -668,7 +668,7 @@ def union_attention(
     (CPU, finite bands, kernel mode not ``reference``); else merge.
     """
     if impl == "auto":
-        if use_triton(q, differentiable=True) and len(bands) <= 2:
+        if len(bands) <= 2 and use_triton(q, *(x for band in bands for x in (band.k, band.v)), differentiable=True):
             impl = "triton"
         elif use_fused_cuda(q) and flex_available():
             impl = "flex"
