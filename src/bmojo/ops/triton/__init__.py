@@ -105,6 +105,24 @@ def check_inputs(expected: dict[str, tuple[torch.Tensor, tuple[int, ...]]], *ten
                              "it)")  # fmt: skip
 
 
+def register_scan_autograd(forward, backward, options: int) -> None:
+    """Differentiate the scan op ``forward(x, dt, A, B, C, initial_state, *options..., store_states) -> (y, final,
+    chunk_states)`` by the op ``backward(dy, d_final, x, dt, A, B, C, chunk_states, *the first `options` options)
+    -> (dx, ddt, dA, dB, dC, d_initial)`` (the initial state's gradient cast to its dtype, or none without one)."""
+
+    def setup(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[:5], output[2])
+        ctx.options, ctx.non_tensors = inputs[6 : 6 + options], len(inputs) - 6
+        ctx.initial_dtype = None if inputs[5] is None else inputs[5].dtype
+
+    def grads(ctx, dy: torch.Tensor, d_final: torch.Tensor, _):
+        *rest, d_initial = backward(dy, d_final, *ctx.saved_tensors, *ctx.options)
+        d_initial = None if ctx.initial_dtype is None else d_initial.to(ctx.initial_dtype)
+        return *rest, d_initial, *(None,) * ctx.non_tensors
+
+    forward.register_autograd(grads, setup_context=setup)
+
+
 def dot_precision(x: torch.Tensor) -> str:
     """``tl.dot`` precision for inputs like ``x``: full float32 products for float32 inputs; TF32 for 16-bit ones
     (rounded coarser anyway)."""

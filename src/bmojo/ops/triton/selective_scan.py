@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from bmojo.ops.triton import check_inputs, needs_grad
+from bmojo.ops.triton import check_inputs, needs_grad, register_scan_autograd
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -203,19 +203,7 @@ def _scan_bwd(dy: torch.Tensor, d_final: torch.Tensor, u: torch.Tensor, delta: t
             dc.sum(2).to(C.dtype), dh0]  # fmt: skip
 
 
-def _scan_setup(ctx, inputs, output) -> None:
-    u, delta, A, B, C, initial_state, block_e, chunk, _ = inputs
-    ctx.save_for_backward(u, delta, A, B, C, output[2])
-    ctx.args, ctx.initial_dtype = (block_e, chunk), None if initial_state is None else initial_state.dtype
-
-
-def _scan_backward(ctx, dy: torch.Tensor, d_final: torch.Tensor, _):
-    du, ddelta, dA, dB, dC, dh0 = _scan_bwd(dy, d_final, *ctx.saved_tensors, *ctx.args)
-    dh0 = None if ctx.initial_dtype is None else dh0.to(ctx.initial_dtype)
-    return du, ddelta, dA, dB, dC, dh0, None, None, None
-
-
-_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
+register_scan_autograd(_scan_fwd, _scan_bwd, options=2)  # the backward takes block_e and chunk
 
 
 def selective_scan_triton(

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from bmojo.ops.ssd import _heads_per_group
-from bmojo.ops.triton import check_inputs, dot_precision, needs_grad
+from bmojo.ops.triton import check_inputs, dot_precision, needs_grad, register_scan_autograd
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -259,19 +259,7 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
     return [dx.to(x.dtype), ddt.sum(3).to(dt.dtype), da.sum((0, 2)).to(A.dtype), dB, dC, dh0]
 
 
-def _ssd_setup(ctx, inputs, output) -> None:
-    x, dt, A, B, C, initial_state, chunk_size, _, _ = inputs
-    ctx.save_for_backward(x, dt, A, B, C, output[2])
-    ctx.chunk_size, ctx.initial_dtype = chunk_size, None if initial_state is None else initial_state.dtype
-
-
-def _ssd_backward(ctx, dy: torch.Tensor, d_final: torch.Tensor, _):
-    dx, ddt, dA, dB, dC, dh0 = _ssd_bwd(dy, d_final, *ctx.saved_tensors, ctx.chunk_size)
-    dh0 = None if ctx.initial_dtype is None else dh0.to(ctx.initial_dtype)
-    return dx, ddt, dA, dB, dC, dh0, None, None, None
-
-
-_ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
+register_scan_autograd(_ssd_fwd, _ssd_bwd, options=1)  # the backward takes chunk_size (its own BWD_BLOCK_P)
 
 
 def ssd_scan_triton(
