@@ -435,8 +435,8 @@ class BMojoMixer(nn.Module):
                 kf, vf = self.attn.keys_values(entering, _rows(rope, slice(1, 2)), self.fading_k_proj,
                                                self.fading_v_proj)  # fmt: skip
                 k, v = torch.cat([k, kf], 2), torch.cat([v, vf], 2)
-        if self.memory is not None:
-            boundary = pos % self.memory.chunk_size == 0  # the memory built so far comes into use
+        if self.memory is not None and (torch.compiler.is_compiling() or t % self.memory.chunk_size == 0):
+            boundary = pos % self.memory.chunk_size == 0  # the memory built so far comes into use (eager: only then)
             n = state.positions.shape[1]
             mem = torch.arange(n - self.memory.size, n, device=pos.device)  # its slots, last in the joined buffers
             for joined, stage, dim in ((state.keys, state.stage_k, 2), (state.values, state.stage_v, 2),
@@ -489,12 +489,12 @@ class BMojoMixer(nn.Module):
             cand_pos = state.positions.index_select(1, slot)
             cand_score = state.win_score.index_select(1, slot).masked_fill(cand_pos < 0, float("-inf"))
             at_slot, enter = insert_slot(state.stage_score, state.stage_pos, cand_score)  # [B, 1] each
-            rows = torch.arange(at_slot.shape[0], device=at_slot.device)[:, None]
+            slots = torch.arange(state.stage_pos.shape[1], device=slot.device)
+            replace = (slots == at_slot) & enter  # [B, k]: the one slot the candidate takes, if any
             for stage, cand in ((state.stage_score, cand_score), (state.stage_pos, cand_pos)):
-                stage.index_put_((rows, at_slot), torch.where(enter, cand, stage[rows, at_slot]))
-            for stage, cand in ((state.stage_k, cand_k), (state.stage_v, cand_v)):
-                index = (rows, slice(None), at_slot)  # of stage [B, Hkv, k, d]: the entries [B, 1, Hkv, d]
-                stage[index] = torch.where(enter[:, :, None, None], cand.transpose(1, 2), stage[index])
+                stage.copy_(torch.where(replace, cand, stage))
+            for stage, cand in ((state.stage_k, cand_k), (state.stage_v, cand_v)):  # [B, Hkv, k, d], cand [B, Hkv, 1, d]
+                stage.copy_(torch.where(replace[:, None, :, None], cand, stage))
             if state.pend_pos is not None and t >= self.window:
                 pend = t % self.memory.chunk_size
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]

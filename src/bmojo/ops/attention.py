@@ -91,12 +91,13 @@ def step_attention(
         raise ValueError(f"step_attention takes one query per head, got {m}")
     hkv, n_keys = k.shape[1], k.shape[2]
     g = _group(q, hkv).shape[2]
+    if extra is None:  # the G query heads of a key head as G queries of it: the keys are read once, not copied G times
+        o = F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=visible[:, None, None, :])
+        return o.view(b, hq, 1, d)
     k, v = (x.unsqueeze(2).expand(b, hkv, g, n_keys, d).reshape(b, hq, n_keys, d) for x in (k, v))
-    mask = visible[:, None, None, :].expand(b, hq, 1, n_keys)
-    if extra is not None:
-        ek, ev, valid = extra
-        k, v, mask = torch.cat([k, ek[:, :, 0]], 2), torch.cat([v, ev[:, :, 0]], 2), torch.cat([mask, valid], -1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ek, ev, valid = extra
+    mask = torch.cat([visible[:, None, None, :].expand(b, hq, 1, n_keys), valid], -1)
+    return F.scaled_dot_product_attention(q, torch.cat([k, ek[:, :, 0]], 2), torch.cat([v, ev[:, :, 0]], 2), attn_mask=mask)
 
 
 def banded_attention(
