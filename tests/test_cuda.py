@@ -188,6 +188,22 @@ def test_fused_model_matches_reference_logits_and_gradients(name, reference_kern
         torch.testing.assert_close(grads[n], gr, atol=2e-3, rtol=2e-2, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_launch_on_their_inputs_device_not_the_current_one():
+    """Triton launches on the current device: our ops make their inputs' device current, so a model on ``cuda:1``
+    trains while ``cuda:0`` is current, with the loss and gradients of the same model on ``cuda:0``."""
+    torch.cuda.set_device(0)
+    results = []
+    for dev in ("cuda:0", "cuda:1"):
+        model = _tiny("bmojo", selection="recency").to(dev)
+        ids = torch.arange(300, device=dev).view(2, 150) % model.config.vocab_size
+        out = model(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        results.append([out.loss.detach().cpu()] + [p.grad.cpu() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_cuda_prefill_plus_decode_equals_full_forward(name):
     model = _tiny(name).eval()

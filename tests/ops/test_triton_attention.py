@@ -122,6 +122,19 @@ def test_union_attention_dispatches_to_the_kernel(interpreted):
     torch.testing.assert_close(lse, lse_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_auto_mode_weighs_every_input_the_kernels_read(monkeypatch):
+    """``union_attention`` asks ``use_triton`` about the eidetic memory's keys and values too, not the queries and
+    bands alone: a memory too large for the kernels' offsets then takes another path rather than failing their check."""
+    import bmojo.ops.attention as attention
+
+    asked = []
+    monkeypatch.setattr(attention, "use_triton", lambda *tensors, differentiable=False: asked.extend(tensors) and False)
+    q, bands, memory = case_inputs("bmojo")
+    attention.union_attention(q, bands, memory)
+    expected = [q, *(x for band in bands for x in (band.k, band.v)), memory.k, memory.v]
+    assert len(asked) == len(expected) and all(a is e for a, e in zip(asked, expected))
+
+
 @pytest.mark.parametrize("preset", MODEL_PRESETS)
 def test_model_trains_through_the_kernels(interpreted, preset):
     """A whole tiny model's loss and every parameter's gradient with ``BMOJO_KERNELS=triton`` (our kernels for every

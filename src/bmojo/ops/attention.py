@@ -669,7 +669,8 @@ def union_attention(
     (CPU, finite bands, kernel mode not ``reference``); else merge.
     """
     if impl == "auto":
-        if len(bands) <= 2 and use_triton(q, *(x for band in bands for x in (band.k, band.v)), differentiable=True):
+        inputs = [x for band in bands for x in (band.k, band.v)] + ([] if memory is None else [memory.k, memory.v])
+        if len(bands) <= 2 and use_triton(q, *inputs, differentiable=True):
             impl = "triton"
         elif use_fused_cuda(q) and flex_available():
             impl = "flex"

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -61,9 +64,11 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 
 def offsets_fit(x: torch.Tensor) -> bool:
-    """Whether every element of ``x`` lies within ``2**31`` elements of its batch entry's first: the kernels take
-    32-bit offsets within a batch entry (64-bit across entries)."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:])) < 2**31
+    """Whether every element of ``x``, and of a contiguous tensor of its shape (the kernels' outputs), lies within
+    ``2**31`` elements of its batch entry's first: the kernels take 32-bit offsets within a batch entry (64-bit across
+    entries)."""
+    span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:]))
+    return max(span, math.prod(x.shape[1:]) - 1) < 2**31
 
 
 def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> bool:
@@ -123,9 +128,28 @@ def register_scan_autograd(forward, backward, options: int) -> None:
     forward.register_autograd(grads, setup_context=setup)
 
 
+def kernel_op(name: str) -> Callable[[Callable], Callable]:
+    """``torch.library.triton_op(name)`` of a function that launches Triton kernels, run with its first argument's
+    CUDA device current: Triton launches on the current device, not on its arguments' (tensors on ``cuda:1`` while
+    ``cuda:0`` is current would fault or race); compiled code guards its launches' devices itself."""
+
+    def register(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def on_device(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if x.is_cuda and not torch.compiler.is_compiling():
+                with torch.cuda.device(x.device):
+                    return fn(x, *args, **kwargs)
+            return fn(x, *args, **kwargs)
+
+        return torch.library.triton_op(name, mutates_args=())(on_device)
+
+    return register
+
+
 def dot_precision(x: torch.Tensor) -> str:
-    """``tl.dot`` precision for inputs like ``x``: full float32 products for float32 inputs; TF32 for 16-bit ones
-    (rounded coarser anyway)."""
+    """``tl.dot`` precision for inputs like ``x``: full float32 products for float32 inputs; TF32 (10-bit mantissas,
+    finer than bfloat16's 7) for 16-bit ones, on the tensor cores, which rounds float32 intermediates entering a
+    product (the SSD's states and gradients) as well."""
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 

@@ -113,14 +113,14 @@ def _query_kernel(
     """One block of queries over the key blocks its bands and chunks reach: ``o`` into ``out`` and the LSE into
     ``lse``, or (``BACKWARD``) ``dq`` into ``out`` from ``do``, the LSE and ``delta``. ``k, v [bands, b, Hkv, L, D]``
     (``s*_s`` the band stride); ``out [b, H, L, D]`` and ``lse, delta [b, H, L]`` contiguous."""
-    start, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
-    batch, head = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+    start = tl.program_id(0) * BLOCK_M  # axes: query blocks, batch, heads (each under CUDA's 65,535 for axes 1, 2)
+    batch, head = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     kv_head = head // group
     i = start + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     i_ok, d_ok = i < length, d < head_dim
     q_ok = i_ok[:, None] & d_ok[None, :]
-    row = bh.to(tl.int64) * length + i
+    row = (batch * heads + head) * length + i
     q = tl.load(q_ptr + batch * sq_b + head * sq_h + i[:, None] * sq_t + d[None, :] * sq_d, mask=q_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # o's numerator, or dq
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -205,13 +205,13 @@ def _bwd_kv_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``dk, dv`` over every query head of a group: of one block of a band's keys (``k [bands, b, Hkv, L, D]``,
-    ``s*_s`` the band stride; program axis 0 over key blocks, axis 1 over ``(band, batch, kv head)``), or of one
-    chunk's memory (``MEMORY``: ``k [b, Hkv, chunks, n_keys slots, D]``, ``s*_s`` the chunk stride, ``s*_t`` the
-    slot stride; axis 0 over chunks, axis 1 over ``(batch, kv head)``). ``dk, dv`` are contiguous like ``k``."""
-    pid, bh = tl.program_id(0), tl.program_id(1)
+    ``s*_s`` the band stride; program axes: key blocks, ``(band, batch)``, kv heads), or of one chunk's memory
+    (``MEMORY``: ``k [b, Hkv, chunks, n_keys slots, D]``, ``s*_s`` the chunk stride, ``s*_t`` the slot stride; axes:
+    chunks, batch, kv heads). ``dk, dv`` are contiguous like ``k``."""
+    pid, band_batch, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     kv_heads = heads // group
-    band, batch, kv_head = bh // (batch_size * kv_heads), (bh // kv_heads) % batch_size, bh % kv_heads
-    band, batch, kv_head = band.to(tl.int64), batch.to(tl.int64), kv_head.to(tl.int64)
+    band, batch = band_batch // batch_size, band_batch % batch_size
+    bh = band_batch * kv_heads + kv_head  # (band, batch, kv head) in the contiguous dk, dv
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     if MEMORY:
@@ -223,7 +223,7 @@ def _bwd_kv_kernel(
         first, end = pid * chunk, tl.minimum(pid * chunk + chunk, length)
         lo, hi = -BLOCK_N, length  # every query of the chunk sees every valid slot
         full_lo, full_hi = end, end  # (validity is tested everywhere)
-        out = (bh.to(tl.int64) * tl.num_programs(0) + pid) * n_keys + j
+        out = (bh * tl.num_programs(0) + pid) * n_keys + j
     else:
         j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         j_ok = j < n_keys
@@ -237,7 +237,7 @@ def _bwd_kv_kernel(
         # queries that see every key of the block: from (last key + lo) to (first key + hi), when the block is whole
         high = tl.where(key + BLOCK_N <= n_keys, tl.minimum(key + hi + 1, length), 0)
         full_lo, full_hi = _full_blocks(first, end, key + BLOCK_N - 1 + lo, high, BLOCK_M)
-        out = bh.to(tl.int64) * n_keys + j
+        out = bh * n_keys + j
     kv_ok = j_ok[:, None] & d_ok[None, :]
     k = tl.load(k_base + j[:, None] * sk_t + d[None, :] * sk_d, mask=kv_ok, other=0.0)
     v = tl.load(v_base + j[:, None] * sv_t + d[None, :] * sv_d, mask=kv_ok, other=0.0)
@@ -293,7 +293,7 @@ def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tens
     o = _empty(q)
     lse = torch.empty(b, hq, length, dtype=torch.float32, device=q.device)
     (mk_, mv_, valid_), mem_strides, slots, block_s = _memory_args(q, mk, mv, valid)
-    wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b * hq)](
+    wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b, hq)](
         q, k, v, mk_, mv_, valid_, q, lse, lse, o, length, hq, hq // k.shape[2], d, lo0, hi0, lo1, hi1, chunk, slots,
         scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides, 0, 0, 0, 0,
         BACKWARD=False, BANDS=k.shape[0], HAS_MEMORY=mk is not None, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -315,14 +315,14 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     dq, dk, dv = _empty(q), _empty(k), _empty(v)
     (mk_, mv_, valid_), mem_strides, slots, block_s = _memory_args(q, mk, mv, valid)
     common = dict(BLOCK_D=_block_d(q), PRECISION=dot_precision(q), **_launch(num_warps, num_stages))
-    wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b * hq)](
+    wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b, hq)](
         q, k, v, mk_, mv_, valid_, do, lse, delta, dq, length, hq, hq // hkv, d, lo0, hi0, lo1, hi1, chunk, slots,
         scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides, *do.stride(),
         BACKWARD=True, BANDS=k.shape[0], HAS_MEMORY=mk is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_S=block_s, **common,
     )  # fmt: skip
     group_args = (hq, hq // hkv, d, lo0, hi0, lo1, hi1, chunk)
-    wrap_triton(_bwd_kv_kernel)[(triton.cdiv(length, block_n), k.shape[0] * b * hkv)](
+    wrap_triton(_bwd_kv_kernel)[(triton.cdiv(length, block_n), k.shape[0] * b, hkv)](
         q, k, v, q, do, lse, delta, dk, dv, b, length, *group_args, length, scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, *do.stride(),
         MEMORY=False, BLOCK_M=block_m, BLOCK_N=block_n, **common,
@@ -330,7 +330,7 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     if mk is None:
         return [dq, dk, dv, q.new_empty(0), q.new_empty(0)]
     dmk, dmv = _empty(mk), _empty(mv)
-    wrap_triton(_bwd_kv_kernel)[(mk.shape[2], b * hkv)](
+    wrap_triton(_bwd_kv_kernel)[(mk.shape[2], b, hkv)](
         q, mk, mv, valid_, do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E, scale,
         *q.stride(), mk.stride(2), *mk.stride()[:2], *mk.stride()[3:], mv.stride(2), *mv.stride()[:2],
         *mv.stride()[3:], *valid.stride(), *do.stride(),

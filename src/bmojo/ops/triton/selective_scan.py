@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bmojo.ops.triton import check_inputs, needs_grad, register_scan_autograd
+from bmojo.ops.triton import check_inputs, kernel_op, needs_grad, register_scan_autograd
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -52,10 +52,11 @@ def _selective_scan_fwd_kernel(
     b_row, c_row = b_ptr + batch * sb_b + n * sb_n, c_ptr + batch * sc_b + n * sc_n
     y_row = y_ptr + batch * sy_b + e * sy_e
     cs = chunk_states_ptr + (batch * tl.cdiv(length, CHUNK) * channels + e[:, None]) * states + n[None, :]
+    cs_chunk = tl.cast(channels, tl.int64) * states  # 64-bit: chunk offsets can pass 2**31 (the loop counts in 32)
     for t in range(length):
         if STORE_STATES:
             if t % CHUNK == 0:
-                tl.store(cs + (t // CHUNK) * channels * states, h, mask=en_ok)
+                tl.store(cs + (t // CHUNK) * cs_chunk, h, mask=en_ok)
         u = tl.load(u_row + t * su_t, mask=e_ok, other=0.0).to(tl.float32)
         d = tl.load(d_row + t * sd_t, mask=e_ok, other=0.0).to(tl.float32)
         b = tl.load(b_row + t * sb_t, mask=n_ok, other=0.0).to(tl.float32)
@@ -93,13 +94,14 @@ def _selective_scan_bwd_kernel(
     n_chunks = tl.cdiv(length, CHUNK)
     blocks = tl.num_programs(1)
     cs = chunk_states_ptr + (batch * n_chunks * channels + e[:, None]) * states + n[None, :]
+    cs_chunk, bc_t = tl.cast(channels, tl.int64) * states, tl.cast(blocks, tl.int64) * states  # 64-bit, as above
     tile = tl.arange(0, BLOCK_E)[:, None] * BLOCK_N + n[None, :]
     scratch = scratch_ptr + (batch * blocks + block) * (CHUNK + 1) * BLOCK_E * BLOCK_N + tile
     grad_row = batch * length * channels + e  # (batch, t = 0, e) in the [b, L, E] outputs
     bc_row = (batch * length * blocks + block) * states + n  # (batch, t = 0, block, n) in the [b, L, blocks, N] ones
     for back in range(n_chunks):
         start = (n_chunks - 1 - back) * CHUNK
-        h = tl.load(cs + (start // CHUNK) * channels * states, mask=en_ok, other=0.0)
+        h = tl.load(cs + (start // CHUNK) * cs_chunk, mask=en_ok, other=0.0)
         tl.store(scratch, h)
         for s in range(CHUNK):  # steps past the end have delta = u = 0: they leave the state as it is
             t = start + s
@@ -128,8 +130,8 @@ def _selective_scan_bwd_kernel(
             tl.store(ddelta_ptr + grad_row + t * channels, tl.sum(grad_decay * a + dh * u[:, None] * b[None, :], 1),
                      mask=e_t)  # fmt: skip
             tl.store(du_ptr + grad_row + t * channels, tl.sum(dh * b[None, :], 1) * d, mask=e_t)
-            tl.store(db_ptr + bc_row + t * blocks * states, tl.sum(dh * (d * u)[:, None], 0), mask=n_t)
-            tl.store(dc_ptr + bc_row + t * blocks * states, tl.sum(dy[:, None] * h, 0), mask=n_t)
+            tl.store(db_ptr + bc_row + t * bc_t, tl.sum(dh * (d * u)[:, None], 0), mask=n_t)
+            tl.store(dc_ptr + bc_row + t * bc_t, tl.sum(dy[:, None] * h, 0), mask=n_t)
             dh = dh * decay
         tl.debug_barrier()
     out = (batch * channels + e[:, None]) * states + n[None, :]
@@ -157,7 +159,7 @@ def _launch(u: torch.Tensor, block_e: int, block_n: int) -> tuple[tuple[int, int
     return (u.shape[0], triton.cdiv(u.shape[2], block_e)), 1 if block_e * block_n <= 512 else 4
 
 
-@triton_op("bmojo::selective_scan_fwd", mutates_args=())
+@kernel_op("bmojo::selective_scan_fwd")
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               initial_state: torch.Tensor | None, block_e: int, chunk: int,
               store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -167,7 +169,8 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     n = A.shape[1]
     y = torch.empty(bsz, length, e, dtype=torch.float32, device=u.device)
     final = torch.empty(bsz, e, n, dtype=torch.float32, device=u.device)
-    chunk_states = torch.empty(bsz, triton.cdiv(length, chunk) if store_states else 0, e, n, device=u.device)
+    chunk_states = torch.empty(bsz, triton.cdiv(length, chunk) if store_states else 0, e, n, dtype=torch.float32,
+                               device=u.device)
     h0 = final if initial_state is None else initial_state  # never read without HAS_H0
     cs = chunk_states if store_states else final  # never written without STORE_STATES
     block_n = triton.next_power_of_2(n)
@@ -181,7 +184,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     return y.to(u.dtype), final, chunk_states
 
 
-@triton_op("bmojo::selective_scan_bwd", mutates_args=())
+@kernel_op("bmojo::selective_scan_bwd")
 def _scan_bwd(dy: torch.Tensor, d_final: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
               B: torch.Tensor, C: torch.Tensor, chunk_states: torch.Tensor, block_e: int,
               chunk: int) -> list[torch.Tensor]:  # fmt: skip

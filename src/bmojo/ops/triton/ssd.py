@@ -12,7 +12,9 @@ state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward: a program p
 :data:`BWD_BLOCK_P` head dimensions) walks the chunks in reverse with its rows of the state's gradient in
 registers, recomputing each chunk's products; ``dt, B, C`` and ``A`` gradients come out per head and block of head
 dimensions and are summed over them (and the batch) afterwards.
-Inputs may be any float dtype and any strides; the arithmetic is float32 (float32 products at full precision).
+Inputs may be any float dtype and any strides; the arithmetic is float32, its matrix products at full float32
+precision for float32 inputs and in TF32 for 16-bit ones (:func:`bmojo.ops.triton.dot_precision`), which rounds the
+float32 states and gradients entering them too (to about 1e-3 relative, against the interpreter's exact float32).
 The calls are ``torch.library.triton_op`` custom ops, so ``torch.compile`` keeps the kernels and differentiates
 through them. Importing this module imports ``triton``.
 """
@@ -22,10 +24,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from bmojo.ops.ssd import _heads_per_group
-from bmojo.ops.triton import check_inputs, dot_precision, needs_grad, register_scan_autograd
+from bmojo.ops.triton import check_inputs, dot_precision, kernel_op, needs_grad, register_scan_autograd
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -60,9 +62,10 @@ def _ssd_fwd_kernel(
     y_base = y_ptr + batch * sy_b + head * sy_h + p[None, :] * sy_p
     causal = q[:, None] >= q[None, :]
     cs_base = chunk_states_ptr + batch * scs_b + head * scs_h + p[:, None] * scs_p + n[None, :] * scs_n
+    cs_chunk = tl.cast(scs_c, tl.int64)  # chunk offsets can pass 2**31 (the loop counts in 32 bits)
     for start in range(0, length, BLOCK_Q):
         if STORE_STATES:  # the chunk's incoming state, for the backward pass
-            tl.store(cs_base + (start // BLOCK_Q) * scs_c, state, mask=pn_ok)
+            tl.store(cs_base + (start // BLOCK_Q) * cs_chunk, state, mask=pn_ok)
         t = start + q
         t_ok = t < length
         # steps past the end get dt = 0 (no decay, no input) and B = C = x = 0: they change nothing
@@ -111,6 +114,7 @@ def _ssd_bwd_kernel(
     b_base = b_ptr + batch * sb_b + group * sb_g + n[None, :] * sb_n
     c_base = c_ptr + batch * sc_b + group * sc_g + n[None, :] * sc_n
     cs_base = chunk_states_ptr + batch * scs_b + head * scs_h + p[:, None] * scs_p + n[None, :] * scs_n
+    cs_chunk = tl.cast(scs_c, tl.int64)  # as in the forward
     row = batch * length * heads + head  # offset of (batch, t = 0, head) in the [b, L, H, ...] outputs
     causal = q[:, None] >= q[None, :]
     da = 0.0
@@ -124,7 +128,7 @@ def _ssd_bwd_kernel(
         dt = tl.load(dt_base + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
         bq = tl.load(b_base + t[:, None] * sb_t, mask=tn_ok, other=0.0).to(tl.float32)
         cq = tl.load(c_base + t[:, None] * sc_t, mask=tn_ok, other=0.0).to(tl.float32)
-        state = tl.load(cs_base + chunk * scs_c, mask=pn_ok, other=0.0)
+        state = tl.load(cs_base + chunk * cs_chunk, mask=pn_ok, other=0.0)
         cum = tl.cumsum(dt * a, 0)
         total = tl.sum(dt * a, 0)
         decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
@@ -198,7 +202,8 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     final = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
     chunk_states = None
     if store_states:
-        chunk_states = torch.empty(bsz, heads, triton.cdiv(length, chunk_size), p, n, device=x.device)
+        chunk_states = torch.empty(bsz, heads, triton.cdiv(length, chunk_size), p, n, dtype=torch.float32,
+                                   device=x.device)
     h0 = final if initial_state is None else initial_state  # never read without HAS_H0
     cs = final.unsqueeze(2) if chunk_states is None else chunk_states  # never written without STORE_STATES
     block_p = _block_p(block_p, p)
@@ -223,7 +228,7 @@ def _block_p(block_p: int, p: int) -> int:
     return min(block_p, max(16, triton.next_power_of_2(p)))
 
 
-@triton_op("bmojo::ssd_fwd", mutates_args=())
+@kernel_op("bmojo::ssd_fwd")
 def _ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              initial_state: torch.Tensor | None, chunk_size: int, block_p: int,
              store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -233,7 +238,7 @@ def _ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return y.to(x.dtype), final, x.new_empty(0) if chunk_states is None else chunk_states
 
 
-@triton_op("bmojo::ssd_bwd", mutates_args=())
+@kernel_op("bmojo::ssd_bwd")
 def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
              B: torch.Tensor, C: torch.Tensor, chunk_states: torch.Tensor,
              chunk_size: int) -> list[torch.Tensor]:  # fmt: skip
