@@ -4,9 +4,9 @@
     python benchmarks/kernel_registers.py --tiles block_m=128,block_n=64,num_warps=8
 
 Each kernel is compiled by Triton for ``GPUTarget("cuda", 90, 32)`` at the 130m preset's shapes (bf16 inputs; the
-read-out: head dim 64, two bands, 64 eidetic slots; the SSD: 32-step chunks, state 16; the selective scan: state
-16) and its PTX assembled by the ``ptxas`` Triton ships, whose report gives the registers a thread uses and the
-bytes it spills to local memory. Spills are what made FlexAttention's default tile slow on the H200
+read-out: head dim 64, two bands, 64 eidetic slots; the SSD: states 16, 64 and 128 at the chunks and warps its
+kernels take for them; the selective scan: state 16) and its PTX assembled by the ``ptxas`` Triton ships, whose
+report gives the registers a thread uses and the bytes it spills to local memory. Spills are what made FlexAttention's default tile slow on the H200
 (benchmarks/RESULTS.md); registers bound how many programs share an SM (65,536 registers: two programs of 4 warps
 at 255 registers). ``--tiles``: only the read-out, at those tiles. Needs ``triton`` with its NVIDIA backend (the
 Linux wheels); no GPU, no driver.
@@ -31,7 +31,7 @@ from bench_flex import TILE_SWEEP  # noqa: E402
 from bmojo.ops.attention import parse_triton_tiles  # noqa: E402
 from bmojo.ops.triton.attention import _bwd_kv_kernel, _query_kernel  # noqa: E402
 from bmojo.ops.triton.selective_scan import _selective_scan_bwd_kernel, _selective_scan_fwd_kernel  # noqa: E402
-from bmojo.ops.triton.ssd import BWD_BLOCK_P, _ssd_bwd_kernel, _ssd_fwd_kernel  # noqa: E402
+from bmojo.ops.triton.ssd import BWD_BLOCK_P, _ssd_bwd_kernel, _ssd_fwd_kernel, kernel_tiles  # noqa: E402
 
 BF16 = {f"{name}_ptr" for name in ("q", "k", "v", "mk", "mv", "do", "out", "dk", "dv", "x", "b", "c", "dy", "u")}
 
@@ -79,13 +79,13 @@ def main() -> None:
         print(f"{text or 'default tiles'}:  " + "   ".join(cells), flush=True)
     if args.tiles:
         return
-    ssd = dict(BLOCK_Q=32, BLOCK_N=16, PRECISION="tf32")
-    for block_p in (32, 64):
-        report = compile_report(_ssd_fwd_kernel, dict(HAS_H0=True, STORE_STATES=True, BLOCK_P=block_p, **ssd), 4, 3)
-        print(f"SSD forward, {block_p} head dims a program: %d / %d" % report, flush=True)
-    for block_p in (BWD_BLOCK_P, 32, 64):
-        report = compile_report(_ssd_bwd_kernel, dict(BLOCK_P=block_p, **ssd), 4, 3)
-        print(f"SSD backward, {block_p} head dims a program: %d / %d" % report, flush=True)
+    for n in (16, 64, 128):  # the presets' state, and converted Mamba-2 checkpoints'
+        chunk, warps = kernel_tiles(n)
+        ssd = dict(BLOCK_Q=chunk, BLOCK_N=n, PRECISION="tf32")
+        forward = compile_report(_ssd_fwd_kernel, dict(HAS_H0=True, STORE_STATES=True, BLOCK_P=32, **ssd), warps, 3)
+        backward = compile_report(_ssd_bwd_kernel, dict(BLOCK_P=BWD_BLOCK_P, **ssd), warps, 3)
+        print(f"SSD, state {n} ({chunk}-step chunks, {warps} warps): forward %d / %d   backward %d / %d"
+              % (*forward, *backward), flush=True)  # fmt: skip
     for block_e in (16, 32, 64):
         warps = 1 if block_e * 16 <= 512 else 4  # as ops.triton.selective_scan launches them
         scan = dict(CHUNK=64, BLOCK_E=block_e, BLOCK_N=16)

@@ -131,8 +131,8 @@ def ssd_scan(
     The intra-chunk work grows with ``Q`` and the closed-form recurrence with ``(L / Q)^2``; on CPU, 32 was the
     fastest at 2K tokens (8 heads of 64, state 16: 10.4 ms forward and backward compiled, 11.6 ms with 64).
     Differentiable by autograd. Returns ``(y [batch, L, H, P], final_state [batch, H, P, N])``.
-    CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed, else our Triton kernels (with ``chunk_size``
-    rounded up to a power of two of at least 16; see the module docstring).
+    CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed, else our Triton kernels (with chunks of their
+    own, ``bmojo.ops.triton.ssd.kernel_tiles``; see the module docstring).
     """
     inputs = (x, dt, A, B, C, initial_state)
     if use_fused_cuda(*inputs) and fla_available():
@@ -141,7 +141,7 @@ def ssd_scan(
     if use_triton(*inputs, differentiable=True):
         from bmojo.ops.triton.ssd import ssd_scan_triton
 
-        return ssd_scan_triton(*inputs, chunk_size=max(16, 1 << (chunk_size - 1).bit_length()))
+        return ssd_scan_triton(*inputs)  # its own chunk size, by the state size
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
     r = _heads_per_group(heads, g)

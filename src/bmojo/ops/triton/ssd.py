@@ -213,6 +213,7 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *h0.stride(), *y.stride(), *final.stride(),
         *cs.stride(), HAS_H0=initial_state is not None, STORE_STATES=store_states, BLOCK_Q=chunk_size,
         BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=dot_precision(x),
+        num_warps=kernel_tiles(n)[1],
     )  # fmt: skip
     return y, final, chunk_states
 
@@ -221,6 +222,16 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 # sm_90a, benchmarks/kernel_registers.py: no spills, where 32 spill 164 bytes a thread and 64 700), and makes four
 # programs per head of 64.
 BWD_BLOCK_P = 16
+
+
+def kernel_tiles(n: int) -> tuple[int, int]:
+    """``(steps per chunk, warps)`` of the kernels for state size ``n``: what keeps their tiles in registers, compiled
+    for sm_90a (benchmarks/kernel_registers.py, the backward at :data:`BWD_BLOCK_P`): 32 steps for a state of 16 or
+    less, 16 above (at 32 steps a state of 32 spills 192 bytes a thread, 64 416, 128 948); 8 warps from a state of
+    128 (152 bytes at 4). Independent of the model's ``ssm_chunk_size``, tuned for the PyTorch path (converted
+    Mamba-2 checkpoints say 256: a ``[256, 256]`` tile per program)."""
+    n = max(16, triton.next_power_of_2(n))
+    return (32 if n <= 16 else 16), (8 if n >= 128 else 4)
 
 
 def _block_p(block_p: int, p: int) -> int:
@@ -257,7 +268,7 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
         length, heads, p, n, heads // g, chunk_states.shape[2],
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *chunk_states.stride(), *dy.stride(),
         *d_final.stride(), BLOCK_Q=chunk_size, BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)),
-        PRECISION=dot_precision(x),
+        PRECISION=dot_precision(x), num_warps=kernel_tiles(n)[1],
     )  # fmt: skip
     per_group = (bsz, length, g, heads // g * blocks, n)  # B and C serve every head of their group
     dB, dC = (d.view(per_group).sum(3).to(B.dtype) for d in (db, dc))
@@ -274,17 +285,18 @@ def ssd_scan_triton(
     B: torch.Tensor,
     C: torch.Tensor,
     initial_state: torch.Tensor | None = None,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     block_p: int = 32,
 ) -> ScanOut:
     """``(y [batch, L, H, P] in x's dtype, final_state [batch, H, P, N] float32)``, equal to ``ssd_scan_ref``;
     differentiable (the backward kernel) where an input needs gradients.
 
-    Shapes as in ``bmojo.ops.ssd``; ``chunk_size`` steps per chunk and ``block_p`` head dimensions per forward
-    program (the backward takes :data:`BWD_BLOCK_P`) are powers of two (16 or more: the sizes ``tl.dot`` takes; the
-    state size is padded to one too).
+    Shapes as in ``bmojo.ops.ssd``; ``chunk_size`` steps per chunk (default: :func:`kernel_tiles` of the state size)
+    and ``block_p`` head dimensions per forward program (the backward takes :data:`BWD_BLOCK_P`) are powers of two
+    (16 or more: the sizes ``tl.dot`` takes; the state size is padded to one too).
     """
     _check_shapes(x, dt, A, B, C, initial_state)
+    chunk_size = chunk_size or kernel_tiles(B.shape[-1])[0]
     for name, value in (("chunk_size", chunk_size), ("block_p", block_p)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
