@@ -339,3 +339,38 @@ def test_mamba2_layer_trains_through_the_ssd_kernels(interpreted):
     layer = mamba2_layer()
     loss_ref = probe_loss(layer(torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(9))))
     assert_same_gradients(result, loss_ref, list(layer.parameters()), rtol=1e-4, atol=1e-4)
+
+
+class _Launching(Exception):
+    """Raised by the stand-in for ``torch.cuda.device``, to stop a call before its kernel would launch."""
+
+
+def test_kernel_ops_make_their_inputs_device_current(monkeypatch):
+    """Triton launches on the current CUDA device, not its arguments': each kernel op of ours enters its first input's
+    device first (fake CUDA tensors on ``cuda:1``; a stand-in for ``torch.cuda.device`` records it and stops)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bmojo.ops.attention import Band
+    from bmojo.ops.triton.attention import union_attention_triton
+    from bmojo.ops.triton.selective_scan import selective_scan_triton
+    from bmojo.ops.triton.ssd import ssd_scan_triton
+
+    entered = []
+
+    def device(d: torch.device) -> None:
+        entered.append(torch.device(d))
+        raise _Launching
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    scan, ssd = scan_inputs(1, 9, 16, 4), ssd_inputs(1, 9, 2, 16, 1, 8)
+    q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        calls = {
+            "selective scan": (selective_scan_triton, [t.to("cuda:1") for t in scan], []),
+            "ssd": (ssd_scan_triton, [t.to("cuda:1") for t in ssd], []),
+            "read-out": (union_attention_triton, [q.to("cuda:1")], [Band(k.to("cuda:1"), v.to("cuda:1"), 0, 3)]),
+        }
+        for name, (fn, inputs, bands) in calls.items():
+            with pytest.raises(_Launching):
+                fn(*inputs, *([bands] if bands else []))
+            assert entered.pop() == torch.device("cuda", 1), name

@@ -21,10 +21,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from bmojo.ops.attention import AttnOut, Band, ChunkMemory, _group
-from bmojo.ops.triton import check_inputs, dot_precision
+from bmojo.ops.triton import check_inputs, dot_precision, kernel_op
 
 LOG2E = math.log2(math.e)
 
@@ -281,7 +281,7 @@ def _block_d(q: torch.Tensor) -> int:
     return max(16, triton.next_power_of_2(q.shape[-1]))
 
 
-@triton_op("bmojo::union_attention_fwd", mutates_args=())
+@kernel_op("bmojo::union_attention_fwd")
 def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tensor | None, mv: torch.Tensor | None,
                valid: torch.Tensor | None, lo0: int, hi0: int, lo1: int, hi1: int, chunk: int, scale: float,
                block_m: int, block_n: int, num_warps: int, num_stages: int, bwd_block_m: int, bwd_block_n: int,
@@ -302,7 +302,7 @@ def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tens
     return o, lse
 
 
-@triton_op("bmojo::union_attention_bwd", mutates_args=())
+@kernel_op("bmojo::union_attention_bwd")
 def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mk: torch.Tensor | None, mv: torch.Tensor | None, valid: torch.Tensor | None, o: torch.Tensor,
                lse: torch.Tensor, lo0: int, hi0: int, lo1: int, hi1: int, chunk: int, scale: float, block_m: int,
@@ -409,7 +409,7 @@ def union_attention_triton(
     spans = [(band.lo, length if band.hi is None else band.hi) for band in bands] + [(0, -1)]
     if any(lo < 0 or hi < lo for lo, hi in spans[: len(bands)]):
         raise ValueError(f"bands need 0 <= lo <= hi, got {[(band.lo, band.hi) for band in bands]}")
-    k, v = (torch.stack(xs) if len(xs) > 1 else xs[0][None] for xs in (band_tensors[::2], band_tensors[1::2]))
+    k, v = (torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0) for xs in (band_tensors[::2], band_tensors[1::2]))
     mk, mv, valid, chunk = (None, None, None, 1) if memory is None else (memory.k, memory.v, memory.valid, memory.chunk)
     scale = d**-0.5 if scale is None else scale
     tiles = (block_m, block_n, num_warps, num_stages, bwd_block_m, bwd_block_n, bwd_num_warps or num_warps,
