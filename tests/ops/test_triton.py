@@ -374,3 +374,17 @@ def test_kernel_ops_make_their_inputs_device_current(monkeypatch):
             with pytest.raises(_Launching):
                 fn(*inputs, *([bands] if bands else []))
             assert entered.pop() == torch.device("cuda", 1), name
+
+
+def test_float32_products_follow_torchs_matmul_precision():
+    """Float32 inputs get full float32 products unless ``torch.set_float32_matmul_precision`` allows TF32 (as for
+    PyTorch's own products); 16-bit inputs always take TF32."""
+    before = torch.get_float32_matmul_precision()
+    x32, x16 = torch.empty(1), torch.empty(1, dtype=torch.bfloat16)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert (kernels.dot_precision(x32), kernels.dot_precision(x16)) == ("ieee", "tf32")
+        torch.set_float32_matmul_precision("high")
+        assert (kernels.dot_precision(x32), kernels.dot_precision(x16)) == ("tf32", "tf32")
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -147,10 +147,13 @@ def kernel_op(name: str) -> Callable[[Callable], Callable]:
 
 
 def dot_precision(x: torch.Tensor) -> str:
-    """``tl.dot`` precision for inputs like ``x``: full float32 products for float32 inputs; TF32 (10-bit mantissas,
-    finer than bfloat16's 7) for 16-bit ones, on the tensor cores, which rounds float32 intermediates entering a
-    product (the SSD's states and gradients) as well."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    """``tl.dot`` precision for inputs like ``x``: TF32 (10-bit mantissas, finer than bfloat16's 7) on the tensor cores
+    for 16-bit inputs, which rounds float32 intermediates entering a product (the SSD's states and gradients) as well;
+    for float32 inputs what PyTorch's matrix products use (``torch.set_float32_matmul_precision``: full float32 at
+    ``"highest"``, the default, else TF32)."""
+    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def use_fused_cuda(*tensors: torch.Tensor | None) -> bool:

@@ -13,8 +13,9 @@ state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward: a program p
 registers, recomputing each chunk's products; ``dt, B, C`` and ``A`` gradients come out per head and block of head
 dimensions and are summed over them (and the batch) afterwards.
 Inputs may be any float dtype and any strides; the arithmetic is float32, its matrix products at full float32
-precision for float32 inputs and in TF32 for 16-bit ones (:func:`bmojo.ops.triton.dot_precision`), which rounds the
-float32 states and gradients entering them too (to about 1e-3 relative, against the interpreter's exact float32).
+precision for float32 inputs (unless ``torch.set_float32_matmul_precision`` allows TF32) and in TF32 for 16-bit ones
+(:func:`bmojo.ops.triton.dot_precision`), which rounds the float32 states and gradients entering them too (to about
+1e-3 relative, against the interpreter's exact float32).
 The calls are ``torch.library.triton_op`` custom ops, so ``torch.compile`` keeps the kernels and differentiates
 through them. Importing this module imports ``triton``.
 """
