@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks as run for benchmarks/RESULTS.md (a CUDA machine with torch and triton; the project is
-# used from the checkout). Optional wheels in .whl/ (fla-core for the SSD kernels) are installed first.
+# used from the checkout). Optional wheels in .whl/ (fla-core for the SSD kernels) are installed first; the GPU
+# machine reaches no package index, so fetch them beforehand where one is reachable:
+#   pip download --no-deps -d .whl fla-core==0.6.0 transformers==5.24.0
 #   bash benchmarks/run_gpu.sh OUT tests   # tests/test_cuda.py (TESTS_K="expr": only the tests pytest -k selects)
 #   bash benchmarks/run_gpu.sh OUT probe   # 130m bf16 training steps: step times, graphs dynamo compiled, a profile
 #   bash benchmarks/run_gpu.sh OUT probe-compiled  # the same with the model through torch.compile
