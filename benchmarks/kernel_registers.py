@@ -6,10 +6,10 @@
 Each kernel is compiled by Triton for ``GPUTarget("cuda", 90, 32)`` at the 130m preset's shapes (bf16 inputs; the
 read-out: head dim 64, two bands, 64 eidetic slots; the SSD: states 16, 64 and 128 at the chunks and warps its
 kernels take for them; the selective scan: state 16) and its PTX assembled by the ``ptxas`` Triton ships, whose
-report gives the registers a thread uses and the bytes it spills to local memory. Spills are what made FlexAttention's default tile slow on the H200
-(benchmarks/RESULTS.md); registers bound how many programs share an SM (65,536 registers: two programs of 4 warps
-at 255 registers). ``--tiles``: only the read-out, at those tiles. Needs ``triton`` with its NVIDIA backend (the
-Linux wheels); no GPU, no driver.
+report gives the registers a thread uses and the bytes it spills to local memory. Spills are what made
+FlexAttention's default tile slow on the H200 (benchmarks/RESULTS.md); registers bound how many programs share an
+SM (65,536 registers: two programs of 4 warps at 255 registers). ``--tiles``: only the read-out, at those tiles.
+Needs ``triton`` with its NVIDIA backend (the Linux wheels); no GPU, no driver.
 """
 
 from __future__ import annotations

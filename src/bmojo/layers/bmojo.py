@@ -493,7 +493,7 @@ class BMojoMixer(nn.Module):
             replace = (slots == at_slot) & enter  # [B, k]: the one slot the candidate takes, if any
             for stage, cand in ((state.stage_score, cand_score), (state.stage_pos, cand_pos)):
                 stage.copy_(torch.where(replace, cand, stage))
-            for stage, cand in ((state.stage_k, cand_k), (state.stage_v, cand_v)):  # [B, Hkv, k, d], cand [B, Hkv, 1, d]
+            for stage, cand in ((state.stage_k, cand_k), (state.stage_v, cand_v)):  # [B, Hkv, k, d]; cand [.., 1, d]
                 stage.copy_(torch.where(replace[:, None, :, None], cand, stage))
             if state.pend_pos is not None and t >= self.window:
                 pend = t % self.memory.chunk_size

@@ -97,7 +97,8 @@ def step_attention(
     k, v = (x.unsqueeze(2).expand(b, hkv, g, n_keys, d).reshape(b, hq, n_keys, d) for x in (k, v))
     ek, ev, valid = extra
     mask = torch.cat([visible[:, None, None, :].expand(b, hq, 1, n_keys), valid], -1)
-    return F.scaled_dot_product_attention(q, torch.cat([k, ek[:, :, 0]], 2), torch.cat([v, ev[:, :, 0]], 2), attn_mask=mask)
+    k, v = torch.cat([k, ek[:, :, 0]], 2), torch.cat([v, ev[:, :, 0]], 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def banded_attention(
