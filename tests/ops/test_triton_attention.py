@@ -1,5 +1,8 @@
 """Our Triton read-out kernels (``bmojo.ops.triton.attention``) against the dense definition
-``union_attention_ref``, outputs and every gradient, on CPU tensors under ``TRITON_INTERPRET=1`` (``interpret.py``)."""
+``union_attention_ref``, outputs and every gradient, on CPU tensors under ``TRITON_INTERPRET=1`` (``interpret.py``).
+
+float32 and float16 only: the interpreter's ``tl.dot`` multiplies bfloat16 operands' bit patterns (values near 1e10,
+triton-lang/triton#11584, unsupported upstream), so bfloat16 is checked on a GPU only (``tests/test_cuda.py``)."""
 
 from __future__ import annotations
 
