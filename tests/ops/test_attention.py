@@ -144,9 +144,11 @@ def test_merge_equals_one_softmax_over_union():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("hkv", [1, 2, 6])
 @pytest.mark.parametrize("with_extra", [False, True])
-def test_step_attention_matches_a_per_query_loop(dtype, hkv, with_extra):
+@pytest.mark.parametrize("all_visible", [False, True])
+def test_step_attention_matches_a_per_query_loop(dtype, hkv, with_extra, all_visible):
     """A decoding step's attention (window keys, plus each query head's own ``extra`` keys, retrieved candidates)
-    equals a softmax per query head over the visible keys and its valid extra keys."""
+    equals a softmax per query head over the visible keys (all of them for ``visible=None``) and its valid extra
+    keys."""
     b, hq, n_keys, n, d = 2, 6, 7, 5, 4
     q, k, v = _qkv(b, hq, hkv, n_keys, d, dtype, seed=5)
     q = q[:, :, :1]
@@ -155,7 +157,9 @@ def test_step_attention_matches_a_per_query_loop(dtype, hkv, with_extra):
     valid = torch.rand(b, hq, 1, n, generator=g) > 0.4
     visible = torch.rand(b, n_keys, generator=g) > 0.3
     visible[:, 0] = True
-    o = step_attention(q, k, v, visible, (ek, ev, valid) if with_extra else None)
+    if all_visible:
+        visible.fill_(True)
+    o = step_attention(q, k, v, None if all_visible else visible, (ek, ev, valid) if with_extra else None)
     assert o.shape == q.shape and o.dtype == dtype
     for bi in range(b):
         for h in range(hq):

@@ -446,8 +446,10 @@ class BMojoMixer(nn.Module):
             state.win_k.index_copy_(2, pos, k)
             state.win_v.index_copy_(2, pos, v)
             state.win_pos.index_copy_(1, pos, pos.expand(h.shape[0], 1))
-            n = state.win_k.shape[2] if torch.compiler.is_compiling() else t + 1  # compiled: one shape, masked
-            keys, values, visible = state.win_k[:, :, :n], state.win_v[:, :, :n], state.win_pos[:, :n] >= 0
+            if torch.compiler.is_compiling():  # one shape for every position: the whole buffer, masked
+                keys, values, visible = state.win_k, state.win_v, state.win_pos >= 0
+            else:  # the keys so far, every one visible: no mask (SDPA's FlashAttention kernels take no mask)
+                keys, values, visible = state.win_k[:, :, : t + 1], state.win_v[:, :, : t + 1], None
         else:
             self._write_window(state, t, slot, at, k, v, score)
             if self.fading:

@@ -79,24 +79,26 @@ def step_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    visible: torch.Tensor,
+    visible: torch.Tensor | None,
     extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One decoding step in one fused SDPA call: queries ``q [B, Hq, 1, d]`` attend to the keys ``k, v [B, Hkv, K,
-    d]`` where ``visible [B, K]`` and, with ``extra = (keys, values [B, Hq, 1, n, d], valid [B, Hq, 1, n])``, to
-    further keys of each query head alone (retrieved from a store), in the same softmax. Returns ``[B, Hq, 1, d]``;
-    every query must see at least one key."""
+    d]`` where ``visible [B, K]`` (``None``: every key, with no mask, which lets SDPA take its FlashAttention kernels)
+    and, with ``extra = (keys, values [B, Hq, 1, n, d], valid [B, Hq, 1, n])``, to further keys of each query head
+    alone (retrieved from a store), in the same softmax. Returns ``[B, Hq, 1, d]``; every query must see at least one
+    key."""
     b, hq, m, d = q.shape
     if m != 1:
         raise ValueError(f"step_attention takes one query per head, got {m}")
     hkv, n_keys = k.shape[1], k.shape[2]
     g = _group(q, hkv).shape[2]
+    mask = None if visible is None else visible[:, None, None, :]
     if extra is None:  # the G query heads of a key head as G queries of it: the keys are read once, not copied G times
-        o = F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=visible[:, None, None, :])
-        return o.view(b, hq, 1, d)
+        return F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=mask).view(b, hq, 1, d)
     k, v = (x.unsqueeze(2).expand(b, hkv, g, n_keys, d).reshape(b, hq, n_keys, d) for x in (k, v))
     ek, ev, valid = extra
-    mask = torch.cat([visible[:, None, None, :].expand(b, hq, 1, n_keys), valid], -1)
+    seen = torch.ones(b, 1, 1, n_keys, dtype=torch.bool, device=q.device) if mask is None else mask
+    mask = torch.cat([seen.expand(b, hq, 1, n_keys), valid], -1)
     k, v = torch.cat([k, ek[:, :, 0]], 2), torch.cat([v, ev[:, :, 0]], 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
