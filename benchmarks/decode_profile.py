@@ -3,6 +3,7 @@
     python benchmarks/decode_profile.py                      # CUDA: 130m, 32K context, batch 1, bf16, CUDA graphs
     python benchmarks/decode_profile.py --batch 8 --mode default
     python benchmarks/decode_profile.py --option combo_kernels=True   # inductor options on top of the mode's
+    python benchmarks/decode_profile.py --length 1024 --set hidden_size=256 ...   # CPU: the bench model's counts
 
 For B'MOJO and the equal-size Transformer (``bench.matched_transformer``), each with bfloat16 weights on CUDA
 (float32 on CPU): a prefill of ``--length`` tokens, room reserved and the cache's addresses marked static, the model
@@ -11,36 +12,89 @@ profile of ``--steps`` steps counting the device kernels (CUDA) and their total 
 with many small kernels is bound by their count (a few microseconds each even replayed from a CUDA graph) rather
 than by the bytes it reads; the Transformer reads its whole KV cache every token. ``--option NAME=VALUE`` sets an
 inductor option on top of the mode's (``combo_kernels=True`` launches independent kernels, such as the writes to
-several state buffers, as one). On a CPU it runs tiny shapes to check the script (no kernel counts).
+several state buffers, as one). On a CPU (float32, the ``tiny`` size, 256 tokens of context unless ``--length``)
+it counts instead the PyTorch operations of an eager step (under a dispatch mode, views included) and the kernel
+calls of the compiled step's generated code (inductor's fused kernels and its calls of matrix products), a proxy
+for what a GPU step launches. ``--set NAME=VALUE`` overrides the B'MOJO config (the Transformer is matched to it).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import re
 import statistics
 import time
 from typing import Any
 
 import torch
+from torch._inductor.utils import run_and_get_code
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.bench import matched_transformer
 
 
-def inductor_options(mode: str, items: list[str]) -> dict[str, Any]:
-    """``torch.compile`` options of ``mode`` updated by ``NAME=VALUE`` items (values as Python literals, else text)."""
-    options = dict(torch._inductor.list_mode_options(mode))
+def parse_items(items: list[str], what: str) -> dict[str, Any]:
+    """``NAME=VALUE`` items as a dict (values as Python literals, else text)."""
+    out = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"inductor option {item!r} is not NAME=VALUE")
+            raise ValueError(f"{what} {item!r} is not NAME=VALUE")
         try:
-            options[name] = ast.literal_eval(value)
+            out[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            options[name] = value
-    return options
+            out[name] = value
+    return out
+
+
+def inductor_options(mode: str, items: list[str]) -> dict[str, Any]:
+    """``torch.compile`` options of ``mode`` updated by ``NAME=VALUE`` items."""
+    return {**torch._inductor.list_mode_options(mode), **parse_items(items, "inductor option")}
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the PyTorch operations dispatched under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def generated_kernel_calls(code: str) -> dict[str, int]:
+    """Kernel calls in the ``call`` function of inductor's generated code: fused kernels and external calls
+    (``extern_kernels.mm`` and the like), by kind."""
+    body = code[code.index("def call("):]
+    calls = re.findall(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+)[(.]", body, re.M)
+    kinds: dict[str, int] = {}
+    for name in calls:
+        kind = "fused" if name.startswith(("cpp_fused", "triton_")) else name.removeprefix("extern_kernels.")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def cpu_counts(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, Any]:
+    """PyTorch operations of one eager decoding step, and the kernel calls of the compiled step's generated code."""
+    with torch.no_grad():
+        eager, compiled = (model(ids, use_cache=True, logits_to_keep=1) for _ in range(2))
+        token = eager.logits.argmax(-1)
+        model(token, past_key_values=eager.cache, use_cache=True)
+        counter = _CountOps()
+        with counter:
+            model(token, past_key_values=eager.cache, use_cache=True)
+        compiled.cache.reserve(4)
+        compiled.cache.mark_static_addresses()
+        torch._dynamo.reset()
+        step = torch.compile(model)
+        step(token, past_key_values=compiled.cache, use_cache=True)  # the first position has a graph of its own
+        _, codes = run_and_get_code(step, token, past_key_values=compiled.cache, use_cache=True)
+    return {"ops": counter.count, "kernels": generated_kernel_calls(codes[-1])}
 
 
 def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, options: dict[str, Any]) -> dict[str, float]:
@@ -78,17 +132,18 @@ def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, options: dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="130m")
-    parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--length", type=int, help="context (default: 32768 on CUDA, 256 on CPU)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
     parser.add_argument("--option", action="append", default=[], help="inductor option NAME=VALUE (repeatable)")
+    parser.add_argument("--set", action="append", default=[], help="B'MOJO config field NAME=VALUE (repeatable)")
     args = parser.parse_args()
     options = inductor_options(args.mode, args.option)
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
-    size, length = (args.size, args.length) if cuda else ("tiny", 256)
-    overrides = {"window_size": 512, "chunk_size": 512} if cuda else {}
+    size, length = (args.size, args.length or 32768) if cuda else ("tiny", args.length or 256)
+    overrides = {**({"window_size": 512, "chunk_size": 512} if cuda else {}), **parse_items(args.set, "--set")}
     bmojo = BMojoConfig.from_preset("bmojo", size, **overrides)
     configs = {"transformer": matched_transformer(bmojo, size, overrides), "bmojo": bmojo}
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; {size}, context {length}, "
@@ -98,7 +153,12 @@ def main() -> None:
         model = BMojoForCausalLM(config).to(dev, dtype).eval()
         ids = torch.randint(0, config.vocab_size, (args.batch, length), device=dev)
         r = measure(model, ids, args.steps, options)
-        extra = f"  device busy {r['device_ms']:.3f} ms  kernels {r['kernels']:.0f}" if cuda else ""
+        if cuda:
+            extra = f"  device busy {r['device_ms']:.3f} ms  kernels {r['kernels']:.0f}"
+        else:
+            counts = cpu_counts(model, ids)
+            kernels = ", ".join(f"{n} {kind}" for kind, n in sorted(counts["kernels"].items()))
+            extra = f"  eager ops {counts['ops']}  compiled kernel calls: {kernels}"
         print(f"{name:12s} {r['wall_ms']:8.3f} ms/token  {args.batch / r['wall_ms'] * 1e3:9.1f} tokens/s{extra}",
               flush=True)  # fmt: skip
         del model

@@ -1,0 +1,48 @@
+"""``benchmarks/decode_profile.py`` on a CPU: it counts an eager decoding step's operations and the kernel calls of the
+compiled step's generated code (the full run compiles two models: marked slow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from decode_profile import generated_kernel_calls, parse_items  # noqa: E402
+
+CODE = '''
+cpp_fused_add_0 = async_compile.cpp_pybinding(...)
+def call(args):
+    buf0 = empty_strided_cpu((1, 64), (64, 1), torch.float32)
+    extern_kernels.mm(arg0_1, arg1_1, out=buf0)
+    cpp_fused_add_0(buf0, arg2_1)
+    buf1 = buf0; del buf0
+    extern_kernels.mm(buf1, arg3_1, out=buf2)
+    triton_poi_fused_1.run(buf2, stream=stream0)
+    extern_kernels.bmm(buf2, arg4_1, out=buf3)
+    return (buf3,)
+'''
+
+
+def test_generated_kernel_calls_counts_fused_kernels_and_external_calls():
+    assert generated_kernel_calls(CODE) == {"mm": 2, "fused": 2, "bmm": 1}
+
+
+def test_items_parse_as_literals_or_text():
+    assert parse_items(["window_size=64", "name=abc", "flag=True"], "--set") == {
+        "window_size": 64, "name": "abc", "flag": True}  # fmt: skip
+    with pytest.raises(ValueError, match="--set 'window' is not NAME=VALUE"):
+        parse_items(["window"], "--set")
+
+
+@pytest.mark.slow
+def test_script_reports_counts_for_both_models():
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "decode_profile.py")
+    proc = subprocess.run([sys.executable, script, "--steps", "2", "--length", "40", "--set", "window_size=16"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "eager ops" in line]
+    assert [line.split()[0] for line in lines] == ["transformer", "bmojo"]
+    assert all("mm" in line and "fused" in line for line in lines)
