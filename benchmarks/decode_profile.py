@@ -70,7 +70,7 @@ class _CountOps(TorchDispatchMode):
 def generated_kernel_calls(code: str) -> dict[str, int]:
     """Kernel calls in the ``call`` function of inductor's generated code: fused kernels and external calls
     (``extern_kernels.mm`` and the like), by kind."""
-    body = code[code.index("def call("):]
+    body = code[code.index("def call(") :]
     calls = re.findall(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+)[(.]", body, re.M)
     kinds: dict[str, int] = {}
     for name in calls:

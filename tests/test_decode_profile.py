@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from decode_profile import generated_kernel_calls, parse_items  # noqa: E402
 
-CODE = '''
+CODE = """
 cpp_fused_add_0 = async_compile.cpp_pybinding(...)
 def call(args):
     buf0 = empty_strided_cpu((1, 64), (64, 1), torch.float32)
@@ -23,7 +23,7 @@ def call(args):
     triton_poi_fused_1.run(buf2, stream=stream0)
     extern_kernels.bmm(buf2, arg4_1, out=buf3)
     return (buf3,)
-'''
+"""
 
 
 def test_generated_kernel_calls_counts_fused_kernels_and_external_calls():
