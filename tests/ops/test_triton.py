@@ -348,6 +348,7 @@ class _Launching(Exception):
 def test_kernel_ops_make_their_inputs_device_current(monkeypatch):
     """Triton launches on the current CUDA device, not its arguments': each kernel op of ours enters its first input's
     device first (fake CUDA tensors on ``cuda:1``; a stand-in for ``torch.cuda.device`` records it and stops)."""
+    pytest.importorskip("triton")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bmojo.ops.attention import Band
@@ -362,18 +363,18 @@ def test_kernel_ops_make_their_inputs_device_current(monkeypatch):
         raise _Launching
 
     monkeypatch.setattr(torch.cuda, "device", device)
-    scan, ssd = scan_inputs(1, 9, 16, 4), ssd_inputs(1, 9, 2, 16, 1, 8)
-    q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    scan, ssd, (q, k, v) = scan_inputs(1, 9, 16, 4), ssd_inputs(1, 9, 2, 16, 1, 8), torch.randn(3, 1, 2, 9, 16)
+    dev = "cuda:1"
+    calls = {
+        "selective scan": lambda: selective_scan_triton(*(t.to(dev) for t in scan)),
+        "ssd": lambda: ssd_scan_triton(*(t.to(dev) for t in ssd)),
+        "read-out": lambda: union_attention_triton(q.to(dev), [Band(k.to(dev), v.to(dev), 0, 3)]),
+    }
     with FakeTensorMode(allow_non_fake_inputs=True):
-        calls = {
-            "selective scan": (selective_scan_triton, [t.to("cuda:1") for t in scan], []),
-            "ssd": (ssd_scan_triton, [t.to("cuda:1") for t in ssd], []),
-            "read-out": (union_attention_triton, [q.to("cuda:1")], [Band(k.to("cuda:1"), v.to("cuda:1"), 0, 3)]),
-        }
-        for name, (fn, inputs, bands) in calls.items():
+        for name, call in calls.items():
             with pytest.raises(_Launching):
-                fn(*inputs, *([bands] if bands else []))
-            assert entered.pop() == torch.device("cuda", 1), name
+                call()
+            assert entered.pop() == torch.device(dev), name
 
 
 def test_float32_products_follow_torchs_matmul_precision():
