@@ -21,6 +21,8 @@
 #   bash benchmarks/run_gpu.sh OUT flex-warm     # compile the flex-sweep rows, one process each, in parallel
 #   bash benchmarks/run_gpu.sh OUT flex-sweep    # forward times of the sweep's kernel options; exports the fastest
 #                                                # as BMOJO_FLEX_OPTIONS to the stages after it (and in OUT/flex_best.txt)
+# STAGE:SECONDS runs a stage under a time limit (a process of its own, killed with its children when the limit
+# passes; the next stage runs either way), e.g. `bash benchmarks/run_gpu.sh OUT tests:180 tiles:90 ssd:60`.
 set -uo pipefail
 sweep=(fwd_num_warps=8 BLOCK_M=128,BLOCK_N=64 BLOCK_M=128,BLOCK_N=64,fwd_num_warps=8 BLOCK_M=64,BLOCK_N=64
        BLOCK_M=128,BLOCK_N=32 fwd_num_warps=8,fwd_num_stages=2)
@@ -36,6 +38,12 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 bench() { python3 -m bmojo.cli bench --device cuda --dtype bfloat16 --size 130m --presets bmojo \
   --set window_size=512 --set chunk_size=512 "$@"; }
 for stage in "${@:2}"; do
+  if [[ $stage == *:* ]]; then
+    timeout --kill-after=10 "${stage#*:}" bash "$0" "$out" "${stage%%:*}" || echo "stage $stage: exit status $?"
+    [ -s "$out/tiles_best.txt" ] && export BMOJO_TRITON_TILES=$(cat "$out/tiles_best.txt")
+    [ -s "$out/flex_best.txt" ] && export BMOJO_FLEX_OPTIONS=$(cat "$out/flex_best.txt")
+    continue
+  fi
   case $stage in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
              tee "$out/test_cuda.log" ;;
