@@ -174,6 +174,19 @@ def test_step_attention_matches_a_per_query_loop(dtype, hkv, with_extra, all_vis
         step_attention(q.expand(-1, -1, 2, -1), k, v, visible)
 
 
+def test_step_attention_takes_outputs_laid_out_as_cuda_returns_them(monkeypatch):
+    """CUDA's memory-efficient SDPA kernel returns ``[B, H, M, d]`` as a transposed view of ``[B, M, H, d]``: the
+    grouped step still gives the per-head result (a stand-in SDPA returns that layout on CPU)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))  # fmt: skip
+    q, k, v = _qkv(2, 6, 2, 7, 4, torch.float32, seed=5)
+    q = q[:, :, :1]
+    o = attention.step_attention(q, k, v, None)
+    monkeypatch.undo()
+    torch.testing.assert_close(o, step_attention(q, k, v, None))
+
+
 def test_merge_with_empty_sets_gives_zero_and_ignores_them():
     q, k, v = _qkv(1, 2, 2, 6, 4)
     full = banded_attention(q, k, v, 0, None)

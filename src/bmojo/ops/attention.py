@@ -94,7 +94,8 @@ def step_attention(
     g = _group(q, hkv).shape[2]
     mask = None if visible is None else visible[:, None, None, :]
     if extra is None:  # the G query heads of a key head as G queries of it: the keys are read once, not copied G times
-        return F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=mask).view(b, hq, 1, d)
+        o = F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=mask)
+        return o.reshape(b, hq, 1, d)  # CUDA's memory-efficient kernel returns [B, Hkv, G, d] as a transposed view
     k, v = (x.unsqueeze(2).expand(b, hkv, g, n_keys, d).reshape(b, hq, n_keys, d) for x in (k, v))
     ek, ev, valid = extra
     seen = torch.ones(b, 1, 1, n_keys, dtype=torch.bool, device=q.device) if mask is None else mask
