@@ -14,8 +14,8 @@ than by the bytes it reads; the Transformer reads its whole KV cache every token
 inductor option on top of the mode's (``combo_kernels=True`` launches independent kernels, such as the writes to
 several state buffers, as one). On a CPU (float32, the ``tiny`` size, 256 tokens of context unless ``--length``)
 it counts instead the PyTorch operations of an eager step (under a dispatch mode, views included) and the kernel
-calls of the compiled step's generated code (inductor's fused kernels and its calls of matrix products), a proxy
-for what a GPU step launches. ``--set NAME=VALUE`` overrides the B'MOJO config (the Transformer is matched to it).
+calls of the compiled step's generated code (inductor's fused kernels, its calls of matrix products and its
+fallbacks to PyTorch's own ops, such as the CPU attention kernel), a proxy for what a GPU step launches. ``--set NAME=VALUE`` overrides the B'MOJO config (the Transformer is matched to it).
 """
 
 from __future__ import annotations
@@ -67,15 +67,16 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def generated_kernel_calls(code: str) -> dict[str, int]:
-    """Kernel calls in the ``call`` function of inductor's generated code: fused kernels and external calls
-    (``extern_kernels.mm`` and the like), by kind."""
-    body = code[code.index("def call(") :]
-    calls = re.findall(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+)[(.]", body, re.M)
+def generated_kernel_calls(codes: list[str]) -> dict[str, int]:
+    """Kernel calls in the ``call`` functions of inductor's generated code (every graph of a step): fused kernels,
+    external calls (``extern_kernels.mm`` and the like) and fallbacks to PyTorch's own ops (``torch.ops.aten.*``),
+    by kind."""
+    pattern = r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)[(.]"
     kinds: dict[str, int] = {}
-    for name in calls:
-        kind = "fused" if name.startswith(("cpp_fused", "triton_")) else name.removeprefix("extern_kernels.")
-        kinds[kind] = kinds.get(kind, 0) + 1
+    for code in codes:
+        for name in re.findall(pattern, code[code.index("def call(") :], re.M):
+            kind = "fused" if name.startswith(("cpp_fused", "triton_")) else name.rsplit(".", 1)[1]
+            kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
 
 
@@ -94,7 +95,7 @@ def cpu_counts(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, Any]:
         step = torch.compile(model)
         step(token, past_key_values=compiled.cache, use_cache=True)  # the first position has a graph of its own
         _, codes = run_and_get_code(step, token, past_key_values=compiled.cache, use_cache=True)
-    return {"ops": counter.count, "kernels": generated_kernel_calls(codes[-1])}
+    return {"ops": counter.count, "kernels": generated_kernel_calls(codes)}
 
 
 def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, options: dict[str, Any]) -> dict[str, float]:

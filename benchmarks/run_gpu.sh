@@ -40,8 +40,10 @@ bench() { python3 -m bmojo.cli bench --device cuda --dtype bfloat16 --size 130m 
 for stage in "${@:2}"; do
   if [[ $stage == *:* ]]; then
     timeout --kill-after=10 "${stage#*:}" bash "$0" "$out" "${stage%%:*}" || echo "stage $stage: exit status $?"
-    [ -s "$out/tiles_best.txt" ] && export BMOJO_TRITON_TILES=$(cat "$out/tiles_best.txt")
-    [ -s "$out/flex_best.txt" ] && export BMOJO_FLEX_OPTIONS=$(cat "$out/flex_best.txt")
+    case ${stage%%:*} in  # what the stage exported, for the stages after it
+      tiles) [ -s "$out/tiles_best.txt" ] && export BMOJO_TRITON_TILES=$(cat "$out/tiles_best.txt") ;;
+      flex-sweep) [ -s "$out/flex_best.txt" ] && export BMOJO_FLEX_OPTIONS=$(cat "$out/flex_best.txt") ;;
+    esac
     continue
   fi
   case $stage in

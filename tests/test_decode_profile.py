@@ -22,12 +22,15 @@ def call(args):
     extern_kernels.mm(buf1, arg3_1, out=buf2)
     triton_poi_fused_1.run(buf2, stream=stream0)
     extern_kernels.bmm(buf2, arg4_1, out=buf3)
-    return (buf3,)
+    buf4 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(buf3, buf3, buf3)
+    return (buf4,)
 """
 
 
-def test_generated_kernel_calls_counts_fused_kernels_and_external_calls():
-    assert generated_kernel_calls(CODE) == {"mm": 2, "fused": 2, "bmm": 1}
+def test_generated_kernel_calls_counts_fused_kernels_external_calls_and_fallbacks():
+    """Over every graph of a step (here two copies of one)."""
+    assert generated_kernel_calls([CODE, CODE]) == {
+        "mm": 4, "fused": 4, "bmm": 2, "_scaled_dot_product_flash_attention_for_cpu": 2}  # fmt: skip
 
 
 def test_items_parse_as_literals_or_text():

@@ -346,8 +346,10 @@ class _Launching(Exception):
 
 
 def test_kernel_ops_make_their_inputs_device_current(monkeypatch):
-    """Triton launches on the current CUDA device, not its arguments': each kernel op of ours enters its first input's
-    device first (fake CUDA tensors on ``cuda:1``; a stand-in for ``torch.cuda.device`` records it and stops)."""
+    """Triton launches on the current CUDA device, not its arguments': the forward op of each of our kernels enters its
+    first input's device first (fake CUDA tensors on ``cuda:1``; a stand-in for ``torch.cuda.device`` records it and
+    stops). The backward ops take the same ``kernel_op``; autograd runs CUDA backward nodes in a thread of their
+    device anyway."""
     pytest.importorskip("triton")
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -127,7 +127,7 @@ def test_union_attention_dispatches_to_the_kernel(interpreted):
 
 def test_auto_mode_weighs_every_input_the_kernels_read(monkeypatch):
     """``union_attention`` asks ``use_triton`` about the eidetic memory's keys and values too, not the queries and
-    bands alone: a memory too large for the kernels' offsets then takes another path rather than failing their check."""
+    bands alone (so that a memory too large for the kernels' offsets makes it choose another path)."""
     import bmojo.ops.attention as attention
 
     asked = []

@@ -297,7 +297,7 @@ def ssd_scan_triton(
     (16 or more: the sizes ``tl.dot`` takes; the state size is padded to one too).
     """
     _check_shapes(x, dt, A, B, C, initial_state)
-    chunk_size = chunk_size or kernel_tiles(B.shape[-1])[0]
+    chunk_size = kernel_tiles(B.shape[-1])[0] if chunk_size is None else chunk_size
     for name, value in (("chunk_size", chunk_size), ("block_p", block_p)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
