@@ -146,6 +146,11 @@ def kernel_op(name: str) -> Callable[[Callable], Callable]:
     return register
 
 
+def dot_tile(n: int) -> int:
+    """A tile dimension covering ``n``: the power of two at least ``n`` and 16 (``tl.dot``'s minimum)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def dot_precision(x: torch.Tensor) -> str:
     """``tl.dot`` precision for inputs like ``x``: TF32 (10-bit mantissas, finer than bfloat16's 7) on the tensor cores
     for 16-bit inputs, which rounds float32 intermediates entering a product (the SSD's states and gradients) as well;

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from bmojo.ops.attention import AttnOut, Band, ChunkMemory, _group
-from bmojo.ops.triton import check_inputs, dot_precision, kernel_op
+from bmojo.ops.triton import check_inputs, dot_precision, dot_tile, kernel_op
 
 LOG2E = math.log2(math.e)
 
@@ -263,7 +263,7 @@ def _memory_args(q: torch.Tensor, mk: torch.Tensor | None, mv: torch.Tensor | No
         return (q, q, q), (0,) * 13, 0, 16
     slots = mk.shape[3]
     strides = (*mk.stride(), *mv.stride(), *valid.stride())
-    return (mk, mv, valid.view(torch.uint8)), strides, slots, max(16, triton.next_power_of_2(slots))
+    return (mk, mv, valid.view(torch.uint8)), strides, slots, dot_tile(slots)
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -276,9 +276,22 @@ def _launch(num_warps: int, num_stages: int) -> dict[str, int]:
     return {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
 
 
-def _block_d(q: torch.Tensor) -> int:
-    """The head dimension padded to a power of two (16 at least: ``tl.dot``'s minimum)."""
-    return max(16, triton.next_power_of_2(q.shape[-1]))
+def _run_query_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tensor | None,
+                      mv: torch.Tensor | None, valid: torch.Tensor | None, spans: tuple[int, ...], scale: float,
+                      out: torch.Tensor, lse: torch.Tensor, block_m: int, block_n: int, launch: dict[str, int],
+                      do: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> None:  # fmt: skip
+    """:func:`_query_kernel` over every block of queries: the forward (``o`` into ``out``, the LSE into ``lse``), or
+    with ``do`` and ``delta`` the queries' gradient into ``out``. ``spans``: ``lo0, hi0, lo1, hi1, chunk``."""
+    b, hq, length, d = q.shape
+    (mk_, mv_, valid_), mem_strides, slots, block_s = _memory_args(q, mk, mv, valid)
+    backward = do is not None
+    wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b, hq)](
+        q, k, v, mk_, mv_, valid_, do if backward else q, lse, delta if backward else lse, out, length, hq,
+        hq // k.shape[2], d, *spans, slots, scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides,
+        *(do.stride() if backward else (0,) * 4),
+        BACKWARD=backward, BANDS=k.shape[0], HAS_MEMORY=mk is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_S=block_s, BLOCK_D=dot_tile(d), PRECISION=dot_precision(q), **launch,
+    )  # fmt: skip
 
 
 @kernel_op("bmojo::union_attention_fwd")
@@ -289,16 +302,10 @@ def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tens
     """``(o [B, Hq, L, d] in q's dtype, lse [B, Hq, L] float32)`` of ``q`` over the bands ``k, v [bands, B, Hkv, L,
     d]`` and the chunk memories ``mk, mv [B, Hkv, chunks, slots, d]``, ``valid [B, chunks, slots]``; ``num_warps,
     num_stages`` 0: Triton's defaults; the ``bwd_`` tiles are the backward's (:func:`_setup` passes them on)."""
-    b, hq, length, d = q.shape
     o = _empty(q)
-    lse = torch.empty(b, hq, length, dtype=torch.float32, device=q.device)
-    (mk_, mv_, valid_), mem_strides, slots, block_s = _memory_args(q, mk, mv, valid)
-    wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b, hq)](
-        q, k, v, mk_, mv_, valid_, q, lse, lse, o, length, hq, hq // k.shape[2], d, lo0, hi0, lo1, hi1, chunk, slots,
-        scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides, 0, 0, 0, 0,
-        BACKWARD=False, BANDS=k.shape[0], HAS_MEMORY=mk is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_S=block_s, BLOCK_D=_block_d(q), PRECISION=dot_precision(q), **_launch(num_warps, num_stages),
-    )  # fmt: skip
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    _run_query_kernel(q, k, v, mk, mv, valid, (lo0, hi0, lo1, hi1, chunk), scale, o, lse, block_m, block_n,
+                      _launch(num_warps, num_stages))  # fmt: skip
     return o, lse
 
 
@@ -313,14 +320,10 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     delta = ((do.float() * o.float()).sum(-1) - dlse).contiguous()
     lse = lse.contiguous()
     dq, dk, dv = _empty(q), _empty(k), _empty(v)
-    (mk_, mv_, valid_), mem_strides, slots, block_s = _memory_args(q, mk, mv, valid)
-    common = dict(BLOCK_D=_block_d(q), PRECISION=dot_precision(q), **_launch(num_warps, num_stages))
-    wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b, hq)](
-        q, k, v, mk_, mv_, valid_, do, lse, delta, dq, length, hq, hq // hkv, d, lo0, hi0, lo1, hi1, chunk, slots,
-        scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides, *do.stride(),
-        BACKWARD=True, BANDS=k.shape[0], HAS_MEMORY=mk is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_S=block_s, **common,
-    )  # fmt: skip
+    launch = _launch(num_warps, num_stages)
+    _run_query_kernel(q, k, v, mk, mv, valid, (lo0, hi0, lo1, hi1, chunk), scale, dq, lse, block_m, block_n,
+                      launch, do, delta)  # fmt: skip
+    common = dict(BLOCK_D=dot_tile(d), PRECISION=dot_precision(q), **launch)
     group_args = (hq, hq // hkv, d, lo0, hi0, lo1, hi1, chunk)
     wrap_triton(_bwd_kv_kernel)[(triton.cdiv(length, block_n), k.shape[0] * b, hkv)](
         q, k, v, q, do, lse, delta, dk, dv, b, length, *group_args, length, scale * LOG2E, scale,
@@ -329,12 +332,13 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     )  # fmt: skip
     if mk is None:
         return [dq, dk, dv, q.new_empty(0), q.new_empty(0)]
-    dmk, dmv = _empty(mk), _empty(mv)
+    dmk, dmv, slots = _empty(mk), _empty(mv), mk.shape[3]
     wrap_triton(_bwd_kv_kernel)[(mk.shape[2], b, hkv)](
-        q, mk, mv, valid_, do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E, scale,
+        q, mk, mv, valid.view(torch.uint8), do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E,
+        scale,
         *q.stride(), mk.stride(2), *mk.stride()[:2], *mk.stride()[3:], mv.stride(2), *mv.stride()[:2],
         *mv.stride()[3:], *valid.stride(), *do.stride(),
-        MEMORY=True, BLOCK_M=block_m, BLOCK_N=block_s, **common,
+        MEMORY=True, BLOCK_M=block_m, BLOCK_N=dot_tile(slots), **common,
     )  # fmt: skip
     return [dq, dk, dv, dmk, dmv]
 

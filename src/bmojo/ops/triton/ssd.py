@@ -28,7 +28,14 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from bmojo.ops.ssd import _heads_per_group
-from bmojo.ops.triton import check_inputs, dot_precision, kernel_op, needs_grad, register_scan_autograd
+from bmojo.ops.triton import (
+    check_inputs,
+    dot_precision,
+    dot_tile,
+    kernel_op,
+    needs_grad,
+    register_scan_autograd,
+)
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -213,7 +220,7 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         x, dt, A, B, C, h0, y, final, cs, length, heads, p, n, heads // g,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *h0.stride(), *y.stride(), *final.stride(),
         *cs.stride(), HAS_H0=initial_state is not None, STORE_STATES=store_states, BLOCK_Q=chunk_size,
-        BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)), PRECISION=dot_precision(x),
+        BLOCK_P=block_p, BLOCK_N=dot_tile(n), PRECISION=dot_precision(x),
         num_warps=kernel_tiles(n)[1],
     )  # fmt: skip
     return y, final, chunk_states
@@ -231,13 +238,13 @@ def kernel_tiles(n: int) -> tuple[int, int]:
     less, 16 above (at 32 steps a state of 32 spills 192 bytes a thread, 64 416, 128 948); 8 warps from a state of
     128 (152 bytes at 4). Independent of the model's ``ssm_chunk_size``, tuned for the PyTorch path (converted
     Mamba-2 checkpoints say 256: a ``[256, 256]`` tile per program)."""
-    n = max(16, triton.next_power_of_2(n))
+    n = dot_tile(n)
     return (32 if n <= 16 else 16), (8 if n >= 128 else 4)
 
 
 def _block_p(block_p: int, p: int) -> int:
     """Head dimensions per program: ``block_p``, or fewer for a small head (16 at least: ``tl.dot``'s minimum)."""
-    return min(block_p, max(16, triton.next_power_of_2(p)))
+    return min(block_p, dot_tile(p))
 
 
 @kernel_op("bmojo::ssd_fwd")
@@ -268,7 +275,7 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
         x, dt, A, B, C, chunk_states, dy, d_final, dx, ddt, da, db, dc, dh0,
         length, heads, p, n, heads // g, chunk_states.shape[2],
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *chunk_states.stride(), *dy.stride(),
-        *d_final.stride(), BLOCK_Q=chunk_size, BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)),
+        *d_final.stride(), BLOCK_Q=chunk_size, BLOCK_P=block_p, BLOCK_N=dot_tile(n),
         PRECISION=dot_precision(x), num_warps=kernel_tiles(n)[1],
     )  # fmt: skip
     per_group = (bsz, length, g, heads // g * blocks, n)  # B and C serve every head of their group
