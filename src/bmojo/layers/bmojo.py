@@ -36,6 +36,7 @@ from torch import nn
 
 from bmojo.layers.attention import Attention, Rope
 from bmojo.layers.eidetic import EideticMemory, chunk_memories, insert_slot
+from bmojo.layers.linear import Linear
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
 from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership
 from bmojo.ops.attention import (
@@ -231,8 +232,8 @@ class BMojoMixer(nn.Module):
         self.attn = Attention(*attn_args, **(attention_kwargs or {})) if attention else None
         self.fading_k_proj = self.fading_v_proj = None
         if self.fading and not tie_fading_kv:
-            self.fading_k_proj = nn.Linear(hidden_size, self.attn.num_kv_heads * self.attn.head_dim, bias=False)
-            self.fading_v_proj = nn.Linear(hidden_size, self.attn.num_kv_heads * self.attn.head_dim, bias=False)
+            self.fading_k_proj = Linear(hidden_size, self.attn.num_kv_heads * self.attn.head_dim, bias=False)
+            self.fading_v_proj = Linear(hidden_size, self.attn.num_kv_heads * self.attn.head_dim, bias=False)
         use_memory = attention and eidetic_size > 0 and selection != "none"
         self.memory = (
             EideticMemory(hidden_size, eidetic_size, window, chunk_size or window, selection, seed)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bmojo.layers.linear import Linear
+
 SELECTIONS = ("innovation", "random", "recency", "none")
 
 
@@ -100,7 +102,7 @@ class EideticMemory(nn.Module):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.size, self.window, self.chunk_size = size, window, chunk_size
         self.selection, self.seed = selection, seed
-        self.predictor = nn.Linear(hidden_size, hidden_size, bias=False) if selection == "innovation" else None
+        self.predictor = Linear(hidden_size, hidden_size, bias=False) if selection == "innovation" else None
 
     def score(
         self, h: torch.Tensor, f_prev: torch.Tensor, positions: torch.Tensor

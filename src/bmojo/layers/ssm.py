@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bmojo.layers.linear import Linear
 from bmojo.layers.norm import GatedRMSNorm, RMSNorm
 from bmojo.ops.conv import causal_conv1d, causal_conv1d_step
 from bmojo.ops.selective_scan import selective_scan, selective_scan_step
@@ -96,13 +97,13 @@ class Mamba(SegmentedSSM):
         self.intermediate_size = e = expand * hidden_size
         self.ssm_state_size = n = state_size
         self.time_step_rank = r = dt_rank or math.ceil(hidden_size / 16)
-        self.in_proj = nn.Linear(hidden_size, 2 * e, bias=bias)
+        self.in_proj = Linear(hidden_size, 2 * e, bias=bias)
         self.conv1d = nn.Conv1d(e, e, conv_kernel, groups=e, padding=conv_kernel - 1, bias=conv_bias)
-        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.x_proj = Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = Linear(r, e, bias=True)
         self.A_log = nn.Parameter(torch.empty(e, n))
         self.D = nn.Parameter(torch.empty(e))
-        self.out_proj = nn.Linear(e, hidden_size, bias=bias)
+        self.out_proj = Linear(e, hidden_size, bias=bias)
         # Jamba: RMSNorm on dt, B and C before the scan
         self.dt_layernorm = RMSNorm(r, norm_eps) if dt_bc_norm else None
         self.b_layernorm = RMSNorm(n, norm_eps) if dt_bc_norm else None
@@ -170,7 +171,7 @@ class Mamba2(SegmentedSSM):
         self.ssm_state_size = n = state_size
         self.chunk_size = chunk_size
         self.conv_dim = e + 2 * n_groups * n
-        self.in_proj = nn.Linear(hidden_size, 2 * e + 2 * n_groups * n + nh, bias=bias)
+        self.in_proj = Linear(hidden_size, 2 * e + 2 * n_groups * n + nh, bias=bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, padding=conv_kernel - 1, bias=conv_bias
         )
@@ -178,7 +179,7 @@ class Mamba2(SegmentedSSM):
         self.A_log = nn.Parameter(torch.empty(nh))
         self.D = nn.Parameter(torch.empty(nh))
         self.norm = GatedRMSNorm(e, n_groups, eps=norm_eps)
-        self.out_proj = nn.Linear(e, hidden_size, bias=bias)
+        self.out_proj = Linear(e, hidden_size, bias=bias)
         self.reset_ssm_parameters()
 
     @torch.no_grad()

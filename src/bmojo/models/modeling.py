@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 
 from bmojo.atomic import atomic_write
 from bmojo.layers.bmojo import BMojoMixer, MixerState
+from bmojo.layers.linear import Linear
 from bmojo.layers.norm import GatedRMSNorm, RMSNorm
 from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.layers.storage import StorageConfig, StorageFileError, VectorStore, load_stores, save_stores
@@ -76,9 +77,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -267,7 +268,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
     def __init__(self, config: BMojoConfig) -> None:
         super().__init__(config)
         self.model = BMojoModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

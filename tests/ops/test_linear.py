@@ -1,0 +1,98 @@
+"""The few-row linear map split across CPU threads against ``F.linear`` (forward, autograd, compiled)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bmojo.layers.linear import Linear
+from bmojo.ops.linear import MAX_ROWS, linear
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Ops(TorchDispatchMode):
+    """Names of the PyTorch operations dispatched under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 24), (2, 5, 24), (MAX_ROWS, 24), (MAX_ROWS + 1, 24), (0, 24)])
+@pytest.mark.parametrize("out_features", [128, 127, 96])
+@pytest.mark.parametrize("n_threads", [1, 2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear_forward_and_gradients(shape, out_features, n_threads, bias):
+    g = torch.Generator().manual_seed(out_features + len(shape))
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out_features, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_features, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    with threads(n_threads):
+        y, ref = linear(x, w, b), F.linear(x, w, b)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref)
+    if y.numel():
+        grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        for a, r in zip(torch.autograd.grad(y, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+            torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("rows,out_features,n_threads,split", [
+    (1, 64, 2, True), (MAX_ROWS, 128, 4, True), (MAX_ROWS + 1, 64, 2, False), (1, 64, 1, False), (1, 63, 2, False),
+    (1, 96, 4, False),  # pieces of 24 rows: too small to share out
+])  # fmt: skip
+def test_linear_splits_few_rows_across_the_threads(rows, out_features, n_threads, split):
+    """Few rows and an output that splits evenly over the threads take one batched product; else ``F.linear``."""
+    x, w = torch.randn(rows, 24), torch.randn(out_features, 24)
+    ops = _Ops()
+    with threads(n_threads), ops:
+        linear(x, w)
+    assert ("bmm" in ops.names) == split
+
+
+def test_linear_in_low_precision_and_with_a_strided_weight():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 1, 32, generator=g), torch.randn(64, 32, generator=g)
+    with threads(2):
+        torch.testing.assert_close(linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+        strided = torch.randn(32, 64, generator=g).t()
+        torch.testing.assert_close(linear(x, strided), F.linear(x, strided))
+
+
+def test_linear_refuses_mismatched_features_as_f_linear_does():
+    with threads(2), pytest.raises(RuntimeError, match="cannot be multiplied"):
+        linear(torch.randn(1, 23), torch.randn(64, 24))
+
+
+def test_linear_compiles_into_one_graph_with_the_split():
+    layer = Linear(24, 64)
+    x = torch.randn(1, 1, 24)
+    with threads(2), torch.no_grad():
+        torch._dynamo.reset()
+        y, codes = run_and_get_code(torch.compile(layer, fullgraph=True), x)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+    assert "bmm" in "".join(codes)
+
+
+def test_linear_module_keeps_nn_linear_parameters_and_state_dict():
+    layer = Linear(24, 64, bias=False)
+    assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight"]
