@@ -37,7 +37,7 @@ class _Ops(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 24), (3, 24), (2, 5, 24), (MAX_ROWS, 24), (MAX_ROWS + 1, 24), (0, 24)])
-@pytest.mark.parametrize("out_features", [128, 127, 96])
+@pytest.mark.parametrize("out_features", [128, 127, 97, 63])
 @pytest.mark.parametrize("n_threads", [1, 2, 4])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_f_linear_forward_and_gradients(shape, out_features, n_threads, bias):
@@ -57,11 +57,11 @@ def test_linear_matches_f_linear_forward_and_gradients(shape, out_features, n_th
 
 
 @pytest.mark.parametrize("rows,out_features,n_threads,split", [
-    (1, 64, 2, True), (MAX_ROWS, 128, 4, True), (MAX_ROWS + 1, 64, 2, False), (1, 64, 1, False), (1, 63, 2, False),
-    (1, 96, 4, False),  # pieces of 24 rows: too small to share out
+    (1, 64, 2, True), (MAX_ROWS, 128, 4, True), (1, 127, 4, True), (MAX_ROWS + 1, 64, 2, False), (1, 64, 1, False),
+    (1, 63, 2, False),  # pieces of 31 rows: too small to share out
 ])  # fmt: skip
 def test_linear_splits_few_rows_across_the_threads(rows, out_features, n_threads, split):
-    """Few rows and an output that splits evenly over the threads take one batched product; else ``F.linear``."""
+    """Few rows and at least ``MIN_PIECE`` output rows per thread take one batched product; else ``F.linear``."""
     x, w = torch.randn(rows, 24), torch.randn(out_features, 24)
     ops = _Ops()
     with threads(n_threads), ops:

@@ -3,16 +3,13 @@
 For the one to few rows of a decoding step (``x [..., in]`` with at most :data:`MAX_ROWS` rows), PyTorch's CPU
 matrix-vector products run on one thread however many it has, and a step reads every weight once, so a model's
 decoding is bound by one core's memory bandwidth. :func:`linear` gives each thread an equal share of the weight's
-output rows, as one batched product (``bmm`` runs the batch on the threads): on a 2-core machine the 41 products of
-a decoding step of the 5M-parameter bench model take about 40% less time, a ``3072 x 768`` one 6x less (see
-``benchmarks/RESULTS.md``). More rows, one thread, CUDA, a weight whose output rows do not split evenly (their number
-shares no factor with the thread count) or into pieces of :data:`MIN_PIECE` rows or more keep ``F.linear``, the
-reference.
+output rows, as one batched product (``bmm`` runs the batch on the threads; the last ``out % threads`` rows, if any,
+are one more small product): on a 2-core machine the 41 products of a decoding step of the 5M-parameter bench model
+take about 40% less time, a ``3072 x 768`` one 6x less (``benchmarks/RESULTS.md``). More rows, one thread, CUDA, or
+fewer than :data:`MIN_PIECE` output rows per thread keep ``F.linear``, the reference.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +28,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x [..., in] @ weight [out, in].T (+ bias [out])`` -> ``[..., out]``, as ``F.linear``."""
     out_features, in_features = weight.shape
     rows = x.numel() // max(1, x.shape[-1])
-    parts = math.gcd(out_features, _threads())
-    if x.device.type != "cpu" or not 0 < rows <= MAX_ROWS or x.shape[-1] != in_features:
+    parts = min(_threads(), out_features // MIN_PIECE)
+    if x.device.type != "cpu" or not 0 < rows <= MAX_ROWS or parts < 2 or x.shape[-1] != in_features:
         return F.linear(x, weight, bias)
-    if parts == 1 or out_features < parts * MIN_PIECE:
-        return F.linear(x, weight, bias)
-    pieces = weight.reshape(parts, out_features // parts, in_features).transpose(1, 2)  # [parts, in, out / parts]
-    y = torch.bmm(x.reshape(1, rows, in_features).expand(parts, -1, -1), pieces)  # [parts, rows, out / parts]
-    y = y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
+    even = out_features - out_features % parts  # the first rows, shared out; the few others (< parts) by F.linear
+    pieces = weight[:even].reshape(parts, even // parts, in_features).transpose(1, 2)  # [parts, in, even / parts]
+    flat = x.reshape(1, rows, in_features)
+    y = torch.bmm(flat.expand(parts, -1, -1), pieces).transpose(0, 1).reshape(rows, even)
+    if even < out_features:
+        y = torch.cat([y, F.linear(flat[0], weight[even:])], dim=1)
+    y = y.reshape(*x.shape[:-1], out_features)
     return y if bias is None else y + bias
