@@ -32,7 +32,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.device.type != "cpu" or not 0 < rows <= MAX_ROWS or parts < 2 or x.shape[-1] != in_features:
         return F.linear(x, weight, bias)
     even = out_features - out_features % parts  # the first rows, shared out; the few others (< parts) by F.linear
-    pieces = weight[:even].reshape(parts, even // parts, in_features).transpose(1, 2)  # [parts, in, even / parts]
+    pieces = (weight if even == out_features else weight[:even]).reshape(parts, -1, in_features).transpose(1, 2)
     flat = x.reshape(1, rows, in_features)
     y = torch.bmm(flat.expand(parts, -1, -1), pieces).transpose(0, 1).reshape(rows, even)
     if even < out_features:
