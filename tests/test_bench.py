@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from bmojo.bench import (
@@ -16,6 +17,7 @@ from bmojo.bench import (
     inference_model,
     make_runner,
     matched_transformer,
+    results_table,
     run_bench,
     write_outputs,
 )
@@ -74,6 +76,17 @@ def test_bench_json_holds_points_with_repeats_medians_and_ratios(tmp_path):
     assert cache[("transformer~bmojo", 32)] - cache[("transformer~bmojo", 16)] == 16 * per_token
     md = (tmp_path / "bench.md").read_text()
     assert data["machine"]["device"] in md and "| bmojo | " in md
+
+
+def test_terminal_table_leaves_out_empty_columns_and_fits_80_characters():
+    result = run_bench(tiny_settings(lengths=[16], modes=["decode"]))
+    table = results_table(result)
+    assert [c.header for c in table.columns] == ["model", "params", "mode", "L", "tokens/s", "vs baseline", "cache"]
+    console = Console(width=80, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
+    assert "decode" in text and "16" in text and "x" in text
 
 
 def test_peak_memory_probe_sees_an_allocation():

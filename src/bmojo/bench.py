@@ -498,7 +498,7 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
         ratio = p.get("vs_baseline")
         flops, mfu = p.get("flops_per_s"), p.get("mfu")
         rows.append([
-            p["model"], f"{result['models'][p['model']]['params']:,}", p["mode"], f"{p['length']:,}",
+            p["model"], f"{result['models'][p['model']]['params'] / 1e6:,.1f}M", p["mode"], f"{p['length']:,}",
             f"{p['tokens_per_s']:,.0f}", "" if ratio is None else f"{ratio:.2f}x", _fmt_bytes(p.get("peak_mem_bytes")),
             _fmt_bytes(p.get("cache_bytes")), "" if flops is None else f"{flops / 1e9:.1f} ({flops / peak:.0%})",
             "" if mfu is None else f"{mfu:.1%}",
@@ -506,18 +506,23 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-COLUMNS = ["model", "params", "mode", "L", "tokens/s", "vs transformer", "peak memory", "cache", "GFLOP/s (of peak)",
+COLUMNS = ["model", "params", "mode", "L", "tokens/s", "vs baseline", "peak memory", "cache", "GFLOP/s (of peak)",
            "MFU"]  # fmt: skip
 
 
 def results_table(result: dict[str, Any]) -> Table:
-    """The points as a rich table."""
+    """The points as a rich table, without the columns no point fills (memory with ``--no-memory``, FLOP/s outside
+    training), numbers unwrapped and model names folded, so that it reads in a narrow terminal."""
     m = result["machine"]
+    rows = _rows(result)
     table = Table(title=f"bmojo bench on {m['device']}, {m['threads']} threads, {result['date']}")
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("model", "mode") else "right")
-    for row in _rows(result):
-        table.add_row(*row)
+    filled = [i for i in range(len(COLUMNS)) if any(row[i] for row in rows)]
+    for i in filled:
+        name = COLUMNS[i]
+        table.add_column(name, justify="left" if name in ("model", "mode") else "right", no_wrap=name != "model",
+                         overflow="fold")  # fmt: skip
+    for row in rows:
+        table.add_row(*(row[i] for i in filled))
     return table
 
 
