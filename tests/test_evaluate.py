@@ -169,6 +169,13 @@ def test_generate_greedy_matches_a_manual_loop(saved, model):
     assert out == expected + "\n"
 
 
+@pytest.mark.slow
+def test_generate_compiled_matches_a_manual_loop(saved, model):
+    prompt = "To be"
+    out = _invoke("generate", saved / "model", "--prompt", prompt, "--greedy", "--max-new-tokens", 6, "--compile")
+    assert out == ByteTokenizer().decode(_greedy(model, list(prompt.encode()), 6)) + "\n"
+
+
 def test_generate_sampling_is_seeded_and_top_k_1_is_greedy(saved):
     args = ("generate", saved / "model", "--prompt", "or not", "--max-new-tokens", 10, "--temperature", 1.5)
     assert _invoke(*args, "--seed", 3) == _invoke(*args, "--seed", 3)

@@ -316,12 +316,20 @@ def generate(
     seed: int = typer.Option(0, help="sampling seed"),
     tokenizer: str | None = typer.Option(None, help="'byte' or a tokenizer path (default: the model folder's)"),
     device: str = typer.Option("cpu", help="torch device"),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="run the model through torch.compile (worth its compile "
+        "time for long continuations: a decoding step 2-4x faster on CPU)",
+    ),
 ) -> None:
     """Continue a prompt with a saved model; prints the prompt followed by the generated text."""
     if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
         raise typer.BadParameter("need temperature > 0, 0 < top_p <= 1, top_k >= 0 and max_new_tokens >= 1")
     tok = _tokenizer_for(model_dir, tokenizer)
     model = BMojoForCausalLM.from_pretrained(model_dir).to(device).eval()
+    if compile:
+        model.forward = torch.compile(model.forward)
     ids = tok.encode(prompt) or ([] if tok.eos_id is None else [tok.eos_id])
     if not ids:
         raise typer.BadParameter("the prompt is empty and the tokenizer has no end-of-text token to start from")
