@@ -20,7 +20,8 @@ MIN_PIECE = 32  # output rows per thread at least
 
 @torch.compiler.assume_constant_result
 def _threads() -> int:
-    """``torch.get_num_threads()``, read once per graph by ``torch.compile`` (a constant of the graph)."""
+    """``torch.get_num_threads()``, read once per graph by ``torch.compile`` (a constant of the graph; inductor then
+    computes most split products in its own fused loops, on every thread)."""
     return torch.get_num_threads()
 
 
