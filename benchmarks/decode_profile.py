@@ -28,12 +28,15 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import bmojo.layers.linear
 from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.bench import matched_transformer
+from bmojo.ops.linear import MAX_ROWS
 
 
 def parse_items(items: list[str], what: str) -> dict[str, Any]:
@@ -78,6 +81,17 @@ def generated_kernel_calls(codes: list[str]) -> dict[str, int]:
             kind = "fused" if name.startswith(("cpp_fused", "triton_")) else name.rsplit(".", 1)[1]
             kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
+
+
+def reduction_products(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with few rows computed as a broadcast multiply and sum (``--products reduction``) on any device:
+    inductor then generates the product itself, a reduction it can fuse with the elementwise work around it, where on
+    CUDA it calls a matrix-vector kernel (cuBLAS) for each projection; an experiment for batch-1 GPU decoding, bound
+    by kernel count. (On CPU ``ops.linear`` computes few-row products so under ``torch.compile`` already.)"""
+    if x.numel() // x.shape[-1] > MAX_ROWS:
+        return F.linear(x, weight, bias)
+    y = (x.unsqueeze(-2) * weight).sum(-1)
+    return y if bias is None else y + bias
 
 
 def cpu_counts(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, Any]:
@@ -139,16 +153,21 @@ def main() -> None:
     parser.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
     parser.add_argument("--option", action="append", default=[], help="inductor option NAME=VALUE (repeatable)")
     parser.add_argument("--set", action="append", default=[], help="B'MOJO config field NAME=VALUE (repeatable)")
+    parser.add_argument("--products", choices=["linear", "reduction"], default="linear",
+                        help="few-row products as the model computes them, or as a multiply and sum")  # fmt: skip
     args = parser.parse_args()
+    if args.products == "reduction":
+        bmojo.layers.linear.linear = reduction_products
     options = inductor_options(args.mode, args.option)
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     size, length = (args.size, args.length or 32768) if cuda else ("tiny", args.length or 256)
     overrides = {**({"window_size": 512, "chunk_size": 512} if cuda else {}), **parse_items(args.set, "--set")}
-    bmojo = BMojoConfig.from_preset("bmojo", size, **overrides)
-    configs = {"transformer": matched_transformer(bmojo, size, overrides), "bmojo": bmojo}
+    config = BMojoConfig.from_preset("bmojo", size, **overrides)
+    configs = {"transformer": matched_transformer(config, size, overrides), "bmojo": config}
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; {size}, context {length}, "
-          f"batch {args.batch}, {args.steps} steps, torch.compile mode {args.mode}, options {options}")  # fmt: skip
+          f"batch {args.batch}, {args.steps} steps, torch.compile mode {args.mode}, options {options}, "
+          f"products {args.products}")  # fmt: skip
     for name, config in configs.items():
         torch.manual_seed(0)
         model = BMojoForCausalLM(config).to(dev, dtype).eval()

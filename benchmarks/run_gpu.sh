@@ -89,7 +89,8 @@ PY
           --no-memory --out "$out/${stage}_b$b"
       done ;;
     decode-profile) { for b in 1 8; do python3 benchmarks/decode_profile.py --batch $b; done
-                      python3 benchmarks/decode_profile.py --option combo_kernels=True; } 2>&1 |
+                      python3 benchmarks/decode_profile.py --option combo_kernels=True
+                      python3 benchmarks/decode_profile.py --products reduction; } 2>&1 |
                     tee "$out/decode_profile.log" ;;
     ssd) python3 benchmarks/bench_ssd.py 2>&1 | tee "$out/ssd.log" ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \

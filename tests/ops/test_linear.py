@@ -83,14 +83,16 @@ def test_linear_refuses_mismatched_features_as_f_linear_does():
         linear(torch.randn(1, 23), torch.randn(64, 24))
 
 
-def test_linear_compiles_into_one_graph_with_the_split():
+@pytest.mark.parametrize("rows,fused", [(1, True), (MAX_ROWS + 1, False)])
+def test_linear_compiles_into_one_graph_with_few_row_products_in_inductor_loops(rows, fused):
     layer = Linear(24, 64)
-    x = torch.randn(1, 1, 24)
+    x = torch.randn(rows, 1, 24)
     with threads(2), torch.no_grad():
         torch._dynamo.reset()
         y, codes = run_and_get_code(torch.compile(layer, fullgraph=True), x)
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
-    assert "bmm" in "".join(codes)
+    code = "".join(codes)
+    assert ("extern_kernels." not in code.split("def call(")[1]) == fused  # no call of addmm, mm or bmm
 
 
 def test_linear_module_keeps_nn_linear_parameters_and_state_dict():

@@ -5,8 +5,10 @@ matrix-vector products run on one thread however many it has, and a step reads e
 decoding is bound by one core's memory bandwidth. :func:`linear` gives each thread an equal share of the weight's
 output rows, as one batched product (``bmm`` runs the batch on the threads; the last ``out % threads`` rows, if any,
 are one more small product): on a 2-core machine the 41 products of a decoding step of the 5M-parameter bench model
-take about 40% less time, a ``3072 x 768`` one 6x less (``benchmarks/RESULTS.md``). More rows, one thread, CUDA, or
-fewer than :data:`MIN_PIECE` output rows per thread keep ``F.linear``, the reference.
+take about 40% less time, a ``3072 x 768`` one 6x less (``benchmarks/RESULTS.md``). Under ``torch.compile`` the same
+products are a broadcast multiply and sum, which inductor computes in its own loops on every thread, fused with the
+elementwise work around them (faster than the split ``bmm`` there). More rows, one thread, CUDA, or fewer than
+:data:`MIN_PIECE` output rows per thread keep ``F.linear``, the reference.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ MIN_PIECE = 32  # output rows per thread at least
 
 @torch.compiler.assume_constant_result
 def _threads() -> int:
-    """``torch.get_num_threads()``, read once per graph by ``torch.compile`` (a constant of the graph; inductor then
-    computes most split products in its own fused loops, on every thread)."""
+    """``torch.get_num_threads()``, read once per graph by ``torch.compile`` (a constant of the graph)."""
     return torch.get_num_threads()
 
 
@@ -32,6 +33,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     parts = min(_threads(), out_features // MIN_PIECE)
     if x.device.type != "cpu" or not 0 < rows <= MAX_ROWS or parts < 2 or x.shape[-1] != in_features:
         return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():  # inductor generates the product itself, in loops fused with the work around it
+        y = (x.unsqueeze(-2) * weight).sum(-1)
+        return y if bias is None else y + bias
     even = out_features - out_features % parts  # the first rows, shared out; the few others (< parts) by F.linear
     pieces = (weight if even == out_features else weight[:even]).reshape(parts, -1, in_features).transpose(1, 2)
     flat = x.reshape(1, rows, in_features)
