@@ -316,12 +316,7 @@ def generate(
     seed: int = typer.Option(0, help="sampling seed"),
     tokenizer: str | None = typer.Option(None, help="'byte' or a tokenizer path (default: the model folder's)"),
     device: str = typer.Option("cpu", help="torch device"),
-    compile: bool = typer.Option(
-        False,
-        "--compile",
-        help="run the model through torch.compile (worth its compile "
-        "time for long continuations: a decoding step 2-4x faster on CPU)",
-    ),
+    compile: bool = typer.Option(False, "--compile", help="through torch.compile: pays off on long continuations"),
 ) -> None:
     """Continue a prompt with a saved model; prints the prompt followed by the generated text."""
     if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:

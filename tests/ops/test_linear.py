@@ -1,4 +1,5 @@
-"""The few-row linear map split across CPU threads against ``F.linear`` (forward, autograd, compiled)."""
+"""The few-row linear map (split across CPU threads; a multiply and sum under ``torch.compile``) against ``F.linear``
+(forward, autograd, compiled)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,17 @@ def test_linear_compiles_into_one_graph_with_few_row_products_in_inductor_loops(
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
     code = "".join(codes)
     assert ("extern_kernels." not in code.split("def call(")[1]) == fused  # no call of addmm, mm or bmm
+
+
+def test_compiled_few_row_products_in_bfloat16_accumulate_as_f_linear_does():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 1, 768, generator=g), torch.randn(512, 768, generator=g) / 28
+    with threads(2), torch.no_grad():
+        torch._dynamo.reset()
+        y = torch.compile(linear, fullgraph=True)(x.bfloat16(), w.bfloat16())
+    ref = F.linear(x.bfloat16().double(), w.bfloat16().double())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, atol=0.02, rtol=0.02)  # bfloat16 rounding of the output only
 
 
 def test_linear_module_keeps_nn_linear_parameters_and_state_dict():

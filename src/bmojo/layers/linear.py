@@ -9,8 +9,8 @@ from bmojo.ops.linear import linear
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` computed by :func:`bmojo.ops.linear.linear`: decoding steps on a multi-threaded CPU split the
-    weight's output rows across the threads."""
+    """``nn.Linear`` computed by :func:`bmojo.ops.linear.linear`: on a multi-threaded CPU, a decoding step's products
+    run on every thread."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
