@@ -3,10 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from scan_checks import TOL, assert_close, assert_outputs_close, check_scan
 
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref, selective_scan_step
 
 E, N = 24, 16  # E: a channel count that is not a power of two
+NAMES = ["u", "delta", "A", "B", "C", "initial_state"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,20 +34,6 @@ def _inputs(batch, length, dtype=torch.float32, strong_decay=False, seed=0):
     return [t.to(dtype) for t in (u, delta, A, B, C)] + [h0]
 
 
-def _outputs_and_grads(fn, inputs, seed=1):
-    """``fn``'s outputs and the gradients of a random projection of them w.r.t. every input."""
-    inputs = [t.detach().requires_grad_(True) for t in inputs]
-    y, state = fn(*inputs)
-    g = torch.Generator().manual_seed(seed)
-    loss = (y.float() * torch.randn(y.shape, generator=g)).sum() + (state * torch.randn(state.shape, generator=g)).sum()
-    return (y, state), torch.autograd.grad(loss, inputs)
-
-
-def _assert_close(actual, expected, name, **tol):
-    print(f"{name}: max abs diff {(actual.float() - expected.float()).abs().max().item():.2e}")
-    torch.testing.assert_close(actual, expected, **tol)
-
-
 @pytest.mark.parametrize("length", [1, 7, 63, 64, 65, 200])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("with_initial_state", [False, True])
@@ -54,37 +42,30 @@ def test_chunked_matches_reference(length, batch, with_initial_state, chunk_size
     *inputs, h0 = _inputs(batch, length)
     if with_initial_state:
         inputs.append(h0)
-    (y, s), grads = _outputs_and_grads(lambda *a: selective_scan(*a, chunk_size=chunk_size), inputs)
-    (y_ref, s_ref), grads_ref = _outputs_and_grads(selective_scan_ref, inputs)
+    (y, s), grads = check_scan(lambda *a: selective_scan(*a, chunk_size=chunk_size), selective_scan_ref, inputs, NAMES)
     assert y.shape == (batch, length, E) and s.shape == (batch, E, N) and s.dtype == torch.float32
-    _assert_close(y, y_ref, "y", atol=1e-5, rtol=1e-4)
-    _assert_close(s, s_ref, "final state", atol=1e-5, rtol=1e-4)
-    for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "initial_state"], grads, grads_ref):
-        _assert_close(g, g_ref, f"grad {name}", atol=1e-5, rtol=1e-4)
 
 
 def test_bf16_inputs():
     *inputs, h0 = _inputs(2, 65, dtype=torch.bfloat16)
-    (y, s), grads = _outputs_and_grads(lambda *a: selective_scan(*a, chunk_size=16), inputs + [h0])
-    (y_ref, s_ref), grads_ref = _outputs_and_grads(selective_scan_ref, inputs + [h0])
+    (y, s), _ = check_scan(
+        lambda *a: selective_scan(*a, chunk_size=16),
+        selective_scan_ref,
+        inputs + [h0],
+        NAMES,
+        y_tol={"atol": 2e-2, "rtol": 2e-2},
+        state_tol={"atol": 1e-4, "rtol": 1e-4},
+        grad_tol={"atol": 5e-2, "rtol": 2e-2},
+    )
     assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
-    _assert_close(y, y_ref, "y", atol=2e-2, rtol=2e-2)
-    _assert_close(s, s_ref, "final state", atol=1e-4, rtol=1e-4)
-    for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "initial_state"], grads, grads_ref):
-        _assert_close(g.float(), g_ref.float(), f"grad {name}", atol=5e-2, rtol=2e-2)
 
 
 def test_strong_decay_is_stable():
     """``delta * |A|`` around 20-30 per step: every state underflows within a step or two, no inf/nan."""
     inputs = _inputs(2, 130, strong_decay=True)
-    (y, s), grads = _outputs_and_grads(lambda *a: selective_scan(*a, chunk_size=32), inputs)
-    (y_ref, s_ref), grads_ref = _outputs_and_grads(selective_scan_ref, inputs)
+    (y, s), grads = check_scan(lambda *a: selective_scan(*a, chunk_size=32), selective_scan_ref, inputs, NAMES)
     for t in (y, s, *grads):
         assert torch.isfinite(t).all()
-    _assert_close(y, y_ref, "y", atol=1e-5, rtol=1e-4)
-    _assert_close(s, s_ref, "final state", atol=1e-5, rtol=1e-4)
-    for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "initial_state"], grads, grads_ref):
-        _assert_close(g, g_ref, f"grad {name}", atol=1e-5, rtol=1e-4)
 
 
 def test_step_iterated_matches_reference():
@@ -94,8 +75,7 @@ def test_step_iterated_matches_reference():
     for t in range(u.shape[1]):
         y_t, state = selective_scan_step(state, u[:, t], delta[:, t], A, B[:, t], C[:, t])
         ys.append(y_t)
-    _assert_close(torch.stack(ys, dim=1), y_ref, "y", atol=1e-5, rtol=1e-4)
-    _assert_close(state, s_ref, "final state", atol=1e-5, rtol=1e-4)
+    assert_outputs_close((torch.stack(ys, dim=1), state), (y_ref, s_ref))
 
 
 @pytest.mark.parametrize("split", [1, 37, 64])
@@ -106,11 +86,7 @@ def test_two_pieces_equal_one_scan(split):
     second = slice(split, None)
     y1, s1 = selective_scan(u[:, first], delta[:, first], A, B[:, first], C[:, first], h0, chunk_size=16)
     y2, s2 = selective_scan(u[:, second], delta[:, second], A, B[:, second], C[:, second], s1, chunk_size=16)
-    _assert_close(torch.cat([y1, y2], dim=1), y, "y", atol=1e-5, rtol=1e-4)
-    _assert_close(s2, s, "final state", atol=1e-5, rtol=1e-4)
-
-
-NAMES = ["u", "delta", "A", "B", "C", "initial_state"]
+    assert_outputs_close((torch.cat([y1, y2], dim=1), s2), (y, s))
 
 
 @pytest.mark.parametrize(
@@ -130,7 +106,7 @@ def test_backward_with_some_inputs_trainable(trainable, loss_on):
         trained = [t for t in leaves if t.requires_grad]
         grads.append(torch.autograd.grad(loss, trained, allow_unused=True, materialize_grads=True))
     for name, g, g_ref in zip(trainable, *grads):
-        _assert_close(g, g_ref, f"grad {name}", atol=1e-5, rtol=1e-4)
+        assert_close(g, g_ref, f"grad {name}", **TOL)
 
 
 def test_gradcheck_float64():

@@ -3,10 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from scan_checks import assert_outputs_close, check_scan
 
 from bmojo.ops.ssd import ssd_scan, ssd_scan_ref, ssd_step
 
 H, P, N = 6, 5, 8  # heads and head dim that are not powers of two
+NAMES = ["x", "dt", "A", "B", "C", "initial_state"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,20 +34,6 @@ def _inputs(batch, length, groups=2, dtype=torch.float32, strong_decay=False, se
     return [t.to(dtype) for t in (x, dt, A, B, C)] + [s0]
 
 
-def _outputs_and_grads(fn, inputs, seed=1):
-    """``fn``'s outputs and the gradients of a random projection of them w.r.t. every input."""
-    inputs = [t.detach().requires_grad_(True) for t in inputs]
-    y, state = fn(*inputs)
-    g = torch.Generator().manual_seed(seed)
-    loss = (y.float() * torch.randn(y.shape, generator=g)).sum() + (state * torch.randn(state.shape, generator=g)).sum()
-    return (y, state), torch.autograd.grad(loss, inputs)
-
-
-def _assert_close(actual, expected, name, **tol):
-    print(f"{name}: max abs diff {(actual.float() - expected.float()).abs().max().item():.2e}")
-    torch.testing.assert_close(actual, expected, **tol)
-
-
 def _chunked(chunk_size):
     return lambda x, dt, A, B, C, s0=None: ssd_scan(x, dt, A, B, C, chunk_size=chunk_size, initial_state=s0)
 
@@ -58,24 +46,14 @@ def test_chunked_matches_reference(length, batch, with_initial_state, chunk_size
     *inputs, s0 = _inputs(batch, length)
     if with_initial_state:
         inputs.append(s0)
-    (y, s), grads = _outputs_and_grads(_chunked(chunk_size), inputs)
-    (y_ref, s_ref), grads_ref = _outputs_and_grads(ssd_scan_ref, inputs)
+    (y, s), grads = check_scan(_chunked(chunk_size), ssd_scan_ref, inputs, NAMES)
     assert y.shape == (batch, length, H, P) and s.shape == (batch, H, P, N) and s.dtype == torch.float32
-    _assert_close(y, y_ref, "y", atol=1e-5, rtol=1e-4)
-    _assert_close(s, s_ref, "final state", atol=1e-5, rtol=1e-4)
-    for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "initial_state"], grads, grads_ref):
-        _assert_close(g, g_ref, f"grad {name}", atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("groups", [1, 3, 6])
 def test_groups(groups):
     inputs = _inputs(2, 50, groups=groups)
-    (y, s), grads = _outputs_and_grads(_chunked(16), inputs)
-    (y_ref, s_ref), grads_ref = _outputs_and_grads(ssd_scan_ref, inputs)
-    _assert_close(y, y_ref, "y", atol=1e-5, rtol=1e-4)
-    _assert_close(s, s_ref, "final state", atol=1e-5, rtol=1e-4)
-    for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "initial_state"], grads, grads_ref):
-        _assert_close(g, g_ref, f"grad {name}", atol=1e-5, rtol=1e-4)
+    check_scan(_chunked(16), ssd_scan_ref, inputs, NAMES)
 
 
 def test_heads_must_divide_into_groups():
@@ -86,26 +64,24 @@ def test_heads_must_divide_into_groups():
 
 def test_bf16_inputs():
     inputs = _inputs(2, 65, dtype=torch.bfloat16)
-    (y, s), grads = _outputs_and_grads(_chunked(16), inputs)
-    (y_ref, s_ref), grads_ref = _outputs_and_grads(ssd_scan_ref, inputs)
+    (y, s), _ = check_scan(
+        _chunked(16),
+        ssd_scan_ref,
+        inputs,
+        NAMES,
+        y_tol={"atol": 2e-2, "rtol": 2e-2},
+        state_tol={"atol": 1e-4, "rtol": 1e-4},
+        grad_tol={"atol": 5e-2, "rtol": 2e-2},
+    )
     assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
-    _assert_close(y, y_ref, "y", atol=2e-2, rtol=2e-2)
-    _assert_close(s, s_ref, "final state", atol=1e-4, rtol=1e-4)
-    for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "initial_state"], grads, grads_ref):
-        _assert_close(g.float(), g_ref.float(), f"grad {name}", atol=5e-2, rtol=2e-2)
 
 
 def test_strong_decay_is_stable():
     """``dt * |A|`` around 20-30 per step: the segment sums reach about -2000 per chunk, no inf/nan."""
     inputs = _inputs(2, 130, strong_decay=True)
-    (y, s), grads = _outputs_and_grads(_chunked(64), inputs)
-    (y_ref, s_ref), grads_ref = _outputs_and_grads(ssd_scan_ref, inputs)
+    (y, s), grads = check_scan(_chunked(64), ssd_scan_ref, inputs, NAMES)
     for t in (y, s, *grads):
         assert torch.isfinite(t).all()
-    _assert_close(y, y_ref, "y", atol=1e-5, rtol=1e-4)
-    _assert_close(s, s_ref, "final state", atol=1e-5, rtol=1e-4)
-    for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "initial_state"], grads, grads_ref):
-        _assert_close(g, g_ref, f"grad {name}", atol=1e-5, rtol=1e-4)
 
 
 def test_step_iterated_matches_reference():
@@ -115,8 +91,7 @@ def test_step_iterated_matches_reference():
     for t in range(x.shape[1]):
         y_t, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
         ys.append(y_t)
-    _assert_close(torch.stack(ys, dim=1), y_ref, "y", atol=1e-5, rtol=1e-4)
-    _assert_close(state, s_ref, "final state", atol=1e-5, rtol=1e-4)
+    assert_outputs_close((torch.stack(ys, dim=1), state), (y_ref, s_ref))
 
 
 @pytest.mark.parametrize("split", [1, 37, 64])
@@ -127,5 +102,4 @@ def test_two_pieces_equal_one_scan(split):
     second = slice(split, None)
     y1, s1 = ssd_scan(x[:, first], dt[:, first], A, B[:, first], C[:, first], chunk_size=16, initial_state=s0)
     y2, s2 = ssd_scan(x[:, second], dt[:, second], A, B[:, second], C[:, second], chunk_size=16, initial_state=s1)
-    _assert_close(torch.cat([y1, y2], dim=1), y, "y", atol=1e-5, rtol=1e-4)
-    _assert_close(s2, s, "final state", atol=1e-5, rtol=1e-4)
+    assert_outputs_close((torch.cat([y1, y2], dim=1), s2), (y, s))
