@@ -37,7 +37,7 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 24), (2, 5, 24), (MAX_ROWS, 24), (MAX_ROWS + 1, 24), (0, 24)])
+@pytest.mark.parametrize("shape", [(24,), (1, 1, 24), (3, 24), (2, 5, 24), (MAX_ROWS, 24), (MAX_ROWS + 1, 24), (0, 24)])
 @pytest.mark.parametrize("out_features", [128, 127, 97, 63])
 @pytest.mark.parametrize("n_threads", [1, 2, 4])
 @pytest.mark.parametrize("bias", [True, False])
