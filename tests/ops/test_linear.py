@@ -79,9 +79,53 @@ def test_linear_in_low_precision_and_with_a_strided_weight():
         torch.testing.assert_close(linear(x, strided), F.linear(x, strided))
 
 
-def test_linear_refuses_mismatched_features_as_f_linear_does():
-    with threads(2), pytest.raises(RuntimeError, match="cannot be multiplied"):
-        linear(torch.randn(1, 23), torch.randn(64, 24))
+def _outcome(fn, *args) -> torch.Tensor | str:
+    """What ``fn(*args)`` returns, or the first line of the error it raises."""
+    try:
+        return fn(*args)
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+
+
+@pytest.mark.parametrize("x,w,b", [
+    (torch.randn(1, 23), torch.randn(64, 24), None),  # features that do not match
+    (torch.randn(1, 24), torch.randn(64, 24, dtype=torch.float64), None),  # mixed dtypes
+    (torch.randn(1, 24), torch.randn(64, 24), torch.randn(64, dtype=torch.float64)),
+    (torch.randn(1, 24), torch.randn(24), None),  # a 1-D weight
+    (torch.tensor(1.0), torch.randn(64, 24), None),  # a 0-D input
+])  # fmt: skip
+def test_linear_on_odd_arguments_does_what_f_linear_does(x, w, b):
+    """Results or errors of ``F.linear`` (no silent dtype promotion, no error of our own)."""
+    with threads(2):
+        got, expected = _outcome(linear, x, w, b), _outcome(F.linear, x, w, b)
+    if isinstance(expected, str):
+        assert got == expected
+    else:
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_under_cpu_autocast_gives_f_linear_dtype_and_values(compiled):
+    """Autocast runs products in bfloat16 and returns bfloat16; the split product would return float32 after the bias."""
+    layer = Linear(32, 64)
+    x = torch.randn(1, 32)
+    fn = torch.compile(layer, fullgraph=True) if compiled else layer
+    with threads(2), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch._dynamo.reset()
+        y, ref = fn(x), F.linear(x, layer.weight, layer.bias)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting needs torch >= 2.5"
+)
+def test_exported_linear_keeps_a_matrix_product():
+    """``torch.export`` graphs run op by op elsewhere: they keep the product, not a ``[rows, out, in]`` multiply."""
+    with threads(2):
+        graph = torch.export.export(Linear(24, 64), (torch.randn(1, 24),)).graph_module
+    ops = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert "aten.linear.default" in ops and "aten.mul.Tensor" not in ops
 
 
 @pytest.mark.parametrize("rows,fused", [(1, True), (MAX_ROWS + 1, False)])

@@ -3,12 +3,14 @@
 For the one to few rows of a decoding step (``x [..., in]`` with at most :data:`MAX_ROWS` rows), PyTorch's CPU
 matrix-vector products run on one thread however many it has, and a step reads every weight once, so a model's
 decoding is bound by one core's memory bandwidth. :func:`linear` gives each thread an equal share of the weight's
-output rows, as one batched product (``bmm`` runs the batch on the threads; the last ``out % threads`` rows, if any,
-are one more small product): on a 2-core machine the 41 products of a decoding step of the 5M-parameter bench model
-take about 40% less time, a ``3072 x 768`` one 6x less (``benchmarks/RESULTS.md``). Under ``torch.compile`` the same
-products are a broadcast multiply and sum, which inductor computes in its own loops on every thread, fused with the
-elementwise work around them (faster than the split ``bmm`` there). More rows, one thread, CUDA, or fewer than
-:data:`MIN_PIECE` output rows per thread keep ``F.linear``, the reference.
+output rows, as one batched product of ``min(threads, out // MIN_PIECE)`` pieces (``bmm`` runs the batch on the
+threads; the last ``out % pieces`` rows, if any, are one more small product): on a 2-core machine the 41 products of
+a decoding step of the 5M-parameter bench model take about 40% less time, a ``3072 x 768`` one 6x less
+(``benchmarks/RESULTS.md``). Under ``torch.compile`` the same products are a broadcast multiply and sum, which
+inductor computes in its own loops on every thread, fused with the elementwise work around them (faster than the
+split ``bmm`` there); this assumes inductor, as a backend that runs the graph op by op would hold the
+``[rows, out, in]`` products in memory. More rows, fewer than two pieces, CUDA, autocast,
+mixed dtypes or ``torch.export`` keep ``F.linear``, the reference (with its errors for shapes that do not fit).
 """
 
 from __future__ import annotations
@@ -26,20 +28,31 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """How many pieces :func:`linear` cuts the weight's output rows into; below 2 it calls ``F.linear``."""
+    if x.device.type != "cpu" or x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        return 0
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or torch.is_autocast_enabled("cpu"):
+        return 0
+    if getattr(torch.compiler, "is_exporting", bool)():  # torch >= 2.5; an exported graph keeps the matrix product
+        return 0
+    rows = x.numel() // max(1, x.shape[-1])
+    return min(_threads(), weight.shape[0] // MIN_PIECE) if 0 < rows <= MAX_ROWS else 0
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., in] @ weight [out, in].T (+ bias [out])`` -> ``[..., out]``, as ``F.linear``."""
-    out_features, in_features = weight.shape
-    rows = x.numel() // max(1, x.shape[-1])
-    parts = min(_threads(), out_features // MIN_PIECE)
-    if x.device.type != "cpu" or not 0 < rows <= MAX_ROWS or parts < 2 or x.shape[-1] != in_features:
+    parts = _pieces(x, weight, bias)
+    if parts < 2:
         return F.linear(x, weight, bias)
+    out_features, in_features = weight.shape
     if torch.compiler.is_compiling():  # inductor generates the product itself, in loops fused with the work around it
         y = (x.unsqueeze(-2) * weight).sum(-1)
         return y if bias is None else y + bias
     even = out_features - out_features % parts  # the first rows, shared out; the few others (< parts) by F.linear
-    pieces = (weight if even == out_features else weight[:even]).reshape(parts, -1, in_features).transpose(1, 2)
-    flat = x.reshape(1, rows, in_features)
-    y = torch.bmm(flat.expand(parts, -1, -1), pieces).transpose(0, 1).reshape(rows, even)
+    pieces = weight[:even].reshape(parts, -1, in_features).transpose(1, 2)
+    flat = x.reshape(1, -1, in_features)
+    y = torch.bmm(flat.expand(parts, -1, -1), pieces).transpose(0, 1).reshape(-1, even)
     if even < out_features:
         y = torch.cat([y, F.linear(flat[0], weight[even:])], dim=1)
     y = y.reshape(*x.shape[:-1], out_features)
