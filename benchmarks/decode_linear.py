@@ -4,11 +4,15 @@ compiled, a multiply and sum that inductor fuses) against plain ``F.linear``, in
     python benchmarks/decode_linear.py                                  # 130m B'MOJO and Transformer, 1K context
     python benchmarks/decode_linear.py --size tiny --set hidden_size=256 ... --compile   # the bench model, compiled
     python benchmarks/decode_linear.py --batch 8
+    python benchmarks/decode_linear.py --shapes 256x256,688x256,3072x768    # single products, split or not
 
 For each preset (the Transformer matched to B'MOJO by ``bench.matched_transformer``): a prefill of ``--length`` tokens,
 then decoding steps timed with each product in turn (the two alternated ``--pairs`` times, each a median of 5 runs of
 ``--steps`` steps; eager, or each through its own ``torch.compile`` graph with ``--compile``). Also the products alone:
-every linear layer of the model applied once to ``--batch`` rows, as a step reads them.
+every linear layer of the model applied once to ``--batch`` rows, as a step reads them. With ``--shapes``: single
+products of each ``OUTxIN`` weight, ``F.linear`` against the split ``bmm`` forced whatever ``MIN_PIECE_BYTES`` says
+(one piece a thread), over enough copies of the weight to fill ``--megabytes`` (as a step reads weights that do not
+stay in cache): where the split starts to pay.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 import bmojo.layers.linear
+import bmojo.ops.linear
 from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.bench import matched_transformer
 from bmojo.ops.linear import linear
@@ -44,6 +49,26 @@ def ms_per_call(fn: Callable[[], object], calls: int) -> float:
     return statistics.median(runs)
 
 
+def shape_table(shapes: list[tuple[int, int]], batch: int, megabytes: float) -> Table:
+    """``F.linear`` against the split product (forced) for single ``(out, in)`` weights, in microseconds a call."""
+    table = Table(title=f"one product of {batch} row(s), {torch.get_num_threads()} threads (us)")
+    for column in ("weight", "copies", "F.linear", "split", "F.linear / split"):
+        table.add_column(column)
+    min_bytes, bmojo.ops.linear.MIN_PIECE_BYTES = bmojo.ops.linear.MIN_PIECE_BYTES, 1
+    try:
+        for out_features, in_features in shapes:
+            copies = max(2, int(megabytes * 2**20 / (4 * out_features * in_features)))
+            weights = [torch.randn(out_features, in_features) for _ in range(copies)]
+            x = torch.randn(batch, 1, in_features)
+            us = {label: 1e3 * ms_per_call(lambda p=product: [p(x, w) for w in weights], 20) / copies
+                  for label, product in (("F.linear", F.linear), ("split", linear))}  # fmt: skip
+            table.add_row(f"{out_features} x {in_features}", str(copies), f"{us['F.linear']:.1f}", f"{us['split']:.1f}",
+                          f"{us['F.linear'] / us['split']:.2f}x")  # fmt: skip
+    finally:
+        bmojo.ops.linear.MIN_PIECE_BYTES = min_bytes
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="130m")
@@ -54,8 +79,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--shapes", help="time single products of these OUTxIN weights instead (comma-separated)")
+    parser.add_argument("--megabytes", type=float, default=20.0, help="weights cycled through per shape (--shapes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.shapes:
+        shapes = [tuple(int(n) for n in item.lower().split("x")) for item in args.shapes.split(",")]
+        Console().print(shape_table(shapes, args.batch, args.megabytes))
+        return
     overrides = parse_items(args.set, "--set")
     config = BMojoConfig.from_preset("bmojo", size=args.size, **overrides)
     table = Table(title=f"decoding step, {args.threads} threads, batch {args.batch}, context {args.length}"

@@ -11,8 +11,15 @@ import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import bmojo.ops.linear
 from bmojo.layers.linear import Linear
-from bmojo.ops.linear import MAX_ROWS, linear
+from bmojo.ops.linear import MAX_ROWS, MIN_PIECE_BYTES, linear
+
+
+@pytest.fixture(autouse=True)
+def any_weight_size(monkeypatch):
+    """Split weights of any size: ``MIN_PIECE_BYTES`` is a speed threshold, and small weights keep the tests fast."""
+    monkeypatch.setattr(bmojo.ops.linear, "MIN_PIECE_BYTES", 1)
 
 
 @contextlib.contextmanager
@@ -66,6 +73,19 @@ def test_linear_splits_few_rows_across_the_threads(rows, out_features, n_threads
     x, w = torch.randn(rows, 24), torch.randn(out_features, 24)
     ops = _Ops()
     with threads(n_threads), ops:
+        linear(x, w)
+    assert ("bmm" in ops.names) == split
+
+
+@pytest.mark.parametrize("out_features,dtype,split", [
+    (384, torch.float32, True), (383, torch.float32, False), (768, torch.bfloat16, True), (767, torch.bfloat16, False),
+])  # fmt: skip
+def test_eager_split_needs_min_piece_bytes_of_weight_a_piece(monkeypatch, out_features, dtype, split):
+    """Eager, each piece holds at least ``MIN_PIECE_BYTES`` of the weight (192 KiB: 384 x 256 fp32 in two)."""
+    monkeypatch.setattr(bmojo.ops.linear, "MIN_PIECE_BYTES", MIN_PIECE_BYTES)
+    x, w = torch.randn(1, 256, dtype=dtype), torch.randn(out_features, 256, dtype=dtype)
+    ops = _Ops()
+    with threads(2), ops:
         linear(x, w)
     assert ("bmm" in ops.names) == split
 
@@ -129,7 +149,9 @@ def test_exported_linear_keeps_a_matrix_product():
 
 
 @pytest.mark.parametrize("rows,fused", [(1, True), (MAX_ROWS + 1, False)])
-def test_linear_compiles_into_one_graph_with_few_row_products_in_inductor_loops(rows, fused):
+def test_linear_compiles_into_one_graph_with_few_row_products_in_inductor_loops(monkeypatch, rows, fused):
+    """Compiled, products too small to split eagerly become inductor loops too (they add no call there)."""
+    monkeypatch.setattr(bmojo.ops.linear, "MIN_PIECE_BYTES", MIN_PIECE_BYTES)
     layer = Linear(24, 64)
     x = torch.randn(rows, 1, 24)
     with threads(2), torch.no_grad():

@@ -3,14 +3,15 @@
 For the one to few rows of a decoding step (``x [..., in]`` with at most :data:`MAX_ROWS` rows), PyTorch's CPU
 matrix-vector products run on one thread however many it has, and a step reads every weight once, so a model's
 decoding is bound by one core's memory bandwidth. :func:`linear` gives each thread an equal share of the weight's
-output rows, as one batched product of ``min(threads, out // MIN_PIECE)`` pieces (``bmm`` runs the batch on the
-threads; the last ``out % pieces`` rows, if any, are one more small product): on a 2-core machine the 41 products of
-a decoding step of the 5M-parameter bench model take about 40% less time, a ``3072 x 768`` one 6x less
-(``benchmarks/RESULTS.md``). Under ``torch.compile`` the same products are a broadcast multiply and sum, which
-inductor computes in its own loops on every thread, fused with the elementwise work around them (faster than the
-split ``bmm`` there); this assumes inductor, as a backend that runs the graph op by op would hold the
-``[rows, out, in]`` products in memory. More rows, fewer than two pieces, CUDA, autocast,
-mixed dtypes or ``torch.export`` keep ``F.linear``, the reference (with its errors for shapes that do not fit).
+output rows, as one batched product of ``min(threads, out // MIN_PIECE, weight bytes // MIN_PIECE_BYTES)`` pieces
+(``bmm`` runs the batch on the threads; the last ``out % pieces`` rows, if any, are one more small product): on a
+2-core machine a ``3072 x 768`` product takes 2-6x less time, a ``688 x 256`` one about 1.5x less, while for pieces
+of less than about 192 KiB the split's extra calls cost more than it saves (``benchmarks/RESULTS.md``). Under
+``torch.compile`` the same products, of any size, are a broadcast multiply and sum, which inductor computes in its own
+loops on every thread, fused with the elementwise work around them; this assumes inductor, as a backend that runs
+the graph op by op would hold the ``[rows, out, in]`` products in memory. More rows, fewer than two pieces, CUDA,
+autocast, mixed dtypes or ``torch.export`` keep ``F.linear``, the reference (with its errors for shapes that do not
+fit).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 16
-MIN_PIECE = 32  # output rows per thread at least
+MIN_PIECE = 32  # output rows per piece at least
+MIN_PIECE_BYTES = 192 * 1024  # weight bytes per piece at least, eager (below, the split's extra calls cost more than
+# they save); none under torch.compile, where the product adds no call of its own
 
 
 @torch.compiler.assume_constant_result
@@ -28,7 +31,7 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+def _pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_bytes: int) -> int:
     """How many pieces :func:`linear` cuts the weight's output rows into; below 2 it calls ``F.linear``."""
     if x.device.type != "cpu" or x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return 0
@@ -37,16 +40,19 @@ def _pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if getattr(torch.compiler, "is_exporting", bool)():  # torch >= 2.5; an exported graph keeps the matrix product
         return 0
     rows = x.numel() // max(1, x.shape[-1])
-    return min(_threads(), weight.shape[0] // MIN_PIECE) if 0 < rows <= MAX_ROWS else 0
+    if not 0 < rows <= MAX_ROWS:
+        return 0
+    return min(_threads(), weight.shape[0] // MIN_PIECE, weight.numel() * weight.element_size() // min_bytes)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., in] @ weight [out, in].T (+ bias [out])`` -> ``[..., out]``, as ``F.linear``."""
-    parts = _pieces(x, weight, bias)
+    compiling = torch.compiler.is_compiling()
+    parts = _pieces(x, weight, bias, 1 if compiling else MIN_PIECE_BYTES)
     if parts < 2:
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
-    if torch.compiler.is_compiling():  # inductor generates the product itself, in loops fused with the work around it
+    if compiling:  # inductor generates the product itself, in loops fused with the work around it
         y = (x.unsqueeze(-2) * weight).sum(-1)
         return y if bias is None else y + bias
     even = out_features - out_features % parts  # the first rows, shared out; the few others (< parts) by F.linear
