@@ -46,7 +46,6 @@ from bmojo.ops.attention import (
     parse_triton_tiles,
 )
 
-
 # tile sets of our kernels timed by default ("": the kernels' defaults, 64 x 64 with Triton's warps and stages)
 TILE_SWEEP = ["", "block_m=64,block_n=64,num_warps=8", "block_m=128,block_n=64", "block_m=128,block_n=64,num_warps=8",
               "block_m=64,block_n=32", "block_m=128,block_n=32", "block_m=64,block_n=64,num_stages=2",
@@ -119,10 +118,13 @@ def main() -> None:
         tiles = parse_triton_tiles(text)
         return lambda: union_attention_triton(q, bands, memory, **tiles)
 
+    def ours_label(text: str) -> str:
+        return f"ours (Triton), {text or 'default tiles'}"
+
     tiles = (args.tiles or TILE_SWEEP) if cuda else []
     rows: list[tuple[str, Callable[[], AttnOut]]] = [
         ("causal SDPA, whole sequence", lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=True), q[..., 0])),
-        *((f"ours (Triton), {text or 'default tiles'}", ours(text)) for text in tiles),
+        *((ours_label(text), ours(text)) for text in tiles),
     ]
     rows += (
         []
@@ -145,7 +147,7 @@ def main() -> None:
         print(f"{name:60s} forward {forward_ms[name]:9.3f} ms   forward+backward {both_ms[name]:9.3f} ms", flush=True)
     if tiles:
         timed = both_ms if backward else forward_ms
-        print("best tiles:", min(tiles, key=lambda text: timed[f"ours (Triton), {text or 'default tiles'}"]))
+        print("best tiles:", min(tiles, key=lambda text: timed[ours_label(text)]))
     if not args.ours:
         candidates = {"": forward_ms["flex_union_attention, FlexAttention's default tiles"]}
         candidates.update({text: forward_ms[f"the model's call, {text}"] for text in args.options})

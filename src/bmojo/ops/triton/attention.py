@@ -344,9 +344,10 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
 
 
 def _setup(ctx, inputs, output) -> None:
-    q, k, v, mk, mv, valid, *args = inputs
+    q, k, v, mk, mv, valid, lo0, hi0, lo1, hi1, chunk, scale, *tiles = inputs
     ctx.save_for_backward(q, k, v, mk, mv, valid, *output)
-    ctx.args = (*args[:6], *args[10:])  # spans, chunk, scale and the backward's tiles
+    backward_tiles = tiles[4:]  # after the forward's block_m, block_n, num_warps, num_stages
+    ctx.args = (lo0, hi0, lo1, hi1, chunk, scale, *backward_tiles)
     ctx.inputs = len(inputs)
 
 
