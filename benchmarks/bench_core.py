@@ -74,7 +74,8 @@ def bench_mamba(repeats: int, length: int = 2048, d: int = 256, n: int = 16) -> 
     except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
         rows.append({"impl": f"transformers MambaMixer: unavailable ({type(e).__name__}: {e})", "s": None})
     try:
-        from mambapy.mamba import MambaBlock, MambaConfig as PyConfig
+        from mambapy.mamba import MambaBlock
+        from mambapy.mamba import MambaConfig as PyConfig
 
         block = MambaBlock(PyConfig(d_model=d, n_layers=1, d_state=n, pscan=True))
         rows.append({"impl": "mambapy MambaBlock (pscan)", "s": median_time(fwd_bwd(block, x), repeats)})

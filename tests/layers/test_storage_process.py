@@ -17,9 +17,9 @@ if os.name != "posix":
     pytest.skip("the helper process needs POSIX", allow_module_level=True)
 
 from test_storage import (  # noqa: E402, F401 - collected again here, run with the index in the helper
-    H,
     HD,
     HKV,
+    H,
     filled_store,
     test_add_candidates_writes_those_not_negative_or_skipped,
     test_approximate_index_past_threshold_recalls_brute_force,
