@@ -10,6 +10,13 @@ report gives the registers a thread uses and the bytes it spills to local memory
 FlexAttention's default tile slow on the H200 (benchmarks/RESULTS.md); registers bound how many programs share an
 SM (65,536 registers: two programs of 4 warps at 255 registers). ``--tiles``: only the read-out, at those tiles.
 Needs ``triton`` with its NVIDIA backend (the Linux wheels); no GPU, no driver.
+
+    python benchmarks/kernel_registers.py --shared   # the read-out's shared memory against its bound, per GPU
+
+``--shared``: for an A100 (sm_80, 163 KiB of shared memory a block), an RTX 3090 (sm_86, 99 KiB) and an H100 (sm_90,
+227 KiB), inputs in bf16 and float32 (full float32 products, PyTorch's default) and head dims 64, 128 and 256 (64
+eidetic slots): the tiles ``fit_tiles`` picks from the defaults, then each kernel compiled at them, its shared memory
+against ``shared_bound`` (the bound must hold, and so the limit).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -29,25 +37,68 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_flex import TILE_SWEEP  # noqa: E402
 
 from bmojo.ops.attention import parse_triton_tiles  # noqa: E402
-from bmojo.ops.triton.attention import _bwd_kv_kernel, _query_kernel  # noqa: E402
+from bmojo.ops.triton import dot_tile  # noqa: E402
+from bmojo.ops.triton.attention import _bwd_kv_kernel, _query_kernel, fit_tiles, shared_bound  # noqa: E402
 from bmojo.ops.triton.selective_scan import _selective_scan_bwd_kernel, _selective_scan_fwd_kernel  # noqa: E402
 from bmojo.ops.triton.ssd import BWD_BLOCK_P, _ssd_bwd_kernel, _ssd_fwd_kernel, kernel_tiles  # noqa: E402
 
 BF16 = {f"{name}_ptr" for name in ("q", "k", "v", "mk", "mv", "do", "out", "dk", "dv", "x", "b", "c", "dy", "u")}
 
 
-def pointer_type(name: str) -> str:
-    """Inputs and the read-out's outputs in bf16, validity in bytes, the rest (states, gradients) float32."""
-    return "*bf16" if name in BF16 else "*u8" if name == "valid_ptr" else "*fp32"
+SHARED_LIMITS = {80: 166912, 86: 101376, 90: 232448}  # bytes of shared memory a block may use, by compute capability
+
+
+def pointer_type(name: str, dtype: str = "bf16") -> str:
+    """Inputs and the read-out's outputs in ``dtype``, validity in bytes, the rest (states, gradients) float32."""
+    return f"*{dtype}" if name in BF16 else "*u8" if name == "valid_ptr" else "*fp32"
+
+
+def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int = 90, dtype: str = "bf16"):
+    """``fn`` compiled by Triton with ``constexprs`` for ``sm_<arch>``, its inputs in ``dtype``."""
+    signature = {name: "constexpr" if name in constexprs else pointer_type(name, dtype) if name.endswith("_ptr")
+                 else "fp32" if name.endswith("scale") else "i32" for name in fn.arg_names}  # fmt: skip
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def readout_kernels(backward: bool, block_m: int, block_n: int, d: int, slots: int, precision: str) -> list:
+    """``(name, kernel, constexprs)`` of each launch of the read-out's forward, or of its backward (two bands)."""
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=dot_tile(d), PRECISION=precision)
+    query = dict(BACKWARD=backward, BANDS=2, HAS_MEMORY=True, BLOCK_S=dot_tile(slots), **blocks)
+    if not backward:
+        return [("forward", _query_kernel, query)]
+    keys = dict(MEMORY=False, **blocks)
+    memory = {**keys, "MEMORY": True, "BLOCK_N": dot_tile(slots)}
+    return [("dq", _query_kernel, query), ("dk, dv", _bwd_kv_kernel, keys), ("memory", _bwd_kv_kernel, memory)]
+
+
+def shared_report() -> None:
+    """The read-out's tiles by ``fit_tiles`` per GPU, dtype and head dim, and its kernels' shared memory at them."""
+    print(f"triton {triton.__version__}; tiles fitted from the defaults; KiB of shared memory: compiled / bound")
+    defaults = (64, 64, 0, 0, 64, 64, 0, 0)
+    for arch, limit in SHARED_LIMITS.items():
+        for dtype, itemsize, precision in (("bf16", 2, "tf32"), ("fp32", 4, "ieee")):
+            for d in (64, 128, 256):
+                torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+                tiles = fit_tiles(defaults, d, 64, torch_dtype, limit)
+                if tiles is None:
+                    print(f"sm_{arch} {dtype} d={d}: no tiles fit (the model takes FlexAttention)", flush=True)
+                    continue
+                cells = []
+                for backward, (block_m, block_n, _, stages) in ((False, tiles[:4]), (True, tiles[4:])):
+                    bound = shared_bound(backward, block_m, block_n, stages, d, 64, itemsize)
+                    for name, fn, constexprs in readout_kernels(backward, block_m, block_n, d, 64, precision):
+                        used = compile_kernel(fn, constexprs, 4, stages, arch, dtype).metadata.shared
+                        flag = "" if used <= bound <= limit else "  EXCEEDS"
+                        cells.append(f"{name} {used / 1024:.0f} / {bound / 1024:.0f}{flag}")
+                print(f"sm_{arch} {dtype} d={d}: forward {tiles[0]}x{tiles[1]}, {tiles[3]} stages; backward "
+                      f"{tiles[4]}x{tiles[5]}, {tiles[7]} stages:  " + "   ".join(cells), flush=True)  # fmt: skip
 
 
 def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int) -> tuple[int, int]:
     """``(registers, spilled bytes)`` of ``fn`` compiled with ``constexprs`` for sm_90a."""
-    signature = {name: "constexpr" if name in constexprs else pointer_type(name) if name.endswith("_ptr")
-                 else "fp32" if name.endswith("scale") else "i32" for name in fn.arg_names}  # fmt: skip
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    kernel = compile_kernel(fn, constexprs, num_warps, num_stages)
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxas = next(p for p in (os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")) if os.path.exists(p))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -62,7 +113,11 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int) -> tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", action="append", default=[], help="e.g. block_m=128,block_n=64,num_warps=8")
+    parser.add_argument("--shared", action="store_true", help="the read-out's shared memory per GPU instead")
     args = parser.parse_args()
+    if args.shared:
+        shared_report()
+        return
     print(f"triton {triton.__version__}, sm_90a; registers / spilled bytes per thread")
     for text in args.tiles or TILE_SWEEP:
         given = parse_triton_tiles(text)
@@ -70,12 +125,11 @@ def main() -> None:
         forward.update({k: v for k, v in given.items() if not k.startswith("bwd_")})
         backward = {**forward, **{k.removeprefix("bwd_"): v for k, v in given.items() if k.startswith("bwd_")}}
         cells = []
-        for name, tiles in (("forward", forward), ("dq", backward), ("dk, dv", backward)):
-            blocks = dict(BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"], BLOCK_D=64, PRECISION="tf32")
-            kernel, constexprs = (_bwd_kv_kernel, dict(MEMORY=False)) if name == "dk, dv" else (
-                _query_kernel, dict(BACKWARD=name == "dq", BANDS=2, HAS_MEMORY=True, BLOCK_S=64))  # fmt: skip
-            report = compile_report(kernel, {**constexprs, **blocks}, tiles["num_warps"], tiles["num_stages"])
-            cells.append("%s %d / %d" % (name, *report))
+        for backward, tiles in ((False, forward), (True, backward)):
+            for name, kernel, constexprs in readout_kernels(backward, tiles["block_m"], tiles["block_n"], 64, 64,
+                                                            "tf32")[:2]:  # fmt: skip
+                report = compile_report(kernel, constexprs, tiles["num_warps"], tiles["num_stages"])
+                cells.append("%s %d / %d" % (name, *report))
         print(f"{text or 'default tiles'}:  " + "   ".join(cells), flush=True)
     if args.tiles:
         return

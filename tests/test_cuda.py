@@ -52,10 +52,10 @@ def _union_inputs(b, hq, hkv, length, d, w, m, chunk, dtype, seed):
 UNION_SHAPES = [(1, 16, 4, 16, 4, 4), (200, 32, 8, 32, 4, 2), (1000, 64, 16, 64, 8, 8), (777, 100, 8, 100, 4, 1)]
 
 
-def _union_check(fused, dtype, tol, length, w, m, chunk, hq, hkv) -> None:
+def _union_check(fused, dtype, tol, length, w, m, chunk, hq, hkv, d=64) -> None:
     """``fused`` (``union_attention`` on a fused path) against the dense reference: outputs and every gradient
     through ``o`` and the LSE."""
-    q, bands, memory, leaves = _union_inputs(2, hq, hkv, length, 64, w, m, chunk, dtype, seed=length)
+    q, bands, memory, leaves = _union_inputs(2, hq, hkv, length, d, w, m, chunk, dtype, seed=length)
     g = torch.Generator(device=DEV).manual_seed(1)
     do = torch.randn(q.shape, generator=g, device=DEV).to(dtype)
     dlse = torch.randn(q.shape[:3], generator=g, device=DEV)
@@ -84,6 +84,18 @@ def test_union_kernels_compiled_match_reference(dtype, tol):
     """Our Triton read-out through ``torch.compile(fullgraph=True)``: ``triton_op``s that inductor keeps."""
     _union_check(torch.compile(functools.partial(union_attention, impl="triton"), fullgraph=True), dtype, tol,
                  *UNION_SHAPES[1])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,tol,d", [(torch.float32, 2e-3, 128), (torch.bfloat16, 3e-2, 256)])
+def test_union_kernels_fit_large_heads_into_this_gpus_shared_memory(dtype, tol, d):
+    """Heads whose default tiles need more shared memory than some GPUs have (float32 at 128: about 190 KiB; an
+    A100 has 163) run at tiles fitted to this one (``launch_tiles``)."""
+    from bmojo.ops.triton.attention import launch_tiles
+
+    q, bands, memory, _ = _union_inputs(1, 2, 1, 64, d, 16, 4, 16, dtype, seed=0)
+    if launch_tiles(q, bands, memory) is None:
+        pytest.skip(f"no tiles of the read-out fit this GPU at head dim {d} in {dtype}")
+    _union_check(functools.partial(union_attention, impl="triton"), dtype, tol, *UNION_SHAPES[1], d=d)
 
 
 @pytest.mark.parametrize("block", [(64, 64), (64, 128)])

@@ -173,6 +173,89 @@ def test_union_attention_kernel_rejects_bad_input():
         kernel.union_attention_triton(q[:, :3], bands, memory)
 
 
+GPUS = {"A100": 166912, "RTX 3090": 101376, "H100": 232448}  # bytes of shared memory a block may use
+DEFAULT_TILES = (64, 64, 0, 0, 64, 64, 0, 0)  # union_attention_triton's: block_m, block_n, warps, stages, then bwd_
+
+
+@pytest.mark.parametrize("gpu", GPUS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_fit_tiles_cut_the_default_tiles_only_as_far_as_shared_memory_needs(gpu, dtype, d):
+    """Each half (forward, backward) keeps the defaults where their bound fits the GPU, else takes tiles that fit
+    when one more stage would not; ``None`` only when the smallest tiles do not fit."""
+    kernel = pytest.importorskip("bmojo.ops.triton.attention")
+    limit, itemsize = GPUS[gpu], dtype.itemsize
+    tiles = kernel.fit_tiles(DEFAULT_TILES, d, 64, itemsize, limit)
+    if tiles is None:
+        assert any(kernel.shared_bound(backward, 16, 16, 1, d, 64, itemsize) > limit for backward in (False, True))
+        return
+    for backward, (block_m, block_n, warps, stages) in ((False, tiles[:4]), (True, tiles[4:])):
+        assert warps == 0 and kernel.shared_bound(backward, block_m, block_n, stages, d, 64, itemsize) <= limit
+        if (block_m, block_n, stages) != (64, 64, kernel.TRITON_STAGES):
+            assert kernel.shared_bound(backward, 64, 64, kernel.TRITON_STAGES, d, 64, itemsize) > limit
+        if stages < kernel.TRITON_STAGES:
+            assert kernel.shared_bound(backward, block_m, block_n, stages + 1, d, 64, itemsize) > limit
+    if dtype == torch.bfloat16 and d == 64:  # the presets' heads in 16 bits: the defaults on every GPU
+        assert tiles == (64, 64, 0, 3, 64, 64, 0, 3)
+
+
+def test_fitting_tiles_compiles_into_the_graph_for_any_head_dim(monkeypatch):
+    """Under ``torch.compile``, the GPU's shared memory is a constant read once (not traced into Triton's driver) and
+    the fitting is traced, head dims that vary included (dynamic shapes)."""
+    kernel = pytest.importorskip("bmojo.ops.triton.attention")
+    import triton
+
+    class Utils:  # Triton's CUDA driver, as a GPU would answer (through a call dynamo cannot trace)
+        calls = 0
+
+        def get_device_properties(self, index):
+            Utils.calls += os.getpid() > 0
+            return {"max_shared_mem": GPUS["RTX 3090"]}
+
+    class Driver:
+        utils = Utils()
+
+    config = triton.runtime.driver  # its active driver: a property over _active in recent Triton, an attribute before
+    monkeypatch.setattr(config, "_active" if isinstance(getattr(type(config), "active", None), property) else "active",
+                        Driver())  # fmt: skip
+    monkeypatch.setattr(kernel, "_SHARED_MEMORY", {})
+
+    def step(x):
+        limit = kernel._shared_memory(torch.device("cuda", 0))
+        tiles = kernel.fit_tiles(DEFAULT_TILES, x.shape[-1], 64, x.element_size(), limit)
+        return x * 0 if tiles is None else x + tiles[0] + tiles[3] + tiles[4] + tiles[7]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for d in (64, 128, 256):
+        x = torch.zeros(2, d)
+        torch.testing.assert_close(compiled(x), step(x))
+    assert Utils.calls == 1
+
+
+def test_launch_tiles_off_a_gpu_are_the_options_given():
+    kernel = pytest.importorskip("bmojo.ops.triton.attention")
+    q, bands, memory = case_inputs("bmojo")
+    assert kernel.launch_tiles(q, bands, memory) == DEFAULT_TILES
+    assert kernel.launch_tiles(q, bands, memory, block_m=128, bwd_block_n=32, num_stages=2) == (
+        128, 64, 0, 2, 128, 32, 0, 2)  # fmt: skip
+
+
+def test_shared_bound_holds_for_the_kernels_compiled_for_an_h100():
+    """What Triton compiles for an H100 (no GPU needed: its own ``ptxas``) at the default tiles, head dim 128 in
+    bfloat16 and 64 memory slots, needs at most ``shared_bound``: the forward's kernel, and each of the backward's."""
+    kernel = pytest.importorskip("bmojo.ops.triton.attention")
+    pytest.importorskip("triton.backends.nvidia")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    from kernel_registers import compile_kernel, readout_kernels
+
+    for backward in (False, True):
+        bound = kernel.shared_bound(backward, 64, 64, 3, 128, 64, 2)
+        for name, fn, constexprs in readout_kernels(backward, 64, 64, 128, 64, "tf32"):
+            used = compile_kernel(fn, constexprs, 4, 3, 90, "bf16").metadata.shared
+            assert 0 < used <= bound, (name, used, bound)
+
+
 # Traces a compiled training step of a tiny model of the preset argv[1] with BMOJO_KERNELS=triton through dynamo and
 # AOT autograd (fake tensors: no kernel runs) and prints the Triton kernels in its forward and backward graphs.
 # Triton analyses a kernel for torch.compile by lowering it for a target; with no GPU here, a stand-in driver names

@@ -660,6 +660,14 @@ def blocks_union_attention(
     return merge_attention(parts)
 
 
+def _triton_tiles(q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None) -> tuple[int, ...] | None:
+    """The tiles our Triton read-out would launch with (``bmojo.ops.triton.attention.launch_tiles``; ``None``: none
+    fits the GPU)."""
+    from bmojo.ops.triton.attention import launch_tiles
+
+    return launch_tiles(q, bands, memory, **TRITON_TILES)
+
+
 def union_attention(
     q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None, block_size: int = 64, impl: str = "auto"
 ) -> AttnOut:
@@ -668,13 +676,14 @@ def union_attention(
     ``impl``: ``"triton"`` (``bmojo.ops.triton.attention.union_attention_triton``: our kernels, up to two bands),
     ``"flex"`` (:func:`flex_union_attention`), ``"blocks"`` (:func:`blocks_union_attention`: the fused CPU kernel),
     ``"merge"`` (:func:`banded_attention` per band and :func:`chunk_attention`, merged by :func:`merge_attention`), or
-    ``"auto"``: ours where ``bmojo.ops.triton.use_triton`` allows it (CUDA tensors, or kernel mode ``triton``) and
-    there are at most two bands; else FlexAttention where ``use_fused_cuda`` allows it; else blocks where it applies
-    (CPU, finite bands, kernel mode not ``reference``); else merge.
+    ``"auto"``: ours where ``bmojo.ops.triton.use_triton`` allows it (CUDA tensors, or kernel mode ``triton``), there
+    are at most two bands and some tiles of our kernels fit the GPU's shared memory; else FlexAttention where
+    ``use_fused_cuda`` allows it; else blocks where it applies (CPU, finite bands, kernel mode not ``reference``);
+    else merge.
     """
     if impl == "auto":
         inputs = [x for band in bands for x in (band.k, band.v)] + ([] if memory is None else [memory.k, memory.v])
-        if len(bands) <= 2 and use_triton(q, *inputs, differentiable=True):
+        if len(bands) <= 2 and use_triton(q, *inputs, differentiable=True) and _triton_tiles(q, bands, memory):
             impl = "triton"
         elif use_fused_cuda(q) and flex_available():
             impl = "flex"

@@ -11,12 +11,15 @@ o) - dlse``. Scores are kept in log2 units (``exp2``); arithmetic in float32, pr
 float32 products for float32 inputs).
 
 The calls are ``torch.library.triton_op`` custom ops, so ``torch.compile`` keeps the kernels and differentiates
-through them. Importing this module imports ``triton``.
+through them. On a GPU, the tiles are first cut down where the kernels could need more shared memory than it has
+(:func:`fit_tiles`: float32 inputs of head dim 128 at the default tiles need about 190 KiB, where an A100 has 163
+and a consumer Ampere or Ada GPU 99). Importing this module imports ``triton``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -27,6 +30,8 @@ from bmojo.ops.attention import AttnOut, Band, ChunkMemory, _group
 from bmojo.ops.triton import check_inputs, dot_precision, dot_tile, kernel_op
 
 LOG2E = math.log2(math.e)
+TRITON_STAGES = 3  # Triton's num_stages on CUDA where a launch names none
+Tiles = tuple[int, int, int, int, int, int, int, int]  # block_m, block_n, num_warps, num_stages, then the backward's
 
 
 @triton.jit
@@ -361,6 +366,83 @@ def _backward(ctx, do: torch.Tensor, dlse: torch.Tensor):
 _union_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+def shared_bound(backward: bool, block_m: int, block_n: int, stages: int, d: int, slots: int, itemsize: int) -> int:
+    """Bytes of shared memory the forward's kernel, or the most any of the backward's kernels, needs at most at these
+    tiles, for head dim ``d`` in ``itemsize``-byte inputs and memories of ``slots`` tokens: tiles of ``BLOCK_D =
+    dot_tile(d)`` columns and as many rows as the kernel holds at once (its own block, ``stages`` of the blocks it
+    walks, of keys ``n = max(block_n, memory slots)`` or queries). It bounds what Triton 3.9 compiles for an A100,
+    an RTX 3090 and an H100 (at the H100 exactly for the forward at 3 stages; ``benchmarks/kernel_registers.py
+    --shared`` checks it), 1 KiB more for what Triton adds."""
+    n = max(block_n, dot_tile(slots) if slots else 16)
+    if backward:  # dq: queries and their gradients, stages of keys and values; dk, dv: the reverse (2 stages at least)
+        rows = max(2 * block_m + 2 * stages * n, 2 * n + 2 * max(stages, 2) * block_m)
+    else:
+        rows = block_m + 2 * stages * n
+    return rows * dot_tile(d) * itemsize + 1024
+
+
+def _smaller(block_m: int, block_n: int, stages: int) -> list[tuple[int, int, int]]:
+    """``(block_m, block_n, stages)`` to try, from those given: fewer stages, then the larger block halved (the key
+    block first), down to 16 x 16 at one stage."""
+    out = []
+    while True:
+        out += [(block_m, block_n, s) for s in range(stages, 0, -1)]
+        if block_m == block_n == 16:
+            return out
+        if block_n >= block_m:
+            block_n //= 2
+        else:
+            block_m //= 2
+
+
+def fit_tiles(tiles: Tiles, d: int, slots: int, itemsize: int, limit: int) -> Tiles | None:
+    """``tiles`` (as :func:`union_attention_triton` launches them; 0: Triton's defaults) with the forward's and the
+    backward's ``block_m, block_n, num_stages`` cut down (:func:`_smaller`) until their kernels need at most
+    ``limit`` bytes of shared memory (:func:`shared_bound`) at head dim ``d`` in ``itemsize``-byte inputs; ``None``
+    when no tiles do."""
+    fitted: list[int] = []
+    for backward, (block_m, block_n, warps, stages) in ((False, tiles[:4]), (True, tiles[4:])):
+        for m, n, s in _smaller(block_m, block_n, stages or TRITON_STAGES):
+            if shared_bound(backward, m, n, s, d, slots, itemsize) <= limit:
+                fitted += [m, n, warps, s]
+                break
+        else:
+            return None
+    return tuple(fitted)
+
+
+_SHARED_MEMORY: dict[torch.device, int] = {}
+
+
+@torch.compiler.assume_constant_result
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on a CUDA ``device`` (what Triton checks a launch against); a constant
+    of a ``torch.compile`` graph."""
+    if device not in _SHARED_MEMORY:
+        index = torch.cuda.current_device() if device.index is None else device.index
+        _SHARED_MEMORY[device] = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return _SHARED_MEMORY[device]
+
+
+def launch_tiles(q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None, block_m: int = 64,
+                 block_n: int = 64, num_warps: int = 0, num_stages: int = 0, bwd_block_m: int = 0,
+                 bwd_block_n: int = 0, bwd_num_warps: int = 0, bwd_num_stages: int = 0) -> Tiles | None:  # fmt: skip
+    """The tiles :func:`union_attention_triton` launches its kernels with for these inputs and options: as given
+    (the ``bwd_`` ones, 0: the forward's), on a GPU cut down to fit its shared memory (:func:`fit_tiles`; ``None``
+    when nothing fits)."""
+    bwd_block_m, bwd_block_n = bwd_block_m or block_m, bwd_block_n or block_n
+    for name, value in (("block_m", block_m), ("block_n", block_n), ("bwd_block_m", bwd_block_m),
+                        ("bwd_block_n", bwd_block_n)):  # fmt: skip
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    tiles = (block_m, block_n, num_warps, num_stages, bwd_block_m, bwd_block_n, bwd_num_warps or num_warps,
+             bwd_num_stages or num_stages)  # fmt: skip
+    if not q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return tiles
+    slots = 0 if memory is None else memory.k.shape[3]
+    return fit_tiles(tiles, q.shape[-1], slots, q.element_size(), _shared_memory(q.device))
+
+
 def union_attention_triton(
     q: torch.Tensor,
     bands: list[Band],
@@ -379,19 +461,16 @@ def union_attention_triton(
     ``memory`` in the Triton kernels: ``(o [B, Hq, L, d], lse [B, Hq, L] float32)``, differentiable.
 
     ``block_m`` queries and ``block_n`` keys per tile, powers of two >= 16, and ``num_warps``, ``num_stages`` (0:
-    Triton's defaults) of the forward kernel; the ``bwd_`` ones of the backward's two kernels (0: the forward's).
-    Two bands' keys (values) are stacked into one ``[2, B, Hkv, L, d]`` tensor (a copy) for the kernels.
+    Triton's defaults) of the forward kernel; the ``bwd_`` ones of the backward's two kernels (0: the forward's); on
+    a GPU, cut down where they would need more shared memory than it has (:func:`launch_tiles`; ``ValueError`` when
+    nothing fits). Two bands' keys (values) are stacked into one ``[2, B, Hkv, L, d]`` tensor (a copy) for the
+    kernels.
     """
     b, hq, length, d = q.shape
     if not 1 <= len(bands) <= 2:
         raise ValueError(f"union_attention_triton takes one or two bands, got {len(bands)}")
     if length == 0:
         raise ValueError("union_attention_triton needs at least one query")
-    bwd_block_m, bwd_block_n = bwd_block_m or block_m, bwd_block_n or block_n
-    for name, value in (("block_m", block_m), ("block_n", block_n), ("bwd_block_m", bwd_block_m),
-                        ("bwd_block_n", bwd_block_n)):  # fmt: skip
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
     hkv = bands[0].k.shape[1]
     _group(q, hkv)
     expected = {f"bands[{i}].{n}": (x, (b, hkv, length, d)) for i, band in enumerate(bands)
@@ -417,6 +496,9 @@ def union_attention_triton(
     k, v = (torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0) for xs in (band_tensors[::2], band_tensors[1::2]))
     mk, mv, valid, chunk = (None, None, None, 1) if memory is None else (memory.k, memory.v, memory.valid, memory.chunk)
     scale = d**-0.5 if scale is None else scale
-    tiles = (block_m, block_n, num_warps, num_stages, bwd_block_m, bwd_block_n, bwd_num_warps or num_warps,
-             bwd_num_stages or num_stages)  # fmt: skip
+    tiles = launch_tiles(q, bands, memory, block_m, block_n, num_warps, num_stages, bwd_block_m, bwd_block_n,
+                         bwd_num_warps, bwd_num_stages)  # fmt: skip
+    if tiles is None:
+        raise ValueError(f"no tiles of our read-out kernels fit this GPU's shared memory for head dim {d} in {q.dtype}: "
+                         "use 16-bit inputs (autocast) or another attention_impl ('flex')")  # fmt: skip
     return _union_fwd(q, k, v, mk, mv, valid, *spans[0], *spans[1], chunk, scale, *tiles)
