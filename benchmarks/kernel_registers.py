@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -73,17 +72,23 @@ def readout_kernels(backward: bool, block_m: int, block_n: int, d: int, slots: i
     return [("dq", _query_kernel, query), ("dk, dv", _bwd_kv_kernel, keys), ("memory", _bwd_kv_kernel, memory)]
 
 
-def shared_report() -> None:
-    """The read-out's tiles by ``fit_tiles`` per GPU, dtype and head dim, and its kernels' shared memory at them."""
+DTYPES = {"bf16": (2, "tf32"), "fp32": (4, "ieee")}  # itemsize and products (float32: PyTorch's default, full)
+
+
+def shared_report(limits: dict[int, int] = SHARED_LIMITS, dtypes: tuple[str, ...] = ("bf16", "fp32"),
+                  head_dims: tuple[int, ...] = (64, 128, 256)) -> list[str]:  # fmt: skip
+    """The read-out's tiles by ``fit_tiles`` per GPU (compute capability: shared memory), dtype and head dim, and its
+    kernels' shared memory at them against ``shared_bound``: a printed line each, also returned."""
     print(f"triton {triton.__version__}; tiles fitted from the defaults; KiB of shared memory: compiled / bound")
-    defaults = (64, 64, 0, 0, 64, 64, 0, 0)
-    for arch, limit in SHARED_LIMITS.items():
-        for dtype, itemsize, precision in (("bf16", 2, "tf32"), ("fp32", 4, "ieee")):
-            for d in (64, 128, 256):
-                torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-                tiles = fit_tiles(defaults, d, 64, torch_dtype, limit)
+    lines = []
+    for arch, limit in limits.items():
+        for dtype in dtypes:
+            itemsize, precision = DTYPES[dtype]
+            for d in head_dims:
+                tiles = fit_tiles((64, 64, 0, 0, 64, 64, 0, 0), d, 64, itemsize, limit)
                 if tiles is None:
-                    print(f"sm_{arch} {dtype} d={d}: no tiles fit (the model takes FlexAttention)", flush=True)
+                    lines.append(f"sm_{arch} {dtype} d={d}: no tiles fit (the model takes FlexAttention)")
+                    print(lines[-1], flush=True)
                     continue
                 cells = []
                 for backward, (block_m, block_n, _, stages) in ((False, tiles[:4]), (True, tiles[4:])):
@@ -92,8 +97,10 @@ def shared_report() -> None:
                         used = compile_kernel(fn, constexprs, 4, stages, arch, dtype).metadata.shared
                         flag = "" if used <= bound <= limit else "  EXCEEDS"
                         cells.append(f"{name} {used / 1024:.0f} / {bound / 1024:.0f}{flag}")
-                print(f"sm_{arch} {dtype} d={d}: forward {tiles[0]}x{tiles[1]}, {tiles[3]} stages; backward "
-                      f"{tiles[4]}x{tiles[5]}, {tiles[7]} stages:  " + "   ".join(cells), flush=True)  # fmt: skip
+                lines.append(f"sm_{arch} {dtype} d={d}: forward {tiles[0]}x{tiles[1]}, {tiles[3]} stages; backward "
+                             f"{tiles[4]}x{tiles[5]}, {tiles[7]} stages:  " + "   ".join(cells))  # fmt: skip
+                print(lines[-1], flush=True)
+    return lines
 
 
 def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int) -> tuple[int, int]:
