@@ -19,7 +19,6 @@ and a consumer Ampere or Ada GPU 99). Importing this module imports ``triton``.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -437,7 +436,7 @@ def launch_tiles(q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None 
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
     tiles = (block_m, block_n, num_warps, num_stages, bwd_block_m, bwd_block_n, bwd_num_warps or num_warps,
              bwd_num_stages or num_stages)  # fmt: skip
-    if not q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if not q.is_cuda:
         return tiles
     slots = 0 if memory is None else memory.k.shape[3]
     return fit_tiles(tiles, q.shape[-1], slots, q.element_size(), _shared_memory(q.device))
