@@ -201,7 +201,7 @@ def test_fit_tiles_cut_the_default_tiles_only_as_far_as_shared_memory_needs(gpu,
 
 def test_fitting_tiles_compiles_into_the_graph_for_any_head_dim(monkeypatch):
     """Under ``torch.compile``, the GPU's shared memory is a constant read once (not traced into Triton's driver) and
-    the fitting is traced, head dims that vary included (dynamic shapes)."""
+    the fitting is traced (one graph per head dim: its tile is a constant), under dynamic shapes too."""
     kernel = pytest.importorskip("bmojo.ops.triton.attention")
     import triton
 
@@ -241,6 +241,7 @@ def test_launch_tiles_off_a_gpu_are_the_options_given():
         128, 64, 0, 2, 128, 32, 0, 2)  # fmt: skip
 
 
+@pytest.mark.slow  # ~30 s of Triton compiles with a cold cache
 def test_shared_bound_holds_for_the_kernels_compiled_for_an_h100():
     """What Triton compiles for an H100 (no GPU needed: its own ``ptxas``) at the tiles fitted for head dim 128 in
     bfloat16 with 64 memory slots (the defaults) needs at most ``shared_bound``: the forward's kernel, and each of the

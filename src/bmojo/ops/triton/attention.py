@@ -370,7 +370,7 @@ def shared_bound(backward: bool, block_m: int, block_n: int, stages: int, d: int
     tiles, for head dim ``d`` in ``itemsize``-byte inputs and memories of ``slots`` tokens: tiles of ``BLOCK_D =
     dot_tile(d)`` columns and as many rows as the kernel holds at once (its own block, ``stages`` of the blocks it
     walks, of keys ``n = max(block_n, memory slots)`` or queries). It bounds what Triton 3.9 compiles for an A100,
-    an RTX 3090 and an H100 (at the H100 exactly for the forward at 3 stages; ``benchmarks/kernel_registers.py
+    an RTX 3090 and an H100 (by 2-3x for 16-bit inputs, closer for float32; ``benchmarks/kernel_registers.py
     --shared`` checks it), 1 KiB more for what Triton adds."""
     n = max(block_n, dot_tile(slots) if slots else 16)
     if backward:  # dq: queries and their gradients, stages of keys and values; dk, dv: the reverse (2 stages at least)
@@ -436,7 +436,7 @@ def launch_tiles(q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None 
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
     tiles = (block_m, block_n, num_warps, num_stages, bwd_block_m, bwd_block_n, bwd_num_warps or num_warps,
              bwd_num_stages or num_stages)  # fmt: skip
-    if not q.is_cuda:
+    if not q.is_cuda or torch.version.hip is not None:  # the bound is NVIDIA's (ROCm: Triton's own defaults)
         return tiles
     slots = 0 if memory is None else memory.k.shape[3]
     return fit_tiles(tiles, q.shape[-1], slots, q.element_size(), _shared_memory(q.device))
