@@ -13,7 +13,7 @@
 #   bash benchmarks/run_gpu.sh OUT decode-compiled  # decode at 32K with both models through torch.compile, batch 1 and 8
 #   bash benchmarks/run_gpu.sh OUT decode-graphs    # the same with --compile-mode reduce-overhead (CUDA graphs)
 #   bash benchmarks/run_gpu.sh OUT decode-profile   # ms, device-busy ms and kernels per token at 32K, CUDA graphs
-#                                                   # (batch 1 and 8, then batch 1 with inductor's combo kernels)
+#                                                   # (batch 1, batch 1 with products as reductions, batch 8)
 #   bash benchmarks/run_gpu.sh OUT ssd     # the Mamba-2 SSD's paths (PyTorch eager / compiled, our Triton kernels, fla)
 #   bash benchmarks/run_gpu.sh OUT flex    # the read-out's kernels (ours, FlexAttention) against FlashAttention, tiles
 #   bash benchmarks/run_gpu.sh OUT tiles   # our read-out kernels' tile sweep (forward + backward); exports the fastest
@@ -21,8 +21,13 @@
 #   bash benchmarks/run_gpu.sh OUT flex-warm     # compile the flex-sweep rows, one process each, in parallel
 #   bash benchmarks/run_gpu.sh OUT flex-sweep    # forward times of the sweep's kernel options; exports the fastest
 #                                                # as BMOJO_FLEX_OPTIONS to the stages after it (and in OUT/flex_best.txt)
+#   bash benchmarks/run_gpu.sh OUT warm-STAGE  # STAGE untimed-in-effect (training: one step, no memory probe), its
+#                                              # output under OUT/warm: fills the compile caches for a later STAGE
 # STAGE:SECONDS runs a stage under a time limit (a process of its own, killed with its children when the limit
 # passes; the next stage runs either way), e.g. `bash benchmarks/run_gpu.sh OUT tests:180 tiles:90 ssd:60`.
+# A+B,C runs lanes side by side (here A, and B then C), each lane's output in OUT/lane-N.log: compiles warming
+# caches beside the tests, e.g. `tests+warm-train-compiled,warm-decode-graphs:200 train-compiled:60`. TESTS_WORKERS=N
+# runs the tests in N processes (pytest-xdist).
 set -uo pipefail
 sweep=(fwd_num_warps=8 BLOCK_M=128,BLOCK_N=64 BLOCK_M=128,BLOCK_N=64,fwd_num_warps=8 BLOCK_M=64,BLOCK_N=64
        BLOCK_M=128,BLOCK_N=32 fwd_num_warps=8,fwd_num_stages=2)
@@ -33,8 +38,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
-  'transformers', transformers.__version__, torch.cuda.get_device_name())"
+[ -n "${RUN_GPU_CHILD:-}" ] || python3 -c "import torch, triton, transformers; print('torch', torch.__version__,
+  'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+export RUN_GPU_CHILD=1
 bench() { python3 -m bmojo.cli bench --device cuda --dtype bfloat16 --size 130m --presets bmojo \
   --set window_size=512 --set chunk_size=512 "$@"; }
 for stage in "${@:2}"; do
@@ -46,9 +52,19 @@ for stage in "${@:2}"; do
     esac
     continue
   fi
+  if [[ $stage == *[+,]* ]]; then
+    IFS=+ read -ra lanes <<<"$stage"
+    for i in "${!lanes[@]}"; do
+      IFS=, read -ra steps <<<"${lanes[i]}"
+      bash "$0" "$out" "${steps[@]}" >"$out/lane-$i.log" 2>&1 &
+    done
+    wait
+    continue
+  fi
   case $stage in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
-             tee "$out/test_cuda.log" ;;
+    warm-*) WARM=1 bash "$0" "$out/warm" "${stage#warm-}" ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py ${TESTS_WORKERS:+-n "$TESTS_WORKERS"} \
+             ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$out/test_cuda.log" ;;
     probe|probe-compiled) python3 - "$stage" <<'PY' 2>&1 | tee "$out/$stage.log"
 import sys, time, torch
 from torch._dynamo.utils import counters
@@ -80,7 +96,7 @@ PY
     train-compiled|train-compiled-flex)
       impl=$([ "$stage" = train-compiled-flex ] && echo flex || echo auto)
       bench --lengths 2048 --modes train --batch 8 --repeats 5 --warmup 2 --compile --set attention_impl=$impl \
-        --out "$out/${stage//-/_}_2k" ;;
+        ${WARM:+--repeats 1 --warmup 0 --no-memory} --out "$out/${stage//-/_}_2k" ;;
     decode) bench --lengths 4096,32768 --modes decode --batch 1 --decode-steps 32 --repeats 3 --out "$out/decode" ;;
     decode-compiled|decode-graphs)
       mode=$([ "$stage" = decode-graphs ] && echo reduce-overhead || echo default)
@@ -88,11 +104,9 @@ PY
         bench --lengths 32768 --modes decode --batch $b --decode-steps 32 --repeats 3 --compile --compile-mode $mode \
           --no-memory --out "$out/${stage}_b$b"
       done ;;
-    decode-profile) { for b in 1 8; do python3 benchmarks/decode_profile.py --batch $b; done
-                      python3 benchmarks/decode_profile.py --option combo_kernels=True
-                      python3 benchmarks/decode_profile.py --products reduction; } 2>&1 |
-                    tee "$out/decode_profile.log" ;;
-    ssd) python3 benchmarks/bench_ssd.py 2>&1 | tee "$out/ssd.log" ;;
+    decode-profile) { python3 benchmarks/decode_profile.py; python3 benchmarks/decode_profile.py --products reduction
+                      python3 benchmarks/decode_profile.py --batch 8; } 2>&1 | tee "$out/decode_profile.log" ;;
+    ssd) python3 benchmarks/bench_ssd.py ${WARM:+--repeats 1} 2>&1 | tee "$out/ssd.log" ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \
             --options BLOCK_M=128,BLOCK_N=128,num_warps=8 2>&1 | tee "$out/flex.log" ;;  # ~45 s of compiling a row
     tiles)
