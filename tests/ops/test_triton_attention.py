@@ -296,7 +296,9 @@ except SystemExit:
     pass
 for name, gm in graphs.items():
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
-    print(name, *(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in calls))
+    # inductor cannot lower a bool tensor viewed as another dtype (seen on an H100): none may reach the graphs
+    bitcasts = [n for n in gm.graph.nodes if n.target is torch.ops.aten.view.dtype]
+    print(name, *(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in calls), *bitcasts)
 """
 
 

@@ -267,7 +267,7 @@ def _memory_args(q: torch.Tensor, mk: torch.Tensor | None, mv: torch.Tensor | No
         return (q, q, q), (0,) * 13, 0, 16
     slots = mk.shape[3]
     strides = (*mk.stride(), *mv.stride(), *valid.stride())
-    return (mk, mv, valid.view(torch.uint8)), strides, slots, dot_tile(slots)
+    return (mk, mv, valid), strides, slots, dot_tile(slots)
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -304,8 +304,9 @@ def _union_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: torch.Tens
                block_m: int, block_n: int, num_warps: int, num_stages: int, bwd_block_m: int, bwd_block_n: int,
                bwd_num_warps: int, bwd_num_stages: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(o [B, Hq, L, d] in q's dtype, lse [B, Hq, L] float32)`` of ``q`` over the bands ``k, v [bands, B, Hkv, L,
-    d]`` and the chunk memories ``mk, mv [B, Hkv, chunks, slots, d]``, ``valid [B, chunks, slots]``; ``num_warps,
-    num_stages`` 0: Triton's defaults; the ``bwd_`` tiles are the backward's (:func:`_setup` passes them on)."""
+    d]`` and the chunk memories ``mk, mv [B, Hkv, chunks, slots, d]``, ``valid [B, chunks, slots]`` (uint8);
+    ``num_warps, num_stages`` 0: Triton's defaults; the ``bwd_`` tiles are the backward's (:func:`_setup` passes them
+    on)."""
     o = _empty(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     _run_query_kernel(q, k, v, mk, mv, valid, (lo0, hi0, lo1, hi1, chunk), scale, o, lse, block_m, block_n,
@@ -338,7 +339,7 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
         return [dq, dk, dv, q.new_empty(0), q.new_empty(0)]
     dmk, dmv, slots = _empty(mk), _empty(mv), mk.shape[3]
     wrap_triton(_bwd_kv_kernel)[(mk.shape[2], b, hkv)](
-        q, mk, mv, valid.view(torch.uint8), do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E,
+        q, mk, mv, valid, do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E,
         scale,
         *q.stride(), mk.stride(2), *mk.stride()[:2], *mk.stride()[3:], mv.stride(2), *mv.stride()[:2],
         *mv.stride()[3:], *valid.stride(), *do.stride(),
@@ -494,6 +495,8 @@ def union_attention_triton(
         raise ValueError(f"bands need 0 <= lo <= hi, got {[(band.lo, band.hi) for band in bands]}")
     k, v = (torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0) for xs in (band_tensors[::2], band_tensors[1::2]))
     mk, mv, valid, chunk = (None, None, None, 1) if memory is None else (memory.k, memory.v, memory.valid, memory.chunk)
+    if valid is not None:  # the kernels read bytes; a copy, since inductor cannot lower viewing bool as uint8
+        valid = valid.to(torch.uint8)
     scale = d**-0.5 if scale is None else scale
     tiles = launch_tiles(q, bands, memory, block_m, block_n, num_warps, num_stages, bwd_block_m, bwd_block_n,
                          bwd_num_warps, bwd_num_stages)  # fmt: skip
