@@ -52,10 +52,12 @@ def pointer_type(name: str, dtype: str = "bf16") -> str:
     return f"*{dtype}" if name in BF16 else "*u8" if name == "valid_ptr" else "*fp32"
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int = 90, dtype: str = "bf16"):
-    """``fn`` compiled by Triton with ``constexprs`` for ``sm_<arch>``, its inputs in ``dtype``."""
+def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int = 90, dtype: str = "bf16",
+                   scale: str = "fp32"):  # fmt: skip
+    """``fn`` compiled by Triton with ``constexprs`` for ``sm_<arch>``, its inputs in ``dtype``, its float arguments
+    (the ``*scale`` ones) of type ``scale`` (``"fp64"``: as ``torch.compile``'s generated code launches it)."""
     signature = {name: "constexpr" if name in constexprs else pointer_type(name, dtype) if name.endswith("_ptr")
-                 else "fp32" if name.endswith("scale") else "i32" for name in fn.arg_names}  # fmt: skip
+                 else scale if name.endswith("scale") else "i32" for name in fn.arg_names}  # fmt: skip
     options = {"num_warps": num_warps, "num_stages": num_stages}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)

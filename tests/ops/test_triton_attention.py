@@ -241,6 +241,21 @@ def test_launch_tiles_off_a_gpu_are_the_options_given():
         128, 64, 0, 2, 128, 32, 0, 2)  # fmt: skip
 
 
+def test_kernels_compile_with_float64_scales_as_torch_compile_launches_them():
+    """``torch.compile``'s generated code passes the kernels' float arguments as float64 (seen on an H100: the
+    forward's running sum then changed type inside its loop and Triton refused to compile it); the kernels cast them
+    to float32. Compiled for an H100 with Triton's own ``ptxas``, no GPU needed."""
+    pytest.importorskip("bmojo.ops.triton.attention")
+    pytest.importorskip("triton.backends.nvidia")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    from kernel_registers import compile_kernel, readout_kernels
+
+    for backward in (False, True):
+        for name, kernel, constexprs in readout_kernels(backward, 64, 32, 64, 64, "tf32"):
+            compiled = compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, scale="fp64")
+            assert compiled.metadata.shared > 0, name
+
+
 @pytest.mark.slow  # ~30 s of Triton compiles with a cold cache
 def test_shared_bound_holds_for_the_kernels_compiled_for_an_h100():
     """What Triton compiles for an H100 (no GPU needed: its own ``ptxas``) at the tiles fitted for head dim 128 in

@@ -388,7 +388,7 @@ def parse_triton_tiles(text: str) -> dict[str, int]:
 
 
 # Tiles of our Triton read-out (bmojo.ops.triton.attention) for every union_attention call that takes it
-# (BMOJO_TRITON_TILES, read at import); empty: the kernels' defaults.
+# (BMOJO_TRITON_TILES, read at import); empty: the tuned tiles of _tuned_triton_tiles.
 TRITON_TILES: dict[str, int] = parse_triton_tiles(os.environ.get("BMOJO_TRITON_TILES", ""))
 
 # FlexAttention kernel options for every flex_union_attention call that passes none (BMOJO_FLEX_OPTIONS, read at
@@ -402,6 +402,17 @@ def _tuned_flex_options(q: torch.Tensor) -> dict[str, int]:
     warps spills the mask's integer work; benchmarks/RESULTS.md). Else FlexAttention's own choice."""
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 32}
+    return {}
+
+
+def _triton_tile_options(q: torch.Tensor) -> dict[str, int]:
+    """Tiles for our Triton read-out: ``BMOJO_TRITON_TILES``, else where measured faster than the kernels' defaults
+    (64 x 64): CUDA, 16-bit, head dim <= 64, 64 x 32 (forward + backward 2.28 -> 2.06 ms on an H100 at the 130m
+    preset's shapes; benchmarks/RESULTS.md)."""
+    if TRITON_TILES:
+        return TRITON_TILES
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 64:
+        return {"block_n": 32}
     return {}
 
 
@@ -665,7 +676,7 @@ def _triton_tiles(q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None
     fits the GPU)."""
     from bmojo.ops.triton.attention import launch_tiles
 
-    return launch_tiles(q, bands, memory, **TRITON_TILES)
+    return launch_tiles(q, bands, memory, **_triton_tile_options(q))
 
 
 def union_attention(
@@ -694,7 +705,7 @@ def union_attention(
     if impl == "triton":
         from bmojo.ops.triton.attention import union_attention_triton
 
-        return union_attention_triton(q, bands, memory, **TRITON_TILES)
+        return union_attention_triton(q, bands, memory, **_triton_tile_options(q))
     if impl == "flex":
         return flex_union_attention(q, bands, memory)
     if impl == "blocks":

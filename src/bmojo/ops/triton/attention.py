@@ -114,6 +114,8 @@ def _query_kernel(
     BACKWARD: tl.constexpr, BANDS: tl.constexpr, HAS_MEMORY: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # float arguments reach the kernel as float64 from torch.compile's launches: keep the arithmetic float32
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     """One block of queries over the key blocks its bands and chunks reach: ``o`` into ``out`` and the LSE into
     ``lse``, or (``BACKWARD``) ``dq`` into ``out`` from ``do``, the LSE and ``delta``. ``k, v [bands, b, Hkv, L, D]``
     (``s*_s`` the band stride); ``out [b, H, L, D]`` and ``lse, delta [b, H, L]`` contiguous."""
@@ -208,6 +210,8 @@ def _bwd_kv_kernel(
     MEMORY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # float arguments reach the kernel as float64 from torch.compile's launches: keep the arithmetic float32
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     """``dk, dv`` over every query head of a group: of one block of a band's keys (``k [bands, b, Hkv, L, D]``,
     ``s*_s`` the band stride; program axes: key blocks, ``(band, batch)``, kv heads), or of one chunk's memory
     (``MEMORY``: ``k [b, Hkv, chunks, n_keys slots, D]``, ``s*_s`` the chunk stride, ``s*_t`` the slot stride; axes:
