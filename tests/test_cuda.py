@@ -204,6 +204,25 @@ def test_fused_model_matches_reference_logits_and_gradients(name, reference_kern
         torch.testing.assert_close(grads[n], gr, atol=2e-3, rtol=2e-2, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("name", ["bmojo", "mamba"])
+def test_compiled_model_training_matches_eager(name):
+    """``torch.compile(model, fullgraph=True)`` of a training step, with our kernels inside its graphs (the read-out
+    and the SSD, or the selective scan): the eager model's loss and every parameter's gradient."""
+    model = _tiny(name, selection="recency")
+    ids = torch.randint(0, model.config.vocab_size, (2, 150), device=DEV)
+    compiled = torch.compile(model, fullgraph=True)
+    results = []
+    for forward in (compiled, model):
+        model.zero_grad()
+        loss = forward(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss, grads), (loss_ref, grads_ref) = results
+    torch.testing.assert_close(loss, loss_ref, atol=2e-3, rtol=2e-3)
+    for n, gr in grads_ref.items():
+        torch.testing.assert_close(grads[n], gr, atol=2e-3, rtol=2e-2, msg=lambda m, n=n: f"{n}: {m}")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_kernels_launch_on_their_inputs_device_not_the_current_one():
     """Triton launches on the current device: our ops make their inputs' device current, so a model on ``cuda:1``
