@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bmojo.layers.linear
 from bmojo import BMojoConfig, BMojoForCausalLM
-from bmojo.bench import matched_transformer
+from bmojo.bench import compile_kwargs, matched_transformer
 from bmojo.ops.linear import MAX_ROWS
 
 
@@ -51,11 +51,6 @@ def parse_items(items: list[str], what: str) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[name] = value
     return out
-
-
-def inductor_options(mode: str, items: list[str]) -> dict[str, Any]:
-    """``torch.compile`` options of ``mode`` updated by ``NAME=VALUE`` items."""
-    return {**torch._inductor.list_mode_options(mode), **parse_items(items, "inductor option")}
 
 
 class _CountOps(TorchDispatchMode):
@@ -112,15 +107,16 @@ def cpu_counts(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, Any]:
     return {"ops": counter.count, "kernels": generated_kernel_calls(codes)}
 
 
-def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, options: dict[str, Any]) -> dict[str, float]:
-    """Per-token wall ms (median of 3 runs of ``steps``), and device-busy ms and kernels per token (CUDA)."""
+def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, compile_args: dict[str, Any]) -> dict[str, float]:
+    """Per-token wall ms (median of 3 runs of ``steps``) of the model through ``torch.compile(**compile_args)``,
+    and device-busy ms and kernels per token (CUDA)."""
     cuda = ids.is_cuda
     with torch.no_grad():
         out = model(ids, use_cache=True, logits_to_keep=1)
         cache, token = out.cache, out.logits.argmax(-1)
         cache.reserve(steps * 8)
         cache.mark_static_addresses()
-        step = torch.compile(model, options=options)
+        step = torch.compile(model, **compile_args)
 
         def run() -> float:
             if cuda:
@@ -158,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.products == "reduction":
         bmojo.layers.linear.linear = reduction_products
-    options = inductor_options(args.mode, args.option)
+    options = compile_kwargs(args.mode, parse_items(args.option, "inductor option"))
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     size, length = (args.size, args.length or 32768) if cuda else ("tiny", args.length or 256)
@@ -166,7 +162,7 @@ def main() -> None:
     config = BMojoConfig.from_preset("bmojo", size, **overrides)
     configs = {"transformer": matched_transformer(config, size, overrides), "bmojo": config}
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; {size}, context {length}, "
-          f"batch {args.batch}, {args.steps} steps, torch.compile mode {args.mode}, options {options}, "
+          f"batch {args.batch}, {args.steps} steps, torch.compile {options}, "
           f"products {args.products}")  # fmt: skip
     for name, config in configs.items():
         torch.manual_seed(0)

@@ -12,8 +12,11 @@
 #   bash benchmarks/run_gpu.sh OUT decode  # decode tokens/s and cache memory at 4K and 32K
 #   bash benchmarks/run_gpu.sh OUT decode-compiled  # decode at 32K with both models through torch.compile, batch 1 and 8
 #   bash benchmarks/run_gpu.sh OUT decode-graphs    # the same with --compile-mode reduce-overhead (CUDA graphs)
+#   bash benchmarks/run_gpu.sh OUT decode-combo     # the same with inductor's combo kernels (independent kernels,
+#                                                   # such as a step's writes to several state buffers, as one)
 #   bash benchmarks/run_gpu.sh OUT decode-profile   # ms, device-busy ms and kernels per token at 32K, CUDA graphs
-#                                                   # (batch 1, batch 1 with products as reductions, batch 8)
+#                                                   # (batch 1; with combo kernels; with products as reductions;
+#                                                   # batch 8)
 #   bash benchmarks/run_gpu.sh OUT ssd     # the Mamba-2 SSD's paths (PyTorch eager / compiled, our Triton kernels, fla)
 #   bash benchmarks/run_gpu.sh OUT flex    # the read-out's kernels (ours, FlexAttention) against FlashAttention, tiles
 #   bash benchmarks/run_gpu.sh OUT tiles   # our read-out kernels' tile sweep (forward + backward); exports the fastest
@@ -98,14 +101,16 @@ PY
       bench --lengths 2048 --modes train --batch 8 --repeats 5 --warmup 2 --compile --set attention_impl=$impl \
         ${WARM:+--repeats 1 --warmup 0 --no-memory} --out "$out/${stage//-/_}_2k" ;;
     decode) bench --lengths 4096,32768 --modes decode --batch 1 --decode-steps 32 --repeats 3 --out "$out/decode" ;;
-    decode-compiled|decode-graphs)
-      mode=$([ "$stage" = decode-graphs ] && echo reduce-overhead || echo default)
+    decode-compiled|decode-graphs|decode-combo)
+      mode=$([ "$stage" = decode-compiled ] && echo default || echo reduce-overhead)
+      combo=$([ "$stage" = decode-combo ] && echo "--compile-option combo_kernels=true")
       for b in 1 8; do
         bench --lengths 32768 --modes decode --batch $b --decode-steps 32 --repeats 3 --compile --compile-mode $mode \
-          --no-memory --out "$out/${stage}_b$b"
+          $combo --no-memory --out "$out/${stage}_b$b"
       done ;;
-    decode-profile) { python3 benchmarks/decode_profile.py; python3 benchmarks/decode_profile.py --products reduction
-                      python3 benchmarks/decode_profile.py --batch 8; } 2>&1 | tee "$out/decode_profile.log" ;;
+    decode-profile) for args in "" "--option combo_kernels=True" "--products reduction" "--batch 8"; do
+                      python3 benchmarks/decode_profile.py $args
+                    done 2>&1 | tee "$out/decode_profile.log" ;;
     ssd) python3 benchmarks/bench_ssd.py ${WARM:+--repeats 1} 2>&1 | tee "$out/ssd.log" ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \
             --options BLOCK_M=128,BLOCK_N=128,num_warps=8 2>&1 | tee "$out/flex.log" ;;  # ~45 s of compiling a row

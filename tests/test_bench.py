@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from bmojo.bench import (
     BenchSettings,
     _Memory,
+    compile_kwargs,
     inference_model,
     make_runner,
     matched_transformer,
@@ -118,6 +119,8 @@ def test_cli_bench_writes_outputs_and_rejects_bad_settings(tmp_path):
     assert data["settings"]["overrides"] == {"window_size": 4}
     bad = CliRunner().invoke(app, ["bench", "--modes", "fly", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "modes" in bad.output
+    bad = CliRunner().invoke(app, ["bench", "--compile-option", "combo_kernel=true", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "combo_kernel" in bad.output
 
 
 def test_settings_and_overrides_are_checked():
@@ -225,3 +228,21 @@ def test_bench_decodes_compiled_with_room_reserved_and_static_cache_addresses():
     assert run.cache.get_seq_length() == 27 and run.cache.layers[0].win_k.shape[2] == 27
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         tiny_settings(compile_mode="fastest").validate()
+
+
+def test_compile_options_go_to_torch_compile_on_top_of_the_mode(monkeypatch):
+    """Inductor options join the mode's own (``torch.compile`` takes a mode or options, not both); unknown names
+    are refused before anything runs."""
+    assert compile_kwargs("reduce-overhead") == {"mode": "reduce-overhead"}
+    assert compile_kwargs("reduce-overhead", {"combo_kernels": True}) == {
+        "options": {"triton.cudagraphs": True, "combo_kernels": True}}  # fmt: skip
+    assert compile_kwargs("default", {"combo_kernels": True}) == {"options": {"combo_kernels": True}}
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(kwargs) or model)
+    config = BMojoConfig.from_preset("transformer", "tiny", vocab_size=64, hidden_size=32, num_hidden_layers=1)
+    make_runner(BMojoForCausalLM(config), "train", torch.zeros(1, 4, dtype=torch.long), 1, compile=True,
+                compile_options={"combo_kernels": True})  # fmt: skip
+    assert seen == [{"dynamic": False, "options": {"combo_kernels": True}}]
+    tiny_settings(compile_options={"combo_kernels": True}).validate()
+    with pytest.raises(ValueError, match=r"unknown inductor options in compile_options: \['combo_kernel'\]"):
+        tiny_settings(compile_options={"combo_kernel": True}).validate()

@@ -24,7 +24,8 @@ second over the measured matmul peak in the run's dtype. ``dtype="bfloat16"`` ru
 ``torch.autocast`` (float32 weights, as training keeps them) and ``prefill``/``decode`` on a bfloat16 copy of each
 model (as inference runs: autocast would cast every weight at every step, and compiled graphs do not cache those
 casts). ``compile=True`` times every mode through ``torch.compile`` of every model (compilation happens in the
-warm-up runs; FLOP counts and memory come from the eager model).
+warm-up runs; FLOP counts and memory come from the eager model), in ``compile_mode`` with inductor's
+``compile_options`` (e.g. ``combo_kernels=True``) on top.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class BenchSettings:
     dtype: str = "float32"
     compile: bool = False
     compile_mode: str = "default"
+    compile_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -101,6 +103,9 @@ class BenchSettings:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        unknown = sorted(set(self.compile_options) - set(torch._inductor.list_options()))
+        if unknown:
+            raise ValueError(f"unknown inductor options in compile_options: {unknown}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         fields = inspect.signature(BMojoConfig.__init__).parameters
@@ -236,19 +241,30 @@ def _autocast(device: torch.device, dtype: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
 
 
+def compile_kwargs(mode: str = "default", options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``torch.compile`` keywords for ``mode`` with inductor ``options`` on top of the mode's own (``torch.compile``
+    takes a mode or options, not both)."""
+    if not options:
+        return {"mode": mode}
+    return {"options": {**torch._inductor.list_mode_options(mode), **options}}
+
+
 def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_steps: int, dtype: str = "float32",
-                compile: bool = False, compile_mode: str = "default", runs: int = 1) -> Callable[[], None]:  # fmt: skip
+                compile: bool = False, compile_mode: str = "default", runs: int = 1,
+                compile_options: dict[str, Any] | None = None) -> Callable[[], None]:  # fmt: skip
     """A function running one unit of ``mode`` on ``ids [batch, L]``: ``train`` under autocast to ``dtype``,
     ``prefill`` and ``decode`` with the weights in ``dtype`` (:func:`inference_model`; for ``decode`` the prefill
-    happens now); ``compile``: the model runs through ``torch.compile`` in ``compile_mode``, for
-    ``train`` and ``prefill`` with a graph per length, for ``decode`` with one graph for every position (after a
-    first one for the first) and the cache's addresses marked static (``"reduce-overhead"``: CUDA graphs), its
-    full-attention buffers sized for ``runs`` calls of ``decode_steps`` (a compiled step reads all of them)."""
+    happens now); ``compile``: the model runs through ``torch.compile`` in ``compile_mode`` (with inductor's
+    ``compile_options`` on top), for ``train`` and ``prefill`` with a graph per length, for ``decode`` with one
+    graph for every position (after a first one for the first) and the cache's addresses marked static
+    (``"reduce-overhead"``: CUDA graphs), its full-attention buffers sized for ``runs`` calls of ``decode_steps`` (a
+    compiled step reads all of them)."""
     if mode != "train":
         model = inference_model(model, dtype)
     forward = model
     if compile:
-        forward = torch.compile(model, dynamic=False if mode != "decode" else None, mode=compile_mode)
+        dynamic = False if mode != "decode" else None
+        forward = torch.compile(model, dynamic=dynamic, **compile_kwargs(compile_mode, compile_options))
     if mode == "train":
         model.train()
 
@@ -427,9 +443,10 @@ def _measure(settings: BenchSettings, models: dict[str, dict[str, Any]], built: 
     dev, steps = torch.device(settings.device), settings.decode_steps
     ids = {name: _ids(models[name]["config"], settings.batch, length, settings.seed, dev) for name in built}
     runs = settings.warmup + settings.repeats
+    compiled = {"compile": settings.compile, "compile_mode": settings.compile_mode, "runs": runs,
+                "compile_options": settings.compile_options}  # fmt: skip
     runners = {
-        name: make_runner(model, mode, ids[name], steps, settings.dtype, settings.compile, settings.compile_mode, runs)
-        for name, model in built.items()
+        name: make_runner(model, mode, ids[name], steps, settings.dtype, **compiled) for name, model in built.items()
     }
     for _ in range(settings.warmup):
         for run in runners.values():

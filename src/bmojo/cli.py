@@ -435,6 +435,9 @@ def bench(
     dtype: str = typer.Option("float32", help="float32, or bfloat16 (training under autocast, inference in bf16)"),
     compile: bool = typer.Option(False, "--compile/--eager", help="time every mode through torch.compile"),
     compile_mode: str = typer.Option("default", help="torch.compile mode; reduce-overhead: CUDA graphs on CUDA"),
+    compile_options: list[str] | None = typer.Option(
+        None, "--compile-option", help="inductor option on top of the mode's: NAME=VALUE (e.g. combo_kernels=true)"
+    ),
     overrides: list[str] | None = typer.Option(None, "--set", help="config field of every model: KEY=VALUE"),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="measure peak memory (CPU: a process per point)"),
     out: Path = typer.Option(Path("runs/bench"), help="output directory"),
@@ -445,7 +448,7 @@ def bench(
             presets=presets.split(","), size=size, lengths=_csv_ints(lengths), modes=modes.split(","), batch=batch,
             repeats=repeats, warmup=warmup, decode_steps=decode_steps, threads=threads, device=device,
             overrides=parse_overrides(overrides or []), memory=memory, dtype=dtype, compile=compile,
-            compile_mode=compile_mode,
+            compile_mode=compile_mode, compile_options=parse_overrides(compile_options or []),
         )  # fmt: skip
         settings.validate()
     except ValueError as e:
