@@ -9,6 +9,7 @@
 #   bash benchmarks/run_gpu.sh OUT train   # 130m training and prefill at 2K (batch 8) and 8K (batch 2), bf16
 #   bash benchmarks/run_gpu.sh OUT train-compiled  # the 2K training point with both models through torch.compile
 #   bash benchmarks/run_gpu.sh OUT train-compiled-flex  # the same with the read-out through FlexAttention
+#   bash benchmarks/run_gpu.sh OUT train-compiled-8k    # the same at 8K (batch 2), where the window saves attention
 #   bash benchmarks/run_gpu.sh OUT decode  # decode tokens/s and cache memory at 4K and 32K
 #   bash benchmarks/run_gpu.sh OUT decode-compiled  # decode at 32K with both models through torch.compile, batch 1 and 8
 #   bash benchmarks/run_gpu.sh OUT decode-graphs    # the same with --compile-mode reduce-overhead (CUDA graphs)
@@ -96,10 +97,11 @@ PY
     train)
       bench --lengths 2048 --modes train,prefill --batch 8 --repeats 5 --warmup 2 --out "$out/train_2k"
       bench --lengths 8192 --modes train,prefill --batch 2 --repeats 5 --warmup 2 --out "$out/train_8k" ;;
-    train-compiled|train-compiled-flex)
+    train-compiled|train-compiled-flex|train-compiled-8k)
       impl=$([ "$stage" = train-compiled-flex ] && echo flex || echo auto)
-      bench --lengths 2048 --modes train --batch 8 --repeats 5 --warmup 2 --compile --set attention_impl=$impl \
-        ${WARM:+--repeats 1 --warmup 0 --no-memory} --out "$out/${stage//-/_}_2k" ;;
+      shape=$([ "$stage" = train-compiled-8k ] && echo "--lengths 8192 --batch 2" || echo "--lengths 2048 --batch 8")
+      bench $shape --modes train --repeats 5 --warmup 2 --compile --set attention_impl=$impl \
+        ${WARM:+--repeats 1 --warmup 0 --no-memory} --out "$out/${stage//-/_}" ;;
     decode) bench --lengths 4096,32768 --modes decode --batch 1 --decode-steps 32 --repeats 3 --out "$out/decode" ;;
     decode-compiled|decode-graphs|decode-combo)
       mode=$([ "$stage" = decode-compiled ] && echo default || echo reduce-overhead)
