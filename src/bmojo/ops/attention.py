@@ -388,7 +388,7 @@ def parse_triton_tiles(text: str) -> dict[str, int]:
 
 
 # Tiles of our Triton read-out (bmojo.ops.triton.attention) for every union_attention call that takes it
-# (BMOJO_TRITON_TILES, read at import); empty: the tuned tiles of _tuned_triton_tiles.
+# (BMOJO_TRITON_TILES, read at import); empty: the tuned tiles of _triton_tile_options.
 TRITON_TILES: dict[str, int] = parse_triton_tiles(os.environ.get("BMOJO_TRITON_TILES", ""))
 
 # FlexAttention kernel options for every flex_union_attention call that passes none (BMOJO_FLEX_OPTIONS, read at

@@ -114,11 +114,11 @@ def _query_kernel(
     BACKWARD: tl.constexpr, BANDS: tl.constexpr, HAS_MEMORY: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # float arguments reach the kernel as float64 from torch.compile's launches: keep the arithmetic float32
-    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     """One block of queries over the key blocks its bands and chunks reach: ``o`` into ``out`` and the LSE into
     ``lse``, or (``BACKWARD``) ``dq`` into ``out`` from ``do``, the LSE and ``delta``. ``k, v [bands, b, Hkv, L, D]``
     (``s*_s`` the band stride); ``out [b, H, L, D]`` and ``lse, delta [b, H, L]`` contiguous."""
+    # float arguments reach the kernel as float64 from torch.compile's launches: keep the arithmetic float32
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     start = tl.program_id(0) * BLOCK_M  # axes: query blocks, batch, heads (each under CUDA's 65,535 for axes 1, 2)
     batch, head = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     kv_head = head // group
@@ -210,12 +210,12 @@ def _bwd_kv_kernel(
     MEMORY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # float arguments reach the kernel as float64 from torch.compile's launches: keep the arithmetic float32
-    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     """``dk, dv`` over every query head of a group: of one block of a band's keys (``k [bands, b, Hkv, L, D]``,
     ``s*_s`` the band stride; program axes: key blocks, ``(band, batch)``, kv heads), or of one chunk's memory
     (``MEMORY``: ``k [b, Hkv, chunks, n_keys slots, D]``, ``s*_s`` the chunk stride, ``s*_t`` the slot stride; axes:
     chunks, batch, kv heads). ``dk, dv`` are contiguous like ``k``."""
+    # float arguments reach the kernel as float64 from torch.compile's launches: keep the arithmetic float32
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     pid, band_batch, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     kv_heads = heads // group
     band, batch = band_batch // batch_size, band_batch % batch_size
@@ -343,8 +343,7 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
         return [dq, dk, dv, q.new_empty(0), q.new_empty(0)]
     dmk, dmv, slots = _empty(mk), _empty(mv), mk.shape[3]
     wrap_triton(_bwd_kv_kernel)[(mk.shape[2], b, hkv)](
-        q, mk, mv, valid, do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E,
-        scale,
+        q, mk, mv, valid, do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E, scale,
         *q.stride(), mk.stride(2), *mk.stride()[:2], *mk.stride()[3:], mv.stride(2), *mv.stride()[:2],
         *mv.stride()[3:], *valid.stride(), *do.stride(),
         MEMORY=True, BLOCK_M=block_m, BLOCK_N=dot_tile(slots), **common,
