@@ -17,8 +17,9 @@ beforehand), then with the same key blocks under a mask that lets every score th
 full (no mask evaluated): what the mask costs; and the call with each ``--options`` (FlexAttention kernel options
 such as tile sizes and warps; the default forward tile on an H100 / H200 for bf16 at d=64 is 128 x 128 with 4 warps,
 where the mask's integer arithmetic spills registers). Each row: forward (inputs requiring grad, as in training) and
-forward + backward, medians of ``--repeats`` runs after warm-up; then CUDA profiles of one forward + backward of
-ours and of FlexAttention. The last line names the fastest FlexAttention option set by forward time (``best kernel
+forward + backward, medians of ``--repeats`` runs after warm-up, and on CUDA the device time and kernel count of one
+forward + backward (the benchmark's loss and its gradient included; one forward with ``--forward-only``); then CUDA
+profiles of one forward + backward of ours and of FlexAttention. The last line names the fastest FlexAttention option set by forward time (``best kernel
 options: ...``, empty for FlexAttention's defaults), in the form ``BMOJO_FLEX_OPTIONS`` takes. ``--forward-only``:
 inputs without grad, no backward (nor its compilation), no profile. On a CPU it runs the FlexAttention rows on tiny
 shapes, forward only (FlexAttention has no CPU backward), to check the script.
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as fa
 
-from bmojo.bench import median_ms
+from bmojo.bench import cuda_kernels, median_ms
 from bmojo.ops.attention import (
     AttnOut,
     Band,
@@ -150,7 +151,12 @@ def main() -> None:
             forward_ms[name] = both_ms[name] = float("inf")
             print(f"{name:60s} failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
             continue
-        print(f"{name:60s} forward {forward_ms[name]:9.3f} ms   forward+backward {both_ms[name]:9.3f} ms", flush=True)
+        device = ""
+        if cuda:  # one call's kernels: what it costs the GPU, apart from the host's share of the wall time
+            kernels, ms = cuda_kernels(run(fn, backward))
+            device = f"   device {ms:7.3f} ms in {kernels} kernels"
+        print(f"{name:60s} forward {forward_ms[name]:9.3f} ms   forward+backward {both_ms[name]:9.3f} ms{device}",
+              flush=True)  # fmt: skip
     timed = both_ms if backward else forward_ms
     ran = [text for text in tiles if math.isfinite(timed[ours_label(text)])]
     if ran:

@@ -30,12 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
-from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bmojo.layers.linear
 from bmojo import BMojoConfig, BMojoForCausalLM
-from bmojo.bench import compile_kwargs, matched_transformer
+from bmojo.bench import compile_kwargs, cuda_kernels, matched_transformer
 from bmojo.ops.linear import MAX_ROWS
 
 
@@ -132,11 +131,8 @@ def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, compile_args
             run()
         result = {"wall_ms": statistics.median(run() for _ in range(3))}
         if cuda:
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                run()
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            result["kernels"] = len(kernels) / steps
-            result["device_ms"] = sum(e.device_time for e in kernels) / 1e3 / steps
+            kernels, device_ms = cuda_kernels(run)
+            result["kernels"], result["device_ms"] = kernels / steps, device_ms / steps
     return result
 
 

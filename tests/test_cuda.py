@@ -272,6 +272,14 @@ def test_cuda_graph_decoding_equals_eager():
     assert counters["inductor"]["cudagraph_skips"] == 0
 
 
+def test_cuda_kernels_counts_a_calls_kernels_and_their_time():
+    from bmojo.bench import cuda_kernels
+
+    x = torch.ones(1 << 20, device=DEV)
+    kernels, ms = cuda_kernels(lambda: (x.add_(1), x.mul_(2)))
+    assert kernels == 2 and ms > 0
+
+
 def test_bf16_autocast_training_lowers_the_loss():
     model = _tiny("bmojo").train()
     ids = torch.randint(0, model.config.vocab_size, (4, 256), device=DEV)

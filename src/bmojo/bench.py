@@ -385,6 +385,16 @@ def median_ms(fn: Callable[[], None], device: torch.device, repeats: int, warmup
     return statistics.median(timed(fn, device) for _ in range(repeats)) * 1e3
 
 
+def cuda_kernels(fn: Callable[[], None]) -> tuple[int, float]:
+    """``(kernels, device ms)``: the CUDA kernels one call of ``fn`` launches and their summed time (torch.profiler),
+    what a call costs the GPU whatever the host's share of its wall time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels), sum(e.device_time for e in kernels) / 1e3
+
+
 def build_models(settings: BenchSettings) -> dict[str, dict[str, Any]]:
     """Name -> ``{"preset", "baseline" (name of its Transformer, None for one), "config", "params"}``."""
     models: dict[str, dict[str, Any]] = {}
