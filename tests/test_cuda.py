@@ -152,8 +152,8 @@ def test_triton_selective_scan_on_cuda_matches_reference():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_ssd_on_cuda_matches_reference(dtype):
-    """Our SSD kernels, forward and backward (``ssd_scan_triton`` directly: ``ssd_scan`` prefers fla when it is
-    installed)."""
+    """Our SSD kernels, forward and backward (``ssd_scan_triton`` directly: ``ssd_scan`` takes fla for large states
+    when it is installed)."""
     from bmojo.ops.triton.ssd import ssd_scan_triton
 
     g = torch.Generator(device=DEV).manual_seed(0)

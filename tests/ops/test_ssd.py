@@ -103,3 +103,23 @@ def test_two_pieces_equal_one_scan(split):
     y1, s1 = ssd_scan(x[:, first], dt[:, first], A, B[:, first], C[:, first], chunk_size=16, initial_state=s0)
     y2, s2 = ssd_scan(x[:, second], dt[:, second], A, B[:, second], C[:, second], chunk_size=16, initial_state=s1)
     assert_outputs_close((torch.cat([y1, y2], dim=1), s2), (y, s))
+
+
+@pytest.mark.parametrize("state,path", [(8, "ours"), (16, "ours"), (32, "fla"), (128, "fla")])
+def test_cuda_inputs_take_our_kernels_and_fla_only_for_large_states(monkeypatch, state, path):
+    """Where both could run (stand-ins for a CUDA device with ``triton`` and ``fla``), the SSD takes our Triton
+    kernels up to the state they were timed faster than fla's at (16, an H100), fla's for larger states."""
+    import bmojo.ops.ssd as ssd
+
+    triton_ssd = pytest.importorskip("bmojo.ops.triton.ssd")
+    called = []
+    monkeypatch.setattr(ssd, "use_fused_cuda", lambda *tensors: True)
+    monkeypatch.setattr(ssd, "use_triton", lambda *tensors, differentiable=False: True)
+    monkeypatch.setattr(ssd, "fla_available", lambda: True)
+    monkeypatch.setattr(ssd, "ssd_scan_fla", lambda *inputs: called.append("fla"))
+    monkeypatch.setattr(triton_ssd, "ssd_scan_triton", lambda *inputs: called.append("ours"))
+    x, dt, A = torch.randn(1, 4, 2, 3), torch.rand(1, 4, 2), -torch.rand(2)
+    B, C = torch.randn(1, 4, 1, state), torch.randn(1, 4, 1, state)
+    with torch.no_grad():
+        ssd.ssd_scan(x, dt, A, B, C)
+    assert called == [path]

@@ -13,10 +13,11 @@ computed in float32; ``y`` comes back in the dtype of ``x`` and states in float3
 :func:`ssd_scan_ref` is the sequential definition, :func:`ssd_step` one decoding step, and
 :func:`ssd_scan` the chunked algorithm used for training and prefill. On x86 CPUs, strong decay within a
 chunk makes subnormal floats, which slow it down (up to about 2x); ``torch.set_flush_denormal(True)``
-avoids that. On CUDA, when flash-linear-attention (``fla``) is installed, :func:`ssd_scan` runs its Triton
-``chunk_simple_gla`` (forward, and backward where fla supports it: :func:`fla_backward_supported`), which
-computes in the inputs' dtype with float32 accumulation; else our Triton kernels (``bmojo.ops.triton.ssd``, forward
-and backward, float32 arithmetic; ``bmojo.ops.triton`` has the switch).
+avoids that. On CUDA, :func:`ssd_scan` runs our Triton kernels (``bmojo.ops.triton.ssd``, forward and backward,
+float32 arithmetic; ``bmojo.ops.triton`` has the switch), or for states larger than ours were timed at
+(:data:`FLA_MIN_STATE`), when flash-linear-attention (``fla``) is installed, its Triton ``chunk_simple_gla``
+(forward, and backward where fla supports it: :func:`fla_backward_supported`), which computes in the inputs' dtype
+with float32 accumulation.
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ class _ContiguousGrad(torch.autograd.Function):
 _contiguous_grad = _ContiguousGrad.apply
 
 
+# Our Triton SSD ran its forward in 0.52 ms where fla's chunk_simple_gla took 0.95 ms (an H100, bf16, the 130m
+# preset's shapes: state 16; benchmarks/RESULTS.md): fla is taken only for larger states, which ours were not timed at.
+FLA_MIN_STATE = 17
+
+
 def ssd_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -131,11 +137,12 @@ def ssd_scan(
     The intra-chunk work grows with ``Q`` and the closed-form recurrence with ``(L / Q)^2``; on CPU, 32 was the
     fastest at 2K tokens (8 heads of 64, state 16: 10.4 ms forward and backward compiled, 11.6 ms with 64).
     Differentiable by autograd. Returns ``(y [batch, L, H, P], final_state [batch, H, P, N])``.
-    CUDA inputs take :func:`ssd_scan_fla` when ``fla`` is installed, else our Triton kernels (with chunks of their
-    own, ``bmojo.ops.triton.ssd.kernel_tiles``; see the module docstring).
+    CUDA inputs take our Triton kernels (with chunks of their own, ``bmojo.ops.triton.ssd.kernel_tiles``), or
+    :func:`ssd_scan_fla` for states of :data:`FLA_MIN_STATE` or more when ``fla`` is installed (see the module
+    docstring).
     """
     inputs = (x, dt, A, B, C, initial_state)
-    if use_fused_cuda(*inputs) and fla_available():
+    if B.shape[-1] >= FLA_MIN_STATE and use_fused_cuda(*inputs) and fla_available():
         if not needs_grad(*inputs) or fla_backward_supported(x.device):
             return ssd_scan_fla(*inputs)
     if use_triton(*inputs, differentiable=True):
