@@ -24,14 +24,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from decode_profile import parse_items
 from rich.console import Console
 from rich.table import Table
 
 import bmojo.layers.linear
 import bmojo.ops.linear
 from bmojo import BMojoConfig, BMojoForCausalLM
-from bmojo.bench import matched_transformer
+from bmojo.bench import matched_transformer, parse_options
 from bmojo.ops.linear import linear
 
 PRODUCTS = {"ops.linear": linear, "F.linear": F.linear}
@@ -87,7 +86,7 @@ def main() -> None:
         shapes = [tuple(int(n) for n in item.lower().split("x")) for item in args.shapes.split(",")]
         Console().print(shape_table(shapes, args.batch, args.megabytes))
         return
-    overrides = parse_items(args.set, "--set")
+    overrides = parse_options(args.set)
     config = BMojoConfig.from_preset("bmojo", size=args.size, **overrides)
     table = Table(title=f"decoding step, {args.threads} threads, batch {args.batch}, context {args.length}"
                         f"{', compiled' if args.compile else ', eager'} (ms)")  # fmt: skip

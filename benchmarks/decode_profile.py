@@ -2,7 +2,7 @@
 
     python benchmarks/decode_profile.py                      # CUDA: 130m, 32K context, batch 1, bf16, CUDA graphs
     python benchmarks/decode_profile.py --batch 8 --mode default
-    python benchmarks/decode_profile.py --option combo_kernels=True   # inductor options on top of the mode's
+    python benchmarks/decode_profile.py --option combo_kernels=true   # inductor options on top of the mode's
     python benchmarks/decode_profile.py --length 1024 --set hidden_size=256 ...   # CPU: the bench model's counts
 
 For B'MOJO and the equal-size Transformer (``bench.matched_transformer``), each with bfloat16 weights on CUDA
@@ -21,7 +21,6 @@ fallbacks to PyTorch's own ops, such as the CPU attention kernel), a proxy for w
 from __future__ import annotations
 
 import argparse
-import ast
 import re
 import statistics
 import time
@@ -34,22 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bmojo.layers.linear
 from bmojo import BMojoConfig, BMojoForCausalLM
-from bmojo.bench import compile_kwargs, cuda_kernels, matched_transformer
+from bmojo.bench import compile_kwargs, cuda_kernels, matched_transformer, parse_options
 from bmojo.ops.linear import MAX_ROWS
-
-
-def parse_items(items: list[str], what: str) -> dict[str, Any]:
-    """``NAME=VALUE`` items as a dict (values as Python literals, else text)."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"{what} {item!r} is not NAME=VALUE")
-        try:
-            out[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[name] = value
-    return out
 
 
 class _CountOps(TorchDispatchMode):
@@ -150,11 +135,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.products == "reduction":
         bmojo.layers.linear.linear = reduction_products
-    options = compile_kwargs(args.mode, parse_items(args.option, "inductor option"))
+    options = compile_kwargs(args.mode, parse_options(args.option))
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     size, length = (args.size, args.length or 32768) if cuda else ("tiny", args.length or 256)
-    overrides = {**({"window_size": 512, "chunk_size": 512} if cuda else {}), **parse_items(args.set, "--set")}
+    overrides = {**({"window_size": 512, "chunk_size": 512} if cuda else {}), **parse_options(args.set)}
     config = BMojoConfig.from_preset("bmojo", size, **overrides)
     configs = {"transformer": matched_transformer(config, size, overrides), "bmojo": config}
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; {size}, context {length}, "

@@ -25,13 +25,15 @@
 #   bash benchmarks/run_gpu.sh OUT flex-warm     # compile the flex-sweep rows, one process each, in parallel
 #   bash benchmarks/run_gpu.sh OUT flex-sweep    # forward times of the sweep's kernel options; exports the fastest
 #                                                # as BMOJO_FLEX_OPTIONS to the stages after it (and in OUT/flex_best.txt)
-#   bash benchmarks/run_gpu.sh OUT warm-STAGE  # STAGE untimed-in-effect (training: one step, no memory probe), its
-#                                              # output under OUT/warm: fills the compile caches for a later STAGE
+#   bash benchmarks/run_gpu.sh OUT warm-STAGE  # STAGE run to fill the compile caches for a later STAGE, its output
+#                                              # under OUT/warm (training and ssd: one step or repeat, no memory
+#                                              # probe; decode stages in full: their graphs' shapes depend on the runs)
 # STAGE:SECONDS runs a stage under a time limit (a process of its own, killed with its children when the limit
 # passes; the next stage runs either way), e.g. `bash benchmarks/run_gpu.sh OUT tests:180 tiles:90 ssd:60`.
-# A+B,C runs lanes side by side (here A, and B then C), each lane's output in OUT/lane-N.log: compiles warming
-# caches beside the tests, e.g. `tests+warm-train-compiled,warm-decode-graphs:200 train-compiled:60`. TESTS_WORKERS=N
-# runs the tests in N processes (pytest-xdist).
+# A+B,C runs lanes side by side (here A, and B then C), each lane's output in OUT/lane-<its stages>.log: compiles
+# warming caches beside the tests, e.g. `tests+warm-train-compiled,warm-decode-graphs:200 train-compiled:60` (the
+# limit covers the whole group; what a stage exports, such as tiles' BMOJO_TRITON_TILES, stays in its lane).
+# TESTS_WORKERS=N runs the tests in N processes (pytest-xdist, which the GPU machine's image has).
 set -uo pipefail
 sweep=(fwd_num_warps=8 BLOCK_M=128,BLOCK_N=64 BLOCK_M=128,BLOCK_N=64,fwd_num_warps=8 BLOCK_M=64,BLOCK_N=64
        BLOCK_M=128,BLOCK_N=32 fwd_num_warps=8,fwd_num_stages=2)
@@ -58,11 +60,13 @@ for stage in "${@:2}"; do
   fi
   if [[ $stage == *[+,]* ]]; then
     IFS=+ read -ra lanes <<<"$stage"
-    for i in "${!lanes[@]}"; do
-      IFS=, read -ra steps <<<"${lanes[i]}"
-      bash "$0" "$out" "${steps[@]}" >"$out/lane-$i.log" 2>&1 &
+    pids=()
+    for lane in "${lanes[@]}"; do
+      IFS=, read -ra steps <<<"$lane"
+      bash "$0" "$out" "${steps[@]}" >"$out/lane-${lane//,/_}.log" 2>&1 &
+      pids+=($!)
     done
-    wait
+    for i in "${!pids[@]}"; do wait "${pids[i]}" || echo "lane ${lanes[i]}: exit status $?"; done
     continue
   fi
   case $stage in
@@ -110,7 +114,7 @@ PY
         bench --lengths 32768 --modes decode --batch $b --decode-steps 32 --repeats 3 --compile --compile-mode $mode \
           $combo --no-memory --out "$out/${stage}_b$b"
       done ;;
-    decode-profile) for args in "" "--option combo_kernels=True" "--products reduction" "--batch 8"; do
+    decode-profile) for args in "" "--option combo_kernels=true" "--products reduction" "--batch 8"; do
                       python3 benchmarks/decode_profile.py $args
                     done 2>&1 | tee "$out/decode_profile.log" ;;
     ssd) python3 benchmarks/bench_ssd.py ${WARM:+--repeats 1} 2>&1 | tee "$out/ssd.log" ;;

@@ -18,6 +18,7 @@ from bmojo.bench import (
     inference_model,
     make_runner,
     matched_transformer,
+    parse_options,
     results_table,
     run_bench,
     write_outputs,
@@ -119,7 +120,8 @@ def test_cli_bench_writes_outputs_and_rejects_bad_settings(tmp_path):
     assert data["settings"]["overrides"] == {"window_size": 4}
     bad = CliRunner().invoke(app, ["bench", "--modes", "fly", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "modes" in bad.output
-    bad = CliRunner().invoke(app, ["bench", "--compile-option", "combo_kernel=true", "--out", str(tmp_path)])
+    args = ["bench", "--compile", "--compile-option", "combo_kernel=true", "--out", str(tmp_path)]
+    bad = CliRunner().invoke(app, args)
     assert bad.exit_code != 0 and "combo_kernel" in bad.output
 
 
@@ -230,6 +232,13 @@ def test_bench_decodes_compiled_with_room_reserved_and_static_cache_addresses():
         tiny_settings(compile_mode="fastest").validate()
 
 
+def test_options_parse_as_yaml_with_whole_names():
+    assert parse_options(["window_size=64", "name=abc", "combo_kernels=true", "triton.cudagraphs=False"]) == {
+        "window_size": 64, "name": "abc", "combo_kernels": True, "triton.cudagraphs": False}  # fmt: skip
+    with pytest.raises(ValueError, match="'window' is not of the form NAME=VALUE"):
+        parse_options(["window"])
+
+
 def test_compile_options_go_to_torch_compile_on_top_of_the_mode(monkeypatch):
     """Inductor options join the mode's own (``torch.compile`` takes a mode or options, not both); unknown names
     are refused before anything runs."""
@@ -243,6 +252,8 @@ def test_compile_options_go_to_torch_compile_on_top_of_the_mode(monkeypatch):
     make_runner(BMojoForCausalLM(config), "train", torch.zeros(1, 4, dtype=torch.long), 1, compile=True,
                 compile_options={"combo_kernels": True})  # fmt: skip
     assert seen == [{"dynamic": False, "options": {"combo_kernels": True}}]
-    tiny_settings(compile_options={"combo_kernels": True}).validate()
+    tiny_settings(compile=True, compile_options={"combo_kernels": True, "triton.cudagraphs": False}).validate()
     with pytest.raises(ValueError, match=r"unknown inductor options in compile_options: \['combo_kernel'\]"):
-        tiny_settings(compile_options={"combo_kernel": True}).validate()
+        tiny_settings(compile=True, compile_options={"combo_kernel": True}).validate()
+    with pytest.raises(ValueError, match="compile_options need compile=True"):
+        tiny_settings(compile_options={"combo_kernels": True}).validate()

@@ -110,7 +110,7 @@ def test_flex_union_kernel_options_change_tiles_not_results(block):
 @pytest.mark.skipif(not fla_available(), reason="flash-linear-attention (fla) is not installed")
 @pytest.mark.parametrize("length", [1, 63, 64, 300])
 def test_fla_ssd_matches_reference(length):
-    """Forward always; gradients where fla runs its backward on this GPU (else training takes the PyTorch scan)."""
+    """Forward always; gradients where fla runs its backward on this GPU (else training takes our Triton kernels)."""
     g = torch.Generator(device=DEV).manual_seed(length)
     b, h, p, groups, n = 2, 4, 16, 2, 16
 
@@ -273,6 +273,7 @@ def test_cuda_graph_decoding_equals_eager():
 
 
 def test_cuda_kernels_counts_a_calls_kernels_and_their_time():
+    """``bench.cuda_kernels``: two in-place elementwise ops launch two kernels, which take some device time."""
     from bmojo.bench import cuda_kernels
 
     x = torch.ones(1 << 20, device=DEV)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from decode_profile import generated_kernel_calls, parse_items  # noqa: E402
+from decode_profile import generated_kernel_calls  # noqa: E402
 
 CODE = """
 cpp_fused_add_0 = async_compile.cpp_pybinding(...)
@@ -31,13 +31,6 @@ def test_generated_kernel_calls_counts_fused_kernels_external_calls_and_fallback
     """Over every graph of a step (here two copies of one)."""
     assert generated_kernel_calls([CODE, CODE]) == {
         "mm": 4, "fused": 4, "bmm": 2, "_scaled_dot_product_flash_attention_for_cpu": 2}  # fmt: skip
-
-
-def test_items_parse_as_literals_or_text():
-    assert parse_items(["window_size=64", "name=abc", "flag=True"], "--set") == {
-        "window_size": 64, "name": "abc", "flag": True}  # fmt: skip
-    with pytest.raises(ValueError, match="--set 'window' is not NAME=VALUE"):
-        parse_items(["window"], "--set")
 
 
 @pytest.mark.slow

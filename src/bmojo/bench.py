@@ -40,13 +40,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -103,9 +104,12 @@ class BenchSettings:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
-        unknown = sorted(set(self.compile_options) - set(torch._inductor.list_options()))
-        if unknown:
-            raise ValueError(f"unknown inductor options in compile_options: {unknown}")
+        if self.compile_options:
+            if not self.compile:
+                raise ValueError("compile_options need compile=True (--compile)")
+            unknown = sorted(set(self.compile_options) - set(torch._inductor.list_options()))
+            if unknown:
+                raise ValueError(f"unknown inductor options in compile_options: {unknown}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         fields = inspect.signature(BMojoConfig.__init__).parameters
@@ -239,6 +243,18 @@ def _prefill(model: torch.nn.Module, ids: torch.Tensor) -> Any:
 def _autocast(device: torch.device, dtype: str) -> torch.autocast:
     """``torch.autocast`` to ``dtype`` on ``device``, disabled for float32 (as ``bmojo.train`` does)."""
     return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` strings as a dict, values read as YAML (``true``, ``512``, ``text``), names kept whole
+    (inductor's have dots: ``triton.cudagraphs``)."""
+    options = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"option {item!r} is not of the form NAME=VALUE")
+        options[name.strip()] = yaml.safe_load(text)
+    return options
 
 
 def compile_kwargs(mode: str = "default", options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -386,8 +402,9 @@ def median_ms(fn: Callable[[], None], device: torch.device, repeats: int, warmup
 
 
 def cuda_kernels(fn: Callable[[], None]) -> tuple[int, float]:
-    """``(kernels, device ms)``: the CUDA kernels one call of ``fn`` launches and their summed time (torch.profiler),
-    what a call costs the GPU whatever the host's share of its wall time."""
+    """``(kernels, device ms)``: the CUDA kernels one call of ``fn`` launches and their summed time (torch.profiler;
+    device copies and fills count as kernels), what a call costs the GPU whatever the host's share of its wall
+    time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -565,7 +582,8 @@ def markdown(result: dict[str, Any]) -> str:
     run = (
         f"Size {s['size']}, batch {s['batch']}, {s['repeats']} repeats after {s['warmup']} warm-up (medians), "
         f"{s['decode_steps']} decode steps, overrides {s['overrides'] or 'none'}"
-        f"{', through torch.compile (mode ' + s.get('compile_mode', 'default') + ')' if s.get('compile') else ''}."
+        f"{', through torch.compile (mode ' + s.get('compile_mode', 'default') + ')' if s.get('compile') else ''}"
+        f"{', inductor options ' + str(s['compile_options']) if s.get('compile_options') else ''}."
     )
     lines = [
         f"# bmojo bench ({result['date']})", "", machine, "", run, "",

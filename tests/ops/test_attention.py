@@ -316,6 +316,16 @@ def test_triton_tiles_default_to_the_tuned_ones_where_measured(monkeypatch, devi
         assert attention._triton_tile_options(q) == {"block_m": 128}
 
 
+def test_triton_tiles_keep_the_kernels_defaults_on_rocm(monkeypatch):
+    """The 64 x 32 tiles were timed on NVIDIA only: a ROCm build's CUDA tensors keep the kernels' defaults."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(attention, "TRITON_TILES", {})
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    with FakeTensorMode():
+        assert attention._triton_tile_options(torch.empty(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)) == {}
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_kernel_options_default_to_the_module_setting(monkeypatch):
     """A call without ``kernel_options`` passes ``FLEX_KERNEL_OPTIONS`` (``BMOJO_FLEX_OPTIONS``) to FlexAttention;

@@ -105,7 +105,7 @@ def test_two_pieces_equal_one_scan(split):
     assert_outputs_close((torch.cat([y1, y2], dim=1), s2), (y, s))
 
 
-@pytest.mark.parametrize("state,path", [(8, "ours"), (16, "ours"), (32, "fla"), (128, "fla")])
+@pytest.mark.parametrize("state,path", [(8, "ours"), (16, "ours"), (17, "fla"), (128, "fla")])
 def test_cuda_inputs_take_our_kernels_and_fla_only_for_large_states(monkeypatch, state, path):
     """Where both could run (stand-ins for a CUDA device with ``triton`` and ``fla``), the SSD takes our Triton
     kernels up to the state they were timed faster than fla's at (16, an H100), fla's for larger states."""

@@ -6,6 +6,7 @@ triton-lang/triton#11584, unsupported upstream), so bfloat16 is checked on a GPU
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -241,32 +242,39 @@ def test_launch_tiles_off_a_gpu_are_the_options_given():
         128, 64, 0, 2, 128, 32, 0, 2)  # fmt: skip
 
 
-def test_kernels_compile_with_float64_scales_as_torch_compile_launches_them():
+def _ptxas_or_skip() -> None:
+    """Skip where this Triton ships no ``ptxas`` (compiling for a GPU target needs it)."""
+    triton = pytest.importorskip("triton")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not any(os.path.exists(os.path.join(bin_dir, name)) for name in ("ptxas-blackwell", "ptxas")):
+        pytest.skip("this triton ships no ptxas")
+
+
+@pytest.fixture
+def kernel_registers(monkeypatch):
+    """``benchmarks/kernel_registers.py`` as a module: it compiles our kernels for GPU targets without a GPU."""
+    pytest.importorskip("bmojo.ops.triton.attention")
+    _ptxas_or_skip()
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    return importlib.import_module("kernel_registers")
+
+
+def test_kernels_compile_with_float64_scales_as_torch_compile_launches_them(kernel_registers):
     """``torch.compile``'s generated code passes the kernels' float arguments as float64 (seen on an H100: the
     forward's running sum then changed type inside its loop and Triton refused to compile it); the kernels cast them
     to float32. Compiled for an H100 with Triton's own ``ptxas``, no GPU needed."""
-    pytest.importorskip("bmojo.ops.triton.attention")
-    pytest.importorskip("triton.backends.nvidia")
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-    from kernel_registers import compile_kernel, readout_kernels
-
     for backward in (False, True):
-        for name, kernel, constexprs in readout_kernels(backward, 64, 32, 64, 64, "tf32"):
-            compiled = compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, scale="fp64")
+        for name, kernel, constexprs in kernel_registers.readout_kernels(backward, 64, 32, 64, 64, "tf32"):
+            compiled = kernel_registers.compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, scale="fp64")
             assert compiled.metadata.shared > 0, name
 
 
 @pytest.mark.slow  # ~30 s of Triton compiles with a cold cache
-def test_shared_bound_holds_for_the_kernels_compiled_for_an_h100():
+def test_shared_bound_holds_for_the_kernels_compiled_for_an_h100(kernel_registers):
     """What Triton compiles for an H100 (no GPU needed: its own ``ptxas``) at the tiles fitted for head dim 128 in
     bfloat16 with 64 memory slots (the defaults) needs at most ``shared_bound``: the forward's kernel, and each of the
     backward's (``benchmarks/kernel_registers.py --shared``, for one GPU, dtype and head dim)."""
-    pytest.importorskip("bmojo.ops.triton.attention")
-    pytest.importorskip("triton.backends.nvidia")
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-    from kernel_registers import SHARED_LIMITS, shared_report
-
-    (line,) = shared_report({90: SHARED_LIMITS[90]}, ("bf16",), (128,))
+    (line,) = kernel_registers.shared_report({90: kernel_registers.SHARED_LIMITS[90]}, ("bf16",), (128,))
     cells = re.findall(r"(forward|dq|dk, dv|memory) (\d+) / (\d+)", line)
     assert line.startswith("sm_90 bf16 d=128: forward 64x64, 3 stages; backward 64x64, 3 stages")
     assert [name for name, *_ in cells] == ["forward", "dq", "dk, dv", "memory"] and "EXCEEDS" not in line
@@ -311,9 +319,9 @@ except SystemExit:
     pass
 for name, gm in graphs.items():
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
+    print(name, *(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in calls))
     # inductor cannot lower a bool tensor viewed as another dtype (seen on an H100): none may reach the graphs
-    bitcasts = [n for n in gm.graph.nodes if n.target is torch.ops.aten.view.dtype]
-    print(name, *(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in calls), *bitcasts)
+    print(name + "-dtype-views", *(n for n in gm.graph.nodes if n.target is torch.ops.aten.view.dtype))
 """
 
 
@@ -336,20 +344,18 @@ def test_compiled_training_traces_through_the_kernels(preset):
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", TRACE, preset], env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    graphs = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    graphs = {name: items for name, *items in map(str.split, proc.stdout.splitlines())}
     layers = BMojoConfig.from_preset(preset, "tiny").num_hidden_layers
     forward, backward = TRACED[preset]
-    assert sorted(graphs["forward"].split()) == sorted(forward * layers)
-    assert sorted(graphs["backward"].split()) == sorted(backward * layers)
+    assert sorted(graphs["forward"]) == sorted(forward * layers)
+    assert sorted(graphs["backward"]) == sorted(backward * layers)
+    assert graphs["forward-dtype-views"] == graphs["backward-dtype-views"] == []
 
 
 def test_kernel_registers_script_reports_every_kernel():
     """``benchmarks/kernel_registers.py`` compiles the three kernels for sm_90a without a GPU and reports each one's
     registers and spills (skipped where this Triton ships no ``ptxas``)."""
-    triton = pytest.importorskip("triton")
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not any(os.path.exists(os.path.join(bin_dir, name)) for name in ("ptxas-blackwell", "ptxas")):
-        pytest.skip("this triton ships no ptxas")
+    _ptxas_or_skip()
     script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "kernel_registers.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, script, "--tiles", "block_m=16,block_n=16"], env=env, capture_output=True,

@@ -407,11 +407,12 @@ def _tuned_flex_options(q: torch.Tensor) -> dict[str, int]:
 
 def _triton_tile_options(q: torch.Tensor) -> dict[str, int]:
     """Tiles for our Triton read-out: ``BMOJO_TRITON_TILES``, else where measured faster than the kernels' defaults
-    (64 x 64): CUDA, 16-bit, head dim <= 64, 64 x 32 (forward + backward 2.28 -> 2.06 ms on an H100 at the 130m
+    (64 x 64): NVIDIA, 16-bit, head dim <= 64, 64 x 32 (forward + backward 2.28 -> 2.06 ms on an H100 at the 130m
     preset's shapes; benchmarks/RESULTS.md)."""
     if TRITON_TILES:
         return TRITON_TILES
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 64:
+    nvidia = q.is_cuda and torch.version.hip is None
+    if nvidia and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 64:
         return {"block_n": 32}
     return {}
 

@@ -15,7 +15,7 @@ computed in float32; ``y`` comes back in the dtype of ``x`` and states in float3
 chunk makes subnormal floats, which slow it down (up to about 2x); ``torch.set_flush_denormal(True)``
 avoids that. On CUDA, :func:`ssd_scan` runs our Triton kernels (``bmojo.ops.triton.ssd``, forward and backward,
 float32 arithmetic; ``bmojo.ops.triton`` has the switch), or for states larger than ours were timed at
-(:data:`FLA_MIN_STATE`), when flash-linear-attention (``fla``) is installed, its Triton ``chunk_simple_gla``
+(:data:`OURS_MAX_STATE`), when flash-linear-attention (``fla``) is installed, its Triton ``chunk_simple_gla``
 (forward, and backward where fla supports it: :func:`fla_backward_supported`), which computes in the inputs' dtype
 with float32 accumulation.
 """
@@ -114,7 +114,7 @@ _contiguous_grad = _ContiguousGrad.apply
 
 # Our Triton SSD ran its forward in 0.52 ms where fla's chunk_simple_gla took 0.95 ms (an H100, bf16, the 130m
 # preset's shapes: state 16; benchmarks/RESULTS.md): fla is taken only for larger states, which ours were not timed at.
-FLA_MIN_STATE = 17
+OURS_MAX_STATE = 16
 
 
 def ssd_scan(
@@ -138,11 +138,11 @@ def ssd_scan(
     fastest at 2K tokens (8 heads of 64, state 16: 10.4 ms forward and backward compiled, 11.6 ms with 64).
     Differentiable by autograd. Returns ``(y [batch, L, H, P], final_state [batch, H, P, N])``.
     CUDA inputs take our Triton kernels (with chunks of their own, ``bmojo.ops.triton.ssd.kernel_tiles``), or
-    :func:`ssd_scan_fla` for states of :data:`FLA_MIN_STATE` or more when ``fla`` is installed (see the module
+    :func:`ssd_scan_fla` for states over :data:`OURS_MAX_STATE` when ``fla`` is installed (see the module
     docstring).
     """
     inputs = (x, dt, A, B, C, initial_state)
-    if B.shape[-1] >= FLA_MIN_STATE and use_fused_cuda(*inputs) and fla_available():
+    if B.shape[-1] > OURS_MAX_STATE and use_fused_cuda(*inputs) and fla_available():
         if not needs_grad(*inputs) or fla_backward_supported(x.device):
             return ssd_scan_fla(*inputs)
     if use_triton(*inputs, differentiable=True):
