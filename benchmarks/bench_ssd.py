@@ -2,24 +2,28 @@
 
     python benchmarks/bench_ssd.py                 # B=8, L=2048, 24 heads of 64, state 16, one B/C group, bf16
     python benchmarks/bench_ssd.py --dtype float32
+    python benchmarks/bench_ssd.py --chunks 16,64          # our kernels at other chunk sizes too
 
 Rows: the PyTorch chunked SSD eager (``BMOJO_KERNELS=reference``) and through ``torch.compile``, our Triton kernels
-(``ops.triton.ssd``), and flash-linear-attention's ``chunk_simple_gla`` when ``fla`` is installed (its backward only
-where ``fla_backward_supported``). Each row: forward without gradients, and forward + backward (gradients of every
-input), medians of ``--repeats`` runs after warm-up. On a CPU it runs the PyTorch rows on tiny shapes, to check
-the script (the Triton kernels run on CPU only under ``TRITON_INTERPRET=1``, in ``tests/ops/test_triton.py``).
+(``ops.triton.ssd``; with each of ``--chunks`` too, e.g. ``--chunks 16,64``), and flash-linear-attention's
+``chunk_simple_gla`` when ``fla`` is installed (its backward only where ``fla_backward_supported``). Each row: forward
+without gradients, and forward + backward (gradients of every input), medians of ``--repeats`` runs after warm-up;
+on CUDA also the device time and kernel count of one forward + backward (or forward). On a CPU it runs the PyTorch
+rows on tiny shapes, to check the script (the Triton kernels run on CPU only under ``TRITON_INTERPRET=1``, in
+``tests/ops/test_triton.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import bmojo.ops.triton as kernels
-from bmojo.bench import median_ms
+from bmojo.bench import cuda_kernels, median_ms
 from bmojo.ops.ssd import fla_available, fla_backward_supported, ssd_scan, ssd_scan_fla
 
 
@@ -37,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--chunks", default="", help="comma-separated chunk sizes of our kernels to time as well")
     args = parser.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
@@ -58,6 +63,8 @@ def main() -> None:
         from bmojo.ops.triton.ssd import ssd_scan_triton
 
         rows.append(("our Triton kernels (ops.triton.ssd)", ssd_scan_triton, True))
+        for chunk in filter(None, args.chunks.split(",")):
+            rows.append((f"ours, {chunk}-step chunks", functools.partial(ssd_scan_triton, chunk_size=int(chunk)), True))
         if fla_available():
             rows.append(("fla chunk_simple_gla", ssd_scan_fla, fla_backward_supported(dev)))
     for name, scan, backward in rows:
@@ -72,8 +79,12 @@ def main() -> None:
             torch.autograd.grad(y.float().sum() + state.sum(), leaves)
 
         both_ms = f"{median_ms(both, dev, args.repeats):9.3f}" if backward else "        -"
-        print(f"{name:40s} forward {median_ms(forward, dev, args.repeats):9.3f} ms   forward+backward {both_ms} ms",
-              flush=True)  # fmt: skip
+        device = ""
+        if cuda:  # one call's kernels: what it costs the GPU, apart from the host's share of the wall time
+            kernels, ms = cuda_kernels(both if backward else forward)
+            device = f"   device {ms:7.3f} ms in {kernels} kernels"
+        print(f"{name:40s} forward {median_ms(forward, dev, args.repeats):9.3f} ms   forward+backward {both_ms} ms"
+              f"{device}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
