@@ -4,6 +4,7 @@
     python benchmarks/decode_profile.py --batch 8 --mode default
     python benchmarks/decode_profile.py --option combo_kernels=true   # inductor options on top of the mode's
     python benchmarks/decode_profile.py --length 1024 --set hidden_size=256 ...   # CPU: the bench model's counts
+    python benchmarks/decode_profile.py --gpu-kernels --set num_hidden_layers=1    # CPU: a GPU step's kernels, a layer
 
 For B'MOJO and the equal-size Transformer (``bench.matched_transformer``), each with bfloat16 weights on CUDA
 (float32 on CPU): a prefill of ``--length`` tokens, room reserved and the cache's addresses marked static, the model
@@ -15,19 +16,24 @@ inductor option on top of the mode's (``combo_kernels=True`` launches independen
 several state buffers, as one). On a CPU (float32, the ``tiny`` size, 256 tokens of context unless ``--length``)
 it counts instead the PyTorch operations of an eager step (under a dispatch mode, views included) and the kernel
 calls of the compiled step's generated code (inductor's fused kernels, its calls of matrix products and its
-fallbacks to PyTorch's own ops, such as the CPU attention kernel), a proxy for what a GPU step launches. ``--set NAME=VALUE`` overrides the B'MOJO config (the Transformer is matched to it).
+fallbacks to PyTorch's own ops, such as the CPU attention kernel); ``--gpu-kernels`` adds those of the code inductor
+generates for a GPU (:func:`gpu_kernel_calls`), a closer proxy for what a GPU step launches. ``--set NAME=VALUE``
+overrides the B'MOJO config (the Transformer is matched to it).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import statistics
 import time
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch._inductor.graph import GraphLowering
 from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -91,6 +97,53 @@ def cpu_counts(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, Any]:
     return {"ops": counter.count, "kernels": generated_kernel_calls(codes)}
 
 
+def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, int]:
+    """Kernel calls of the compiled decoding step as inductor generates it for a GPU, counted on a CPU: its Triton
+    backend for CPU tensors (``cpu_backend="triton"``, concatenations fused as on CUDA) with Triton aimed at a
+    stand-in H100, products through ``F.linear`` as on CUDA. The code is captured as inductor writes it; compiling its
+    kernels for the CPU then fails, and nothing runs. A proxy for a GPU step's launches (CUDA's attention and matrix
+    products may launch more than one kernel a call, and CUDA-graph replays copy inputs)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class StandInH100:  # a Triton driver naming an H100 as its target
+        def get_current_target(self) -> GPUTarget:
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self) -> int:
+            return 0
+
+        def get_current_stream(self, device: int | None = None) -> int:
+            return 0
+
+    codes: list[str] = []
+    with torch.no_grad():
+        cache = model(ids, use_cache=True, logits_to_keep=1).cache
+        token = ids[:, -1:]
+        model(token, past_key_values=cache, use_cache=True)
+        cache.reserve(4)
+        cache.mark_static_addresses()
+        torch._dynamo.reset()
+        previous = getattr(triton.runtime.driver, "_active", None)  # None until a driver was needed
+        triton.runtime.driver.set_active(StandInH100())
+        logging.disable(logging.CRITICAL)  # inductor logs the failed CPU compile of its kernels
+        try:
+            with (
+                torch._inductor.config.patch(cpu_backend="triton", force_pointwise_cat=True, compile_threads=1),
+                mock.patch.object(bmojo.layers.linear, "linear", F.linear),
+                mock.patch.object(GraphLowering, "save_output_code", codes.append),
+            ):
+                torch.compile(model)(token, past_key_values=cache, use_cache=True)
+        except Exception:  # the generated kernels do not compile for the CPU; the code is what this counts
+            if not codes:
+                raise
+        finally:
+            triton.runtime.driver.set_active(previous)  # (reset_active would look for a GPU)
+            logging.disable(logging.NOTSET)
+            torch._dynamo.reset()
+    return generated_kernel_calls(codes)
+
+
 def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, compile_args: dict[str, Any]) -> dict[str, float]:
     """Per-token wall ms (median of 3 runs of ``steps``) of the model through ``torch.compile(**compile_args)``,
     and device-busy ms and kernels per token (CUDA)."""
@@ -130,6 +183,8 @@ def main() -> None:
     parser.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
     parser.add_argument("--option", action="append", default=[], help="inductor option NAME=VALUE (repeatable)")
     parser.add_argument("--set", action="append", default=[], help="B'MOJO config field NAME=VALUE (repeatable)")
+    parser.add_argument("--gpu-kernels", action="store_true",
+                        help="CPU: also the kernel calls inductor generates for a GPU (gpu_kernel_calls)")  # fmt: skip
     parser.add_argument("--products", choices=["linear", "reduction"], default="linear",
                         help="few-row products as the model computes them, or as a multiply and sum")  # fmt: skip
     args = parser.parse_args()
@@ -156,6 +211,9 @@ def main() -> None:
             counts = cpu_counts(model, ids)
             kernels = ", ".join(f"{n} {kind}" for kind, n in sorted(counts["kernels"].items()))
             extra = f"  eager ops {counts['ops']}  compiled kernel calls: {kernels}"
+            if args.gpu_kernels:
+                kernels = ", ".join(f"{n} {kind}" for kind, n in sorted(gpu_kernel_calls(model, ids).items()))
+                extra += f"  as for a GPU: {kernels}"
         print(f"{name:12s} {r['wall_ms']:8.3f} ms/token  {args.batch / r['wall_ms'] * 1e3:9.1f} tokens/s{extra}",
               flush=True)  # fmt: skip
         del model

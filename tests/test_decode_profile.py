@@ -33,6 +33,35 @@ def test_generated_kernel_calls_counts_fused_kernels_external_calls_and_fallback
         "mm": 4, "fused": 4, "bmm": 2, "_scaled_dot_product_flash_attention_for_cpu": 2}  # fmt: skip
 
 
+# gpu_kernel_calls for 1-layer models (in a process of its own: it swaps Triton's driver for a stand-in)
+GPU_KERNELS = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from decode_profile import gpu_kernel_calls
+from bmojo import BMojoConfig, BMojoForCausalLM
+for preset in ("transformer", "bmojo"):
+    config = BMojoConfig.from_preset(preset, "tiny", num_hidden_layers=1, window_size=16, chunk_size=16)
+    counts = gpu_kernel_calls(BMojoForCausalLM(config).eval(), torch.randint(0, 100, (1, 40)))
+    print(preset, counts.get("mm", 0), counts.get("fused", 0), sum(counts.values()))
+"""
+
+
+def test_gpu_kernel_calls_count_the_code_inductor_generates_for_a_gpu():
+    """One matrix product a projection, as CUDA runs them (F.linear): the Transformer's 7 (q, k, v, o, gate, up,
+    down) and B'MOJO's 10 (the Mamba-2 in and out projections, the innovation test's predictor, q, k and v of the
+    token and the fading token in one product each, o, the MLP's 3), each with the LM head's; Triton kernels for the
+    rest, more of them for B'MOJO."""
+    pytest.importorskip("triton")
+    benchmarks = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", GPU_KERNELS, benchmarks], env=env, capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = {name: list(map(int, rest)) for name, *rest in map(str.split, proc.stdout.splitlines())}
+    assert counts["transformer"][0] == 7 + 1 and counts["bmojo"][0] == 10 + 1
+    assert counts["transformer"][1] > 0 and counts["bmojo"][1] > counts["transformer"][1]
+
+
 @pytest.mark.slow
 def test_script_reports_counts_for_both_models():
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "decode_profile.py")
