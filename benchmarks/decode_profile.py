@@ -79,21 +79,33 @@ def reduction_products(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y if bias is None else y + bias
 
 
+def _prefilled(model: BMojoForCausalLM, ids: torch.Tensor, room: int) -> tuple[Any, torch.Tensor]:
+    """The cache of a prefill of ``ids`` with room for ``room`` more tokens and its addresses marked static (what
+    compiled steps need), and the next token (call under ``torch.no_grad``)."""
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    out.cache.reserve(room)
+    out.cache.mark_static_addresses()
+    return out.cache, out.logits.argmax(-1)
+
+
+def _listed(counts: dict[str, int]) -> str:
+    """Kernel calls by kind, as ``"3 fused, 2 mm"``."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+
+
 def cpu_counts(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, Any]:
     """PyTorch operations of one eager decoding step, and the kernel calls of the compiled step's generated code."""
     with torch.no_grad():
-        eager, compiled = (model(ids, use_cache=True, logits_to_keep=1) for _ in range(2))
-        token = eager.logits.argmax(-1)
-        model(token, past_key_values=eager.cache, use_cache=True)
+        eager = model(ids, use_cache=True, logits_to_keep=1).cache
+        compiled, token = _prefilled(model, ids, 4)
+        model(token, past_key_values=eager, use_cache=True)
         counter = _CountOps()
         with counter:
-            model(token, past_key_values=eager.cache, use_cache=True)
-        compiled.cache.reserve(4)
-        compiled.cache.mark_static_addresses()
+            model(token, past_key_values=eager, use_cache=True)
         torch._dynamo.reset()
         step = torch.compile(model)
-        step(token, past_key_values=compiled.cache, use_cache=True)  # the first position has a graph of its own
-        _, codes = run_and_get_code(step, token, past_key_values=compiled.cache, use_cache=True)
+        step(token, past_key_values=compiled, use_cache=True)  # the first position has a graph of its own
+        _, codes = run_and_get_code(step, token, past_key_values=compiled, use_cache=True)
     return {"ops": counter.count, "kernels": generated_kernel_calls(codes)}
 
 
@@ -118,11 +130,7 @@ def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, in
 
     codes: list[str] = []
     with torch.no_grad():
-        cache = model(ids, use_cache=True, logits_to_keep=1).cache
-        token = ids[:, -1:]
-        model(token, past_key_values=cache, use_cache=True)
-        cache.reserve(4)
-        cache.mark_static_addresses()
+        cache, token = _prefilled(model, ids, 4)
         torch._dynamo.reset()
         previous = getattr(triton.runtime.driver, "_active", None)  # None until a driver was needed
         triton.runtime.driver.set_active(StandInH100())
@@ -149,10 +157,7 @@ def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, compile_args
     and device-busy ms and kernels per token (CUDA)."""
     cuda = ids.is_cuda
     with torch.no_grad():
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        cache, token = out.cache, out.logits.argmax(-1)
-        cache.reserve(steps * 8)
-        cache.mark_static_addresses()
+        cache, token = _prefilled(model, ids, steps * 8)
         step = torch.compile(model, **compile_args)
 
         def run() -> float:
@@ -209,11 +214,9 @@ def main() -> None:
             extra = f"  device busy {r['device_ms']:.3f} ms  kernels {r['kernels']:.0f}"
         else:
             counts = cpu_counts(model, ids)
-            kernels = ", ".join(f"{n} {kind}" for kind, n in sorted(counts["kernels"].items()))
-            extra = f"  eager ops {counts['ops']}  compiled kernel calls: {kernels}"
+            extra = f"  eager ops {counts['ops']}  compiled kernel calls: {_listed(counts['kernels'])}"
             if args.gpu_kernels:
-                kernels = ", ".join(f"{n} {kind}" for kind, n in sorted(gpu_kernel_calls(model, ids).items()))
-                extra += f"  as for a GPU: {kernels}"
+                extra += f"  as for a GPU: {_listed(gpu_kernel_calls(model, ids))}"
         print(f"{name:12s} {r['wall_ms']:8.3f} ms/token  {args.batch / r['wall_ms'] * 1e3:9.1f} tokens/s{extra}",
               flush=True)  # fmt: skip
         del model
