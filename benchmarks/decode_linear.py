@@ -30,8 +30,9 @@ from rich.table import Table
 import bmojo.layers.linear
 import bmojo.ops.linear
 from bmojo import BMojoConfig, BMojoForCausalLM
-from bmojo.bench import matched_transformer, parse_options
+from bmojo.bench import matched_transformer
 from bmojo.ops.linear import linear
+from bmojo.train import parse_overrides
 
 PRODUCTS = {"ops.linear": linear, "F.linear": F.linear}
 
@@ -86,7 +87,7 @@ def main() -> None:
         shapes = [tuple(int(n) for n in item.lower().split("x")) for item in args.shapes.split(",")]
         Console().print(shape_table(shapes, args.batch, args.megabytes))
         return
-    overrides = parse_options(args.set)
+    overrides = parse_overrides(args.set, nested=False)
     config = BMojoConfig.from_preset("bmojo", size=args.size, **overrides)
     table = Table(title=f"decoding step, {args.threads} threads, batch {args.batch}, context {args.length}"
                         f"{', compiled' if args.compile else ', eager'} (ms)")  # fmt: skip

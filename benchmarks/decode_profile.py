@@ -39,8 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bmojo.layers.linear
 from bmojo import BMojoConfig, BMojoForCausalLM
-from bmojo.bench import compile_kwargs, cuda_kernels, matched_transformer, parse_options
+from bmojo.bench import compile_kwargs, cuda_kernels, matched_transformer
 from bmojo.ops.linear import MAX_ROWS
+from bmojo.train import parse_overrides
 
 
 class _CountOps(TorchDispatchMode):
@@ -195,11 +196,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.products == "reduction":
         bmojo.layers.linear.linear = reduction_products
-    options = compile_kwargs(args.mode, parse_options(args.option))
+    options = compile_kwargs(args.mode, parse_overrides(args.option, nested=False))
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     size, length = (args.size, args.length or 32768) if cuda else ("tiny", args.length or 256)
-    overrides = {**({"window_size": 512, "chunk_size": 512} if cuda else {}), **parse_options(args.set)}
+    overrides = {**({"window_size": 512, "chunk_size": 512} if cuda else {}), **parse_overrides(args.set, nested=False)}
     config = BMojoConfig.from_preset("bmojo", size, **overrides)
     configs = {"transformer": matched_transformer(config, size, overrides), "bmojo": config}
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; {size}, context {length}, "

@@ -18,7 +18,6 @@ from bmojo.bench import (
     inference_model,
     make_runner,
     matched_transformer,
-    parse_options,
     results_table,
     run_bench,
     write_outputs,
@@ -233,10 +232,11 @@ def test_bench_decodes_compiled_with_room_reserved_and_static_cache_addresses():
 
 
 def test_options_parse_as_yaml_with_whole_names():
-    assert parse_options(["window_size=64", "name=abc", "combo_kernels=true", "triton.cudagraphs=False"]) == {
+    items = ["window_size=64", "name=abc", "combo_kernels=true", "triton.cudagraphs=False"]
+    assert parse_overrides(items, nested=False) == {
         "window_size": 64, "name": "abc", "combo_kernels": True, "triton.cudagraphs": False}  # fmt: skip
-    with pytest.raises(ValueError, match="'window' is not of the form NAME=VALUE"):
-        parse_options(["window"])
+    with pytest.raises(ValueError, match="'window' is not of the form KEY=VALUE"):
+        parse_overrides(["window"], nested=False)
 
 
 def test_compile_options_go_to_torch_compile_on_top_of_the_mode(monkeypatch):

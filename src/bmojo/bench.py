@@ -40,14 +40,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -243,18 +242,6 @@ def _prefill(model: torch.nn.Module, ids: torch.Tensor) -> Any:
 def _autocast(device: torch.device, dtype: str) -> torch.autocast:
     """``torch.autocast`` to ``dtype`` on ``device``, disabled for float32 (as ``bmojo.train`` does)."""
     return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
-
-
-def parse_options(items: Sequence[str]) -> dict[str, Any]:
-    """``NAME=VALUE`` strings as a dict, values read as YAML (``true``, ``512``, ``text``), names kept whole
-    (inductor's have dots: ``triton.cudagraphs``)."""
-    options = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"option {item!r} is not of the form NAME=VALUE")
-        options[name.strip()] = yaml.safe_load(text)
-    return options
 
 
 def compile_kwargs(mode: str = "default", options: dict[str, Any] | None = None) -> dict[str, Any]:

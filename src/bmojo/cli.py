@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 from rich.table import Table
 
-from bmojo.bench import BenchSettings, parse_options, ratio_summary, results_table, run_bench, write_outputs
+from bmojo.bench import BenchSettings, ratio_summary, results_table, run_bench, write_outputs
 from bmojo.data import MARKER as TOKENIZER_MARKER
 from bmojo.data import DataError, Tokenizer, load_corpus, load_tokenizer
 from bmojo.evaluate import length_generalisation, perplexity, plot_length_generalisation, write_rows
@@ -448,7 +448,7 @@ def bench(
             presets=presets.split(","), size=size, lengths=_csv_ints(lengths), modes=modes.split(","), batch=batch,
             repeats=repeats, warmup=warmup, decode_steps=decode_steps, threads=threads, device=device,
             overrides=parse_overrides(overrides or []), memory=memory, dtype=dtype, compile=compile,
-            compile_mode=compile_mode, compile_options=parse_options(compile_options or []),
+            compile_mode=compile_mode, compile_options=parse_overrides(compile_options or [], nested=False),
         )  # fmt: skip
         settings.validate()
     except ValueError as e:

@@ -197,10 +197,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return TrainConfig.from_dict(parse_overrides(overrides, raw))
 
 
-def parse_overrides(items: Sequence[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
+def parse_overrides(items: Sequence[str], into: dict[str, Any] | None = None, nested: bool = True) -> dict[str, Any]:
     """``KEY=VALUE`` strings (values parsed as YAML) set in ``into`` (default: a new dict), which is returned.
 
-    Dotted keys set entries of mappings: ``model_args.window_size=32``.
+    Dotted keys set entries of mappings: ``model_args.window_size=32``; with ``nested=False`` they stay whole keys
+    (inductor's option names have dots: ``triton.cudagraphs``).
     """
     raw = {} if into is None else into
     for item in items:
@@ -208,7 +209,7 @@ def parse_overrides(items: Sequence[str], into: dict[str, Any] | None = None) ->
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form KEY=VALUE")
-        *parents, leaf = key.split(".")
+        *parents, leaf = key.split(".") if nested else [key]
         target = raw
         for p in parents:
             target = target.setdefault(p, {})
