@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as fa
 
-from bmojo.bench import cuda_kernels, median_ms
+from bmojo.bench import device_column, median_ms
 from bmojo.ops.attention import (
     AttnOut,
     Band,
@@ -152,12 +152,8 @@ def main() -> None:
             forward_ms[name] = both_ms[name] = float("inf")
             print(f"{name:60s} failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
             continue
-        device = ""
-        if cuda:  # one call's kernels: what it costs the GPU, apart from the host's share of the wall time
-            kernels, ms = cuda_kernels(run(fn, backward))
-            device = f"   device {ms:7.3f} ms in {kernels} kernels"
-        print(f"{name:60s} forward {forward_ms[name]:9.3f} ms   forward+backward {both_ms[name]:9.3f} ms{device}",
-              flush=True)  # fmt: skip
+        print(f"{name:60s} forward {forward_ms[name]:9.3f} ms   forward+backward {both_ms[name]:9.3f} ms"
+              f"{device_column(run(fn, backward))}", flush=True)  # fmt: skip
     timed = both_ms if backward else forward_ms
     ran = [text for text in tiles if math.isfinite(timed[ours_label(text)])]
     if ran:

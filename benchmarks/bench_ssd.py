@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import bmojo.ops.triton as kernels
-from bmojo.bench import cuda_kernels, median_ms
+from bmojo.bench import device_column, median_ms
 from bmojo.ops.ssd import fla_available, fla_backward_supported, ssd_scan, ssd_scan_fla
 
 
@@ -79,12 +79,8 @@ def main() -> None:
             torch.autograd.grad(y.float().sum() + state.sum(), leaves)
 
         both_ms = f"{median_ms(both, dev, args.repeats):9.3f}" if backward else "        -"
-        device = ""
-        if cuda:  # one call's kernels: what it costs the GPU, apart from the host's share of the wall time
-            kernels, ms = cuda_kernels(both if backward else forward)
-            device = f"   device {ms:7.3f} ms in {kernels} kernels"
         print(f"{name:40s} forward {median_ms(forward, dev, args.repeats):9.3f} ms   forward+backward {both_ms} ms"
-              f"{device}", flush=True)  # fmt: skip
+              f"{device_column(both if backward else forward)}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

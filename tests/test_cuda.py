@@ -10,6 +10,7 @@ scan and SSD (forward and backward) on real CUDA tensors, whole models on the fu
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -273,12 +274,14 @@ def test_cuda_graph_decoding_equals_eager():
 
 
 def test_cuda_kernels_counts_a_calls_kernels_and_their_time():
-    """``bench.cuda_kernels``: two in-place elementwise ops launch two kernels, which take some device time."""
-    from bmojo.bench import cuda_kernels
+    """``bench.cuda_kernels``: two in-place elementwise ops launch two kernels, which take some device time;
+    ``bench.device_column`` reports them."""
+    from bmojo.bench import cuda_kernels, device_column
 
     x = torch.ones(1 << 20, device=DEV)
     kernels, ms = cuda_kernels(lambda: (x.add_(1), x.mul_(2)))
     assert kernels == 2 and ms > 0
+    assert re.fullmatch(r"   device +\d+\.\d{3} ms in 2 kernels", device_column(lambda: (x.add_(1), x.mul_(2))))
 
 
 def test_bf16_autocast_training_lowers_the_loss():

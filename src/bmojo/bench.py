@@ -399,6 +399,15 @@ def cuda_kernels(fn: Callable[[], None]) -> tuple[int, float]:
     return len(kernels), sum(e.device_time for e in kernels) / 1e3
 
 
+def device_column(fn: Callable[[], None]) -> str:
+    """A benchmark row's device cost, ``"   device 1.234 ms in 56 kernels"`` for one call of ``fn`` on CUDA
+    (:func:`cuda_kernels`), what the GPU spends apart from the host's share of the wall time; ``""`` without CUDA."""
+    if not torch.cuda.is_available():
+        return ""
+    kernels, ms = cuda_kernels(fn)
+    return f"   device {ms:7.3f} ms in {kernels} kernels"
+
+
 def build_models(settings: BenchSettings) -> dict[str, dict[str, Any]]:
     """Name -> ``{"preset", "baseline" (name of its Transformer, None for one), "config", "params"}``."""
     models: dict[str, dict[str, Any]] = {}
