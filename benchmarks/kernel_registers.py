@@ -36,8 +36,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_flex import TILE_SWEEP  # noqa: E402
 
 from bmojo.ops.attention import parse_triton_tiles  # noqa: E402
-from bmojo.ops.triton import dot_tile  # noqa: E402
-from bmojo.ops.triton.attention import _bwd_kv_kernel, _query_kernel, fit_tiles, shared_bound  # noqa: E402
+from bmojo.ops.triton.attention import fit_tiles, readout_kernels, shared_bound  # noqa: E402
 from bmojo.ops.triton.selective_scan import _selective_scan_bwd_kernel, _selective_scan_fwd_kernel  # noqa: E402
 from bmojo.ops.triton.ssd import BWD_BLOCK_P, _ssd_bwd_kernel, _ssd_fwd_kernel, kernel_tiles  # noqa: E402
 
@@ -63,17 +62,6 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, arch: 
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def readout_kernels(backward: bool, block_m: int, block_n: int, d: int, slots: int, precision: str) -> list:
-    """``(name, kernel, constexprs)`` of each launch of the read-out's forward, or of its backward (two bands)."""
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=dot_tile(d), PRECISION=precision)
-    query = dict(BACKWARD=backward, BANDS=2, HAS_MEMORY=True, BLOCK_S=dot_tile(slots), **blocks)
-    if not backward:
-        return [("forward", _query_kernel, query)]
-    keys = dict(MEMORY=False, **blocks)
-    memory = {**keys, "MEMORY": True, "BLOCK_N": dot_tile(slots)}
-    return [("dq", _query_kernel, query), ("dk, dv", _bwd_kv_kernel, keys), ("memory", _bwd_kv_kernel, memory)]
-
-
 DTYPES = {"bf16": (2, "tf32"), "fp32": (4, "ieee")}  # itemsize and products (float32: PyTorch's default, full)
 
 
@@ -95,7 +83,7 @@ def shared_report(limits: dict[int, int] = SHARED_LIMITS, dtypes: tuple[str, ...
                 cells = []
                 for backward, (block_m, block_n, _, stages) in ((False, tiles[:4]), (True, tiles[4:])):
                     bound = shared_bound(backward, block_m, block_n, stages, d, 64, itemsize)
-                    for name, fn, constexprs in readout_kernels(backward, block_m, block_n, d, 64, precision):
+                    for name, fn, constexprs in readout_kernels(backward, 2, 64, block_m, block_n, d, precision):
                         used = compile_kernel(fn, constexprs, 4, stages, arch, dtype).metadata.shared
                         flag = "" if used <= bound <= limit else "  EXCEEDS"
                         cells.append(f"{name} {used / 1024:.0f} / {bound / 1024:.0f}{flag}")
@@ -135,7 +123,7 @@ def main() -> None:
         backward = {**forward, **{k.removeprefix("bwd_"): v for k, v in given.items() if k.startswith("bwd_")}}
         cells = []
         for backward, tiles in ((False, forward), (True, backward)):
-            for name, kernel, constexprs in readout_kernels(backward, tiles["block_m"], tiles["block_n"], 64, 64,
+            for name, kernel, constexprs in readout_kernels(backward, 2, 64, tiles["block_m"], tiles["block_n"], 64,
                                                             "tf32")[:2]:  # fmt: skip
                 report = compile_report(kernel, constexprs, tiles["num_warps"], tiles["num_stages"])
                 cells.append("%s %d / %d" % (name, *report))

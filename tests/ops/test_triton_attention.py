@@ -264,7 +264,7 @@ def test_kernels_compile_with_float64_scales_as_torch_compile_launches_them(kern
     forward's running sum then changed type inside its loop and Triton refused to compile it); the kernels cast them
     to float32. Compiled for an H100 with Triton's own ``ptxas``, no GPU needed."""
     for backward in (False, True):
-        for name, kernel, constexprs in kernel_registers.readout_kernels(backward, 64, 32, 64, 64, "tf32"):
+        for name, kernel, constexprs in kernel_registers.readout_kernels(backward, 2, 64, 64, 32, 64, "tf32"):
             compiled = kernel_registers.compile_kernel(kernel, constexprs, num_warps=4, num_stages=2, scale="fp64")
             assert compiled.metadata.shared > 0, name
 

@@ -19,6 +19,7 @@ and a consumer Ampere or Ada GPU 99). Importing this module imports ``triton``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
@@ -264,14 +265,26 @@ def _bwd_kv_kernel(
     tl.store(dv_ptr + out[:, None] * head_dim + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
 
 
+def readout_kernels(backward: bool, bands: int, slots: int, block_m: int, block_n: int, d: int,
+                    precision: str) -> list[tuple[str, Any, dict[str, Any]]]:  # fmt: skip
+    """``(name, kernel, compile-time arguments)`` of each launch of the read-out's forward (``"forward"``) or backward
+    (``"dq"``, ``"dk, dv"`` and, with memory, ``"memory"``) over ``bands`` bands and memories of ``slots`` tokens (0:
+    none) at head dim ``d``: what the launches pass, and what ``benchmarks/kernel_registers.py`` compiles."""
+    common = dict(BLOCK_M=block_m, BLOCK_D=dot_tile(d), PRECISION=precision)
+    query = dict(BACKWARD=backward, BANDS=bands, HAS_MEMORY=slots > 0, BLOCK_N=block_n, BLOCK_S=dot_tile(slots),
+                 **common)  # fmt: skip
+    if not backward:
+        return [("forward", _query_kernel, query)]
+    keys = dict(MEMORY=False, BLOCK_N=block_n, **common)
+    memory = [("memory", _bwd_kv_kernel, {**keys, "MEMORY": True, "BLOCK_N": dot_tile(slots)})] if slots else []
+    return [("dq", _query_kernel, query), ("dk, dv", _bwd_kv_kernel, keys), *memory]
+
+
 def _memory_args(q: torch.Tensor, mk: torch.Tensor | None, mv: torch.Tensor | None, valid: torch.Tensor | None):
-    """``(tensors, strides, slots, BLOCK_S)`` of the memory for the kernels (``q``, zero strides and no slots when
-    absent)."""
+    """``(tensors, strides, slots)`` of the memory for the kernels (``q``, zero strides and no slots when absent)."""
     if mk is None:
-        return (q, q, q), (0,) * 13, 0, 16
-    slots = mk.shape[3]
-    strides = (*mk.stride(), *mv.stride(), *valid.stride())
-    return (mk, mv, valid), strides, slots, dot_tile(slots)
+        return (q, q, q), (0,) * 13, 0
+    return (mk, mv, valid), (*mk.stride(), *mv.stride(), *valid.stride()), mk.shape[3]
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -291,14 +304,13 @@ def _run_query_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mk: tor
     """:func:`_query_kernel` over every block of queries: the forward (``o`` into ``out``, the LSE into ``lse``), or
     with ``do`` and ``delta`` the queries' gradient into ``out``. ``spans``: ``lo0, hi0, lo1, hi1, chunk``."""
     b, hq, length, d = q.shape
-    (mk_, mv_, valid_), mem_strides, slots, block_s = _memory_args(q, mk, mv, valid)
+    (mk_, mv_, valid_), mem_strides, slots = _memory_args(q, mk, mv, valid)
     backward = do is not None
+    (_, _, constexprs), *_ = readout_kernels(backward, k.shape[0], slots, block_m, block_n, d, dot_precision(q))
     wrap_triton(_query_kernel)[(triton.cdiv(length, block_m), b, hq)](
         q, k, v, mk_, mv_, valid_, do if backward else q, lse, delta if backward else lse, out, length, hq,
         hq // k.shape[2], d, *spans, slots, scale * LOG2E, scale, *q.stride(), *k.stride(), *v.stride(), *mem_strides,
-        *(do.stride() if backward else (0,) * 4),
-        BACKWARD=backward, BANDS=k.shape[0], HAS_MEMORY=mk is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_S=block_s, BLOCK_D=dot_tile(d), PRECISION=dot_precision(q), **launch,
+        *(do.stride() if backward else (0,) * 4), **constexprs, **launch,
     )  # fmt: skip
 
 
@@ -332,21 +344,20 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     launch = _launch(num_warps, num_stages)
     _run_query_kernel(q, k, v, mk, mv, valid, (lo0, hi0, lo1, hi1, chunk), scale, dq, lse, block_m, block_n,
                       launch, do, delta)  # fmt: skip
-    common = dict(BLOCK_D=dot_tile(d), PRECISION=dot_precision(q), **launch)
+    slots = 0 if mk is None else mk.shape[3]
+    _, (_, _, keys), *memory = readout_kernels(True, k.shape[0], slots, block_m, block_n, d, dot_precision(q))
     group_args = (hq, hq // hkv, d, lo0, hi0, lo1, hi1, chunk)
     wrap_triton(_bwd_kv_kernel)[(triton.cdiv(length, block_n), k.shape[0] * b, hkv)](
         q, k, v, q, do, lse, delta, dk, dv, b, length, *group_args, length, scale * LOG2E, scale,
-        *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, *do.stride(),
-        MEMORY=False, BLOCK_M=block_m, BLOCK_N=block_n, **common,
+        *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, *do.stride(), **keys, **launch,
     )  # fmt: skip
     if mk is None:
         return [dq, dk, dv, q.new_empty(0), q.new_empty(0)]
-    dmk, dmv, slots = _empty(mk), _empty(mv), mk.shape[3]
+    dmk, dmv = _empty(mk), _empty(mv)
     wrap_triton(_bwd_kv_kernel)[(mk.shape[2], b, hkv)](
         q, mk, mv, valid, do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E, scale,
         *q.stride(), mk.stride(2), *mk.stride()[:2], *mk.stride()[3:], mv.stride(2), *mv.stride()[:2],
-        *mv.stride()[3:], *valid.stride(), *do.stride(),
-        MEMORY=True, BLOCK_M=block_m, BLOCK_N=dot_tile(slots), **common,
+        *mv.stride()[3:], *valid.stride(), *do.stride(), **memory[0][2], **launch,
     )  # fmt: skip
     return [dq, dk, dv, dmk, dmv]
 
@@ -376,7 +387,7 @@ def shared_bound(backward: bool, block_m: int, block_n: int, stages: int, d: int
     walks, of keys ``n = max(block_n, memory slots)`` or queries). It bounds what Triton 3.9 compiles for an A100,
     an RTX 3090 and an H100 (by 2-3x for 16-bit inputs, closer for float32; ``benchmarks/kernel_registers.py
     --shared`` checks it), 1 KiB more for what Triton adds."""
-    n = max(block_n, dot_tile(slots) if slots else 16)
+    n = max(block_n, dot_tile(slots))
     if backward:  # dq: queries and their gradients, stages of keys and values; dk, dv: the reverse (2 stages at least)
         rows = max(2 * block_m + 2 * stages * n, 2 * n + 2 * max(stages, 2) * block_m)
     else:
