@@ -133,9 +133,9 @@ def test_merge_equals_one_softmax_over_union():
     j = torch.arange(length).view(1, -1)
     win = (i - j >= 0) & (i - j < w)
     band = (i - j >= w) & (i - j < 2 * w)
-    mask = torch.cat(
-        [win.expand(b, -1, -1), band.expand(b, -1, -1), emask[:, None, :].expand(b, length, m)], dim=-1
-    )[:, None, None]
+    mask = torch.cat([win.expand(b, -1, -1), band.expand(b, -1, -1), emask[:, None, :].expand(b, length, m)], dim=-1)[
+        :, None, None
+    ]
     o_ref, lse_ref = attention_with_lse(q, torch.cat([k, kf, ke], 2), torch.cat([v, vf, ve], 2), mask)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
@@ -197,10 +197,17 @@ def test_merge_with_empty_sets_gives_zero_and_ignores_them():
     assert (o == 0).all() and torch.isinf(lse).all()
 
 
-def test_causal_sdpa_matches_reference_with_gqa():
-    q, k, v = _qkv(2, 6, 2, 13, 8)
-    o_ref, _ = banded_attention_ref(q, k, v, 0, None)
-    torch.testing.assert_close(causal_attention(q, k, v), o_ref, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("in_place", [True, False])
+def test_causal_sdpa_matches_reference_with_gqa(in_place, monkeypatch):
+    """Grouped key heads read in place by SDPA (``enable_gqa``) or repeated per query head: outputs and gradients."""
+    monkeypatch.setattr("bmojo.ops.attention._SDPA_GQA", in_place and attention._SDPA_GQA)
+    leaves = [x.requires_grad_() for x in _qkv(2, 6, 2, 13, 8)]
+    do = torch.randn(2, 6, 13, 8)
+    grads = [torch.autograd.grad((fn(*leaves) * do).sum(), leaves) for fn in
+             (causal_attention, lambda q, k, v: banded_attention_ref(q, k, v, 0, None)[0])]  # fmt: skip
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(causal_attention(*leaves), banded_attention_ref(*leaves, 0, None)[0])
 
 
 def test_bad_band_and_heads_raise():
@@ -229,8 +236,14 @@ def _union_inputs(b, hq, hkv, length, d, w, fading, m, chunk, seed=0):
 
 
 UNION_CASES = [  # length, w, fading, m, chunk
-    (1, 4, True, 3, 4), (7, 4, True, 0, 4), (33, 4, True, 5, 4), (33, 8, True, 5, 6),
-    (64, 16, True, 8, 16), (130, 16, False, 8, 16), (29, None, False, 0, 4), (40, 1, True, 2, 3),
+    (1, 4, True, 3, 4),
+    (7, 4, True, 0, 4),
+    (33, 4, True, 5, 4),
+    (33, 8, True, 5, 6),
+    (64, 16, True, 8, 16),
+    (130, 16, False, 8, 16),
+    (29, None, False, 0, 4),
+    (40, 1, True, 2, 3),
 ]
 
 
@@ -351,11 +364,14 @@ def test_flex_kernel_options_default_to_the_module_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("impl,block", [("merge", 4), ("blocks", 4), ("blocks", 3), ("blocks", 64)])
-def test_union_gradients_match_reference(impl, block, dtype, monkeypatch):
-    """Gradients of the output and of the LSE; blocks of 3 queries run as one kernel call per block (pieces of
-    one block), so the key gradients of neighbouring calls overlap on the slots."""
+@pytest.mark.parametrize("impl,block,groups", [("merge", 4, True), ("blocks", 4, True), ("blocks", 3, True),
+                                               ("blocks", 64, True), ("blocks", 4, False)])  # fmt: skip
+def test_union_gradients_match_reference(impl, block, groups, dtype, monkeypatch):
+    """Gradients of the output and of the LSE, 4 query heads on 2 key heads; blocks of 3 queries run as one kernel
+    call per block (pieces of one block), so the key gradients of neighbouring calls overlap on the slots; the CPU
+    kernel reads grouped key heads in place (``groups``, where this torch's kernel takes them) or repeated."""
     monkeypatch.setattr("bmojo.ops.attention.SEGMENT_BYTES", 1 if block == 3 else 1 << 20)
+    monkeypatch.setattr("bmojo.ops.attention._FLASH_CPU_GROUPS", groups and attention._FLASH_CPU_GROUPS)
     q, bands, memory = _union_inputs(2, 4, 2, 37, 8, 5, True, 4, 5)
     memory.k, memory.v = memory.k.to(dtype), memory.v.to(dtype)
     leaves = [q.to(dtype)] + [t.to(dtype) for band in bands for t in (band.k, band.v)] + [memory.k, memory.v]
@@ -417,7 +433,7 @@ def test_blocks_kernel_ops_pass_opcheck():
     schemas (``torch.library.opcheck``), so ``torch.compile`` can keep them whole."""
     from bmojo.ops.attention import _blocks_attention, _blocks_keys, _blocks_layout, _blocks_mask
 
-    q, bands, _ = _union_inputs(2, 2, 2, 16, 8, 4, True, 0, 4)
+    q, bands, _ = _union_inputs(2, 4, 2, 16, 8, 4, True, 0, 4)  # grouped heads: keys of 2 for queries of 4
     shifts, t = _blocks_layout(bands, 4)
     k = _blocks_keys([band.k for band in bands], shifts, 4, 4, t).requires_grad_()
     v = _blocks_keys([band.v for band in bands], shifts, 4, 4, t).requires_grad_()

@@ -229,12 +229,20 @@ class _BandedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+_SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)  # scaled_dot_product_attention's enable_gqa
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Full causal attention without LSE, through PyTorch's fused ``scaled_dot_product_attention``."""
+    """Full causal attention without LSE, through PyTorch's fused ``scaled_dot_product_attention``. Grouped key heads
+    are read in place (``enable_gqa``) where a fused kernel takes them (the CPU kernel; on CUDA FlashAttention, for
+    16-bit heads up to 256), else repeated for every query head of their group."""
     hq, hkv = q.shape[1], k.shape[1]
-    if hq != hkv:
-        k = k.repeat_interleave(hq // hkv, dim=1)
-        v = v.repeat_interleave(hq // hkv, dim=1)
+    if hq == hkv:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    flash = q.device.type == "cpu" or (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256)
+    if _SDPA_GQA and flash:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
@@ -486,6 +494,21 @@ if _flash_cpu is not None and "attn_mask" not in {a.name for a in _flash_cpu.def
     _flash_cpu = None  # a torch whose CPU kernel takes no mask: the merge path serves instead
 
 
+def _flash_cpu_takes_groups() -> bool:
+    """Whether this torch's CPU flash-attention kernel, forward and backward, takes fewer key/value heads than query
+    heads (grouped-query attention with each key head read in place)."""
+    q, kv = torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8)
+    try:
+        out, lse = _flash_cpu(q, kv, kv)
+        _flash_cpu_backward(out, q, kv, kv, out, lse, 0.0, False)
+    except RuntimeError:
+        return False
+    return True
+
+
+_FLASH_CPU_GROUPS = _flash_cpu is not None and _flash_cpu_takes_groups()
+
+
 def _blocks_ok(q: torch.Tensor, bands: list[Band]) -> bool:
     """Whether :func:`blocks_union_attention` applies: CPU tensors, this torch's fused CPU flash attention, finite
     bands, the first with ``lo = 0`` (every query sees itself, so no softmax row is empty)."""
@@ -529,12 +552,12 @@ def _blocks_mask(bands: list[Band], shifts: list[int], c: int, n: int, t: int, d
 
 
 def _block_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, t: int) -> tuple[torch.Tensor, ...]:
-    """``n`` query blocks of one sequence, ``q [H, n*c, d]``, and their key/value slots ``[H, n + t - 1, S, d]`` as
-    the batches the CPU flash kernel takes: queries ``[n, H, c, d]``, keys/values ``[n, H, t*S, d]`` (overlapping
+    """``n`` query blocks of one sequence, ``q [Hq, n*c, d]``, and their key/value slots ``[Hkv, n + t - 1, S, d]``
+    as the batches the CPU flash kernel takes: queries ``[n, Hq, c, d]``, keys/values ``[n, Hkv, t*S, d]`` (overlapping
     strided views of the slots: block ``i`` sees slots ``i..i+t-1``; nothing is copied)."""
-    h, _, size, d = k.shape
+    size, d = k.shape[2:]
     kv, vv = (x.flatten(1, 2).unfold(1, t * size, size).permute(1, 0, 3, 2) for x in (k, v))
-    return q.view(h, n, -1, d).transpose(0, 1), kv, vv
+    return q.view(q.shape[0], n, -1, d).transpose(0, 1), kv, vv
 
 
 def _block_pieces(b: int, n: int, per_piece: int, mask: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor]]:
@@ -661,7 +684,7 @@ def blocks_union_attention(
     shifts, t = _blocks_layout(bands, c)
     keys = [_blocks_keys([band.k for band in bands], shifts, c, n, t),
             _blocks_keys([band.v for band in bands], shifts, c, n, t)]  # fmt: skip
-    if hq != hkv:
+    if hq != hkv and not _FLASH_CPU_GROUPS:
         keys = [x.repeat_interleave(hq // hkv, dim=1) for x in keys]
     mask = _blocks_mask(bands, shifts, c, n, t, q.dtype, q.device)
     per_piece = max(1, SEGMENT_BYTES // (hq * keys[0].shape[3] * t * d * q.element_size()))
