@@ -79,15 +79,20 @@ def test_bench_json_holds_points_with_repeats_medians_and_ratios(tmp_path):
     assert data["machine"]["device"] in md and "| bmojo | " in md
 
 
-def test_terminal_table_leaves_out_empty_columns_and_fits_80_characters():
-    result = run_bench(tiny_settings(lengths=[16], modes=["decode"]))
+@pytest.mark.parametrize("mode", ["decode", "train"])
+def test_terminal_table_leaves_out_empty_columns_and_fits_80_characters(mode):
+    """In 80 columns nothing is cut and the model names show (a training table has the FLOP/s columns too)."""
+    result = run_bench(tiny_settings(lengths=[16], modes=[mode]))
     table = results_table(result)
-    assert [c.header for c in table.columns] == ["model", "params", "mode", "L", "tokens/s", "vs baseline", "cache"]
+    extra = ["cache"] if mode == "decode" else ["GFLOP/s\n(of peak)", "MFU"]
+    assert [c.header for c in table.columns] == ["model", "params", "mode", "L", "tokens/s", "vs\nbaseline", *extra]
     console = Console(width=80, record=True)
     console.print(table)
     text = console.export_text()
     assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
-    assert "decode" in text and "16" in text and "x" in text
+    assert mode in text and "16" in text and "x" in text
+    body = text.split("━\n", 1)[1].splitlines()  # the rows, below the header's rule
+    assert "".join(line.split("│")[0].strip() for line in body) == "transformer~bmojobmojo"  # names folded, not cut
 
 
 def test_peak_memory_probe_sees_an_allocation():
@@ -114,6 +119,8 @@ def test_cli_bench_writes_outputs_and_rejects_bad_settings(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "bmojo train:" in result.output and "bmojo decode:" in result.output
+    rows = [line for line in result.output.splitlines() if "│" in line]  # not a terminal: the table at its own width
+    assert any(line.startswith(" transformer~bmojo ") for line in rows) and any(" bmojo " in line for line in rows)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["models"]["bmojo"]["config"]["window_size"] == 4
     assert data["settings"]["overrides"] == {"window_size": 4}

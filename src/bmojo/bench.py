@@ -548,19 +548,25 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
 
 COLUMNS = ["model", "params", "mode", "L", "tokens/s", "vs baseline", "peak memory", "cache", "GFLOP/s (of peak)",
            "MFU"]  # fmt: skip
+_TERMINAL_HEADERS = {
+    "vs baseline": "vs\nbaseline",
+    "peak memory": "peak\nmemory",
+    "GFLOP/s (of peak)": "GFLOP/s\n(of peak)",
+}
 
 
 def results_table(result: dict[str, Any]) -> Table:
     """The points as a rich table, without the columns no point fills (memory with ``--no-memory``, FLOP/s outside
-    training), numbers unwrapped and model names folded, so that it reads in a narrow terminal."""
+    training), numbers unwrapped, the wider headers on two lines and model names folded, so that it reads in a
+    narrow terminal (a training table in 80 columns)."""
     m = result["machine"]
     rows = _rows(result)
-    table = Table(title=f"bmojo bench on {m['device']}, {m['threads']} threads, {result['date']}")
+    table = Table(title=f"bmojo bench on {m['device']}, {m['threads']} threads, {result['date']}", show_edge=False)
     filled = [i for i in range(len(COLUMNS)) if any(row[i] for row in rows)]
     for i in filled:
         name = COLUMNS[i]
-        table.add_column(name, justify="left" if name in ("model", "mode") else "right", no_wrap=name != "model",
-                         overflow="fold")  # fmt: skip
+        table.add_column(_TERMINAL_HEADERS.get(name, name), justify="left" if name in ("model", "mode") else "right",
+                         no_wrap=name != "model", overflow="fold")  # fmt: skip
     for row in rows:
         table.add_row(*(row[i] for i in filled))
     return table

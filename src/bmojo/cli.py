@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +43,9 @@ from bmojo.train import CheckpointError, ConfigError, load_config, parse_overrid
 from bmojo.train import run as run_training
 
 app = typer.Typer(help="B'MOJO hybrid state-space language models.", no_args_is_help=True)
-console = Console()
+# Output that is not a terminal (a log, a pipe) gets room for the widest table, where rich would take 80 columns and
+# squeeze a table's wrapping columns (model names) to nothing; COLUMNS, where set, still rules.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 
 
 @app.callback()
