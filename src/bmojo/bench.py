@@ -557,16 +557,20 @@ _TERMINAL_HEADERS = {
 
 def results_table(result: dict[str, Any]) -> Table:
     """The points as a rich table, without the columns no point fills (memory with ``--no-memory``, FLOP/s outside
-    training), numbers unwrapped, the wider headers on two lines and model names folded, so that it reads in a
-    narrow terminal (a training table in 80 columns)."""
+    training), the wider headers on two lines and the cells' padding shared (a table of one mode about fits 80
+    columns); in a terminal too narrow for it the numbers wrap, never the model names and modes."""
     m = result["machine"]
     rows = _rows(result)
-    table = Table(title=f"bmojo bench on {m['device']}, {m['threads']} threads, {result['date']}", show_edge=False)
+    table = Table(
+        title=f"bmojo bench on {m['device']}, {m['threads']} threads, {result['date']}",
+        show_edge=False,
+        collapse_padding=True,
+    )
     filled = [i for i in range(len(COLUMNS)) if any(row[i] for row in rows)]
     for i in filled:
         name = COLUMNS[i]
         table.add_column(_TERMINAL_HEADERS.get(name, name), justify="left" if name in ("model", "mode") else "right",
-                         no_wrap=name != "model", overflow="fold")  # fmt: skip
+                         no_wrap=name in ("model", "mode"), overflow="fold")  # fmt: skip
     for row in rows:
         table.add_row(*(row[i] for i in filled))
     return table

@@ -199,15 +199,22 @@ def test_merge_with_empty_sets_gives_zero_and_ignores_them():
 
 @pytest.mark.parametrize("in_place", [True, False])
 def test_causal_sdpa_matches_reference_with_gqa(in_place, monkeypatch):
-    """Grouped key heads read in place by SDPA (``enable_gqa``) or repeated per query head: outputs and gradients."""
-    monkeypatch.setattr("bmojo.ops.attention._SDPA_GQA", in_place and attention._SDPA_GQA)
+    """Grouped key heads read in place by SDPA's CPU flash kernel (``enable_gqa``; only that kernel is allowed, so a
+    fallback to the unfused path fails) or repeated per query head: outputs and gradients."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if in_place and not attention._FLASH_CPU_GROUPS:
+        pytest.skip("this torch's CPU flash kernel does not take grouped heads")
+    monkeypatch.setattr("bmojo.ops.attention._FLASH_CPU_GROUPS", in_place)
     leaves = [x.requires_grad_() for x in _qkv(2, 6, 2, 13, 8)]
     do = torch.randn(2, 6, 13, 8)
-    grads = [torch.autograd.grad((fn(*leaves) * do).sum(), leaves) for fn in
-             (causal_attention, lambda q, k, v: banded_attention_ref(q, k, v, 0, None)[0])]  # fmt: skip
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = causal_attention(*leaves)
+        grads = [torch.autograd.grad((o * do).sum(), leaves)]
+    grads.append(torch.autograd.grad((banded_attention_ref(*leaves, 0, None)[0] * do).sum(), leaves))
+    torch.testing.assert_close(o, banded_attention_ref(*leaves, 0, None)[0], atol=1e-5, rtol=1e-5)
     for a, r in zip(*grads):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(causal_attention(*leaves), banded_attention_ref(*leaves, 0, None)[0])
 
 
 def test_bad_band_and_heads_raise():
@@ -372,6 +379,11 @@ def test_union_gradients_match_reference(impl, block, groups, dtype, monkeypatch
     kernel reads grouped key heads in place (``groups``, where this torch's kernel takes them) or repeated."""
     monkeypatch.setattr("bmojo.ops.attention.SEGMENT_BYTES", 1 if block == 3 else 1 << 20)
     monkeypatch.setattr("bmojo.ops.attention._FLASH_CPU_GROUPS", groups and attention._FLASH_CPU_GROUPS)
+    key_heads = []
+    kernel = attention._blocks_attention
+    monkeypatch.setattr(
+        attention, "_blocks_attention", lambda q, k, *a: key_heads.append(k.shape[1]) or kernel(q, k, *a)
+    )
     q, bands, memory = _union_inputs(2, 4, 2, 37, 8, 5, True, 4, 5)
     memory.k, memory.v = memory.k.to(dtype), memory.v.to(dtype)
     leaves = [q.to(dtype)] + [t.to(dtype) for band in bands for t in (band.k, band.v)] + [memory.k, memory.v]
@@ -388,6 +400,7 @@ def test_union_gradients_match_reference(impl, block, groups, dtype, monkeypatch
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     for a, r in zip(*grads):
         torch.testing.assert_close(a, r, atol=tol, rtol=tol)
+    assert key_heads == ([] if impl == "merge" else [2 if attention._FLASH_CPU_GROUPS else 4])
 
 
 def test_blocks_bf16_close_to_fp32():
@@ -435,7 +448,9 @@ def test_blocks_kernel_ops_pass_opcheck():
 
     q, bands, _ = _union_inputs(2, 4, 2, 16, 8, 4, True, 0, 4)  # grouped heads: keys of 2 for queries of 4
     shifts, t = _blocks_layout(bands, 4)
-    k = _blocks_keys([band.k for band in bands], shifts, 4, 4, t).requires_grad_()
-    v = _blocks_keys([band.v for band in bands], shifts, 4, 4, t).requires_grad_()
+    k, v = (_blocks_keys([getattr(band, x) for band in bands], shifts, 4, 4, t) for x in "kv")
+    if not attention._FLASH_CPU_GROUPS:  # a kernel that takes no grouped heads gets every query head's keys
+        k, v = (x.repeat_interleave(2, dim=1) for x in (k, v))
+    k, v = k.requires_grad_(), v.requires_grad_()
     mask = _blocks_mask(bands, shifts, 4, 4, t, q.dtype, q.device)
     torch.library.opcheck(_blocks_attention, (q.requires_grad_(), k, v, mask, t, 8**-0.5, 3))

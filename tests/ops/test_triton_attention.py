@@ -40,6 +40,8 @@ CASES = {
     # full causal attention and a memory whose chunk spans several tiles
     "causal": (1, 2, 1, 50, 16, [(0, None)], 32, 4, {"block_m": 16, "block_n": 32}, F32),
     "half": (2, 2, 1, 45, 32, [(0, 7), (8, 15)], 16, 6, TALL, torch.float16),
+    # a memory of no slots: no memory kernel in the backward, its (empty) gradients all the same
+    "no_slots": (1, 2, 1, 20, 16, [(0, 7)], 8, 0, SQUARE, F32),
 }
 
 

@@ -229,21 +229,18 @@ class _BandedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-_SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)  # scaled_dot_product_attention's enable_gqa
-
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Full causal attention without LSE, through PyTorch's fused ``scaled_dot_product_attention``. Grouped key heads
-    are read in place (``enable_gqa``) where a fused kernel takes them (the CPU kernel; on CUDA FlashAttention, for
-    16-bit heads up to 256), else repeated for every query head of their group."""
+    are read in place (``enable_gqa``) where the CPU flash kernel takes them (:data:`_FLASH_CPU_GROUPS`), else
+    repeated for every query head of their group; on CUDA too, where SDPA takes grouped heads into FlashAttention
+    only and, wherever that kernel does not apply (fp32, older GPUs, large heads), would fall back to its unfused
+    path rather than the memory-efficient kernel."""
     hq, hkv = q.shape[1], k.shape[1]
-    if hq == hkv:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    flash = q.device.type == "cpu" or (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256)
-    if _SDPA_GQA and flash:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    in_place = hq == hkv or (q.device.type == "cpu" and _FLASH_CPU_GROUPS)
+    if not in_place:
+        k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+    gqa = {"enable_gqa": True} if hq != k.shape[1] else {}
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
 
 
 def merge_attention(parts: list[AttnOut]) -> AttnOut:
@@ -363,7 +360,7 @@ def _mask_mod_for(
             slot = kv_idx // 2
             dist = q_idx - slot
             visible = (kv_idx < start) & (dist >= 0) & (dist < pair) & ((kv_idx % 2 == 0) | (slot >= pair))
-        if m is not None:
+        if m:  # (a memory of no slots adds no key)
             valid = buffers["valid"]
             slot = (kv_idx - start).clamp(0, valid.shape[1] - 1)
             visible = visible | ((kv_idx >= start) & (slot // m == q_idx // chunk) & valid[b, slot])
@@ -495,15 +492,16 @@ if _flash_cpu is not None and "attn_mask" not in {a.name for a in _flash_cpu.def
 
 
 def _flash_cpu_takes_groups() -> bool:
-    """Whether this torch's CPU flash-attention kernel, forward and backward, takes fewer key/value heads than query
-    heads (grouped-query attention with each key head read in place)."""
-    q, kv = torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8)
+    """Whether this torch's CPU flash-attention kernel takes fewer key/value heads than query heads (grouped-query
+    attention with each key head read in place), as SDPA's dispatcher says (it picks the kernel for grouped heads
+    only where the kernel supports them; earlier kernels read past the keys rather than refuse)."""
+    from torch.nn.attention import SDPBackend
+
+    q, kv = torch.zeros(1, 2, 1, 8, device="cpu"), torch.zeros(1, 1, 1, 8, device="cpu")
     try:
-        out, lse = _flash_cpu(q, kv, kv)
-        _flash_cpu_backward(out, q, kv, kv, out, lse, 0.0, False)
-    except RuntimeError:
+        return torch._fused_sdp_choice(q, kv, kv, enable_gqa=True) == int(SDPBackend.FLASH_ATTENTION)
+    except Exception:  # a torch without enable_gqa (< 2.5) or without the dispatcher's entry point
         return False
-    return True
 
 
 _FLASH_CPU_GROUPS = _flash_cpu is not None and _flash_cpu_takes_groups()
@@ -577,11 +575,12 @@ def _piece_views(q, k, v, i: int, a: int, e: int, c: int, t: int) -> tuple[torch
 @torch.library.custom_op("bmojo::blocks_attention", mutates_args=())
 def _blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, t: int, scale: float,
                       per_piece: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Query block ``i`` of ``q [B, H, n*c, d]`` attends to key/value slots ``i..i+t-1`` of ``k, v [B, H, n+t-1, S,
-    d]`` under the additive ``mask [m, 1, c, t*S]`` (:func:`_blocks_mask`): fused CPU flash-attention calls over
-    overlapping strided views of the slots (no gathered windows), ``per_piece`` blocks per call (so the kernel's
-    gradient buffers stay small enough to be reused rather than freshly mapped); returns ``(o [B, H, n*c, d], lse [B,
-    H, n*c])``.
+    """Query block ``i`` of ``q [B, Hq, n*c, d]`` attends to key/value slots ``i..i+t-1`` of ``k, v [B, Hkv,
+    n+t-1, S, d]`` (``Hkv`` dividing ``Hq``; fewer only where the kernel takes grouped heads,
+    :data:`_FLASH_CPU_GROUPS`) under the additive ``mask [m, 1, c, t*S]`` (:func:`_blocks_mask`): fused CPU
+    flash-attention calls over overlapping strided views of the slots (no gathered windows), ``per_piece`` blocks per
+    call (so the kernel's gradient buffers stay small enough to be reused rather than freshly mapped); returns ``(o
+    [B, Hq, n*c, d], lse [B, Hq, n*c])``.
 
     A custom op, so that ``torch.compile`` keeps it whole; its backward is :func:`_blocks_attention_backward`.
     """

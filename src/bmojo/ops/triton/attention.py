@@ -354,11 +354,12 @@ def _union_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     if mk is None:
         return [dq, dk, dv, q.new_empty(0), q.new_empty(0)]
     dmk, dmv = _empty(mk), _empty(mv)
-    wrap_triton(_bwd_kv_kernel)[(mk.shape[2], b, hkv)](
-        q, mk, mv, valid, do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E, scale,
-        *q.stride(), mk.stride(2), *mk.stride()[:2], *mk.stride()[3:], mv.stride(2), *mv.stride()[:2],
-        *mv.stride()[3:], *valid.stride(), *do.stride(), **memory[0][2], **launch,
-    )  # fmt: skip
+    for _, kernel, constexprs in memory:  # none for memories of no slots
+        wrap_triton(kernel)[(mk.shape[2], b, hkv)](
+            q, mk, mv, valid, do, lse, delta, dmk, dmv, b, length, *group_args, slots, scale * LOG2E, scale,
+            *q.stride(), mk.stride(2), *mk.stride()[:2], *mk.stride()[3:], mv.stride(2), *mv.stride()[:2],
+            *mv.stride()[3:], *valid.stride(), *do.stride(), **constexprs, **launch,
+        )  # fmt: skip
     return [dq, dk, dv, dmk, dmv]
 
 
