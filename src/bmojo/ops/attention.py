@@ -236,10 +236,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     only and, wherever that kernel does not apply (fp32, older GPUs, large heads), would fall back to its unfused
     path rather than the memory-efficient kernel."""
     hq, hkv = q.shape[1], k.shape[1]
-    in_place = hq == hkv or (q.device.type == "cpu" and _FLASH_CPU_GROUPS)
-    if not in_place:
+    in_place = hq != hkv and q.device.type == "cpu" and _FLASH_CPU_GROUPS
+    if hq != hkv and not in_place:
         k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
-    gqa = {"enable_gqa": True} if hq != k.shape[1] else {}
+    gqa = {"enable_gqa": True} if in_place else {}
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
 
 
