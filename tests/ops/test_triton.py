@@ -260,14 +260,27 @@ def test_kernels_need_a_torch_that_registers_triton_ops(kernel_mode, monkeypatch
     """A torch without ``torch.library.triton_op`` (before 2.6) takes the PyTorch paths in ``auto`` mode and says what
     ``triton`` mode needs."""
     monkeypatch.delattr(torch.library, "triton_op")
-    kernels.triton_available.cache_clear()
+    kernels._triton_importable.cache_clear()
     try:
         assert not kernels.triton_available()
         kernel_mode("triton")
         with pytest.raises(RuntimeError, match=r"torch >= 2.6"):
             kernels.use_triton(torch.zeros(2))
     finally:
-        kernels.triton_available.cache_clear()
+        kernels._triton_importable.cache_clear()
+
+
+def test_torch_compile_takes_the_triton_lookup_as_a_constant(monkeypatch):
+    """A full-graph compile calls the lookup rather than tracing it (torch 2.11's dynamo refuses to trace
+    ``importlib.util.find_spec``, which broke compiled CUDA models): a lookup dynamo cannot trace still compiles."""
+
+    def untraceable() -> bool:
+        torch._dynamo.graph_break()
+        return False
+
+    monkeypatch.setattr(kernels, "_triton_importable", untraceable)
+    compiled = torch.compile(lambda x: x + kernels.triton_available(), fullgraph=True, backend="eager")
+    assert compiled(torch.ones(1)).item() == 1
 
 
 @pytest.mark.parametrize("case", range(len(SSD_SHAPES)))

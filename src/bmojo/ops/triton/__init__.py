@@ -52,10 +52,16 @@ def kernels() -> str:
 
 
 @functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None and hasattr(torch.library, "triton_op")
+
+
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Whether our kernels can run: the ``triton`` package can be imported and this torch registers Triton kernels as
-    ops (``torch.library.triton_op``, torch 2.6 and later). Looked up once."""
-    return importlib.util.find_spec("triton") is not None and hasattr(torch.library, "triton_op")
+    ops (``torch.library.triton_op``, torch 2.6 and later). Looked up once; a constant to ``torch.compile``, which
+    would otherwise trace the lookup (some releases refuse to trace ``importlib``)."""
+    return _triton_importable()
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
