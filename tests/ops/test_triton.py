@@ -9,8 +9,9 @@ from interpret import assert_same_gradients, grad_leaves, probe_loss, run_interp
 
 import bmojo.ops.triton as kernels
 from bmojo.layers.ssm import Mamba, Mamba2
+from bmojo.ops.attention import flex_available
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
-from bmojo.ops.ssd import ssd_scan, ssd_scan_ref
+from bmojo.ops.ssd import fla_available, ssd_scan, ssd_scan_ref
 
 SCAN_TRITON = "bmojo.ops.triton.selective_scan:selective_scan_triton"
 SCAN = "bmojo.ops.selective_scan:selective_scan"
@@ -260,27 +261,39 @@ def test_kernels_need_a_torch_that_registers_triton_ops(kernel_mode, monkeypatch
     """A torch without ``torch.library.triton_op`` (before 2.6) takes the PyTorch paths in ``auto`` mode and says what
     ``triton`` mode needs."""
     monkeypatch.delattr(torch.library, "triton_op")
-    kernels._triton_importable.cache_clear()
+    kernels.triton_available.cache_clear()
     try:
         assert not kernels.triton_available()
         kernel_mode("triton")
         with pytest.raises(RuntimeError, match=r"torch >= 2.6"):
             kernels.use_triton(torch.zeros(2))
     finally:
-        kernels._triton_importable.cache_clear()
+        kernels.triton_available.cache_clear()
 
 
-def test_torch_compile_takes_the_triton_lookup_as_a_constant(monkeypatch):
-    """A full-graph compile calls the lookup rather than tracing it (torch 2.11's dynamo refuses to trace
-    ``importlib.util.find_spec``, which broke compiled CUDA models): a lookup dynamo cannot trace still compiles."""
+def test_lookups_are_constants_to_torch_compile():
+    """A full-graph compile calls a ``lookup_once`` function once and takes its result, rather than tracing it (torch
+    2.11's dynamo refuses to trace ``importlib.util.find_spec``, which broke compiled CUDA models): a look-up dynamo
+    cannot trace still compiles, with an argument too; the package's own look-ups compile on this torch."""
+    calls = []
 
-    def untraceable() -> bool:
+    @kernels.lookup_once
+    def untraceable(device: torch.device) -> bool:
         torch._dynamo.graph_break()
-        return False
+        calls.append(device)
+        return device.type == "cpu"
 
-    monkeypatch.setattr(kernels, "_triton_importable", untraceable)
-    compiled = torch.compile(lambda x: x + kernels.triton_available(), fullgraph=True, backend="eager")
-    assert compiled(torch.ones(1)).item() == 1
+    compiled = torch.compile(lambda x: x + untraceable(x.device), fullgraph=True, backend="eager")
+    assert compiled(torch.ones(1)).tolist() == [2.0] and compiled(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert calls == [torch.device("cpu")]
+    untraceable.cache_clear()
+    assert untraceable(torch.device("meta")) is False and len(calls) == 2
+
+    def found(x: torch.Tensor) -> torch.Tensor:
+        return x + kernels.triton_available() + fla_available() + flex_available()
+
+    expected = found(torch.zeros(1))
+    assert torch.equal(torch.compile(found, fullgraph=True, backend="eager")(torch.zeros(1)), expected)
 
 
 @pytest.mark.parametrize("case", range(len(SSD_SHAPES)))

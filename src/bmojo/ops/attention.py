@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops.triton import kernels, use_fused_cuda, use_triton
+from bmojo.ops.triton import kernels, lookup_once, use_fused_cuda, use_triton
 
 AttnOut = tuple[torch.Tensor, torch.Tensor]
 ATTENTION_IMPLS = ("auto", "triton", "flex", "blocks", "merge")  # union_attention's impl
@@ -475,7 +475,7 @@ def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, ker
     return o, lse.float()
 
 
-@functools.cache
+@lookup_once
 def flex_available() -> bool:
     """Whether this torch has FlexAttention."""
     try:

@@ -22,13 +22,12 @@ with float32 accumulation.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops.triton import needs_grad, use_fused_cuda, use_triton
+from bmojo.ops.triton import lookup_once, needs_grad, use_fused_cuda, use_triton
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
@@ -180,13 +179,13 @@ def ssd_scan(
     return y.to(x.dtype), carries[:, -1].reshape(bsz, heads, p, n)
 
 
-@functools.cache
+@lookup_once
 def fla_available() -> bool:
-    """Whether flash-linear-attention (``fla``) can be imported (looked up once)."""
+    """Whether flash-linear-attention (``fla``) can be imported."""
     return importlib.util.find_spec("fla") is not None
 
 
-@functools.cache
+@lookup_once
 def fla_backward_supported(device: torch.device) -> bool:
     """Whether fla's SSD backward runs on ``device``: fla refuses it on Hopper GPUs with Triton >= 3.4 and < 3.7.1
     (wrong results there, fla issue #640) unless ``tilelang`` is installed."""

@@ -51,17 +51,27 @@ def kernels() -> str:
     return _mode
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None and hasattr(torch.library, "triton_op")
+def lookup_once(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, a look-up of the environment (is a package installed, what this torch or GPU offers), cached per
+    arguments and a constant to ``torch.compile``: dynamo calls it instead of tracing it (it traces through
+    ``functools.cache``, and some releases refuse to trace ``importlib``, which broke compiled CUDA models).
+    ``.cache_clear()`` forgets the results."""
+    cached = functools.cache(fn)
+
+    @torch.compiler.assume_constant_result
+    @functools.wraps(fn)
+    def lookup(*args: Any) -> Any:
+        return cached(*args)
+
+    lookup.cache_clear = cached.cache_clear
+    return lookup
 
 
-@torch.compiler.assume_constant_result
+@lookup_once
 def triton_available() -> bool:
     """Whether our kernels can run: the ``triton`` package can be imported and this torch registers Triton kernels as
-    ops (``torch.library.triton_op``, torch 2.6 and later). Looked up once; a constant to ``torch.compile``, which
-    would otherwise trace the lookup (some releases refuse to trace ``importlib``)."""
-    return _triton_importable()
+    ops (``torch.library.triton_op``, torch 2.6 and later)."""
+    return importlib.util.find_spec("triton") is not None and hasattr(torch.library, "triton_op")
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
