@@ -3,15 +3,18 @@
     python benchmarks/decode_profile.py                      # CUDA: 130m, 32K context, batch 1, bf16, CUDA graphs
     python benchmarks/decode_profile.py --batch 8 --mode default
     python benchmarks/decode_profile.py --option combo_kernels=true   # inductor options on top of the mode's
+    python benchmarks/decode_profile.py --host-profile 25    # the 25 functions taking the most host time (cProfile)
     python benchmarks/decode_profile.py --length 1024 --set hidden_size=256 ...   # CPU: the bench model's counts
     python benchmarks/decode_profile.py --gpu-kernels --set num_hidden_layers=1    # CPU: a GPU step's kernels, a layer
 
 For B'MOJO and the equal-size Transformer (``bench.matched_transformer``), each with bfloat16 weights on CUDA
 (float32 on CPU): a prefill of ``--length`` tokens, room reserved and the cache's addresses marked static, the model
 through ``torch.compile(mode=--mode)``, warm-up steps, then ``--steps`` timed steps (median of 3 runs), then a
-profile of ``--steps`` steps counting the device kernels (CUDA) and their total time per token. At batch 1 a step
-with many small kernels is bound by their count (a few microseconds each even replayed from a CUDA graph) rather
-than by the bytes it reads; the Transformer reads its whole KV cache every token. ``--option NAME=VALUE`` sets an
+profile of ``--steps`` steps counting the device kernels (CUDA) and their total time per token, and the host's
+time per token (until the calls return). At batch 1 a step is small: many small kernels (a few microseconds each
+even replayed from a CUDA graph) and the host's work per call (guards, CUDA-graph input checks) can bound it rather
+than the bytes it reads (the Transformer reads its whole KV cache every token); ``--host-profile N`` prints where
+the host's time goes. ``--option NAME=VALUE`` sets an
 inductor option on top of the mode's (``combo_kernels=True`` launches independent kernels, such as the writes to
 several state buffers, as one). On a CPU (float32, the ``tiny`` size, 256 tokens of context unless ``--length``)
 it counts instead the PyTorch operations of an eager step (under a dispatch mode, views included) and the kernel
@@ -24,7 +27,9 @@ overrides the B'MOJO config (the Transformer is matched to it).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import logging
+import pstats
 import re
 import statistics
 import time
@@ -153,30 +158,41 @@ def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, in
     return generated_kernel_calls(codes)
 
 
-def measure(model: BMojoForCausalLM, ids: torch.Tensor, steps: int, compile_args: dict[str, Any]) -> dict[str, float]:
-    """Per-token wall ms (median of 3 runs of ``steps``) of the model through ``torch.compile(**compile_args)``,
-    and device-busy ms and kernels per token (CUDA)."""
+def measure(
+    model: BMojoForCausalLM, ids: torch.Tensor, steps: int, compile_args: dict[str, Any], host_profile: int = 0
+) -> dict[str, float]:
+    """Per-token wall ms (median of 3 runs of ``steps``) of the model through ``torch.compile(**compile_args)``;
+    on CUDA also the host's ms per token (until the last step's call returns: near the wall time, the GPU waits on
+    the host), device-busy ms and kernels per token. ``host_profile``: print that many of the functions taking the
+    most host time in one more run (cProfile)."""
     cuda = ids.is_cuda
     with torch.no_grad():
         cache, token = _prefilled(model, ids, steps * 8)
         step = torch.compile(model, **compile_args)
 
-        def run() -> float:
+        def run() -> tuple[float, float]:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(steps):
                 step(token, past_key_values=cache, use_cache=True)
+            issued = time.perf_counter()
             if cuda:
                 torch.cuda.synchronize()
-            return (time.perf_counter() - t0) / steps * 1e3
+            return (time.perf_counter() - t0) / steps * 1e3, (issued - t0) / steps * 1e3
 
         for _ in range(2):
             run()
-        result = {"wall_ms": statistics.median(run() for _ in range(3))}
+        wall, host = zip(*(run() for _ in range(3)))
+        result = {"wall_ms": statistics.median(wall)}
         if cuda:
+            result["host_ms"] = statistics.median(host)
             kernels, device_ms = cuda_kernels(run)
             result["kernels"], result["device_ms"] = kernels / steps, device_ms / steps
+        if host_profile:
+            profiler = cProfile.Profile()
+            profiler.runcall(run)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(host_profile)
     return result
 
 
@@ -191,6 +207,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="B'MOJO config field NAME=VALUE (repeatable)")
     parser.add_argument("--gpu-kernels", action="store_true",
                         help="CPU: also the kernel calls inductor generates for a GPU (gpu_kernel_calls)")  # fmt: skip
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="print the N functions taking the most host time in a run (cProfile)")  # fmt: skip
     parser.add_argument("--products", choices=["linear", "reduction"], default="linear",
                         help="few-row products as the model computes them, or as a multiply and sum")  # fmt: skip
     args = parser.parse_args()
@@ -210,9 +228,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = BMojoForCausalLM(config).to(dev, dtype).eval()
         ids = torch.randint(0, config.vocab_size, (args.batch, length), device=dev)
-        r = measure(model, ids, args.steps, options)
+        if args.host_profile:
+            print(f"{name}: where the host's time goes in a run of {args.steps} steps")
+        r = measure(model, ids, args.steps, options, args.host_profile)
         if cuda:
-            extra = f"  device busy {r['device_ms']:.3f} ms  kernels {r['kernels']:.0f}"
+            extra = f"  host {r['host_ms']:.3f} ms  device busy {r['device_ms']:.3f} ms  kernels {r['kernels']:.0f}"
         else:
             counts = cpu_counts(model, ids)
             extra = f"  eager ops {counts['ops']}  compiled kernel calls: {_listed(counts['kernels'])}"

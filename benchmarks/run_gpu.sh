@@ -15,9 +15,9 @@
 #   bash benchmarks/run_gpu.sh OUT decode-graphs    # the same with --compile-mode reduce-overhead (CUDA graphs)
 #   bash benchmarks/run_gpu.sh OUT decode-combo     # the same with inductor's combo kernels (independent kernels,
 #                                                   # such as a step's writes to several state buffers, as one)
-#   bash benchmarks/run_gpu.sh OUT decode-profile   # ms, device-busy ms and kernels per token at 32K, CUDA graphs
-#                                                   # (batch 1; with combo kernels; with products as reductions;
-#                                                   # batch 8)
+#   bash benchmarks/run_gpu.sh OUT decode-profile   # ms, host ms, device-busy ms and kernels per token at 32K, CUDA
+#                                                   # graphs (batch 1 with where the host's time goes; batch 8;
+#                                                   # with combo kernels; with products as reductions)
 #   bash benchmarks/run_gpu.sh OUT ssd     # the Mamba-2 SSD's paths (PyTorch eager / compiled, our Triton kernels at
 #                                          # their own and other chunk sizes, fla)
 #   bash benchmarks/run_gpu.sh OUT flex    # the read-out's kernels (ours, FlexAttention) against FlashAttention, tiles
@@ -115,7 +115,7 @@ PY
         bench --lengths 32768 --modes decode --batch $b --decode-steps 32 --repeats 3 --compile --compile-mode $mode \
           $combo --no-memory --out "$out/${stage}_b$b"
       done ;;
-    decode-profile) for args in "" "--option combo_kernels=true" "--products reduction" "--batch 8"; do
+    decode-profile) for args in "--host-profile 30" "--batch 8" "--option combo_kernels=true" "--products reduction"; do
                       python3 benchmarks/decode_profile.py $args
                     done 2>&1 | tee "$out/decode_profile.log" ;;
     ssd) python3 benchmarks/bench_ssd.py --chunks 16,64 ${WARM:+--repeats 1} 2>&1 | tee "$out/ssd.log" ;;
