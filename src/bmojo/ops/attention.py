@@ -235,12 +235,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     repeated for every query head of their group; on CUDA too, where SDPA takes grouped heads into FlashAttention
     only and, wherever that kernel does not apply (fp32, older GPUs, large heads), would fall back to its unfused
     path rather than the memory-efficient kernel."""
-    hq, hkv = q.shape[1], k.shape[1]
-    in_place = hq != hkv and q.device.type == "cpu" and _FLASH_CPU_GROUPS
-    if hq != hkv and not in_place:
-        k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+    (k, v), in_place = _sdpa_heads(q, k, v)
     gqa = {"enable_gqa": True} if in_place else {}
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+
+
+def _sdpa_heads(q: torch.Tensor, *kv: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+    """Key / value tensors ``[B, Hkv, ...]`` for SDPA with ``q [B, Hq, ...]``: as they are, and ``True`` (pass
+    ``enable_gqa``) for grouped heads the CPU flash kernel reads in place (:data:`_FLASH_CPU_GROUPS`); otherwise
+    grouped heads repeated for every query head of their group, and ``False``."""
+    hq, hkv = q.shape[1], kv[0].shape[1]
+    if hq == hkv:
+        return list(kv), False
+    if q.device.type == "cpu" and _FLASH_CPU_GROUPS:
+        return list(kv), True
+    return [x.repeat_interleave(hq // hkv, dim=1) for x in kv], False
 
 
 def merge_attention(parts: list[AttnOut]) -> AttnOut:
@@ -683,8 +692,7 @@ def blocks_union_attention(
     shifts, t = _blocks_layout(bands, c)
     keys = [_blocks_keys([band.k for band in bands], shifts, c, n, t),
             _blocks_keys([band.v for band in bands], shifts, c, n, t)]  # fmt: skip
-    if hq != hkv and not _FLASH_CPU_GROUPS:
-        keys = [x.repeat_interleave(hq // hkv, dim=1) for x in keys]
+    keys, _ = _sdpa_heads(q, *keys)
     mask = _blocks_mask(bands, shifts, c, n, t, q.dtype, q.device)
     per_piece = max(1, SEGMENT_BYTES // (hq * keys[0].shape[3] * t * d * q.element_size()))
     o, lse = _blocks_attention(F.pad(q, (0, 0, 0, n * c - length)), *keys, mask, t, d**-0.5, per_piece)
