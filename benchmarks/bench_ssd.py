@@ -3,9 +3,11 @@
     python benchmarks/bench_ssd.py                 # B=8, L=2048, 24 heads of 64, state 16, one B/C group, bf16
     python benchmarks/bench_ssd.py --dtype float32
     python benchmarks/bench_ssd.py --chunks 16,64          # our kernels at other chunk sizes too
+    python benchmarks/bench_ssd.py --block-p 16,64 --bwd-block-p 32,64   # and other head dims per program
 
 Rows: the PyTorch chunked SSD eager (``BMOJO_KERNELS=reference``) and through ``torch.compile``, our Triton kernels
-(``ops.triton.ssd``; with each of ``--chunks`` too, e.g. ``--chunks 16,64``), and flash-linear-attention's
+(``ops.triton.ssd``; with each of ``--chunks`` too, e.g. ``--chunks 16,64``, and of ``--block-p`` and ``--bwd-block-p``,
+head dimensions per forward and backward program), and flash-linear-attention's
 ``chunk_simple_gla`` when ``fla`` is installed (its backward only where ``fla_backward_supported``). Each row: forward
 without gradients, and forward + backward (gradients of every input), medians of ``--repeats`` runs after warm-up;
 on CUDA also the device time and kernel count of one forward + backward (or forward). On a CPU it runs the PyTorch
@@ -16,8 +18,11 @@ rows on tiny shapes, to check the script (the Triton kernels run on CPU only und
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 from collections.abc import Callable
+from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +47,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--chunks", default="", help="comma-separated chunk sizes of our kernels to time as well")
+    parser.add_argument("--block-p", default="", help="comma-separated head dims per forward program to time as well")
+    parser.add_argument("--bwd-block-p", default="", help="the same for the backward (default: BWD_BLOCK_P)")
     args = parser.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
@@ -55,19 +62,27 @@ def main() -> None:
     inputs = [x, dt, a, *bc, torch.zeros(b, h, p, n, device=dev)]
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; B={b} L={length} H={h} "
           f"P={p} N={n}, {dtype}")  # fmt: skip
-    rows: list[tuple[str, Callable, bool]] = [
-        ("PyTorch chunked SSD, eager", reference, True),
-        ("PyTorch chunked SSD, torch.compile", torch.compile(reference, dynamic=False), True),
+    # name, scan, whether to time its backward, attributes of ops.triton.ssd to set while timing it
+    rows: list[tuple[str, Callable, bool, dict[str, Any]]] = [
+        ("PyTorch chunked SSD, eager", reference, True, {}),
+        ("PyTorch chunked SSD, torch.compile", torch.compile(reference, dynamic=False), True, {}),
     ]
     if cuda:
-        from bmojo.ops.triton.ssd import ssd_scan_triton
+        import bmojo.ops.triton.ssd as ours
 
-        rows.append(("our Triton kernels (ops.triton.ssd)", ssd_scan_triton, True))
-        for chunk in filter(None, args.chunks.split(",")):
-            rows.append((f"ours, {chunk}-step chunks", functools.partial(ssd_scan_triton, chunk_size=int(chunk)), True))
+        rows.append(("our Triton kernels (ops.triton.ssd)", ours.ssd_scan_triton, True, {}))
+        for chunk in _sizes(args.chunks):
+            rows.append((f"ours, {chunk}-step chunks", functools.partial(ours.ssd_scan_triton, chunk_size=chunk), True,
+                         {}))  # fmt: skip
+        for block in _sizes(args.block_p):
+            rows.append((f"ours, forward programs of {block} head dims",
+                         functools.partial(ours.ssd_scan_triton, block_p=block), True, {}))  # fmt: skip
+        for block in _sizes(args.bwd_block_p):
+            rows.append((f"ours, backward programs of {block} head dims", ours.ssd_scan_triton, True,
+                         {"BWD_BLOCK_P": block}))  # fmt: skip
         if fla_available():
-            rows.append(("fla chunk_simple_gla", ssd_scan_fla, fla_backward_supported(dev)))
-    for name, scan, backward in rows:
+            rows.append(("fla chunk_simple_gla", ssd_scan_fla, fla_backward_supported(dev), {}))
+    for name, scan, backward, settings in rows:
 
         def forward(scan: Callable = scan) -> None:
             with torch.no_grad():
@@ -78,9 +93,15 @@ def main() -> None:
             y, state = scan(*leaves)
             torch.autograd.grad(y.float().sum() + state.sum(), leaves)
 
-        both_ms = f"{median_ms(both, dev, args.repeats):9.3f}" if backward else "        -"
-        print(f"{name:40s} forward {median_ms(forward, dev, args.repeats):9.3f} ms   forward+backward {both_ms} ms"
-              f"{device_column(both if backward else forward)}", flush=True)  # fmt: skip
+        with mock.patch.multiple("bmojo.ops.triton.ssd", **settings) if settings else contextlib.nullcontext():
+            both_ms = f"{median_ms(both, dev, args.repeats):9.3f}" if backward else "        -"
+            print(f"{name:44s} forward {median_ms(forward, dev, args.repeats):9.3f} ms   forward+backward {both_ms} "
+                  f"ms{device_column(both if backward else forward)}", flush=True)  # fmt: skip
+
+
+def _sizes(listed: str) -> list[int]:
+    """``"16,64"`` -> ``[16, 64]``."""
+    return [int(size) for size in listed.split(",") if size]
 
 
 if __name__ == "__main__":
