@@ -4,7 +4,8 @@
 # machine reaches no package index, so fetch them beforehand where one is reachable:
 #   pip download --no-deps -d .whl fla-core==0.6.0 transformers==5.24.0
 #   bash benchmarks/run_gpu.sh OUT tests   # tests/test_cuda.py (TESTS_K="expr": only the tests pytest -k selects)
-#   bash benchmarks/run_gpu.sh OUT probe   # 130m bf16 training steps: step times, graphs dynamo compiled, a profile
+#   bash benchmarks/run_gpu.sh OUT probe   # 130m bf16 training steps, B'MOJO then its Transformer: step times, graphs
+#                                          # dynamo compiled, a profile
 #   bash benchmarks/run_gpu.sh OUT probe-compiled  # the same with the model through torch.compile
 #   bash benchmarks/run_gpu.sh OUT train   # 130m training and prefill at 2K (batch 8) and 8K (batch 2), bf16
 #   bash benchmarks/run_gpu.sh OUT train-compiled  # the 2K training point with both models through torch.compile
@@ -77,26 +78,33 @@ for stage in "${@:2}"; do
     probe|probe-compiled) python3 - "$stage" <<'PY' 2>&1 | tee "$out/$stage.log"
 import sys, time, torch
 from torch._dynamo.utils import counters
-from bmojo import BMojoConfig, BMojoForCausalLM
-config = BMojoConfig.from_preset("bmojo", "130m", window_size=512, chunk_size=512)
-model = BMojoForCausalLM(config).cuda()
-forward = torch.compile(model) if sys.argv[1] == "probe-compiled" else model
-ids = torch.randint(0, config.vocab_size, (8, 2048), device="cuda")
-for step in range(4):
-    t0 = time.perf_counter()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = forward(ids, labels=ids).loss
-    loss.backward()
-    torch.cuda.synchronize()
-    print(f"step {step}: {time.perf_counter() - t0:.3f} s, loss {loss.item():.3f}")
-print("dynamo:", {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles")})
 from torch.profiler import ProfilerActivity, profile
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = forward(ids, labels=ids).loss
-    loss.backward()
-    torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+from bmojo import BMojoConfig, BMojoForCausalLM
+from bmojo.bench import matched_transformer
+overrides = {"window_size": 512, "chunk_size": 512}
+config = BMojoConfig.from_preset("bmojo", "130m", **overrides)
+for name, cfg in (("bmojo", config), ("transformer", matched_transformer(config, "130m", overrides))):
+    torch._dynamo.reset()
+    counters.clear()
+    model = BMojoForCausalLM(cfg).cuda()
+    forward = torch.compile(model) if sys.argv[1] == "probe-compiled" else model
+    ids = torch.randint(0, cfg.vocab_size, (8, 2048), device="cuda")
+    for step in range(4):
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(ids, labels=ids).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        print(f"{name} step {step}: {time.perf_counter() - t0:.3f} s, loss {loss.item():.3f}")
+    print("dynamo:", {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles", "graph_break")})
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(ids, labels=ids).loss
+        loss.backward()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    del model, forward, loss
+    torch.cuda.empty_cache()
 PY
     ;;
     train)
