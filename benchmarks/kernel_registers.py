@@ -38,7 +38,13 @@ from bench_flex import TILE_SWEEP  # noqa: E402
 from bmojo.ops.attention import parse_triton_tiles  # noqa: E402
 from bmojo.ops.triton.attention import fit_tiles, readout_kernels, shared_bound  # noqa: E402
 from bmojo.ops.triton.selective_scan import _selective_scan_bwd_kernel, _selective_scan_fwd_kernel  # noqa: E402
-from bmojo.ops.triton.ssd import BWD_BLOCK_P, _ssd_bwd_kernel, _ssd_fwd_kernel, kernel_tiles  # noqa: E402
+from bmojo.ops.triton.ssd import (  # noqa: E402
+    BWD_BLOCK_P,
+    _ssd_bwd_chunk_kernel,
+    _ssd_bwd_states_kernel,
+    _ssd_fwd_kernel,
+    kernel_tiles,
+)
 
 BF16 = {f"{name}_ptr" for name in ("q", "k", "v", "mk", "mv", "do", "out", "dk", "dv", "x", "b", "c", "dy", "u")}
 
@@ -134,9 +140,10 @@ def main() -> None:
         chunk, warps = kernel_tiles(n)
         ssd = dict(BLOCK_Q=chunk, BLOCK_N=n, PRECISION="tf32")
         forward = compile_report(_ssd_fwd_kernel, dict(HAS_H0=True, STORE_STATES=True, BLOCK_P=32, **ssd), warps, 3)
-        backward = compile_report(_ssd_bwd_kernel, dict(BLOCK_P=BWD_BLOCK_P, **ssd), warps, 3)
-        print(f"SSD, state {n} ({chunk}-step chunks, {warps} warps): forward %d / %d   backward %d / %d"
-              % (*forward, *backward), flush=True)  # fmt: skip
+        states, chunks = (compile_report(kernel, dict(BLOCK_P=BWD_BLOCK_P, **ssd), warps, 3)
+                          for kernel in (_ssd_bwd_states_kernel, _ssd_bwd_chunk_kernel))  # fmt: skip
+        print(f"SSD, state {n} ({chunk}-step chunks, {warps} warps): forward %d / %d   backward: states %d / %d, "
+              "chunks %d / %d" % (*forward, *states, *chunks), flush=True)  # fmt: skip
     for block_e in (16, 32, 64):
         warps = 1 if block_e * 16 <= 512 else 4  # as ops.triton.selective_scan launches them
         scan = dict(CHUNK=64, BLOCK_E=block_e, BLOCK_N=16)

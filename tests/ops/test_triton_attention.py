@@ -331,7 +331,7 @@ for name, gm in graphs.items():
 TRACED = {
     "bmojo": (
         ["_ssd_fwd_kernel", "_query_kernel"],
-        ["_query_kernel", "_bwd_kv_kernel", "_bwd_kv_kernel", "_ssd_bwd_kernel"],
+        ["_query_kernel", "_bwd_kv_kernel", "_bwd_kv_kernel", "_ssd_bwd_states_kernel", "_ssd_bwd_chunk_kernel"],
     ),
     "mamba": (["_selective_scan_fwd_kernel"], ["_selective_scan_bwd_kernel"]),
 }

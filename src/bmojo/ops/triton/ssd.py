@@ -8,10 +8,12 @@ state in registers and walks the sequence chunk by chunk (``BLOCK_Q`` steps)::
     S    <- exp(cum_end) S + sum_j exp(cum_end - cum_j) dt_j outer(x_j, B_j)
 
 so it reads every input once and writes ``y`` and the final state (and, for the backward, each chunk's incoming
-state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward: a program per (batch element, head, block of
-:data:`BWD_BLOCK_P` head dimensions) walks the chunks in reverse with its rows of the state's gradient in
-registers, recomputing each chunk's products; ``dt, B, C`` and ``A`` gradients come out per head and block of head
-dimensions and are summed over them (and the batch) afterwards.
+state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward, two kernels: a program per (batch element,
+head, block of :data:`BWD_BLOCK_P` head dimensions) walks the chunks in reverse carrying only the gradient of the
+state (one product a chunk) and writes each chunk's outgoing-state gradient; then a program per (chunk, head, batch
+element, block of head dimensions), all chunks at once, recomputes its chunk's products and writes its gradients.
+``dt, B, C`` and ``A`` gradients come out per head and block of head dimensions (``A``'s per chunk too) and are
+summed over them (and the batch) afterwards.
 Inputs may be any float dtype and any strides; the arithmetic is float32, its matrix products at full float32
 precision for float32 inputs (unless ``torch.set_float32_matmul_precision`` allows TF32) and in TF32 for 16-bit ones
 (:func:`bmojo.ops.triton.dot_precision`), which rounds the float32 states and gradients entering them too (to about
@@ -95,91 +97,120 @@ def _ssd_fwd_kernel(
 
 
 @triton.jit
-def _ssd_bwd_kernel(
-    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, chunk_states_ptr, dy_ptr, dht_ptr,
-    dx_ptr, ddt_ptr, da_ptr, db_ptr, dc_ptr, dh0_ptr,
+def _ssd_bwd_states_kernel(
+    dt_ptr, a_ptr, c_ptr, dy_ptr, dht_ptr, d_out_ptr, dh0_ptr,
     length, heads, head_dim, states, heads_per_group, n_chunks,
-    sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
-    scs_b, scs_h, scs_c, scs_p, scs_n, sdy_b, sdy_t, sdy_h, sdy_p, sdht_b, sdht_h, sdht_p, sdht_n,
+    sdt_b, sdt_t, sdt_h, sa_h, sc_b, sc_t, sc_g, sc_n, sdy_b, sdy_t, sdy_h, sdy_p, sdht_b, sdht_h, sdht_p, sdht_n,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of one (batch element, head, block of ``BLOCK_P`` head dimensions), chunks in reverse, ``dS`` the
-    gradient of the chunk's outgoing state (its rows are independent, so the head dimensions split). Outputs are
-    contiguous: ``dx [b, L, H, P]``, ``dh0 [b, H, P, N]``, and the sums over head dimensions per block of them,
-    ``ddt [b, L, H, blocks]``, ``da [b, H, blocks]``, ``db, dc [b, L, H, blocks, N]`` (per head)."""
-    bh, block, blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    """The gradient ``dS`` of every chunk's outgoing state, chunks in reverse, for one (batch element, head, block of
+    ``BLOCK_P`` head dimensions): ``dS`` of the last is ``dht``, and a chunk's incoming state (the outgoing state
+    of the chunk before) reaches its outputs and, decayed, its outgoing state, so ``dS_prev = sum_i exp(cum_i)
+    outer(dy_i, C_i) + exp(total) dS``. Writes ``d_out [b, H, chunks, P, N]`` (contiguous) and the initial state's
+    gradient ``dh0 [b, H, P, N]``."""
+    bh = tl.program_id(0)
     batch, head = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
     group = head // heads_per_group
-    p, n, q = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
+    p, n, q = (
+        tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P),
+        tl.arange(0, BLOCK_N),
+        tl.arange(0, BLOCK_Q),
+    )
     p_ok, n_ok = p < head_dim, n < states
     pn_ok = p_ok[:, None] & n_ok[None, :]
     dht = dht_ptr + batch * sdht_b + head * sdht_h + p[:, None] * sdht_p + n[None, :] * sdht_n
     d_state = tl.load(dht, mask=pn_ok, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + head * sa_h).to(tl.float32)
-    x_base = x_ptr + batch * sx_b + head * sx_h + p[None, :] * sx_p
     dy_base = dy_ptr + batch * sdy_b + head * sdy_h + p[None, :] * sdy_p
     dt_base = dt_ptr + batch * sdt_b + head * sdt_h
-    b_base = b_ptr + batch * sb_b + group * sb_g + n[None, :] * sb_n
     c_base = c_ptr + batch * sc_b + group * sc_g + n[None, :] * sc_n
-    cs_base = chunk_states_ptr + batch * scs_b + head * scs_h + p[:, None] * scs_p + n[None, :] * scs_n
-    cs_chunk = tl.cast(scs_c, tl.int64)  # as in the forward
-    row = batch * length * heads + head  # offset of (batch, t = 0, head) in the [b, L, H, ...] outputs
-    causal = q[:, None] >= q[None, :]
-    da = 0.0
+    pn = p[:, None] * states + n[None, :]
+    out_base = d_out_ptr + (batch * heads + head) * n_chunks * head_dim * states + pn
     for back in range(n_chunks):
         chunk = n_chunks - 1 - back
+        tl.store(out_base + chunk * head_dim * states, d_state, mask=pn_ok)
         t = chunk * BLOCK_Q + q
         t_ok = t < length
-        tp_ok, tn_ok = t_ok[:, None] & p_ok[None, :], t_ok[:, None] & n_ok[None, :]
-        x = tl.load(x_base + t[:, None] * sx_t, mask=tp_ok, other=0.0).to(tl.float32)
-        dy = tl.load(dy_base + t[:, None] * sdy_t, mask=tp_ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_base + t[:, None] * sdy_t, mask=t_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
         dt = tl.load(dt_base + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
-        bq = tl.load(b_base + t[:, None] * sb_t, mask=tn_ok, other=0.0).to(tl.float32)
-        cq = tl.load(c_base + t[:, None] * sc_t, mask=tn_ok, other=0.0).to(tl.float32)
-        state = tl.load(cs_base + chunk * cs_chunk, mask=pn_ok, other=0.0)
+        cq = tl.load(c_base + t[:, None] * sc_t, mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         cum = tl.cumsum(dt * a, 0)
-        total = tl.sum(dt * a, 0)
-        decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-        cb = tl.dot(cq, tl.trans(bq), input_precision=PRECISION)  # [Q, Q]
-        w = cb * decay * dt[None, :]
-        # within the chunk: y_i += sum_j w_ij x_j
-        dw = tl.dot(dy, tl.trans(x), input_precision=PRECISION)  # [Q, Q]: dy_i . x_j
-        dx = tl.dot(tl.trans(w), dy, input_precision=PRECISION)  # [Q, P]
-        g = dw * w
-        d_cum = tl.sum(g, 1) - tl.sum(g, 0)
-        d_dt = tl.sum(dw * cb * decay, 0)
-        d_cb = dw * decay * dt[None, :]
-        dc = tl.dot(d_cb, bq, input_precision=PRECISION)  # [Q, N]
-        db = tl.dot(tl.trans(d_cb), cq, input_precision=PRECISION)
-        # from the incoming state: y_i += exp(cum_i) S C_i
-        e_cum = tl.exp(cum)
-        z = tl.dot(cq, tl.trans(state), input_precision=PRECISION)  # [Q, P]
-        dz = e_cum[:, None] * dy
-        dc += tl.dot(dz, state, input_precision=PRECISION)
-        d_cum += e_cum * tl.sum(dy * z, 1)
-        d_incoming = tl.dot(tl.trans(dz), cq, input_precision=PRECISION)  # [P, N]
-        # into the outgoing state: S' = exp(total) S + sum_j u_j outer(x_j, B_j), u_j = exp(total - cum_j) dt_j
-        e_total = tl.exp(total)
-        u = tl.exp(total - cum) * dt
-        xds = tl.dot(x, d_state, input_precision=PRECISION)  # [Q, N]: x_j^T dS'
-        r = tl.sum(xds * bq, 1)
-        dx += u[:, None] * tl.dot(bq, tl.trans(d_state), input_precision=PRECISION)
-        db += u[:, None] * xds
-        d_dt += tl.exp(total - cum) * r
-        d_total = tl.sum(tl.sum(d_state * state, 1), 0) * e_total + tl.sum(u * r, 0)
-        d_cum += tl.where(q == BLOCK_Q - 1, d_total, 0.0) - u * r  # total = cum of the last step (padding adds 0)
-        d_log_decay = tl.cumsum(d_cum, 0, reverse=True)  # cum_i sums the log decays of steps <= i
-        d_dt += d_log_decay * a
-        da += tl.sum(d_log_decay * dt, 0)
-        out_t = row + t * heads  # [Q]: (batch, t, head) in [b, L, H]
-        part = out_t * blocks + block  # [Q]: (batch, t, head, block) in [b, L, H, blocks]
-        tl.store(dx_ptr + out_t[:, None] * head_dim + p[None, :], dx, mask=tp_ok)
-        tl.store(ddt_ptr + part, d_dt, mask=t_ok)
-        tl.store(db_ptr + part[:, None] * states + n[None, :], db, mask=tn_ok)
-        tl.store(dc_ptr + part[:, None] * states + n[None, :], dc, mask=tn_ok)
-        d_state = d_incoming + e_total * d_state
-    tl.store(da_ptr + (batch * heads + head) * blocks + block, da)
-    tl.store(dh0_ptr + ((batch * heads + head) * head_dim + p[:, None]) * states + n[None, :], d_state, mask=pn_ok)
+        dz = tl.exp(cum)[:, None] * dy
+        d_state = tl.dot(tl.trans(dz), cq, input_precision=PRECISION) + tl.exp(tl.sum(dt * a, 0)) * d_state
+    tl.store(dh0_ptr + (batch * heads + head) * head_dim * states + pn, d_state, mask=pn_ok)
+
+
+@triton.jit
+def _ssd_bwd_chunk_kernel(
+    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, chunk_states_ptr, dy_ptr, d_out_ptr,
+    dx_ptr, ddt_ptr, da_ptr, db_ptr, dc_ptr,
+    length, heads, head_dim, states, heads_per_group, n_chunks, blocks,
+    sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
+    scs_b, scs_h, scs_c, scs_p, scs_n, sdy_b, sdy_t, sdy_h, sdy_p,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Gradients of one chunk of one (batch element, head, block of ``BLOCK_P`` head dimensions), given its incoming
+    state (``chunk_states``) and its outgoing state's gradient (``d_out``, :func:`_ssd_bwd_states_kernel`): every
+    chunk at once. Outputs are contiguous: ``dx [b, L, H, P]`` and the sums over head dimensions per block of them,
+    ``ddt [b, L, H, blocks]``, ``da [b, H, chunks, blocks]``, ``db, dc [b, L, H, blocks, N]`` (per head)."""
+    chunk, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+    head, batch = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    group = head // heads_per_group
+    p, n, q = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
+    p_ok, n_ok = p < head_dim, n < states
+    pn_ok = p_ok[:, None] & n_ok[None, :]
+    t = chunk * BLOCK_Q + q
+    t_ok = t < length
+    tp_ok, tn_ok = t_ok[:, None] & p_ok[None, :], t_ok[:, None] & n_ok[None, :]
+    x = tl.load(x_ptr + batch * sx_b + head * sx_h + t[:, None] * sx_t + p[None, :] * sx_p, mask=tp_ok, other=0.0)
+    dy = tl.load(dy_ptr + batch * sdy_b + head * sdy_h + t[:, None] * sdy_t + p[None, :] * sdy_p, mask=tp_ok, other=0.0)
+    dt = tl.load(dt_ptr + batch * sdt_b + head * sdt_h + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
+    bq = tl.load(b_ptr + batch * sb_b + group * sb_g + t[:, None] * sb_t + n[None, :] * sb_n, mask=tn_ok, other=0.0)
+    cq = tl.load(c_ptr + batch * sc_b + group * sc_g + t[:, None] * sc_t + n[None, :] * sc_n, mask=tn_ok, other=0.0)
+    x, dy, bq, cq = x.to(tl.float32), dy.to(tl.float32), bq.to(tl.float32), cq.to(tl.float32)
+    cs = chunk_states_ptr + batch * scs_b + head * scs_h + tl.cast(chunk, tl.int64) * scs_c
+    state = tl.load(cs + p[:, None] * scs_p + n[None, :] * scs_n, mask=pn_ok, other=0.0)
+    out = d_out_ptr + (((batch * heads + head) * n_chunks + chunk) * head_dim + p[:, None]) * states + n[None, :]
+    d_state = tl.load(out, mask=pn_ok, other=0.0)
+    a = tl.load(a_ptr + head * sa_h).to(tl.float32)
+    causal = q[:, None] >= q[None, :]
+    cum = tl.cumsum(dt * a, 0)
+    total = tl.sum(dt * a, 0)
+    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+    cb = tl.dot(cq, tl.trans(bq), input_precision=PRECISION)  # [Q, Q]
+    w = cb * decay * dt[None, :]
+    # within the chunk: y_i += sum_j w_ij x_j
+    dw = tl.dot(dy, tl.trans(x), input_precision=PRECISION)  # [Q, Q]: dy_i . x_j
+    dx = tl.dot(tl.trans(w), dy, input_precision=PRECISION)  # [Q, P]
+    g = dw * w
+    d_cum = tl.sum(g, 1) - tl.sum(g, 0)
+    d_dt = tl.sum(dw * cb * decay, 0)
+    d_cb = dw * decay * dt[None, :]
+    dc = tl.dot(d_cb, bq, input_precision=PRECISION)  # [Q, N]
+    db = tl.dot(tl.trans(d_cb), cq, input_precision=PRECISION)
+    # from the incoming state: y_i += exp(cum_i) S C_i
+    e_cum = tl.exp(cum)
+    z = tl.dot(cq, tl.trans(state), input_precision=PRECISION)  # [Q, P]
+    dc += tl.dot(e_cum[:, None] * dy, state, input_precision=PRECISION)
+    d_cum += e_cum * tl.sum(dy * z, 1)
+    # into the outgoing state: S' = exp(total) S + sum_j u_j outer(x_j, B_j), u_j = exp(total - cum_j) dt_j
+    u = tl.exp(total - cum) * dt
+    xds = tl.dot(x, d_state, input_precision=PRECISION)  # [Q, N]: x_j^T dS'
+    r = tl.sum(xds * bq, 1)
+    dx += u[:, None] * tl.dot(bq, tl.trans(d_state), input_precision=PRECISION)
+    db += u[:, None] * xds
+    d_dt += tl.exp(total - cum) * r
+    d_total = tl.sum(tl.sum(d_state * state, 1), 0) * tl.exp(total) + tl.sum(u * r, 0)
+    d_cum += tl.where(q == BLOCK_Q - 1, d_total, 0.0) - u * r  # total = cum of the last step (padding adds 0)
+    d_log_decay = tl.cumsum(d_cum, 0, reverse=True)  # cum_i sums the log decays of steps <= i
+    d_dt += d_log_decay * a
+    out_t = (batch * length + t) * heads + head  # [Q]: (batch, t, head) in [b, L, H]
+    part = out_t * blocks + block  # [Q]: (batch, t, head, block) in [b, L, H, blocks]
+    tl.store(dx_ptr + out_t[:, None] * head_dim + p[None, :], dx, mask=tp_ok)
+    tl.store(ddt_ptr + part, d_dt, mask=t_ok)
+    tl.store(db_ptr + part[:, None] * states + n[None, :], db, mask=tn_ok)
+    tl.store(dc_ptr + part[:, None] * states + n[None, :], dc, mask=tn_ok)
+    tl.store(da_ptr + ((batch * heads + head) * n_chunks + chunk) * blocks + block, tl.sum(d_log_decay * dt, 0))
 
 
 def _check_shapes(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -210,8 +241,9 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     final = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
     chunk_states = None
     if store_states:
-        chunk_states = torch.empty(bsz, heads, triton.cdiv(length, chunk_size), p, n, dtype=torch.float32,
-                                   device=x.device)
+        chunk_states = torch.empty(
+            bsz, heads, triton.cdiv(length, chunk_size), p, n, dtype=torch.float32, device=x.device
+        )
     h0 = final if initial_state is None else initial_state  # never read without HAS_H0
     cs = final.unsqueeze(2) if chunk_states is None else chunk_states  # never written without STORE_STATES
     block_p = _block_p(block_p, p)
@@ -226,9 +258,10 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return y, final, chunk_states
 
 
-# Head dimensions per backward program: 16 keeps the backward's tiles in registers at 32-step chunks (compiled for
-# sm_90a, benchmarks/kernel_registers.py: no spills, where 32 spill 164 bytes a thread and 64 700), and makes four
-# programs per head of 64.
+# Head dimensions per backward program: at 32-step chunks and a state of 16, compiled for sm_90a
+# (benchmarks/kernel_registers.py), the chunk kernel holds 16 in 184 registers a thread and 32 in 255, without
+# spilling (64 spills 324 bytes); fewer head dimensions mean more programs, each recomputing its chunk's [Q, Q]
+# products (`bench_ssd.py --bwd-block-p` times the others).
 BWD_BLOCK_P = 16
 
 
@@ -264,23 +297,29 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
     """Gradients of :func:`_ssd_fwd` with respect to ``x, dt, A, B, C`` and the initial state (float32)."""
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
+    n_chunks = chunk_states.shape[2]
     block_p = _block_p(BWD_BLOCK_P, p)
     blocks = triton.cdiv(p, block_p)
+    d_out = torch.empty(bsz, heads, n_chunks, p, n, dtype=torch.float32, device=x.device)
+    dh0 = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
     dx = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
     ddt = torch.empty(bsz, length, heads, blocks, dtype=torch.float32, device=x.device)
-    da = torch.empty(bsz, heads, blocks, dtype=torch.float32, device=x.device)
+    da = torch.empty(bsz, heads, n_chunks, blocks, dtype=torch.float32, device=x.device)
     db, dc = (torch.empty(bsz, length, heads, blocks, n, dtype=torch.float32, device=x.device) for _ in range(2))
-    dh0 = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
-    wrap_triton(_ssd_bwd_kernel)[(bsz * heads, blocks)](
-        x, dt, A, B, C, chunk_states, dy, d_final, dx, ddt, da, db, dc, dh0,
-        length, heads, p, n, heads // g, chunk_states.shape[2],
+    sizes = dict(BLOCK_Q=chunk_size, BLOCK_P=block_p, BLOCK_N=dot_tile(n), PRECISION=dot_precision(x),
+                 num_warps=kernel_tiles(n)[1])  # fmt: skip
+    wrap_triton(_ssd_bwd_states_kernel)[(bsz * heads, blocks)](
+        dt, A, C, dy, d_final, d_out, dh0, length, heads, p, n, heads // g, n_chunks,
+        *dt.stride(), *A.stride(), *C.stride(), *dy.stride(), *d_final.stride(), **sizes,
+    )  # fmt: skip
+    wrap_triton(_ssd_bwd_chunk_kernel)[(n_chunks * blocks, heads, bsz)](
+        x, dt, A, B, C, chunk_states, dy, d_out, dx, ddt, da, db, dc, length, heads, p, n, heads // g, n_chunks, blocks,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *chunk_states.stride(), *dy.stride(),
-        *d_final.stride(), BLOCK_Q=chunk_size, BLOCK_P=block_p, BLOCK_N=dot_tile(n),
-        PRECISION=dot_precision(x), num_warps=kernel_tiles(n)[1],
+        **sizes,
     )  # fmt: skip
     per_group = (bsz, length, g, heads // g * blocks, n)  # B and C serve every head of their group
     dB, dC = (d.view(per_group).sum(3).to(B.dtype) for d in (db, dc))
-    return [dx.to(x.dtype), ddt.sum(3).to(dt.dtype), da.sum((0, 2)).to(A.dtype), dB, dC, dh0]
+    return [dx.to(x.dtype), ddt.sum(3).to(dt.dtype), da.sum((0, 2, 3)).to(A.dtype), dB, dC, dh0]
 
 
 register_scan_autograd(_ssd_fwd, _ssd_bwd, options=1)  # the backward takes chunk_size (its own BWD_BLOCK_P)
