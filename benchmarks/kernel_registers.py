@@ -42,7 +42,9 @@ from bmojo.ops.triton.ssd import (  # noqa: E402
     BWD_BLOCK_P,
     _ssd_bwd_chunk_kernel,
     _ssd_bwd_states_kernel,
-    _ssd_fwd_kernel,
+    _ssd_fwd_output_kernel,
+    _ssd_fwd_own_kernel,
+    _ssd_fwd_states_kernel,
     kernel_tiles,
 )
 
@@ -138,12 +140,15 @@ def main() -> None:
         return
     for n in (16, 64, 128):  # the presets' state, and converted Mamba-2 checkpoints'
         chunk, warps = kernel_tiles(n)
-        ssd = dict(BLOCK_Q=chunk, BLOCK_N=n, PRECISION="tf32")
-        forward = compile_report(_ssd_fwd_kernel, dict(HAS_H0=True, STORE_STATES=True, BLOCK_P=32, **ssd), warps, 3)
-        states, chunks = (compile_report(kernel, dict(BLOCK_P=BWD_BLOCK_P, **ssd), warps, 3)
-                          for kernel in (_ssd_bwd_states_kernel, _ssd_bwd_chunk_kernel))  # fmt: skip
-        print(f"SSD, state {n} ({chunk}-step chunks, {warps} warps): forward %d / %d   backward: states %d / %d, "
-              "chunks %d / %d" % (*forward, *states, *chunks), flush=True)  # fmt: skip
+        tf32 = {"PRECISION": "tf32"}
+        kernels = ((_ssd_fwd_own_kernel, 32, tf32), (_ssd_fwd_states_kernel, 32, {"HAS_H0": True}),
+                   (_ssd_fwd_output_kernel, 32, tf32), (_ssd_bwd_states_kernel, BWD_BLOCK_P, tf32),
+                   (_ssd_bwd_chunk_kernel, BWD_BLOCK_P, tf32))  # fmt: skip
+        cells = []
+        for kernel, block_p, extra in kernels:  # the forward's 32 head dims a program: ssd_scan_triton's default
+            report = compile_report(kernel, dict(BLOCK_Q=chunk, BLOCK_N=n, BLOCK_P=block_p, **extra), warps, 3)
+            cells.append("%s %d / %d" % (kernel.__name__.removeprefix("_ssd_").removesuffix("_kernel"), *report))
+        print(f"SSD, state {n} ({chunk}-step chunks, {warps} warps): " + "   ".join(cells), flush=True)
     for block_e in (16, 32, 64):
         warps = 1 if block_e * 16 <= 512 else 4  # as ops.triton.selective_scan launches them
         scan = dict(CHUNK=64, BLOCK_E=block_e, BLOCK_N=16)

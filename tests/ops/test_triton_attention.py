@@ -330,7 +330,7 @@ for name, gm in graphs.items():
 # the kernels of one layer's forward and backward, by preset (the read-out's dk/dv kernel runs twice: bands, memory)
 TRACED = {
     "bmojo": (
-        ["_ssd_fwd_kernel", "_query_kernel"],
+        ["_ssd_fwd_own_kernel", "_ssd_fwd_states_kernel", "_ssd_fwd_output_kernel", "_query_kernel"],
         ["_query_kernel", "_bwd_kv_kernel", "_bwd_kv_kernel", "_ssd_bwd_states_kernel", "_ssd_bwd_chunk_kernel"],
     ),
     "mamba": (["_selective_scan_fwd_kernel"], ["_selective_scan_bwd_kernel"]),

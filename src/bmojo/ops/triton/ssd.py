@@ -1,19 +1,22 @@
 """Mamba-2 SSD as Triton kernels, forward and backward; same contract as ``bmojo.ops.ssd.ssd_scan``.
 
-Forward: one program per (batch element, head, block of ``BLOCK_P`` head dimensions) keeps the ``[BLOCK_P, N]``
-state in registers and walks the sequence chunk by chunk (``BLOCK_Q`` steps)::
+Forward, per chunk of ``BLOCK_Q`` steps with incoming state ``S``::
 
     cum_i = sum_{s <= i} dt_s A                                   (log decay from the chunk start, per step)
     y_i   = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j + exp(cum_i) S C_i
     S    <- exp(cum_end) S + sum_j exp(cum_end - cum_j) dt_j outer(x_j, B_j)
 
-so it reads every input once and writes ``y`` and the final state (and, for the backward, each chunk's incoming
-state), with no ``[chunks, Q, Q]`` intermediate in memory. Backward, two kernels: a program per (batch element,
-head, block of :data:`BWD_BLOCK_P` head dimensions) walks the chunks in reverse carrying only the gradient of the
-state (one product a chunk) and writes each chunk's outgoing-state gradient; then a program per (chunk, head, batch
-element, block of head dimensions), all chunks at once, recomputes its chunk's products and writes its gradients.
-``dt, B, C`` and ``A`` gradients come out per head and block of head dimensions (``A``'s per chunk too) and are
-summed over them (and the batch) afterwards.
+in three kernels: every chunk's own part of its outgoing state (the sum), all chunks at once; a program per (batch
+element, head, block of ``BLOCK_P`` head dimensions) walking the chunks in order with the ``[BLOCK_P, N]`` state in
+registers (no products), writing each chunk's incoming state (which the backward reads too) and the final state;
+then every chunk's outputs at once. No ``[chunks, Q, Q]`` intermediate reaches memory.
+
+Backward, two kernels: a program per (batch element, head, block of :data:`BWD_BLOCK_P` head dimensions) walks the
+chunks in reverse carrying only the gradient of the state (one product a chunk) and writes each chunk's
+outgoing-state gradient; then a program per (chunk, head, batch element, block of head dimensions), all chunks at
+once, recomputes its chunk's products and writes its gradients. ``dt, B, C`` and ``A`` gradients come out per head
+and block of head dimensions (``A``'s per chunk too) and are summed over them (and the batch) afterwards.
+
 Inputs may be any float dtype and any strides; the arithmetic is float32, its matrix products at full float32
 precision for float32 inputs (unless ``torch.set_float32_matmul_precision`` allows TF32) and in TF32 for 16-bit ones
 (:func:`bmojo.ops.triton.dot_precision`), which rounds the float32 states and gradients entering them too (to about
@@ -43,57 +46,103 @@ ScanOut = tuple[torch.Tensor, torch.Tensor]
 
 
 @triton.jit
-def _ssd_fwd_kernel(
-    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, h0_ptr, y_ptr, ht_ptr, chunk_states_ptr,
-    length, heads, head_dim, states, heads_per_group,
-    sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
-    sh0_b, sh0_h, sh0_p, sh0_n, sy_b, sy_t, sy_h, sy_p, sht_b, sht_h, sht_p, sht_n, scs_b, scs_h, scs_c, scs_p, scs_n,
-    HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+def _ssd_fwd_own_kernel(
+    x_ptr, dt_ptr, a_ptr, b_ptr, cs_ptr, length, heads, head_dim, states, heads_per_group, n_chunks, blocks,
+    sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Each chunk's own part of its outgoing state, ``sum_j exp(cum_end - cum_j) dt_j outer(x_j, B_j) [P, N]``, into
+    ``cs [b, H, chunks, P, N]`` (contiguous): a program per (chunk, head, batch element, block of head dimensions)."""
+    chunk, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+    head, batch = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    group = head // heads_per_group
+    p, n, q = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
+    p_ok, n_ok = p < head_dim, n < states
+    t = chunk * BLOCK_Q + q
+    t_ok = t < length
+    # steps past the end get dt = 0 (no decay, no input) and B = x = 0: they change nothing
+    x = tl.load(x_ptr + batch * sx_b + head * sx_h + t[:, None] * sx_t + p[None, :] * sx_p,
+                mask=t_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    dt = tl.load(dt_ptr + batch * sdt_b + head * sdt_h + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
+    bq = tl.load(b_ptr + batch * sb_b + group * sb_g + t[:, None] * sb_t + n[None, :] * sb_n,
+                 mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    a = tl.load(a_ptr + head * sa_h).to(tl.float32)
+    cum = tl.cumsum(dt * a, 0)
+    weight = tl.exp(tl.sum(dt * a, 0) - cum) * dt  # [Q]: step j's input decayed to the chunk end
+    own = tl.dot(tl.trans(x * weight[:, None]), bq, input_precision=PRECISION)
+    cs = cs_ptr + (((batch * heads + head) * n_chunks + chunk) * head_dim + p[:, None]) * states + n[None, :]
+    tl.store(cs, own, mask=p_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _ssd_fwd_states_kernel(
+    dt_ptr, a_ptr, h0_ptr, ht_ptr, cs_ptr, length, heads, head_dim, states, n_chunks,
+    sdt_b, sdt_t, sdt_h, sa_h, sh0_b, sh0_h, sh0_p, sh0_n,
+    HAS_H0: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The chunks in order for one (batch element, head, block of head dimensions): replaces each chunk's own part in
+    ``cs`` (:func:`_ssd_fwd_own_kernel`) by its incoming state ``S``, from ``S = h0`` (or 0) and ``S <- exp(cum_end) S
+    + own``, and writes the final state into ``ht [b, H, P, N]`` (contiguous)."""
     bh = tl.program_id(0)
     batch, head = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
-    group = head // heads_per_group
-    p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
-    q = tl.arange(0, BLOCK_Q)
-    p_ok, n_ok = p < head_dim, n < states
-    pn_ok = p_ok[:, None] & n_ok[None, :]
+    p, n, q = (
+        tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P),
+        tl.arange(0, BLOCK_N),
+        tl.arange(0, BLOCK_Q),
+    )
+    pn_ok = (p < head_dim)[:, None] & (n < states)[None, :]
     if HAS_H0:
         h0 = h0_ptr + batch * sh0_b + head * sh0_h + p[:, None] * sh0_p + n[None, :] * sh0_n
         state = tl.load(h0, mask=pn_ok, other=0.0).to(tl.float32)
     else:
         state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     a = tl.load(a_ptr + head * sa_h).to(tl.float32)
-    x_base = x_ptr + batch * sx_b + head * sx_h + p[None, :] * sx_p
     dt_base = dt_ptr + batch * sdt_b + head * sdt_h
-    b_base = b_ptr + batch * sb_b + group * sb_g + n[None, :] * sb_n
-    c_base = c_ptr + batch * sc_b + group * sc_g + n[None, :] * sc_n
-    y_base = y_ptr + batch * sy_b + head * sy_h + p[None, :] * sy_p
+    pn = p[:, None] * states + n[None, :]
+    cs_base = cs_ptr + (batch * heads + head) * n_chunks * head_dim * states + pn
+    for chunk in range(n_chunks):
+        t = chunk * BLOCK_Q + q
+        dt = tl.load(dt_base + t * sdt_t, mask=t < length, other=0.0).to(tl.float32)
+        cs = cs_base + chunk * head_dim * states
+        own = tl.load(cs, mask=pn_ok, other=0.0)
+        tl.store(cs, state, mask=pn_ok)
+        state = tl.exp(tl.sum(dt * a, 0)) * state + own
+    tl.store(ht_ptr + (batch * heads + head) * head_dim * states + pn, state, mask=pn_ok)
+
+
+@triton.jit
+def _ssd_fwd_output_kernel(
+    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, cs_ptr, y_ptr, length, heads, head_dim, states, heads_per_group, n_chunks,
+    blocks, sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
+    sy_b, sy_t, sy_h, sy_p,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Each chunk's outputs given its incoming state ``S`` (``cs``, :func:`_ssd_fwd_states_kernel`): ``y_i =
+    sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j + exp(cum_i) S C_i``, a program per (chunk, head, batch
+    element, block of head dimensions)."""
+    chunk, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+    head, batch = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    group = head // heads_per_group
+    p, n, q = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
+    p_ok, n_ok = p < head_dim, n < states
+    t = chunk * BLOCK_Q + q
+    t_ok = t < length
+    tp_ok, tn_ok = t_ok[:, None] & p_ok[None, :], t_ok[:, None] & n_ok[None, :]
+    x = tl.load(x_ptr + batch * sx_b + head * sx_h + t[:, None] * sx_t + p[None, :] * sx_p, mask=tp_ok, other=0.0)
+    dt = tl.load(dt_ptr + batch * sdt_b + head * sdt_h + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
+    bq = tl.load(b_ptr + batch * sb_b + group * sb_g + t[:, None] * sb_t + n[None, :] * sb_n, mask=tn_ok, other=0.0)
+    cq = tl.load(c_ptr + batch * sc_b + group * sc_g + t[:, None] * sc_t + n[None, :] * sc_n, mask=tn_ok, other=0.0)
+    x, bq, cq = x.to(tl.float32), bq.to(tl.float32), cq.to(tl.float32)
+    cs = cs_ptr + (((batch * heads + head) * n_chunks + chunk) * head_dim + p[:, None]) * states + n[None, :]
+    state = tl.load(cs, mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+    a = tl.load(a_ptr + head * sa_h).to(tl.float32)
+    cum = tl.cumsum(dt * a, 0)  # [Q]
     causal = q[:, None] >= q[None, :]
-    cs_base = chunk_states_ptr + batch * scs_b + head * scs_h + p[:, None] * scs_p + n[None, :] * scs_n
-    cs_chunk = tl.cast(scs_c, tl.int64)  # chunk offsets can pass 2**31 (the loop counts in 32 bits)
-    for start in range(0, length, BLOCK_Q):
-        if STORE_STATES:  # the chunk's incoming state, for the backward pass
-            tl.store(cs_base + (start // BLOCK_Q) * cs_chunk, state, mask=pn_ok)
-        t = start + q
-        t_ok = t < length
-        # steps past the end get dt = 0 (no decay, no input) and B = C = x = 0: they change nothing
-        x = tl.load(x_base + t[:, None] * sx_t, mask=t_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
-        dt = tl.load(dt_base + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
-        bq = tl.load(b_base + t[:, None] * sb_t, mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        cq = tl.load(c_base + t[:, None] * sc_t, mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        cum = tl.cumsum(dt * a, 0)  # [Q]
-        decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # [Q, Q]: after j to after i
-        scores = tl.dot(cq, tl.trans(bq), input_precision=PRECISION) * decay * dt[None, :]
-        y = tl.dot(scores, x, input_precision=PRECISION)  # [Q, P]
-        y += tl.exp(cum)[:, None] * tl.dot(cq, tl.trans(state), input_precision=PRECISION)
-        tl.store(y_base + t[:, None] * sy_t, y, mask=t_ok[:, None] & p_ok[None, :])
-        total = tl.sum(dt * a, 0)
-        weight = tl.exp(total - cum) * dt  # [Q]: step j's input decayed to the chunk end
-        state = tl.exp(total) * state + tl.dot(tl.trans(x * weight[:, None]), bq, input_precision=PRECISION)
-    ht = ht_ptr + batch * sht_b + head * sht_h + p[:, None] * sht_p + n[None, :] * sht_n
-    tl.store(ht, state, mask=pn_ok)
+    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # [Q, Q]: after j to after i
+    scores = tl.dot(cq, tl.trans(bq), input_precision=PRECISION) * decay * dt[None, :]
+    y = tl.dot(scores, x, input_precision=PRECISION)  # [Q, P]
+    y += tl.exp(cum)[:, None] * tl.dot(cq, tl.trans(state), input_precision=PRECISION)
+    tl.store(y_ptr + batch * sy_b + head * sy_h + t[:, None] * sy_t + p[None, :] * sy_p, y, mask=tp_ok)
 
 
 @triton.jit
@@ -232,28 +281,33 @@ def _check_shapes(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
 
 
 def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             initial_state: torch.Tensor | None, chunk_size: int, block_p: int,
-             store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """``(y [b, L, H, P] float32, final [b, H, P, N], chunk_states [b, H, chunks, P, N] or None)``."""
+             initial_state: torch.Tensor | None, chunk_size: int,
+             block_p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(y [b, L, H, P] float32, final [b, H, P, N], chunk_states [b, H, chunks, P, N])``, the last each chunk's
+    incoming state."""
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
+    n_chunks = triton.cdiv(length, chunk_size)
+    block_p = _block_p(block_p, p)
+    blocks = triton.cdiv(p, block_p)
     y = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
     final = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
-    chunk_states = None
-    if store_states:
-        chunk_states = torch.empty(
-            bsz, heads, triton.cdiv(length, chunk_size), p, n, dtype=torch.float32, device=x.device
-        )
+    chunk_states = torch.empty(bsz, heads, n_chunks, p, n, dtype=torch.float32, device=x.device)
     h0 = final if initial_state is None else initial_state  # never read without HAS_H0
-    cs = final.unsqueeze(2) if chunk_states is None else chunk_states  # never written without STORE_STATES
-    block_p = _block_p(block_p, p)
-    grid = (bsz * heads, triton.cdiv(p, block_p))
-    wrap_triton(_ssd_fwd_kernel)[grid](
-        x, dt, A, B, C, h0, y, final, cs, length, heads, p, n, heads // g,
-        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *h0.stride(), *y.stride(), *final.stride(),
-        *cs.stride(), HAS_H0=initial_state is not None, STORE_STATES=store_states, BLOCK_Q=chunk_size,
-        BLOCK_P=block_p, BLOCK_N=dot_tile(n), PRECISION=dot_precision(x),
-        num_warps=kernel_tiles(n)[1],
+    sizes = dict(BLOCK_Q=chunk_size, BLOCK_P=block_p, BLOCK_N=dot_tile(n), num_warps=kernel_tiles(n)[1])
+    chunks_grid = (n_chunks * blocks, heads, bsz)
+    wrap_triton(_ssd_fwd_own_kernel)[chunks_grid](
+        x, dt, A, B, chunk_states, length, heads, p, n, heads // g, n_chunks, blocks,
+        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), PRECISION=dot_precision(x), **sizes,
+    )  # fmt: skip
+    wrap_triton(_ssd_fwd_states_kernel)[(bsz * heads, blocks)](
+        dt, A, h0, final, chunk_states, length, heads, p, n, n_chunks, *dt.stride(), *A.stride(), *h0.stride(),
+        HAS_H0=initial_state is not None, **sizes,
+    )  # fmt: skip
+    wrap_triton(_ssd_fwd_output_kernel)[chunks_grid](
+        x, dt, A, B, C, chunk_states, y, length, heads, p, n, heads // g, n_chunks, blocks,
+        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *y.stride(),
+        PRECISION=dot_precision(x), **sizes,
     )  # fmt: skip
     return y, final, chunk_states
 
@@ -268,9 +322,11 @@ BWD_BLOCK_P = 16
 def kernel_tiles(n: int) -> tuple[int, int]:
     """``(steps per chunk, warps)`` of the kernels for state size ``n``: what keeps their tiles in registers, compiled
     for sm_90a (benchmarks/kernel_registers.py, the backward at :data:`BWD_BLOCK_P`): 32 steps for a state of 16 or
-    less, 16 above (at 32 steps a state of 32 spills 192 bytes a thread, 64 416, 128 948); 8 warps from a state of
-    128 (152 bytes at 4). Independent of the model's ``ssm_chunk_size``, tuned for the PyTorch path (converted
-    Mamba-2 checkpoints say 256: a ``[256, 256]`` tile per program)."""
+    less (64 spill 32 bytes a thread in the backward's chunk kernel), 16 above (at 32 steps a state of 64 spills 88
+    bytes there, 128 352); 8 warps from a state of 128 (the forward's walk over the states spills 52 bytes at 4).
+    Set before the kernels were split by chunks (when 32 steps spilled from a state of 32) and not yet timed against
+    other choices. Independent of the model's ``ssm_chunk_size``, tuned for the PyTorch path (converted Mamba-2
+    checkpoints say 256: a ``[256, 256]`` tile per program)."""
     n = dot_tile(n)
     return (32 if n <= 16 else 16), (8 if n >= 128 else 4)
 
@@ -286,8 +342,8 @@ def _ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
              store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(y in x's dtype, final state, each chunk's incoming state)`` (the last empty unless ``store_states``, which
     the backward needs)."""
-    y, final, chunk_states = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p, store_states)
-    return y.to(x.dtype), final, x.new_empty(0) if chunk_states is None else chunk_states
+    y, final, chunk_states = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p)
+    return y.to(x.dtype), final, chunk_states if store_states else x.new_empty(0)
 
 
 @kernel_op("bmojo::ssd_bwd")
