@@ -80,6 +80,7 @@ SSD_SHAPES = [
     (1, 70, 2, 64, 1, 16, True, {"chunk_size": 16, "block_p": 32}),
     (1, 50, 2, 16, 1, 4, True, {"decay": 30.0}),
     (1, 45, 2, 16, 1, 40, True, {}),
+    (2, 83, 2, 32, 1, 8, False, {"chunk_size": 16, "states_bytes": 3 * 2 * 2 * 32 * 8 * 4}),  # pieces of 3 chunks
 ]
 
 

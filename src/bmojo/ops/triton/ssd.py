@@ -47,18 +47,19 @@ ScanOut = tuple[torch.Tensor, torch.Tensor]
 
 @triton.jit
 def _ssd_fwd_own_kernel(
-    x_ptr, dt_ptr, a_ptr, b_ptr, cs_ptr, length, heads, head_dim, states, heads_per_group, n_chunks, blocks,
+    x_ptr, dt_ptr, a_ptr, b_ptr, cs_ptr, length, heads, head_dim, states, heads_per_group, first, n_chunks, blocks,
     sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Each chunk's own part of its outgoing state, ``sum_j exp(cum_end - cum_j) dt_j outer(x_j, B_j) [P, N]``, into
-    ``cs [b, H, chunks, P, N]`` (contiguous): a program per (chunk, head, batch element, block of head dimensions)."""
-    chunk, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+    ``cs [b, H, n_chunks, P, N]`` (contiguous), for the ``n_chunks`` chunks from chunk ``first``: a program per
+    (chunk, head, batch element, block of head dimensions)."""
+    chunk, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks  # chunk: from ``first``
     head, batch = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     group = head // heads_per_group
     p, n, q = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
     p_ok, n_ok = p < head_dim, n < states
-    t = chunk * BLOCK_Q + q
+    t = (first + chunk) * BLOCK_Q + q
     t_ok = t < length
     # steps past the end get dt = 0 (no decay, no input) and B = x = 0: they change nothing
     x = tl.load(x_ptr + batch * sx_b + head * sx_h + t[:, None] * sx_t + p[None, :] * sx_p,
@@ -76,13 +77,14 @@ def _ssd_fwd_own_kernel(
 
 @triton.jit
 def _ssd_fwd_states_kernel(
-    dt_ptr, a_ptr, h0_ptr, ht_ptr, cs_ptr, length, heads, head_dim, states, n_chunks,
+    dt_ptr, a_ptr, h0_ptr, ht_ptr, cs_ptr, length, heads, head_dim, states, first, count, n_chunks,
     sdt_b, sdt_t, sdt_h, sa_h, sh0_b, sh0_h, sh0_p, sh0_n,
     HAS_H0: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """The chunks in order for one (batch element, head, block of head dimensions): replaces each chunk's own part in
-    ``cs`` (:func:`_ssd_fwd_own_kernel`) by its incoming state ``S``, from ``S = h0`` (or 0) and ``S <- exp(cum_end) S
-    + own``, and writes the final state into ``ht [b, H, P, N]`` (contiguous)."""
+    """The ``count`` chunks from chunk ``first`` in order, for one (batch element, head, block of head dimensions):
+    replaces each chunk's own part in ``cs [b, H, n_chunks, P, N]`` (:func:`_ssd_fwd_own_kernel`) by its incoming
+    state ``S``, from ``S = h0`` (or 0) and ``S <- exp(cum_end) S + own``, and writes the last outgoing state into
+    ``ht [b, H, P, N]`` (contiguous; ``h0`` may be ``ht``: each program reads its rows before it writes them)."""
     bh = tl.program_id(0)
     batch, head = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
     p, n, q = (
@@ -100,8 +102,8 @@ def _ssd_fwd_states_kernel(
     dt_base = dt_ptr + batch * sdt_b + head * sdt_h
     pn = p[:, None] * states + n[None, :]
     cs_base = cs_ptr + (batch * heads + head) * n_chunks * head_dim * states + pn
-    for chunk in range(n_chunks):
-        t = chunk * BLOCK_Q + q
+    for chunk in range(count):
+        t = (first + chunk) * BLOCK_Q + q
         dt = tl.load(dt_base + t * sdt_t, mask=t < length, other=0.0).to(tl.float32)
         cs = cs_base + chunk * head_dim * states
         own = tl.load(cs, mask=pn_ok, other=0.0)
@@ -112,20 +114,20 @@ def _ssd_fwd_states_kernel(
 
 @triton.jit
 def _ssd_fwd_output_kernel(
-    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, cs_ptr, y_ptr, length, heads, head_dim, states, heads_per_group, n_chunks,
-    blocks, sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
+    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, cs_ptr, y_ptr, length, heads, head_dim, states, heads_per_group, first,
+    n_chunks, blocks, sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
     sy_b, sy_t, sy_h, sy_p,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Each chunk's outputs given its incoming state ``S`` (``cs``, :func:`_ssd_fwd_states_kernel`): ``y_i =
     sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j + exp(cum_i) S C_i``, a program per (chunk, head, batch
-    element, block of head dimensions)."""
-    chunk, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+    element, block of head dimensions), for the ``n_chunks`` chunks from chunk ``first``."""
+    chunk, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks  # chunk: from ``first``
     head, batch = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     group = head // heads_per_group
     p, n, q = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
     p_ok, n_ok = p < head_dim, n < states
-    t = chunk * BLOCK_Q + q
+    t = (first + chunk) * BLOCK_Q + q
     t_ok = t < length
     tp_ok, tn_ok = t_ok[:, None] & p_ok[None, :], t_ok[:, None] & n_ok[None, :]
     x = tl.load(x_ptr + batch * sx_b + head * sx_h + t[:, None] * sx_t + p[None, :] * sx_p, mask=tp_ok, other=0.0)
@@ -280,35 +282,44 @@ def _check_shapes(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     check_inputs(expected, x, dt, A, B, C, initial_state)
 
 
+# Without gradients the forward walks the sequence in pieces whose chunks' states take at most this many bytes by
+# default (the backward needs every chunk's, in one piece)
+STATES_BYTES = 64 << 20
+
+
 def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             initial_state: torch.Tensor | None, chunk_size: int,
-             block_p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+             initial_state: torch.Tensor | None, chunk_size: int, block_p: int, states_bytes: int,
+             store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(y [b, L, H, P] float32, final [b, H, P, N], chunk_states [b, H, chunks, P, N])``, the last each chunk's
-    incoming state."""
+    incoming state if ``store_states``, else those of the last piece of at most ``states_bytes``."""
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
     n_chunks = triton.cdiv(length, chunk_size)
+    piece = n_chunks if store_states else max(1, min(n_chunks, states_bytes // (bsz * heads * p * n * 4)))
     block_p = _block_p(block_p, p)
     blocks = triton.cdiv(p, block_p)
     y = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
     final = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
-    chunk_states = torch.empty(bsz, heads, n_chunks, p, n, dtype=torch.float32, device=x.device)
-    h0 = final if initial_state is None else initial_state  # never read without HAS_H0
+    chunk_states = torch.empty(bsz, heads, piece, p, n, dtype=torch.float32, device=x.device)
     sizes = dict(BLOCK_Q=chunk_size, BLOCK_P=block_p, BLOCK_N=dot_tile(n), num_warps=kernel_tiles(n)[1])
-    chunks_grid = (n_chunks * blocks, heads, bsz)
-    wrap_triton(_ssd_fwd_own_kernel)[chunks_grid](
-        x, dt, A, B, chunk_states, length, heads, p, n, heads // g, n_chunks, blocks,
-        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), PRECISION=dot_precision(x), **sizes,
-    )  # fmt: skip
-    wrap_triton(_ssd_fwd_states_kernel)[(bsz * heads, blocks)](
-        dt, A, h0, final, chunk_states, length, heads, p, n, n_chunks, *dt.stride(), *A.stride(), *h0.stride(),
-        HAS_H0=initial_state is not None, **sizes,
-    )  # fmt: skip
-    wrap_triton(_ssd_fwd_output_kernel)[chunks_grid](
-        x, dt, A, B, C, chunk_states, y, length, heads, p, n, heads // g, n_chunks, blocks,
-        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *y.stride(),
-        PRECISION=dot_precision(x), **sizes,
-    )  # fmt: skip
+    dims = (length, heads, p, n)
+    for first in range(0, n_chunks, piece):
+        count = min(piece, n_chunks - first)
+        has_h0 = first > 0 or initial_state is not None  # the given state, then the piece before's final one
+        h0 = initial_state if first == 0 and has_h0 else final  # (never read without has_h0)
+        wrap_triton(_ssd_fwd_own_kernel)[(count * blocks, heads, bsz)](
+            x, dt, A, B, chunk_states, *dims, heads // g, first, piece, blocks,
+            *x.stride(), *dt.stride(), *A.stride(), *B.stride(), PRECISION=dot_precision(x), **sizes,
+        )  # fmt: skip
+        wrap_triton(_ssd_fwd_states_kernel)[(bsz * heads, blocks)](
+            dt, A, h0, final, chunk_states, *dims, first, count, piece, *dt.stride(), *A.stride(), *h0.stride(),
+            HAS_H0=has_h0, **sizes,
+        )  # fmt: skip
+        wrap_triton(_ssd_fwd_output_kernel)[(count * blocks, heads, bsz)](
+            x, dt, A, B, C, chunk_states, y, *dims, heads // g, first, piece, blocks,
+            *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *y.stride(),
+            PRECISION=dot_precision(x), **sizes,
+        )  # fmt: skip
     return y, final, chunk_states
 
 
@@ -338,11 +349,11 @@ def _block_p(block_p: int, p: int) -> int:
 
 @kernel_op("bmojo::ssd_fwd")
 def _ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             initial_state: torch.Tensor | None, chunk_size: int, block_p: int,
+             initial_state: torch.Tensor | None, chunk_size: int, block_p: int, states_bytes: int,
              store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(y in x's dtype, final state, each chunk's incoming state)`` (the last empty unless ``store_states``, which
     the backward needs)."""
-    y, final, chunk_states = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p)
+    y, final, chunk_states = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p, states_bytes, store_states)
     return y.to(x.dtype), final, chunk_states if store_states else x.new_empty(0)
 
 
@@ -390,20 +401,22 @@ def ssd_scan_triton(
     initial_state: torch.Tensor | None = None,
     chunk_size: int | None = None,
     block_p: int = 32,
+    states_bytes: int = STATES_BYTES,
 ) -> ScanOut:
     """``(y [batch, L, H, P] in x's dtype, final_state [batch, H, P, N] float32)``, equal to ``ssd_scan_ref``;
     differentiable (the backward kernel) where an input needs gradients.
 
     Shapes as in ``bmojo.ops.ssd``; ``chunk_size`` steps per chunk (default: :func:`kernel_tiles` of the state size)
     and ``block_p`` head dimensions per forward program (the backward takes :data:`BWD_BLOCK_P`) are powers of two
-    (16 or more: the sizes ``tl.dot`` takes; the state size is padded to one too).
+    (16 or more: the sizes ``tl.dot`` takes; the state size is padded to one too). Without gradients the chunks'
+    incoming states (float32, ``[batch, H, P, N]`` a chunk) are held ``states_bytes`` at most at a time: a longer
+    sequence is walked in pieces.
     """
     _check_shapes(x, dt, A, B, C, initial_state)
     chunk_size = kernel_tiles(B.shape[-1])[0] if chunk_size is None else chunk_size
     for name, value in (("chunk_size", chunk_size), ("block_p", block_p)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-    y, final, _ = _ssd_fwd(
-        x, dt, A, B, C, initial_state, chunk_size, block_p, needs_grad(x, dt, A, B, C, initial_state)
-    )
+    store_states = needs_grad(x, dt, A, B, C, initial_state)
+    y, final, _ = _ssd_fwd(x, dt, A, B, C, initial_state, chunk_size, block_p, states_bytes, store_states)
     return y, final
