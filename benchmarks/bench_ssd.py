@@ -48,8 +48,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--chunks", default="", help="comma-separated chunk sizes of our kernels to time as well")
     parser.add_argument("--block-p", default="", help="comma-separated head dims per forward program to time as well")
-    parser.add_argument("--bwd-block-p", default="", help="the same for the backward (default: BWD_BLOCK_P)")
+    parser.add_argument("--bwd-block-p", default="", help="the same for the backward's programs (its own: BWD_BLOCK_P)")
     args = parser.parse_args()
+    chunks, block_ps, bwd_block_ps = (_sizes(listed) for listed in (args.chunks, args.block_p, args.bwd_block_p))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
     b, length, h, p, n = (8, 2048, 24, 64, 16) if cuda else (1, 256, 4, 16, 8)
@@ -71,13 +72,13 @@ def main() -> None:
         import bmojo.ops.triton.ssd as ours
 
         rows.append(("our Triton kernels (ops.triton.ssd)", ours.ssd_scan_triton, True, {}))
-        for chunk in _sizes(args.chunks):
+        for chunk in chunks:
             rows.append((f"ours, {chunk}-step chunks", functools.partial(ours.ssd_scan_triton, chunk_size=chunk), True,
                          {}))  # fmt: skip
-        for block in _sizes(args.block_p):
+        for block in block_ps:
             rows.append((f"ours, forward programs of {block} head dims",
                          functools.partial(ours.ssd_scan_triton, block_p=block), True, {}))  # fmt: skip
-        for block in _sizes(args.bwd_block_p):
+        for block in bwd_block_ps:
             rows.append((f"ours, backward programs of {block} head dims", ours.ssd_scan_triton, True,
                          {"BWD_BLOCK_P": block}))  # fmt: skip
         if fla_available():
@@ -100,8 +101,11 @@ def main() -> None:
 
 
 def _sizes(listed: str) -> list[int]:
-    """``"16,64"`` -> ``[16, 64]``."""
-    return [int(size) for size in listed.split(",") if size]
+    """``"16,64"`` -> ``[16, 64]``: powers of two, 16 or more (the tiles ``tl.dot`` takes)."""
+    sizes = [int(size) for size in listed.split(",") if size]
+    if any(size < 16 or size & (size - 1) for size in sizes):
+        raise SystemExit(f"sizes must be powers of two >= 16, got {listed}")
+    return sizes
 
 
 if __name__ == "__main__":

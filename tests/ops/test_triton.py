@@ -73,7 +73,8 @@ def ssd_inputs(bsz: int, length: int, heads: int, p: int, groups: int, n: int, h
 # (batch, length, heads, head dim, B/C groups, state, initial state, kernel options): a length that does not fill
 # its last chunk, 2 heads per group, a state below 16 (padded for tl.dot); one step with a head dim that is not a
 # power of two; several chunks with two programs per head; strong decay (exp(dt * A) down to about 1e-13 a step);
-# a state above 32 (the kernels' own 16-step chunks, kernel_tiles)
+# a state above 32 (the kernels' own 16-step chunks, kernel_tiles); without gradients, the sequence in pieces of
+# chunks (states_bytes), without and with an initial state
 SSD_SHAPES = [
     (2, 37, 4, 16, 2, 8, True, {}),
     (1, 1, 2, 24, 1, 5, False, {}),
@@ -81,6 +82,7 @@ SSD_SHAPES = [
     (1, 50, 2, 16, 1, 4, True, {"decay": 30.0}),
     (1, 45, 2, 16, 1, 40, True, {}),
     (2, 83, 2, 32, 1, 8, False, {"chunk_size": 16, "states_bytes": 3 * 2 * 2 * 32 * 8 * 4}),  # pieces of 3 chunks
+    (1, 64, 2, 16, 1, 8, True, {"chunk_size": 16, "states_bytes": 2 * 2 * 16 * 8 * 4}),  # 2 pieces of 2, from h0
 ]
 
 
@@ -132,6 +134,7 @@ def interpreted(tmp_path_factory):
     calls |= {f"ssd{case}": (SSD_TRITON, *ssd_call(case)) for case in range(len(SSD_SHAPES))}
     calls["ssd_strided"] = (SSD_TRITON, strided_ssd_inputs()[0], {})
     calls["ssd_half"] = (SSD_TRITON, tuple(t.half() for t in ssd_inputs(1, 21, 2, 16, 1, 8, seed=6)), {})
+    calls["ssd_empty"] = (SSD_TRITON, ssd_inputs(1, 0, 2, 16, 1, 8, seed=11), {})
     *args, h0 = ssd_inputs(2, 30, 4, 16, 2, 8, seed=7)
     calls["ssd_dispatch"] = (SSD, tuple(args), {"chunk_size": 8, "initial_state": h0})
     calls["mamba2"] = (mamba2_layer(), (torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(8)),), {})
@@ -317,6 +320,15 @@ def test_ssd_kernel_strided_and_half_inputs(interpreted):
     assert y16.dtype == torch.float16 and final16.dtype == torch.float32
     torch.testing.assert_close(y16, y_ref16, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(final16, final_ref16, rtol=1e-4, atol=1e-4)
+
+
+def test_ssd_kernel_with_no_steps_passes_the_state_through(interpreted):
+    """A sequence of length 0 leaves the initial state as it is (as the PyTorch path does), no kernel launched."""
+    (y, final), _ = interpreted["ssd_empty"]
+    inputs = ssd_inputs(1, 0, 2, 16, 1, 8, seed=11)
+    y_ref, final_ref = ssd_scan(*inputs[:5], initial_state=inputs[5])
+    assert y.shape == y_ref.shape == (1, 0, 2, 16)
+    assert final.dtype == torch.float32 and torch.equal(final, final_ref) and torch.equal(final, inputs[5])
 
 
 def test_dispatch_runs_ssd_kernel_in_ssd_scan_and_mamba2_layer(interpreted):

@@ -60,8 +60,8 @@ def lookup_once(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @torch.compiler.assume_constant_result
     @functools.wraps(fn)
-    def lookup(*args: Any) -> Any:
-        return cached(*args)
+    def lookup(*args: Any, **kwargs: Any) -> Any:
+        return cached(*args, **kwargs)
 
     lookup.cache_clear = cached.cache_clear
     return lookup

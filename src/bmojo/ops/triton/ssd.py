@@ -46,18 +46,28 @@ ScanOut = tuple[torch.Tensor, torch.Tensor]
 
 
 @triton.jit
+def _chunk_program(heads, count, blocks):
+    """``(batch element, head, chunk, block of head dimensions)`` of this program (int64) in a grid of ``batch *
+    heads * count * blocks`` programs along its first axis, the block varying fastest (the other axes are limited
+    to 65535)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rest = pid // blocks // count
+    return rest // heads, rest % heads, pid // blocks % count, pid % blocks
+
+
+@triton.jit
 def _ssd_fwd_own_kernel(
-    x_ptr, dt_ptr, a_ptr, b_ptr, cs_ptr, length, heads, head_dim, states, heads_per_group, first, n_chunks, blocks,
+    x_ptr, dt_ptr, a_ptr, b_ptr, cs_ptr, length, heads, head_dim, states, heads_per_group, first, count, n_chunks,
+    blocks,
     sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Each chunk's own part of its outgoing state, ``sum_j exp(cum_end - cum_j) dt_j outer(x_j, B_j) [P, N]``, into
-    ``cs [b, H, n_chunks, P, N]`` (contiguous), for the ``n_chunks`` chunks from chunk ``first``: a program per
-    (chunk, head, batch element, block of head dimensions)."""
-    chunk, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks  # chunk: from ``first``
-    head, batch = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    ``cs [b, H, n_chunks, P, N]`` (contiguous), for the ``count`` chunks from chunk ``first``: a program per (batch
+    element, head, chunk, block of head dimensions)."""
+    batch, head, chunk, block = _chunk_program(heads, count, blocks)
     group = head // heads_per_group
-    p, n, q = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
+    p, n, q = block * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
     p_ok, n_ok = p < head_dim, n < states
     t = (first + chunk) * BLOCK_Q + q
     t_ok = t < length
@@ -105,7 +115,7 @@ def _ssd_fwd_states_kernel(
     for chunk in range(count):
         t = (first + chunk) * BLOCK_Q + q
         dt = tl.load(dt_base + t * sdt_t, mask=t < length, other=0.0).to(tl.float32)
-        cs = cs_base + chunk * head_dim * states
+        cs = cs_base + tl.cast(chunk, tl.int64) * head_dim * states  # can pass 2**31
         own = tl.load(cs, mask=pn_ok, other=0.0)
         tl.store(cs, state, mask=pn_ok)
         state = tl.exp(tl.sum(dt * a, 0)) * state + own
@@ -115,17 +125,16 @@ def _ssd_fwd_states_kernel(
 @triton.jit
 def _ssd_fwd_output_kernel(
     x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, cs_ptr, y_ptr, length, heads, head_dim, states, heads_per_group, first,
-    n_chunks, blocks, sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
-    sy_b, sy_t, sy_h, sy_p,
+    count, n_chunks, blocks, sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sa_h, sb_b, sb_t, sb_g, sb_n,
+    sc_b, sc_t, sc_g, sc_n, sy_b, sy_t, sy_h, sy_p,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Each chunk's outputs given its incoming state ``S`` (``cs``, :func:`_ssd_fwd_states_kernel`): ``y_i =
     sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j + exp(cum_i) S C_i``, a program per (chunk, head, batch
-    element, block of head dimensions), for the ``n_chunks`` chunks from chunk ``first``."""
-    chunk, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks  # chunk: from ``first``
-    head, batch = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    element, block of head dimensions), for the ``count`` chunks from chunk ``first`` (``cs`` holds ``n_chunks``)."""
+    batch, head, chunk, block = _chunk_program(heads, count, blocks)
     group = head // heads_per_group
-    p, n, q = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
+    p, n, q = block * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
     p_ok, n_ok = p < head_dim, n < states
     t = (first + chunk) * BLOCK_Q + q
     t_ok = t < length
@@ -179,7 +188,7 @@ def _ssd_bwd_states_kernel(
     out_base = d_out_ptr + (batch * heads + head) * n_chunks * head_dim * states + pn
     for back in range(n_chunks):
         chunk = n_chunks - 1 - back
-        tl.store(out_base + chunk * head_dim * states, d_state, mask=pn_ok)
+        tl.store(out_base + tl.cast(chunk, tl.int64) * head_dim * states, d_state, mask=pn_ok)  # can pass 2**31
         t = chunk * BLOCK_Q + q
         t_ok = t < length
         dy = tl.load(dy_base + t[:, None] * sdy_t, mask=t_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
@@ -204,10 +213,9 @@ def _ssd_bwd_chunk_kernel(
     state (``chunk_states``) and its outgoing state's gradient (``d_out``, :func:`_ssd_bwd_states_kernel`): every
     chunk at once. Outputs are contiguous: ``dx [b, L, H, P]`` and the sums over head dimensions per block of them,
     ``ddt [b, L, H, blocks]``, ``da [b, H, chunks, blocks]``, ``db, dc [b, L, H, blocks, N]`` (per head)."""
-    chunk, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks
-    head, batch = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    batch, head, chunk, block = _chunk_program(heads, n_chunks, blocks)
     group = head // heads_per_group
-    p, n, q = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
+    p, n, q = block * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
     p_ok, n_ok = p < head_dim, n < states
     pn_ok = p_ok[:, None] & n_ok[None, :]
     t = chunk * BLOCK_Q + q
@@ -291,32 +299,37 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
              initial_state: torch.Tensor | None, chunk_size: int, block_p: int, states_bytes: int,
              store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(y [b, L, H, P] float32, final [b, H, P, N], chunk_states [b, H, chunks, P, N])``, the last each chunk's
-    incoming state if ``store_states``, else those of the last piece of at most ``states_bytes``."""
+    incoming state if ``store_states``, else those of the last piece of at most ``states_bytes`` (one piece for a
+    length symbolic under ``torch.compile``, which pieces would specialize)."""
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
     n_chunks = triton.cdiv(length, chunk_size)
-    piece = n_chunks if store_states else max(1, min(n_chunks, states_bytes // (bsz * heads * p * n * 4)))
+    if store_states or not isinstance(n_chunks, int):
+        pieces = [(0, n_chunks)]
+    else:
+        piece = max(1, states_bytes // (bsz * heads * p * n * 4))
+        pieces = [(first, min(piece, n_chunks - first)) for first in range(0, n_chunks, piece)]
     block_p = _block_p(block_p, p)
     blocks = triton.cdiv(p, block_p)
     y = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
     final = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
-    chunk_states = torch.empty(bsz, heads, piece, p, n, dtype=torch.float32, device=x.device)
+    held = pieces[0][1]  # chunk states held at once
+    chunk_states = torch.empty(bsz, heads, held, p, n, dtype=torch.float32, device=x.device)
     sizes = dict(BLOCK_Q=chunk_size, BLOCK_P=block_p, BLOCK_N=dot_tile(n), num_warps=kernel_tiles(n)[1])
     dims = (length, heads, p, n)
-    for first in range(0, n_chunks, piece):
-        count = min(piece, n_chunks - first)
+    for first, count in pieces:
         has_h0 = first > 0 or initial_state is not None  # the given state, then the piece before's final one
         h0 = initial_state if first == 0 and has_h0 else final  # (never read without has_h0)
-        wrap_triton(_ssd_fwd_own_kernel)[(count * blocks, heads, bsz)](
-            x, dt, A, B, chunk_states, *dims, heads // g, first, piece, blocks,
+        wrap_triton(_ssd_fwd_own_kernel)[(bsz * heads * count * blocks,)](
+            x, dt, A, B, chunk_states, *dims, heads // g, first, count, held, blocks,
             *x.stride(), *dt.stride(), *A.stride(), *B.stride(), PRECISION=dot_precision(x), **sizes,
         )  # fmt: skip
         wrap_triton(_ssd_fwd_states_kernel)[(bsz * heads, blocks)](
-            dt, A, h0, final, chunk_states, *dims, first, count, piece, *dt.stride(), *A.stride(), *h0.stride(),
+            dt, A, h0, final, chunk_states, *dims, first, count, held, *dt.stride(), *A.stride(), *h0.stride(),
             HAS_H0=has_h0, **sizes,
         )  # fmt: skip
-        wrap_triton(_ssd_fwd_output_kernel)[(count * blocks, heads, bsz)](
-            x, dt, A, B, C, chunk_states, y, *dims, heads // g, first, piece, blocks,
+        wrap_triton(_ssd_fwd_output_kernel)[(bsz * heads * count * blocks,)](
+            x, dt, A, B, C, chunk_states, y, *dims, heads // g, first, count, held, blocks,
             *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *y.stride(),
             PRECISION=dot_precision(x), **sizes,
         )  # fmt: skip
@@ -324,8 +337,8 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 
 
 # Head dimensions per backward program: at 32-step chunks and a state of 16, compiled for sm_90a
-# (benchmarks/kernel_registers.py), the chunk kernel holds 16 in 184 registers a thread and 32 in 255, without
-# spilling (64 spills 324 bytes); fewer head dimensions mean more programs, each recomputing its chunk's [Q, Q]
+# (benchmarks/kernel_registers.py), the chunk kernel holds 16 in 181 registers a thread and 32 in 255, without
+# spilling (64 spills 224 bytes); fewer head dimensions mean more programs, each recomputing its chunk's [Q, Q]
 # products (`bench_ssd.py --bwd-block-p` times the others).
 BWD_BLOCK_P = 16
 
@@ -379,7 +392,7 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
         dt, A, C, dy, d_final, d_out, dh0, length, heads, p, n, heads // g, n_chunks,
         *dt.stride(), *A.stride(), *C.stride(), *dy.stride(), *d_final.stride(), **sizes,
     )  # fmt: skip
-    wrap_triton(_ssd_bwd_chunk_kernel)[(n_chunks * blocks, heads, bsz)](
+    wrap_triton(_ssd_bwd_chunk_kernel)[(bsz * heads * n_chunks * blocks,)](
         x, dt, A, B, C, chunk_states, dy, d_out, dx, ddt, da, db, dc, length, heads, p, n, heads // g, n_chunks, blocks,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *chunk_states.stride(), *dy.stride(),
         **sizes,
@@ -417,6 +430,10 @@ def ssd_scan_triton(
     for name, value in (("chunk_size", chunk_size), ("block_p", block_p)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    if x.shape[1] == 0:  # no step: the state passes through
+        b, _, h, p = x.shape
+        final = x.new_zeros(b, h, p, B.shape[-1], dtype=torch.float32) if initial_state is None else initial_state
+        return x.new_empty(x.shape), final.float().clone()
     store_states = needs_grad(x, dt, A, B, C, initial_state)
     y, final, _ = _ssd_fwd(x, dt, A, B, C, initial_state, chunk_size, block_p, states_bytes, store_states)
     return y, final
