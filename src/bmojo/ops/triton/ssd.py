@@ -46,13 +46,26 @@ ScanOut = tuple[torch.Tensor, torch.Tensor]
 
 
 @triton.jit
-def _chunk_program(heads, count, blocks):
-    """``(batch element, head, chunk, block of head dimensions)`` of this program (int64) in a grid of ``batch *
-    heads * count * blocks`` programs along its first axis, the block varying fastest (the other axes are limited
-    to 65535)."""
+def _tile(ptr, t, cols, stride_t, stride_c, t_ok, cols_ok):
+    """The float32 tile ``ptr[t, cols]`` (steps by columns), zeros outside ``t_ok`` and ``cols_ok``: padded steps get
+    no input, so they change nothing."""
+    mask = t_ok[:, None] & cols_ok[None, :]
+    return tl.load(ptr + t[:, None] * stride_t + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_program(heads, heads_per_group, first, count, blocks, length, head_dim, states, BLOCK_Q: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """This program's ``(batch element, head, B/C group, chunk, block, head dims p, states n, steps t, and whether
+    each of p, n and t is in range)``, all int64, in a grid of ``batch * heads * count * blocks`` programs along its
+    first axis (the others stop at 65535), the block of ``BLOCK_P`` head dimensions varying fastest, then the chunk
+    from chunk ``first``."""
     pid = tl.program_id(0).to(tl.int64)
     rest = pid // blocks // count
-    return rest // heads, rest % heads, pid // blocks % count, pid % blocks
+    batch, head, chunk, block = rest // heads, rest % heads, pid // blocks % count, pid % blocks
+    p, n = block * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N).to(tl.int64)
+    t = (first + chunk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    return batch, head, head // heads_per_group, chunk, block, p, n, t, p < head_dim, n < states, t < length
 
 
 @triton.jit
@@ -65,18 +78,12 @@ def _ssd_fwd_own_kernel(
     """Each chunk's own part of its outgoing state, ``sum_j exp(cum_end - cum_j) dt_j outer(x_j, B_j) [P, N]``, into
     ``cs [b, H, n_chunks, P, N]`` (contiguous), for the ``count`` chunks from chunk ``first``: a program per (batch
     element, head, chunk, block of head dimensions)."""
-    batch, head, chunk, block = _chunk_program(heads, count, blocks)
-    group = head // heads_per_group
-    p, n, q = block * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
-    p_ok, n_ok = p < head_dim, n < states
-    t = (first + chunk) * BLOCK_Q + q
-    t_ok = t < length
-    # steps past the end get dt = 0 (no decay, no input) and B = x = 0: they change nothing
-    x = tl.load(x_ptr + batch * sx_b + head * sx_h + t[:, None] * sx_t + p[None, :] * sx_p,
-                mask=t_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    batch, head, group, chunk, block, p, n, t, p_ok, n_ok, t_ok = _chunk_program(
+        heads, heads_per_group, first, count, blocks, length, head_dim, states, BLOCK_Q, BLOCK_P, BLOCK_N
+    )
+    x = _tile(x_ptr + batch * sx_b + head * sx_h, t, p, sx_t, sx_p, t_ok, p_ok)
     dt = tl.load(dt_ptr + batch * sdt_b + head * sdt_h + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
-    bq = tl.load(b_ptr + batch * sb_b + group * sb_g + t[:, None] * sb_t + n[None, :] * sb_n,
-                 mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    bq = _tile(b_ptr + batch * sb_b + group * sb_g, t, n, sb_t, sb_n, t_ok, n_ok)
     a = tl.load(a_ptr + head * sa_h).to(tl.float32)
     cum = tl.cumsum(dt * a, 0)
     weight = tl.exp(tl.sum(dt * a, 0) - cum) * dt  # [Q]: step j's input decayed to the chunk end
@@ -132,28 +139,27 @@ def _ssd_fwd_output_kernel(
     """Each chunk's outputs given its incoming state ``S`` (``cs``, :func:`_ssd_fwd_states_kernel`): ``y_i =
     sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j + exp(cum_i) S C_i``, a program per (chunk, head, batch
     element, block of head dimensions), for the ``count`` chunks from chunk ``first`` (``cs`` holds ``n_chunks``)."""
-    batch, head, chunk, block = _chunk_program(heads, count, blocks)
-    group = head // heads_per_group
-    p, n, q = block * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
-    p_ok, n_ok = p < head_dim, n < states
-    t = (first + chunk) * BLOCK_Q + q
-    t_ok = t < length
-    tp_ok, tn_ok = t_ok[:, None] & p_ok[None, :], t_ok[:, None] & n_ok[None, :]
-    x = tl.load(x_ptr + batch * sx_b + head * sx_h + t[:, None] * sx_t + p[None, :] * sx_p, mask=tp_ok, other=0.0)
+    batch, head, group, chunk, block, p, n, t, p_ok, n_ok, t_ok = _chunk_program(
+        heads, heads_per_group, first, count, blocks, length, head_dim, states, BLOCK_Q, BLOCK_P, BLOCK_N
+    )
+    x = _tile(x_ptr + batch * sx_b + head * sx_h, t, p, sx_t, sx_p, t_ok, p_ok)
     dt = tl.load(dt_ptr + batch * sdt_b + head * sdt_h + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
-    bq = tl.load(b_ptr + batch * sb_b + group * sb_g + t[:, None] * sb_t + n[None, :] * sb_n, mask=tn_ok, other=0.0)
-    cq = tl.load(c_ptr + batch * sc_b + group * sc_g + t[:, None] * sc_t + n[None, :] * sc_n, mask=tn_ok, other=0.0)
-    x, bq, cq = x.to(tl.float32), bq.to(tl.float32), cq.to(tl.float32)
+    bq = _tile(b_ptr + batch * sb_b + group * sb_g, t, n, sb_t, sb_n, t_ok, n_ok)
+    cq = _tile(c_ptr + batch * sc_b + group * sc_g, t, n, sc_t, sc_n, t_ok, n_ok)
     cs = cs_ptr + (((batch * heads + head) * n_chunks + chunk) * head_dim + p[:, None]) * states + n[None, :]
     state = tl.load(cs, mask=p_ok[:, None] & n_ok[None, :], other=0.0)
     a = tl.load(a_ptr + head * sa_h).to(tl.float32)
     cum = tl.cumsum(dt * a, 0)  # [Q]
-    causal = q[:, None] >= q[None, :]
+    causal = t[:, None] >= t[None, :]
     decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # [Q, Q]: after j to after i
     scores = tl.dot(cq, tl.trans(bq), input_precision=PRECISION) * decay * dt[None, :]
     y = tl.dot(scores, x, input_precision=PRECISION)  # [Q, P]
     y += tl.exp(cum)[:, None] * tl.dot(cq, tl.trans(state), input_precision=PRECISION)
-    tl.store(y_ptr + batch * sy_b + head * sy_h + t[:, None] * sy_t + p[None, :] * sy_p, y, mask=tp_ok)
+    tl.store(
+        y_ptr + batch * sy_b + head * sy_h + t[:, None] * sy_t + p[None, :] * sy_p,
+        y,
+        mask=t_ok[:, None] & p_ok[None, :],
+    )
 
 
 @triton.jit
@@ -181,9 +187,9 @@ def _ssd_bwd_states_kernel(
     dht = dht_ptr + batch * sdht_b + head * sdht_h + p[:, None] * sdht_p + n[None, :] * sdht_n
     d_state = tl.load(dht, mask=pn_ok, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + head * sa_h).to(tl.float32)
-    dy_base = dy_ptr + batch * sdy_b + head * sdy_h + p[None, :] * sdy_p
+    dy_base = dy_ptr + batch * sdy_b + head * sdy_h
     dt_base = dt_ptr + batch * sdt_b + head * sdt_h
-    c_base = c_ptr + batch * sc_b + group * sc_g + n[None, :] * sc_n
+    c_base = c_ptr + batch * sc_b + group * sc_g
     pn = p[:, None] * states + n[None, :]
     out_base = d_out_ptr + (batch * heads + head) * n_chunks * head_dim * states + pn
     for back in range(n_chunks):
@@ -191,9 +197,9 @@ def _ssd_bwd_states_kernel(
         tl.store(out_base + tl.cast(chunk, tl.int64) * head_dim * states, d_state, mask=pn_ok)  # can pass 2**31
         t = chunk * BLOCK_Q + q
         t_ok = t < length
-        dy = tl.load(dy_base + t[:, None] * sdy_t, mask=t_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+        dy = _tile(dy_base, t, p, sdy_t, sdy_p, t_ok, p_ok)
         dt = tl.load(dt_base + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
-        cq = tl.load(c_base + t[:, None] * sc_t, mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        cq = _tile(c_base, t, n, sc_t, sc_n, t_ok, n_ok)
         cum = tl.cumsum(dt * a, 0)
         dz = tl.exp(cum)[:, None] * dy
         d_state = tl.dot(tl.trans(dz), cq, input_precision=PRECISION) + tl.exp(tl.sum(dt * a, 0)) * d_state
@@ -213,20 +219,17 @@ def _ssd_bwd_chunk_kernel(
     state (``chunk_states``) and its outgoing state's gradient (``d_out``, :func:`_ssd_bwd_states_kernel`): every
     chunk at once. Outputs are contiguous: ``dx [b, L, H, P]`` and the sums over head dimensions per block of them,
     ``ddt [b, L, H, blocks]``, ``da [b, H, chunks, blocks]``, ``db, dc [b, L, H, blocks, N]`` (per head)."""
-    batch, head, chunk, block = _chunk_program(heads, n_chunks, blocks)
-    group = head // heads_per_group
-    p, n, q = block * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_Q)
-    p_ok, n_ok = p < head_dim, n < states
+    batch, head, group, chunk, block, p, n, t, p_ok, n_ok, t_ok = _chunk_program(
+        heads, heads_per_group, 0, n_chunks, blocks, length, head_dim, states, BLOCK_Q, BLOCK_P, BLOCK_N
+    )
+    q = tl.arange(0, BLOCK_Q)
     pn_ok = p_ok[:, None] & n_ok[None, :]
-    t = chunk * BLOCK_Q + q
-    t_ok = t < length
     tp_ok, tn_ok = t_ok[:, None] & p_ok[None, :], t_ok[:, None] & n_ok[None, :]
-    x = tl.load(x_ptr + batch * sx_b + head * sx_h + t[:, None] * sx_t + p[None, :] * sx_p, mask=tp_ok, other=0.0)
-    dy = tl.load(dy_ptr + batch * sdy_b + head * sdy_h + t[:, None] * sdy_t + p[None, :] * sdy_p, mask=tp_ok, other=0.0)
+    x = _tile(x_ptr + batch * sx_b + head * sx_h, t, p, sx_t, sx_p, t_ok, p_ok)
+    dy = _tile(dy_ptr + batch * sdy_b + head * sdy_h, t, p, sdy_t, sdy_p, t_ok, p_ok)
     dt = tl.load(dt_ptr + batch * sdt_b + head * sdt_h + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
-    bq = tl.load(b_ptr + batch * sb_b + group * sb_g + t[:, None] * sb_t + n[None, :] * sb_n, mask=tn_ok, other=0.0)
-    cq = tl.load(c_ptr + batch * sc_b + group * sc_g + t[:, None] * sc_t + n[None, :] * sc_n, mask=tn_ok, other=0.0)
-    x, dy, bq, cq = x.to(tl.float32), dy.to(tl.float32), bq.to(tl.float32), cq.to(tl.float32)
+    bq = _tile(b_ptr + batch * sb_b + group * sb_g, t, n, sb_t, sb_n, t_ok, n_ok)
+    cq = _tile(c_ptr + batch * sc_b + group * sc_g, t, n, sc_t, sc_n, t_ok, n_ok)
     cs = chunk_states_ptr + batch * scs_b + head * scs_h + tl.cast(chunk, tl.int64) * scs_c
     state = tl.load(cs + p[:, None] * scs_p + n[None, :] * scs_n, mask=pn_ok, other=0.0)
     out = d_out_ptr + (((batch * heads + head) * n_chunks + chunk) * head_dim + p[:, None]) * states + n[None, :]
