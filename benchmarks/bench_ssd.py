@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ssd.py                 # B=8, L=2048, 24 heads of 64, state 16, one B/C group, bf16
     python benchmarks/bench_ssd.py --dtype float32
+    python benchmarks/bench_ssd.py --state 128          # a converted Mamba-2 checkpoint's state (fla's domain)
     python benchmarks/bench_ssd.py --chunks 16,64          # our kernels at other chunk sizes too
     python benchmarks/bench_ssd.py --block-p 16,64 --bwd-block-p 32,64   # and other head dims per program
 
@@ -45,6 +46,7 @@ def reference(*inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--state", type=int, default=16, help="state size N on CUDA (converted Mamba-2: 128)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--chunks", default="", help="comma-separated chunk sizes of our kernels to time as well")
     parser.add_argument("--block-p", default="", help="comma-separated head dims per forward program to time as well")
@@ -53,7 +55,7 @@ def main() -> None:
     chunks, block_ps, bwd_block_ps = (_sizes(listed) for listed in (args.chunks, args.block_p, args.bwd_block_p))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
-    b, length, h, p, n = (8, 2048, 24, 64, 16) if cuda else (1, 256, 4, 16, 8)
+    b, length, h, p, n = (8, 2048, 24, 64, args.state) if cuda else (1, 256, 4, 16, 8)
     dtype = getattr(torch, args.dtype) if cuda else torch.float32
     torch.manual_seed(0)
     x = torch.randn(b, length, h, p, device=dev, dtype=dtype)
