@@ -20,7 +20,8 @@
 #                                                   # graphs (batch 1 with where the host's time goes; batch 8;
 #                                                   # with combo kernels; with products as reductions)
 #   bash benchmarks/run_gpu.sh OUT ssd     # the Mamba-2 SSD's paths (PyTorch eager / compiled, our Triton kernels at
-#                                          # their own and other chunk sizes and head dims per program, fla)
+#                                          # their own and other chunk sizes and head dims per program, fla;
+#                                          # then at state 128)
 #   bash benchmarks/run_gpu.sh OUT flex    # the read-out's kernels (ours, FlexAttention) against FlashAttention, tiles
 #   bash benchmarks/run_gpu.sh OUT tiles   # our read-out kernels' tile sweep (forward + backward); exports the fastest
 #                                          # as BMOJO_TRITON_TILES to the stages after it (and in OUT/tiles_best.txt)
@@ -126,8 +127,8 @@ PY
     decode-profile) for args in "--host-profile 30" "--batch 8" "--option combo_kernels=true" "--products reduction"; do
                       python3 benchmarks/decode_profile.py $args
                     done 2>&1 | tee "$out/decode_profile.log" ;;
-    ssd) python3 benchmarks/bench_ssd.py --chunks 16,64 --block-p 16,64 --bwd-block-p 32,64 ${WARM:+--repeats 1} 2>&1 |
-           tee "$out/ssd.log" ;;
+    ssd) { python3 benchmarks/bench_ssd.py --chunks 16,64 --block-p 16,64 --bwd-block-p 32,64 ${WARM:+--repeats 1}
+           python3 benchmarks/bench_ssd.py --state 128 ${WARM:+--repeats 1}; } 2>&1 | tee "$out/ssd.log" ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \
             --options BLOCK_M=128,BLOCK_N=128,num_warps=8 2>&1 | tee "$out/flex.log" ;;  # ~45 s of compiling a row
     tiles)
