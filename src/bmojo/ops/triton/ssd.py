@@ -230,7 +230,7 @@ def _ssd_bwd_chunk_kernel(
     dt = tl.load(dt_ptr + batch * sdt_b + head * sdt_h + t * sdt_t, mask=t_ok, other=0.0).to(tl.float32)
     bq = _tile(b_ptr + batch * sb_b + group * sb_g, t, n, sb_t, sb_n, t_ok, n_ok)
     cq = _tile(c_ptr + batch * sc_b + group * sc_g, t, n, sc_t, sc_n, t_ok, n_ok)
-    cs = chunk_states_ptr + batch * scs_b + head * scs_h + tl.cast(chunk, tl.int64) * scs_c
+    cs = chunk_states_ptr + batch * scs_b + head * scs_h + chunk * scs_c
     state = tl.load(cs + p[:, None] * scs_p + n[None, :] * scs_n, mask=pn_ok, other=0.0)
     out = d_out_ptr + (((batch * heads + head) * n_chunks + chunk) * head_dim + p[:, None]) * states + n[None, :]
     d_state = tl.load(out, mask=pn_ok, other=0.0)
