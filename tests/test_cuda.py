@@ -153,8 +153,8 @@ def test_triton_selective_scan_on_cuda_matches_reference():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_ssd_on_cuda_matches_reference(dtype):
-    """Our SSD kernels, forward and backward (``ssd_scan_triton`` directly: ``ssd_scan`` takes fla for large states
-    when it is installed)."""
+    """Our SSD kernels, forward (also in pieces) and backward (``ssd_scan_triton`` directly: ``ssd_scan`` takes fla for
+    large states when it is installed)."""
     from bmojo.ops.triton.ssd import ssd_scan_triton
 
     g = torch.Generator(device=DEV).manual_seed(0)
@@ -167,8 +167,11 @@ def test_triton_ssd_on_cuda_matches_reference(dtype):
     leaves = [t.to(dtype).requires_grad_() for t in (x, dt, A, B, C)] + [s0.requires_grad_()]
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     outs, outs_ref = ssd_scan_triton(*leaves), ssd_scan_ref(*leaves)
-    for out, ref in zip(outs, outs_ref):
+    with torch.no_grad():  # without gradients, in pieces of one chunk
+        pieces = ssd_scan_triton(*leaves[:5], initial_state=leaves[5], states_bytes=1)
+    for out, piecewise, ref in zip(outs, pieces, outs_ref):
         torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(piecewise.float(), ref.float(), atol=tol, rtol=tol)
     # fixed cotangents: a loss such as y.pow(2).sum() would pass y's bf16 rounding on to every gradient
     cotangents = [torch.randn(t.shape, generator=g, device=DEV) for t in outs_ref]
     grads, grads_ref = (
