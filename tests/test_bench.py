@@ -4,13 +4,18 @@ fields. Speeds are not tested."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+import bmojo
+import bmojo.ops.triton as kernels
 from bmojo.bench import (
     BenchSettings,
     _Memory,
@@ -77,6 +82,15 @@ def test_bench_json_holds_points_with_repeats_medians_and_ratios(tmp_path):
     assert cache[("transformer~bmojo", 32)] - cache[("transformer~bmojo", 16)] == 16 * per_token
     md = (tmp_path / "bench.md").read_text()
     assert data["machine"]["device"] in md and "| bmojo | " in md
+    # what measured: this checkout's commit (tests run from it), the kernel path, the optional kernel packages
+    code = data["code"]
+    assert code["bmojo"] == bmojo.__version__ and code["kernels"] == kernels.kernels()
+    assert set(code) == {"bmojo", "commit", "kernels", "env", "triton", "fla-core"}
+    if shutil.which("git") and (Path(bmojo.__file__).parents[2] / ".git").exists():
+        head = subprocess.run(["git", "-C", str(Path(bmojo.__file__).parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        assert code["commit"].rstrip("+") == head and f"commit {code['commit']}" in md
+    assert f"kernels {code['kernels']}" in md
 
 
 @pytest.mark.parametrize("modes", [["decode"], ["train"], ["train", "prefill", "decode"]])

@@ -25,12 +25,14 @@ second over the measured matmul peak in the run's dtype. ``dtype="bfloat16"`` ru
 model (as inference runs: autocast would cast every weight at every step, and compiled graphs do not cache those
 casts). ``compile=True`` times every mode through ``torch.compile`` of every model (compilation happens in the
 warm-up runs; FLOP counts and memory come from the eager model), in ``compile_mode`` with inductor's
-``compile_options`` (e.g. ``combo_kernels=True``) on top.
+``compile_options`` (e.g. ``combo_kernels=True``) on top. The results name the machine (:func:`machine_info`) and the
+code that measured them (:func:`code_info`: version, commit, kernel path and settings, optional kernel packages).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import inspect
 import json
 import os
@@ -50,9 +52,11 @@ import torch
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+import bmojo
 from bmojo.malloc import kept
 from bmojo.models.config import PRESETS, SIZES, BMojoConfig
 from bmojo.models.modeling import BMojoForCausalLM, count_parameters
+from bmojo.ops.triton import kernels
 
 MODES = ("train", "prefill", "decode")
 BASELINE = "transformer"
@@ -165,6 +169,36 @@ def machine_info(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "keep_freed_memory": kept(),
+    }
+
+
+def code_info() -> dict[str, Any]:
+    """What measured: bmojo's version and, run from a git checkout, its commit (``+``: with uncommitted changes); the
+    kernel path in force (``BMOJO_KERNELS``) and the other ``BMOJO_*`` settings in the environment (kernel tiles);
+    the optional kernel packages' versions (``None``: not installed)."""
+    package = Path(bmojo.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()  # fmt: skip
+
+    try:  # only this project's own checkout (an installed copy may sit inside some other repository)
+        checkout = Path(git("rev-parse", "--show-toplevel")) / "src" / "bmojo" == package
+        commit = git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "-uno") else "")
+    except (OSError, subprocess.SubprocessError):
+        checkout, commit = False, None
+    versions = {}
+    for name in ("triton", "fla-core"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "bmojo": bmojo.__version__,
+        "commit": commit if checkout else None,
+        "kernels": kernels(),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("BMOJO_")},
+        **versions,
     }
 
 
@@ -443,6 +477,7 @@ def _run(settings: BenchSettings, on_point: Callable[[dict[str, Any]], None] | N
     result: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(settings.device),
+        "code": code_info(),
         "settings": asdict(settings),
         "matmul_peak_flops": matmul_peak_flops(settings.device, dtype=settings.dtype),
         "models": {k: {**v, "config": v["config"].to_dict()} for k, v in models.items()},
@@ -577,13 +612,18 @@ def results_table(result: dict[str, Any]) -> Table:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The points as a Markdown table with the machine and date."""
+    """The points as a Markdown table with the machine, the code that measured them and the date."""
     m, s = result["machine"], result["settings"]
     machine = (
         f"Machine: {m['device']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['platform']}; "
         f"load average {m['load_average']} at the start. Measured {s['dtype']} matmul peak: "
         f"{result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s. Freed memory kept in the process (bmojo.malloc): "
         f"{'yes' if m.get('keep_freed_memory') else 'no'}."
+    )
+    c = result["code"]
+    code = (
+        f"Code: bmojo {c['bmojo']}{' (commit ' + c['commit'] + ')' if c['commit'] else ''}, kernels {c['kernels']}, "
+        f"triton {c['triton']}, fla-core {c['fla-core']}{''.join(f', {k}={v}' for k, v in c['env'].items())}."
     )
     run = (
         f"Size {s['size']}, batch {s['batch']}, {s['repeats']} repeats after {s['warmup']} warm-up (medians), "
@@ -592,7 +632,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', inductor options ' + str(s['compile_options']) if s.get('compile_options') else ''}."
     )
     lines = [
-        f"# bmojo bench ({result['date']})", "", machine, "", run, "",
+        f"# bmojo bench ({result['date']})", "", machine, "", code, "", run, "",
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
     ]  # fmt: skip
     lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
