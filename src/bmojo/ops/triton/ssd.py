@@ -69,6 +69,17 @@ def _chunk_program(heads, heads_per_group, first, count, blocks, length, head_di
 
 
 @triton.jit
+def _walk_program(heads, head_dim, states, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A walk over the chunks on a grid of (``batch * heads``, blocks of ``BLOCK_P`` head dimensions): this program's
+    ``(batch element, head, batch element * heads + head, head dims p, states n, a chunk's steps q, whether p and n
+    are in range, and the offsets of its [p, n] rows in a contiguous [P, N] state)``, all int64 but q."""
+    bh = tl.program_id(0).to(tl.int64)
+    p, n = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N).to(tl.int64)
+    pn = p[:, None] * states + n[None, :]
+    return bh // heads, bh % heads, bh, p, n, tl.arange(0, BLOCK_Q), p < head_dim, n < states, pn
+
+
+@triton.jit
 def _ssd_fwd_own_kernel(
     x_ptr, dt_ptr, a_ptr, b_ptr, cs_ptr, length, heads, head_dim, states, heads_per_group, first, count, n_chunks,
     blocks,
@@ -102,14 +113,8 @@ def _ssd_fwd_states_kernel(
     replaces each chunk's own part in ``cs [b, H, n_chunks, P, N]`` (:func:`_ssd_fwd_own_kernel`) by its incoming
     state ``S``, from ``S = h0`` (or 0) and ``S <- exp(cum_end) S + own``, and writes the last outgoing state into
     ``ht [b, H, P, N]`` (contiguous; ``h0`` may be ``ht``: each program reads its rows before it writes them)."""
-    bh = tl.program_id(0)
-    batch, head = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
-    p, n, q = (
-        tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P),
-        tl.arange(0, BLOCK_N),
-        tl.arange(0, BLOCK_Q),
-    )
-    pn_ok = (p < head_dim)[:, None] & (n < states)[None, :]
+    batch, head, bh, p, n, q, p_ok, n_ok, pn = _walk_program(heads, head_dim, states, BLOCK_Q, BLOCK_P, BLOCK_N)
+    pn_ok = p_ok[:, None] & n_ok[None, :]
     if HAS_H0:
         h0 = h0_ptr + batch * sh0_b + head * sh0_h + p[:, None] * sh0_p + n[None, :] * sh0_n
         state = tl.load(h0, mask=pn_ok, other=0.0).to(tl.float32)
@@ -117,8 +122,7 @@ def _ssd_fwd_states_kernel(
         state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     a = tl.load(a_ptr + head * sa_h).to(tl.float32)
     dt_base = dt_ptr + batch * sdt_b + head * sdt_h
-    pn = p[:, None] * states + n[None, :]
-    cs_base = cs_ptr + (batch * heads + head) * n_chunks * head_dim * states + pn
+    cs_base = cs_ptr + bh * n_chunks * head_dim * states + pn
     for chunk in range(count):
         t = (first + chunk) * BLOCK_Q + q
         dt = tl.load(dt_base + t * sdt_t, mask=t < length, other=0.0).to(tl.float32)
@@ -126,7 +130,7 @@ def _ssd_fwd_states_kernel(
         own = tl.load(cs, mask=pn_ok, other=0.0)
         tl.store(cs, state, mask=pn_ok)
         state = tl.exp(tl.sum(dt * a, 0)) * state + own
-    tl.store(ht_ptr + (batch * heads + head) * head_dim * states + pn, state, mask=pn_ok)
+    tl.store(ht_ptr + bh * head_dim * states + pn, state, mask=pn_ok)
 
 
 @triton.jit
@@ -174,15 +178,8 @@ def _ssd_bwd_states_kernel(
     of the chunk before) reaches its outputs and, decayed, its outgoing state, so ``dS_prev = sum_i exp(cum_i)
     outer(dy_i, C_i) + exp(total) dS``. Writes ``d_out [b, H, chunks, P, N]`` (contiguous) and the initial state's
     gradient ``dh0 [b, H, P, N]``."""
-    bh = tl.program_id(0)
-    batch, head = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+    batch, head, bh, p, n, q, p_ok, n_ok, pn = _walk_program(heads, head_dim, states, BLOCK_Q, BLOCK_P, BLOCK_N)
     group = head // heads_per_group
-    p, n, q = (
-        tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P),
-        tl.arange(0, BLOCK_N),
-        tl.arange(0, BLOCK_Q),
-    )
-    p_ok, n_ok = p < head_dim, n < states
     pn_ok = p_ok[:, None] & n_ok[None, :]
     dht = dht_ptr + batch * sdht_b + head * sdht_h + p[:, None] * sdht_p + n[None, :] * sdht_n
     d_state = tl.load(dht, mask=pn_ok, other=0.0).to(tl.float32)
@@ -190,8 +187,7 @@ def _ssd_bwd_states_kernel(
     dy_base = dy_ptr + batch * sdy_b + head * sdy_h
     dt_base = dt_ptr + batch * sdt_b + head * sdt_h
     c_base = c_ptr + batch * sc_b + group * sc_g
-    pn = p[:, None] * states + n[None, :]
-    out_base = d_out_ptr + (batch * heads + head) * n_chunks * head_dim * states + pn
+    out_base = d_out_ptr + bh * n_chunks * head_dim * states + pn
     for back in range(n_chunks):
         chunk = n_chunks - 1 - back
         tl.store(out_base + tl.cast(chunk, tl.int64) * head_dim * states, d_state, mask=pn_ok)  # can pass 2**31
@@ -203,7 +199,7 @@ def _ssd_bwd_states_kernel(
         cum = tl.cumsum(dt * a, 0)
         dz = tl.exp(cum)[:, None] * dy
         d_state = tl.dot(tl.trans(dz), cq, input_precision=PRECISION) + tl.exp(tl.sum(dt * a, 0)) * d_state
-    tl.store(dh0_ptr + (batch * heads + head) * head_dim * states + pn, d_state, mask=pn_ok)
+    tl.store(dh0_ptr + bh * head_dim * states + pn, d_state, mask=pn_ok)
 
 
 @triton.jit
@@ -322,7 +318,7 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     dims = (length, heads, p, n)
     for first, count in pieces:
         has_h0 = first > 0 or initial_state is not None  # the given state, then the piece before's final one
-        h0 = initial_state if first == 0 and has_h0 else final  # (never read without has_h0)
+        h0 = final if first > 0 or initial_state is None else initial_state  # (never read without has_h0)
         wrap_triton(_ssd_fwd_own_kernel)[(bsz * heads * count * blocks,)](
             x, dt, A, B, chunk_states, *dims, heads // g, first, count, held, blocks,
             *x.stride(), *dt.stride(), *A.stride(), *B.stride(), PRECISION=dot_precision(x), **sizes,
