@@ -182,11 +182,12 @@ def code_info() -> dict[str, Any]:
         return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, check=True,
                               timeout=10).stdout.strip()  # fmt: skip
 
+    commit = None
     try:  # only this project's own checkout (an installed copy may sit inside some other repository)
-        checkout = Path(git("rev-parse", "--show-toplevel")) / "src" / "bmojo" == package
-        commit = git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "-uno") else "")
+        if Path(git("rev-parse", "--show-toplevel")) / "src" / "bmojo" == package:
+            commit = git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.SubprocessError):
-        checkout, commit = False, None
+        pass
     versions = {}
     for name in ("triton", "fla-core"):
         try:
@@ -195,7 +196,7 @@ def code_info() -> dict[str, Any]:
             versions[name] = None
     return {
         "bmojo": bmojo.__version__,
-        "commit": commit if checkout else None,
+        "commit": commit,
         "kernels": kernels(),
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("BMOJO_")},
         **versions,
