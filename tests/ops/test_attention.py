@@ -211,8 +211,9 @@ def test_causal_sdpa_matches_reference_with_gqa(in_place, monkeypatch):
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         o = causal_attention(*leaves)
         grads = [torch.autograd.grad((o * do).sum(), leaves)]
-    grads.append(torch.autograd.grad((banded_attention_ref(*leaves, 0, None)[0] * do).sum(), leaves))
-    torch.testing.assert_close(o, banded_attention_ref(*leaves, 0, None)[0], atol=1e-5, rtol=1e-5)
+    ref = banded_attention_ref(*leaves, 0, None)[0]
+    grads.append(torch.autograd.grad((ref * do).sum(), leaves))
+    torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
     for a, r in zip(*grads):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
@@ -448,9 +449,8 @@ def test_blocks_kernel_ops_pass_opcheck():
 
     q, bands, _ = _union_inputs(2, 4, 2, 16, 8, 4, True, 0, 4)  # grouped heads: keys of 2 for queries of 4
     shifts, t = _blocks_layout(bands, 4)
-    k, v = (_blocks_keys([getattr(band, x) for band in bands], shifts, 4, 4, t) for x in "kv")
-    if not attention._FLASH_CPU_GROUPS:  # a kernel that takes no grouped heads gets every query head's keys
-        k, v = (x.repeat_interleave(2, dim=1) for x in (k, v))
+    keys = (_blocks_keys([getattr(band, x) for band in bands], shifts, 4, 4, t) for x in "kv")
+    (k, v), _ = attention._sdpa_heads(q, *keys)  # repeated for every query head where the kernel takes no groups
     k, v = k.requires_grad_(), v.requires_grad_()
     mask = _blocks_mask(bands, shifts, 4, 4, t, q.dtype, q.device)
     torch.library.opcheck(_blocks_attention, (q.requires_grad_(), k, v, mask, t, 8**-0.5, 3))
