@@ -135,6 +135,7 @@ def interpreted(tmp_path_factory):
     calls["ssd_strided"] = (SSD_TRITON, strided_ssd_inputs()[0], {})
     calls["ssd_half"] = (SSD_TRITON, tuple(t.half() for t in ssd_inputs(1, 21, 2, 16, 1, 8, seed=6)), {})
     calls["ssd_empty"] = (SSD_TRITON, ssd_inputs(1, 0, 2, 16, 1, 8, seed=11), {})
+    calls["ssd_no_rows"] = (SSD_TRITON, ssd_inputs(0, 40, 2, 16, 1, 8, seed=12), {"chunk_size": 16})
     *args, h0 = ssd_inputs(2, 30, 4, 16, 2, 8, seed=7)
     calls["ssd_dispatch"] = (SSD, tuple(args), {"chunk_size": 8, "initial_state": h0})
     calls["mamba2"] = (mamba2_layer(), (torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(8)),), {})
@@ -329,6 +330,14 @@ def test_ssd_kernel_with_no_steps_passes_the_state_through(interpreted):
     y_ref, final_ref = ssd_scan(*inputs[:5], initial_state=inputs[5])
     assert y.shape == y_ref.shape == (1, 0, 2, 16)
     assert final.dtype == torch.float32 and torch.equal(final, final_ref) and torch.equal(final, inputs[5])
+
+
+def test_ssd_kernel_with_an_empty_batch_returns_empty_outputs(interpreted):
+    """No batch rows (no gradients, so the forward would cut the sequence into pieces of states_bytes): empty outputs
+    of the reference's shapes, where the pieces' size once divided by zero."""
+    (y, final), _ = interpreted["ssd_no_rows"]
+    y_ref, final_ref = ssd_scan_ref(*ssd_inputs(0, 40, 2, 16, 1, 8, seed=12))
+    assert y.shape == y_ref.shape == (0, 40, 2, 16) and final.shape == final_ref.shape == (0, 2, 16, 8)
 
 
 def test_dispatch_runs_ssd_kernel_in_ssd_scan_and_mamba2_layer(interpreted):

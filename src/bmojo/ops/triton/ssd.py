@@ -72,11 +72,12 @@ def _chunk_program(heads, heads_per_group, first, count, blocks, length, head_di
 def _walk_program(heads, head_dim, states, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """A walk over the chunks on a grid of (``batch * heads``, blocks of ``BLOCK_P`` head dimensions): this program's
     ``(batch element, head, batch element * heads + head, head dims p, states n, a chunk's steps q, whether p and n
-    are in range, and the offsets of its [p, n] rows in a contiguous [P, N] state)``, all int64 but q."""
+    are in range, and the offsets of its [p, n] rows in a contiguous [P, N] state)``, all int64 (a step's offset
+    into ``dy``, whose strides no check bounds, can pass 2**31)."""
     bh = tl.program_id(0).to(tl.int64)
     p, n = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N).to(tl.int64)
     pn = p[:, None] * states + n[None, :]
-    return bh // heads, bh % heads, bh, p, n, tl.arange(0, BLOCK_Q), p < head_dim, n < states, pn
+    return bh // heads, bh % heads, bh, p, n, tl.arange(0, BLOCK_Q).to(tl.int64), p < head_dim, n < states, pn
 
 
 @triton.jit
@@ -306,7 +307,7 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     if store_states or not isinstance(n_chunks, int):
         pieces = [(0, n_chunks)]
     else:
-        piece = max(1, states_bytes // (bsz * heads * p * n * 4))
+        piece = max(1, states_bytes // max(1, bsz * heads * p * n * 4))  # (an empty batch: one piece)
         pieces = [(first, min(piece, n_chunks - first)) for first in range(0, n_chunks, piece)]
     block_p = _block_p(block_p, p)
     blocks = triton.cdiv(p, block_p)
