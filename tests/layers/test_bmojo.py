@@ -262,3 +262,7 @@ def test_bad_input_raises():
         m(torch.randn(4, D))
     with pytest.raises(ValueError, match="empty sequence"):
         m(torch.randn(1, 0, D))
+    with pytest.raises(ValueError, match="empty batch"):
+        m(torch.randn(0, 3, D))
+    with pytest.raises(ValueError, match=rf"expected hidden states \[batch, length, {D}\]"):
+        m(torch.randn(1, 3, D + 1))

@@ -86,3 +86,26 @@ def test_bad_mamba2_shapes_raise():
         Mamba2(30, head_dim=16)
     with pytest.raises(ValueError, match="n_groups"):
         Mamba2(32, head_dim=16, n_groups=3)
+
+
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((2, 5), "expected hidden states"),
+        ((2, 5, 16), "expected hidden states"),
+        ((1, 0, 32), "empty sequence"),
+        ((0, 5, 32), "empty batch"),
+    ],
+)
+def test_bad_hidden_states_raise(cls, shape, match):
+    with pytest.raises(ValueError, match=match):
+        cls(32)(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+def test_a_state_of_another_batch_raises(cls):
+    layer = cls(32)
+    _, state = layer(torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match=r"state.conv must have shape \(3, "):
+        layer(torch.randn(3, 1, 32), state)

@@ -252,6 +252,7 @@ def test_tied_embeddings_share_storage():
         (torch.tensor([[1, 2, 128]]), ValueError, "outside the vocabulary"),
         (torch.tensor([[1, -1]]), ValueError, "outside the vocabulary"),
         (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty sequence"),
+        (torch.zeros(0, 3, dtype=torch.long), ValueError, "empty batch"),
         (torch.tensor([1, 2, 3]), ValueError, "2-D"),
         (torch.tensor([[1.0, 2.0]]), TypeError, "integer"),
     ],

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmojo.layers.attention import Attention, Rope
+from bmojo.layers.checks import check_hidden_states
 from bmojo.layers.eidetic import EideticMemory, chunk_memories, insert_slot
 from bmojo.layers.linear import Linear
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
@@ -223,6 +224,7 @@ class BMojoMixer(nn.Module):
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         if attention and eidetic_size > 0 and selection != "none" and window is None:
             raise ValueError("eidetic memory needs a finite window (tokens are selected once they leave it)")
+        self.hidden_size = hidden_size
         self.window = window
         self.fading = attention and fading
         self.block_size = block_size
@@ -256,10 +258,7 @@ class BMojoMixer(nn.Module):
         ``state.seen`` (a Python int) for the caller to advance, outside compiled code (``BMojoCache.advance``): an
         int that a compiled step changes would be an input of its graph, and CUDA graphs record one per value.
         """
-        if h.dim() != 3:
-            raise ValueError(f"expected hidden states [batch, length, hidden], got shape {tuple(h.shape)}")
-        if h.shape[1] == 0:
-            raise ValueError("empty sequence: length must be >= 1")
+        check_hidden_states(h, self.hidden_size)
         if state is None or not state.started:
             return self._parallel(h, state)
         outs = []

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bmojo.layers.checks import check_hidden_states
 from bmojo.layers.linear import Linear
 from bmojo.layers.norm import GatedRMSNorm, RMSNorm
 from bmojo.ops.conv import causal_conv1d, causal_conv1d_step
@@ -64,6 +65,7 @@ class SegmentedSSM(nn.Module):
 
     def forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
         """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``."""
+        self._check_inputs(h, state)
         outs = []
         for part in h.split(self.segment_length, dim=1):
             y, state = self._forward(part, state)
@@ -72,6 +74,18 @@ class SegmentedSSM(nn.Module):
 
     def _forward(self, h: torch.Tensor, state: SSMState | None) -> tuple[torch.Tensor, SSMState]:
         raise NotImplementedError
+
+    def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _check_inputs(self, h: torch.Tensor, state: SSMState | None) -> None:
+        """``ValueError`` naming what does not fit: ``h`` (:func:`check_hidden_states`), or a state not of
+        :meth:`state_shapes`."""
+        check_hidden_states(h, self.hidden_size)
+        if state is not None:
+            for name, x, shape in zip(("conv", "ssm"), (state.conv, state.ssm), self.state_shapes(h.shape[0])):
+                if tuple(x.shape) != shape:
+                    raise ValueError(f"state.{name} must have shape {shape} for this batch, got {tuple(x.shape)}")
 
 
 class Mamba(SegmentedSSM):

@@ -174,6 +174,8 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     if input_ids.shape[1] == 0:
         raise ValueError("empty sequence: input_ids has length 0")
+    if input_ids.shape[0] == 0:
+        raise ValueError("empty batch: input_ids has no sequences")
     if torch.compiler.is_compiling():
         return
     lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read from the device for both

@@ -1,0 +1,15 @@
+"""Input checks shared by the mixers, so that bad input fails with a message naming it rather than deep inside torch."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_hidden_states(h: torch.Tensor, hidden_size: int) -> None:
+    """``ValueError`` unless ``h`` is ``[batch >= 1, length >= 1, hidden_size]``."""
+    if h.dim() != 3 or h.shape[-1] != hidden_size:
+        raise ValueError(f"expected hidden states [batch, length, {hidden_size}], got shape {tuple(h.shape)}")
+    if h.shape[1] == 0:
+        raise ValueError("empty sequence: length must be >= 1")
+    if h.shape[0] == 0:
+        raise ValueError("empty batch: batch size must be >= 1")
