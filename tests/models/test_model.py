@@ -209,6 +209,23 @@ def test_generate_greedy_matches_manual_loop(name):
     assert torch.equal(out, seq)
 
 
+def test_generate_from_embeddings_a_given_cache_and_a_returned_one():
+    """A prompt as ``inputs_embeds``, a cache passed in, and a returned cache continued by a second call all give the
+    tokens of one greedy ``generate`` from the ids (a cache passed in once failed on ``is_linear``, an embedded prompt
+    at the second step)."""
+    model = tiny("bmojo")
+    prompt = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        embedded = model.generate(inputs_embeds=model.model.embed_tokens(prompt), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=0)  # fmt: skip
+        given = model.generate(prompt, cache=BMojoCache(len(model.model.layers)), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)  # fmt: skip
+        first = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        second = model.generate(first.sequences, cache=first.cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(embedded, ref[:, 10:]) and torch.equal(given, ref) and torch.equal(second, ref)
+
+
 def test_generate_sampling_is_seeded():
     model = tiny("bmojo")
     prompt = torch.randint(0, 128, (1, 5))

@@ -15,6 +15,7 @@ class BMojoCache:
     """
 
     is_compileable = False
+    is_croppable = False  # (Hugging Face ``generate`` asks before it defers a stop decision)
 
     def __init__(self, num_layers: int, store_ids: torch.Tensor | None = None) -> None:
         """``store_ids [B]``: sequences of the layers' vector stores to read and extend (default: new ones)."""
@@ -25,6 +26,12 @@ class BMojoCache:
 
     def __getitem__(self, idx: int) -> MixerState:
         return self.layers[idx]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Hugging Face ``generate``'s per-layer flag for attention with a fixed-size state, which it reads of a cache
+        passed in: all ``False``, so that it feeds only the tokens the cache has not seen, as every layer here needs."""
+        return [False] * len(self.layers)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far."""

@@ -379,14 +379,16 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         use_cache: bool = True,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Feed only the tokens the cache has not seen (the whole prompt on the first call)."""
+        """Feed only the tokens the cache has not seen (the whole prompt on the first call). A prompt given as
+        ``inputs_embeds`` comes before ``input_ids``, which then hold only the generated tokens."""
         cache = cache if cache is not None else past_key_values
         seen = 0 if cache is None else cache.get_seq_length()
         inputs: dict[str, Any] = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
         if inputs_embeds is not None and seen == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:
-            inputs["input_ids"] = input_ids[:, seen:]
+            embedded = 0 if inputs_embeds is None else inputs_embeds.shape[1]
+            inputs["input_ids"] = input_ids[:, max(0, seen - embedded) :]
         return inputs
 
 
