@@ -266,3 +266,15 @@ def test_bad_input_raises():
         m(torch.randn(0, 3, D))
     with pytest.raises(ValueError, match=rf"expected hidden states \[batch, length, {D}\]"):
         m(torch.randn(1, 3, D + 1))
+    with pytest.raises(TypeError, match="hidden states are torch.float64"):
+        m(torch.randn(1, 3, D, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_state_of_another_batch_raises(window):
+    """Attention without an SSM (whose state the SSM checks): a state filled for 2 sequences, stepped with 1."""
+    m = make(ssm=None, fading=False, window=window, eidetic_size=0)
+    state = MixerState()
+    m(torch.randn(2, 6, D), state)
+    with pytest.raises(ValueError, match="the state holds 2 sequences but the input 1"):
+        m(torch.randn(1, 1, D), state)

@@ -109,3 +109,14 @@ def test_a_state_of_another_batch_raises(cls):
     _, state = layer(torch.randn(2, 5, 32))
     with pytest.raises(ValueError, match=r"state.conv must have shape \(3, "):
         layer(torch.randn(3, 1, 32), state)
+
+
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+def test_hidden_states_of_another_dtype_raise_outside_autocast(cls):
+    layer = cls(32)
+    for dtype in (torch.float64, torch.long):
+        with pytest.raises(TypeError, match="the layer's weights are torch.float32"):
+            layer(torch.zeros(1, 5, 32, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(torch.randn(1, 5, 32, dtype=torch.bfloat16))
+    assert y.shape == (1, 5, 32)

@@ -258,9 +258,12 @@ class BMojoMixer(nn.Module):
         ``state.seen`` (a Python int) for the caller to advance, outside compiled code (``BMojoCache.advance``): an
         int that a compiled step changes would be an input of its graph, and CUDA graphs record one per value.
         """
-        check_hidden_states(h, self.hidden_size)
+        weights = self.attn.q_proj.weight if self.attn is not None else self.ssm.in_proj.weight
+        check_hidden_states(h, self.hidden_size, weights.dtype)
         if state is None or not state.started:
             return self._parallel(h, state)
+        if state.win_pos is not None and state.win_pos.shape[0] != h.shape[0]:
+            raise ValueError(f"the state holds {state.win_pos.shape[0]} sequences but the input {h.shape[0]}")
         outs = []
         state.reserve(h.shape[1])
         for i in range(h.shape[1]):

@@ -79,9 +79,9 @@ class SegmentedSSM(nn.Module):
         raise NotImplementedError
 
     def _check_inputs(self, h: torch.Tensor, state: SSMState | None) -> None:
-        """``ValueError`` naming what does not fit: ``h`` (:func:`check_hidden_states`), or a state not of
+        """An error naming what does not fit: ``h`` (:func:`check_hidden_states`), or a state not of
         :meth:`state_shapes`."""
-        check_hidden_states(h, self.hidden_size)
+        check_hidden_states(h, self.hidden_size, self.in_proj.weight.dtype)
         if state is not None:
             for name, x, shape in zip(("conv", "ssm"), (state.conv, state.ssm), self.state_shapes(h.shape[0])):
                 if tuple(x.shape) != shape:
