@@ -156,7 +156,8 @@ def test_settings_and_overrides_are_checked():
         parse_overrides(["window_size"])
     for bad, match in [({"presets": ["gpt"]}, "presets"), ({"lengths": [0]}, "lengths"), ({"repeats": 0}, "repeats"),
                        ({"size": "7b"}, "size"), ({"overrides": {"windw_size": 8}}, "windw_size"),
-                       ({"device": "cuda:7"}, "CUDA")]:  # fmt: skip
+                       ({"overrides": {"mamba2_head_dim": 0}}, "mamba2_head_dim must be a positive integer"),
+                       ({"device": "banana"}, "unknown device 'banana'"), ({"device": "cuda:7"}, "CUDA")]:  # fmt: skip
         if bad.get("device") and torch.cuda.is_available():
             continue
         with pytest.raises(ValueError, match=match):

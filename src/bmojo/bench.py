@@ -119,7 +119,13 @@ class BenchSettings:
         unknown = sorted(k for k in self.overrides if k not in fields or k == "kwargs")
         if unknown:
             raise ValueError(f"unknown config fields in overrides: {unknown}")
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+        for preset in self.presets:  # a bad value of a field raises here, naming it
+            BMojoConfig.from_preset(preset, self.size, **self.overrides)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"unknown device {self.device!r}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
 
 

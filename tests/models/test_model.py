@@ -279,6 +279,16 @@ def test_bad_input_ids(ids, err, match):
         tiny("bmojo")(ids)
 
 
+def test_from_pretrained_names_a_missing_folder_and_unreadable_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model folder at"):
+        BMojoForCausalLM.from_pretrained(tmp_path / "missing")
+    tiny("bmojo").save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=f"the weights in {tmp_path / 'm'} are unreadable .*truncated or corrupt"):
+        BMojoForCausalLM.from_pretrained(tmp_path / "m")
+
+
 def test_bad_cache_type():
     with pytest.raises(TypeError, match="BMojoCache"):
         tiny("bmojo")(torch.tensor([[1, 2]]), past_key_values=object())
@@ -290,6 +300,20 @@ def test_bad_cache_type():
     "kw,match",
     [
         (dict(window_size=0), "window_size"),
+        (dict(window_size=8.0), "window_size must be a positive integer"),
+        (dict(eidetic_size=2.5), "eidetic_size"),
+        (dict(num_key_value_heads=0), "num_key_value_heads must be a positive integer"),
+        (dict(mamba2_head_dim=0), "mamba2_head_dim"),
+        (dict(n_groups=0), "n_groups"),
+        (dict(ssm_chunk_size=0), "ssm_chunk_size"),
+        (dict(conv_kernel=0), "conv_kernel"),
+        (dict(mamba2_state_size=-4), "mamba2_state_size"),
+        (dict(head_dim=-8), "head_dim"),
+        (dict(intermediate_size=-1), "intermediate_size"),
+        (dict(attention_block_size=0), "attention_block_size"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(rms_norm_eps=-1e-6), "rms_norm_eps"),
+        (dict(initializer_range=-0.1), "initializer_range"),
         (dict(eidetic_size=-2), "eidetic_size"),
         (dict(hidden_size=30, num_attention_heads=4), "must divide"),
         (dict(num_key_value_heads=3), "num_key_value_heads"),

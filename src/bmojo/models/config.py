@@ -144,7 +144,7 @@ class BMojoConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.layer_pattern = list(layer_pattern) if layer_pattern is not None else ["bmojo"] * num_hidden_layers
         self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         self.head_dim = head_dim
         self.intermediate_size = intermediate_size or 256 * math.ceil(8 * hidden_size / 3 / 256)
         self.use_mlp = use_mlp
@@ -198,16 +198,20 @@ class BMojoConfig(PretrainedConfig):
 
     def validate_bmojo(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "state_size", "expand")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.window_size is not None and self.window_size < 1:
-            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.eidetic_size < 0:
-            raise ValueError(f"eidetic_size must be >= 0, got {self.eidetic_size}")
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "state_size", "expand", "conv_kernel", "mamba2_head_dim", "n_groups",
+                    "ssm_chunk_size", "attention_block_size")  # fmt: skip
+        optional = ("head_dim", "window_size", "chunk_size", "mamba2_state_size", "time_step_rank")  # None: derived
+        for name in positive + optional:
+            value = getattr(self, name)
+            if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.eidetic_size, int) or self.eidetic_size < 0:
+            raise ValueError(f"eidetic_size must be an integer >= 0, got {self.eidetic_size!r}")
+        for name, low in (("rope_theta", 0), ("rms_norm_eps", 0), ("initializer_range", None)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not (value > low if low is not None else value >= 0):
+                raise ValueError(f"{name} must be a number {'> 0' if low is not None else '>= 0'}, got {value!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.selection not in SELECTIONS:

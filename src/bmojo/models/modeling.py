@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -321,8 +322,15 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, load_storage: bool = True, **kwargs: Any
     ) -> "BMojoForCausalLM":
         """Hugging Face ``from_pretrained``; also loads ``storage.npz`` found beside the weights unless
-        ``load_storage=False`` (the way to load the model when that file is corrupt)."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        ``load_storage=False`` (the way to load the model when that file is corrupt). A local path that does not
+        exist raises ``FileNotFoundError``, unreadable weights ``OSError``, each naming the path."""
+        name = str(pretrained_model_name_or_path)
+        if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():  # a path, not a hub id
+            raise FileNotFoundError(f"no model folder at {name}")
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as e:
+            raise OSError(f"the weights in {name} are unreadable ({e}): the file is truncated or corrupt") from e
         if pretrained_model_name_or_path is None or not (load_storage and model.vector_stores()):
             return model
         path = Path(pretrained_model_name_or_path) / STORAGE_FILE
