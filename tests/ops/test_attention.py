@@ -174,6 +174,21 @@ def test_step_attention_matches_a_per_query_loop(dtype, hkv, with_extra, all_vis
         step_attention(q.expand(-1, -1, 2, -1), k, v, visible)
 
 
+def test_step_attention_rejects_inputs_that_do_not_fit():
+    """A float mask would be added to the scores, and a batch-1 key or mask broadcast: both silently, once."""
+    q, k, v = _qkv(2, 4, 2, 1, 8)
+    _, k, v = _qkv(2, 4, 2, 6, 8)
+    visible = torch.ones(2, 6, dtype=torch.bool)
+    for args, match in [
+        ((q, k, v, visible.float()), "visible must be bool"),
+        ((q, k, v, visible[:1]), r"visible must have shape \(2, 6\)"),
+        ((q, k[:1], v, visible), r"k must have shape \(2, 2, 6, 8\)"),
+        ((q, k, v[:, :, :5], visible), "v must have shape"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            step_attention(*args)
+
+
 def test_step_attention_takes_outputs_laid_out_as_cuda_returns_them(monkeypatch):
     """CUDA's memory-efficient SDPA kernel returns ``[B, H, M, d]`` as a transposed view of ``[B, M, H, d]``: the
     grouped step still gives the per-head result (a stand-in SDPA returns that layout on CPU)."""
@@ -440,6 +455,27 @@ def test_union_auto_picks_blocks_on_cpu_and_raises_on_bad_requests(monkeypatch):
     monkeypatch.setattr("bmojo.ops.triton._mode", "auto")
     union_attention(q, full, memory)  # merge: blocks needs finite bands
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("impl", ["auto", "merge", "blocks"])
+def test_union_attention_rejects_inputs_that_do_not_fit(impl):
+    """Every implementation checks its inputs first (the CPU default once gave wrong rows for band keys shorter than
+    the queries)."""
+    q, bands, memory = _union_inputs(1, 2, 2, 12, 8, 2, True, 2, 4)
+    short = Band(bands[0].k[:, :, :8], bands[0].v[:, :, :8], 0, 1)
+    for args, match in [
+        ((q, [short, bands[1]], memory), r"bands\[0\].k must have shape \(1, 2, 12, 8\)"),
+        ((q, [bands[0], Band(bands[1].k, bands[1].v[:, :1], 2, 3)], memory), r"bands\[1\].v must have shape"),
+        ((q, [], None), "at least one band or a memory"),
+        ((q[:, :, :0], bands, memory), "length >= 1"),
+        ((q.double(), bands, memory), "must share one dtype"),
+        ((q, bands, ChunkMemory(memory.k, memory.v, memory.valid.float(), 4)), "memory.valid must be bool"),
+        ((q, bands, ChunkMemory(memory.k, memory.v, memory.valid, 2)), "fewer than the 12 queries need"),
+        ((q, [Band(bands[0].k, bands[0].v, 3, 2)], memory), "0 <= lo <= hi"),
+        ((q[:, :1].expand(1, 3, 12, 8), bands, memory), "multiple of key/value heads"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            union_attention(*args, impl=impl)
 
 
 def test_blocks_kernel_ops_pass_opcheck():

@@ -91,6 +91,12 @@ def step_attention(
     if m != 1:
         raise ValueError(f"step_attention takes one query per head, got {m}")
     hkv, n_keys = k.shape[1], k.shape[2]
+    for name, x, shape in (("k", k, (b, hkv, n_keys, d)), ("v", v, (b, hkv, n_keys, d)),
+                           ("visible", visible, (b, n_keys))):  # fmt: skip
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if visible is not None and visible.dtype != torch.bool:
+        raise ValueError(f"visible must be bool, got {visible.dtype}")
     g = _group(q, hkv).shape[2]
     mask = None if visible is None else visible[:, None, None, :]
     if extra is None:  # the G query heads of a key head as G queries of it: the keys are read once, not copied G times
@@ -710,6 +716,42 @@ def _triton_tiles(q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None
     return launch_tiles(q, bands, memory, **_triton_tile_options(q))
 
 
+def check_union_inputs(q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None) -> None:
+    """Raise ``ValueError`` naming the first input of :func:`union_attention` that does not fit ``q [B, Hq, L, d]``
+    (L >= 1): each band's ``k, v [B, Hkv, L, d]`` with ``0 <= lo <= hi``, the memory's ``k, v [B, Hkv, chunks, slots,
+    d]`` over at least ``L`` positions and ``valid [B, chunks, slots]`` bool, one dtype for queries, keys and values;
+    at least one band or a memory."""
+    if q.dim() != 4 or q.shape[2] == 0:
+        raise ValueError(f"q must be [batch, heads, length >= 1, head_dim], got shape {tuple(q.shape)}")
+    if not bands and memory is None:
+        raise ValueError("union_attention needs at least one band or a memory")
+    b, _, length, d = q.shape
+    first = bands[0].k if bands else memory.k
+    hkv = first.shape[1] if first.dim() > 1 else -1  # (a tensor of too few dimensions fails the shapes below)
+    expected = {f"bands[{i}].{n}": (x, (b, hkv, length, d)) for i, band in enumerate(bands)
+                for n, x in (("k", band.k), ("v", band.v))}  # fmt: skip
+    if memory is not None:
+        n_chunks, slots = memory.k.shape[2:4] if memory.k.dim() == 5 else (0, 0)
+        expected |= {"memory.k": (memory.k, (b, hkv, n_chunks, slots, d)),
+                     "memory.v": (memory.v, (b, hkv, n_chunks, slots, d)),
+                     "memory.valid": (memory.valid, (b, n_chunks, slots))}  # fmt: skip
+    for name, (x, shape) in expected.items():
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    _group(q, hkv)
+    if any(band.lo < 0 or (band.hi is not None and band.hi < band.lo) for band in bands):
+        raise ValueError(f"bands need 0 <= lo <= hi, got {[(band.lo, band.hi) for band in bands]}")
+    if memory is not None:
+        if memory.valid.dtype != torch.bool:
+            raise ValueError(f"memory.valid must be bool, got {memory.valid.dtype}")
+        if memory.chunk < 1 or memory.k.shape[2] * memory.chunk < length:
+            raise ValueError(f"memory has {memory.k.shape[2]} chunks of {memory.chunk}, fewer than the {length} "
+                             "queries need")  # fmt: skip
+    dtypes = {x.dtype for x, _ in expected.values() if x is not getattr(memory, "valid", None)} | {q.dtype}
+    if len(dtypes) > 1:
+        raise ValueError(f"queries, keys and values must share one dtype, got {sorted(map(str, dtypes))}")
+
+
 def union_attention(
     q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None, block_size: int = 64, impl: str = "auto"
 ) -> AttnOut:
@@ -721,8 +763,9 @@ def union_attention(
     ``"auto"``: ours where ``bmojo.ops.triton.use_triton`` allows it (CUDA tensors, or kernel mode ``triton``), there
     are at most two bands and some tiles of our kernels fit the GPU's shared memory; else FlexAttention where
     ``use_fused_cuda`` allows it; else blocks where it applies (CPU, finite bands, kernel mode not ``reference``);
-    else merge.
+    else merge. Inputs are checked first (:func:`check_union_inputs`).
     """
+    check_union_inputs(q, bands, memory)
     if impl == "auto":
         inputs = [x for band in bands for x in (band.k, band.v)] + ([] if memory is None else [memory.k, memory.v])
         if len(bands) <= 2 and use_triton(q, *inputs, differentiable=True) and _triton_tiles(q, bands, memory):

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from bmojo.ops.attention import AttnOut, Band, ChunkMemory, _group
+from bmojo.ops.attention import AttnOut, Band, ChunkMemory, check_union_inputs
 from bmojo.ops.triton import check_inputs, dot_precision, dot_tile, kernel_op
 
 LOG2E = math.log2(math.e)
@@ -481,33 +481,13 @@ def union_attention_triton(
     nothing fits). Two bands' keys (values) are stacked into one ``[2, B, Hkv, L, d]`` tensor (a copy) for the
     kernels.
     """
-    b, hq, length, d = q.shape
     if not 1 <= len(bands) <= 2:
         raise ValueError(f"union_attention_triton takes one or two bands, got {len(bands)}")
-    if length == 0:
-        raise ValueError("union_attention_triton needs at least one query")
-    hkv = bands[0].k.shape[1]
-    _group(q, hkv)
-    expected = {f"bands[{i}].{n}": (x, (b, hkv, length, d)) for i, band in enumerate(bands)
-                for n, x in (("k", band.k), ("v", band.v))}  # fmt: skip
-    if memory is not None:
-        n_chunks, slots = memory.k.shape[2:4]
-        expected |= {"memory.k": (memory.k, (b, hkv, n_chunks, slots, d)),
-                     "memory.v": (memory.v, (b, hkv, n_chunks, slots, d)),
-                     "memory.valid": (memory.valid, (b, n_chunks, slots))}  # fmt: skip
-        if n_chunks * memory.chunk < length:
-            raise ValueError(f"memory has {n_chunks} chunks of {memory.chunk}, fewer than the {length} queries need")
-        if memory.valid.dtype != torch.bool:
-            raise ValueError(f"memory.valid must be bool, got {memory.valid.dtype}")
+    check_union_inputs(q, bands, memory)
+    d, length = q.shape[3], q.shape[2]
     band_tensors = [x for band in bands for x in (band.k, band.v)]
-    memory_tensors = [] if memory is None else [memory.k, memory.v, memory.valid]
-    check_inputs(expected, q, *band_tensors, *memory_tensors)
-    dtypes = {x.dtype for x in (q, *band_tensors, *memory_tensors[:2])}
-    if len(dtypes) > 1:
-        raise ValueError(f"queries, keys and values must share one dtype, got {sorted(map(str, dtypes))}")
+    check_inputs({}, q, *band_tensors, *([] if memory is None else [memory.k, memory.v, memory.valid]))
     spans = [(band.lo, length if band.hi is None else band.hi) for band in bands] + [(0, -1)]
-    if any(lo < 0 or hi < lo for lo, hi in spans[: len(bands)]):
-        raise ValueError(f"bands need 0 <= lo <= hi, got {[(band.lo, band.hi) for band in bands]}")
     k, v = (torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0) for xs in (band_tensors[::2], band_tensors[1::2]))
     mk, mv, valid, chunk = (None, None, None, 1) if memory is None else (memory.k, memory.v, memory.valid, memory.chunk)
     if valid is not None:  # the kernels read bytes; a copy, since inductor cannot lower viewing bool as uint8
