@@ -81,6 +81,13 @@ def test_causal_conv1d_rejects_bad_shapes(x_shape, w_shape, match):
         causal_conv1d(torch.randn(x_shape), torch.randn(w_shape))
 
 
+def test_causal_conv1d_step_rejects_a_window_that_does_not_fit():
+    with pytest.raises(ValueError, match="expected a window"):
+        causal_conv1d_step(torch.randn(2, 1, 4), torch.randn(5, 1, 4))  # one channel would broadcast over five
+    with pytest.raises(ValueError, match="expected a window"):
+        causal_conv1d_step(torch.randn(5, 4), torch.randn(5, 1, 4))
+
+
 def test_causal_conv1d_compiled_matches_eager():
     """Under ``torch.compile`` the taps come from the opaque ``conv_taps`` op; same values and gradients."""
     g = torch.Generator().manual_seed(2)

@@ -124,3 +124,20 @@ def test_gradcheck_float64():
     y, state = selective_scan(*inputs, chunk_size=12)
     assert y.dtype == state.dtype == torch.float64
     assert torch.autograd.gradcheck(lambda *a: selective_scan(*a, chunk_size=12), inputs)
+
+
+def test_bad_inputs_raise_naming_them():
+    """A batch-1 state or B would broadcast over the batch, integers give integer outputs: both silently, once."""
+    g = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(2, 5, 6, generator=g), torch.rand(2, 5, 6, generator=g)
+    a, b, c = -torch.rand(6, 3, generator=g), torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    for args, match in [
+        ((u, delta, a, b, c, torch.zeros(1, 6, 3)), r"initial_state must have shape \(2, 6, 3\)"),
+        ((u, delta, a, b[:1], c), "B must have shape"),
+        ((u.long(), delta, a, b, c), "u must be floating point"),
+        ((u, delta, a[:4], b, c), "A must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            selective_scan(*args)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        selective_scan_step(torch.zeros(1, 6, 3), u[:, 0], delta[:, 0], a, b[:, 0], c[:, 0])

@@ -123,3 +123,20 @@ def test_cuda_inputs_take_our_kernels_and_fla_only_for_large_states(monkeypatch,
     with torch.no_grad():
         ssd.ssd_scan(x, dt, A, B, C)
     assert called == [path]
+
+
+def test_bad_inputs_raise_naming_them():
+    """Inputs of another batch would broadcast, integers give integer outputs: both silently, once."""
+    g = torch.Generator().manual_seed(0)
+    x, dt = torch.randn(2, 5, 4, 8, generator=g), torch.rand(2, 5, 4, generator=g)
+    a, b, c = -torch.rand(4, generator=g), torch.randn(2, 5, 1, 3, generator=g), torch.randn(2, 5, 1, 3, generator=g)
+    for args, match in [
+        ((x, dt, a, b[:1], c), r"B must have shape \(2, 5, 1, 3\)"),
+        ((x, dt[:, :, :2], a, b, c), "dt must have shape"),
+        ((x.long(), dt, a, b, c), "x must be floating point"),
+        ((x, dt, a, b, c, 32, torch.zeros(1, 4, 8, 3)), "initial_state must have shape"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ssd_scan(*args)
+    with pytest.raises(ValueError, match="C must have shape"):
+        ssd_step(torch.zeros(2, 4, 8, 3), x[:, 0], dt[:, 0], a, b[:, 0], c[:1, 0])

@@ -60,6 +60,9 @@ def causal_conv1d_step(
 ) -> torch.Tensor:
     """The conv's output for the last of ``window [B, C, K]``, the last ``K`` inputs (oldest first): ``[B, C]``, then
     SiLU if ``silu`` (:func:`causal_conv1d` over those inputs, in one product and sum)."""
+    if window.dim() != 3 or window.shape[1:] != (weight.shape[0], weight.shape[-1]) or weight.shape[1] != 1:
+        raise ValueError(f"expected a window [B, C, K] and a depthwise weight [C, 1, K], got {tuple(window.shape)} "
+                         f"and {tuple(weight.shape)}")  # fmt: skip
     y = (window * weight[:, 0].to(window.dtype)).sum(-1)
     y = y if bias is None else y + bias.to(y.dtype)
     return F.silu(y) if silu else y

@@ -29,6 +29,23 @@ from bmojo.ops.triton import use_triton
 ScanOut = tuple[torch.Tensor, torch.Tensor]
 
 
+def check_scan_inputs(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      initial_state: torch.Tensor | None) -> None:  # fmt: skip
+    """Raise ``ValueError`` naming the first input whose shape does not fit ``u [batch, L, E]`` (floating point),
+    ``A [E, N]``: ``delta [batch, L, E]``, ``B, C [batch, L, N]``, ``initial_state [batch, E, N]``."""
+    if u.dim() != 3 or not u.is_floating_point():
+        raise ValueError(f"u must be floating point [batch, length, channels], got {u.dtype} {tuple(u.shape)}")
+    bsz, length, e = u.shape
+    if A.dim() != 2 or A.shape[0] != e:
+        raise ValueError(f"A must be [{e}, state], got shape {tuple(A.shape)}")
+    n = A.shape[1]
+    expected = [("delta", delta, (bsz, length, e)), ("B", B, (bsz, length, n)), ("C", C, (bsz, length, n)),
+                ("initial_state", initial_state, (bsz, e, n))]  # fmt: skip
+    for name, t, shape in expected:
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -60,6 +77,7 @@ def selective_scan_step(
 
     Returns ``(y [batch, E], new_state [batch, E, N])``.
     """
+    check_scan_inputs(u.unsqueeze(1), delta.unsqueeze(1), A, B.unsqueeze(1), C.unsqueeze(1), state)
     d = delta.float()
     h = torch.exp(d[..., None] * A.float()) * state.float() + (d * u.float())[..., None] * B.float()[:, None, :]
     return torch.einsum("ben,bn->be", h, C.float()).to(u.dtype), h
@@ -255,6 +273,7 @@ def selective_scan(
     CUDA inputs run the Triton kernels ``bmojo.ops.triton.selective_scan`` (forward and backward; see
     ``bmojo.ops.triton`` for the switch). Returns ``(y [batch, L, E], final_state [batch, E, N])``.
     """
+    check_scan_inputs(u, delta, A, B, C, initial_state)
     if use_triton(u, delta, A, B, C, initial_state, differentiable=True):
         from bmojo.ops.triton.selective_scan import selective_scan_triton
 

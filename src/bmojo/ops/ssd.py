@@ -39,6 +39,24 @@ def _heads_per_group(heads: int, groups: int) -> int:
     return heads // groups
 
 
+def check_ssd_inputs(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     initial_state: torch.Tensor | None) -> None:  # fmt: skip
+    """Raise ``ValueError`` naming the first input whose shape does not fit ``x [batch, L, H, P]`` (floating point),
+    ``B [batch, L, G, N]``: ``dt [batch, L, H]``, ``A [H]``, ``C`` as ``B``, ``initial_state [batch, H, P, N]``."""
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be floating point [batch, length, heads, head_dim], got {x.dtype} {tuple(x.shape)}")
+    if B.dim() != 4:
+        raise ValueError(f"B must be [batch, length, groups, state], got shape {tuple(B.shape)}")
+    bsz, length, heads, p = x.shape
+    g, n = B.shape[2:]
+    _heads_per_group(heads, g)
+    expected = [("dt", dt, (bsz, length, heads)), ("A", A, (heads,)), ("B", B, (bsz, length, g, n)),
+                ("C", C, (bsz, length, g, n)), ("initial_state", initial_state, (bsz, heads, p, n))]  # fmt: skip
+    for name, t, shape in expected:
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
 def ssd_step(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -49,6 +67,7 @@ def ssd_step(
 ) -> ScanOut:
     """One recurrent step from ``state [batch, H, P, N]`` with ``x [batch, H, P]``, ``dt [batch, H]``,
     ``B, C [batch, G, N]``. Returns ``(y [batch, H, P], new_state [batch, H, P, N])``."""
+    check_ssd_inputs(*(t.unsqueeze(1) for t in (x, dt)), A, *(t.unsqueeze(1) for t in (B, C)), state)
     bsz, heads, p = x.shape
     g, n = B.shape[1:]
     r = _heads_per_group(heads, g)
@@ -140,6 +159,7 @@ def ssd_scan(
     :func:`ssd_scan_fla` for states over :data:`OURS_MAX_STATE` when ``fla`` is installed (see the module
     docstring).
     """
+    check_ssd_inputs(x, dt, A, B, C, initial_state)
     inputs = (x, dt, A, B, C, initial_state)
     if B.shape[-1] > OURS_MAX_STATE and use_fused_cuda(*inputs) and fla_available():
         if not needs_grad(*inputs) or fla_backward_supported(x.device):

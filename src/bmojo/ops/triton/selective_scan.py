@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from bmojo.ops.selective_scan import check_scan_inputs
 from bmojo.ops.triton import check_inputs, kernel_op, needs_grad, register_scan_autograd
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
@@ -141,17 +142,9 @@ def _selective_scan_bwd_kernel(
 
 def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   initial_state: torch.Tensor | None) -> None:  # fmt: skip
-    """Raise ``ValueError`` naming the first input whose shape does not fit ``u [batch, L, E]``, ``A [E, N]``."""
-    if u.dim() != 3:
-        raise ValueError(f"u must be [batch, length, channels], got shape {tuple(u.shape)}")
-    bsz, length, e = u.shape
-    if A.dim() != 2 or A.shape[0] != e:
-        raise ValueError(f"A must be [{e}, state], got shape {tuple(A.shape)}")
-    n = A.shape[1]
-    expected = {"delta": (delta, (bsz, length, e)), "B": (B, (bsz, length, n)), "C": (C, (bsz, length, n))}
-    if initial_state is not None:
-        expected["initial_state"] = (initial_state, (bsz, e, n))
-    check_inputs(expected, u, delta, A, B, C, initial_state)
+    """``bmojo.ops.selective_scan.check_scan_inputs``, then one device and sizes the kernels' offsets hold."""
+    check_scan_inputs(u, delta, A, B, C, initial_state)
+    check_inputs({}, u, delta, A, B, C, initial_state)
 
 
 def _launch(u: torch.Tensor, block_e: int, block_n: int) -> tuple[tuple[int, int], int]:

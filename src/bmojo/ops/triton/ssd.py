@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from bmojo.ops.ssd import _heads_per_group
+from bmojo.ops.ssd import check_ssd_inputs
 from bmojo.ops.triton import (
     check_inputs,
     dot_precision,
@@ -274,20 +274,9 @@ def _ssd_bwd_chunk_kernel(
 
 def _check_shapes(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   initial_state: torch.Tensor | None) -> None:  # fmt: skip
-    """Raise ``ValueError`` naming the first input whose shape does not fit ``x [batch, L, H, P]``,
-    ``B [batch, L, G, N]``."""
-    if x.dim() != 4:
-        raise ValueError(f"x must be [batch, length, heads, head_dim], got shape {tuple(x.shape)}")
-    if B.dim() != 4:
-        raise ValueError(f"B must be [batch, length, groups, state], got shape {tuple(B.shape)}")
-    bsz, length, heads, p = x.shape
-    g, n = B.shape[2:]
-    _heads_per_group(heads, g)
-    expected = {"dt": (dt, (bsz, length, heads)), "A": (A, (heads,)), "B": (B, (bsz, length, g, n)),
-                "C": (C, (bsz, length, g, n))}  # fmt: skip
-    if initial_state is not None:
-        expected["initial_state"] = (initial_state, (bsz, heads, p, n))
-    check_inputs(expected, x, dt, A, B, C, initial_state)
+    """``bmojo.ops.ssd.check_ssd_inputs``, then one device and sizes the kernels' offsets hold."""
+    check_ssd_inputs(x, dt, A, B, C, initial_state)
+    check_inputs({}, x, dt, A, B, C, initial_state)
 
 
 # Without gradients the forward walks the sequence in pieces whose chunks' states take at most this many bytes by
