@@ -63,3 +63,9 @@ def test_bad_rotary_fraction_raises():
         Attention(32, num_heads=2, rotary_fraction=0.0)
     with pytest.raises(ValueError, match="even number"):
         Attention(32, num_heads=2, head_dim=16, rotary_fraction=0.1)  # one dimension: nothing to rotate in pairs
+
+
+def test_head_counts_below_one_raise():
+    for kw in (dict(num_heads=0), dict(num_heads=4, num_kv_heads=0), dict(num_heads=4, head_dim=-8)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            Attention(32, **kw)

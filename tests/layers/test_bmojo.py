@@ -270,6 +270,22 @@ def test_bad_input_raises():
         m(torch.randn(1, 3, D, dtype=torch.float64))
 
 
+def test_norms_refuse_integers_and_a_gate_of_another_shape():
+    from bmojo.layers import GatedRMSNorm, RMSNorm
+
+    with pytest.raises(TypeError, match="floating point"):
+        RMSNorm(D)(torch.ones(2, D, dtype=torch.long))
+    with pytest.raises(ValueError, match="the gate z must have x's shape"):
+        GatedRMSNorm(D)(torch.randn(2, 3, D), torch.randn(1, 3, D))
+    with pytest.raises(ValueError, match="must be >= 1 and divide dim"):
+        GatedRMSNorm(D, n_groups=3)
+
+
+def test_a_chunk_of_zero_raises_rather_than_taking_the_window():
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        make(chunk_size=0)
+
+
 @pytest.mark.parametrize("window", [None, 4])
 def test_a_state_of_another_batch_raises(window):
     """Attention without an SSM (whose state the SSM checks): a state filled for 2 sequences, stepped with 1."""

@@ -237,9 +237,18 @@ def test_bad_band_and_heads_raise():
     q, k, v = _qkv(1, 3, 2, 4, 4)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         banded_attention(q, k, v, 0, 2)
-    q, k, v = _qkv(1, 2, 2, 4, 4)
+    q, k, v = _qkv(2, 2, 2, 4, 4)
     with pytest.raises(ValueError, match="invalid band"):
         banded_attention(q, k, v, 3, 1)
+    for attend in (lambda *x: banded_attention(*x, 0, 2), causal_attention):  # a batch-1 key would broadcast
+        with pytest.raises(ValueError, match=r"bands\[0\].k must have shape \(2, 2, 4, 4\)"):
+            attend(q, k[:1], v)
+        with pytest.raises(ValueError, match=r"bands\[0\].v must have shape"):
+            attend(q, k, v[:, :, :3])
+        with pytest.raises(ValueError, match="batch >= 1"):
+            attend(q[:0], k[:0], v[:0])
+    with pytest.raises(ValueError, match="at least one part"):
+        merge_attention([])
 
 
 def _union_inputs(b, hq, hkv, length, d, w, fading, m, chunk, seed=0):

@@ -39,7 +39,10 @@ class Attention(nn.Module):
         rotary_fraction: float = 1.0,
     ) -> None:
         super().__init__()
-        num_kv_heads = num_kv_heads or num_heads
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if min(hidden_size, num_heads, num_kv_heads, head_dim or 1) < 1:
+            raise ValueError(f"hidden_size, num_heads, num_kv_heads and head_dim must be >= 1, got {hidden_size}, "
+                             f"{num_heads}, {num_kv_heads}, {head_dim}")  # fmt: skip
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(f"num_attention_heads ({num_heads}) must divide hidden_size ({hidden_size})")

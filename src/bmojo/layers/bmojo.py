@@ -238,7 +238,8 @@ class BMojoMixer(nn.Module):
             self.fading_v_proj = Linear(hidden_size, self.attn.num_kv_heads * self.attn.head_dim, bias=False)
         use_memory = attention and eidetic_size > 0 and selection != "none"
         self.memory = (
-            EideticMemory(hidden_size, eidetic_size, window, chunk_size or window, selection, seed)
+            EideticMemory(hidden_size, eidetic_size, window, window if chunk_size is None else chunk_size, selection,
+                          seed)  # fmt: skip
             if use_memory
             else None
         )

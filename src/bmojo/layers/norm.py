@@ -16,6 +16,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"RMSNorm takes floating point input, got {x.dtype}")
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -24,11 +26,15 @@ class GatedRMSNorm(nn.Module):
 
     def __init__(self, dim: int, n_groups: int = 1, eps: float = 1e-6) -> None:
         super().__init__()
+        if n_groups < 1 or dim % n_groups:
+            raise ValueError(f"n_groups ({n_groups}) must be >= 1 and divide dim ({dim})")
         self.eps = eps
         self.n_groups = n_groups
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if x.shape != z.shape:
+            raise ValueError(f"the gate z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
         y = x.float() * F.silu(z.float())
         g = y.unflatten(-1, (self.n_groups, -1))
         g = F.rms_norm(g, (g.shape[-1],), eps=self.eps)

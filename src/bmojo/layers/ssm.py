@@ -63,6 +63,13 @@ class SegmentedSSM(nn.Module):
 
     segment_length: int = 4096
 
+    @staticmethod
+    def _check_sizes(**sizes: int) -> None:
+        """``ValueError`` naming the first size below 1."""
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
     def forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
         """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``."""
         self._check_inputs(h, state)
@@ -107,6 +114,8 @@ class Mamba(SegmentedSSM):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
+        self._check_sizes(hidden_size=hidden_size, state_size=state_size, expand=expand, conv_kernel=conv_kernel,
+                          dt_rank=dt_rank or 1)  # fmt: skip
         self.hidden_size = hidden_size
         self.intermediate_size = e = expand * hidden_size
         self.ssm_state_size = n = state_size
@@ -173,6 +182,8 @@ class Mamba2(SegmentedSSM):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        self._check_sizes(hidden_size=hidden_size, state_size=state_size, expand=expand, head_dim=head_dim,
+                          n_groups=n_groups, conv_kernel=conv_kernel, chunk_size=chunk_size)  # fmt: skip
         self.hidden_size = hidden_size
         self.intermediate_size = e = expand * hidden_size
         if e % head_dim:

@@ -127,11 +127,10 @@ def banded_attention(
     Blocks are grouped into segments of about ``SEGMENT_BYTES`` of scores, computed one after the
     other and recomputed in backward: only ``q, k, v`` are saved, so training memory is ``O(L * d)``.
     """
-    b, hq, length, d = q.shape
-    hkv = k.shape[1]
     if lo < 0 or (hi is not None and hi < lo):
         raise ValueError(f"invalid band lo={lo}, hi={hi}")
-    _group(q, hkv)  # checks the head counts
+    check_union_inputs(q, [Band(k, v, lo, hi)], None)
+    b, hq, length, d = q.shape
     hi = length - 1 if hi is None else min(hi, length - 1)
     if lo > hi:  # no query has any key in the band
         return q.new_zeros(q.shape), q.new_full((b, hq, length), float("-inf"), dtype=torch.float32)
@@ -241,6 +240,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     repeated for every query head of their group; on CUDA too, where SDPA takes grouped heads into FlashAttention
     only and, wherever that kernel does not apply (fp32, older GPUs, large heads), would fall back to its unfused
     path rather than the memory-efficient kernel."""
+    check_union_inputs(q, [Band(k, v, 0, None)], None)
     (k, v), in_place = _sdpa_heads(q, k, v)
     gqa = {"enable_gqa": True} if in_place else {}
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
@@ -264,6 +264,8 @@ def merge_attention(parts: list[AttnOut]) -> AttnOut:
     ``o = sum_j o_j exp(lse_j - m) / sum_j exp(lse_j - m)`` with ``m = max_j lse_j`` and the union's
     ``lse = m + log sum_j exp(lse_j - m)``; a query that sees no key in any set gets ``o = 0, lse = -inf``.
     """
+    if not parts:
+        raise ValueError("merge_attention needs at least one part")
     if len(parts) == 1:
         return parts[0]
     lse = torch.stack([p[1] for p in parts])  # [S, B, H, M]
@@ -721,8 +723,8 @@ def check_union_inputs(q: torch.Tensor, bands: list[Band], memory: ChunkMemory |
     (L >= 1): each band's ``k, v [B, Hkv, L, d]`` with ``0 <= lo <= hi``, the memory's ``k, v [B, Hkv, chunks, slots,
     d]`` over at least ``L`` positions and ``valid [B, chunks, slots]`` bool, one dtype for queries, keys and values;
     at least one band or a memory."""
-    if q.dim() != 4 or q.shape[2] == 0:
-        raise ValueError(f"q must be [batch, heads, length >= 1, head_dim], got shape {tuple(q.shape)}")
+    if q.dim() != 4 or q.shape[0] == 0 or q.shape[2] == 0:
+        raise ValueError(f"q must be [batch >= 1, heads, length >= 1, head_dim], got shape {tuple(q.shape)}")
     if not bands and memory is None:
         raise ValueError("union_attention needs at least one band or a memory")
     b, _, length, d = q.shape
