@@ -148,6 +148,11 @@ def test_eval_and_generate_errors_are_clear(saved, tmp_path):
     assert "temperature > 0" in _fails("generate", saved / "model", "--prompt", "x", "--temperature", 0)
     (tmp_path / "config.json").write_text("{}")
     assert "no tokenizer saved" in _fails("generate", tmp_path, "--prompt", "x")
+    assert "unknown device 'banana'" in _fails("generate", saved / "model", "--prompt", "x", "--device", "banana")
+    assert "greater than or equal to 2" in _fails("eval", saved / "model", "--data", saved / "text.txt",
+                                                  "--max-tokens", -3)  # fmt: skip
+    assert "--lengths takes comma-separated integers >= 1, got '16,x'" in _fails(
+        "eval", saved / "model", "--data", saved / "text.txt", "--lengths", "16,x")
 
 
 def _greedy(model, ids: list[int], steps: int) -> list[int]:

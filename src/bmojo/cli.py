@@ -76,7 +76,7 @@ def _parity_and_cache(name: str, lengths: tuple[int, ...], seed: int = 0) -> dic
 @app.command()
 def archs(lengths: str = typer.Option("256,2048", help="context lengths for the cache-size columns")) -> None:
     """Build every architecture, check parallel == recurrent, and show how its cache grows with context."""
-    ctx = tuple(int(x) for x in lengths.split(","))
+    ctx = tuple(_csv_ints(lengths, "--lengths"))
     table = Table(title="bmojo architectures (tiny size, window 16)")
     for col in ["preset", "layers", "params", "max |full - cached|", *[f"cache @ {n}" for n in ctx]]:
         table.add_column(col, justify="right" if col != "preset" else "left")
@@ -100,6 +100,8 @@ def archs(lengths: str = typer.Option("256,2048", help="context lengths for the 
 @app.command()
 def info(size: str = typer.Option("130m", help=f"one of {', '.join(SIZES)}")) -> None:
     """Parameter count and layer pattern of every preset at a size (counted without allocating weights)."""
+    if size not in SIZES:
+        raise typer.BadParameter(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
     table = Table(title=f"presets at size {size}")
     for col in ["preset", "layers", "hidden", "params"]:
         table.add_column(col)
@@ -155,13 +157,31 @@ def _results_table(rows: list[dict[str, Any]], title: str, varied: list[str] | N
     return table
 
 
-def _csv_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _csv_ints(text: str, option: str, minimum: int = 1) -> list[int]:
+    """Comma-separated integers of at least ``minimum``; ``typer.BadParameter`` naming ``option`` otherwise."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < minimum:
+        raise typer.BadParameter(f"{option} takes comma-separated integers >= {minimum}, got {text!r}")
+    return values
+
+
+def _device(name: str) -> torch.device:
+    """``torch.device(name)``; ``typer.BadParameter`` for an unknown one or CUDA that this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise typer.BadParameter(f"unknown device {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter(f"device {name!r} requested but CUDA is not available")
+    return device
 
 
 @app.command()
 def demo(
-    steps: int | None = typer.Option(None, help=f"training steps per model (default {DEMO_BASE['steps']})"),
+    steps: int | None = typer.Option(None, min=1, help=f"training steps per model (default {DEMO_BASE['steps']})"),
     seed: int = typer.Option(0, help="seed of data and initialisation"),
     out: Path = typer.Option(Path("runs/demo"), help="output directory"),
 ) -> None:
@@ -190,7 +210,7 @@ def recall(
     archs: str | None = typer.Option(None, help="comma-separated presets, e.g. swa,mamba,bmojo"),
     seq_lens: str | None = typer.Option(None, help="comma-separated sequence lengths"),
     seeds: str | None = typer.Option(None, help="comma-separated seeds"),
-    steps: int | None = typer.Option(None, help="training steps per run"),
+    steps: int | None = typer.Option(None, min=1, help="training steps per run"),
     out: Path = typer.Option(Path("runs/recall"), help="output directory"),
 ) -> None:
     """Sweep architectures x sequence lengths x memory budgets x seeds on a recall task."""
@@ -201,8 +221,8 @@ def recall(
     if steps is not None:
         base["steps"] = steps
     arch_list = archs.split(",") if archs else spec.get("archs", ["swa", "mamba", "jamba", "bmojo-f", "bmojo"])
-    lengths = _csv_ints(seq_lens) if seq_lens else spec.get("seq_lens", [base.get("seq_len", 128)])
-    seed_list = _csv_ints(seeds) if seeds else spec.get("seeds", [0])
+    lengths = _csv_ints(seq_lens, "--seq-lens") if seq_lens else spec.get("seq_lens", [base.get("seq_len", 128)])
+    seed_list = _csv_ints(seeds, "--seeds", minimum=0) if seeds else spec.get("seeds", [0])
     budgets = spec.get("budgets", [{}])
     runs = []
     for a in arch_list:
@@ -256,7 +276,7 @@ def eval_command(
     context_length: int = typer.Option(256, help="tokens per evaluation window"),
     stride: int | None = typer.Option(None, help="window step (default: the context length, no overlap)"),
     batch_size: int = typer.Option(4, help="windows per forward pass"),
-    max_tokens: int | None = typer.Option(None, help="evaluate only the first this many tokens"),
+    max_tokens: int | None = typer.Option(None, min=2, help="evaluate only the first this many tokens"),
     lengths: str | None = typer.Option(None, help="comma-separated context lengths: a length-generalisation sweep"),
     train_length: int | None = typer.Option(None, help="training context length, marked on the sweep's plot"),
     val_fraction: float = typer.Option(0.05, help="validation fraction of the corpus split (as in training)"),
@@ -274,7 +294,7 @@ def eval_command(
         corpus = load_corpus(data, tok, cache_dir, 0.0 if split == "all" else val_fraction, seed, errors)
     except (DataError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
-    model = BMojoForCausalLM.from_pretrained(model_dir).to(device).eval()
+    model = BMojoForCausalLM.from_pretrained(model_dir).to(_device(device)).eval()
     tokens = corpus.val if split == "val" else corpus.train
     num_bytes = corpus.num_bytes_val if split == "val" else corpus.num_bytes_train
     if max_tokens is not None and max_tokens < len(tokens):
@@ -283,7 +303,8 @@ def eval_command(
     with _progress(f"evaluating {len(tokens):,} tokens") as on_batch:
         try:
             if lengths:
-                rows = length_generalisation(model, tokens, _csv_ints(lengths), batch_size, num_bytes, on_batch)
+                rows = length_generalisation(model, tokens, _csv_ints(lengths, "--lengths"), batch_size, num_bytes,
+                                             on_batch)  # fmt: skip
             else:
                 rows = [perplexity(model, tokens, context_length, batch_size, stride, num_bytes, on_batch)]
         except ValueError as e:
@@ -326,7 +347,7 @@ def generate(
     if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
         raise typer.BadParameter("need temperature > 0, 0 < top_p <= 1, top_k >= 0 and max_new_tokens >= 1")
     tok = _tokenizer_for(model_dir, tokenizer)
-    model = BMojoForCausalLM.from_pretrained(model_dir).to(device).eval()
+    model = BMojoForCausalLM.from_pretrained(model_dir).to(_device(device)).eval()
     if compile:
         model.forward = torch.compile(model.forward)
     ids = tok.encode(prompt) or ([] if tok.eos_id is None else [tok.eos_id])
@@ -401,7 +422,7 @@ def prime(
              "attention_block_size": attention_block_size}  # fmt: skip
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
-        chosen = layers if layers == "every-second" else _csv_ints(layers)
+        chosen = layers if layers == "every-second" else _csv_ints(layers, "--layers", minimum=0)
         source = load_source(src)
         primed = prime_model(source, chosen, kind, seed, **overrides)
     except (ValueError, TypeError, FileNotFoundError) as e:
@@ -449,8 +470,9 @@ def bench(
     """Training, prefill and decode tokens/s and peak memory vs context length, against an equal-size Transformer."""
     try:
         settings = BenchSettings(
-            presets=presets.split(","), size=size, lengths=_csv_ints(lengths), modes=modes.split(","), batch=batch,
-            repeats=repeats, warmup=warmup, decode_steps=decode_steps, threads=threads, device=device,
+            presets=presets.split(","), size=size, lengths=_csv_ints(lengths, "--lengths"),
+            modes=modes.split(","), batch=batch, repeats=repeats, warmup=warmup, decode_steps=decode_steps,
+            threads=threads, device=device,
             overrides=parse_overrides(overrides or []), memory=memory, dtype=dtype, compile=compile,
             compile_mode=compile_mode, compile_options=parse_overrides(compile_options or [], nested=False),
         )  # fmt: skip
