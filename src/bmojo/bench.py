@@ -121,12 +121,18 @@ class BenchSettings:
             raise ValueError(f"unknown config fields in overrides: {unknown}")
         for preset in self.presets:  # a bad value of a field raises here, naming it
             BMojoConfig.from_preset(preset, self.size, **self.overrides)
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as e:
-            raise ValueError(f"unknown device {self.device!r}") from e
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        parse_device(self.device)
+
+
+def parse_device(name: str) -> torch.device:
+    """``torch.device(name)``; ``ValueError`` for an unknown device, or CUDA where this machine has none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
 
 
 def matched_transformer(target: BMojoConfig, size: str, overrides: dict[str, Any] | None = None) -> BMojoConfig:

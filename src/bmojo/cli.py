@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 from rich.table import Table
 
-from bmojo.bench import BenchSettings, ratio_summary, results_table, run_bench, write_outputs
+from bmojo.bench import BenchSettings, parse_device, ratio_summary, results_table, run_bench, write_outputs
 from bmojo.data import MARKER as TOKENIZER_MARKER
 from bmojo.data import DataError, Tokenizer, load_corpus, load_tokenizer
 from bmojo.evaluate import length_generalisation, perplexity, plot_length_generalisation, write_rows
@@ -169,14 +169,11 @@ def _csv_ints(text: str, option: str, minimum: int = 1) -> list[int]:
 
 
 def _device(name: str) -> torch.device:
-    """``torch.device(name)``; ``typer.BadParameter`` for an unknown one or CUDA that this machine lacks."""
+    """:func:`bmojo.bench.parse_device`, its ``ValueError`` as ``typer.BadParameter``."""
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise typer.BadParameter(f"unknown device {name!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter(f"device {name!r} requested but CUDA is not available")
-    return device
+        return parse_device(name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 @app.command()
