@@ -87,6 +87,29 @@ def test_mixer_matches_naive_union_softmax(name):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["bmojo", "bmojo-f", "swa"])
+@pytest.mark.parametrize("length", [6, 12])
+def test_a_window_holding_the_whole_sequence_reads_out_by_causal_attention(monkeypatch, name, length):
+    """With a window of 12 and no more tokens, nothing leaves the window (empty memories, no fading key seen): the
+    read-out is causal attention, not the union, with the naive union's output, and decoding continues it exactly."""
+    import bmojo.layers.bmojo as mixer_module
+
+    m = make(**CONFIGS[name], window=12)
+    h = torch.randn(2, 16, D)
+    unions = []
+    union = mixer_module.union_attention
+    monkeypatch.setattr(mixer_module, "union_attention", lambda *a: unions.append(1) or union(*a))
+    with torch.no_grad():
+        out, _, _ = m(h[:, :length])
+        assert not unions
+        torch.testing.assert_close(out, naive_mixer(m, h[:, :length]), atol=1e-5, rtol=1e-4)
+        state = MixerState()
+        first, _, _ = m(h[:, :length], state)
+        rest = [m(h[:, t : t + 1], state)[0] for t in range(length, 16)]
+        torch.testing.assert_close(torch.cat([first, *rest], 1), m(h)[0], atol=1e-5, rtol=1e-4)
+    assert unions  # 16 tokens: the window no longer holds them all
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("prefill", [1, 3, 4, 5, 8, 9, 16])
 def test_prefill_then_steps_equals_parallel(name, prefill):

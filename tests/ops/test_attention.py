@@ -487,6 +487,21 @@ def test_union_attention_rejects_inputs_that_do_not_fit(impl):
             union_attention(*args, impl=impl)
 
 
+@pytest.mark.parametrize("w", [8, 20])
+def test_union_attention_cuts_bands_to_the_sequence(monkeypatch, w):
+    """Of 12 queries, a window of 8 sees a fading band reaching to 15 (cut to 11), one of 20 none (left out, and the
+    window cut to 11): the implementation gets the cut bands, and the reference's result."""
+    q, bands, memory = _union_inputs(1, 2, 2, 12, 8, w, True, 2, 4)
+    seen = []
+    blocks = attention.blocks_union_attention
+    monkeypatch.setattr(attention, "blocks_union_attention", lambda q, b, *a: seen.append(b) or blocks(q, b, *a))
+    o, lse = union_attention(q, bands, memory)
+    assert [(band.lo, band.hi) for band in seen[0]] == ([(0, 7), (8, 11)] if w == 8 else [(0, 11)])
+    o_ref, lse_ref = union_attention_ref(q, bands, memory)
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_blocks_kernel_ops_pass_opcheck():
     """The custom ops behind the CPU read-out have consistent fake (meta) implementations, autograd registration and
     schemas (``torch.library.opcheck``), so ``torch.compile`` can keep them whole."""

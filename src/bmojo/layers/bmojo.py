@@ -293,29 +293,28 @@ class BMojoMixer(nn.Module):
         rope = self.attn.rope(pos)
         q = self.attn.queries(h, rope)
         k, v = self.attn.keys_values(h, rope)
-        aux = scores = fading = None
-        if self.fading is False and self.memory is None and w is None:
-            o = causal_attention(q, k, v)
-        else:
-            bands = [Band(k, v, 0, None if w is None else w - 1)]
-            if self.fading:
-                # no query sees the fading keys of the last w positions (the recurrent state keeps their tokens)
-                seen = max(0, length - w)
-                rope_f = None if rope is None else (rope[0][:seen], rope[1][:seen])
-                fading = self.attn.keys_values(f[:, :seen], rope_f, self.fading_k_proj, self.fading_v_proj)
-                bands.append(Band(*(F.pad(x, (0, 0, 0, length - seen)) for x in fading), w, 2 * w - 1))
-            eidetic = None
-            if self.memory is not None:
-                f_prev = F.pad(f[:, :-1], (0, 0, 1, 0))
-                scores, aux = self.memory.score(h, f_prev, pos)
-                # memories of every chunk, plus the one holding the next position (recurrent state, storage)
-                memories = chunk_memories(scores, w, self.memory.chunk_size, self.memory.size,
-                                          length // self.memory.chunk_size + 1)  # fmt: skip
-                eidetic = self._eidetic_memory(k, v, memories, state)
-            retrieve = self.store is not None and (state is not None or self.storage.in_batch)
+        aux = scores = fading = eidetic = None
+        bands = [Band(k, v, 0, None if w is None else w - 1)]
+        if self.fading:
+            # no query sees the fading keys of the last w positions (the recurrent state keeps their tokens)
+            seen = max(0, length - w)
+            rope_f = None if rope is None else (rope[0][:seen], rope[1][:seen])
+            fading = self.attn.keys_values(f[:, :seen], rope_f, self.fading_k_proj, self.fading_v_proj)
+            bands.append(Band(*(F.pad(x, (0, 0, 0, length - seen)) for x in fading), w, 2 * w - 1))
+        if self.memory is not None:
+            f_prev = F.pad(f[:, :-1], (0, 0, 1, 0))
+            scores, aux = self.memory.score(h, f_prev, pos)
+            # memories of every chunk, plus the one holding the next position (recurrent state, storage)
+            memories = chunk_memories(scores, w, self.memory.chunk_size, self.memory.size,
+                                      length // self.memory.chunk_size + 1)  # fmt: skip
+            eidetic = self._eidetic_memory(k, v, memories, state)
+        retrieve = self.store is not None and (state is not None or self.storage.in_batch)
+        if retrieve or (w is not None and w < length):
             o, lse = union_attention(q, bands, eidetic, self.block_size, self.attention_impl)
             if retrieve:
                 o, _ = merge_attention([(o, lse), self._storage_attention(q, k, v, memories[0], state)])
+        else:  # each query's window holds every earlier token: the memories stay empty, the fading band unseen
+            o = causal_attention(q, k, v)
         out = self.attn.output(o)
 
         if state is not None:

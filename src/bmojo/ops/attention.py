@@ -765,9 +765,14 @@ def union_attention(
     ``"auto"``: ours where ``bmojo.ops.triton.use_triton`` allows it (CUDA tensors, or kernel mode ``triton``), there
     are at most two bands and some tiles of our kernels fit the GPU's shared memory; else FlexAttention where
     ``use_fused_cuda`` allows it; else blocks where it applies (CPU, finite bands, kernel mode not ``reference``);
-    else merge. Inputs are checked first (:func:`check_union_inputs`).
+    else merge. Inputs are checked first (:func:`check_union_inputs`); a band reaching past the sequence is cut to it
+    and one wholly past it left out (the blocks and kernels would score padding: a window of 2048 over 512 tokens
+    took 4x the time of one of 512, for the same result).
     """
     check_union_inputs(q, bands, memory)
+    length = q.shape[2]
+    bands = [Band(band.k, band.v, band.lo, None if band.hi is None else min(band.hi, max(length - 1, band.lo)))
+             for band in [band for band in bands if band.lo < length] or bands[:1]]  # fmt: skip
     if impl == "auto":
         inputs = [x for band in bands for x in (band.k, band.v)] + ([] if memory is None else [memory.k, memory.v])
         if len(bands) <= 2 and use_triton(q, *inputs, differentiable=True) and _triton_tiles(q, bands, memory):
