@@ -754,6 +754,14 @@ def check_union_inputs(q: torch.Tensor, bands: list[Band], memory: ChunkMemory |
         raise ValueError(f"queries, keys and values must share one dtype, got {sorted(map(str, dtypes))}")
 
 
+def _cut_to(bands: list[Band], length: int) -> list[Band]:
+    """The ``bands`` of a sequence of ``length`` positions as far as they reach into it: ``hi`` at most ``length -
+    1``, and a band beyond it (``lo >= length``) left out, unless it is the only one."""
+    inside = [band for band in bands if band.lo < length] or bands[:1]
+    return [Band(band.k, band.v, band.lo, None if band.hi is None else min(band.hi, max(length - 1, band.lo)))
+            for band in inside]  # fmt: skip
+
+
 def union_attention(
     q: torch.Tensor, bands: list[Band], memory: ChunkMemory | None = None, block_size: int = 64, impl: str = "auto"
 ) -> AttnOut:
@@ -770,9 +778,7 @@ def union_attention(
     took 4x the time of one of 512, for the same result).
     """
     check_union_inputs(q, bands, memory)
-    length = q.shape[2]
-    bands = [Band(band.k, band.v, band.lo, None if band.hi is None else min(band.hi, max(length - 1, band.lo)))
-             for band in [band for band in bands if band.lo < length] or bands[:1]]  # fmt: skip
+    bands = _cut_to(bands, q.shape[2])
     if impl == "auto":
         inputs = [x for band in bands for x in (band.k, band.v)] + ([] if memory is None else [memory.k, memory.v])
         if len(bands) <= 2 and use_triton(q, *inputs, differentiable=True) and _triton_tiles(q, bands, memory):
