@@ -775,7 +775,7 @@ def union_attention(
     ``use_fused_cuda`` allows it; else blocks where it applies (CPU, finite bands, kernel mode not ``reference``);
     else merge. Inputs are checked first (:func:`check_union_inputs`); a band reaching past the sequence is cut to it
     and one wholly past it left out (the blocks and kernels would score padding: a window of 2048 over 512 tokens
-    took 4x the time of one of 512, for the same result).
+    took 4.6x the time of one of 512, for the same result).
     """
     check_union_inputs(q, bands, memory)
     bands = _cut_to(bands, q.shape[2])
