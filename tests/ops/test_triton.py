@@ -257,9 +257,9 @@ def test_inputs_too_large_for_32_bit_offsets_are_refused(kernel_mode):
     assert kernels.offsets_fit(torch.empty(2**20, 2**12, device="meta"))  # the batch entries' own offsets are 64-bit
     broadcast = torch.empty(2, 1, 1, device="meta").expand(2, 2**16, 2**15 + 1)  # strides 0, outputs of its shape
     assert not kernels.offsets_fit(broadcast) and kernels.offsets_fit(broadcast[:, :, : 2**15])
-    kernels.check_inputs({}, fits)
+    kernels.check_inputs(fits)
     with pytest.raises(ValueError, match="32-bit offsets"):
-        kernels.check_inputs({}, fits, huge)
+        kernels.check_inputs(fits, huge)
 
 
 def test_kernels_need_a_torch_that_registers_triton_ops(kernel_mode, monkeypatch):

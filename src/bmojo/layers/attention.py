@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bmojo.layers.checks import check_sizes
 from bmojo.layers.linear import Linear
 from bmojo.layers.norm import RMSNorm
 from bmojo.layers.rotary import RotaryEmbedding, apply_rotary
@@ -40,9 +41,7 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if min(hidden_size, num_heads, num_kv_heads, head_dim or 1) < 1:
-            raise ValueError(f"hidden_size, num_heads, num_kv_heads and head_dim must be >= 1, got {hidden_size}, "
-                             f"{num_heads}, {num_kv_heads}, {head_dim}")  # fmt: skip
+        check_sizes(hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim or 1)
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(f"num_attention_heads ({num_heads}) must divide hidden_size ({hidden_size})")

@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def check_sizes(**sizes: int) -> None:
+    """``ValueError`` naming the first of ``sizes`` (a layer's constructor arguments) below 1."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def check_hidden_states(h: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> None:
     """``ValueError`` unless ``h`` is ``[batch >= 1, length >= 1, hidden_size]``; ``TypeError`` unless it is of the
     layer's weights' ``dtype`` (any floating dtype under autocast)."""

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmojo.layers.checks import check_hidden_states
+from bmojo.layers.checks import check_hidden_states, check_sizes
 from bmojo.layers.linear import Linear
 from bmojo.layers.norm import GatedRMSNorm, RMSNorm
+from bmojo.ops import check_shapes
 from bmojo.ops.conv import causal_conv1d, causal_conv1d_step
 from bmojo.ops.selective_scan import selective_scan, selective_scan_step
 from bmojo.ops.ssd import ssd_scan, ssd_step
@@ -63,13 +64,6 @@ class SegmentedSSM(nn.Module):
 
     segment_length: int = 4096
 
-    @staticmethod
-    def _check_sizes(**sizes: int) -> None:
-        """``ValueError`` naming the first size below 1."""
-        for name, value in sizes.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-
     def forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
         """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``."""
         self._check_inputs(h, state)
@@ -90,9 +84,7 @@ class SegmentedSSM(nn.Module):
         :meth:`state_shapes`."""
         check_hidden_states(h, self.hidden_size, self.in_proj.weight.dtype)
         if state is not None:
-            for name, x, shape in zip(("conv", "ssm"), (state.conv, state.ssm), self.state_shapes(h.shape[0])):
-                if tuple(x.shape) != shape:
-                    raise ValueError(f"state.{name} must have shape {shape} for this batch, got {tuple(x.shape)}")
+            check_shapes(zip(("state.conv", "state.ssm"), (state.conv, state.ssm), self.state_shapes(h.shape[0])))
 
 
 class Mamba(SegmentedSSM):
@@ -114,8 +106,8 @@ class Mamba(SegmentedSSM):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self._check_sizes(hidden_size=hidden_size, state_size=state_size, expand=expand, conv_kernel=conv_kernel,
-                          dt_rank=dt_rank or 1)  # fmt: skip
+        check_sizes(hidden_size=hidden_size, state_size=state_size, expand=expand, conv_kernel=conv_kernel,
+                    dt_rank=dt_rank or 1)  # fmt: skip
         self.hidden_size = hidden_size
         self.intermediate_size = e = expand * hidden_size
         self.ssm_state_size = n = state_size
@@ -182,8 +174,8 @@ class Mamba2(SegmentedSSM):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self._check_sizes(hidden_size=hidden_size, state_size=state_size, expand=expand, head_dim=head_dim,
-                          n_groups=n_groups, conv_kernel=conv_kernel, chunk_size=chunk_size)  # fmt: skip
+        check_sizes(hidden_size=hidden_size, state_size=state_size, expand=expand, head_dim=head_dim,
+                    n_groups=n_groups, conv_kernel=conv_kernel, chunk_size=chunk_size)  # fmt: skip
         self.hidden_size = hidden_size
         self.intermediate_size = e = expand * hidden_size
         if e % head_dim:

@@ -1,1 +1,15 @@
 """Sequence-mixing kernels in pure PyTorch: attention, Mamba-1 selective scan, Mamba-2 SSD."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def check_shapes(expected: Iterable[tuple[str, torch.Tensor | None, tuple[int, ...]]]) -> None:
+    """Raise ``ValueError`` naming the first ``(name, tensor, shape)`` whose tensor has another shape (``None``: an
+    absent input, not checked)."""
+    for name, t, shape in expected:
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bmojo.ops import check_shapes
 from bmojo.ops.triton import kernels, lookup_once, use_fused_cuda, use_triton
 
 AttnOut = tuple[torch.Tensor, torch.Tensor]
@@ -91,10 +92,7 @@ def step_attention(
     if m != 1:
         raise ValueError(f"step_attention takes one query per head, got {m}")
     hkv, n_keys = k.shape[1], k.shape[2]
-    for name, x, shape in (("k", k, (b, hkv, n_keys, d)), ("v", v, (b, hkv, n_keys, d)),
-                           ("visible", visible, (b, n_keys))):  # fmt: skip
-        if x is not None and tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    check_shapes([("k", k, (b, hkv, n_keys, d)), ("v", v, (b, hkv, n_keys, d)), ("visible", visible, (b, n_keys))])
     if visible is not None and visible.dtype != torch.bool:
         raise ValueError(f"visible must be bool, got {visible.dtype}")
     g = _group(q, hkv).shape[2]
@@ -127,8 +125,6 @@ def banded_attention(
     Blocks are grouped into segments of about ``SEGMENT_BYTES`` of scores, computed one after the
     other and recomputed in backward: only ``q, k, v`` are saved, so training memory is ``O(L * d)``.
     """
-    if lo < 0 or (hi is not None and hi < lo):
-        raise ValueError(f"invalid band lo={lo}, hi={hi}")
     check_union_inputs(q, [Band(k, v, lo, hi)], None)
     b, hq, length, d = q.shape
     hi = length - 1 if hi is None else min(hi, length - 1)
@@ -730,26 +726,24 @@ def check_union_inputs(q: torch.Tensor, bands: list[Band], memory: ChunkMemory |
     b, _, length, d = q.shape
     first = bands[0].k if bands else memory.k
     hkv = first.shape[1] if first.dim() > 1 else -1  # (a tensor of too few dimensions fails the shapes below)
-    expected = {f"bands[{i}].{n}": (x, (b, hkv, length, d)) for i, band in enumerate(bands)
-                for n, x in (("k", band.k), ("v", band.v))}  # fmt: skip
+    shapes = [(f"bands[{i}].{n}", x, (b, hkv, length, d)) for i, band in enumerate(bands)
+              for n, x in (("k", band.k), ("v", band.v))]  # fmt: skip
     if memory is not None:
         n_chunks, slots = memory.k.shape[2:4] if memory.k.dim() == 5 else (0, 0)
-        expected |= {"memory.k": (memory.k, (b, hkv, n_chunks, slots, d)),
-                     "memory.v": (memory.v, (b, hkv, n_chunks, slots, d)),
-                     "memory.valid": (memory.valid, (b, n_chunks, slots))}  # fmt: skip
-    for name, (x, shape) in expected.items():
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+        shapes += [("memory.k", memory.k, (b, hkv, n_chunks, slots, d)),
+                   ("memory.v", memory.v, (b, hkv, n_chunks, slots, d)),
+                   ("memory.valid", memory.valid, (b, n_chunks, slots))]  # fmt: skip
+    check_shapes(shapes)
     _group(q, hkv)
     if any(band.lo < 0 or (band.hi is not None and band.hi < band.lo) for band in bands):
-        raise ValueError(f"bands need 0 <= lo <= hi, got {[(band.lo, band.hi) for band in bands]}")
+        raise ValueError(f"invalid band: bands need 0 <= lo <= hi, got {[(band.lo, band.hi) for band in bands]}")
     if memory is not None:
         if memory.valid.dtype != torch.bool:
             raise ValueError(f"memory.valid must be bool, got {memory.valid.dtype}")
         if memory.chunk < 1 or memory.k.shape[2] * memory.chunk < length:
             raise ValueError(f"memory has {memory.k.shape[2]} chunks of {memory.chunk}, fewer than the {length} "
                              "queries need")  # fmt: skip
-    dtypes = {x.dtype for x, _ in expected.values() if x is not getattr(memory, "valid", None)} | {q.dtype}
+    dtypes = {x.dtype for name, x, _ in shapes if name != "memory.valid"} | {q.dtype}
     if len(dtypes) > 1:
         raise ValueError(f"queries, keys and values must share one dtype, got {sorted(map(str, dtypes))}")
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bmojo.ops import check_shapes
 from bmojo.ops.triton import use_triton
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
@@ -39,11 +40,8 @@ def check_scan_inputs(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     if A.dim() != 2 or A.shape[0] != e:
         raise ValueError(f"A must be [{e}, state], got shape {tuple(A.shape)}")
     n = A.shape[1]
-    expected = [("delta", delta, (bsz, length, e)), ("B", B, (bsz, length, n)), ("C", C, (bsz, length, n)),
-                ("initial_state", initial_state, (bsz, e, n))]  # fmt: skip
-    for name, t, shape in expected:
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    check_shapes([("delta", delta, (bsz, length, e)), ("B", B, (bsz, length, n)), ("C", C, (bsz, length, n)),
+                ("initial_state", initial_state, (bsz, e, n))])  # fmt: skip
 
 
 def selective_scan_ref(

@@ -27,6 +27,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from bmojo.ops import check_shapes
 from bmojo.ops.triton import lookup_once, needs_grad, use_fused_cuda, use_triton
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
@@ -50,11 +51,8 @@ def check_ssd_inputs(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
     _heads_per_group(heads, g)
-    expected = [("dt", dt, (bsz, length, heads)), ("A", A, (heads,)), ("B", B, (bsz, length, g, n)),
-                ("C", C, (bsz, length, g, n)), ("initial_state", initial_state, (bsz, heads, p, n))]  # fmt: skip
-    for name, t, shape in expected:
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    check_shapes([("dt", dt, (bsz, length, heads)), ("A", A, (heads,)), ("B", B, (bsz, length, g, n)),
+                ("C", C, (bsz, length, g, n)), ("initial_state", initial_state, (bsz, heads, p, n))])  # fmt: skip
 
 
 def ssd_step(

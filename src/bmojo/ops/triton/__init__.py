@@ -109,13 +109,9 @@ def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> b
     return all(t.is_cuda and offsets_fit(t) for t in present) and triton_available()
 
 
-def check_inputs(expected: dict[str, tuple[torch.Tensor, tuple[int, ...]]], *tensors: torch.Tensor | None) -> None:
-    """Raise ``ValueError`` naming the first input of ``expected`` (name: (tensor, shape)) whose shape differs, or if
-    ``tensors`` lie on more than one device, or one of them is too large for the kernels' offsets
-    (:func:`offsets_fit`)."""
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+def check_inputs(*tensors: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` if ``tensors`` lie on more than one device, or one of them is too large for the kernels'
+    offsets (:func:`offsets_fit`); their shapes are checked beside the PyTorch ops (``bmojo.ops.check_shapes``)."""
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")

@@ -486,7 +486,7 @@ def union_attention_triton(
     check_union_inputs(q, bands, memory)
     d, length = q.shape[3], q.shape[2]
     band_tensors = [x for band in bands for x in (band.k, band.v)]
-    check_inputs({}, q, *band_tensors, *([] if memory is None else [memory.k, memory.v, memory.valid]))
+    check_inputs(q, *band_tensors, *([] if memory is None else [memory.k, memory.v, memory.valid]))
     spans = [(band.lo, length if band.hi is None else band.hi) for band in bands] + [(0, -1)]
     k, v = (torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0) for xs in (band_tensors[::2], band_tensors[1::2]))
     mk, mv, valid, chunk = (None, None, None, 1) if memory is None else (memory.k, memory.v, memory.valid, memory.chunk)

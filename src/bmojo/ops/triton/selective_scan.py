@@ -144,7 +144,7 @@ def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
                   initial_state: torch.Tensor | None) -> None:  # fmt: skip
     """``bmojo.ops.selective_scan.check_scan_inputs``, then one device and sizes the kernels' offsets hold."""
     check_scan_inputs(u, delta, A, B, C, initial_state)
-    check_inputs({}, u, delta, A, B, C, initial_state)
+    check_inputs(u, delta, A, B, C, initial_state)
 
 
 def _launch(u: torch.Tensor, block_e: int, block_n: int) -> tuple[tuple[int, int], int]:

@@ -276,7 +276,7 @@ def _check_shapes(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
                   initial_state: torch.Tensor | None) -> None:  # fmt: skip
     """``bmojo.ops.ssd.check_ssd_inputs``, then one device and sizes the kernels' offsets hold."""
     check_ssd_inputs(x, dt, A, B, C, initial_state)
-    check_inputs({}, x, dt, A, B, C, initial_state)
+    check_inputs(x, dt, A, B, C, initial_state)
 
 
 # Without gradients the forward walks the sequence in pieces whose chunks' states take at most this many bytes by
