@@ -50,7 +50,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--chunks", default="", help="comma-separated chunk sizes of our kernels to time as well")
     parser.add_argument("--block-p", default="", help="comma-separated head dims per forward program to time as well")
-    parser.add_argument("--bwd-block-p", default="", help="the same for the backward's programs (its own: BWD_BLOCK_P)")
+    parser.add_argument(
+        "--bwd-block-p", default="", help="the same for the backward's programs (its own: kernel_tiles)"
+    )
     args = parser.parse_args()
     chunks, block_ps, bwd_block_ps = (_sizes(listed) for listed in (args.chunks, args.block_p, args.bwd_block_p))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,8 +83,9 @@ def main() -> None:
             rows.append((f"ours, forward programs of {block} head dims",
                          functools.partial(ours.ssd_scan_triton, block_p=block), True, {}))  # fmt: skip
         for block in bwd_block_ps:
+            tiles = functools.partial(lambda n, block: (*ours.kernel_tiles(n)[:2], block), block=block)
             rows.append((f"ours, backward programs of {block} head dims", ours.ssd_scan_triton, True,
-                         {"BWD_BLOCK_P": block}))  # fmt: skip
+                         {"kernel_tiles": tiles}))  # fmt: skip
         if fla_available():
             rows.append(("fla chunk_simple_gla", ssd_scan_fla, fla_backward_supported(dev), {}))
     for name, scan, backward, settings in rows:

@@ -39,7 +39,6 @@ from bmojo.ops.attention import parse_triton_tiles  # noqa: E402
 from bmojo.ops.triton.attention import fit_tiles, readout_kernels, shared_bound  # noqa: E402
 from bmojo.ops.triton.selective_scan import _selective_scan_bwd_kernel, _selective_scan_fwd_kernel  # noqa: E402
 from bmojo.ops.triton.ssd import (  # noqa: E402
-    BWD_BLOCK_P,
     _ssd_bwd_chunk_kernel,
     _ssd_bwd_states_kernel,
     _ssd_fwd_output_kernel,
@@ -139,11 +138,11 @@ def main() -> None:
     if args.tiles:
         return
     for n in (16, 64, 128):  # the presets' state, and converted Mamba-2 checkpoints'
-        chunk, warps = kernel_tiles(n)
+        chunk, warps, bwd_block_p = kernel_tiles(n)
         tf32 = {"PRECISION": "tf32"}
         kernels = ((_ssd_fwd_own_kernel, 32, tf32), (_ssd_fwd_states_kernel, 32, {"HAS_H0": True}),
-                   (_ssd_fwd_output_kernel, 32, tf32), (_ssd_bwd_states_kernel, BWD_BLOCK_P, tf32),
-                   (_ssd_bwd_chunk_kernel, BWD_BLOCK_P, tf32))  # fmt: skip
+                   (_ssd_fwd_output_kernel, 32, tf32), (_ssd_bwd_states_kernel, bwd_block_p, tf32),
+                   (_ssd_bwd_chunk_kernel, bwd_block_p, tf32))  # fmt: skip
         cells = []
         for kernel, block_p, extra in kernels:  # the forward's 32 head dims a program: ssd_scan_triton's default
             report = compile_report(kernel, dict(BLOCK_Q=chunk, BLOCK_N=n, BLOCK_P=block_p, **extra), warps, 3)

@@ -73,14 +73,15 @@ def ssd_inputs(bsz: int, length: int, heads: int, p: int, groups: int, n: int, h
 # (batch, length, heads, head dim, B/C groups, state, initial state, kernel options): a length that does not fill
 # its last chunk, 2 heads per group, a state below 16 (padded for tl.dot); one step with a head dim that is not a
 # power of two; several chunks with two programs per head; strong decay (exp(dt * A) down to about 1e-13 a step);
-# a state above 32 (the kernels' own 16-step chunks, kernel_tiles); without gradients, the sequence in pieces of
+# a state above 32 (the kernels' own 16-step chunks, and 16 head dimensions a backward program: kernel_tiles) with a
+# head dim of 40 (three backward programs a head, the last half empty); without gradients, the sequence in pieces of
 # chunks (states_bytes), without and with an initial state
 SSD_SHAPES = [
     (2, 37, 4, 16, 2, 8, True, {}),
     (1, 1, 2, 24, 1, 5, False, {}),
     (1, 70, 2, 64, 1, 16, True, {"chunk_size": 16, "block_p": 32}),
     (1, 50, 2, 16, 1, 4, True, {"decay": 30.0}),
-    (1, 45, 2, 16, 1, 40, True, {}),
+    (1, 45, 2, 40, 1, 40, True, {}),
     (2, 83, 2, 32, 1, 8, False, {"chunk_size": 16, "states_bytes": 3 * 2 * 2 * 32 * 8 * 4}),  # pieces of 3 chunks
     (1, 64, 2, 16, 1, 8, True, {"chunk_size": 16, "states_bytes": 2 * 2 * 16 * 8 * 4}),  # 2 pieces of 2, from h0
 ]

@@ -11,7 +11,7 @@ element, head, block of ``BLOCK_P`` head dimensions) walking the chunks in order
 registers (no products), writing each chunk's incoming state (which the backward reads too) and the final state;
 then every chunk's outputs at once. No ``[chunks, Q, Q]`` intermediate reaches memory.
 
-Backward, two kernels: a program per (batch element, head, block of :data:`BWD_BLOCK_P` head dimensions) walks the
+Backward, two kernels: a program per (batch element, head, block of head dimensions, :func:`kernel_tiles`) walks the
 chunks in reverse carrying only the gradient of the state (one product a chunk) and writes each chunk's
 outgoing-state gradient; then a program per (chunk, head, batch element, block of head dimensions), all chunks at
 once, recomputes its chunk's products and writes its gradients. ``dt, B, C`` and ``A`` gradients come out per head
@@ -325,23 +325,19 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return y, final, chunk_states
 
 
-# Head dimensions per backward program: at 32-step chunks and a state of 16, compiled for sm_90a
-# (benchmarks/kernel_registers.py), the chunk kernel holds 16 in 181 registers a thread and 32 in 255, without
-# spilling (64 spills 224 bytes); fewer head dimensions mean more programs, each recomputing its chunk's [Q, Q]
-# products (`bench_ssd.py --bwd-block-p` times the others).
-BWD_BLOCK_P = 16
+def kernel_tiles(n: int) -> tuple[int, int, int]:
+    """``(steps per chunk, warps, head dimensions per backward program)`` of the kernels for state size ``n``.
 
-
-def kernel_tiles(n: int) -> tuple[int, int]:
-    """``(steps per chunk, warps)`` of the kernels for state size ``n``: what keeps their tiles in registers, compiled
-    for sm_90a (benchmarks/kernel_registers.py, the backward at :data:`BWD_BLOCK_P`): 32 steps for a state of 16 or
-    less (64 spill 32 bytes a thread in the backward's chunk kernel), 16 above (at 32 steps a state of 64 spills 88
-    bytes there, 128 352); 8 warps from a state of 128 (the forward's walk over the states spills 52 bytes at 4).
-    Set before the kernels were split by chunks (when 32 steps spilled from a state of 32) and not yet timed against
-    other choices. Independent of the model's ``ssm_chunk_size``, tuned for the PyTorch path (converted Mamba-2
-    checkpoints say 256: a ``[256, 256]`` tile per program)."""
+    Steps and warps keep the tiles in registers, compiled for sm_90a (benchmarks/kernel_registers.py): 32 steps for
+    a state of 16 or less (64 spill 32 bytes a thread in the backward's chunk kernel), 16 above (at 32 steps a state
+    of 64 spills 88 bytes there, 128 352); 8 warps from a state of 128 (the forward's walk over the states spills 52
+    bytes at 4). Head dimensions per backward program: 64 for a state of 16 or less, where the chunk kernel spills
+    224 bytes a thread but recomputes each chunk's ``[Q, Q]`` products for 4x fewer programs (forward + backward
+    1.90 -> 1.22 ms of device time on an H200 at the 130m shapes, against 1.42 at 32; benchmarks/RESULTS.md), 16
+    above (no spills; untimed). Independent of the model's ``ssm_chunk_size``, tuned for the PyTorch path
+    (converted Mamba-2 checkpoints say 256: a ``[256, 256]`` tile per program)."""
     n = dot_tile(n)
-    return (32 if n <= 16 else 16), (8 if n >= 128 else 4)
+    return (32 if n <= 16 else 16), (8 if n >= 128 else 4), (64 if n <= 16 else 16)
 
 
 def _block_p(block_p: int, p: int) -> int:
@@ -367,7 +363,7 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
     bsz, length, heads, p = x.shape
     g, n = B.shape[2:]
     n_chunks = chunk_states.shape[2]
-    block_p = _block_p(BWD_BLOCK_P, p)
+    block_p = _block_p(kernel_tiles(n)[2], p)
     blocks = triton.cdiv(p, block_p)
     d_out = torch.empty(bsz, heads, n_chunks, p, n, dtype=torch.float32, device=x.device)
     dh0 = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
@@ -391,7 +387,7 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
     return [dx.to(x.dtype), ddt.sum(3).to(dt.dtype), da.sum((0, 2, 3)).to(A.dtype), dB, dC, dh0]
 
 
-register_scan_autograd(_ssd_fwd, _ssd_bwd, options=1)  # the backward takes chunk_size (its own BWD_BLOCK_P)
+register_scan_autograd(_ssd_fwd, _ssd_bwd, options=1)  # the backward takes chunk_size (its own head blocks)
 
 
 def ssd_scan_triton(
@@ -409,7 +405,7 @@ def ssd_scan_triton(
     differentiable (the backward kernel) where an input needs gradients.
 
     Shapes as in ``bmojo.ops.ssd``; ``chunk_size`` steps per chunk (default: :func:`kernel_tiles` of the state size)
-    and ``block_p`` head dimensions per forward program (the backward takes :data:`BWD_BLOCK_P`) are powers of two
+    and ``block_p`` head dimensions per forward program (the backward's: :func:`kernel_tiles`) are powers of two
     (16 or more: the sizes ``tl.dot`` takes; the state size is padded to one too). Without gradients the chunks'
     incoming states (float32, ``[batch, H, P, N]`` a chunk) are held ``states_bytes`` at most at a time: a longer
     sequence is walked in pieces.
