@@ -48,7 +48,7 @@ class BMojoCache:
     @property
     def started(self) -> bool:
         """Whether a prefill has filled the cache (a forward then continues it token by token)."""
-        return bool(self.layers) and self.layers[0].started
+        return len(self.layers) > 0 and self.layers[0].started
 
     @torch.compiler.disable
     def advance(self, tokens: int) -> None:
