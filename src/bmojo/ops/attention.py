@@ -523,7 +523,7 @@ _FLASH_CPU_GROUPS = _flash_cpu is not None and _flash_cpu_takes_groups()
 def _blocks_ok(q: torch.Tensor, bands: list[Band]) -> bool:
     """Whether :func:`blocks_union_attention` applies: CPU tensors, this torch's fused CPU flash attention, finite
     bands, the first with ``lo = 0`` (every query sees itself, so no softmax row is empty)."""
-    return (q.device.type == "cpu" and _flash_cpu is not None and bool(bands) and bands[0].lo == 0
+    return (q.device.type == "cpu" and _flash_cpu is not None and len(bands) > 0 and bands[0].lo == 0
             and all(band.hi is not None for band in bands))  # fmt: skip
 
 

@@ -31,13 +31,20 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing: ``torch.compiler``'s flag, read directly where it exists, as torch 2.11's
+    dynamo takes ``is_exporting()`` to be true under ``torch.compile`` too; else ``is_exporting()`` (torch >= 2.5)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return flag if flag is not None else getattr(torch.compiler, "is_exporting", bool)()
+
+
 def _pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_bytes: int) -> int:
     """How many pieces :func:`linear` cuts the weight's output rows into; below 2 it calls ``F.linear``."""
     if x.device.type != "cpu" or x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return 0
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or torch.is_autocast_enabled("cpu"):
         return 0
-    if getattr(torch.compiler, "is_exporting", bool)():  # torch >= 2.5; an exported graph keeps the matrix product
+    if _exporting():  # an exported graph keeps the matrix product
         return 0
     rows = x.numel() // max(1, x.shape[-1])
     if not 0 < rows <= MAX_ROWS:
