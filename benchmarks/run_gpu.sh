@@ -103,7 +103,7 @@ for name, cfg in (("bmojo", config), ("transformer", matched_transformer(config,
             loss = forward(ids, labels=ids).loss
         loss.backward()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=90))
     del model, forward, loss
     torch.cuda.empty_cache()
 PY
