@@ -8,7 +8,7 @@
 
 Rows: the PyTorch chunked SSD eager (``BMOJO_KERNELS=reference``) and through ``torch.compile``, our Triton kernels
 (``ops.triton.ssd``; with each of ``--chunks`` too, e.g. ``--chunks 16,64``, and of ``--block-p`` and ``--bwd-block-p``,
-head dimensions per forward and backward program), and flash-linear-attention's
+head dimensions per forward and backward program, the latter at each chunk size), and flash-linear-attention's
 ``chunk_simple_gla`` when ``fla`` is installed (its backward only where ``fla_backward_supported``). Each row: forward
 without gradients, and forward + backward (gradients of every input), medians of ``--repeats`` runs after warm-up;
 on CUDA also the device time and kernel count of one forward + backward (or forward). On a CPU it runs the PyTorch
@@ -82,9 +82,10 @@ def main() -> None:
         for block in block_ps:
             rows.append((f"ours, forward programs of {block} head dims",
                          functools.partial(ours.ssd_scan_triton, block_p=block), True, {}))  # fmt: skip
-        for block in bwd_block_ps:
-            tiles = functools.partial(lambda n, block: (*ours.kernel_tiles(n)[:2], block), block=block)
-            rows.append((f"ours, backward programs of {block} head dims", ours.ssd_scan_triton, True,
+        for block, chunk in ((block, chunk) for block in bwd_block_ps for chunk in [None, *chunks]):
+            tiles = functools.partial(lambda n, block, own=ours.kernel_tiles: (*own(n)[:2], block), block=block)
+            rows.append((f"ours, backward programs of {block} head dims" + (f", {chunk}-step chunks" if chunk else ""),
+                         functools.partial(ours.ssd_scan_triton, chunk_size=chunk), True,
                          {"kernel_tiles": tiles}))  # fmt: skip
         if fla_available():
             rows.append(("fla chunk_simple_gla", ssd_scan_fla, fla_backward_supported(dev), {}))
