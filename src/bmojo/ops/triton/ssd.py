@@ -332,7 +332,7 @@ def kernel_tiles(n: int) -> tuple[int, int, int]:
     a state of 16 or less (64 spill 32 bytes a thread in the backward's chunk kernel), 16 above (at 32 steps a state
     of 64 spills 88 bytes there, 128 352); 8 warps from a state of 128 (the forward's walk over the states spills 52
     bytes at 4). Head dimensions per backward program: 64 for a state of 16 or less, where the chunk kernel spills
-    224 bytes a thread but recomputes each chunk's ``[Q, Q]`` products for 4x fewer programs (forward + backward
+    236 bytes a thread but recomputes each chunk's ``[Q, Q]`` products for 4x fewer programs (forward + backward
     1.90 -> 1.22 ms of device time on an H200 at the 130m shapes, against 1.42 at 32; benchmarks/RESULTS.md), 16
     above (no spills; untimed). Independent of the model's ``ssm_chunk_size``, tuned for the PyTorch path
     (converted Mamba-2 checkpoints say 256: a ``[256, 256]`` tile per program)."""
