@@ -128,7 +128,7 @@ PY
                       python3 benchmarks/decode_profile.py $args
                     done 2>&1 | tee "$out/decode_profile.log" ;;
     ssd) { python3 benchmarks/bench_ssd.py --chunks 64 --bwd-block-p 16,32 ${WARM:+--repeats 1}
-           python3 benchmarks/bench_ssd.py --state 128 ${WARM:+--repeats 1}; } 2>&1 | tee "$out/ssd.log" ;;
+           python3 benchmarks/bench_ssd.py --state 128 --bwd-block-p 32,64 ${WARM:+--repeats 1}; } 2>&1 | tee "$out/ssd.log" ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \
             --options BLOCK_M=128,BLOCK_N=128,num_warps=8 2>&1 | tee "$out/flex.log" ;;  # ~45 s of compiling a row
     tiles)
