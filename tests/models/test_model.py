@@ -104,16 +104,20 @@ def test_compiled_decoding_graphs_take_no_ints_and_have_static_shapes(name):
 
 
 @pytest.mark.parametrize("name", ["bmojo", "transformer"])
-def test_compiled_decoding_step_is_one_graph(name):
-    """The whole model's step is one graph: a frame dynamo cannot trace whole runs eager with a graph per layer, one
-    CUDA-graph replay each (torch 2.11 could not trace ``bool(list)`` in ``BMojoCache.started``: 10 replays a step
-    of the 8-layer 130m model, whose host work bound batch-1 decoding on a GPU)."""
+def test_compiled_prefill_and_decoding_step_are_one_graph_each(name):
+    """The whole model's prefill and step are a graph each: a frame dynamo cannot trace whole runs eager with a graph
+    per layer, one CUDA-graph replay each (torch 2.11 could not trace ``bool(list)`` in ``BMojoCache.started``: 10
+    replays a step of the 8-layer 130m model, whose host work bound batch-1 decoding on a GPU), and a selection by a
+    mask (a data-dependent size) broke the prefill at every layer."""
     model = tiny(name)
     ids = torch.randint(0, 128, (1, 14))
     with torch.no_grad():
+        prefill = torch._dynamo.explain(model)(ids[:, :13], use_cache=True)
         cache = model(ids[:, :13], use_cache=True).cache
-        explained = torch._dynamo.explain(model)(ids[:, 13:], past_key_values=cache, use_cache=True)
-    assert model.config.num_hidden_layers > 1 and explained.graph_count == 1, explained.break_reasons
+        step = torch._dynamo.explain(model)(ids[:, 13:], past_key_values=cache, use_cache=True)
+    assert model.config.num_hidden_layers > 1
+    assert prefill.graph_count == 1, prefill.break_reasons
+    assert step.graph_count == 1, step.break_reasons
 
 
 def test_compiled_decoding_updates_the_state_buffers_in_place():

@@ -386,9 +386,8 @@ class BMojoMixer(nn.Module):
         state.win_k, slots = _ring_fill(k, w)
         state.win_v, _ = _ring_fill(v, w)
         state.win_pos = slots.repeat(b, 1)
-        if scores is not None:
-            state.win_score = scores.new_zeros(b, w)
-            state.win_score[:, slots >= 0] = scores[:, slots[slots >= 0]]
+        if scores is not None:  # (a mask's selection would have a data-dependent size: a graph break when compiled)
+            state.win_score = torch.where(slots >= 0, scores[:, slots.clamp(min=0)], 0.0)
         if fading is not None:
             (state.fad_k, slots), (state.fad_v, _) = (_ring_fill(x, w) for x in fading)
             state.fad_pos = slots.repeat(b, 1)
