@@ -103,7 +103,7 @@ def test_compiled_decoding_graphs_take_no_ints_and_have_static_shapes(name):
     assert 0 < len(graphs) <= 4 and all(not dynamic for dynamic in graphs), graphs
 
 
-@pytest.mark.parametrize("name", ["bmojo", "transformer"])
+@pytest.mark.parametrize("name", PRESETS)
 def test_compiled_prefill_and_decoding_step_are_one_graph_each(name):
     """The whole model's prefill and step are a graph each: a frame dynamo cannot trace whole runs eager with a graph
     per layer, one CUDA-graph replay each (torch 2.11 could not trace ``bool(list)`` in ``BMojoCache.started``: 10
