@@ -208,10 +208,10 @@ class BMojoConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.eidetic_size, int) or self.eidetic_size < 0:
             raise ValueError(f"eidetic_size must be an integer >= 0, got {self.eidetic_size!r}")
-        for name, low in (("rope_theta", 0), ("rms_norm_eps", 0), ("initializer_range", None)):
+        for name, zero_ok in (("rope_theta", False), ("rms_norm_eps", False), ("initializer_range", True)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not (value > low if low is not None else value >= 0):
-                raise ValueError(f"{name} must be a number {'> 0' if low is not None else '>= 0'}, got {value!r}")
+            if not isinstance(value, (int, float)) or not (value >= 0 if zero_ok else value > 0):
+                raise ValueError(f"{name} must be a number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.selection not in SELECTIONS:
