@@ -187,6 +187,28 @@ def test_multi_token_continuation_equals_parallel():
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
 
 
+def test_steps_left_to_the_caller_enter_the_next_chunk_when_it_advances():
+    """With ``advance=False`` the state has not counted the tokens, and the eidetic memory built so far comes into
+    use at the chunk boundary only when the caller advances (``BMojoCache.advance``, outside compiled code): a step
+    ending at a boundary leaves the memory in use as it was; the outputs then equal the parallel pass."""
+    m = make()  # chunk 4
+    h = torch.randn(2, 14, D)
+    with torch.no_grad():
+        full, _, _ = m(h)
+        state = MixerState()
+        outs = [m(h[:, :5], state)[0], m(h[:, 5:7], state, advance=False)[0]]  # 5 + 2 tokens seen
+        state.advance(2)
+        outs.append(m(h[:, 7:8], state, advance=False)[0])  # position 7: the next one starts a chunk
+        before = state.mem_pos.clone()
+        assert not torch.equal(before, state.stage_pos) and state.seen == 7
+        state.advance(1)
+        torch.testing.assert_close(state.mem_pos, state.stage_pos)
+        torch.testing.assert_close(state.mem_k, state.stage_k)
+        outs.append(m(h[:, 8:], state)[0])  # 6 tokens crossing the boundary at 12 within the call
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
+    assert state.seen == 14 and state.pos.item() == 14
+
+
 def test_state_size_does_not_grow_with_context():
     m = make()
     sizes = {}

@@ -72,11 +72,12 @@ class MixerState:
     (every slot holds a key its query sees, or a negative position): ``win_k``, ``fad_k``, ``mem_k`` (and the
     ``_v``, ``_pos``) are views of them. With storage: ``store_ids [B]``, the sequences of the layer's vector store
     this batch reads and writes; ``pend_*``: this chunk's tokens that left the window (``write="all"``), ring slots
-    ``t % c``.
+    ``t % c``. ``chunk``: the eidetic memory's selection period ``c`` (0: no eidetic memory).
     """
 
     seen: int = 0
     pos: torch.Tensor | None = None
+    chunk: int = 0
     full: bool = False
     ssm: SSMState | None = None
     f_last: torch.Tensor | None = None
@@ -107,6 +108,27 @@ class MixerState:
     def started(self) -> bool:
         """Whether a prefill has filled the state (the layer then continues it token by token)."""
         return self.pos is not None
+
+    def advance(self, tokens: int) -> None:
+        """Count ``tokens`` more tokens seen (which ``pos`` already counts), then :meth:`enter_chunk`."""
+        self.seen += tokens
+        self.enter_chunk(self.seen)
+
+    def enter_chunk(self, t: int) -> None:
+        """Before the token at position ``t`` (which ``pos`` holds): at a chunk boundary the eidetic memory built so
+        far (``stage_*``) comes into use (``mem_*``). Eager: only then; compiled: a masked copy at every position, so
+        that the graph does not depend on ``t`` (a compiled model leaves it to ``BMojoCache.advance``, which runs
+        eager). The copies write the joined buffers rather than views of them, so inductor updates them in place."""
+        compiled = torch.compiler.is_compiling()
+        if not self.chunk or not (compiled or t % self.chunk == 0):
+            return
+        boundary = self.pos % self.chunk == 0
+        n, k = self.positions.shape[1], self.stage_pos.shape[1]
+        mem = torch.arange(n - k, n, device=self.pos.device)  # the memory's slots, last in the joined buffers
+        for joined, stage, dim in ((self.keys, self.stage_k, 2), (self.values, self.stage_v, 2),
+                                   (self.positions, self.stage_pos, 1)):  # fmt: skip
+            new = torch.where(boundary, stage, joined.index_select(dim, mem)) if compiled else stage
+            joined.index_copy_(dim, mem, new)
 
     def reserve(self, tokens: int, exact: bool = False) -> None:
         """Room for ``tokens`` more keys in a full-attention buffer: grown, when short, by at least an eighth (so
@@ -268,10 +290,12 @@ class BMojoMixer(nn.Module):
         outs = []
         state.reserve(h.shape[1])
         for i in range(h.shape[1]):
+            if i:  # (the state's first token: the caller's advance entered its chunk)
+                state.enter_chunk(state.seen + i)
             outs.append(self._step(h[:, i : i + 1], state, state.seen + i))
             state.pos.add_(1)
         if advance:
-            state.seen += h.shape[1]
+            state.advance(h.shape[1])
         return torch.cat(outs, dim=1), None, state
 
     # ---------------------------------------------------------------- parallel (training, prefill)
@@ -333,7 +357,7 @@ class BMojoMixer(nn.Module):
         length, c = k.shape[2], self.memory.chunk_size
         mem_pos, (stage_score, stage_pos) = memories
         if state is not None:
-            state.mem_pos = mem_pos[:, length // c]
+            state.chunk, state.mem_pos = c, mem_pos[:, length // c]
             state.mem_k, state.mem_v = _gather_positions(k, state.mem_pos), _gather_positions(v, state.mem_pos)
             state.stage_pos, state.stage_score = stage_pos, stage_score
             state.stage_k, state.stage_v = _gather_positions(k, stage_pos), _gather_positions(v, stage_pos)
@@ -437,13 +461,6 @@ class BMojoMixer(nn.Module):
                 kf, vf = self.attn.keys_values(entering, _rows(rope, slice(1, 2)), self.fading_k_proj,
                                                self.fading_v_proj)  # fmt: skip
                 k, v = torch.cat([k, kf], 2), torch.cat([v, vf], 2)
-        if self.memory is not None and (torch.compiler.is_compiling() or t % self.memory.chunk_size == 0):
-            boundary = pos % self.memory.chunk_size == 0  # the memory built so far comes into use (eager: only then)
-            n = state.positions.shape[1]
-            mem = torch.arange(n - self.memory.size, n, device=pos.device)  # its slots, last in the joined buffers
-            for joined, stage, dim in ((state.keys, state.stage_k, 2), (state.values, state.stage_v, 2),
-                                       (state.positions, state.stage_pos, 1)):  # fmt: skip
-                joined.index_copy_(dim, mem, torch.where(boundary, stage, joined.index_select(dim, mem)))
         if w is None:
             state.win_k.index_copy_(2, pos, k)
             state.win_v.index_copy_(2, pos, v)

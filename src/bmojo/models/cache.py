@@ -52,10 +52,12 @@ class BMojoCache:
 
     @torch.compiler.disable
     def advance(self, tokens: int) -> None:
-        """Count ``tokens`` more tokens seen by every layer (after steps run with ``advance=False``). Outside compiled
-        code, so that a compiled decoding step has no int inputs and replays as one CUDA graph at every position."""
+        """Count ``tokens`` more tokens seen by every layer (after steps run with ``advance=False``), bringing the
+        eidetic memories built so far into use at chunk boundaries (:meth:`MixerState.advance`). Outside compiled code,
+        so that a compiled decoding step has no int inputs, replays as one CUDA graph at every position and leaves the
+        boundaries' copies out."""
         for state in self.layers:
-            state.seen += tokens
+            state.advance(tokens)
 
     def reserve(self, tokens: int) -> None:
         """Room for exactly ``tokens`` more tokens in the full-attention layers' key buffers (a compiled step reads
