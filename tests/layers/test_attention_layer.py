@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bmojo.layers.attention import Attention
-from bmojo.layers.rotary import RotaryEmbedding, apply_rotary
+from bmojo.layers.rotary import TABLE_ROWS, RotaryEmbedding, apply_rotary, rotary_table
 
 
 def rotate_pairs(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float = 10000.0) -> torch.Tensor:
@@ -56,6 +56,51 @@ def test_rotary_frequencies_are_cached_in_eager_mode_only():
     cos, _ = compiled(torch.tensor([3]))
     torch.testing.assert_close(cos, torch.cos(3 * expected).repeat(2)[None])
     assert rotary._inv_freq is None
+
+
+def test_rotary_table_op_equals_the_angles_cos_and_sin():
+    """The opaque table op: its values (against the angles' cosines and sines written out) and its registration
+    (``opcheck``: fake tensor, schema, dispatch)."""
+    positions, inv_freq = torch.tensor([0, 5, 2047, 70000]), RotaryEmbedding(8).inv_freq(torch.device("cpu"))
+    angles = (positions[:, None].float() * inv_freq).double()  # (float32 angles, as RoPE everywhere)
+    cos, sin = rotary_table(positions, inv_freq)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (4, 8)
+    torch.testing.assert_close(cos, angles.cos().repeat(1, 2).float())
+    torch.testing.assert_close(sin, angles.sin().repeat(1, 2).float())
+    torch.library.opcheck(rotary_table, (positions, inv_freq))
+
+
+@pytest.mark.parametrize("length,table", [(1, False), (TABLE_ROWS - 1, False), (TABLE_ROWS, True), (64, True)])
+def test_compiled_rope_reads_a_table_except_at_decoding_steps(length, table):
+    """Compiled, the rotations of a sequence read cos/sin from the table op's buffers (inductor would compute them
+    for every rotated element); a decoding step's few positions stay inline. Outputs and gradients equal eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=2, num_kv_heads=1, head_dim=16, rotary_fraction=0.5)
+    h, pos = torch.randn(2, length, 32, requires_grad=True), torch.arange(100, 100 + length)
+
+    def qk(h, pos):
+        rope = attn.rope(pos)
+        return attn.queries(h, rope).sum() + attn.keys_values(h, rope)[0].square().sum()
+
+    torch._dynamo.reset()
+    out, codes = run_and_get_code(torch.compile(qk, fullgraph=True), h, pos)
+    (grad,) = torch.autograd.grad(out, h)
+    ref = qk(h, pos)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref, h)[0])
+    assert any("bmojo.rotary_table" in code for code in codes) == table
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting needs torch >= 2.5"
+)
+def test_exported_rope_keeps_the_cos_and_sin_inline():
+    """``torch.export`` graphs run elsewhere, without our ops: they compute the angles' cos/sin themselves."""
+    graph = torch.export.export(RotaryEmbedding(8), (torch.arange(16),)).graph_module
+    ops = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert "aten.cos.default" in ops and not any("rotary_table" in op for op in ops)
 
 
 def test_bad_rotary_fraction_raises():

@@ -31,7 +31,7 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     """Whether ``torch.export`` is tracing: ``torch.compiler``'s flag, read directly where it exists, as torch 2.11's
     dynamo takes ``is_exporting()`` to be true under ``torch.compile`` too; else ``is_exporting()`` (torch >= 2.5)."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
@@ -44,7 +44,7 @@ def _pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mi
         return 0
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or torch.is_autocast_enabled("cpu"):
         return 0
-    if _exporting():  # an exported graph keeps the matrix product
+    if exporting():  # an exported graph keeps the matrix product
         return 0
     rows = x.numel() // max(1, x.shape[-1])
     if not 0 < rows <= MAX_ROWS:
