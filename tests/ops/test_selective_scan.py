@@ -139,5 +139,11 @@ def test_bad_inputs_raise_naming_them():
     ]:
         with pytest.raises(ValueError, match=match):
             selective_scan(*args)
-    with pytest.raises(ValueError, match="initial_state must have shape"):
-        selective_scan_step(torch.zeros(1, 6, 3), u[:, 0], delta[:, 0], a, b[:, 0], c[:, 0])
+    step = (torch.zeros(2, 6, 3), u[:, 0], delta[:, 0], a, b[:, 0], c[:, 0])
+    for i, bad, match in [
+        (0, torch.zeros(1, 6, 3), r"initial_state must have shape \(2, 6, 3\)"),
+        (1, u, r"u must be floating point \[batch, channels\]"),  # a sequence where a step is expected
+        (4, b[:, 0, :2], r"B must have shape \(2, 3\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            selective_scan_step(*step[:i], bad, *step[i + 1 :])

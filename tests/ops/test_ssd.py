@@ -138,5 +138,12 @@ def test_bad_inputs_raise_naming_them():
     ]:
         with pytest.raises(ValueError, match=match):
             ssd_scan(*args)
-    with pytest.raises(ValueError, match="C must have shape"):
-        ssd_step(torch.zeros(2, 4, 8, 3), x[:, 0], dt[:, 0], a, b[:, 0], c[:1, 0])
+    step = (torch.zeros(2, 4, 8, 3), x[:, 0], dt[:, 0], a, b[:, 0], c[:, 0])
+    for i, bad, match in [
+        (5, c[:1, 0], r"C must have shape \(2, 1, 3\)"),
+        (1, x, r"x must be floating point \[batch, heads, head_dim\]"),  # a sequence where a step is expected
+        (4, b, r"B must be \[batch, groups, state\]"),
+        (0, torch.zeros(2, 4, 8, 2), r"initial_state must have shape \(2, 4, 8, 3\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ssd_step(*step[:i], bad, *step[i + 1 :])

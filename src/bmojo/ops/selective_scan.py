@@ -31,17 +31,19 @@ ScanOut = tuple[torch.Tensor, torch.Tensor]
 
 
 def check_scan_inputs(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                      initial_state: torch.Tensor | None) -> None:  # fmt: skip
+                      initial_state: torch.Tensor | None, step: bool = False) -> None:  # fmt: skip
     """Raise ``ValueError`` naming the first input whose shape does not fit ``u [batch, L, E]`` (floating point),
-    ``A [E, N]``: ``delta [batch, L, E]``, ``B, C [batch, L, N]``, ``initial_state [batch, E, N]``."""
-    if u.dim() != 3 or not u.is_floating_point():
-        raise ValueError(f"u must be floating point [batch, length, channels], got {u.dtype} {tuple(u.shape)}")
-    bsz, length, e = u.shape
+    ``A [E, N]``: ``delta [batch, L, E]``, ``B, C [batch, L, N]``, ``initial_state [batch, E, N]``; ``step``: one time
+    step, every sequence input without its ``L``."""
+    if u.dim() != 3 - step or not u.is_floating_point():
+        layout = "[batch, channels]" if step else "[batch, length, channels]"
+        raise ValueError(f"u must be floating point {layout}, got {u.dtype} {tuple(u.shape)}")
+    bsz, *length, e = u.shape
     if A.dim() != 2 or A.shape[0] != e:
         raise ValueError(f"A must be [{e}, state], got shape {tuple(A.shape)}")
     n = A.shape[1]
-    check_shapes([("delta", delta, (bsz, length, e)), ("B", B, (bsz, length, n)), ("C", C, (bsz, length, n)),
-                ("initial_state", initial_state, (bsz, e, n))])  # fmt: skip
+    check_shapes([("delta", delta, (bsz, *length, e)), ("B", B, (bsz, *length, n)), ("C", C, (bsz, *length, n)),
+                  ("initial_state", initial_state, (bsz, e, n))])  # fmt: skip
 
 
 def selective_scan_ref(
@@ -75,7 +77,7 @@ def selective_scan_step(
 
     Returns ``(y [batch, E], new_state [batch, E, N])``.
     """
-    check_scan_inputs(u.unsqueeze(1), delta.unsqueeze(1), A, B.unsqueeze(1), C.unsqueeze(1), state)
+    check_scan_inputs(u, delta, A, B, C, state, step=True)
     d = delta.float()
     h = torch.exp(d[..., None] * A.float()) * state.float() + (d * u.float())[..., None] * B.float()[:, None, :]
     return torch.einsum("ben,bn->be", h, C.float()).to(u.dtype), h

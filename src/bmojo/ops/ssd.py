@@ -41,18 +41,20 @@ def _heads_per_group(heads: int, groups: int) -> int:
 
 
 def check_ssd_inputs(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                     initial_state: torch.Tensor | None) -> None:  # fmt: skip
+                     initial_state: torch.Tensor | None, step: bool = False) -> None:  # fmt: skip
     """Raise ``ValueError`` naming the first input whose shape does not fit ``x [batch, L, H, P]`` (floating point),
-    ``B [batch, L, G, N]``: ``dt [batch, L, H]``, ``A [H]``, ``C`` as ``B``, ``initial_state [batch, H, P, N]``."""
-    if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"x must be floating point [batch, length, heads, head_dim], got {x.dtype} {tuple(x.shape)}")
-    if B.dim() != 4:
-        raise ValueError(f"B must be [batch, length, groups, state], got shape {tuple(B.shape)}")
-    bsz, length, heads, p = x.shape
-    g, n = B.shape[2:]
+    ``B [batch, L, G, N]``: ``dt [batch, L, H]``, ``A [H]``, ``C`` as ``B``, ``initial_state [batch, H, P, N]``;
+    ``step``: one time step, every sequence input without its ``L``."""
+    if x.dim() != 4 - step or not x.is_floating_point():
+        layout = "[batch, heads, head_dim]" if step else "[batch, length, heads, head_dim]"
+        raise ValueError(f"x must be floating point {layout}, got {x.dtype} {tuple(x.shape)}")
+    if B.dim() != 4 - step:
+        raise ValueError(f"B must be [batch, {'' if step else 'length, '}groups, state], got shape {tuple(B.shape)}")
+    bsz, *length, heads, p = x.shape
+    g, n = B.shape[-2:]
     _heads_per_group(heads, g)
-    check_shapes([("dt", dt, (bsz, length, heads)), ("A", A, (heads,)), ("B", B, (bsz, length, g, n)),
-                ("C", C, (bsz, length, g, n)), ("initial_state", initial_state, (bsz, heads, p, n))])  # fmt: skip
+    check_shapes([("dt", dt, (bsz, *length, heads)), ("A", A, (heads,)), ("B", B, (bsz, *length, g, n)),
+                  ("C", C, (bsz, *length, g, n)), ("initial_state", initial_state, (bsz, heads, p, n))])  # fmt: skip
 
 
 def ssd_step(
@@ -65,7 +67,7 @@ def ssd_step(
 ) -> ScanOut:
     """One recurrent step from ``state [batch, H, P, N]`` with ``x [batch, H, P]``, ``dt [batch, H]``,
     ``B, C [batch, G, N]``. Returns ``(y [batch, H, P], new_state [batch, H, P, N])``."""
-    check_ssd_inputs(*(t.unsqueeze(1) for t in (x, dt)), A, *(t.unsqueeze(1) for t in (B, C)), state)
+    check_ssd_inputs(x, dt, A, B, C, state, step=True)
     bsz, heads, p = x.shape
     g, n = B.shape[1:]
     r = _heads_per_group(heads, g)
