@@ -146,6 +146,7 @@ def test_eval_and_generate_errors_are_clear(saved, tmp_path):
     too_long = ("--lengths", "100000", "--cache-dir", saved / "cache")
     assert "too few" in _fails("eval", saved / "model", "--data", saved / "text.txt", *too_long)
     assert "temperature > 0" in _fails("generate", saved / "model", "--prompt", "x", "--temperature", 0)
+    assert "beams >= 1" in _fails("generate", saved / "model", "--prompt", "x", "--beams", 0)
     (tmp_path / "config.json").write_text("{}")
     assert "no tokenizer saved" in _fails("generate", tmp_path, "--prompt", "x")
     assert "unknown device 'banana'" in _fails("generate", saved / "model", "--prompt", "x", "--device", "banana")
@@ -172,6 +173,16 @@ def test_generate_greedy_matches_a_manual_loop(saved, model):
     out = _invoke("generate", saved / "model", "--prompt", prompt, "--greedy", "--max-new-tokens", 12)
     expected = ByteTokenizer().decode(_greedy(model, list(prompt.encode()), 12))
     assert out == expected + "\n"
+
+
+def test_generate_beam_search_is_the_models_beam_search(saved, model):
+    """``--beams 4 --greedy`` prints the continuation of the model's own beam search (whose agreement with a search
+    that recomputes every prefix is tested in tests/models/test_model.py)."""
+    out = _invoke("generate", saved / "model", "--prompt", "or not", "--greedy", "--beams", 4, "--max-new-tokens", 8)
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([list(b"or not")]), max_new_tokens=8, num_beams=4, do_sample=False,
+                             eos_token_id=256, pad_token_id=256)  # fmt: skip
+    assert out == ByteTokenizer().decode(ids[0].tolist()) + "\n"
 
 
 @pytest.mark.slow

@@ -332,6 +332,7 @@ def generate(
     prompt: str = typer.Option(..., help="text to continue ('' starts from the end-of-text token)"),
     max_new_tokens: int = typer.Option(100, help="tokens to generate at most (fewer if eos comes first)"),
     greedy: bool = typer.Option(False, "--greedy", help="always take the most likely token instead of sampling"),
+    beams: int = typer.Option(1, help="beam search over this many beams (with --greedy: the most likely sequence)"),
     temperature: float = typer.Option(1.0, help="sampling temperature (> 0)"),
     top_k: int = typer.Option(0, help="sample among the k most likely tokens (0: all)"),
     top_p: float = typer.Option(1.0, help="sample among the most likely tokens holding this probability (nucleus)"),
@@ -341,8 +342,8 @@ def generate(
     compile: bool = typer.Option(False, "--compile", help="through torch.compile: pays off on long continuations"),
 ) -> None:
     """Continue a prompt with a saved model; prints the prompt followed by the generated text."""
-    if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
-        raise typer.BadParameter("need temperature > 0, 0 < top_p <= 1, top_k >= 0 and max_new_tokens >= 1")
+    if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or beams < 1:
+        raise typer.BadParameter("need temperature > 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, beams >= 1")
     tok = _tokenizer_for(model_dir, tokenizer)
     model = BMojoForCausalLM.from_pretrained(model_dir).to(_device(device)).eval()
     if compile:
@@ -353,7 +354,7 @@ def generate(
     torch.manual_seed(seed)
     sampling = {} if greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     out = model.generate(
-        torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=not greedy,
+        torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=beams,
         eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **sampling,
     )  # fmt: skip
     typer.echo(prompt + tok.decode(out[0, len(ids) :].tolist()))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
+from bmojo.layers import MixerState
 from bmojo.models.config import PRESETS
 from bmojo.models.modeling import count_parameters
 
@@ -241,6 +242,46 @@ def test_generate_from_embeddings_a_given_cache_and_a_returned_one():
         first = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
         second = model.generate(first.sequences, cache=first.cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(embedded, ref[:, 10:]) and torch.equal(given, ref) and torch.equal(second, ref)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_reordered_cache_continues_as_a_prefill_of_the_reordered_batch(name):
+    """``reorder_cache`` (beam search) makes row ``i`` the former row ``rows[i]``, repeats included, in place: the
+    steps after it give the logits of a cache prefilled with the prompts in that order."""
+    model = tiny(name)
+    prompts, rows = torch.randint(0, 128, (3, 22)), torch.tensor([2, 0, 0])
+    steps = torch.randint(0, 128, (3, 6))
+    with torch.no_grad():
+        cache = model(prompts, use_cache=True).cache
+        ptrs = [t.data_ptr() for state in cache.layers for t in state.tensors()]
+        cache.reorder_cache(rows)
+        assert [t.data_ptr() for state in cache.layers for t in state.tensors()] == ptrs
+        ref = model(prompts[rows], use_cache=True).cache
+        for t in range(steps.shape[1]):
+            got = model(steps[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            want = model(steps[:, t : t + 1], past_key_values=ref, use_cache=True).logits
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["bmojo", "jamba"])
+def test_beam_search_with_the_cache_equals_beam_search_recomputing_the_prefix(name):
+    """Hugging Face beam search reorders the cache (``reorder_cache``) after every step; here its beams do change
+    places (the kept sequences' tokens come from different beam rows over the steps), so a cache left in order would
+    fail."""
+    model = tiny(name)
+    prompt = torch.randint(0, 128, (2, 18))
+    beams = dict(max_new_tokens=20, num_beams=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                 output_scores=True)  # fmt: skip
+    with torch.no_grad():
+        cached, recomputed = model.generate(prompt, **beams), model.generate(prompt, use_cache=False, **beams)
+    assert cached.sequences.shape == (2, 38) and torch.equal(cached.sequences, recomputed.sequences)
+    rows = cached.beam_indices[:, :20]
+    assert (rows[:, 1:] != rows[:, :-1]).any()
+
+
+def test_reordering_a_layer_with_long_term_storage_raises():
+    with pytest.raises(NotImplementedError, match="long-term storage"):
+        MixerState(store_ids=torch.tensor([0, 1])).select_rows(torch.tensor([1, 1]))
 
 
 def test_generate_sampling_is_seeded():

@@ -146,10 +146,25 @@ class MixerState:
         out += [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
         return list({id(t): t for t in out}.values())
 
+    def _buffers(self) -> list[torch.Tensor]:
+        """:meth:`tensors` but the views of ``keys``/``values``/``positions``."""
+        joined = [t for t in (self.keys, self.values, self.positions) if t is not None]
+        return [t for t in self.tensors() if not any(t._base is j for j in joined)]
+
     def nbytes(self) -> int:
         """Bytes held by the state (the views of ``keys``/``values``/``positions`` counted in them)."""
-        joined = [t for t in (self.keys, self.values, self.positions) if t is not None]
-        return sum(t.numel() * t.element_size() for t in self.tensors() if not any(t._base is j for j in joined))
+        return sum(t.numel() * t.element_size() for t in self._buffers())
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Make batch row ``i`` the current row ``rows[i]`` for every ``i`` (``rows [B]``, repeats allowed: the rows
+        beam search keeps), in place: every tensor keeps its storage (a compiled step's static addresses)."""
+        if self.store_ids is not None:
+            raise NotImplementedError("reordering the batch of a layer with long-term storage is not supported: its "
+                                      "rows read and write their own sequences of the vector store")  # fmt: skip
+        unbatched = (self.pos, self.pend_pos)  # ([1] and the store's pending slots [c]: shared by the rows)
+        for t in self._buffers():
+            if not any(t is u for u in unbatched):
+                t.copy_(t.index_select(0, rows.to(t.device)))
 
     def join_keys(self) -> None:
         """Put the window's, fading and eidetic keys (values, positions) in one buffer, ``keys`` (``values``,

@@ -59,6 +59,12 @@ class BMojoCache:
         for state in self.layers:
             state.advance(tokens)
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Keep the batch rows ``beam_idx [B]`` of every layer's state, in that order (Hugging Face beam search calls
+        it after each step; :meth:`MixerState.select_rows`)."""
+        for state in self.layers:
+            state.select_rows(beam_idx)
+
     def reserve(self, tokens: int) -> None:
         """Room for exactly ``tokens`` more tokens in the full-attention layers' key buffers (a compiled step reads
         the whole buffer, masked; other layers' states are fixed)."""
