@@ -161,9 +161,8 @@ class MixerState:
         if self.store_ids is not None:
             raise NotImplementedError("reordering the batch of a layer with long-term storage is not supported: its "
                                       "rows read and write their own sequences of the vector store")  # fmt: skip
-        unbatched = (self.pos, self.pend_pos)  # ([1] and the store's pending slots [c]: shared by the rows)
         for t in self._buffers():
-            if not any(t is u for u in unbatched):
+            if t is not self.pos:  # (the position, [1], is every row's)
                 t.copy_(t.index_select(0, rows.to(t.device)))
 
     def join_keys(self) -> None:
