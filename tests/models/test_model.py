@@ -104,6 +104,37 @@ def test_compiled_decoding_graphs_take_no_ints_and_have_static_shapes(name):
     assert 0 < len(graphs) <= 4 and all(not dynamic for dynamic in graphs), graphs
 
 
+def test_compiled_decoding_step_writes_each_state_tensor_once():
+    """Each in-place write of a compiled step is a kernel on a GPU: the step writes every state tensor once (the
+    eidetic memory's chunk-boundary copy, once a masked write of the keys, values and positions at every step, is
+    left to ``BMojoCache.advance``, outside the graph), and the boundary positions still decode as eager does."""
+    writes: list[dict[str, int]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        counts: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            if node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("_"):
+                target = node.args[0]
+                if isinstance(target, torch.fx.Node) and target.op == "placeholder":
+                    counts[target.name] = counts.get(target.name, 0) + 1
+        writes.append(counts)
+        return gm.forward
+
+    model = tiny("bmojo")  # chunks of 4: boundaries at 16 and 20
+    ids = torch.randint(0, 128, (1, 22))
+    torch._dynamo.reset()
+    step = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        compiled, eager = (model(ids[:, :14], use_cache=True).cache for _ in range(2))
+        for t in range(14, 22):
+            got = step(ids[:, t : t + 1], past_key_values=compiled, use_cache=True).logits
+            torch.testing.assert_close(got, model(ids[:, t : t + 1], past_key_values=eager, use_cache=True).logits)
+    keys = [name for counts in writes for name in counts if name.endswith("_keys")]
+    assert writes and len(keys) == 2 * len(writes)  # (two layers)
+    assert all(n == 1 for counts in writes for n in counts.values()), writes
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_compiled_prefill_and_decoding_step_are_one_graph_each(name):
     """The whole model's prefill and step are a graph each: a frame dynamo cannot trace whole runs eager with a graph
