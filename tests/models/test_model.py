@@ -310,7 +310,15 @@ def test_beam_search_with_the_cache_equals_beam_search_recomputing_the_prefix(na
     assert (rows[:, 1:] != rows[:, :-1]).any()
 
 
-def test_reordering_a_layer_with_long_term_storage_raises():
+def test_reordering_rows_that_do_not_fit_the_batch_raises():
+    model = tiny("bmojo")
+    with torch.no_grad():
+        cache = model(torch.randint(0, 128, (2, 10)), use_cache=True).cache
+    for rows, match in [(torch.tensor([0]), r"2 integer batch indices \[B\], got torch.int64 \(1,\)"),
+                        (torch.tensor([[0, 1]]), "2 integer batch indices"), (torch.tensor([0.0, 1.0]), "integer"),
+                        (torch.tensor([0, 2]), r"lie in \[0, 2\), got \[0, 2\]"), (torch.tensor([-1, 0]), "lie in")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            cache.reorder_cache(rows)
     with pytest.raises(NotImplementedError, match="long-term storage"):
         MixerState(store_ids=torch.tensor([0, 1])).select_rows(torch.tensor([1, 1]))
 

@@ -161,9 +161,16 @@ class MixerState:
         if self.store_ids is not None:
             raise NotImplementedError("reordering the batch of a layer with long-term storage is not supported: its "
                                       "rows read and write their own sequences of the vector store")  # fmt: skip
-        for t in self._buffers():
-            if t is not self.pos:  # (the position, [1], is every row's)
-                t.copy_(t.index_select(0, rows.to(t.device)))
+        batched = [t for t in self._buffers() if t is not self.pos]  # (the position, [1], is every row's)
+        if not batched:
+            return
+        b = batched[0].shape[0]
+        if rows.dim() != 1 or len(rows) != b or rows.is_floating_point() or rows.is_complex():
+            raise ValueError(f"rows must be {b} integer batch indices [B], got {rows.dtype} {tuple(rows.shape)}")
+        if ((rows < 0) | (rows >= b)).any():
+            raise ValueError(f"rows must lie in [0, {b}), got {rows.tolist()}")
+        for t in batched:
+            t.copy_(t.index_select(0, rows.to(t.device)))
 
     def join_keys(self) -> None:
         """Put the window's, fading and eidetic keys (values, positions) in one buffer, ``keys`` (``values``,
