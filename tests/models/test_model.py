@@ -323,6 +323,55 @@ def test_reordering_rows_that_do_not_fit_the_batch_raises():
         MixerState(store_ids=torch.tensor([0, 1])).select_rows(torch.tensor([1, 1]))
 
 
+@pytest.mark.parametrize("name", ["bmojo", "jamba", "transformer"])
+def test_right_padded_batch_equals_each_sequence_alone(name):
+    """Sequences of different lengths padded on the right (as Hugging Face collators pad for training): every
+    token's logits are those of its sequence alone, and the loss (labels -100 at the padding) and the innovation loss
+    average over the tokens, as over the sequences concatenated."""
+    model = tiny(name).train()
+    lengths = [23, 9, 16]
+    seqs = [torch.randint(0, 128, (1, n)) for n in lengths]
+    ids = torch.zeros(3, 23, dtype=torch.long)
+    mask = torch.zeros(3, 23, dtype=torch.long)
+    for row, (seq, n) in enumerate(zip(seqs, lengths)):
+        ids[row, :n], mask[row, :n] = seq[0], 1
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(ids, attention_mask=mask, labels=labels)
+    alone = [model(seq, labels=seq) for seq in seqs]
+    for row, (one, n) in enumerate(zip(alone, lengths)):
+        torch.testing.assert_close(out.logits[row, :n], one.logits[0], atol=1e-5, rtol=1e-5)
+    targets = [n - 1 for n in lengths]  # next-token targets per sequence
+    ce = sum((one.loss - (0 if one.aux_loss is None else model.config.innovation_loss_weight * one.aux_loss)) * k
+             for one, k in zip(alone, targets)) / sum(targets)  # fmt: skip
+    if out.aux_loss is None:
+        torch.testing.assert_close(out.loss, ce)
+    else:
+        aux = sum(one.aux_loss * n for one, n in zip(alone, lengths)) / sum(lengths)
+        torch.testing.assert_close(out.aux_loss, aux)
+        torch.testing.assert_close(out.loss, ce + model.config.innovation_loss_weight * aux)
+        out.loss.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_padding_that_is_not_on_the_right_raises_and_a_padded_cache_is_not_continued():
+    model = tiny("bmojo")
+    ids = torch.randint(0, 128, (2, 8))
+    for mask in ([[0, 1, 1, 1, 1, 1, 1, 1], [1] * 8], [[1, 1, 0, 1, 1, 1, 1, 1], [1] * 8]):  # left padding, a gap
+        with pytest.raises(NotImplementedError, match="left padding, gaps"):
+            model(ids, attention_mask=torch.tensor(mask))
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, length\] \(2, 8\)"):
+        model(ids, attention_mask=torch.ones(2, 7, dtype=torch.long).tril())
+    with torch.no_grad():
+        padded = model(ids, attention_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3]), use_cache=True).cache
+        unpadded = model(ids, attention_mask=torch.ones(2, 8, dtype=torch.long), use_cache=True).cache
+        model(ids[:, :1], past_key_values=unpadded, use_cache=True)
+        with pytest.raises(NotImplementedError, match="right-padded"):
+            model(ids[:, :1], past_key_values=padded, use_cache=True)
+        with pytest.raises(NotImplementedError, match="right-padded"):
+            model.generate(ids, attention_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3]), max_new_tokens=2,
+                           pad_token_id=0)  # fmt: skip
+
+
 def test_generate_sampling_is_seeded():
     model = tiny("bmojo")
     prompt = torch.randint(0, 128, (1, 5))

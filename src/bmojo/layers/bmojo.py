@@ -292,7 +292,7 @@ class BMojoMixer(nn.Module):
         self.store = None if storage is None else VectorStore(self.attn.head_dim, self.attn.num_kv_heads, storage)
 
     def forward(
-        self, h: torch.Tensor, state: MixerState | None = None, advance: bool = True
+        self, h: torch.Tensor, state: MixerState | None = None, advance: bool = True, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, MixerState | None]:
         """``h [B, L, D] -> (out [B, L, D], auxiliary predictor loss or None, state)``.
 
@@ -301,11 +301,15 @@ class BMojoMixer(nn.Module):
         one every token is a recurrent step from where the state left off; ``advance=False`` leaves
         ``state.seen`` (a Python int) for the caller to advance, outside compiled code (``BMojoCache.advance``): an
         int that a compiled step changes would be an input of its graph, and CUDA graphs record one per value.
+        ``valid [B, L]`` (bool, parallel passes only): the positions the auxiliary loss averages over (right padding
+        out; the layer is causal, so padding after a sequence leaves its outputs as they are).
         """
         weights = self.attn.q_proj.weight if self.attn is not None else self.ssm.in_proj.weight
         check_hidden_states(h, self.hidden_size, weights.dtype)
         if state is None or not state.started:
-            return self._parallel(h, state)
+            return self._parallel(h, state, valid)
+        if valid is not None:
+            raise ValueError("valid positions are for parallel passes; a recurrent step takes every token")
         if state.win_pos is not None and state.win_pos.shape[0] != h.shape[0]:
             raise ValueError(f"the state holds {state.win_pos.shape[0]} sequences but the input {h.shape[0]}")
         outs = []
@@ -321,7 +325,7 @@ class BMojoMixer(nn.Module):
 
     # ---------------------------------------------------------------- parallel (training, prefill)
     def _parallel(
-        self, h: torch.Tensor, state: MixerState | None
+        self, h: torch.Tensor, state: MixerState | None, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, MixerState | None]:
         length = h.shape[1]
         f = ssm_state = None
@@ -348,7 +352,7 @@ class BMojoMixer(nn.Module):
             bands.append(Band(*(F.pad(x, (0, 0, 0, length - seen)) for x in fading), w, 2 * w - 1))
         if self.memory is not None:
             f_prev = F.pad(f[:, :-1], (0, 0, 1, 0))
-            scores, aux = self.memory.score(h, f_prev, pos)
+            scores, aux = self.memory.score(h, f_prev, pos, valid)
             # memories of every chunk, plus the one holding the next position (recurrent state, storage)
             memories = chunk_memories(scores, w, self.memory.chunk_size, self.memory.size,
                                       length // self.memory.chunk_size + 1)  # fmt: skip

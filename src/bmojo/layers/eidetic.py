@@ -105,18 +105,19 @@ class EideticMemory(nn.Module):
         self.predictor = Linear(hidden_size, hidden_size, bias=False) if selection == "innovation" else None
 
     def score(
-        self, h: torch.Tensor, f_prev: torch.Tensor, positions: torch.Tensor
+        self, h: torch.Tensor, f_prev: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores ``[B, L]`` (float32, detached) of tokens ``h [B, L, D]`` at ``positions [L]``.
 
         ``f_prev [B, L, D]`` is the fading token before each position (zeros before position 0).
-        Returns the scores and, for ``innovation``, the auxiliary predictor loss (a scalar).
+        Returns the scores and, for ``innovation``, the auxiliary predictor loss (a scalar): the mean over the
+        positions, or over those ``valid [B, L]`` marks (padding left out).
         """
         b, length, d = h.shape
         if self.selection == "innovation":
             target = F.rms_norm(h.float(), (d,)).detach()
             err = (target - self.predictor(f_prev).float()).pow(2).mean(-1)
-            return err.detach(), err.mean()
+            return err.detach(), err.mean() if valid is None else (err * valid).sum() / valid.sum()
         if self.selection == "recency":
             return positions.float().expand(b, length), None
         return position_hash(positions, self.seed).expand(b, length), None

@@ -20,6 +20,7 @@ class BMojoCache:
     def __init__(self, num_layers: int, store_ids: torch.Tensor | None = None) -> None:
         """``store_ids [B]``: sequences of the layers' vector stores to read and extend (default: new ones)."""
         self.layers = [MixerState(store_ids=store_ids) for _ in range(num_layers)]
+        self.padded = False  # filled from right-padded sequences: their states hold the padding, not to be continued
 
     def __len__(self) -> int:
         return len(self.layers)

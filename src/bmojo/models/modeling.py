@@ -98,9 +98,9 @@ class BMojoBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if config.use_mlp else None
 
     def forward(
-        self, x: torch.Tensor, state: MixerState | None = None, advance: bool = True
+        self, x: torch.Tensor, state: MixerState | None = None, advance: bool = True, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, aux, _ = self.mixer(self.input_layernorm(x), state, advance)
+        y, aux, _ = self.mixer(self.input_layernorm(x), state, advance, valid)
         x = x + y
         if self.mlp is not None:
             x = x + self.mlp(self.post_attention_layernorm(x))
@@ -167,6 +167,22 @@ class BMojoPreTrainedModel(PreTrainedModel):
         return False  # the model builds its own BMojoCache
 
 
+def _right_padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """The positions ``attention_mask [B, L]`` keeps, as a bool mask, where it pads some sequence on the right (zeros
+    after its tokens: causal layers leave the tokens' outputs as they are); ``None`` where it keeps every position.
+    Padding elsewhere (on the left, or gaps) raises ``NotImplementedError``. Reads the mask (under ``torch.compile``
+    a graph break, in a parallel pass only: decoding steps do not read it)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    if attention_mask.shape != shape:
+        raise ValueError(f"attention_mask must be [batch, length] {tuple(shape)}, got {tuple(attention_mask.shape)}")
+    keep = attention_mask.bool()
+    if (keep[:, 1:] & ~keep[:, :-1]).any() or not keep[:, 0].all():
+        raise NotImplementedError("attention_mask pads before or between tokens (left padding, gaps), which is not "
+                                  "supported yet; right padding (zeros after each sequence's tokens) is")  # fmt: skip
+    return keep
+
+
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Shape, dtype and, in eager mode, the id range (reading min/max would break a ``torch.compile`` graph)."""
     if input_ids.dim() != 2:
@@ -226,10 +242,6 @@ class BMojoModel(BMojoPreTrainedModel):
             raise ValueError(
                 f"inputs_embeds must be [batch, length, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"
             )
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise NotImplementedError(
-                "attention_mask with padded (zero) positions is not supported yet: pass unpadded sequences"
-            )
         if cache is not None and not isinstance(cache, BMojoCache):
             raise TypeError(f"cache must be a BMojoCache, got {type(cache).__name__}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -237,11 +249,17 @@ class BMojoModel(BMojoPreTrainedModel):
             cache = BMojoCache(len(self.layers))
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}")
+        stepping = cache is not None and cache.started  # else the layers run in parallel (prefill)
+        if stepping and cache.padded:
+            raise NotImplementedError("this cache was filled from right-padded sequences, whose states hold the "
+                                      "padding: it cannot be continued (generate from unpadded prompts)")  # fmt: skip
+        valid = None if stepping else _right_padding(attention_mask, inputs_embeds.shape[:2])
+        if valid is not None and cache is not None:
+            cache.padded = True
 
         x, aux_losses = inputs_embeds, []
-        stepping = cache is not None and cache.started  # else the layers run in parallel (prefill)
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, None if cache is None else cache[i], advance=False)  # the cache advances below
+            x, aux = layer(x, None if cache is None else cache[i], False, valid)  # the cache advances below
             if aux is not None:
                 aux_losses.append(aux)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
