@@ -258,6 +258,16 @@ def test_cuda_prefill_plus_decode_equals_full_forward(name):
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=2e-3, rtol=2e-3)
 
 
+def test_cuda_beam_search_with_the_cache_equals_recomputing_the_prefix():
+    """``BMojoCache.reorder_cache`` on CUDA tensors (Hugging Face beam search)."""
+    model = _tiny("bmojo").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), device=DEV)
+    beams = dict(max_new_tokens=12, num_beams=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached, recomputed = model.generate(ids, **beams), model.generate(ids, use_cache=False, **beams)
+    assert torch.equal(cached, recomputed)
+
+
 def test_cuda_graph_decoding_equals_eager():
     """Decoding compiled with ``mode="reduce-overhead"`` replays CUDA graphs over the cache marked static (no
     cudagraph skips: the step updates the state in place) and gives the eager logits."""
