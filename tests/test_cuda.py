@@ -258,6 +258,21 @@ def test_cuda_prefill_plus_decode_equals_full_forward(name):
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_cuda_cache_continued_by_long_inputs_equals_full_forward(name):
+    """Several tokens after a cache in one parallel pass a layer (our kernels over the extended sequence)."""
+    model = _tiny(name).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 120), device=DEV)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :21], use_cache=True)
+        logits = [out.logits]
+        for a, b in ((21, 70), (70, 120)):
+            out = model(ids[:, a:b], past_key_values=out.cache, use_cache=True)
+            logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=2e-3, rtol=2e-3)
+
+
 def test_cuda_reordered_cache_continues_as_a_prefill_of_the_reordered_batch():
     """``BMojoCache.reorder_cache`` (Hugging Face beam search) on CUDA tensors: the steps after it give the logits of a
     cache prefilled with the prompts in that order (to the kernels' rounding: exact beam choices could flip)."""

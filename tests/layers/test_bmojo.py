@@ -187,6 +187,28 @@ def test_multi_token_continuation_equals_parallel():
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("cuts", [(1, 3, 7, 30), (3, 8, 9, 21, 30), (5, 6, 22, 30), (8, 30), (12, 13, 17, 30)])
+def test_continuing_a_state_in_parallel_equals_one_pass(name, cuts, monkeypatch):
+    """Calls of several tokens after a state run as one parallel pass (the window 4 and chunks of 4 crossed inside
+    and between calls, from states shorter than the window and than two, the eidetic memory changing at the
+    boundaries); their outputs and the states they leave (the steps after them) equal one pass over the sequence,
+    and only calls of one token step."""
+    m = make(**CONFIGS[name])
+    steps, step = [], m._step
+    monkeypatch.setattr(m, "_step", lambda h, *a: steps.append(h.shape[1]) or step(h, *a))
+    h = torch.randn(2, 34, D)
+    with torch.no_grad():
+        full, _, _ = m(h)
+        state = MixerState()
+        outs = [m(h[:, : cuts[0]], state)[0]]
+        outs += [m(h[:, a:b], state)[0] for a, b in zip(cuts, cuts[1:])]
+        assert len(steps) == sum(b - a == 1 for a, b in zip(cuts, cuts[1:]))
+        outs += [m(h[:, t : t + 1], state)[0] for t in range(cuts[-1], 34)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
+    assert state.seen == state.pos.item() == 34
+
+
 def test_steps_left_to_the_caller_enter_the_next_chunk_when_it_advances():
     """With ``advance=False`` the state has not counted the tokens, and the eidetic memory built so far comes into
     use at the chunk boundary only when the caller advances (``BMojoCache.advance``, outside compiled code): a step

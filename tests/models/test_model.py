@@ -58,6 +58,23 @@ def test_full_forward_equals_prefill_plus_decode(name, extra):
     assert cache.get_seq_length() == 40
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_cache_continued_by_long_inputs_equals_the_full_forward(name):
+    """A prompt appended to a cache in pieces of several tokens (a chat's turns; each piece one parallel pass per
+    layer), then single-token steps, give the logits of one forward over everything."""
+    model = tiny(name)
+    ids = torch.randint(0, 128, (2, 74))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :9], use_cache=True)
+        logits = [out.logits]
+        for a, b in ((9, 30), (30, 33), (33, 70), *((t, t + 1) for t in range(70, 74))):
+            out = model(ids[:, a:b], past_key_values=out.cache, use_cache=True)
+            logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=1e-4)
+    assert out.cache.get_seq_length() == 74
+
+
 @pytest.mark.parametrize("name", ["bmojo", "transformer"])
 def test_compiled_decoding_with_static_cache_addresses_equals_eager(name):
     """The cache marked static (what a CUDA-graph replay of the step needs) keeps its tensors' storage through

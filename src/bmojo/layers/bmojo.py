@@ -18,8 +18,8 @@ Transformers, sliding-window Transformers, Mamba and B'MOJO-F are configurations
 module: no SSM and no window (full causal attention), no SSM with a window, an SSM and no
 attention (the read-out is the SSM output), and no eidetic memory.
 
-Parallel mode (training, prefill) and recurrent mode (decoding with a :class:`MixerState`) give
-the same outputs: the state keeps the SSM state, a ``w``-slot ring of raw keys/values, a
+Parallel mode (training, prefill, and several tokens continuing a state) and recurrent mode (decoding with a
+:class:`MixerState`) give the same outputs: the state keeps the SSM state, a ``w``-slot ring of raw keys/values, a
 ``w``-slot ring of the fading band's keys/values, the last ``w`` fading tokens (each projected into the band
 ``w`` steps after it is made) and ``2k`` eidetic keys/values (the memory in use and the one being built for the
 next chunk boundary), so its size does not depend on the context length; only full attention (no window) keeps
@@ -36,7 +36,7 @@ from torch import nn
 
 from bmojo.layers.attention import Attention, Rope
 from bmojo.layers.checks import check_hidden_states
-from bmojo.layers.eidetic import EideticMemory, chunk_memories, insert_slot
+from bmojo.layers.eidetic import EideticMemory, chunk_memories, insert_slot, merge_topk
 from bmojo.layers.linear import Linear
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
 from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership
@@ -47,6 +47,7 @@ from bmojo.ops.attention import (
     causal_attention,
     merge_attention,
     step_attention,
+    suffix_causal_attention,
     union_attention,
 )
 
@@ -298,7 +299,8 @@ class BMojoMixer(nn.Module):
 
         Without ``state`` the sequence is processed in parallel from position 0. With an empty
         ``state`` it is processed in parallel and the state is filled (prefill); with a non-empty
-        one every token is a recurrent step from where the state left off; ``advance=False`` leaves
+        one the tokens continue it: several in one parallel pass (:meth:`_continue`; not with long-term storage or
+        under ``torch.compile``), else each a recurrent step; ``advance=False`` leaves
         ``state.seen`` (a Python int) for the caller to advance, outside compiled code (``BMojoCache.advance``): an
         int that a compiled step changes would be an input of its graph, and CUDA graphs record one per value.
         ``valid [B, L]`` (bool, parallel passes only): the positions the auxiliary loss averages over (right padding
@@ -312,16 +314,21 @@ class BMojoMixer(nn.Module):
             raise ValueError("valid positions are for parallel passes; a recurrent step takes every token")
         if state.win_pos is not None and state.win_pos.shape[0] != h.shape[0]:
             raise ValueError(f"the state holds {state.win_pos.shape[0]} sequences but the input {h.shape[0]}")
-        outs = []
         state.reserve(h.shape[1])
-        for i in range(h.shape[1]):
-            if i:  # (the state's first token: the caller's advance entered its chunk)
-                state.enter_chunk(state.seen + i)
-            outs.append(self._step(h[:, i : i + 1], state, state.seen + i))
-            state.pos.add_(1)
+        if self._continues_in_parallel(h.shape[1]) and not torch.compiler.is_compiling():
+            out = self._continue(h, state)
+            state.pos.add_(h.shape[1])
+        else:
+            outs = []
+            for i in range(h.shape[1]):
+                if i:  # (the state's first token: the caller's advance entered its chunk)
+                    state.enter_chunk(state.seen + i)
+                outs.append(self._step(h[:, i : i + 1], state, state.seen + i))
+                state.pos.add_(1)
+            out = torch.cat(outs, dim=1)
         if advance:
             state.advance(h.shape[1])
-        return torch.cat(outs, dim=1), None, state
+        return out, None, state
 
     # ---------------------------------------------------------------- parallel (training, prefill)
     def _parallel(
@@ -442,6 +449,135 @@ class BMojoMixer(nn.Module):
             state.fad_pos = slots.repeat(b, 1)
             state.f_pend, _ = _ring_fill(f, w)
         state.join_keys()
+
+    # ---------------------------------------------------------------- continuation (several tokens after a state)
+    def _continues_in_parallel(self, length: int) -> bool:
+        """Whether ``length`` tokens after a state run as one parallel pass (:meth:`_continue`) rather than steps:
+        without long-term storage, from 2 tokens on, and for a window from a quarter of it on (the pass also reads
+        the ``2w`` positions before the tokens)."""
+        return self.store is None and length >= max(2, (self.window or 0) // 4)
+
+    def _continue(self, h: torch.Tensor, state: MixerState) -> torch.Tensor:
+        """The tokens ``h [B, L, D]`` at positions ``s .. s+L-1`` after a state of ``s`` tokens in one parallel pass
+        (the recurrent steps' outputs, to float rounding), updating the state in place as the steps would.
+
+        With a window the read-out runs over an extended sequence of positions ``p0 .. s+L-1``, ``p0 = max(0, s-2w)``
+        rounded down to a chunk boundary: before ``s`` it holds what the state keeps (the window ring's raw keys, the
+        fading band's keys, the pending fading tokens, projected now) and queries of zeros, whose outputs are
+        dropped; the eidetic memory of each chunk starting in the pass merges the state's staging memory with the
+        tokens leaving the window (:func:`merge_topk`)."""
+        s, length, w = state.seen, h.shape[1], self.window
+        new = torch.arange(s, s + length, device=h.device)
+        f = score = None
+        if self.ssm is not None:
+            f, ssm = self.ssm(h, state.ssm)
+            state.ssm.conv.copy_(ssm.conv)
+            state.ssm.ssm.copy_(ssm.ssm)
+        if self.memory is not None:
+            score, _ = self.memory.score(h, torch.cat([state.f_last.unsqueeze(1), f[:, :-1]], 1), new)
+        if f is not None:
+            state.f_last.copy_(f[:, -1])
+        if self.attn is None:
+            return f
+        if w is None:
+            rope = self.attn.rope(new)
+            q, (k, v) = self.attn.queries(h, rope), self.attn.keys_values(h, rope)
+            state.win_k.index_copy_(2, new, k)
+            state.win_v.index_copy_(2, new, v)
+            state.win_pos.index_copy_(1, new, new.expand(h.shape[0], -1))
+            o = suffix_causal_attention(q, state.win_k[:, :, : s + length], state.win_v[:, :, : s + length])
+            return self.attn.output(o)
+
+        c = 1 if self.memory is None else self.memory.chunk_size
+        p0 = max(0, s - 2 * w) // c * c
+        lead, total = s - p0, s + length - p0  # positions before the tokens, and in all, of the extended sequence
+        rope = self.attn.rope(torch.arange(p0, s + length, device=h.device))
+        q = F.pad(self.attn.queries(h, _rows(rope, slice(lead, None))), (0, 0, lead, 0))
+        k_new, v_new = self.attn.keys_values(h, _rows(rope, slice(lead, None)))
+        held = torch.arange(max(p0, s - w), s, device=h.device)  # the window ring's positions that a query sees
+        k, v = (torch.cat([F.pad(ring.index_select(2, held % w), (0, 0, max(p0, s - w) - p0, 0)), x], 2)
+                for ring, x in ((state.win_k, k_new), (state.win_v, v_new)))  # fmt: skip
+        bands = [Band(k, v, 0, w - 1)]
+        fading = None
+        if self.fading:
+            ring = torch.arange(max(0, s - 2 * w), max(0, s - w), device=h.device)  # the band's ring: projected
+            pend = torch.arange(max(0, s - w), s, device=h.device)  # pending fading tokens, then the new ones
+            tokens = torch.cat([state.f_pend.index_select(1, pend % w), f[:, : max(0, length - w)]], 1)
+            at = slice(max(0, s - w) - p0, max(0, s - w) - p0 + tokens.shape[1])  # (the tokens' positions)
+            projected = self.attn.keys_values(tokens, _rows(rope, at), self.fading_k_proj, self.fading_v_proj)
+            fading = [torch.cat([F.pad(band.index_select(2, ring % w), (0, 0, max(0, s - 2 * w) - p0, 0)), x], 2)
+                      for band, x in ((state.fad_k, projected[0]), (state.fad_v, projected[1]))]  # fmt: skip
+            fading = [F.pad(x, (0, 0, 0, total - x.shape[2])) for x in fading]
+            bands.append(Band(*fading, w, 2 * w - 1))
+        memory = None if self.memory is None else self._continued_memories(state, k, v, score, p0, length)
+        o, _ = union_attention(q, bands, memory, self.block_size, self.attention_impl)
+        self._write_continued(state, new, k_new, v_new, fading, f, score, p0)
+        return self.attn.output(o[:, :, lead:])
+
+    def _continued_memories(self, state: MixerState, k: torch.Tensor, v: torch.Tensor, score: torch.Tensor,
+                            p0: int, length: int) -> ChunkMemory:  # fmt: skip
+        """:meth:`_continue`'s chunk memories over the extended sequence ``k, v [B, Hkv, s+L-p0, d]`` (positions
+        ``p0 ..``; ``score [B, L]``: the tokens' innovation scores): the state's memory in use for the chunks up to
+        the one holding ``s``, then at each chunk boundary the staging memory merged with the tokens that left the
+        window before it; writes the staging memory and the memory in use at ``s + L`` into the state."""
+        s, w, c, m = state.seen, self.window, self.memory.chunk_size, self.memory.size
+        b, hkv, _, d = k.shape
+        bank = [torch.cat([mem, stage, x], 2) for mem, stage, x in ((state.mem_k, state.stage_k, k),
+                                                                     (state.mem_v, state.stage_v, v))]  # fmt: skip
+        first = max(0, s - w)  # tokens leaving the window in the pass: positions first .. s+L-w-1
+        cand = torch.arange(first, max(first, s + length - w), device=k.device)
+        ringed = min(len(cand), s - first)  # of them in the window ring, the rest among the new tokens
+        cand_score = torch.cat([state.win_score.index_select(1, cand[:ringed] % w), score[:, : len(cand) - ringed]], 1)
+        cand_pos, cand_idx = cand.expand(b, -1), (2 * m + cand - p0).expand(b, -1)
+        slots = torch.arange(m, device=k.device).expand(b, m)
+        current = (state.mem_pos, slots)  # (positions, bank indices) of the memory in use at s
+        starts = range(p0, s + length, c)  # the extended sequence's chunks
+        boundary = (s + length) // c * c  # the chunk boundary of the memory in use after the pass
+        limits = {start - w for start in starts if start > s} | {boundary - w, s + length - w}
+        staged, done, merged = (state.stage_score, state.stage_pos, slots + m), 0, {}
+        for limit in sorted(limits):  # the staging memory with the candidates of positions below each limit merged in
+            upto = max(done, min(len(cand), limit - first))
+            if upto > done:
+                score_, pos_, order = merge_topk(*staged[:2], cand_score[:, done:upto], cand_pos[:, done:upto], m)
+                staged, done = (score_, pos_, torch.cat([staged[2], cand_idx[:, done:upto]], 1).gather(1, order)), upto
+            merged[limit] = staged[1:]
+        chunks = [current if start <= s else merged[start - w] for start in starts]
+        in_use = current if boundary <= s else merged[boundary - w]
+
+        def gather(idx: torch.Tensor) -> list[torch.Tensor]:
+            flat = idx.reshape(b, 1, -1, 1).expand(b, hkv, -1, d)
+            return [x.gather(2, flat).view(b, hkv, *idx.shape[1:], d) for x in bank]
+
+        pos = torch.stack([p for p, _ in chunks], 1)
+        memory = ChunkMemory(*gather(torch.stack([i for _, i in chunks], 1)), pos >= 0, c)
+        n = state.positions.shape[1]
+        mem = torch.arange(n - m, n, device=k.device)
+        for joined, new, dim in zip((state.keys, state.values, state.positions), (*gather(in_use[1]), in_use[0]),
+                                    (2, 2, 1)):  # fmt: skip
+            joined.index_copy_(dim, mem, new)
+        for stage, new in zip((state.stage_k, state.stage_v, state.stage_score, state.stage_pos),
+                              (*gather(staged[2]), staged[0], staged[1])):  # fmt: skip
+            stage.copy_(new)
+        return memory
+
+    def _write_continued(self, state: MixerState, new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         fading: list[torch.Tensor] | None, f: torch.Tensor | None, score: torch.Tensor | None,
+                         p0: int) -> None:  # fmt: skip
+        """:meth:`_continue`'s window ring (raw keys ``k, v`` of the new positions ``new``, their scores), fading
+        band ring (``fading``: the extended sequence's fading keys/values) and pending fading tokens ``f``."""
+        s, length, w, b = state.seen, len(new), self.window, k.shape[0]
+        kept = new[-min(length, w) :]  # the new positions the window ring keeps
+        for joined, x in ((state.keys, k), (state.values, v)):
+            joined.index_copy_(2, kept % w, x[:, :, -len(kept) :])
+        state.positions.index_copy_(1, kept % w, kept.expand(b, -1))
+        if score is not None:
+            state.win_score.index_copy_(1, kept % w, score[:, -len(kept) :])
+        if fading is not None:
+            band = torch.arange(max(0, s - w, s + length - 2 * w), max(0, s + length - w), device=k.device)
+            for joined, x in zip((state.keys, state.values), fading):
+                joined.index_copy_(2, w + band % w, x.index_select(2, band - p0))
+            state.positions.index_copy_(1, w + band % w, band.expand(b, -1))
+            state.f_pend.index_copy_(1, kept % w, f[:, -len(kept) :])
 
     # ---------------------------------------------------------------- recurrent (decoding)
     def _step(self, h: torch.Tensor, state: MixerState, t: int) -> torch.Tensor:

@@ -242,6 +242,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
 
 
+def suffix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last ``M`` positions of a sequence, ``q [B, Hq, M, d]``, over all its keys ``k, v [B,
+    Hkv, K, d]`` (``K >= M``): query ``i`` sees keys ``0 .. K - M + i`` (SDPA under a mask; :func:`causal_attention`
+    where ``M = K``)."""
+    m, n = q.shape[2], k.shape[2]
+    visible = torch.ones(m, n, dtype=torch.bool, device=q.device).tril(n - m)
+    (k, v), in_place = _sdpa_heads(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, **({"enable_gqa": True} if in_place else {}))
+
+
 def _sdpa_heads(q: torch.Tensor, *kv: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
     """Key / value tensors ``[B, Hkv, ...]`` for SDPA with ``q [B, Hq, ...]``: as they are, and ``True`` (pass
     ``enable_gqa``) for grouped heads the CPU flash kernel reads in place (:data:`_FLASH_CPU_GROUPS`); otherwise
