@@ -245,29 +245,17 @@ def test_kernels_launch_on_their_inputs_device_not_the_current_one():
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_cuda_prefill_plus_decode_equals_full_forward(name):
+@pytest.mark.parametrize("cuts", [(37, *range(38, 81)), (21, 70, 120)], ids=["steps", "long-inputs"])
+def test_cuda_prefill_then_continuations_equal_full_forward(name, cuts):
+    """A prefill, then the rest token by token, or in long pieces (one parallel pass a layer each, our kernels over
+    the extended sequence)."""
     model = _tiny(name).eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 80), device=DEV)
+    ids = torch.randint(0, model.config.vocab_size, (2, cuts[-1]), device=DEV)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :37], use_cache=True)
+        out = model(ids[:, : cuts[0]], use_cache=True)
         logits = [out.logits]
-        for t in range(37, 80):
-            out = model(ids[:, t : t + 1], past_key_values=out.cache, use_cache=True)
-            logits.append(out.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), full, atol=2e-3, rtol=2e-3)
-
-
-@pytest.mark.parametrize("name", PRESETS)
-def test_cuda_cache_continued_by_long_inputs_equals_full_forward(name):
-    """Several tokens after a cache in one parallel pass a layer (our kernels over the extended sequence)."""
-    model = _tiny(name).eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 120), device=DEV)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :21], use_cache=True)
-        logits = [out.logits]
-        for a, b in ((21, 70), (70, 120)):
+        for a, b in zip(cuts, cuts[1:]):
             out = model(ids[:, a:b], past_key_values=out.cache, use_cache=True)
             logits.append(out.logits)
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=2e-3, rtol=2e-3)
