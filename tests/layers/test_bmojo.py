@@ -189,7 +189,8 @@ def test_multi_token_continuation_equals_parallel():
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("cuts", [(1, 3, 7, 30), (3, 8, 9, 21, 30), (5, 6, 22, 30), (8, 30), (12, 13, 17, 30)])
-def test_continuing_a_state_in_parallel_equals_one_pass(name, cuts, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_continuing_a_state_in_parallel_equals_one_pass(name, cuts, batch, monkeypatch):
     """Calls of several tokens after a state run as one parallel pass (the window 4 and chunks of 4 crossed inside
     and between calls, from states shorter than the window and than two, the eidetic memory changing at the
     boundaries); their outputs and the states they leave (the steps after them) equal one pass over the sequence,
@@ -197,7 +198,7 @@ def test_continuing_a_state_in_parallel_equals_one_pass(name, cuts, monkeypatch)
     m = make(**CONFIGS[name])
     steps, step = [], m._step
     monkeypatch.setattr(m, "_step", lambda h, *a: steps.append(h.shape[1]) or step(h, *a))
-    h = torch.randn(2, 34, D)
+    h = torch.randn(batch, 34, D)
     with torch.no_grad():
         full, _, _ = m(h)
         state = MixerState()

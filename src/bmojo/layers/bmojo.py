@@ -550,14 +550,16 @@ class BMojoMixer(nn.Module):
 
         pos = torch.stack([p for p, _ in chunks], 1)
         memory = ChunkMemory(*gather(torch.stack([i for _, i in chunks], 1)), pos >= 0, c)
-        n = state.positions.shape[1]
-        mem = torch.arange(n - m, n, device=k.device)
-        for joined, new, dim in zip((state.keys, state.values, state.positions), (*gather(in_use[1]), in_use[0]),
-                                    (2, 2, 1)):  # fmt: skip
-            joined.index_copy_(dim, mem, new)
-        for stage, new in zip((state.stage_k, state.stage_v, state.stage_score, state.stage_pos),
-                              (*gather(staged[2]), staged[0], staged[1])):  # fmt: skip
-            stage.copy_(new)
+        if boundary > s:  # a new memory in use (else the state's stays)
+            n = state.positions.shape[1]
+            mem = torch.arange(n - m, n, device=k.device)
+            for joined, new, dim in zip((state.keys, state.values, state.positions), (*gather(in_use[1]), in_use[0]),
+                                        (2, 2, 1)):  # fmt: skip
+                joined.index_copy_(dim, mem, new)
+        if done:  # candidates merged into the staging memory
+            for stage, new in zip((state.stage_k, state.stage_v, state.stage_score, state.stage_pos),
+                                  (*gather(staged[2]), staged[0], staged[1])):  # fmt: skip
+                stage.copy_(new)
         return memory
 
     def _write_continued(self, state: MixerState, new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
