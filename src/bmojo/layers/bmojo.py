@@ -453,9 +453,9 @@ class BMojoMixer(nn.Module):
     # ---------------------------------------------------------------- continuation (several tokens after a state)
     def _continues_in_parallel(self, length: int) -> bool:
         """Whether ``length`` tokens after a state run as one parallel pass (:meth:`_continue`) rather than steps:
-        without long-term storage, from 2 tokens on, and for a window from a quarter of it on (the pass also reads
-        the ``2w`` positions before the tokens)."""
-        return self.store is None and length >= max(2, (self.window or 0) // 4)
+        without long-term storage, from 2 tokens on, and for a window ``w`` from ``w / 16`` on (the pass also reads the
+        ``2w`` positions before the tokens: on the CPU bench model, window 256, it takes as long as 12 steps)."""
+        return self.store is None and length >= max(2, (self.window or 0) // 16)
 
     def _continue(self, h: torch.Tensor, state: MixerState) -> torch.Tensor:
         """The tokens ``h [B, L, D]`` at positions ``s .. s+L-1`` after a state of ``s`` tokens in one parallel pass
