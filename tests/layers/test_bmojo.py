@@ -1,5 +1,7 @@
 """The B'MOJO mixer: special cases, a naive one-softmax reference, and parallel == recurrent."""
 
+import random
+
 import pytest
 import torch
 
@@ -208,6 +210,29 @@ def test_continuing_a_state_in_parallel_equals_one_pass(name, cuts, batch, monke
         outs += [m(h[:, t : t + 1], state)[0] for t in range(cuts[-1], 34)]
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
     assert state.seen == state.pos.item() == 34
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_continuations_of_random_configurations_equal_one_pass(seed):
+    """Random windows (down to 1), chunks (down to 1), memory sizes, SSMs, head groupings, fading projections and
+    selections, cut at random points, then stepped: one pass over the sequence."""
+    rng = random.Random(seed)
+    ssm = rng.choice(["mamba2", "mamba"])
+    kw = dict(num_heads=4, num_kv_heads=rng.choice([1, 2, 4]), ssm=ssm, window=rng.choice([1, 2, 3, 5, 8]),
+              fading=rng.random() < 0.7, eidetic_size=rng.choice([0, 1, 2, 5]), chunk_size=rng.choice([1, 2, 3, 7]),
+              block_size=rng.choice([2, 8]), tie_fading_kv=rng.random() < 0.5,
+              selection=rng.choice(["innovation", "recency", "random"]),
+              ssm_kwargs=dict(state_size=8, head_dim=16, chunk_size=8) if ssm == "mamba2" else dict(state_size=8))  # fmt: skip
+    m = make(seed, **kw)
+    n = rng.randint(5, 40)
+    cuts = [*sorted(rng.sample(range(1, n), min(n - 1, rng.randint(1, 4)))), n]
+    h = torch.randn(rng.choice([1, 2]), n + 5, D, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        full, _, _ = m(h)
+        state = MixerState()
+        outs = [m(h[:, : cuts[0]], state)[0]] + [m(h[:, a:b], state)[0] for a, b in zip(cuts, cuts[1:])]
+        outs += [m(h[:, t : t + 1], state)[0] for t in range(n, n + 5)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4, msg=lambda e: f"{kw} {cuts}: {e}")
 
 
 def test_steps_left_to_the_caller_enter_the_next_chunk_when_it_advances():
