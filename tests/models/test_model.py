@@ -513,3 +513,19 @@ def test_unknown_preset_and_size():
         BMojoConfig.from_preset("rwkv")
     with pytest.raises(ValueError, match="unknown size"):
         BMojoConfig.from_preset("bmojo", "7b")
+
+
+def test_compiled_model_continues_a_cache_by_long_inputs_eagerly_in_one_pass():
+    """Under ``torch.compile`` several tokens after a cache run the layers' parallel continuation eagerly (a graph
+    break each; compiled, its shapes would follow the cache's length), not as unrolled steps."""
+    model = tiny("bmojo")
+    ids = torch.randint(0, 128, (1, 50))
+    torch._dynamo.reset()
+    step = torch.compile(model)
+    with torch.no_grad():
+        compiled, eager = (model(ids[:, :12], use_cache=True).cache for _ in range(2))
+        got = step(ids[:, 12:50], past_key_values=compiled, use_cache=True).logits
+        want = model(ids[:, 12:50], past_key_values=eager, use_cache=True).logits
+        explained = torch._dynamo.explain(model)(ids[:, 12:50], past_key_values=eager, use_cache=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert compiled.get_seq_length() == 50 and explained.graph_break_count >= model.config.num_hidden_layers

@@ -299,8 +299,8 @@ class BMojoMixer(nn.Module):
 
         Without ``state`` the sequence is processed in parallel from position 0. With an empty
         ``state`` it is processed in parallel and the state is filled (prefill); with a non-empty
-        one the tokens continue it: several in one parallel pass (:meth:`_continue`; not with long-term storage or
-        under ``torch.compile``), else each a recurrent step; ``advance=False`` leaves
+        one the tokens continue it: several in one parallel pass (:meth:`_continue`; not with long-term storage),
+        else each a recurrent step; ``advance=False`` leaves
         ``state.seen`` (a Python int) for the caller to advance, outside compiled code (``BMojoCache.advance``): an
         int that a compiled step changes would be an input of its graph, and CUDA graphs record one per value.
         ``valid [B, L]`` (bool, parallel passes only): the positions the auxiliary loss averages over (right padding
@@ -315,7 +315,7 @@ class BMojoMixer(nn.Module):
         if state.win_pos is not None and state.win_pos.shape[0] != h.shape[0]:
             raise ValueError(f"the state holds {state.win_pos.shape[0]} sequences but the input {h.shape[0]}")
         state.reserve(h.shape[1])
-        if self._continues_in_parallel(h.shape[1]) and not torch.compiler.is_compiling():
+        if self._continues_in_parallel(h.shape[1]):
             out = self._continue(h, state)
             state.pos.add_(h.shape[1])
         else:
@@ -457,9 +457,11 @@ class BMojoMixer(nn.Module):
         ``2w`` positions before the tokens: on the CPU bench model, window 256, it takes as long as 12 steps)."""
         return self.store is None and length >= max(2, (self.window or 0) // 16)
 
+    @torch.compiler.disable
     def _continue(self, h: torch.Tensor, state: MixerState) -> torch.Tensor:
         """The tokens ``h [B, L, D]`` at positions ``s .. s+L-1`` after a state of ``s`` tokens in one parallel pass
-        (the recurrent steps' outputs, to float rounding), updating the state in place as the steps would.
+        (the recurrent steps' outputs, to float rounding), updating the state in place as the steps would. Eager
+        under ``torch.compile`` too (a graph break): its shapes follow ``s``, so a graph would be compiled per call.
 
         With a window the read-out runs over an extended sequence of positions ``p0 .. s+L-1``, ``p0 = max(0, s-2w)``
         rounded down to a chunk boundary: before ``s`` it holds what the state keeps (the window ring's raw keys, the
