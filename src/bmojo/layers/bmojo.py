@@ -303,15 +303,15 @@ class BMojoMixer(nn.Module):
         else each a recurrent step; ``advance=False`` leaves
         ``state.seen`` (a Python int) for the caller to advance, outside compiled code (``BMojoCache.advance``): an
         int that a compiled step changes would be an input of its graph, and CUDA graphs record one per value.
-        ``valid [B, L]`` (bool, parallel passes only): the positions the auxiliary loss averages over (right padding
-        out; the layer is causal, so padding after a sequence leaves its outputs as they are).
+        ``valid [B, L]`` (bool, passes from an empty state only): the positions the auxiliary loss averages over
+        (right padding out; the layer is causal, so padding after a sequence leaves its outputs as they are).
         """
         weights = self.attn.q_proj.weight if self.attn is not None else self.ssm.in_proj.weight
         check_hidden_states(h, self.hidden_size, weights.dtype)
         if state is None or not state.started:
             return self._parallel(h, state, valid)
         if valid is not None:
-            raise ValueError("valid positions are for parallel passes; a recurrent step takes every token")
+            raise ValueError("valid positions are for passes from an empty state; continuing one takes every token")
         if state.win_pos is not None and state.win_pos.shape[0] != h.shape[0]:
             raise ValueError(f"the state holds {state.win_pos.shape[0]} sequences but the input {h.shape[0]}")
         state.reserve(h.shape[1])
