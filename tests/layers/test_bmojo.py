@@ -361,6 +361,10 @@ def test_bad_input_raises():
         m(torch.randn(1, 3, D + 1))
     with pytest.raises(TypeError, match="hidden states are torch.float64"):
         m(torch.randn(1, 3, D, dtype=torch.float64))
+    state = MixerState()
+    m(torch.randn(1, 3, D), state)
+    with pytest.raises(ValueError, match="valid positions are for passes from an empty state"):
+        m(torch.randn(1, 3, D), state, valid=torch.ones(1, 3, dtype=torch.bool))
 
 
 def test_norms_refuse_integers_and_a_gate_of_another_shape():
