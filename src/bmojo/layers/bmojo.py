@@ -47,7 +47,6 @@ from bmojo.ops.attention import (
     causal_attention,
     merge_attention,
     step_attention,
-    suffix_causal_attention,
     union_attention,
 )
 
@@ -123,13 +122,26 @@ class MixerState:
         compiled = torch.compiler.is_compiling()
         if not self.chunk or not (compiled or t % self.chunk == 0):
             return
-        boundary = self.pos % self.chunk == 0
+        slots, stage = self.memory_slots(), (self.stage_k, self.stage_v, self.stage_pos)
+        if compiled:
+            boundary = self.pos % self.chunk == 0
+            stage = [torch.where(boundary, x, joined.index_select(dim, slots))
+                     for x, joined, dim in zip(stage, (self.keys, self.values, self.positions), (2, 2, 1))]  # fmt: skip
+        self.write_slots(slots, *stage)
+
+    def memory_slots(self) -> torch.Tensor:
+        """The eidetic memory's slots, last in the joined buffers ``keys``/``values``/``positions``."""
         n, k = self.positions.shape[1], self.stage_pos.shape[1]
-        mem = torch.arange(n - k, n, device=self.pos.device)  # the memory's slots, last in the joined buffers
-        for joined, stage, dim in ((self.keys, self.stage_k, 2), (self.values, self.stage_v, 2),
-                                   (self.positions, self.stage_pos, 1)):  # fmt: skip
-            new = torch.where(boundary, stage, joined.index_select(dim, mem)) if compiled else stage
-            joined.index_copy_(dim, mem, new)
+        return torch.arange(n - k, n, device=self.positions.device)
+
+    def write_slots(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Keys and values ``[B, Hkv, n, d]`` and their positions (``[n]`` or ``[B, n]``) into ``slots [n]`` of the
+        joined buffers (of ``win_*`` for full attention, slot = position). Writes the buffers themselves rather than
+        views of them, so that inductor updates them in place."""
+        buffers = (self.win_k, self.win_v, self.win_pos) if self.full else (self.keys, self.values, self.positions)
+        buffers[0].index_copy_(2, slots, k)
+        buffers[1].index_copy_(2, slots, v)
+        buffers[2].index_copy_(1, slots, positions.expand(k.shape[0], -1))
 
     def reserve(self, tokens: int, exact: bool = False) -> None:
         """Room for ``tokens`` more keys in a full-attention buffer: grown, when short, by at least an eighth (so
@@ -450,6 +462,24 @@ class BMojoMixer(nn.Module):
             state.f_pend, _ = _ring_fill(f, w)
         state.join_keys()
 
+    def _fading_after(
+        self, h: torch.Tensor, state: MixerState, positions: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For tokens ``h [B, L, D]`` at ``positions [L]`` continuing ``state``: their fading tokens ``f [B, L, D]``
+        (the SSM from the state's, which it advances in place, as ``f_last``) and innovation scores ``[B, L]`` (each
+        token's given the fading token before it); ``None`` for what the layer lacks."""
+        f = score = None
+        if self.ssm is not None:
+            f, ssm = self.ssm(h, state.ssm)
+            state.ssm.conv.copy_(ssm.conv)
+            state.ssm.ssm.copy_(ssm.ssm)
+        if self.memory is not None:
+            f_prev = state.f_last.unsqueeze(1)
+            score, _ = self.memory.score(h, f_prev if h.shape[1] == 1 else torch.cat([f_prev, f[:, :-1]], 1), positions)
+        if f is not None:
+            state.f_last.copy_(f[:, -1])
+        return f, score
+
     # ---------------------------------------------------------------- continuation (several tokens after a state)
     def _continues_in_parallel(self, length: int) -> bool:
         """Whether ``length`` tokens after a state run as one parallel pass (:meth:`_continue`) rather than steps:
@@ -470,24 +500,14 @@ class BMojoMixer(nn.Module):
         tokens leaving the window (:func:`merge_topk`)."""
         s, length, w = state.seen, h.shape[1], self.window
         new = torch.arange(s, s + length, device=h.device)
-        f = score = None
-        if self.ssm is not None:
-            f, ssm = self.ssm(h, state.ssm)
-            state.ssm.conv.copy_(ssm.conv)
-            state.ssm.ssm.copy_(ssm.ssm)
-        if self.memory is not None:
-            score, _ = self.memory.score(h, torch.cat([state.f_last.unsqueeze(1), f[:, :-1]], 1), new)
-        if f is not None:
-            state.f_last.copy_(f[:, -1])
+        f, score = self._fading_after(h, state, new)
         if self.attn is None:
             return f
         if w is None:
             rope = self.attn.rope(new)
             q, (k, v) = self.attn.queries(h, rope), self.attn.keys_values(h, rope)
-            state.win_k.index_copy_(2, new, k)
-            state.win_v.index_copy_(2, new, v)
-            state.win_pos.index_copy_(1, new, new.expand(h.shape[0], -1))
-            o = suffix_causal_attention(q, state.win_k[:, :, : s + length], state.win_v[:, :, : s + length])
+            state.write_slots(new, k, v, new)
+            o = causal_attention(q, state.win_k[:, :, : s + length], state.win_v[:, :, : s + length])
             return self.attn.output(o)
 
         c = 1 if self.memory is None else self.memory.chunk_size
@@ -553,11 +573,7 @@ class BMojoMixer(nn.Module):
         pos = torch.stack([p for p, _ in chunks], 1)
         memory = ChunkMemory(*gather(torch.stack([i for _, i in chunks], 1)), pos >= 0, c)
         if boundary > s:  # a new memory in use (else the state's stays)
-            n = state.positions.shape[1]
-            mem = torch.arange(n - m, n, device=k.device)
-            for joined, new, dim in zip((state.keys, state.values, state.positions), (*gather(in_use[1]), in_use[0]),
-                                        (2, 2, 1)):  # fmt: skip
-                joined.index_copy_(dim, mem, new)
+            state.write_slots(state.memory_slots(), *gather(in_use[1]), in_use[0])
         if done:  # candidates merged into the staging memory
             for stage, new in zip((state.stage_k, state.stage_v, state.stage_score, state.stage_pos),
                                   (*gather(staged[2]), staged[0], staged[1])):  # fmt: skip
@@ -569,18 +585,14 @@ class BMojoMixer(nn.Module):
                          p0: int) -> None:  # fmt: skip
         """:meth:`_continue`'s window ring (raw keys ``k, v`` of the new positions ``new``, their scores), fading
         band ring (``fading``: the extended sequence's fading keys/values) and pending fading tokens ``f``."""
-        s, length, w, b = state.seen, len(new), self.window, k.shape[0]
+        s, length, w = state.seen, len(new), self.window
         kept = new[-min(length, w) :]  # the new positions the window ring keeps
-        for joined, x in ((state.keys, k), (state.values, v)):
-            joined.index_copy_(2, kept % w, x[:, :, -len(kept) :])
-        state.positions.index_copy_(1, kept % w, kept.expand(b, -1))
+        state.write_slots(kept % w, k[:, :, -len(kept) :], v[:, :, -len(kept) :], kept)
         if score is not None:
             state.win_score.index_copy_(1, kept % w, score[:, -len(kept) :])
         if fading is not None:
             band = torch.arange(max(0, s - w, s + length - 2 * w), max(0, s + length - w), device=k.device)
-            for joined, x in zip((state.keys, state.values), fading):
-                joined.index_copy_(2, w + band % w, x.index_select(2, band - p0))
-            state.positions.index_copy_(1, w + band % w, band.expand(b, -1))
+            state.write_slots(w + band % w, *(x.index_select(2, band - p0) for x in fading), band)
             state.f_pend.index_copy_(1, kept % w, f[:, -len(kept) :])
 
     # ---------------------------------------------------------------- recurrent (decoding)
@@ -603,15 +615,7 @@ class BMojoMixer(nn.Module):
             q = self.attn.queries(h, _rows(rope, slice(0, 1)))
             if self.store is not None:  # the search runs while the SSM and the window attention do
                 found = self.store.retrieve_async(state.store_ids.tolist(), q, self.storage.topk)
-        f = score = None
-        if self.ssm is not None:
-            f, ssm = self.ssm(h, state.ssm)
-            state.ssm.conv.copy_(ssm.conv)
-            state.ssm.ssm.copy_(ssm.ssm)
-        if self.memory is not None:  # the innovation of this token given the fading state before it
-            score, _ = self.memory.score(h, state.f_last.unsqueeze(1), pos)
-        if f is not None:
-            state.f_last.copy_(f[:, -1])
+        f, score = self._fading_after(h, state, pos)
         if self.attn is None:
             return f
 
@@ -627,9 +631,7 @@ class BMojoMixer(nn.Module):
                                                self.fading_v_proj)  # fmt: skip
                 k, v = torch.cat([k, kf], 2), torch.cat([v, vf], 2)
         if w is None:
-            state.win_k.index_copy_(2, pos, k)
-            state.win_v.index_copy_(2, pos, v)
-            state.win_pos.index_copy_(1, pos, pos.expand(h.shape[0], 1))
+            state.write_slots(pos, k, v, pos)
             if torch.compiler.is_compiling():  # one shape for every position: the whole buffer, masked
                 keys, values, visible = state.win_k, state.win_v, state.win_pos >= 0
             else:  # the keys so far, every one visible: no mask (SDPA's FlashAttention kernels take no mask)
@@ -686,8 +688,6 @@ class BMojoMixer(nn.Module):
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]
                 state.pend_pos[pend] = t - self.window
         index = slot + torch.arange(0, at.shape[0] * self.window, self.window, device=at.device)  # [win | band]
-        state.keys.index_copy_(2, index, k)
-        state.values.index_copy_(2, index, v)
-        state.positions.index_copy_(1, index, at.expand(k.shape[0], -1))
+        state.write_slots(index, k, v, at)
         if score is not None:
             state.win_score.index_copy_(1, slot, score)

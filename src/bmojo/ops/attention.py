@@ -231,25 +231,21 @@ class _BandedAttention(torch.autograd.Function):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Full causal attention without LSE, through PyTorch's fused ``scaled_dot_product_attention``. Grouped key heads
-    are read in place (``enable_gqa``) where the CPU flash kernel takes them (:data:`_FLASH_CPU_GROUPS`), else
-    repeated for every query head of their group; on CUDA too, where SDPA takes grouped heads into FlashAttention
-    only and, wherever that kernel does not apply (fp32, older GPUs, large heads), would fall back to its unfused
-    path rather than the memory-efficient kernel."""
-    check_union_inputs(q, [Band(k, v, 0, None)], None)
+    """Full causal attention without LSE, through PyTorch's fused ``scaled_dot_product_attention``: queries ``q [B,
+    Hq, M, d]`` of the last ``M`` of the ``K`` positions of ``k, v [B, Hkv, K, d]`` (``M = K`` but where queries
+    continue a cache), query ``i`` seeing keys ``0 .. K - M + i``. Grouped key heads are read in place
+    (``enable_gqa``) where the CPU flash kernel takes them (:data:`_FLASH_CPU_GROUPS`), else repeated for every query
+    head of their group; on CUDA too, where SDPA takes grouped heads into FlashAttention only and, wherever that
+    kernel does not apply (fp32, older GPUs, large heads), would fall back to its unfused path rather than the
+    memory-efficient kernel."""
+    m, n = q.shape[2], k.shape[2]
+    check_union_inputs(q, [Band(k[:, :, n - m :], v[:, :, n - m :], 0, None)], None)
     (k, v), in_place = _sdpa_heads(q, k, v)
     gqa = {"enable_gqa": True} if in_place else {}
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
-
-
-def suffix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of the last ``M`` positions of a sequence, ``q [B, Hq, M, d]``, over all its keys ``k, v [B,
-    Hkv, K, d]`` (``K >= M``): query ``i`` sees keys ``0 .. K - M + i`` (SDPA under a mask; :func:`causal_attention`
-    where ``M = K``)."""
-    m, n = q.shape[2], k.shape[2]
+    if m == n:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
     visible = torch.ones(m, n, dtype=torch.bool, device=q.device).tril(n - m)
-    (k, v), in_place = _sdpa_heads(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, **({"enable_gqa": True} if in_place else {}))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, **gqa)
 
 
 def _sdpa_heads(q: torch.Tensor, *kv: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
