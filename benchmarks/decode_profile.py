@@ -46,6 +46,7 @@ import bmojo.layers.linear
 from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.bench import compile_kwargs, cuda_kernels, matched_transformer
 from bmojo.ops.linear import MAX_ROWS
+from bmojo.ops.triton import kernels, set_kernels
 from bmojo.train import parse_overrides
 
 
@@ -63,13 +64,16 @@ class _CountOps(TorchDispatchMode):
 
 def generated_kernel_calls(codes: list[str]) -> dict[str, int]:
     """Kernel calls in the ``call`` functions of inductor's generated code (every graph of a step): fused kernels,
-    external calls (``extern_kernels.mm`` and the like) and fallbacks to PyTorch's own ops (``torch.ops.aten.*``),
-    by kind."""
-    pattern = r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)[(.]"
+    our Triton kernels (``ours``), external calls (``extern_kernels.mm`` and the like) and fallbacks to PyTorch's own
+    ops (``torch.ops.aten.*``), by kind."""
+    pattern = r"^\s+(?:\w+ = )?(cpp_fused_\w+|\w+\.run|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)[(.]"
     kinds: dict[str, int] = {}
     for code in codes:
         for name in re.findall(pattern, code[code.index("def call(") :], re.M):
-            kind = "fused" if name.startswith(("cpp_fused", "triton_")) else name.rsplit(".", 1)[1]
+            if name.endswith(".run"):
+                kind = "fused" if name.startswith("triton_") else "ours"
+            else:
+                kind = "fused" if name.startswith("cpp_fused") else name.rsplit(".", 1)[1]
             kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
 
@@ -118,9 +122,10 @@ def cpu_counts(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, Any]:
 def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, int]:
     """Kernel calls of the compiled decoding step as inductor generates it for a GPU, counted on a CPU: its Triton
     backend for CPU tensors (``cpu_backend="triton"``, concatenations fused as on CUDA) with Triton aimed at a
-    stand-in H100, products through ``F.linear`` as on CUDA. The code is captured as inductor writes it; compiling its
-    kernels for the CPU then fails, and nothing runs. A proxy for a GPU step's launches (CUDA's attention and matrix
-    products may launch more than one kernel a call, and CUDA-graph replays copy inputs)."""
+    stand-in H100, products through ``F.linear`` and our Triton kernels (``BMOJO_KERNELS=triton``, the prefill before
+    it on the PyTorch path) as on CUDA. The code is captured as inductor writes it; compiling its kernels for the CPU
+    then fails, and nothing runs. A proxy for a GPU step's launches (CUDA's attention and matrix products may launch
+    more than one kernel a call, and CUDA-graph replays copy inputs)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -135,9 +140,12 @@ def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, in
             return 0
 
     codes: list[str] = []
+    mode = kernels()
     with torch.no_grad():
+        set_kernels("reference")
         cache, token = _prefilled(model, ids, 4)
         torch._dynamo.reset()
+        set_kernels("triton")
         previous = getattr(triton.runtime.driver, "_active", None)  # None until a driver was needed
         triton.runtime.driver.set_active(StandInH100())
         logging.disable(logging.CRITICAL)  # inductor logs the failed CPU compile of its kernels
@@ -153,6 +161,7 @@ def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, in
                 raise
         finally:
             triton.runtime.driver.set_active(previous)  # (reset_active would look for a GPU)
+            set_kernels(mode)
             logging.disable(logging.NOTSET)
             torch._dynamo.reset()
     return generated_kernel_calls(codes)

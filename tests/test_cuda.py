@@ -2,7 +2,7 @@
 
 What runs here: our Triton kernels and FlexAttention for the B'MOJO union attention (forward, and gradients of the
 output and of the log-sum-exp), flash-linear-attention's SSD scan when ``fla`` is installed, our Triton selective
-scan and SSD (forward and backward) on real CUDA tensors, whole models on the fused paths against
+scan and SSD (forward and backward) and Mamba-2 decoding step on real CUDA tensors, whole models on the fused paths against
 ``BMOJO_KERNELS=reference``, parallel vs recurrent decoding on CUDA, and a bf16 training run.
 ``benchmarks/RESULTS.md`` records the device these last passed on.
 """
@@ -20,7 +20,7 @@ from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.models.config import PRESETS
 from bmojo.ops.attention import Band, ChunkMemory, flex_union_attention, union_attention, union_attention_ref
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
-from bmojo.ops.ssd import fla_available, fla_backward_supported, ssd_scan_fla, ssd_scan_ref
+from bmojo.ops.ssd import fla_available, fla_backward_supported, mamba2_step, ssd_scan_fla, ssd_scan_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEV = "cuda"
@@ -180,6 +180,31 @@ def test_triton_ssd_on_cuda_matches_reference(dtype):
     )
     for grad, ref in zip(grads, grads_ref):
         torch.testing.assert_close(grad.float(), ref.float(), atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_mamba2_step_on_cuda_matches_reference(dtype, reference_kernels):
+    """Our one-kernel Mamba-2 decoding step (130m's shapes: 24 heads of 64, state 16, one group) against the PyTorch
+    step on the same inputs' float32 values, eight steps carrying both states in place."""
+    from bmojo.ops.triton.ssd import mamba2_step_triton
+
+    reference_kernels()  # (mamba2_step: the PyTorch path)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    b, h, p, n, k = 3, 24, 64, 16, 4
+    channels = h * p + 2 * n
+    weight, bias = torch.randn(channels, 1, k, generator=g, device=DEV) / k, torch.randn(channels, device=DEV)
+    dt_bias, a_log, d = torch.randn(3, h, generator=g, device=DEV).unbind()
+    conv, ssm = torch.randn(b, channels, k - 1, device=DEV).to(dtype), torch.randn(b, h, p, n, device=DEV)
+    ours, ref = (conv, ssm), (conv.float().clone(), ssm.clone())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for _ in range(8):
+        xbc, dt = torch.randn(b, channels, generator=g, device=DEV).to(dtype), torch.randn(b, h, device=DEV)
+        y = mamba2_step_triton(xbc, dt, *ours, weight.to(dtype), bias.to(dtype), dt_bias, a_log.abs(), d)
+        y_ref = mamba2_step(xbc.float(), dt, *ref, weight.to(dtype).float(), bias.to(dtype).float(), dt_bias,
+                            a_log.abs(), d)  # fmt: skip
+        torch.testing.assert_close(y.float(), y_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(ours[0].float(), ref[0])
+    torch.testing.assert_close(ours[1], ref[1], atol=1e-4, rtol=1e-4)
 
 
 def _tiny(name: str, **overrides) -> BMojoForCausalLM:

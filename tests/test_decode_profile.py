@@ -21,16 +21,17 @@ def call(args):
     buf1 = buf0; del buf0
     extern_kernels.mm(buf1, arg3_1, out=buf2)
     triton_poi_fused_1.run(buf2, stream=stream0)
+    _mamba2_step_kernel_0.run(buf2, arg5_1, 1, 1, stream=stream0)
     extern_kernels.bmm(buf2, arg4_1, out=buf3)
     buf4 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(buf3, buf3, buf3)
     return (buf4,)
 """
 
 
-def test_generated_kernel_calls_counts_fused_kernels_external_calls_and_fallbacks():
+def test_generated_kernel_calls_counts_fused_kernels_our_kernels_external_calls_and_fallbacks():
     """Over every graph of a step (here two copies of one)."""
     assert generated_kernel_calls([CODE, CODE]) == {
-        "mm": 4, "fused": 4, "bmm": 2, "_scaled_dot_product_flash_attention_for_cpu": 2}  # fmt: skip
+        "mm": 4, "fused": 4, "ours": 2, "bmm": 2, "_scaled_dot_product_flash_attention_for_cpu": 2}  # fmt: skip
 
 
 # gpu_kernel_calls for 1-layer models (in a process of its own: it swaps Triton's driver for a stand-in)
@@ -42,15 +43,16 @@ from bmojo import BMojoConfig, BMojoForCausalLM
 for preset in ("transformer", "bmojo"):
     config = BMojoConfig.from_preset(preset, "tiny", num_hidden_layers=1, window_size=16, chunk_size=16)
     counts = gpu_kernel_calls(BMojoForCausalLM(config).eval(), torch.randint(0, 100, (1, 40)))
-    print(preset, counts.get("mm", 0), counts.get("fused", 0), sum(counts.values()))
+    print(preset, counts.get("mm", 0), counts.get("fused", 0), counts.get("ours", 0), sum(counts.values()))
 """
 
 
 def test_gpu_kernel_calls_count_the_code_inductor_generates_for_a_gpu():
     """One matrix product a projection, as CUDA runs them (F.linear): the Transformer's 7 (q, k, v, o, gate, up,
     down) and B'MOJO's 10 (the Mamba-2 in and out projections, the innovation test's predictor, q, k and v of the
-    token and the fading token in one product each, o, the MLP's 3), each with the LM head's; Triton kernels for the
-    rest, more of them for B'MOJO."""
+    token and the fading token in one product each, o, the MLP's 3), each with the LM head's; B'MOJO's Mamba-2 step
+    (conv, state update, skip) as our one Triton kernel; inductor's Triton kernels for the rest, more of them for
+    B'MOJO."""
     pytest.importorskip("triton")
     benchmarks = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -60,6 +62,7 @@ def test_gpu_kernel_calls_count_the_code_inductor_generates_for_a_gpu():
     counts = {name: list(map(int, rest)) for name, *rest in map(str.split, proc.stdout.splitlines())}
     assert counts["transformer"][0] == 7 + 1 and counts["bmojo"][0] == 10 + 1
     assert counts["transformer"][1] > 0 and counts["bmojo"][1] > counts["transformer"][1]
+    assert counts["transformer"][2] == 0 and counts["bmojo"][2] == 1
 
 
 @pytest.mark.slow

@@ -136,3 +136,23 @@ def test_hidden_states_of_another_dtype_raise_outside_autocast(cls):
 def test_sizes_below_one_raise(cls, kw, match):
     with pytest.raises(ValueError, match=match):
         cls(32, **kw)
+
+
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+@pytest.mark.parametrize("length", [1, 3])
+def test_inplace_continuation_writes_the_given_state(cls, length):
+    """``inplace=True`` writes the state after the tokens into the given state's tensors (their storage kept, as a
+    compiled decoding step needs) and returns it; by default the given state is left as it was and a new one, equal,
+    comes back."""
+    torch.manual_seed(0)
+    layer = cls(32, state_size=8, **({"head_dim": 16, "chunk_size": 8} if cls is Mamba2 else {}))
+    x = torch.randn(2, 12 + length, 32)
+    with torch.no_grad():
+        _, state = layer(x[:, :12])
+        before = (state.conv.clone(), state.ssm.clone())
+        y, new = layer(x[:, 12:], state)
+        assert new is not state and torch.equal(state.conv, before[0]) and torch.equal(state.ssm, before[1])
+        addresses = (state.conv.data_ptr(), state.ssm.data_ptr())
+        y_inplace, same = layer(x[:, 12:], state, inplace=True)
+    assert same is state and (state.conv.data_ptr(), state.ssm.data_ptr()) == addresses
+    assert torch.equal(y_inplace, y) and torch.equal(state.conv, new.conv) and torch.equal(state.ssm, new.ssm)

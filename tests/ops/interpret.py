@@ -20,6 +20,7 @@ import torch
 ENTRY_POINTS = (
     ("bmojo.ops.triton.selective_scan", "selective_scan_triton"),
     ("bmojo.ops.triton.ssd", "ssd_scan_triton"),
+    ("bmojo.ops.triton.ssd", "mamba2_step_triton"),
     ("bmojo.ops.triton.attention", "union_attention_triton"),
 )
 
@@ -55,8 +56,9 @@ def grad_leaves(args) -> list[torch.Tensor]:
 
 
 # A call with ``_grad=True`` runs with gradients and returns ``(probe_loss, gradients of its tensor arguments that
-# require them, then of the module's parameters)``; the others run under no_grad and return the output. Each
-# result comes with the number of kernel calls it made.
+# require them, then of the module's parameters)``; the others run under no_grad and return the output, with
+# ``_inputs=True`` as ``(output, arguments after the call)`` (what it updated in place). Each result comes with the
+# number of kernel calls it made.
 WORKER = (
     """
 import dataclasses, importlib, sys, torch
@@ -73,7 +75,7 @@ for key, (target, args, kwargs) in calls.items():
     if isinstance(target, str):
         module, name = target.split(":")
         target = getattr(importlib.import_module(module), name)
-    grad, before = kwargs.pop("_grad", False), len(counted)
+    grad, inputs, before = kwargs.pop("_grad", False), kwargs.pop("_inputs", False), len(counted)
     with torch.set_grad_enabled(grad):
         out = target(*args, **kwargs)
         if grad:
@@ -81,6 +83,8 @@ for key, (target, args, kwargs) in calls.items():
             leaves += list(target.parameters()) if isinstance(target, torch.nn.Module) else []
             loss = probe_loss(out)
             out = (loss.detach(), torch.autograd.grad(loss, leaves))
+        elif inputs:
+            out = (out, args)
     outs[key] = (out, len(counted) - before)
 torch.save(outs, sys.argv[2])
 """

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from scan_checks import assert_outputs_close, check_scan
 
-from bmojo.ops.ssd import ssd_scan, ssd_scan_ref, ssd_step
+from bmojo.ops.ssd import mamba2_step, ssd_scan, ssd_scan_ref, ssd_step
 
 H, P, N = 6, 5, 8  # heads and head dim that are not powers of two
 NAMES = ["x", "dt", "A", "B", "C", "initial_state"]
@@ -147,3 +147,20 @@ def test_bad_inputs_raise_naming_them():
     ]:
         with pytest.raises(ValueError, match=match):
             ssd_step(*step[:i], bad, *step[i + 1 :])
+
+
+def test_bad_mamba2_step_inputs_raise():
+    """``mamba2_step``'s checks name the input that does not fit (2 heads of 4, one group of state 3, conv of 4)."""
+    xbc, dt, conv, ssm = torch.zeros(2, 14), torch.zeros(2, 2), torch.zeros(2, 14, 3), torch.zeros(2, 2, 4, 3)
+    params = (torch.zeros(14, 1, 4), torch.zeros(14), torch.zeros(2), torch.zeros(2), torch.zeros(2))
+    mamba2_step(xbc, dt, conv, ssm, *params)  # fits
+    for args, match in [
+        ((xbc[0], dt, conv, ssm, *params), r"expected xbc \[batch, C\]"),
+        ((torch.zeros(2, 15), dt, torch.zeros(2, 15, 3), ssm, *params), "not H\\*P \\+ 2\\*G\\*N"),
+        ((xbc, dt[:, :1], conv, ssm, *params), r"dt must have shape \(2, 2\)"),
+        ((xbc, dt, conv[..., :2], ssm, *params), r"conv_state must have shape \(2, 14, 3\)"),
+        ((xbc, dt, conv, ssm, torch.zeros(14, 4), *params[1:]), r"conv_weight must have shape \(14, 1, 4\)"),
+        ((xbc, dt, conv, ssm, *params[:4], torch.zeros(3)), r"D must have shape \(2,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            mamba2_step(*args)

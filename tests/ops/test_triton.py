@@ -11,12 +11,13 @@ import bmojo.ops.triton as kernels
 from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.ops.attention import flex_available
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
-from bmojo.ops.ssd import fla_available, ssd_scan, ssd_scan_ref
+from bmojo.ops.ssd import fla_available, mamba2_step, ssd_scan, ssd_scan_ref
 
 SCAN_TRITON = "bmojo.ops.triton.selective_scan:selective_scan_triton"
 SCAN = "bmojo.ops.selective_scan:selective_scan"
 SSD_TRITON = "bmojo.ops.triton.ssd:ssd_scan_triton"
 SSD = "bmojo.ops.ssd:ssd_scan"
+STEP_TRITON = "bmojo.ops.triton.ssd:mamba2_step_triton"
 
 
 def scan_inputs(bsz: int, length: int, e: int, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -114,6 +115,39 @@ def strided_ssd_inputs() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, 
     return views, (x, dt, a, b, c, h0)
 
 
+# Mamba-2 decoding steps (batch, heads, head dim, B/C groups, state, conv kernel, conv bias, dtype): two heads per
+# group; a head dim and a state that are not powers of two with a conv of 2 (one input held); 16-bit inputs
+MAMBA2_STEPS = [
+    (2, 4, 16, 2, 8, 4, True, torch.float32),
+    (1, 3, 12, 1, 5, 2, False, torch.float32),
+    (3, 2, 16, 1, 16, 3, True, torch.bfloat16),
+]
+
+
+def mamba2_step_inputs(bsz: int, heads: int, p: int, groups: int, n: int, k: int, bias: bool, dtype: torch.dtype,
+                       seed: int = 0) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """Arguments of ``mamba2_step``: ``xbc`` and ``dt`` as views of one input projection's row (as the layer splits
+    it), a conv state, a float32 SSM state of other strides (a transposed layout), the layer's parameters."""
+    g = torch.Generator().manual_seed(seed)
+    channels = heads * p + 2 * groups * n
+    row = torch.randn(bsz, 5 + channels + heads, generator=g)
+    ssm = torch.randn(bsz, heads, n, p, generator=g).mT
+    conv = torch.randn(bsz, channels, k - 1, generator=g)
+    weight, conv_bias = torch.randn(channels, 1, k, generator=g) / k, torch.randn(channels, generator=g)
+    dt_bias, d, a_log = torch.randn(3, heads, generator=g).unbind()
+    a_log = a_log.abs() * 2
+    row, conv, weight, conv_bias = (t.to(dtype) for t in (row, conv, weight, conv_bias))
+    xbc, dt = row[:, 5 : 5 + channels], row[:, 5 + channels :]
+    return xbc, dt, conv, ssm, weight, conv_bias if bias else None, dt_bias, a_log, d
+
+
+def mamba2_decoder() -> Mamba2:
+    """A Mamba-2 layer whose segments are single tokens: a call continuing a state steps through the tokens."""
+    layer = mamba2_layer()
+    layer.segment_length = 1
+    return layer
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Outputs of the calls below, run with the Triton interpreter on CPU: ``{key: (output, kernel calls)}``."""
@@ -146,7 +180,19 @@ def interpreted(tmp_path_factory):
         (torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(9)),),
         {"_grad": True},
     )
+    calls |= {f"mamba2_step{i}": (STEP_TRITON, mamba2_step_inputs(*shape), {"_inputs": True})
+              for i, shape in enumerate(MAMBA2_STEPS)}  # fmt: skip
+    calls["mamba2_decode"] = (mamba2_decoder(), mamba2_decode_inputs(), {"inplace": True, "_inputs": True})
     return run_interpreted(calls, tmp_path_factory.mktemp("triton"))
+
+
+def mamba2_decode_inputs() -> tuple[torch.Tensor, object]:
+    """The last 9 of 19 tokens, continuing the state of a prefill of the first 10 (the PyTorch path) by
+    :func:`mamba2_layer`."""
+    h = torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        _, state = mamba2_layer()(h[:, :10])
+    return h[:, 10:], state
 
 
 @pytest.mark.parametrize("case", range(len(SHAPES)))
@@ -354,6 +400,36 @@ def test_dispatch_runs_ssd_kernel_in_ssd_scan_and_mamba2_layer(interpreted):
         out_ref = mamba2_layer()(torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(8)))
     torch.testing.assert_close(out[0], out_ref[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[1].ssm, out_ref[1].ssm, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", range(len(MAMBA2_STEPS)))
+def test_mamba2_step_kernel_matches_reference(interpreted, case):
+    """The one-kernel decoding step (conv, ``dt`` softplus, state update, skip) returns the PyTorch step's output and
+    leaves both states as it does, in place. The kernel computes the conv in float32: 16-bit inputs are compared with
+    the PyTorch step on their float32 values (and its output rounded as the kernel's)."""
+    (y, args), calls = interpreted[f"mamba2_step{case}"]
+    dtype = MAMBA2_STEPS[case][-1]
+    ref = [None if t is None else t.float().clone() for t in mamba2_step_inputs(*MAMBA2_STEPS[case])]
+    y_ref = mamba2_step(*ref).to(dtype)
+    assert calls == 1 and y.dtype == dtype and args[3].dtype == torch.float32
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(y, y_ref, **tolerance)
+    assert torch.equal(args[2], ref[2].to(dtype))  # the conv state: the last inputs, copied
+    torch.testing.assert_close(args[3], ref[3], rtol=1e-5, atol=1e-5)
+
+
+def test_mamba2_layer_decodes_through_the_step_kernel(interpreted):
+    """A Mamba-2 layer continuing a state token by token runs the step kernel once a token, gives the outputs of one
+    parallel pass over the whole sequence, and updates the given state's tensors in place."""
+    (out, args), calls = interpreted["mamba2_decode"]
+    h, _ = mamba2_decode_inputs()
+    assert calls == h.shape[1]
+    assert out[1] is args[1]  # (pickled together: the returned state is the given one)
+    with torch.no_grad():
+        full, final = mamba2_layer()(torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(13)))
+    torch.testing.assert_close(out[0], full[:, 10:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(args[1].ssm, final.ssm, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(args[1].conv, final.conv, rtol=1e-5, atol=1e-5)
 
 
 def test_ssd_kernel_rejects_bad_shapes():

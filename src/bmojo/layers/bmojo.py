@@ -470,9 +470,7 @@ class BMojoMixer(nn.Module):
         token's given the fading token before it); ``None`` for what the layer lacks."""
         f = score = None
         if self.ssm is not None:
-            f, ssm = self.ssm(h, state.ssm)
-            state.ssm.conv.copy_(ssm.conv)
-            state.ssm.ssm.copy_(ssm.ssm)
+            f, _ = self.ssm(h, state.ssm, inplace=True)
         if self.memory is not None:
             f_prev = state.f_last.unsqueeze(1)
             score, _ = self.memory.score(h, f_prev if h.shape[1] == 1 else torch.cat([f_prev, f[:, :-1]], 1), positions)

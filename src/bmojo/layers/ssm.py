@@ -21,7 +21,7 @@ from bmojo.layers.norm import GatedRMSNorm, RMSNorm
 from bmojo.ops import check_shapes
 from bmojo.ops.conv import causal_conv1d, causal_conv1d_step
 from bmojo.ops.selective_scan import selective_scan, selective_scan_step
-from bmojo.ops.ssd import ssd_scan, ssd_step
+from bmojo.ops.ssd import mamba2_step, ssd_scan
 
 
 @dataclass
@@ -64,16 +64,26 @@ class SegmentedSSM(nn.Module):
 
     segment_length: int = 4096
 
-    def forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
-        """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``."""
+    def forward(
+        self, h: torch.Tensor, state: SSMState | None = None, inplace: bool = False
+    ) -> tuple[torch.Tensor, SSMState]:
+        """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``; ``inplace``: the
+        state after the last token is written into ``state``'s tensors, which keep their storage (a compiled decoding
+        step's static addresses), and ``state`` is returned (else a new state; ``state`` is left as it was)."""
         self._check_inputs(h, state)
-        outs = []
+        if state is not None and not inplace:
+            state = SSMState(state.conv.clone(), state.ssm.clone())
+        outs, new = [], state
         for part in h.split(self.segment_length, dim=1):
-            y, state = self._forward(part, state)
+            y, new = self._forward(part, new)
             outs.append(y)
-        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], state
+        if state is not None and new is not state:
+            state.conv.copy_(new.conv)
+            state.ssm.copy_(new.ssm)
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], new if state is None else state
 
     def _forward(self, h: torch.Tensor, state: SSMState | None) -> tuple[torch.Tensor, SSMState]:
+        """One segment: its outputs and the state after it (a new one, or ``state`` updated in place)."""
         raise NotImplementedError
 
     def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -219,6 +229,10 @@ class Mamba2(SegmentedSSM):
         bsz, length, _ = h.shape
         e, gn = self.intermediate_size, self.n_groups * self.ssm_state_size
         z, xbc, dt = self.in_proj(h).split([e, self.conv_dim, self.num_heads], dim=-1)
+        if state is not None and length == 1 and not torch.is_grad_enabled():  # decoding: the state in place
+            y = mamba2_step(xbc[:, 0], dt[:, 0], state.conv, state.ssm, self.conv1d.weight, self.conv1d.bias,
+                            self.dt_bias, self.A_log, self.D)  # fmt: skip
+            return self.out_proj(self.norm(y.view(bsz, length, e).to(h.dtype), z)), state
         xbc, conv_state = _causal_conv(xbc, self.conv1d, None if state is None else state.conv)
         x, b, c = xbc.split([e, gn, gn], dim=-1)
         x = x.reshape(bsz, length, self.num_heads, self.head_dim)
@@ -226,12 +240,8 @@ class Mamba2(SegmentedSSM):
         c = c.reshape(bsz, length, self.n_groups, self.ssm_state_size)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         a = -torch.exp(self.A_log.float())
-        if state is not None and length == 1:
-            y, ssm_state = ssd_step(state.ssm, x[:, 0], dt[:, 0], a, b[:, 0], c[:, 0])
-            y = y.unsqueeze(1)
-        else:
-            init = None if state is None else state.ssm
-            y, ssm_state = ssd_scan(x, dt, a, b, c, chunk_size=self.chunk_size, initial_state=init)
+        init = None if state is None else state.ssm
+        y, ssm_state = ssd_scan(x, dt, a, b, c, chunk_size=self.chunk_size, initial_state=init)
         y = y.float() + x.float() * self.D.float()[:, None]
         y = self.norm(y.reshape(bsz, length, e).to(h.dtype), z)
         return self.out_proj(y), SSMState(conv_state, ssm_state)

@@ -11,7 +11,9 @@ For every batch ``b`` and head ``h`` (head dim ``P``, state ``N``; head ``h`` re
 computed in float32; ``y`` comes back in the dtype of ``x`` and states in float32.
 
 :func:`ssd_scan_ref` is the sequential definition, :func:`ssd_step` one decoding step, and
-:func:`ssd_scan` the chunked algorithm used for training and prefill. On x86 CPUs, strong decay within a
+:func:`ssd_scan` the chunked algorithm used for training and prefill; :func:`mamba2_step` is a Mamba-2 layer's
+decoding step from its input projection on (conv, ``dt`` softplus, :func:`ssd_step`, ``D`` skip), in one Triton kernel
+on CUDA. On x86 CPUs, strong decay within a
 chunk makes subnormal floats, which slow it down (up to about 2x); ``torch.set_flush_denormal(True)``
 avoids that. On CUDA, :func:`ssd_scan` runs our Triton kernels (``bmojo.ops.triton.ssd``, forward and backward,
 float32 arithmetic; ``bmojo.ops.triton`` has the switch), or for states larger than ours were timed at
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bmojo.ops import check_shapes
+from bmojo.ops.conv import causal_conv1d_step
 from bmojo.ops.triton import lookup_once, needs_grad, use_fused_cuda, use_triton
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
@@ -77,6 +80,55 @@ def ssd_step(
     s = s + d * x.float().reshape(bsz, g, r, p, 1) * B.float()[:, :, None, None]
     y = s @ C.float()[:, :, None, :, None]  # [bsz, g, r, p, 1]
     return y.view(bsz, heads, p).to(x.dtype), s.view(bsz, heads, p, n)
+
+
+def mamba2_step(
+    xbc: torch.Tensor,
+    dt: torch.Tensor,
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """One Mamba-2 decoding step after the input projection, updating ``conv_state`` and ``ssm_state`` in place.
+
+    ``xbc [batch, C]`` (``C = H*P + 2*G*N``: ``x``, then ``B``, then ``C`` of every group) enters the depthwise causal
+    conv (``conv_weight [C, 1, K]``, ``conv_bias [C]`` or None) after ``conv_state [batch, C, K-1]``, its last ``K-1``
+    inputs (oldest first), then SiLU; :func:`ssd_step` from ``ssm_state [batch, H, P, N]`` (float32) with
+    ``dt = softplus(dt + dt_bias)`` (``dt [batch, H]``) and ``A = -exp(A_log)``; returns ``y + D * x`` ``[batch, H,
+    P]`` in ``xbc``'s dtype. CUDA inputs take one Triton kernel (``bmojo.ops.triton.ssd.mamba2_step_triton``), which
+    computes the conv in float32 where this computes it in ``xbc``'s dtype (as the layer's parallel pass does).
+    """
+    bsz, channels = xbc.shape if xbc.dim() == 2 else (None, None)
+    if bsz is None or ssm_state.dim() != 4 or dt.dim() != 2:
+        raise ValueError(f"expected xbc [batch, C], dt [batch, H] and ssm_state [batch, H, P, N], got "
+                         f"{tuple(xbc.shape)}, {tuple(dt.shape)} and {tuple(ssm_state.shape)}")  # fmt: skip
+    _, heads, p, n = ssm_state.shape
+    groups, rest = divmod(channels - heads * p, 2 * n)
+    if rest or groups < 1:
+        raise ValueError(f"xbc's {channels} channels are not H*P + 2*G*N for the state's H={heads}, P={p}, N={n}")
+    _heads_per_group(heads, groups)
+    k = conv_weight.shape[-1]
+    check_shapes([("dt", dt, (bsz, heads)), ("conv_state", conv_state, (bsz, channels, k - 1)),
+                  ("ssm_state", ssm_state, (bsz, heads, p, n)), ("conv_weight", conv_weight, (channels, 1, k)),
+                  ("conv_bias", conv_bias, (channels,)), ("dt_bias", dt_bias, (heads,)), ("A_log", A_log, (heads,)),
+                  ("D", D, (heads,))])  # fmt: skip
+    inputs = (xbc, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D)
+    if use_triton(*inputs):
+        from bmojo.ops.triton.ssd import mamba2_step_triton
+
+        return mamba2_step_triton(*inputs)
+    window = torch.cat([conv_state.to(xbc.dtype), xbc.unsqueeze(-1)], dim=2)  # [batch, C, K]
+    x, b, c = causal_conv1d_step(window, conv_weight, conv_bias, silu=True).split([heads * p, groups * n, groups * n], 1)
+    x = x.view(bsz, heads, p)
+    y, new_state = ssd_step(ssm_state, x, F.softplus(dt.float() + dt_bias.float()), -torch.exp(A_log.float()),
+                            b.view(bsz, groups, n), c.view(bsz, groups, n))  # fmt: skip
+    conv_state.copy_(window[:, :, 1:])
+    ssm_state.copy_(new_state)
+    return (y.float() + x.float() * D.float()[:, None]).to(xbc.dtype)
 
 
 def ssd_scan_ref(

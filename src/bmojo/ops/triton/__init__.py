@@ -140,10 +140,10 @@ def register_scan_autograd(forward, backward, options: int) -> None:
     forward.register_autograd(grads, setup_context=setup)
 
 
-def kernel_op(name: str) -> Callable[[Callable], Callable]:
-    """``torch.library.triton_op(name)`` of a function that launches Triton kernels, run with its first argument's
-    CUDA device current: Triton launches on the current device, not on its arguments' (tensors on ``cuda:1`` while
-    ``cuda:0`` is current would fault or race); compiled code guards its launches' devices itself."""
+def kernel_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """``torch.library.triton_op(name, mutates_args=...)`` of a function that launches Triton kernels, run with its
+    first argument's CUDA device current: Triton launches on the current device, not on its arguments' (tensors on
+    ``cuda:1`` while ``cuda:0`` is current would fault or race); compiled code guards its launches' devices itself."""
 
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -153,7 +153,7 @@ def kernel_op(name: str) -> Callable[[Callable], Callable]:
                     return fn(x, *args, **kwargs)
             return fn(x, *args, **kwargs)
 
-        return torch.library.triton_op(name, mutates_args=())(on_device)
+        return torch.library.triton_op(name, mutates_args=mutates_args)(on_device)
 
     return register
 

@@ -422,3 +422,98 @@ def ssd_scan_triton(
     store_states = needs_grad(x, dt, A, B, C, initial_state)
     y, final, _ = _ssd_fwd(x, dt, A, B, C, initial_state, chunk_size, block_p, states_bytes, store_states)
     return y, final
+
+
+@triton.jit
+def _conv_silu(xbc, conv_state, weight, bias, ch, ch_ok, stride_xc, stride_sc, stride_sk, stride_wc, stride_wk,
+               K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """For channels ``ch`` of one sequence: ``silu(conv)`` over its last ``K - 1`` inputs (``conv_state``) and the new
+    one (``xbc``), float32, and the channels' next conv state (the window without its oldest input), to store once
+    every program has read the old one."""
+    k = tl.arange(0, BLOCK_K)[None, :]
+    rows = ch[:, None]
+    new = tl.load(xbc + ch * stride_xc, mask=ch_ok, other=0.0)
+    old = tl.load(conv_state + rows * stride_sc + k * stride_sk, mask=ch_ok[:, None] & (k < K - 1), other=0.0)
+    window = tl.where(k == K - 1, new[:, None].to(tl.float32), old.to(tl.float32))
+    w = tl.load(weight + rows * stride_wc + k * stride_wk, mask=ch_ok[:, None] & (k < K), other=0.0)
+    out = tl.sum(window * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        out += tl.load(bias + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    shifted = tl.load(conv_state + rows * stride_sc + (k + 1) * stride_sk, mask=ch_ok[:, None] & (k < K - 2), other=0.0)
+    shifted = tl.where(k == K - 2, new[:, None].to(shifted.dtype), shifted)
+    return out * tl.sigmoid(out), shifted
+
+
+@triton.jit
+def _store_conv_state(conv_state, shifted, ch, ch_ok, stride_sc, stride_sk, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Store ``shifted`` (:func:`_conv_silu`) as the conv state of channels ``ch``."""
+    k = tl.arange(0, BLOCK_K)[None, :]
+    tl.store(conv_state + ch[:, None] * stride_sc + k * stride_sk, shifted, mask=ch_ok[:, None] & (k < K - 1))
+
+
+@triton.jit
+def _mamba2_step_kernel(
+    xbc, dt, conv_state, ssm_state, weight, bias, dt_bias, A_log, D, y,
+    heads_per_group, n_groups, head_dim, state_size,
+    stride_xb, stride_xc, stride_db, stride_dh, stride_sb, stride_sc, stride_sk, stride_hb, stride_hh, stride_hp,
+    stride_hn, stride_wc, stride_wk, stride_yb, stride_yh, stride_yp,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """A program per (sequence, B/C group): the group's ``B`` and ``C`` through the conv, then each of its heads' conv,
+    state update and output. It alone reads and writes those channels' conv state (so no other program can see a
+    half-updated one), storing each after a barrier behind its reads."""
+    b, g = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    xbc += b * stride_xb
+    dt += b * stride_db
+    conv_state += b * stride_sb
+    ssm_state += b * stride_hb
+    y += b * stride_yb
+    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p_ok, n_ok = p < head_dim, n < state_size
+    conv = (xbc, conv_state, weight, bias)
+    strides = (stride_xc, stride_sc, stride_sk, stride_wc, stride_wk)
+    b_ch = heads_per_group * n_groups * head_dim + g * state_size + n
+    c_ch = b_ch + n_groups * state_size
+    bv, b_next = _conv_silu(*conv, b_ch, n_ok, *strides, K, BLOCK_K, HAS_BIAS)
+    cv, c_next = _conv_silu(*conv, c_ch, n_ok, *strides, K, BLOCK_K, HAS_BIAS)
+    for i in range(heads_per_group):
+        h = g * heads_per_group + i
+        x_ch = h * head_dim + p
+        xv, x_next = _conv_silu(*conv, x_ch, p_ok, *strides, K, BLOCK_K, HAS_BIAS)
+        d = tl.load(dt + h * stride_dh).to(tl.float32) + tl.load(dt_bias + h).to(tl.float32)
+        d = tl.where(d > 20.0, d, tl.log(1.0 + tl.exp(tl.minimum(d, 20.0))))  # softplus, as torch's (threshold 20)
+        decay = tl.exp(-d * tl.exp(tl.load(A_log + h).to(tl.float32)))
+        at = ssm_state + h * stride_hh + p[:, None] * stride_hp + n[None, :] * stride_hn
+        ok = p_ok[:, None] & n_ok[None, :]
+        s = decay * tl.load(at, mask=ok, other=0.0) + (d * xv)[:, None] * bv[None, :]
+        tl.store(at, s, mask=ok)
+        out = tl.sum(s * cv[None, :], axis=1) + tl.load(D + h).to(tl.float32) * xv
+        tl.store(y + h * stride_yh + p * stride_yp, out.to(y.dtype.element_ty), mask=p_ok)
+        tl.debug_barrier()
+        _store_conv_state(conv_state, x_next, x_ch, p_ok, stride_sc, stride_sk, K, BLOCK_K)
+    tl.debug_barrier()
+    _store_conv_state(conv_state, b_next, b_ch, n_ok, stride_sc, stride_sk, K, BLOCK_K)
+    _store_conv_state(conv_state, c_next, c_ch, n_ok, stride_sc, stride_sk, K, BLOCK_K)
+
+
+@kernel_op("bmojo::mamba2_step", mutates_args=("conv_state", "ssm_state"))
+def mamba2_step_triton(xbc: torch.Tensor, dt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
+                       conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, dt_bias: torch.Tensor,
+                       A_log: torch.Tensor, D: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``bmojo.ops.ssd.mamba2_step`` (same contract, shapes checked there) in one kernel: conv, ``dt`` softplus, state
+    update and ``D`` skip, float32 arithmetic; ``ssm_state`` must be float32."""
+    check_inputs(xbc, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D)
+    if ssm_state.dtype != torch.float32:
+        raise ValueError(f"ssm_state must be float32, got {ssm_state.dtype}")
+    bsz, heads, p, n = ssm_state.shape
+    k = conv_weight.shape[-1]
+    groups = (xbc.shape[1] - heads * p) // (2 * n)
+    y = xbc.new_empty(bsz, heads, p)
+    weight = conv_weight[:, 0]
+    wrap_triton(_mamba2_step_kernel)[(bsz, groups)](
+        xbc, dt, conv_state, ssm_state, weight, conv_bias, dt_bias, A_log, D, y, heads // groups, groups, p, n,
+        *xbc.stride(), *dt.stride(), *conv_state.stride(), *ssm_state.stride(), *weight.stride(), *y.stride(),
+        K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_P=triton.next_power_of_2(p), BLOCK_N=triton.next_power_of_2(n),
+        HAS_BIAS=conv_bias is not None,
+    )  # fmt: skip
+    return y
