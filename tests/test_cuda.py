@@ -184,7 +184,8 @@ def test_triton_ssd_on_cuda_matches_reference(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_mamba2_step_on_cuda_matches_reference(dtype, reference_kernels):
-    """Our one-kernel Mamba-2 decoding step (130m's shapes: 24 heads of 64, state 16, one group) against the PyTorch
+    """Our one-kernel Mamba-2 decoding step, gated norm included (130m's shapes: 24 heads of 64, state 16, one group),
+    against the PyTorch
     step on the same inputs' float32 values, eight steps carrying both states in place."""
     from bmojo.ops.triton.ssd import mamba2_step_triton
 
@@ -194,14 +195,16 @@ def test_triton_mamba2_step_on_cuda_matches_reference(dtype, reference_kernels):
     channels = h * p + 2 * n
     weight, bias = torch.randn(channels, 1, k, generator=g, device=DEV) / k, torch.randn(channels, device=DEV)
     dt_bias, a_log, d = torch.randn(3, h, generator=g, device=DEV).unbind()
+    norm = torch.rand(h * p, device=DEV) + 0.5
     conv, ssm = torch.randn(b, channels, k - 1, device=DEV).to(dtype), torch.randn(b, h, p, n, device=DEV)
     ours, ref = (conv, ssm), (conv.float().clone(), ssm.clone())
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for _ in range(8):
         xbc, dt = torch.randn(b, channels, generator=g, device=DEV).to(dtype), torch.randn(b, h, device=DEV)
-        y = mamba2_step_triton(xbc, dt, *ours, weight.to(dtype), bias.to(dtype), dt_bias, a_log.abs(), d)
-        y_ref = mamba2_step(xbc.float(), dt, *ref, weight.to(dtype).float(), bias.to(dtype).float(), dt_bias,
-                            a_log.abs(), d)  # fmt: skip
+        z = torch.randn(b, h * p, generator=g, device=DEV).to(dtype)
+        y = mamba2_step_triton(xbc, dt, z, *ours, weight.to(dtype), bias.to(dtype), dt_bias, a_log.abs(), d, norm, 1e-5)
+        y_ref = mamba2_step(xbc.float(), dt, z.float(), *ref, weight.to(dtype).float(), bias.to(dtype).float(),
+                            dt_bias, a_log.abs(), d, norm, 1e-5)  # fmt: skip
         torch.testing.assert_close(y.float(), y_ref, atol=tol, rtol=tol)
     torch.testing.assert_close(ours[0].float(), ref[0])
     torch.testing.assert_close(ours[1], ref[1], atol=1e-4, rtol=1e-4)

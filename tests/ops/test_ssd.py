@@ -151,16 +151,18 @@ def test_bad_inputs_raise_naming_them():
 
 def test_bad_mamba2_step_inputs_raise():
     """``mamba2_step``'s checks name the input that does not fit (2 heads of 4, one group of state 3, conv of 4)."""
-    xbc, dt, conv, ssm = torch.zeros(2, 14), torch.zeros(2, 2), torch.zeros(2, 14, 3), torch.zeros(2, 2, 4, 3)
-    params = (torch.zeros(14, 1, 4), torch.zeros(14), torch.zeros(2), torch.zeros(2), torch.zeros(2))
-    mamba2_step(xbc, dt, conv, ssm, *params)  # fits
+    xbc, dt, z, conv, ssm = (torch.zeros(*shape) for shape in ((2, 14), (2, 2), (2, 8), (2, 14, 3), (2, 2, 4, 3)))
+    params = (torch.zeros(14, 1, 4), torch.zeros(14), *torch.zeros(3, 2), torch.ones(8), 1e-5)
+    mamba2_step(xbc, dt, z, conv, ssm, *params)  # fits
     for args, match in [
-        ((xbc[0], dt, conv, ssm, *params), r"expected xbc \[batch, C\]"),
-        ((torch.zeros(2, 15), dt, torch.zeros(2, 15, 3), ssm, *params), "not H\\*P \\+ 2\\*G\\*N"),
-        ((xbc, dt[:, :1], conv, ssm, *params), r"dt must have shape \(2, 2\)"),
-        ((xbc, dt, conv[..., :2], ssm, *params), r"conv_state must have shape \(2, 14, 3\)"),
-        ((xbc, dt, conv, ssm, torch.zeros(14, 4), *params[1:]), r"conv_weight must have shape \(14, 1, 4\)"),
-        ((xbc, dt, conv, ssm, *params[:4], torch.zeros(3)), r"D must have shape \(2,\)"),
+        ((xbc[0], dt, z, conv, ssm, *params), r"expected xbc \[batch, C\]"),
+        ((torch.zeros(2, 15), dt, z, torch.zeros(2, 15, 3), ssm, *params), "not H\\*P \\+ 2\\*G\\*N"),
+        ((xbc, dt[:, :1], z, conv, ssm, *params), r"dt must have shape \(2, 2\)"),
+        ((xbc, dt, z[:, :4], conv, ssm, *params), r"z must have shape \(2, 8\)"),
+        ((xbc, dt, z, conv[..., :2], ssm, *params), r"conv_state must have shape \(2, 14, 3\)"),
+        ((xbc, dt, z, conv, ssm, torch.zeros(14, 4), *params[1:]), r"conv_weight must have shape \(14, 1, 4\)"),
+        ((xbc, dt, z, conv, ssm, *params[:4], torch.zeros(3), *params[5:]), r"D must have shape \(2,\)"),
+        ((xbc, dt, z, conv, ssm, *params[:5], torch.ones(4), 1e-5), r"norm_weight must have shape \(8,\)"),
     ]:
         with pytest.raises(ValueError, match=match):
             mamba2_step(*args)

@@ -125,20 +125,19 @@ MAMBA2_STEPS = [
 
 
 def mamba2_step_inputs(bsz: int, heads: int, p: int, groups: int, n: int, k: int, bias: bool, dtype: torch.dtype,
-                       seed: int = 0) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
-    """Arguments of ``mamba2_step``: ``xbc`` and ``dt`` as views of one input projection's row (as the layer splits
-    it), a conv state, a float32 SSM state of other strides (a transposed layout), the layer's parameters."""
+                       seed: int = 0) -> tuple:  # fmt: skip
+    """Arguments of ``mamba2_step``: ``z``, ``xbc`` and ``dt`` as views of one input projection's row (as the layer
+    splits it), a conv state, a float32 SSM state of other strides (a transposed layout), the layer's parameters."""
     g = torch.Generator().manual_seed(seed)
-    channels = heads * p + 2 * groups * n
-    row = torch.randn(bsz, 5 + channels + heads, generator=g)
+    e, channels = heads * p, heads * p + 2 * groups * n
+    row = torch.randn(bsz, 5 + e + channels + heads, generator=g)
     ssm = torch.randn(bsz, heads, n, p, generator=g).mT
     conv = torch.randn(bsz, channels, k - 1, generator=g)
     weight, conv_bias = torch.randn(channels, 1, k, generator=g) / k, torch.randn(channels, generator=g)
     dt_bias, d, a_log = torch.randn(3, heads, generator=g).unbind()
-    a_log = a_log.abs() * 2
-    row, conv, weight, conv_bias = (t.to(dtype) for t in (row, conv, weight, conv_bias))
-    xbc, dt = row[:, 5 : 5 + channels], row[:, 5 + channels :]
-    return xbc, dt, conv, ssm, weight, conv_bias if bias else None, dt_bias, a_log, d
+    row, conv, weight, conv_bias, norm = (t.to(dtype) for t in (row, conv, weight, conv_bias, torch.rand(e) + 0.5))
+    z, xbc, dt = row[:, 5:].split([e, channels, heads], 1)
+    return xbc, dt, z, conv, ssm, weight, conv_bias if bias else None, dt_bias, a_log.abs() * 2, d, norm, 1e-5
 
 
 def mamba2_decoder() -> Mamba2:
@@ -404,18 +403,18 @@ def test_dispatch_runs_ssd_kernel_in_ssd_scan_and_mamba2_layer(interpreted):
 
 @pytest.mark.parametrize("case", range(len(MAMBA2_STEPS)))
 def test_mamba2_step_kernel_matches_reference(interpreted, case):
-    """The one-kernel decoding step (conv, ``dt`` softplus, state update, skip) returns the PyTorch step's output and
-    leaves both states as it does, in place. The kernel computes the conv in float32: 16-bit inputs are compared with
+    """The one-kernel decoding step (conv, ``dt`` softplus, state update, skip, gated norm) returns the PyTorch step's
+    output and leaves both states as it does, in place. The kernel computes the conv in float32: 16-bit inputs are compared with
     the PyTorch step on their float32 values (and its output rounded as the kernel's)."""
     (y, args), calls = interpreted[f"mamba2_step{case}"]
     dtype = MAMBA2_STEPS[case][-1]
-    ref = [None if t is None else t.float().clone() for t in mamba2_step_inputs(*MAMBA2_STEPS[case])]
+    ref = [t.float().clone() if isinstance(t, torch.Tensor) else t for t in mamba2_step_inputs(*MAMBA2_STEPS[case])]
     y_ref = mamba2_step(*ref).to(dtype)
-    assert calls == 1 and y.dtype == dtype and args[3].dtype == torch.float32
+    assert calls == 1 and y.dtype == dtype and args[4].dtype == torch.float32
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     torch.testing.assert_close(y, y_ref, **tolerance)
-    assert torch.equal(args[2], ref[2].to(dtype))  # the conv state: the last inputs, copied
-    torch.testing.assert_close(args[3], ref[3], rtol=1e-5, atol=1e-5)
+    assert torch.equal(args[3], ref[3].to(dtype))  # the conv state: the last inputs, copied
+    torch.testing.assert_close(args[4], ref[4], rtol=1e-5, atol=1e-5)
 
 
 def test_mamba2_layer_decodes_through_the_step_kernel(interpreted):

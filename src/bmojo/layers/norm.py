@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bmojo.ops.ssd import gated_rms_norm
+
 
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight`` over the last axis, computed in float32."""
@@ -35,7 +37,4 @@ class GatedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if x.shape != z.shape:
             raise ValueError(f"the gate z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
-        y = x.float() * F.silu(z.float())
-        g = y.unflatten(-1, (self.n_groups, -1))
-        g = F.rms_norm(g, (g.shape[-1],), eps=self.eps)
-        return (g.flatten(-2) * self.weight.float()).to(x.dtype)
+        return gated_rms_norm(x, z, self.weight, self.n_groups, self.eps)

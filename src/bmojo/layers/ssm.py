@@ -230,9 +230,9 @@ class Mamba2(SegmentedSSM):
         e, gn = self.intermediate_size, self.n_groups * self.ssm_state_size
         z, xbc, dt = self.in_proj(h).split([e, self.conv_dim, self.num_heads], dim=-1)
         if state is not None and length == 1 and not torch.is_grad_enabled():  # decoding: the state in place
-            y = mamba2_step(xbc[:, 0], dt[:, 0], state.conv, state.ssm, self.conv1d.weight, self.conv1d.bias,
-                            self.dt_bias, self.A_log, self.D)  # fmt: skip
-            return self.out_proj(self.norm(y.view(bsz, length, e).to(h.dtype), z)), state
+            y = mamba2_step(xbc[:, 0], dt[:, 0], z[:, 0], state.conv, state.ssm, self.conv1d.weight, self.conv1d.bias,
+                            self.dt_bias, self.A_log, self.D, self.norm.weight, self.norm.eps)  # fmt: skip
+            return self.out_proj(y.unsqueeze(1)), state
         xbc, conv_state = _causal_conv(xbc, self.conv1d, None if state is None else state.conv)
         x, b, c = xbc.split([e, gn, gn], dim=-1)
         x = x.reshape(bsz, length, self.num_heads, self.head_dim)

@@ -12,8 +12,8 @@ computed in float32; ``y`` comes back in the dtype of ``x`` and states in float3
 
 :func:`ssd_scan_ref` is the sequential definition, :func:`ssd_step` one decoding step, and
 :func:`ssd_scan` the chunked algorithm used for training and prefill; :func:`mamba2_step` is a Mamba-2 layer's
-decoding step from its input projection on (conv, ``dt`` softplus, :func:`ssd_step`, ``D`` skip), in one Triton kernel
-on CUDA. On x86 CPUs, strong decay within a
+decoding step between its projections (conv, ``dt`` softplus, :func:`ssd_step`, ``D`` skip, gated norm), in one
+Triton kernel on CUDA. On x86 CPUs, strong decay within a
 chunk makes subnormal floats, which slow it down (up to about 2x); ``torch.set_flush_denormal(True)``
 avoids that. On CUDA, :func:`ssd_scan` runs our Triton kernels (``bmojo.ops.triton.ssd``, forward and backward,
 float32 arithmetic; ``bmojo.ops.triton`` has the switch), or for states larger than ours were timed at
@@ -82,9 +82,17 @@ def ssd_step(
     return y.view(bsz, heads, p).to(x.dtype), s.view(bsz, heads, p, n)
 
 
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """Mamba-2's output norm: ``rmsnorm(x * silu(z)) * weight`` over each of ``groups`` equal groups of the last axis
+    of ``x`` (``z`` alike, ``weight`` its size), in float32; returns ``x``'s dtype."""
+    y = (x.float() * F.silu(z.float())).unflatten(-1, (groups, -1))
+    return (F.rms_norm(y, (y.shape[-1],), eps=eps).flatten(-2) * weight.float()).to(x.dtype)
+
+
 def mamba2_step(
     xbc: torch.Tensor,
     dt: torch.Tensor,
+    z: torch.Tensor,
     conv_state: torch.Tensor,
     ssm_state: torch.Tensor,
     conv_weight: torch.Tensor,
@@ -92,15 +100,20 @@ def mamba2_step(
     dt_bias: torch.Tensor,
     A_log: torch.Tensor,
     D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
 ) -> torch.Tensor:
-    """One Mamba-2 decoding step after the input projection, updating ``conv_state`` and ``ssm_state`` in place.
+    """One Mamba-2 decoding step between the input and output projections, updating ``conv_state`` and ``ssm_state``
+    in place.
 
     ``xbc [batch, C]`` (``C = H*P + 2*G*N``: ``x``, then ``B``, then ``C`` of every group) enters the depthwise causal
     conv (``conv_weight [C, 1, K]``, ``conv_bias [C]`` or None) after ``conv_state [batch, C, K-1]``, its last ``K-1``
     inputs (oldest first), then SiLU; :func:`ssd_step` from ``ssm_state [batch, H, P, N]`` (float32) with
-    ``dt = softplus(dt + dt_bias)`` (``dt [batch, H]``) and ``A = -exp(A_log)``; returns ``y + D * x`` ``[batch, H,
-    P]`` in ``xbc``'s dtype. CUDA inputs take one Triton kernel (``bmojo.ops.triton.ssd.mamba2_step_triton``), which
-    computes the conv in float32 where this computes it in ``xbc``'s dtype (as the layer's parallel pass does).
+    ``dt = softplus(dt + dt_bias)`` (``dt [batch, H]``) and ``A = -exp(A_log)``; ``y + D * x`` then goes through
+    :func:`gated_rms_norm` with ``z [batch, H*P]``, ``norm_weight [H*P]`` and ``eps`` per group. Returns ``[batch,
+    H*P]`` in ``xbc``'s dtype. CUDA inputs take one Triton kernel (``bmojo.ops.triton.ssd.mamba2_step_triton``),
+    which computes in float32 throughout where this rounds the conv's output and ``y`` to ``xbc``'s dtype (as the
+    layer's parallel pass does).
     """
     bsz, channels = xbc.shape if xbc.dim() == 2 else (None, None)
     if bsz is None or ssm_state.dim() != 4 or dt.dim() != 2:
@@ -112,23 +125,25 @@ def mamba2_step(
         raise ValueError(f"xbc's {channels} channels are not H*P + 2*G*N for the state's H={heads}, P={p}, N={n}")
     _heads_per_group(heads, groups)
     k = conv_weight.shape[-1]
-    check_shapes([("dt", dt, (bsz, heads)), ("conv_state", conv_state, (bsz, channels, k - 1)),
-                  ("ssm_state", ssm_state, (bsz, heads, p, n)), ("conv_weight", conv_weight, (channels, 1, k)),
-                  ("conv_bias", conv_bias, (channels,)), ("dt_bias", dt_bias, (heads,)), ("A_log", A_log, (heads,)),
-                  ("D", D, (heads,))])  # fmt: skip
-    inputs = (xbc, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D)
+    check_shapes([("dt", dt, (bsz, heads)), ("z", z, (bsz, heads * p)), ("conv_state", conv_state, (bsz, channels, k - 1)),
+                  ("conv_weight", conv_weight, (channels, 1, k)), ("conv_bias", conv_bias, (channels,)),
+                  ("dt_bias", dt_bias, (heads,)), ("A_log", A_log, (heads,)), ("D", D, (heads,)),
+                  ("norm_weight", norm_weight, (heads * p,))])  # fmt: skip
+    inputs = (xbc, dt, z, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)
     if use_triton(*inputs):
         from bmojo.ops.triton.ssd import mamba2_step_triton
 
-        return mamba2_step_triton(*inputs)
+        return mamba2_step_triton(*inputs, eps)
     window = torch.cat([conv_state.to(xbc.dtype), xbc.unsqueeze(-1)], dim=2)  # [batch, C, K]
-    x, b, c = causal_conv1d_step(window, conv_weight, conv_bias, silu=True).split([heads * p, groups * n, groups * n], 1)
+    conv_out = causal_conv1d_step(window, conv_weight, conv_bias, silu=True)
+    x, b, c = conv_out.split([heads * p, groups * n, groups * n], 1)
     x = x.view(bsz, heads, p)
     y, new_state = ssd_step(ssm_state, x, F.softplus(dt.float() + dt_bias.float()), -torch.exp(A_log.float()),
                             b.view(bsz, groups, n), c.view(bsz, groups, n))  # fmt: skip
     conv_state.copy_(window[:, :, 1:])
     ssm_state.copy_(new_state)
-    return (y.float() + x.float() * D.float()[:, None]).to(xbc.dtype)
+    y = (y.float() + x.float() * D.float()[:, None]).to(xbc.dtype)
+    return gated_rms_norm(y.view(bsz, heads * p), z, norm_weight, groups, eps)
 
 
 def ssd_scan_ref(

@@ -453,21 +453,24 @@ def _store_conv_state(conv_state, shifted, ch, ch_ok, stride_sc, stride_sk, K: t
 
 @triton.jit
 def _mamba2_step_kernel(
-    xbc, dt, conv_state, ssm_state, weight, bias, dt_bias, A_log, D, y,
-    heads_per_group, n_groups, head_dim, state_size,
-    stride_xb, stride_xc, stride_db, stride_dh, stride_sb, stride_sc, stride_sk, stride_hb, stride_hh, stride_hp,
-    stride_hn, stride_wc, stride_wk, stride_yb, stride_yh, stride_yp,
+    xbc, dt, z, conv_state, ssm_state, weight, bias, dt_bias, A_log, D, norm_weight, gated, out,
+    heads_per_group, n_groups, head_dim, state_size, eps,
+    stride_xb, stride_xc, stride_db, stride_dh, stride_zb, stride_zc, stride_sb, stride_sc, stride_sk,
+    stride_hb, stride_hh, stride_hp, stride_hn, stride_wc, stride_wk, stride_ob, stride_oc,
     K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """A program per (sequence, B/C group): the group's ``B`` and ``C`` through the conv, then each of its heads' conv,
-    state update and output. It alone reads and writes those channels' conv state (so no other program can see a
-    half-updated one), storing each after a barrier behind its reads."""
+    state update, skip and gate (into ``gated``, float32), then the group's RMS norm. It alone reads and writes those
+    channels' conv state (so no other program can see a half-updated one), storing each after a barrier behind its
+    reads."""
     b, g = tl.program_id(0).to(tl.int64), tl.program_id(1)
     xbc += b * stride_xb
     dt += b * stride_db
+    z += b * stride_zb
     conv_state += b * stride_sb
     ssm_state += b * stride_hb
-    y += b * stride_yb
+    out += b * stride_ob
+    gated += b * stride_ob
     p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     p_ok, n_ok = p < head_dim, n < state_size
     conv = (xbc, conv_state, weight, bias)
@@ -476,6 +479,7 @@ def _mamba2_step_kernel(
     c_ch = b_ch + n_groups * state_size
     bv, b_next = _conv_silu(*conv, b_ch, n_ok, *strides, K, BLOCK_K, HAS_BIAS)
     cv, c_next = _conv_silu(*conv, c_ch, n_ok, *strides, K, BLOCK_K, HAS_BIAS)
+    squares = 0.0
     for i in range(heads_per_group):
         h = g * heads_per_group + i
         x_ch = h * head_dim + p
@@ -487,33 +491,45 @@ def _mamba2_step_kernel(
         ok = p_ok[:, None] & n_ok[None, :]
         s = decay * tl.load(at, mask=ok, other=0.0) + (d * xv)[:, None] * bv[None, :]
         tl.store(at, s, mask=ok)
-        out = tl.sum(s * cv[None, :], axis=1) + tl.load(D + h).to(tl.float32) * xv
-        tl.store(y + h * stride_yh + p * stride_yp, out.to(y.dtype.element_ty), mask=p_ok)
+        y = tl.sum(s * cv[None, :], axis=1) + tl.load(D + h).to(tl.float32) * xv
+        gate = tl.load(z + x_ch * stride_zc, mask=p_ok, other=0.0).to(tl.float32)
+        y *= gate * tl.sigmoid(gate)
+        squares += tl.sum(y * y)
+        tl.store(gated + x_ch * stride_oc, y, mask=p_ok)
         tl.debug_barrier()
         _store_conv_state(conv_state, x_next, x_ch, p_ok, stride_sc, stride_sk, K, BLOCK_K)
     tl.debug_barrier()
     _store_conv_state(conv_state, b_next, b_ch, n_ok, stride_sc, stride_sk, K, BLOCK_K)
     _store_conv_state(conv_state, c_next, c_ch, n_ok, stride_sc, stride_sk, K, BLOCK_K)
+    scale = 1.0 / tl.sqrt(squares / (heads_per_group * head_dim) + eps)
+    for i in range(heads_per_group):
+        x_ch = (g * heads_per_group + i) * head_dim + p
+        y = tl.load(gated + x_ch * stride_oc, mask=p_ok, other=0.0)
+        y *= scale * tl.load(norm_weight + x_ch, mask=p_ok, other=0.0).to(tl.float32)
+        tl.store(out + x_ch * stride_oc, y.to(out.dtype.element_ty), mask=p_ok)
 
 
 @kernel_op("bmojo::mamba2_step", mutates_args=("conv_state", "ssm_state"))
-def mamba2_step_triton(xbc: torch.Tensor, dt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
-                       conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, dt_bias: torch.Tensor,
-                       A_log: torch.Tensor, D: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def mamba2_step_triton(xbc: torch.Tensor, dt: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor,
+                       ssm_state: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                       dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor, norm_weight: torch.Tensor,
+                       eps: float) -> torch.Tensor:  # fmt: skip
     """``bmojo.ops.ssd.mamba2_step`` (same contract, shapes checked there) in one kernel: conv, ``dt`` softplus, state
-    update and ``D`` skip, float32 arithmetic; ``ssm_state`` must be float32."""
-    check_inputs(xbc, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D)
+    update, skip and gated norm, float32 arithmetic; ``ssm_state`` must be float32."""
+    check_inputs(xbc, dt, z, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)
     if ssm_state.dtype != torch.float32:
         raise ValueError(f"ssm_state must be float32, got {ssm_state.dtype}")
     bsz, heads, p, n = ssm_state.shape
     k = conv_weight.shape[-1]
     groups = (xbc.shape[1] - heads * p) // (2 * n)
-    y = xbc.new_empty(bsz, heads, p)
+    out = xbc.new_empty(bsz, heads * p)
+    gated = torch.empty(out.shape, dtype=torch.float32, device=out.device)  # (y before the norm)
     weight = conv_weight[:, 0]
     wrap_triton(_mamba2_step_kernel)[(bsz, groups)](
-        xbc, dt, conv_state, ssm_state, weight, conv_bias, dt_bias, A_log, D, y, heads // groups, groups, p, n,
-        *xbc.stride(), *dt.stride(), *conv_state.stride(), *ssm_state.stride(), *weight.stride(), *y.stride(),
+        xbc, dt, z, conv_state, ssm_state, weight, conv_bias, dt_bias, A_log, D, norm_weight, gated, out,
+        heads // groups, groups, p, n, eps, *xbc.stride(), *dt.stride(), *z.stride(), *conv_state.stride(),
+        *ssm_state.stride(), *weight.stride(), *out.stride(),
         K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_P=triton.next_power_of_2(p), BLOCK_N=triton.next_power_of_2(n),
         HAS_BIAS=conv_bias is not None,
     )  # fmt: skip
-    return y
+    return out
