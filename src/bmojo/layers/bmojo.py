@@ -134,14 +134,17 @@ class MixerState:
         n, k = self.positions.shape[1], self.stage_pos.shape[1]
         return torch.arange(n - k, n, device=self.positions.device)
 
-    def write_slots(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """Keys and values ``[B, Hkv, n, d]`` and their positions (``[n]`` or ``[B, n]``) into ``slots [n]`` of the
-        joined buffers (of ``win_*`` for full attention, slot = position). Writes the buffers themselves rather than
-        views of them, so that inductor updates them in place."""
+    def write_slots(
+        self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> None:
+        """Keys and values ``[B, Hkv, n, d]`` and their positions (``[n]`` or ``[B, n]``; ``None``: the caller writes
+        them) into ``slots [n]`` of the joined buffers (of ``win_*`` for full attention, slot = position). Writes the
+        buffers themselves rather than views of them, so that inductor updates them in place."""
         buffers = (self.win_k, self.win_v, self.win_pos) if self.full else (self.keys, self.values, self.positions)
         buffers[0].index_copy_(2, slots, k)
         buffers[1].index_copy_(2, slots, v)
-        buffers[2].index_copy_(1, slots, positions.expand(k.shape[0], -1))
+        if positions is not None:
+            buffers[2].index_copy_(1, slots, positions.expand(k.shape[0], -1))
 
     def reserve(self, tokens: int, exact: bool = False) -> None:
         """Room for ``tokens`` more keys in a full-attention buffer: grown, when short, by at least an eighth (so
@@ -685,7 +688,14 @@ class BMojoMixer(nn.Module):
                 pend = t % self.memory.chunk_size
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]
                 state.pend_pos[pend] = t - self.window
-        index = slot + torch.arange(0, at.shape[0] * self.window, self.window, device=at.device)  # [win | band]
-        state.write_slots(index, k, v, at)
+        w = self.window
+        index = slot + torch.arange(0, at.shape[0] * w, w, device=at.device)  # [win | band]
+        compiled = torch.compiler.is_compiling()
+        state.write_slots(index, k, v, None if compiled else at)
+        if compiled:  # the positions whole (slot s of the window ring holds t, of the band's t - w), a pass that also
+            # makes the step's mask (positions >= 0), where inductor gives a write of two slots a kernel of its own
+            ring = torch.arange(state.positions.shape[1], device=at.device)
+            written = (ring < at.shape[0] * w) & (ring % w == slot)
+            state.positions.copy_(torch.where(written, at[0] - ring // w * w, state.positions))
         if score is not None:
             state.win_score.index_copy_(1, slot, score)
