@@ -21,6 +21,7 @@ ENTRY_POINTS = (
     ("bmojo.ops.triton.selective_scan", "selective_scan_triton"),
     ("bmojo.ops.triton.ssd", "ssd_scan_triton"),
     ("bmojo.ops.triton.ssd", "mamba2_step_triton"),
+    ("bmojo.ops.triton.eidetic", "stage_evicted_triton"),
     ("bmojo.ops.triton.attention", "union_attention_triton"),
 )
 

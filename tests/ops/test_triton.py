@@ -8,6 +8,7 @@ import torch
 from interpret import assert_same_gradients, grad_leaves, probe_loss, run_interpreted
 
 import bmojo.ops.triton as kernels
+from bmojo.layers.eidetic import stage_evicted
 from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.ops.attention import flex_available
 from bmojo.ops.selective_scan import selective_scan, selective_scan_ref
@@ -18,6 +19,7 @@ SCAN = "bmojo.ops.selective_scan:selective_scan"
 SSD_TRITON = "bmojo.ops.triton.ssd:ssd_scan_triton"
 SSD = "bmojo.ops.ssd:ssd_scan"
 STEP_TRITON = "bmojo.ops.triton.ssd:mamba2_step_triton"
+STAGE_TRITON = "bmojo.ops.triton.eidetic:stage_evicted_triton"
 
 
 def scan_inputs(bsz: int, length: int, e: int, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -147,6 +149,40 @@ def mamba2_decoder() -> Mamba2:
     return layer
 
 
+def stage_inputs(case: int) -> tuple:
+    """Arguments of ``stage_evicted`` (3 sequences, 2 heads of 12, window 4 in 10 joined slots, a memory of 5).
+    Case 0, position 6 (ring slot 2): a memory with two empty slots (the candidate takes the first), one whose two
+    lowest scores tie (the candidate, scoring the same, stays out), a candidate from an empty ring slot (out). Case 1,
+    position 9 (slot 1): random scores, some candidates in."""
+    g = torch.Generator().manual_seed(case)
+    keys, values = torch.randn(2, 3, 2, 10, 12, generator=g).unbind()
+    positions = torch.randint(0, 9, (3, 10), generator=g)
+    win_score, stage_score = torch.rand(3, 4, generator=g), torch.rand(3, 5, generator=g)
+    stage_k, stage_v = torch.randn(2, 3, 2, 5, 12, generator=g).unbind()
+    stage_pos = torch.arange(15).view(3, 5)
+    if case == 0:
+        stage_score[0, [1, 3]], stage_pos[0, [1, 3]] = float("-inf"), -1
+        stage_score[1, [0, 4]] = win_score[1, 2] = stage_score[1].min() - 0.1
+        positions[2, 2] = -1
+    pos = torch.tensor([6 if case == 0 else 9])
+    return keys, values, positions, win_score, pos, 4, stage_k, stage_v, stage_score, stage_pos
+
+
+def bmojo_decode_inputs() -> tuple:
+    """A B'MOJO mixer (window 64, chunks of 8, 4 eidetic tokens) and its state after a prefill of 70 tokens (the
+    PyTorch path), and 3 more tokens, which it takes as steps (fewer than a sixteenth of the window)."""
+    from bmojo.layers import BMojoMixer, MixerState
+
+    torch.manual_seed(0)
+    mixer = BMojoMixer(32, num_heads=2, window=64, eidetic_size=4, chunk_size=8,
+                       ssm_kwargs={"state_size": 8, "head_dim": 16, "chunk_size": 8}).eval()  # fmt: skip
+    h = torch.randn(1, 73, 32, generator=torch.Generator().manual_seed(14))
+    state = MixerState()
+    with torch.no_grad():
+        mixer(h[:, :70], state)
+    return mixer, h[:, 70:], state
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Outputs of the calls below, run with the Triton interpreter on CPU: ``{key: (output, kernel calls)}``."""
@@ -182,6 +218,9 @@ def interpreted(tmp_path_factory):
     calls |= {f"mamba2_step{i}": (STEP_TRITON, mamba2_step_inputs(*shape), {"_inputs": True})
               for i, shape in enumerate(MAMBA2_STEPS)}  # fmt: skip
     calls["mamba2_decode"] = (mamba2_decoder(), mamba2_decode_inputs(), {"inplace": True, "_inputs": True})
+    calls |= {f"stage{case}": (STAGE_TRITON, stage_inputs(case), {"_inputs": True}) for case in range(2)}
+    mixer, h, state = bmojo_decode_inputs()
+    calls["bmojo_decode"] = (mixer, (h, state), {"_inputs": True})
     return run_interpreted(calls, tmp_path_factory.mktemp("triton"))
 
 
@@ -429,6 +468,38 @@ def test_mamba2_layer_decodes_through_the_step_kernel(interpreted):
     torch.testing.assert_close(out[0], full[:, 10:], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(args[1].ssm, final.ssm, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(args[1].conv, final.conv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_stage_evicted_kernel_matches_reference(interpreted, case):
+    """The eidetic memory's one-kernel update leaves the staging memory as the PyTorch path does: the slot chosen (an
+    empty one first, the newest of tied lowest scores), entry only on a strictly higher score, none from an empty
+    ring slot."""
+    (_, args), calls = interpreted[f"stage{case}"]
+    ref = stage_inputs(case)
+    before = [t.clone() for t in ref[6:]]
+    stage_evicted(*ref)
+    assert calls == 1
+    for got, want in zip(args[6:], ref[6:]):
+        assert torch.equal(got, want)
+    changed = (ref[8] != before[2]).sum(1).tolist()  # entries replaced, by row
+    if case == 0:  # row 0's first empty slot took the candidate of ring slot 2
+        assert changed == [1, 0, 0] and ref[9][0, 1] == ref[2][0, 2] and torch.equal(ref[6][0, :, 1], ref[0][0, :, 2])
+    else:
+        assert sum(changed) > 0
+
+
+def test_bmojo_mixer_decodes_through_the_step_kernels(interpreted):
+    """A B'MOJO mixer's decoding steps with ``BMOJO_KERNELS=triton`` (its Mamba-2 step and eidetic update kernels)
+    give the PyTorch steps' outputs and state."""
+    (out, (_, state)), calls = interpreted["bmojo_decode"]
+    mixer, h, ref_state = bmojo_decode_inputs()
+    with torch.no_grad():
+        ref = mixer(h, ref_state)[0]
+    assert calls == 2 * h.shape[1]
+    torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(state.tensors(), ref_state.tensors(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_ssd_kernel_rejects_bad_shapes():

@@ -36,7 +36,7 @@ from torch import nn
 
 from bmojo.layers.attention import Attention, Rope
 from bmojo.layers.checks import check_hidden_states
-from bmojo.layers.eidetic import EideticMemory, chunk_memories, insert_slot, merge_topk
+from bmojo.layers.eidetic import EideticMemory, chunk_memories, merge_topk, stage_evicted
 from bmojo.layers.linear import Linear
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
 from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership
@@ -673,22 +673,14 @@ class BMojoMixer(nn.Module):
         fading key entering the band) and its keys/values ``k, v [B, Hkv, 1 or 2, d]`` in ring slot ``slot [1]``
         (``t % w``) of the window (and of the band); the token it evicts (none while the ring fills: slot position
         ``-1``) becomes an eidetic candidate."""
-        if self.memory is not None:
-            cand_k, cand_v = state.keys.index_select(2, slot), state.values.index_select(2, slot)
-            cand_pos = state.positions.index_select(1, slot)
-            cand_score = state.win_score.index_select(1, slot).masked_fill(cand_pos < 0, float("-inf"))
-            at_slot, enter = insert_slot(state.stage_score, state.stage_pos, cand_score)  # [B, 1] each
-            slots = torch.arange(state.stage_pos.shape[1], device=slot.device)
-            replace = (slots == at_slot) & enter  # [B, k]: the one slot the candidate takes, if any
-            for stage, cand in ((state.stage_score, cand_score), (state.stage_pos, cand_pos)):
-                stage.copy_(torch.where(replace, cand, stage))
-            for stage, cand in ((state.stage_k, cand_k), (state.stage_v, cand_v)):  # [B, Hkv, k, d]; cand [.., 1, d]
-                stage.copy_(torch.where(replace[:, None, :, None], cand, stage))
-            if state.pend_pos is not None and t >= self.window:
-                pend = t % self.memory.chunk_size
-                state.pend_k[:, :, pend], state.pend_v[:, :, pend] = cand_k[:, :, 0], cand_v[:, :, 0]
-                state.pend_pos[pend] = t - self.window
         w = self.window
+        if self.memory is not None:
+            if state.pend_pos is not None and t >= self.window:  # (read before the candidate's slot is written)
+                pend = t % self.memory.chunk_size
+                state.pend_k[:, :, pend], state.pend_v[:, :, pend] = state.keys[:, :, t % w], state.values[:, :, t % w]
+                state.pend_pos[pend] = t - self.window
+            stage_evicted(state.keys, state.values, state.positions, state.win_score, state.pos, w, state.stage_k,
+                          state.stage_v, state.stage_score, state.stage_pos)  # fmt: skip
         index = slot + torch.arange(0, at.shape[0] * w, w, device=at.device)  # [win | band]
         compiled = torch.compiler.is_compiling()
         state.write_slots(index, k, v, None if compiled else at)

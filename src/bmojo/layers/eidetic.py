@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmojo.layers.linear import Linear
+from bmojo.ops.triton import use_triton
 
 SELECTIONS = ("innovation", "random", "recency", "none")
 
@@ -55,6 +56,32 @@ def insert_slot(score: torch.Tensor, pos: torch.Tensor, new_score: torch.Tensor)
     worst = score.min(1, keepdim=True).values
     slot = torch.where(score == worst, pos, -2).argmax(1, keepdim=True)
     return slot, new_score > worst
+
+
+def stage_evicted(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, win_score: torch.Tensor,
+                  pos: torch.Tensor, window: int, stage_k: torch.Tensor, stage_v: torch.Tensor,
+                  stage_score: torch.Tensor, stage_pos: torch.Tensor) -> None:  # fmt: skip
+    """A decoding step's eidetic candidate, the token leaving the window as the one at position ``pos [1]`` enters
+    it: the one in ring slot ``pos % window`` of ``keys, values [B, Hkv, S, d]``, ``positions [B, S]`` and
+    ``win_score [B, window]`` (none if its position is negative, a slot still empty) joins the staging memory
+    ``stage_k, stage_v [B, Hkv, k, d]``, ``stage_score, stage_pos [B, k]`` by :func:`insert_slot`'s rule, in place.
+    CUDA inputs take one Triton kernel (``bmojo.ops.triton.eidetic.stage_evicted_triton``)."""
+    stage = (stage_k, stage_v, stage_score, stage_pos)
+    if use_triton(keys, values, positions, win_score, pos, *stage):
+        from bmojo.ops.triton.eidetic import stage_evicted_triton
+
+        stage_evicted_triton(keys, values, positions, win_score, pos, window, *stage)
+        return
+    slot = pos % window
+    cand_k, cand_v = keys.index_select(2, slot), values.index_select(2, slot)
+    cand_pos = positions.index_select(1, slot)
+    cand_score = win_score.index_select(1, slot).masked_fill(cand_pos < 0, float("-inf"))
+    at_slot, enter = insert_slot(stage_score, stage_pos, cand_score)  # [B, 1] each
+    replace = (torch.arange(stage_pos.shape[1], device=slot.device) == at_slot) & enter  # [B, k]: the slot it takes
+    for stage, cand in ((stage_score, cand_score), (stage_pos, cand_pos)):
+        stage.copy_(torch.where(replace, cand, stage))
+    for stage, cand in ((stage_k, cand_k), (stage_v, cand_v)):  # [B, Hkv, k, d]; cand [B, Hkv, 1, d]
+        stage.copy_(torch.where(replace[:, None, :, None], cand, stage))
 
 
 def empty_memory(batch: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
