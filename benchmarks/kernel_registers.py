@@ -1,6 +1,7 @@
 """Registers and spills of our Triton kernels, compiled for an H100 (sm_90a) without a GPU.
 
-    python benchmarks/kernel_registers.py     # the read-out at bench_flex.py's tile sweep, then the scans' kernels
+    python benchmarks/kernel_registers.py     # the read-out at bench_flex.py's tile sweep, the scans' kernels, then
+                                              # the decoding-step kernels
     python benchmarks/kernel_registers.py --tiles block_m=128,block_n=64,num_warps=8
 
 Each kernel is compiled by Triton for ``GPUTarget("cuda", 90, 32)`` at the 130m preset's shapes (bf16 inputs; the
@@ -37,8 +38,10 @@ from bench_flex import TILE_SWEEP  # noqa: E402
 
 from bmojo.ops.attention import parse_triton_tiles  # noqa: E402
 from bmojo.ops.triton.attention import fit_tiles, readout_kernels, shared_bound  # noqa: E402
+from bmojo.ops.triton.eidetic import _stage_evicted_kernel  # noqa: E402
 from bmojo.ops.triton.selective_scan import _selective_scan_bwd_kernel, _selective_scan_fwd_kernel  # noqa: E402
 from bmojo.ops.triton.ssd import (  # noqa: E402
+    _mamba2_step_kernel,
     _ssd_bwd_chunk_kernel,
     _ssd_bwd_states_kernel,
     _ssd_fwd_output_kernel,
@@ -50,6 +53,17 @@ from bmojo.ops.triton.ssd import (  # noqa: E402
 BF16 = {f"{name}_ptr" for name in ("q", "k", "v", "mk", "mv", "do", "out", "dk", "dv", "x", "b", "c", "dy", "u")}
 
 
+# The decoding-step kernels at the 130m preset's shapes (a Mamba-2 layer of 24 heads of 64, state 16, conv of 4; an
+# eidetic memory of 64 slots, heads of 64), bf16 activations, float32 states, the norm's eps as torch.compile passes
+# it (float64)
+STEP_KERNELS = (
+    (_mamba2_step_kernel, {**{name: "*bf16" for name in ("xbc", "dt", "z", "conv_state", "weight", "bias", "out")},
+                           **{name: "*fp32" for name in ("ssm_state", "dt_bias", "A_log", "D", "norm_weight", "gated")},
+                           "eps": "fp64"}, dict(K=4, BLOCK_K=4, BLOCK_P=64, BLOCK_N=16, HAS_BIAS=True)),
+    (_stage_evicted_kernel, {**{name: "*bf16" for name in ("keys", "values", "stage_k", "stage_v")},
+                             **{name: "*i64" for name in ("positions", "pos", "stage_pos")},
+                             **{name: "*fp32" for name in ("win_score", "stage_score")}}, dict(BLOCK_K=64, BLOCK_D=64)),
+)  # fmt: skip
 SHARED_LIMITS = {80: 166912, 86: 101376, 90: 232448}  # bytes of shared memory a block may use, by compute capability
 
 
@@ -59,11 +73,13 @@ def pointer_type(name: str, dtype: str = "bf16") -> str:
 
 
 def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int = 90, dtype: str = "bf16",
-                   scale: str = "fp32"):  # fmt: skip
+                   scale: str = "fp32", types: dict[str, str] | None = None):  # fmt: skip
     """``fn`` compiled by Triton with ``constexprs`` for ``sm_<arch>``, its inputs in ``dtype``, its float arguments
-    (the ``*scale`` ones) of type ``scale`` (``"fp64"``: as ``torch.compile``'s generated code launches it)."""
+    (the ``*scale`` ones) of type ``scale`` (``"fp64"``: as ``torch.compile``'s generated code launches it); ``types``:
+    the Triton types of arguments named otherwise (the decoding-step kernels')."""
     signature = {name: "constexpr" if name in constexprs else pointer_type(name, dtype) if name.endswith("_ptr")
                  else scale if name.endswith("scale") else "i32" for name in fn.arg_names}  # fmt: skip
+    signature.update(types or {})
     options = {"num_warps": num_warps, "num_stages": num_stages}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -100,9 +116,11 @@ def shared_report(limits: dict[int, int] = SHARED_LIMITS, dtypes: tuple[str, ...
     return lines
 
 
-def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int) -> tuple[int, int]:
-    """``(registers, spilled bytes)`` of ``fn`` compiled with ``constexprs`` for sm_90a."""
-    kernel = compile_kernel(fn, constexprs, num_warps, num_stages)
+def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int,
+                   types: dict[str, str] | None = None) -> tuple[int, int]:  # fmt: skip
+    """``(registers, spilled bytes)`` of ``fn`` compiled with ``constexprs`` (and ``types``, :func:`compile_kernel`)
+    for sm_90a."""
+    kernel = compile_kernel(fn, constexprs, num_warps, num_stages, types=types)
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxas = next(p for p in (os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")) if os.path.exists(p))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -155,6 +173,11 @@ def main() -> None:
         backward = compile_report(_selective_scan_bwd_kernel, scan, warps, 3)
         print(f"selective scan, {block_e} channels a program: forward %d / %d   backward %d / %d"
               % (*forward, *backward), flush=True)  # fmt: skip
+    cells = []
+    for kernel, types, constexprs in STEP_KERNELS:
+        name = kernel.__name__.strip("_").removesuffix("_kernel")
+        cells.append("%s %d / %d" % (name, *compile_report(kernel, constexprs, 4, 1, types)))
+    print("decoding steps: " + "   ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

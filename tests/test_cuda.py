@@ -2,8 +2,9 @@
 
 What runs here: our Triton kernels and FlexAttention for the B'MOJO union attention (forward, and gradients of the
 output and of the log-sum-exp), flash-linear-attention's SSD scan when ``fla`` is installed, our Triton selective
-scan and SSD (forward and backward) and Mamba-2 decoding step on real CUDA tensors, whole models on the fused paths against
-``BMOJO_KERNELS=reference``, parallel vs recurrent decoding on CUDA, and a bf16 training run.
+scan and SSD (forward and backward) and decoding-step kernels (Mamba-2, eidetic memory) on real CUDA tensors, whole
+models on the fused paths against ``BMOJO_KERNELS=reference``, parallel vs recurrent decoding on CUDA, and a bf16
+training run.
 ``benchmarks/RESULTS.md`` records the device these last passed on.
 """
 

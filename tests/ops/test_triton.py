@@ -443,8 +443,8 @@ def test_dispatch_runs_ssd_kernel_in_ssd_scan_and_mamba2_layer(interpreted):
 @pytest.mark.parametrize("case", range(len(MAMBA2_STEPS)))
 def test_mamba2_step_kernel_matches_reference(interpreted, case):
     """The one-kernel decoding step (conv, ``dt`` softplus, state update, skip, gated norm) returns the PyTorch step's
-    output and leaves both states as it does, in place. The kernel computes the conv in float32: 16-bit inputs are compared with
-    the PyTorch step on their float32 values (and its output rounded as the kernel's)."""
+    output and leaves both states as it does, in place. The kernel computes the conv in float32: 16-bit inputs are
+    compared with the PyTorch step on their float32 values (and its output rounded as the kernel's)."""
     (y, args), calls = interpreted[f"mamba2_step{case}"]
     dtype = MAMBA2_STEPS[case][-1]
     ref = [t.float().clone() if isinstance(t, torch.Tensor) else t for t in mamba2_step_inputs(*MAMBA2_STEPS[case])]

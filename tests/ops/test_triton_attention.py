@@ -271,6 +271,14 @@ def test_kernels_compile_with_float64_scales_as_torch_compile_launches_them(kern
             assert compiled.metadata.shared > 0, name
 
 
+def test_decoding_step_kernels_compile_for_an_h100(kernel_registers):
+    """The Mamba-2 step and eidetic update kernels (tested under the interpreter, which does not compile them) lower
+    to an H100's code at the 130m shapes, the norm's eps a float64 as ``torch.compile`` passes it, without spills."""
+    for kernel, types, constexprs in kernel_registers.STEP_KERNELS:
+        registers, spilled = kernel_registers.compile_report(kernel, constexprs, 4, 1, types)
+        assert 0 < registers <= 255 and spilled == 0, kernel.__name__
+
+
 @pytest.mark.slow  # ~30 s of Triton compiles with a cold cache
 def test_shared_bound_holds_for_the_kernels_compiled_for_an_h100(kernel_registers):
     """What Triton compiles for an H100 (no GPU needed: its own ``ptxas``) at the tiles fitted for head dim 128 in

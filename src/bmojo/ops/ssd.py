@@ -125,7 +125,8 @@ def mamba2_step(
         raise ValueError(f"xbc's {channels} channels are not H*P + 2*G*N for the state's H={heads}, P={p}, N={n}")
     _heads_per_group(heads, groups)
     k = conv_weight.shape[-1]
-    check_shapes([("dt", dt, (bsz, heads)), ("z", z, (bsz, heads * p)), ("conv_state", conv_state, (bsz, channels, k - 1)),
+    check_shapes([("dt", dt, (bsz, heads)), ("z", z, (bsz, heads * p)),
+                  ("conv_state", conv_state, (bsz, channels, k - 1)),
                   ("conv_weight", conv_weight, (channels, 1, k)), ("conv_bias", conv_bias, (channels,)),
                   ("dt_bias", dt_bias, (heads,)), ("A_log", A_log, (heads,)), ("D", D, (heads,)),
                   ("norm_weight", norm_weight, (heads * p,))])  # fmt: skip

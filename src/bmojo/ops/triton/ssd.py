@@ -501,6 +501,7 @@ def _mamba2_step_kernel(
     tl.debug_barrier()
     _store_conv_state(conv_state, b_next, b_ch, n_ok, stride_sc, stride_sk, K, BLOCK_K)
     _store_conv_state(conv_state, c_next, c_ch, n_ok, stride_sc, stride_sk, K, BLOCK_K)
+    eps = tl.cast(eps, tl.float32)  # (torch.compile passes it as a float64)
     scale = 1.0 / tl.sqrt(squares / (heads_per_group * head_dim) + eps)
     for i in range(heads_per_group):
         x_ch = (g * heads_per_group + i) * head_dim + p
