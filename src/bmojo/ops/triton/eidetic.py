@@ -1,13 +1,13 @@
 """The eidetic memory's decoding-step update as one Triton kernel; same contract as
 ``bmojo.layers.eidetic.stage_evicted``.
 
-A program per sequence: the candidate (the token in the window ring's slot about to be overwritten, computed from
-the position, which the kernel reads) and the staging
-memory's scores and positions, the slot :func:`bmojo.layers.eidetic.insert_slot` picks (the lowest score, the newest
-position among equal ones), and, where the candidate scores strictly higher, its keys and values (every head), score
-and position written there. Where inductor launched two kernels (the choice, a reduction, then the write of the keys
-and values across the memory). The call is a ``torch.library.triton_op`` custom op, so ``torch.compile`` keeps the
-kernel. Importing this module imports ``triton``.
+A program per sequence reads the candidate (the token in the window ring's slot about to be overwritten, the slot
+computed from the position it reads) and the staging memory's scores and positions, finds the slot
+:func:`bmojo.layers.eidetic.insert_slot` picks (the lowest score, the newest position among equal ones) and, where the
+candidate scores strictly higher, writes its keys and values (every head), score and position there: one kernel where
+inductor launched two (the choice, a reduction, then the write of the keys and values across the memory). The call
+is a ``torch.library.triton_op`` custom op, so ``torch.compile`` keeps the kernel. Importing this module imports
+``triton``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def _stage_evicted_kernel(
     stride_wb, stride_ws, stride_skb, stride_skh, stride_sks, stride_skd, stride_svb, stride_svh, stride_svs,
     stride_svd, stride_ssb, stride_sss, stride_spb, stride_sps, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """A program per sequence (see the module docstring)."""
     b = tl.program_id(0).to(tl.int64)
     s = tl.load(pos) % window
     cand_pos = tl.load(positions + b * stride_pb + s * stride_ps)
@@ -35,9 +36,9 @@ def _stage_evicted_kernel(
     j = tl.arange(0, BLOCK_K)
     ok = j < size
     score = tl.load(stage_score + b * stride_ssb + j * stride_sss, mask=ok, other=float("inf"))
-    pos = tl.load(stage_pos + b * stride_spb + j * stride_sps, mask=ok, other=-2)
+    held = tl.load(stage_pos + b * stride_spb + j * stride_sps, mask=ok, other=-2)
     worst = tl.min(score, 0)
-    at = tl.argmax(tl.where(ok & (score == worst), pos, -2), 0)  # (the first of equal ones, as torch.argmax)
+    at = tl.argmax(tl.where(ok & (score == worst), held, -2), 0)  # (the first of equal ones, as torch.argmax)
     enter = cand_score > worst
     tl.store(stage_score + b * stride_ssb + at * stride_sss, cand_score.to(stage_score.dtype.element_ty), mask=enter)
     tl.store(stage_pos + b * stride_spb + at * stride_sps, cand_pos, mask=enter)
