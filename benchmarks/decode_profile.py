@@ -2,6 +2,7 @@
 
     python benchmarks/decode_profile.py                      # CUDA: 130m, 32K context, batch 1, bf16, CUDA graphs
     python benchmarks/decode_profile.py --batch 8 --mode default
+    python benchmarks/decode_profile.py --reference-steps    # B'MOJO also without our step kernels (an A/B)
     python benchmarks/decode_profile.py --option combo_kernels=true   # inductor options on top of the mode's
     python benchmarks/decode_profile.py --host-profile 25    # the 25 functions taking the most host time (cProfile)
     python benchmarks/decode_profile.py --length 1024 --set hidden_size=256 ...   # CPU: the bench model's counts
@@ -168,15 +169,22 @@ def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, in
 
 
 def measure(
-    model: BMojoForCausalLM, ids: torch.Tensor, steps: int, compile_args: dict[str, Any], host_profile: int = 0
+    model: BMojoForCausalLM,
+    ids: torch.Tensor,
+    steps: int,
+    compile_args: dict[str, Any],
+    host_profile: int = 0,
+    step_kernels: str | None = None,
 ) -> dict[str, float]:
     """Per-token wall ms (median of 3 runs of ``steps``) of the model through ``torch.compile(**compile_args)``;
     on CUDA also the host's ms per token (until the last step's call returns: near the wall time, the GPU waits on
     the host), device-busy ms and kernels per token. ``host_profile``: print that many of the functions taking the
-    most host time in one more run (cProfile)."""
-    cuda = ids.is_cuda
+    most host time in one more run (cProfile). ``step_kernels``: the kernel mode of the steps (``BMOJO_KERNELS``;
+    the prefill takes the one in force)."""
+    cuda, mode = ids.is_cuda, kernels()
     with torch.no_grad():
         cache, token = _prefilled(model, ids, steps * 8)
+        set_kernels(step_kernels or mode)
         step = torch.compile(model, **compile_args)
 
         def run() -> tuple[float, float]:
@@ -196,12 +204,13 @@ def measure(
         result = {"wall_ms": statistics.median(wall)}
         if cuda:
             result["host_ms"] = statistics.median(host)
-            kernels, device_ms = cuda_kernels(run)
-            result["kernels"], result["device_ms"] = kernels / steps, device_ms / steps
+            launched, device_ms = cuda_kernels(run)
+            result["kernels"], result["device_ms"] = launched / steps, device_ms / steps
         if host_profile:
             profiler = cProfile.Profile()
             profiler.runcall(run)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(host_profile)
+    set_kernels(mode)
     return result
 
 
@@ -220,6 +229,9 @@ def main() -> None:
                         help="print the N functions taking the most host time in a run (cProfile)")  # fmt: skip
     parser.add_argument("--products", choices=["linear", "reduction"], default="linear",
                         help="few-row products as the model computes them, or as a multiply and sum")  # fmt: skip
+    parser.add_argument("--reference-steps", action="store_true",
+                        help="B'MOJO again with its steps on the PyTorch path (BMOJO_KERNELS=reference: without our "
+                             "step kernels), in the same run")  # fmt: skip
     args = parser.parse_args()
     if args.products == "reduction":
         bmojo.layers.linear.linear = reduction_products
@@ -229,17 +241,18 @@ def main() -> None:
     size, length = (args.size, args.length or 32768) if cuda else ("tiny", args.length or 256)
     overrides = {**({"window_size": 512, "chunk_size": 512} if cuda else {}), **parse_overrides(args.set, nested=False)}
     config = BMojoConfig.from_preset("bmojo", size, **overrides)
-    configs = {"transformer": matched_transformer(config, size, overrides), "bmojo": config}
+    rows = [("transformer", matched_transformer(config, size, overrides), None), ("bmojo", config, None)]
+    rows += [("bmojo-ref", config, "reference")] if args.reference_steps else []
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; {size}, context {length}, "
           f"batch {args.batch}, {args.steps} steps, torch.compile {options}, "
           f"products {args.products}")  # fmt: skip
-    for name, config in configs.items():
+    for name, config, step_kernels in rows:
         torch.manual_seed(0)
         model = BMojoForCausalLM(config).to(dev, dtype).eval()
         ids = torch.randint(0, config.vocab_size, (args.batch, length), device=dev)
         if args.host_profile:
             print(f"{name}: where the host's time goes in a run of {args.steps} steps")
-        r = measure(model, ids, args.steps, options, args.host_profile)
+        r = measure(model, ids, args.steps, options, args.host_profile, step_kernels)
         if cuda:
             extra = f"  host {r['host_ms']:.3f} ms  device busy {r['device_ms']:.3f} ms  kernels {r['kernels']:.0f}"
         else:

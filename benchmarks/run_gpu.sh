@@ -17,8 +17,9 @@
 #   bash benchmarks/run_gpu.sh OUT decode-combo     # the same with inductor's combo kernels (independent kernels,
 #                                                   # such as a step's writes to several state buffers, as one)
 #   bash benchmarks/run_gpu.sh OUT decode-profile   # ms, host ms, device-busy ms and kernels per token at 32K, CUDA
-#                                                   # graphs (batch 1 with where the host's time goes; batch 8;
-#                                                   # with combo kernels; with products as reductions)
+#                                                   # graphs (batch 1 with where the host's time goes and B'MOJO
+#                                                   # also without our step kernels; batch 8; with combo kernels;
+#                                                   # with products as reductions)
 #   bash benchmarks/run_gpu.sh OUT ssd     # the Mamba-2 SSD's paths (PyTorch eager / compiled, our Triton kernels at
 #                                          # their own and other chunk sizes and head dims per program, fla;
 #                                          # then at state 128)
@@ -124,7 +125,8 @@ PY
         bench --lengths 32768 --modes decode --batch $b --decode-steps 32 --repeats 3 --compile --compile-mode $mode \
           $combo --no-memory --out "$out/${stage}_b$b"
       done ;;
-    decode-profile) for args in "--host-profile 30" "--batch 8" "--option combo_kernels=true" "--products reduction"; do
+    decode-profile) for args in "--host-profile 30 --reference-steps" "--batch 8" "--option combo_kernels=true" \
+                                "--products reduction"; do
                       python3 benchmarks/decode_profile.py $args
                     done 2>&1 | tee "$out/decode_profile.log" ;;
     ssd) { python3 benchmarks/bench_ssd.py --chunks 64 --bwd-block-p 16,32 ${WARM:+--repeats 1}
