@@ -69,9 +69,10 @@ def test_gpu_kernel_calls_count_the_code_inductor_generates_for_a_gpu():
 def test_script_reports_counts_for_both_models():
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "decode_profile.py")
     proc = subprocess.run([sys.executable, script, "--steps", "2", "--length", "40", "--set", "window_size=16",
-                           "--host-profile", "3"], capture_output=True, text=True, check=False)  # fmt: skip
+                           "--host-profile", "3", "--reference-steps"], capture_output=True, text=True,
+                          check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "eager ops" in line]
-    assert [line.split()[0] for line in lines] == ["transformer", "bmojo"]
+    assert [line.split()[0] for line in lines] == ["transformer", "bmojo", "bmojo-ref"]
     assert all("mm" in line and "fused" in line for line in lines)
-    assert proc.stdout.count("where the host's time goes") == 2 and proc.stdout.count("Ordered by: internal time") == 2
+    assert proc.stdout.count("where the host's time goes") == 3 and proc.stdout.count("Ordered by: internal time") == 3
