@@ -239,8 +239,9 @@ def test_continuations_of_random_configurations_equal_one_pass(seed):
 
 
 def test_steps_left_to_the_caller_enter_the_next_chunk_when_it_advances():
-    """With ``advance=False`` the state has not counted the tokens, and the eidetic memory built so far comes into
-    use at the chunk boundary only when the caller advances (``BMojoCache.advance``, outside compiled code): a step
+    """With ``advance=False`` the state has not counted the tokens (the caller advances its position tensor, as
+    ``BMojoCache.advance_positions`` does, then its count), and the eidetic memory built so far comes into use at the
+    chunk boundary only when the caller advances the count (``BMojoCache.advance``, outside compiled code): a step
     ending at a boundary leaves the memory in use as it was; the outputs then equal the parallel pass."""
     m = make()  # chunk 4
     h = torch.randn(2, 14, D)
@@ -248,10 +249,13 @@ def test_steps_left_to_the_caller_enter_the_next_chunk_when_it_advances():
         full, _, _ = m(h)
         state = MixerState()
         outs = [m(h[:, :5], state)[0], m(h[:, 5:7], state, advance=False)[0]]  # 5 + 2 tokens seen
+        assert state.pos.item() == 5
+        state.pos.add_(2)
         state.advance(2)
         outs.append(m(h[:, 7:8], state, advance=False)[0])  # position 7: the next one starts a chunk
         before = state.mem_pos.clone()
         assert not torch.equal(before, state.stage_pos) and state.seen == 7
+        state.pos.add_(1)
         state.advance(1)
         torch.testing.assert_close(state.mem_pos, state.stage_pos)
         torch.testing.assert_close(state.mem_k, state.stage_k)

@@ -93,6 +93,23 @@ def test_compiled_decoding_with_static_cache_addresses_equals_eager(name):
     assert [t.data_ptr() for state in compiled.layers for t in state.tensors()] == ptrs
 
 
+@pytest.mark.parametrize("name", ["bmojo", "jamba"])
+def test_layers_share_one_position_tensor_advanced_once_a_call(name):
+    """After a prefill the cache's layers hold one position tensor (a step then adds to it once, not once a layer);
+    it counts every token of the steps and of a multi-token continuation, as the token count does."""
+    model = tiny(name, window_size=64)
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        cache = model(ids[:, :13], use_cache=True).cache
+        assert len({id(state.pos) for state in cache.layers}) == 1
+        for t in range(13, 20):
+            model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        model(ids[:, 20:23], past_key_values=cache, use_cache=True)  # steps: fewer than a sixteenth of the window
+        model(ids[:, 23:40], past_key_values=cache, use_cache=True)  # one parallel pass a layer
+    assert all(state.pos.item() == state.seen == 40 for state in cache.layers)
+    assert len({id(state.pos) for state in cache.layers}) == 1
+
+
 @pytest.mark.parametrize("name", ["bmojo", "transformer"])
 def test_compiled_decoding_graphs_take_no_ints_and_have_static_shapes(name):
     """Every position's step is the same graph: no int inputs (the cache's token count is advanced outside it) and

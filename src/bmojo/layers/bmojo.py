@@ -114,17 +114,18 @@ class MixerState:
         self.seen += tokens
         self.enter_chunk(self.seen)
 
-    def enter_chunk(self, t: int) -> None:
-        """Before the token at position ``t`` (which ``pos`` holds): at a chunk boundary the eidetic memory built so
-        far (``stage_*``) comes into use (``mem_*``). Eager: only then; compiled: a masked copy at every position, so
-        that the graph does not depend on ``t`` (a compiled model leaves it to ``BMojoCache.advance``, which runs
-        eager). The copies write the joined buffers rather than views of them, so inductor updates them in place."""
+    def enter_chunk(self, t: int, pos: torch.Tensor | None = None) -> None:
+        """Before the token at position ``t`` (``pos``, default ``self.pos``, holds it as a tensor): at a chunk
+        boundary the eidetic memory built so far (``stage_*``) comes into use (``mem_*``). Eager: only then; compiled:
+        a masked copy at every position, so that the graph does not depend on ``t`` (a compiled model leaves it to
+        ``BMojoCache.advance``, which runs eager). The copies write the joined buffers rather than views of them, so
+        inductor updates them in place."""
         compiled = torch.compiler.is_compiling()
         if not self.chunk or not (compiled or t % self.chunk == 0):
             return
         slots, stage = self.memory_slots(), (self.stage_k, self.stage_v, self.stage_pos)
         if compiled:
-            boundary = self.pos % self.chunk == 0
+            boundary = (self.pos if pos is None else pos) % self.chunk == 0
             stage = [torch.where(boundary, x, joined.index_select(dim, slots))
                      for x, joined, dim in zip(stage, (self.keys, self.values, self.positions), (2, 2, 1))]  # fmt: skip
         self.write_slots(slots, *stage)
@@ -315,9 +316,11 @@ class BMojoMixer(nn.Module):
         Without ``state`` the sequence is processed in parallel from position 0. With an empty
         ``state`` it is processed in parallel and the state is filled (prefill); with a non-empty
         one the tokens continue it: several in one parallel pass (:meth:`_continue`; not with long-term storage),
-        else each a recurrent step; ``advance=False`` leaves
-        ``state.seen`` (a Python int) for the caller to advance, outside compiled code (``BMojoCache.advance``): an
-        int that a compiled step changes would be an input of its graph, and CUDA graphs record one per value.
+        else each a recurrent step; ``advance=False`` leaves the state's token count for the caller to advance:
+        ``state.pos`` (a tensor, which the layers of a ``BMojoCache`` share: one addition a step for all,
+        ``BMojoCache.advance_positions``) and ``state.seen`` (a Python int), outside compiled code
+        (``BMojoCache.advance``): an int that a compiled step changes would be an input of its graph, and CUDA graphs
+        record one per value.
         ``valid [B, L]`` (bool, passes from an empty state only): the positions the auxiliary loss averages over
         (right padding out; the layer is causal, so padding after a sequence leaves its outputs as they are).
         """
@@ -332,16 +335,16 @@ class BMojoMixer(nn.Module):
         state.reserve(h.shape[1])
         if self._continues_in_parallel(h.shape[1]):
             out = self._continue(h, state)
-            state.pos.add_(h.shape[1])
         else:
             outs = []
             for i in range(h.shape[1]):
+                pos = state.pos + i if i else state.pos  # (state.pos is advanced after all the tokens)
                 if i:  # (the state's first token: the caller's advance entered its chunk)
-                    state.enter_chunk(state.seen + i)
-                outs.append(self._step(h[:, i : i + 1], state, state.seen + i))
-                state.pos.add_(1)
+                    state.enter_chunk(state.seen + i, pos)
+                outs.append(self._step(h[:, i : i + 1], state, state.seen + i, pos))
             out = torch.cat(outs, dim=1)
         if advance:
+            state.pos.add_(h.shape[1])
             state.advance(h.shape[1])
         return out, None, state
 
@@ -597,9 +600,9 @@ class BMojoMixer(nn.Module):
             state.f_pend.index_copy_(1, kept % w, f[:, -len(kept) :])
 
     # ---------------------------------------------------------------- recurrent (decoding)
-    def _step(self, h: torch.Tensor, state: MixerState, t: int) -> torch.Tensor:
-        """One token ``h [B, 1, D]`` at position ``t``, which ``state.pos`` holds too (the caller then advances
-        ``pos``, and ``seen``).
+    def _step(self, h: torch.Tensor, state: MixerState, t: int, pos: torch.Tensor) -> torch.Tensor:
+        """One token ``h [B, 1, D]`` at position ``t``, which ``pos [1]`` holds too (the caller then advances
+        ``state.pos`` and ``state.seen``).
 
         Updates the state in place: its tensors keep their storage (but a full-attention buffer that grows, and the
         store's pending rows), so a compiled step can run as a CUDA graph (:meth:`BMojoCache.mark_static_addresses`).
@@ -608,7 +611,7 @@ class BMojoMixer(nn.Module):
         With a fading band, the fading token of position ``t - w`` enters it: its key and value are projected with
         the token's (in one product when tied) and written with them.
         """
-        pos, w = state.pos, self.window
+        w = self.window
         slot = None if w is None else pos % w  # the ring slot of this token (and of the fading key entering the band)
         if self.attn is not None:
             at = torch.cat([pos, pos - w]) if self.fading else pos  # positions of the keys this step writes
@@ -638,7 +641,7 @@ class BMojoMixer(nn.Module):
             else:  # the keys so far, every one visible: no mask (SDPA's FlashAttention kernels take no mask)
                 keys, values, visible = state.win_k[:, :, : t + 1], state.win_v[:, :, : t + 1], None
         else:
-            self._write_window(state, t, slot, at, k, v, score)
+            self._write_window(state, t, pos, slot, at, k, v, score)
             if self.fading:
                 state.f_pend.index_copy_(1, slot, f)
             keys, values, visible = state.keys, state.values, state.positions >= 0
@@ -663,14 +666,15 @@ class BMojoMixer(nn.Module):
         self,
         state: MixerState,
         t: int,
+        pos: torch.Tensor,
         slot: torch.Tensor,
         at: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         score: torch.Tensor | None,
     ) -> None:
-        """Put the token at position ``t`` (``at [1]`` as a tensor; ``at [2]``: with the position ``t - w`` of the
-        fading key entering the band) and its keys/values ``k, v [B, Hkv, 1 or 2, d]`` in ring slot ``slot [1]``
+        """Put the token at position ``t`` (``pos [1]`` as a tensor; ``at [1 or 2]``: with the position ``t - w`` of
+        the fading key entering the band) and its keys/values ``k, v [B, Hkv, 1 or 2, d]`` in ring slot ``slot [1]``
         (``t % w``) of the window (and of the band); the token it evicts (none while the ring fills: slot position
         ``-1``) becomes an eidetic candidate."""
         w = self.window
@@ -679,7 +683,7 @@ class BMojoMixer(nn.Module):
                 pend = t % self.memory.chunk_size
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = state.keys[:, :, t % w], state.values[:, :, t % w]
                 state.pend_pos[pend] = t - self.window
-            stage_evicted(state.keys, state.values, state.positions, state.win_score, state.pos, w, state.stage_k,
+            stage_evicted(state.keys, state.values, state.positions, state.win_score, pos, w, state.stage_k,
                           state.stage_v, state.stage_score, state.stage_pos)  # fmt: skip
         index = slot + torch.arange(0, at.shape[0] * w, w, device=at.device)  # [win | band]
         compiled = torch.compiler.is_compiling()

@@ -53,12 +53,25 @@ class BMojoCache:
 
     @torch.compiler.disable
     def advance(self, tokens: int) -> None:
-        """Count ``tokens`` more tokens seen by every layer (after steps run with ``advance=False``), bringing the
+        """Count ``tokens`` more tokens seen by every layer (after steps run with ``advance=False`` and
+        :meth:`advance_positions`), bringing the
         eidetic memories built so far into use at chunk boundaries (:meth:`MixerState.advance`). Outside compiled code,
         so that a compiled decoding step has no int inputs, replays as one CUDA graph at every position and leaves the
         boundaries' copies out."""
         for state in self.layers:
             state.advance(tokens)
+
+    def share_positions(self) -> None:
+        """After a prefill, where each layer made its own position tensor (all holding the tokens seen), make them
+        one, so that a step advances it once for every layer (:meth:`advance_positions`)."""
+        for state in self.layers[1:]:
+            state.pos = self.layers[0].pos
+
+    def advance_positions(self, tokens: int) -> None:
+        """Add ``tokens`` to the layers' position tensors (after steps run with ``advance=False``; before
+        :meth:`advance`), each distinct one once: inside a compiled step, one kernel where the layers share one."""
+        for pos in {id(state.pos): state.pos for state in self.layers}.values():
+            pos.add_(tokens)
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Keep the batch rows ``beam_idx [B]`` of every layer's state, in that order (Hugging Face beam search calls

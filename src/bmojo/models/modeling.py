@@ -231,7 +231,8 @@ class BMojoModel(BMojoPreTrainedModel):
         """``input_ids [B, L]`` (or ``inputs_embeds [B, L, D]``) -> hidden states; continues ``cache`` if given.
 
         ``advance=False``: a continued cache's token count is left for the caller to advance, last, outside compiled
-        code (``cache.advance(L)``, as ``BMojoForCausalLM`` does; see ``BMojoMixer.forward``)."""
+        code (``cache.advance(L)``, as ``BMojoForCausalLM`` does; see ``BMojoMixer.forward``); its position tensor,
+        which the layers share after a prefill, is advanced here."""
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -264,8 +265,12 @@ class BMojoModel(BMojoPreTrainedModel):
                 aux_losses.append(aux)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         out = BMojoModelOutput(self.norm(x), cache, aux_loss)
-        if stepping and advance:
-            cache.advance(x.shape[1])
+        if stepping:
+            cache.advance_positions(x.shape[1])
+            if advance:
+                cache.advance(x.shape[1])
+        elif cache is not None:
+            cache.share_positions()
         return out
 
 
