@@ -54,10 +54,9 @@ class BMojoCache:
     @torch.compiler.disable
     def advance(self, tokens: int) -> None:
         """Count ``tokens`` more tokens seen by every layer (after steps run with ``advance=False`` and
-        :meth:`advance_positions`), bringing the
-        eidetic memories built so far into use at chunk boundaries (:meth:`MixerState.advance`). Outside compiled code,
-        so that a compiled decoding step has no int inputs, replays as one CUDA graph at every position and leaves the
-        boundaries' copies out."""
+        :meth:`advance_positions`), bringing the eidetic memories built so far into use at chunk boundaries
+        (:meth:`MixerState.advance`). Outside compiled code, so that a compiled decoding step has no int inputs,
+        replays as one CUDA graph at every position and leaves the boundaries' copies out."""
         for state in self.layers:
             state.advance(tokens)
 
