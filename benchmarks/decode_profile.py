@@ -28,12 +28,14 @@ overrides the B'MOJO config (the Transformer is matched to it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import logging
 import pstats
 import re
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
@@ -61,6 +63,17 @@ class _CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _kernel_mode(mode: str) -> Iterator[None]:
+    """Run a block with ``BMOJO_KERNELS=mode`` (``bmojo.ops.triton.set_kernels``), restoring the mode after."""
+    before = kernels()
+    set_kernels(mode)
+    try:
+        yield
+    finally:
+        set_kernels(before)
 
 
 def generated_kernel_calls(codes: list[str]) -> dict[str, int]:
@@ -141,17 +154,16 @@ def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, in
             return 0
 
     codes: list[str] = []
-    mode = kernels()
     with torch.no_grad():
-        set_kernels("reference")
-        cache, token = _prefilled(model, ids, 4)
+        with _kernel_mode("reference"):
+            cache, token = _prefilled(model, ids, 4)
         torch._dynamo.reset()
-        set_kernels("triton")
         previous = getattr(triton.runtime.driver, "_active", None)  # None until a driver was needed
         triton.runtime.driver.set_active(StandInH100())
         logging.disable(logging.CRITICAL)  # inductor logs the failed CPU compile of its kernels
         try:
             with (
+                _kernel_mode("triton"),
                 torch._inductor.config.patch(cpu_backend="triton", force_pointwise_cat=True, compile_threads=1),
                 mock.patch.object(bmojo.layers.linear, "linear", F.linear),
                 mock.patch.object(GraphLowering, "save_output_code", codes.append),
@@ -162,7 +174,6 @@ def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, in
                 raise
         finally:
             triton.runtime.driver.set_active(previous)  # (reset_active would look for a GPU)
-            set_kernels(mode)
             logging.disable(logging.NOTSET)
             torch._dynamo.reset()
     return generated_kernel_calls(codes)
@@ -181,10 +192,10 @@ def measure(
     the host), device-busy ms and kernels per token. ``host_profile``: print that many of the functions taking the
     most host time in one more run (cProfile). ``step_kernels``: the kernel mode of the steps (``BMOJO_KERNELS``;
     the prefill takes the one in force)."""
-    cuda, mode = ids.is_cuda, kernels()
+    cuda = ids.is_cuda
     with torch.no_grad():
         cache, token = _prefilled(model, ids, steps * 8)
-        set_kernels(step_kernels or mode)
+    with torch.no_grad(), _kernel_mode(step_kernels or kernels()):
         step = torch.compile(model, **compile_args)
 
         def run() -> tuple[float, float]:
@@ -210,7 +221,6 @@ def measure(
             profiler = cProfile.Profile()
             profiler.runcall(run)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(host_profile)
-    set_kernels(mode)
     return result
 
 

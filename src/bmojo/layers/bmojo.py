@@ -679,10 +679,10 @@ class BMojoMixer(nn.Module):
         ``-1``) becomes an eidetic candidate."""
         w = self.window
         if self.memory is not None:
-            if state.pend_pos is not None and t >= self.window:  # (read before the candidate's slot is written)
+            if state.pend_pos is not None and t >= w:  # (read before the candidate's slot is written)
                 pend = t % self.memory.chunk_size
                 state.pend_k[:, :, pend], state.pend_v[:, :, pend] = state.keys[:, :, t % w], state.values[:, :, t % w]
-                state.pend_pos[pend] = t - self.window
+                state.pend_pos[pend] = t - w
             stage_evicted(state.keys, state.values, state.positions, state.win_score, pos, w, state.stage_k,
                           state.stage_v, state.stage_score, state.stage_pos)  # fmt: skip
         index = slot + torch.arange(0, at.shape[0] * w, w, device=at.device)  # [win | band]
