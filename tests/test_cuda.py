@@ -350,6 +350,22 @@ def test_cuda_graph_decoding_equals_eager():
     assert counters["inductor"]["cudagraph_skips"] == 0
 
 
+def test_generate_with_a_static_cache_replays_cuda_graphs_and_keeps_the_tokens():
+    """On CUDA ``generate(cache_implementation="static")`` compiles the decoding steps by itself (``mode=
+    "reduce-overhead"``: CUDA graphs over the static cache, none skipped) and gives eager generation's tokens."""
+    from torch._dynamo.utils import counters
+
+    model = _tiny("bmojo").eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 37), device=DEV)
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(prompt, **kwargs)
+        counters.clear()
+        out = model.generate(prompt, cache_implementation="static", **kwargs)
+    assert torch.equal(out, ref)
+    assert counters["stats"]["unique_graphs"] == 2 and counters["inductor"]["cudagraph_skips"] == 0
+
+
 def test_cuda_kernels_counts_a_calls_kernels_and_their_time():
     """``bench.cuda_kernels``: two in-place elementwise ops launch two kernels, which take some device time;
     ``bench.device_column`` reports them."""

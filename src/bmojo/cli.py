@@ -17,6 +17,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 from rich.table import Table
+from transformers import CompileConfig
 
 from bmojo.bench import BenchSettings, parse_device, ratio_summary, results_table, run_bench, write_outputs
 from bmojo.data import MARKER as TOKENIZER_MARKER
@@ -339,23 +340,29 @@ def generate(
     seed: int = typer.Option(0, help="sampling seed"),
     tokenizer: str | None = typer.Option(None, help="'byte' or a tokenizer path (default: the model folder's)"),
     device: str = typer.Option("cpu", help="torch device"),
-    compile: bool = typer.Option(False, "--compile", help="through torch.compile: pays off on long continuations"),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="decoding steps through torch.compile (CUDA graphs on CUDA): pays off on long continuations",
+    ),
 ) -> None:
     """Continue a prompt with a saved model; prints the prompt followed by the generated text."""
     if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or beams < 1:
         raise typer.BadParameter("need temperature > 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, beams >= 1")
     tok = _tokenizer_for(model_dir, tokenizer)
     model = BMojoForCausalLM.from_pretrained(model_dir).to(_device(device)).eval()
-    if compile:
-        model.forward = torch.compile(model.forward)
     ids = tok.encode(prompt) or ([] if tok.eos_id is None else [tok.eos_id])
     if not ids:
         raise typer.BadParameter("the prompt is empty and the tokenizer has no end-of-text token to start from")
     torch.manual_seed(seed)
-    sampling = {} if greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    options = {} if greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    if compile:  # a static cache, whose steps generate compiles (one graph for every position; prefill eager)
+        compile_config = CompileConfig(mode="reduce-overhead" if model.device.type == "cuda" else "default")
+        compile_config._compile_all_devices = True  # (generate compiles by itself on CUDA only)
+        options.update(cache_implementation="static", compile_config=compile_config)
     out = model.generate(
         torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=beams,
-        eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **sampling,
+        eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **options,
     )  # fmt: skip
     typer.echo(prompt + tok.decode(out[0, len(ids) :].tolist()))
 

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from transformers import CompileConfig
 
 from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
 from bmojo.layers import MixerState
@@ -307,6 +308,55 @@ def test_generate_from_embeddings_a_given_cache_and_a_returned_one():
         first = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
         second = model.generate(first.sequences, cache=first.cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(embedded, ref[:, 10:]) and torch.equal(given, ref) and torch.equal(second, ref)
+
+
+def _compile_anywhere(backend: str = "eager") -> CompileConfig:
+    """How ``generate`` compiles decoding steps, also off CUDA (where it compiles by itself); dynamo's ``eager``
+    backend traces and guards as inductor's does, without its compile time."""
+    config = CompileConfig(backend=backend, mode=None)
+    config._compile_all_devices = True
+    return config
+
+
+@pytest.mark.parametrize("name", ["bmojo", "transformer"])
+def test_generate_with_a_static_cache_compiles_its_steps_into_two_graphs_and_keeps_the_tokens(name):
+    """``generate(cache_implementation="static")`` makes a static cache for the generation's length: the prefill
+    reserves the full-attention buffers' room for every token and marks the state's addresses static, and the
+    compiled steps (12 of them, crossing chunk boundaries) are two graphs (the first position's and every later
+    one's), giving the tokens of eager generation. Without a compile config, off CUDA, nothing is compiled."""
+    from torch._dynamo.utils import counters
+
+    model = tiny(name)
+    prompt = torch.randint(0, 128, (2, 13))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(prompt, **kwargs)
+        torch._dynamo.reset()
+        counters.clear()
+        plain = model.generate(prompt, cache_implementation="static", **kwargs)
+        assert counters["stats"]["unique_graphs"] == 0
+        out = model.generate(prompt, cache_implementation="static", compile_config=_compile_anywhere(),
+                             return_dict_in_generate=True, **kwargs)  # fmt: skip
+    assert torch.equal(plain, ref) and torch.equal(out.sequences, ref)
+    assert counters["stats"]["unique_graphs"] == 2
+    cache = out.cache
+    assert cache.is_compileable and cache.max_length == 13 + 12 - 1 == cache.get_seq_length()
+    assert all(t._dynamo_static_input_type for state in cache.layers for t in state.tensors())
+    if name == "transformer":  # room for every token, made once
+        assert {state.win_k.shape[2] for state in cache.layers} == {cache.max_length}
+
+
+def test_static_cache_bad_sizes_and_cache_implementations_raise():
+    model = tiny("bmojo")
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        BMojoCache(2, max_length=0)
+    with pytest.raises(ValueError, match=r"prompt \(10 tokens\) is longer than the static cache's max_length \(9\)"):
+        model(torch.randint(0, 128, (1, 10)), cache=BMojoCache(len(model.model.layers), max_length=9), use_cache=True)
+    assert not BMojoCache(2).is_compileable
+    with pytest.raises(
+        ValueError, match="cache_implementation must be None or 'static' for B'MOJO models, got 'offloaded'"
+    ):
+        model.generate(torch.randint(0, 128, (1, 5)), max_new_tokens=2, cache_implementation="offloaded")
 
 
 @pytest.mark.parametrize("name", PRESETS)

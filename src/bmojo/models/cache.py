@@ -14,12 +14,21 @@ class BMojoCache:
     full-attention layers keep every key and value.
     """
 
-    is_compileable = False
     is_croppable = False  # (Hugging Face ``generate`` asks before it defers a stop decision)
 
-    def __init__(self, num_layers: int, store_ids: torch.Tensor | None = None) -> None:
-        """``store_ids [B]``: sequences of the layers' vector stores to read and extend (default: new ones)."""
+    def __init__(self, num_layers: int, store_ids: torch.Tensor | None = None, max_length: int | None = None) -> None:
+        """``store_ids [B]``: sequences of the layers' vector stores to read and extend (default: new ones).
+
+        ``max_length``: a static cache, for at most that many tokens (Hugging Face ``generate(...,
+        cache_implementation="static")`` makes one): after the prefill (:meth:`prefilled`) its full-attention buffers
+        hold room for all of them and every state tensor keeps its address, so that a compiled decoding step is one
+        graph for every position, replayed as a CUDA graph under ``mode="reduce-overhead"``; ``generate`` then compiles
+        the steps by itself on CUDA (:attr:`is_compileable`; ``compile_config`` sets how).
+        """
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 (or None), got {max_length}")
         self.layers = [MixerState(store_ids=store_ids) for _ in range(num_layers)]
+        self.max_length = max_length
         self.padded = False  # filled from right-padded sequences: their states hold the padding, not to be continued
 
     def __len__(self) -> int:
@@ -47,6 +56,11 @@ class BMojoCache:
         return [state.nbytes() for state in self.layers]
 
     @property
+    def is_compileable(self) -> bool:
+        """Whether Hugging Face ``generate`` may compile the decoding steps: for a static cache (``max_length``)."""
+        return self.max_length is not None
+
+    @property
     def started(self) -> bool:
         """Whether a prefill has filled the cache (a forward then continues it token by token)."""
         return len(self.layers) > 0 and self.layers[0].started
@@ -60,11 +74,20 @@ class BMojoCache:
         for state in self.layers:
             state.advance(tokens)
 
-    def share_positions(self) -> None:
+    def prefilled(self) -> None:
         """After a prefill, where each layer made its own position tensor (all holding the tokens seen), make them
-        one, so that a step advances it once for every layer (:meth:`advance_positions`)."""
+        one, so that a step advances it once for every layer (:meth:`advance_positions`); a static cache
+        (``max_length``) then reserves room for ``max_length`` tokens (:meth:`reserve`) and marks its tensors'
+        addresses static (:meth:`mark_static_addresses`)."""
         for state in self.layers[1:]:
             state.pos = self.layers[0].pos
+        if self.max_length is not None and self.layers:
+            seen = self.get_seq_length()
+            if seen > self.max_length:
+                raise ValueError(f"the prompt ({seen} tokens) is longer than the static cache's max_length "
+                                 f"({self.max_length})")  # fmt: skip
+            self.reserve(self.max_length - seen)
+            self.mark_static_addresses()
 
     def advance_positions(self, tokens: int) -> None:
         """Add ``tokens`` to the layers' position tensors (after steps run with ``advance=False``; before

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from bmojo.atomic import atomic_write
@@ -66,8 +66,9 @@ def build_mixer(config: BMojoConfig, kind: str, layer_idx: int = 0) -> BMojoMixe
         block_size=config.attention_block_size,
         attention_impl=config.attention_impl,
         ssm_kwargs=ssm_kwargs,
-        attention_kwargs=dict(norm_eps=config.rms_norm_eps, rope=config.use_rope,
-                              rotary_fraction=config.partial_rotary_factor),
+        attention_kwargs=dict(
+            norm_eps=config.rms_norm_eps, rope=config.use_rope, rotary_fraction=config.partial_rotary_factor
+        ),
         seed=layer_idx,
         storage=storage,
     )
@@ -270,7 +271,7 @@ class BMojoModel(BMojoPreTrainedModel):
             if advance:
                 cache.advance(x.shape[1])
         elif cache is not None:
-            cache.share_positions()
+            cache.prefilled()
         return out
 
 
@@ -399,6 +400,26 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         if stepping:  # last: the graph break this makes under torch.compile leaves nothing after it to compile
             cache.advance(out.last_hidden_state.shape[1])
         return output
+
+    def _prepare_cache_for_generation(
+        self, generation_config: GenerationConfig, model_kwargs: dict[str, Any], generation_mode: Any, batch_size: int,
+        max_cache_length: int,
+    ) -> None:  # fmt: skip
+        """Hugging Face ``generate``'s cache set-up: ``cache_implementation="static"`` makes a static
+        :class:`BMojoCache` for ``max_cache_length`` tokens, whose decoding steps ``generate`` then compiles as its
+        ``compile_config`` says (by default with CUDA graphs), by itself on CUDA and elsewhere where the config's
+        ``_compile_all_devices`` is set (``bmojo generate --compile``); without it the model makes its cache at the
+        prefill; a cache passed in is used as it is."""
+        if model_kwargs.get("cache") is not None or not generation_config.use_cache:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        if generation_config.cache_implementation not in (None, "static"):
+            raise ValueError(f"cache_implementation must be None or 'static' for B'MOJO models, got "
+                             f"{generation_config.cache_implementation!r}")  # fmt: skip
+        if generation_config.cache_implementation == "static":
+            model_kwargs["cache"] = BMojoCache(len(self.model.layers), max_length=max_cache_length)
+        return None
 
     def prepare_inputs_for_generation(
         self,
