@@ -323,23 +323,24 @@ def test_generate_with_a_static_cache_compiles_its_steps_into_two_graphs_and_kee
     """``generate(cache_implementation="static")`` makes a static cache for the generation's length: the prefill
     reserves the full-attention buffers' room for every token and marks the state's addresses static, and the
     compiled steps (12 of them, crossing chunk boundaries) are two graphs (the first position's and every later
-    one's), giving the tokens of eager generation. Without a compile config, off CUDA, nothing is compiled."""
+    one's), which a second call, with a cache of its own, takes again; the tokens are eager generation's. Without a
+    compile config, off CUDA, nothing is compiled."""
     from torch._dynamo.utils import counters
 
     model = tiny(name)
-    prompt = torch.randint(0, 128, (2, 13))
+    prompts = torch.randint(0, 128, (2, 2, 13))
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        ref = model.generate(prompt, **kwargs)
+        refs = [model.generate(prompt, **kwargs) for prompt in prompts]
         torch._dynamo.reset()
         counters.clear()
-        plain = model.generate(prompt, cache_implementation="static", **kwargs)
+        plain = model.generate(prompts[0], cache_implementation="static", **kwargs)
         assert counters["stats"]["unique_graphs"] == 0
-        out = model.generate(prompt, cache_implementation="static", compile_config=_compile_anywhere(),
-                             return_dict_in_generate=True, **kwargs)  # fmt: skip
-    assert torch.equal(plain, ref) and torch.equal(out.sequences, ref)
+        outs = [model.generate(prompt, cache_implementation="static", compile_config=_compile_anywhere(),
+                               return_dict_in_generate=True, **kwargs) for prompt in prompts]  # fmt: skip
+    assert torch.equal(plain, refs[0]) and all(torch.equal(out.sequences, ref) for out, ref in zip(outs, refs))
     assert counters["stats"]["unique_graphs"] == 2
-    cache = out.cache
+    cache = outs[1].cache
     assert cache.is_compileable and cache.max_length == 13 + 12 - 1 == cache.get_seq_length()
     assert all(t._dynamo_static_input_type for state in cache.layers for t in state.tensors())
     if name == "transformer":  # room for every token, made once

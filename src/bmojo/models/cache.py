@@ -90,10 +90,11 @@ class BMojoCache:
             self.mark_static_addresses()
 
     def advance_positions(self, tokens: int) -> None:
-        """Add ``tokens`` to the layers' position tensors (after steps run with ``advance=False``; before
-        :meth:`advance`), each distinct one once: inside a compiled step, one kernel where the layers share one."""
-        for pos in {id(state.pos): state.pos for state in self.layers}.values():
-            pos.add_(tokens)
+        """Add ``tokens`` to the position tensor the layers share after the prefill (:meth:`prefilled`), after steps
+        run with ``advance=False`` and before :meth:`advance`: inside a compiled step, one kernel for every layer (and
+        no guard on which tensor it is, so that a step compiled for one cache serves the next)."""
+        if self.layers:
+            self.layers[0].pos.add_(tokens)
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Keep the batch rows ``beam_idx [B]`` of every layer's state, in that order (Hugging Face beam search calls
