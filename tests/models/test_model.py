@@ -347,6 +347,22 @@ def test_generate_with_a_static_cache_compiles_its_steps_into_two_graphs_and_kee
         assert {state.win_k.shape[2] for state in cache.layers} == {cache.max_length}
 
 
+@pytest.mark.parametrize("name", ["bmojo", "jamba"])
+def test_beam_search_and_sampling_with_a_static_cache_and_compiled_steps_keep_the_eager_tokens(name):
+    """Beam search reorders the static cache's rows in place between compiled steps; seeded sampling draws the same
+    tokens."""
+    model = tiny(name)
+    prompt = torch.randint(1, 128, (2, 21))  # (no token 0: generate would take it for padding)
+    with torch.no_grad():
+        for kwargs in (dict(num_beams=3, do_sample=False), dict(do_sample=True, top_k=5)):
+            kwargs.update(max_new_tokens=10, pad_token_id=0)
+            torch.manual_seed(1)
+            ref = model.generate(prompt, **kwargs)
+            torch.manual_seed(1)
+            out = model.generate(prompt, cache_implementation="static", compile_config=_compile_anywhere(), **kwargs)
+            assert torch.equal(out, ref)
+
+
 def test_static_cache_bad_sizes_and_cache_implementations_raise():
     model = tiny("bmojo")
     with pytest.raises(ValueError, match="max_length must be >= 1"):
