@@ -66,8 +66,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     flat = x.reshape(-1, in_features)
     rows = flat.shape[0]
     pieces = (weight if even == out_features else weight[:even]).reshape(parts, -1, in_features)
-    # each piece's weight rows times the inputs as columns: the weight is read as stored, and one input row comes out
-    # in order, where the inputs times the transposed pieces ran 1.3-2.2x slower (benchmarks/RESULTS.md)
+    # each piece's weight rows times the inputs as columns: the weight read as stored and, for one input row, the
+    # output in order (the inputs times the transposed pieces took up to 2.2x longer; benchmarks/RESULTS.md)
     y = torch.bmm(pieces, flat.t().expand(parts, in_features, rows)).view(even, rows).t()
     if even < out_features:
         y = torch.cat([y, F.linear(flat, weight[even:])], dim=1)
