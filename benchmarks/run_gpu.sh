@@ -20,6 +20,8 @@
 #                                                   # graphs (batch 1 with where the host's time goes and B'MOJO
 #                                                   # also without our step kernels; batch 8; with combo kernels;
 #                                                   # with products as reductions)
+#   bash benchmarks/run_gpu.sh OUT generate         # Hugging Face generate at 32K, batch 1: eager against a static
+#                                                   # cache with its steps compiled as CUDA graphs, both models
 #   bash benchmarks/run_gpu.sh OUT ssd     # the Mamba-2 SSD's paths (PyTorch eager / compiled, our Triton kernels at
 #                                          # their own and other chunk sizes and head dims per program, fla;
 #                                          # then at state 128)
@@ -129,6 +131,8 @@ PY
                                 "--products reduction"; do
                       python3 benchmarks/decode_profile.py $args
                     done 2>&1 | tee "$out/decode_profile.log" ;;
+    generate) python3 benchmarks/generate_speed.py --size 130m --length 32768 --set window_size=512 \
+                --set chunk_size=512 --repeats 2 2>&1 | tee "$out/generate.log" ;;
     ssd) { python3 benchmarks/bench_ssd.py --chunks 64 --bwd-block-p 16,32 ${WARM:+--repeats 1}
            python3 benchmarks/bench_ssd.py --state 128 --bwd-block-p 32,64 ${WARM:+--repeats 1}; } 2>&1 | tee "$out/ssd.log" ;;
     flex) python3 benchmarks/bench_flex.py --options BLOCK_M=64,BLOCK_N=64 --options BLOCK_M=128,BLOCK_N=64 \
