@@ -5,7 +5,8 @@ equal-size Transformer (``bench.matched_transformer``), in one process.
     python benchmarks/generate_speed.py --length 16384 --set hidden_size=256 ...   # the bench model (RESULTS.md)
     python benchmarks/generate_speed.py --length 32768 --size 130m       # CUDA (bf16): compiled steps as CUDA graphs
 
-For each model and way: greedy ``generate`` of ``--new-tokens`` tokens after a random prompt of ``--length`` and of
+For each model and way, under ``torch.inference_mode``: greedy ``generate`` of ``--new-tokens`` tokens after a random
+prompt of ``--length`` and of
 one token after it, each the median of ``--repeats`` runs after a warm-up (which compiles); the decoding rate is
 ``new_tokens - 1`` over the difference, so the prefill (eager in both ways) drops out. ``static`` is
 ``cache_implementation="static"``: on CUDA ``generate`` compiles its steps by itself (``mode="reduce-overhead"``,
@@ -69,7 +70,7 @@ def main() -> None:
         model = BMojoForCausalLM(cfg).to(dev, dtype).eval()
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.length), device=dev)
         rates = {}
-        with torch.no_grad():
+        with torch.inference_mode():
             for way, kwargs in ways.items():
                 full = generate_seconds(model, ids, args.new_tokens, args.repeats, **kwargs)
                 first = generate_seconds(model, ids, 1, args.repeats, **kwargs)

@@ -4,8 +4,10 @@ For every preset, length and mode the bench measures tokens per second (median o
 ``warmup`` untimed ones) and peak memory:
 
 * ``train``: one forward + backward of the language-model loss on ``[batch, L]`` tokens (no optimiser step);
-* ``prefill``: one no-grad forward over ``[batch, L]`` tokens that fills the cache (logits of the last token only);
-* ``decode``: after a prefill of ``L`` tokens (not timed), ``decode_steps`` single-token steps through the cache.
+* ``prefill``: one forward under ``torch.inference_mode`` over ``[batch, L]`` tokens that fills the cache (logits of
+  the last token only);
+* ``decode``: after a prefill of ``L`` tokens (not timed), ``decode_steps`` single-token steps through the cache, also
+  under ``torch.inference_mode`` (an eager step of the bench model took 16% less time than under ``no_grad``).
 
 Every preset is paired with a Transformer (full causal attention through ``scaled_dot_product_attention``) of the
 same hidden size whose depth and MLP width bring its parameter count within 5% of the preset's
@@ -282,7 +284,7 @@ def inference_model(model: BMojoForCausalLM, dtype: str) -> BMojoForCausalLM:
 
 
 def _prefill(model: torch.nn.Module, ids: torch.Tensor) -> Any:
-    with torch.no_grad():
+    with torch.inference_mode():
         return model.eval()(ids, use_cache=True, logits_to_keep=1).cache
 
 
@@ -339,7 +341,7 @@ def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_st
         if compile:  # room for the steps first (if called more than ``runs`` times): the state then stays put
             cache.reserve(decode_steps)
             cache.mark_static_addresses()
-        with torch.no_grad():
+        with torch.inference_mode():
             for _ in range(decode_steps):
                 forward(token, cache=cache, use_cache=True)
 

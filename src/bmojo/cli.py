@@ -360,10 +360,11 @@ def generate(
         compile_config = CompileConfig(mode="reduce-overhead" if model.device.type == "cuda" else "default")
         compile_config._compile_all_devices = True  # (generate compiles by itself on CUDA only)
         options.update(cache_implementation="static", compile_config=compile_config)
-    out = model.generate(
-        torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=beams,
-        eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **options,
-    )  # fmt: skip
+    with torch.inference_mode():  # (eager steps take about a sixth less time than under generate's no_grad)
+        out = model.generate(
+            torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=beams,
+            eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **options,
+        )  # fmt: skip
     typer.echo(prompt + tok.decode(out[0, len(ids) :].tolist()))
 
 

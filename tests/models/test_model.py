@@ -225,11 +225,14 @@ def test_base_model_continues_and_counts_like_the_lm():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_cache_size_constant_in_context_except_full_attention(name):
+    """Also the same size counted under ``inference_mode`` (the joined buffers' views counted once)."""
     model = tiny(name)
     sizes = []
     with torch.no_grad():
         for n in (24, 72):
             sizes.append(model(torch.randint(0, 128, (1, n)), use_cache=True).cache.nbytes())
+    with torch.inference_mode():
+        assert model(torch.randint(0, 128, (1, 72)), use_cache=True).cache.nbytes() == sizes[1]
     grows = any(k == "attention" for k in model.config.layer_pattern)
     assert (sizes[1] > sizes[0]) if grows else (sizes[1] == sizes[0])
 
@@ -376,14 +379,16 @@ def test_static_cache_bad_sizes_and_cache_implementations_raise():
         model.generate(torch.randint(0, 128, (1, 5)), max_new_tokens=2, cache_implementation="offloaded")
 
 
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("name", PRESETS)
-def test_reordered_cache_continues_as_a_prefill_of_the_reordered_batch(name):
+def test_reordered_cache_continues_as_a_prefill_of_the_reordered_batch(name, grad_mode):
     """``reorder_cache`` (beam search) makes row ``i`` the former row ``rows[i]``, repeats included, in place: the
-    steps after it give the logits of a cache prefilled with the prompts in that order."""
+    steps after it give the logits of a cache prefilled with the prompts in that order. Under ``inference_mode`` too,
+    where the views of the joined key buffers do not know their base (they were reordered twice)."""
     model = tiny(name)
     prompts, rows = torch.randint(0, 128, (3, 22)), torch.tensor([2, 0, 0])
     steps = torch.randint(0, 128, (3, 6))
-    with torch.no_grad():
+    with grad_mode():
         cache = model(prompts, use_cache=True).cache
         ptrs = [t.data_ptr() for state in cache.layers for t in state.tensors()]
         cache.reorder_cache(rows)

@@ -164,9 +164,13 @@ class MixerState:
         return list({id(t): t for t in out}.values())
 
     def _buffers(self) -> list[torch.Tensor]:
-        """:meth:`tensors` but the views of ``keys``/``values``/``positions``."""
+        """:meth:`tensors` but the views of ``keys``/``values``/``positions``, told by their storage (a view made under
+        ``torch.inference_mode`` does not know its base)."""
         joined = [t for t in (self.keys, self.values, self.positions) if t is not None]
-        return [t for t in self.tensors() if not any(t._base is j for j in joined)]
+        storages = {j.untyped_storage().data_ptr() for j in joined}
+        return [
+            t for t in self.tensors() if t.untyped_storage().data_ptr() not in storages or any(t is j for j in joined)
+        ]
 
     def nbytes(self) -> int:
         """Bytes held by the state (the views of ``keys``/``values``/``positions`` counted in them)."""
