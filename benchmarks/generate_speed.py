@@ -6,11 +6,10 @@ equal-size Transformer (``bench.matched_transformer``), in one process.
     python benchmarks/generate_speed.py --length 32768 --size 130m       # CUDA (bf16): compiled steps as CUDA graphs
 
 For each model and way, under ``torch.inference_mode``: greedy ``generate`` of ``--new-tokens`` tokens after a random
-prompt of ``--length`` and of
-one token after it, each the median of ``--repeats`` runs after a warm-up (which compiles); the decoding rate is
-``new_tokens - 1`` over the difference, so the prefill (eager in both ways) drops out. ``static`` is
-``cache_implementation="static"``: on CUDA ``generate`` compiles its steps by itself (``mode="reduce-overhead"``,
-CUDA graphs); elsewhere the compile config's ``_compile_all_devices`` asks it to (``mode="default"``).
+prompt of ``--length`` and of one token after it, each the median of ``--repeats`` runs after a warm-up (which
+compiles); the decoding rate is ``new_tokens - 1`` over the difference, so the prefill (eager in both ways) drops
+out. ``static`` is ``cache_implementation="static"`` with ``modeling.compile_steps_config``: CUDA graphs on CUDA,
+inductor's default mode elsewhere.
 """
 
 from __future__ import annotations
@@ -20,11 +19,11 @@ import statistics
 import time
 
 import torch
-from transformers import CompileConfig
 
 from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.bench import matched_transformer
 from bmojo.malloc import keep_freed_memory
+from bmojo.models.modeling import compile_steps_config
 from bmojo.train import parse_overrides
 
 
@@ -60,9 +59,7 @@ def main() -> None:
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     overrides = parse_overrides(args.set, nested=False)
     config = BMojoConfig.from_preset("bmojo", args.size, **overrides)
-    static = CompileConfig(mode="reduce-overhead" if cuda else "default")
-    static._compile_all_devices = True
-    ways = {"eager": {}, "static": {"cache_implementation": "static", "compile_config": static}}
+    ways = {"eager": {}, "static": {"cache_implementation": "static", "compile_config": compile_steps_config(dev)}}
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, {args.threads} threads; "
           f"{args.size} {overrides}, prompt {args.length}, batch {args.batch}, {args.new_tokens} new tokens")  # fmt: skip
     for name, cfg in (("transformer", matched_transformer(config, args.size, overrides)), ("bmojo", config)):

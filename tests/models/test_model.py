@@ -10,7 +10,7 @@ from transformers import CompileConfig
 from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
 from bmojo.layers import MixerState
 from bmojo.models.config import PRESETS
-from bmojo.models.modeling import count_parameters
+from bmojo.models.modeling import compile_steps_config, count_parameters
 
 # window 8, chunk 4, eidetic 4: at L=40 the window, fading band and eidetic memory are all active
 OVERRIDES = dict(window_size=8, chunk_size=4, eidetic_size=4)
@@ -313,11 +313,11 @@ def test_generate_from_embeddings_a_given_cache_and_a_returned_one():
     assert torch.equal(embedded, ref[:, 10:]) and torch.equal(given, ref) and torch.equal(second, ref)
 
 
-def _compile_anywhere(backend: str = "eager") -> CompileConfig:
-    """How ``generate`` compiles decoding steps, also off CUDA (where it compiles by itself); dynamo's ``eager``
-    backend traces and guards as inductor's does, without its compile time."""
-    config = CompileConfig(backend=backend, mode=None)
-    config._compile_all_devices = True
+def _compile_anywhere() -> CompileConfig:
+    """``compile_steps_config`` (which makes ``generate`` compile off CUDA too) with dynamo's ``eager`` backend, which
+    traces and guards as inductor's does, without its compile time."""
+    config = compile_steps_config("cpu")
+    config.backend, config.mode = "eager", None
     return config
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from bmojo.atomic import atomic_write
@@ -442,6 +442,16 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             embedded = 0 if inputs_embeds is None else inputs_embeds.shape[1]
             inputs["input_ids"] = input_ids[:, max(0, seen - embedded) :]
         return inputs
+
+
+def compile_steps_config(device: torch.device | str) -> CompileConfig:
+    """How Hugging Face ``generate`` compiles the decoding steps of a static cache (``cache_implementation="static"``)
+    on ``device``: as CUDA graphs on CUDA (``mode="reduce-overhead"``, what ``generate`` does there by itself), with
+    inductor's default mode elsewhere, where ``generate`` compiles only when the config's ``_compile_all_devices``
+    says so."""
+    config = CompileConfig(mode="reduce-overhead" if torch.device(device).type == "cuda" else "default")
+    config._compile_all_devices = True
+    return config
 
 
 def count_parameters(config: BMojoConfig) -> int:
