@@ -331,16 +331,19 @@ def test_cuda_reordered_cache_continues_as_a_prefill_of_the_reordered_batch():
             torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
-def test_cuda_graph_decoding_equals_eager():
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_cuda_graph_decoding_equals_eager(grad_mode):
     """Decoding compiled with ``mode="reduce-overhead"`` replays CUDA graphs over the cache marked static (no
-    cudagraph skips: the step updates the state in place) and gives the eager logits."""
+    cudagraph skips: the step updates the state in place) and gives the eager logits, under ``no_grad`` and under
+    ``inference_mode`` (``bmojo bench``'s)."""
     from torch._dynamo.utils import counters
 
     model = _tiny("bmojo").eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 60), device=DEV)
     counters.clear()
+    torch._dynamo.reset()
     step = torch.compile(model, mode="reduce-overhead")
-    with torch.no_grad():
+    with grad_mode():
         eager, graphed = (model(ids[:, :37], use_cache=True).cache for _ in range(2))
         graphed.mark_static_addresses()
         for t in range(37, 60):  # crosses chunk boundaries
