@@ -219,6 +219,22 @@ def test_bfloat16_inference_runs_on_a_bfloat16_copy_and_training_under_autocast(
     assert inference_model(model, "float32") is model
 
 
+def test_decode_runner_steps_under_inference_mode_compiled_as_eager():
+    """``decode`` prefills and steps under ``torch.inference_mode``; compiled (one graph for every position, the
+    cache marked static), its steps leave the eager runner's cache, and a second run continues it."""
+    config = BMojoConfig.from_preset("bmojo", "tiny", vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                     window_size=4, chunk_size=4, eidetic_size=2)  # fmt: skip
+    model = BMojoForCausalLM(config)
+    ids = torch.randint(0, 64, (1, 12))
+    eager, compiled = (make_runner(model, "decode", ids, 3, compile=c, runs=2) for c in (False, True))
+    for run in (eager, compiled, eager, compiled):
+        run()
+    assert all(t.is_inference() for state in compiled.cache.layers for t in state.tensors())
+    for a, b in zip(*([t for state in run.cache.layers for t in state.tensors()] for run in (eager, compiled))):
+        torch.testing.assert_close(a, b)
+    assert compiled.cache.get_seq_length() == 18
+
+
 @pytest.mark.slow  # about a minute of compilation on 2 CPU cores
 def test_compiled_train_step_matches_eager_and_bench_runs_compiled():
     """``compile=True``: the compiled training step gives the eager step's gradients; the bench records it."""
