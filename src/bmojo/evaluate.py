@@ -35,7 +35,7 @@ def windows(n: int, context_length: int, stride: int | None = None) -> list[tupl
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def perplexity(
     model: nn.Module,
     tokens: np.ndarray | torch.Tensor,

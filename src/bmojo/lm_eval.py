@@ -86,7 +86,7 @@ class BMojoLM(TemplateLM):
     def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
         return self.tok.decode(tokens)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
@@ -129,7 +129,7 @@ class BMojoLM(TemplateLM):
             out.append(score)
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Greedy (or, with ``do_sample``, sampled) continuation of each context, cut at the first ``until`` string."""
         out = []
