@@ -137,7 +137,8 @@ def mamba2_step_inputs(bsz: int, heads: int, p: int, groups: int, n: int, k: int
     conv = torch.randn(bsz, channels, k - 1, generator=g)
     weight, conv_bias = torch.randn(channels, 1, k, generator=g) / k, torch.randn(channels, generator=g)
     dt_bias, d, a_log = torch.randn(3, heads, generator=g).unbind()
-    row, conv, weight, conv_bias, norm = (t.to(dtype) for t in (row, conv, weight, conv_bias, torch.rand(e) + 0.5))
+    norm = torch.rand(e, generator=g) + 0.5
+    row, conv, weight, conv_bias, norm = (t.to(dtype) for t in (row, conv, weight, conv_bias, norm))
     z, xbc, dt = row[:, 5:].split([e, channels, heads], 1)
     return xbc, dt, z, conv, ssm, weight, conv_bias if bias else None, dt_bias, a_log.abs() * 2, d, norm, 1e-5
 

@@ -73,10 +73,12 @@ def stage_evicted(keys: torch.Tensor, values: torch.Tensor, positions: torch.Ten
         stage_evicted_triton(keys, values, positions, win_score, pos, window, *stage)
         return
     slot = pos % window
-    cand_k, cand_v = keys.index_select(2, slot), values.index_select(2, slot)
     cand_pos = positions.index_select(1, slot)
     cand_score = win_score.index_select(1, slot).masked_fill(cand_pos < 0, float("-inf"))
     at_slot, enter = insert_slot(stage_score, stage_pos, cand_score)  # [B, 1] each
+    if enter.device.type == "cpu" and not torch.compiler.is_compiling() and not enter.any():
+        return  # eager on a CPU, where reading the flag costs less than the writes: most candidates do not enter
+    cand_k, cand_v = keys.index_select(2, slot), values.index_select(2, slot)
     replace = (torch.arange(stage_pos.shape[1], device=slot.device) == at_slot) & enter  # [B, k]: the slot it takes
     for stage, cand in ((stage_score, cand_score), (stage_pos, cand_pos)):
         stage.copy_(torch.where(replace, cand, stage))
