@@ -79,8 +79,10 @@ def selective_scan_step(
     """
     check_scan_inputs(u, delta, A, B, C, state, step=True)
     d = delta.float()
-    h = torch.exp(d[..., None] * A.float()) * state.float() + (d * u.float())[..., None] * B.float()[:, None, :]
-    return torch.einsum("ben,bn->be", h, C.float()).to(u.dtype), h
+    h = torch.addcmul(
+        torch.exp(d[..., None] * A.float()) * state.float(), (d * u.float())[..., None], B.float()[:, None]
+    )
+    return (h * C.float()[:, None]).sum(-1).to(u.dtype), h  # (as ops.ssd.ssd_step: faster than a product on a CPU)
 
 
 def _default_chunk_size(length: int) -> int:
