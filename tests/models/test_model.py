@@ -373,10 +373,11 @@ def test_static_cache_bad_sizes_and_cache_implementations_raise():
     with pytest.raises(ValueError, match=r"prompt \(10 tokens\) is longer than the static cache's max_length \(9\)"):
         model(torch.randint(0, 128, (1, 10)), cache=BMojoCache(len(model.model.layers), max_length=9), use_cache=True)
     assert not BMojoCache(2).is_compileable
-    with pytest.raises(
-        ValueError, match="cache_implementation must be None or 'static' for B'MOJO models, got 'offloaded'"
-    ):
-        model.generate(torch.randint(0, 128, (1, 5)), max_new_tokens=2, cache_implementation="offloaded")
+    with pytest.raises(ValueError, match="cache_implementation must be None, 'dynamic' .* got 'offloaded'"):
+        model.generate(torch.randint(1, 128, (1, 5)), max_new_tokens=2, cache_implementation="offloaded")
+    prompt = torch.randint(1, 128, (1, 5))
+    assert torch.equal(model.generate(prompt, max_new_tokens=2, cache_implementation="dynamic"),
+                       model.generate(prompt, max_new_tokens=2))  # fmt: skip
 
 
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])

@@ -408,15 +408,15 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         """Hugging Face ``generate``'s cache set-up: ``cache_implementation="static"`` makes a static
         :class:`BMojoCache` for ``max_cache_length`` tokens, whose decoding steps ``generate`` then compiles as its
         ``compile_config`` says (by default with CUDA graphs), by itself on CUDA and elsewhere where the config's
-        ``_compile_all_devices`` is set (``bmojo generate --compile``); without it the model makes its cache at the
-        prefill; a cache passed in is used as it is."""
+        ``_compile_all_devices`` is set (``bmojo generate --compile``); without it (or with ``"dynamic"``) the model
+        makes its cache at the prefill; a cache passed in is used as it is."""
         if model_kwargs.get("cache") is not None or not generation_config.use_cache:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
-        if generation_config.cache_implementation not in (None, "static"):
-            raise ValueError(f"cache_implementation must be None or 'static' for B'MOJO models, got "
-                             f"{generation_config.cache_implementation!r}")  # fmt: skip
+        if generation_config.cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"cache_implementation must be None, 'dynamic' (the model's cache made at the prefill) or "
+                             f"'static' for B'MOJO models, got {generation_config.cache_implementation!r}")  # fmt: skip
         if generation_config.cache_implementation == "static":
             model_kwargs["cache"] = BMojoCache(len(self.model.layers), max_length=max_cache_length)
         return None
