@@ -61,7 +61,8 @@ def main() -> None:
     config = BMojoConfig.from_preset("bmojo", args.size, **overrides)
     ways = {"eager": {}, "static": {"cache_implementation": "static", "compile_config": compile_steps_config(dev)}}
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, {args.threads} threads; "
-          f"{args.size} {overrides}, prompt {args.length}, batch {args.batch}, {args.new_tokens} new tokens")  # fmt: skip
+          f"{args.size} {overrides}, prompt {args.length}, batch {args.batch}, "
+          f"{args.new_tokens} new tokens")  # fmt: skip
     for name, cfg in (("transformer", matched_transformer(config, args.size, overrides)), ("bmojo", config)):
         torch.manual_seed(0)
         model = BMojoForCausalLM(cfg).to(dev, dtype).eval()

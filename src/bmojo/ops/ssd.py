@@ -14,11 +14,11 @@ computed in float32; ``y`` comes back in the dtype of ``x`` and states in float3
 chunked algorithm used for training and prefill; :func:`mamba2_step` is a Mamba-2 layer's decoding step between its
 projections (conv, ``dt`` softplus, :func:`ssd_step`, ``D`` skip, gated norm), in one Triton kernel on CUDA. On x86
 CPUs, strong decay within a chunk makes subnormal floats, which slow it down (up to about 2x);
-``torch.set_flush_denormal(True)`` avoids that. On CUDA, :func:`ssd_scan` runs our Triton kernels (``bmojo.ops.triton.ssd``, forward and backward,
-float32 arithmetic; ``bmojo.ops.triton`` has the switch), or for states larger than ours were timed at
-(:data:`OURS_MAX_STATE`), when flash-linear-attention (``fla``) is installed, its Triton ``chunk_simple_gla``
-(forward, and backward where fla supports it: :func:`fla_backward_supported`), which computes in the inputs' dtype
-with float32 accumulation.
+``torch.set_flush_denormal(True)`` avoids that. On CUDA, :func:`ssd_scan` runs our Triton kernels
+(``bmojo.ops.triton.ssd``, forward and backward, float32 arithmetic; ``bmojo.ops.triton`` has the switch), or for
+states larger than ours were timed at (:data:`OURS_MAX_STATE`), when flash-linear-attention (``fla``) is installed,
+its Triton ``chunk_simple_gla`` (forward, and backward where fla supports it: :func:`fla_backward_supported`), which
+computes in the inputs' dtype with float32 accumulation.
 """
 
 from __future__ import annotations
