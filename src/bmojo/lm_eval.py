@@ -38,7 +38,7 @@ class BMojoLM(TemplateLM):
     ``device``: a torch device (default: CUDA when available, else the CPU; a CUDA device asked for where there
     is none falls back to the CPU with a warning, as the harness asks for ``cuda`` by default);
     ``max_length``: the longest context fed to the model (longer inputs keep their last tokens);
-    ``batch_size``: inputs of equal length per forward pass (the model takes no padding; ``auto`` means 1);
+    ``batch_size``: inputs of equal length per forward pass (``auto`` means 1);
     ``max_batch_size`` is passed by the harness and unused.
     """
 

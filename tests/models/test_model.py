@@ -9,6 +9,7 @@ from transformers import CompileConfig
 
 from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
 from bmojo.layers import MixerState
+from bmojo.layers.bmojo import stack_rows
 from bmojo.models.config import PRESETS
 from bmojo.models.modeling import compile_steps_config, count_parameters
 
@@ -430,23 +431,36 @@ def test_reordering_rows_that_do_not_fit_the_batch_raises():
         MixerState(store_ids=torch.tensor([0, 1])).select_rows(torch.tensor([1, 1]))
 
 
+def _padded(seqs: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences ``[1, n]`` padded with zeros to one length on the ``side`` given: ``(ids, attention_mask) [B, L]``."""
+    length = max(seq.shape[1] for seq in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        at = slice(0, seq.shape[1]) if side == "right" else slice(length - seq.shape[1], length)
+        ids[row, at], mask[row, at] = seq[0], 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("name", ["bmojo", "jamba", "transformer"])
-def test_right_padded_batch_equals_each_sequence_alone(name):
-    """Sequences of different lengths padded on the right (as Hugging Face collators pad for training): every
-    token's logits are those of its sequence alone, and the loss (labels -100 at the padding) and the innovation loss
-    average over the tokens, as over the sequences concatenated."""
+def test_padded_batch_equals_each_sequence_alone(name, side):
+    """Sequences of different lengths padded on the right (as Hugging Face collators pad for training) or on the left:
+    every token's logits are those of its sequence alone, and the loss (labels -100 at the padding, and on the left at
+    each sequence's first token, which a padding position would predict) and the innovation loss average over the
+    tokens, as over the sequences concatenated."""
     model = tiny(name).train()
     lengths = [23, 9, 16]
     seqs = [torch.randint(0, 128, (1, n)) for n in lengths]
-    ids = torch.zeros(3, 23, dtype=torch.long)
-    mask = torch.zeros(3, 23, dtype=torch.long)
-    for row, (seq, n) in enumerate(zip(seqs, lengths)):
-        ids[row, :n], mask[row, :n] = seq[0], 1
+    ids, mask = _padded(seqs, side)
     labels = ids.masked_fill(mask == 0, -100)
+    if side == "left":
+        labels[torch.arange(3), 23 - torch.tensor(lengths)] = -100
     out = model(ids, attention_mask=mask, labels=labels)
     alone = [model(seq, labels=seq) for seq in seqs]
     for row, (one, n) in enumerate(zip(alone, lengths)):
-        torch.testing.assert_close(out.logits[row, :n], one.logits[0], atol=1e-5, rtol=1e-5)
+        at = slice(0, n) if side == "right" else slice(23 - n, 23)
+        torch.testing.assert_close(out.logits[row, at], one.logits[0], atol=1e-5, rtol=1e-5)
     targets = [n - 1 for n in lengths]  # next-token targets per sequence
     ce = sum((one.loss - (0 if one.aux_loss is None else model.config.innovation_loss_weight * one.aux_loss)) * k
              for one, k in zip(alone, targets)) / sum(targets)  # fmt: skip
@@ -460,12 +474,59 @@ def test_right_padded_batch_equals_each_sequence_alone(name):
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_padding_that_is_not_on_the_right_raises_and_a_padded_cache_is_not_continued():
+@pytest.mark.parametrize(
+    "name,extra", [(name, {}) for name in PRESETS] + [("bmojo", dict(chunk_size=3, selection="random"))]
+)
+def test_left_padded_prompts_prefill_and_decode_as_each_alone(name, extra):
+    """Prompts of 23, 9, 16 and 1 tokens padded on the left fill a cache whose rows then decode together, each at its
+    own positions: 30 steps (through each row's own chunk boundaries, and after a reordering of the rows, which
+    differ in padding) give every row the logits of its prompt alone."""
+    model = tiny(name, **extra)
+    seqs = [torch.randint(0, 128, (1, n)) for n in (23, 9, 16, 1)]
+    ids, mask = _padded(seqs, "left")
+    steps = torch.randint(0, 128, (4, 30))
+    order = [2, 0, 3, 1]
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        out.cache.reorder_cache(torch.tensor(order))
+        stepped = [model(steps[:, t : t + 1], past_key_values=out.cache, use_cache=True).logits for t in range(30)]
+        for row, seq in enumerate(seqs):
+            alone = model(seq, use_cache=True)
+            torch.testing.assert_close(out.logits[row, 23 - seq.shape[1] :], alone.logits[0], atol=1e-5, rtol=1e-5)
+        for row, src in enumerate(order):
+            cache = model(seqs[src], use_cache=True).cache
+            ref = [
+                model(steps[row : row + 1, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(30)
+            ]
+            torch.testing.assert_close(torch.cat(stepped, 1)[row], torch.cat(ref, 1)[0], atol=1e-5, rtol=1e-5)
+    assert out.cache.get_seq_length() == 23 + 30
+
+
+@pytest.mark.parametrize("name", ["bmojo", "jamba", "transformer"])
+def test_generate_from_left_padded_prompts_gives_each_prompt_its_own_tokens(name):
+    """Hugging Face ``generate`` on a batch of prompts padded on the left: greedy, beam search, and a static cache
+    with compiled steps each give every prompt the tokens it gets alone."""
+    model = tiny(name)
+    seqs = [torch.randint(1, 128, (1, n)) for n in (13, 5, 9)]  # (no token 0: generate would take it for padding)
+    ids, mask = _padded(seqs, "left")
+    with torch.no_grad():
+        for kwargs in (dict(do_sample=False), dict(num_beams=3, do_sample=False),
+                       dict(do_sample=False, cache_implementation="static", compile_config=_compile_anywhere())):  # fmt: skip
+            kwargs.update(max_new_tokens=12, pad_token_id=0)
+            out = model.generate(ids, attention_mask=mask, **kwargs)
+            for row, seq in enumerate(seqs):
+                assert torch.equal(out[row, 13:], model.generate(seq, **kwargs)[0, seq.shape[1] :]), (kwargs, row)
+
+
+def test_padding_on_both_sides_or_between_tokens_raises_and_a_right_padded_cache_is_not_continued():
     model = tiny("bmojo")
     ids = torch.randint(0, 128, (2, 8))
-    for mask in ([[0, 1, 1, 1, 1, 1, 1, 1], [1] * 8], [[1, 1, 0, 1, 1, 1, 1, 1], [1] * 8]):  # left padding, a gap
-        with pytest.raises(NotImplementedError, match="left padding, gaps"):
+    for mask in ([[0, 1, 1, 1, 1, 1, 1, 0], [1] * 8], [[1, 1, 0, 1, 1, 1, 1, 1], [1] * 8],
+                 [[0, 1, 1, 1, 1, 1, 1, 1], [1] * 7 + [0]]):  # fmt: skip
+        with pytest.raises(NotImplementedError, match="between tokens or on both sides"):
             model(ids, attention_mask=torch.tensor(mask))
+    with pytest.raises(ValueError, match="keeps no token of sequence 1"):
+        model(ids, attention_mask=torch.tensor([[1] * 8, [0] * 8]))
     with pytest.raises(ValueError, match=r"attention_mask must be \[batch, length\] \(2, 8\)"):
         model(ids, attention_mask=torch.ones(2, 7, dtype=torch.long).tril())
     with torch.no_grad():
@@ -477,6 +538,14 @@ def test_padding_that_is_not_on_the_right_raises_and_a_padded_cache_is_not_conti
         with pytest.raises(NotImplementedError, match="right-padded"):
             model.generate(ids, attention_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3]), max_new_tokens=2,
                            pad_token_id=0)  # fmt: skip
+        rows = [model(ids[:1, :n], use_cache=True).cache.layers[0] for n in (8, 5)]
+    with pytest.raises(ValueError, match=r"rows of \[8, 5\] tokens do not end together after pads \[0, 2\]"):
+        stack_rows(rows, [0, 2])
+    stored = tiny("bmojo", storage=True)
+    with pytest.raises(NotImplementedError, match="left padding with long-term storage"):
+        stored(ids, attention_mask=torch.tensor([[0] * 3 + [1] * 5, [1] * 8]), use_cache=True)
+    with pytest.raises(NotImplementedError, match="long-term storage"):
+        stack_rows([MixerState(store_ids=torch.tensor([0]))], [0])
 
 
 def test_generate_sampling_is_seeded():

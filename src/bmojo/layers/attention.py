@@ -64,9 +64,12 @@ class Attention(nn.Module):
         return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)  # [B, n, L, d]
 
     def rope(self, positions: torch.Tensor) -> Rope:
-        """``(cos, sin) [L, r]`` of ``positions [L]``, computed once for :meth:`queries` and :meth:`keys_values`
-        (``None`` without RoPE)."""
-        return None if self.rotary is None else self.rotary(positions)
+        """``(cos, sin) [L, r]`` of ``positions [L]`` (``[B, 1, L, r]`` of each sequence's ``positions [B, L]``),
+        computed once for :meth:`queries` and :meth:`keys_values` (``None`` without RoPE)."""
+        if self.rotary is None:
+            return None
+        cos, sin = self.rotary(positions)
+        return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
 
     def queries(self, h: torch.Tensor, rope: Rope) -> torch.Tensor:
         """``h [B, L, D]`` -> queries ``[B, H, L, d]`` rotated by ``rope`` (:meth:`rope` of their positions)."""

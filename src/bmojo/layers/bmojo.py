@@ -73,6 +73,9 @@ class MixerState:
     ``_v``, ``_pos``) are views of them. With storage: ``store_ids [B]``, the sequences of the layer's vector store
     this batch reads and writes; ``pend_*``: this chunk's tokens that left the window (``write="all"``), ring slots
     ``t % c``. ``chunk``: the eidetic memory's selection period ``c`` (0: no eidetic memory).
+    ``pads [B]``: the rows of a left-padded batch (:func:`stack_rows`): row ``b``'s first token is at ``pads[b]``; ring
+    slots follow the batch's positions (``pos``), while RoPE, the positions kept (``*_pos``, which say what a query
+    sees) and the chunk boundaries follow each row's own, ``pos - pads``. ``None``: no padding.
     """
 
     seen: int = 0
@@ -103,6 +106,7 @@ class MixerState:
     pend_k: torch.Tensor | None = None
     pend_v: torch.Tensor | None = None
     pend_pos: torch.Tensor | None = None
+    pads: torch.Tensor | None = None
 
     @property
     def started(self) -> bool:
@@ -118,17 +122,21 @@ class MixerState:
         """Before the token at position ``t`` (``pos``, default ``self.pos``, holds it as a tensor): at a chunk
         boundary the eidetic memory built so far (``stage_*``) comes into use (``mem_*``). Eager: only then; compiled:
         a masked copy at every position, so that the graph does not depend on ``t`` (a compiled model leaves it to
-        ``BMojoCache.advance``, which runs eager). The copies write the joined buffers rather than views of them, so
-        inductor updates them in place."""
-        compiled = torch.compiler.is_compiling()
-        if not self.chunk or not (compiled or t % self.chunk == 0):
+        ``BMojoCache.advance``, which runs eager); with :attr:`pads`, a copy masked by each row's own boundaries. The
+        copies write the joined buffers rather than views of them, so inductor updates them in place."""
+        masked = torch.compiler.is_compiling() or self.pads is not None
+        if not self.chunk or not (masked or t % self.chunk == 0):
             return
         slots, stage = self.memory_slots(), (self.stage_k, self.stage_v, self.stage_pos)
-        if compiled:
-            boundary = (self.pos if pos is None else pos) % self.chunk == 0
-            stage = [torch.where(boundary, x, joined.index_select(dim, slots))
+        if masked:
+            boundary = self.own_positions(self.pos if pos is None else pos) % self.chunk == 0  # [1] or [B, 1]
+            stage = [torch.where(boundary.view(-1, *[1] * (x.dim() - 1)), x, joined.index_select(dim, slots))
                      for x, joined, dim in zip(stage, (self.keys, self.values, self.positions), (2, 2, 1))]  # fmt: skip
         self.write_slots(slots, *stage)
+
+    def own_positions(self, at: torch.Tensor) -> torch.Tensor:
+        """Positions ``at [n]`` of the batch as each row's own: ``at``, or ``[B, n]`` with :attr:`pads`."""
+        return at if self.pads is None else at - self.pads[:, None]
 
     def memory_slots(self) -> torch.Tensor:
         """The eidetic memory's slots, last in the joined buffers ``keys``/``values``/``positions``."""
@@ -205,9 +213,47 @@ class MixerState:
                 setattr(self, name, view)
 
 
+# a window ring's pieces: slots ``p % w`` on this dim
+_RINGS = {"win_k": 2, "win_v": 2, "win_pos": 1, "win_score": 1, "fad_k": 2, "fad_v": 2, "fad_pos": 1, "f_pend": 1}
+_ROWS = (*_RINGS, "f_last", "mem_k", "mem_v", "mem_pos", "stage_k", "stage_v", "stage_pos", "stage_score")
+
+
+def stack_rows(states: list[MixerState], pads: list[int]) -> MixerState:
+    """One state for a left-padded batch from the states of its rows, each filled alone from its first token (row
+    ``b`` at position ``pads[b]`` of the batch; every row ending at the same position): the rows' tensors stacked, the
+    window rings turned so that slots follow the batch's positions, a full-attention buffer shifted to them, the rest
+    (SSM, eidetic memory, positions, which stay each row's own) as they are. See :attr:`MixerState.pads`."""
+    first = states[0]
+    if any(state.store_ids is not None for state in states):
+        raise NotImplementedError("stack_rows: states with long-term storage (store_ids) are not supported")
+    if len({state.seen + pad for state, pad in zip(states, pads)}) > 1:
+        raise ValueError(f"rows of {[state.seen for state in states]} tokens do not end together after pads {pads}")
+    out = MixerState(seen=first.seen + pads[0], chunk=first.chunk, full=first.full)
+    out.pos, out.pads = torch.tensor([out.seen], device=first.pos.device), torch.tensor(pads, device=first.pos.device)
+    if first.ssm is not None:
+        out.ssm = SSMState(*(torch.cat([getattr(state.ssm, n) for state in states]) for n in ("conv", "ssm")))
+    for name in _ROWS:
+        rows, dim = [getattr(state, name) for state in states], _RINGS.get(name)
+        if rows[0] is not None and not (first.full and dim is not None):
+            setattr(out, name, torch.cat([x if dim is None else x.roll(pad % x.shape[dim], dim)
+                                          for x, pad in zip(rows, pads)]))  # fmt: skip
+    if first.full:  # slot = position of the batch: each row's keys after its padding, in buffers of one size
+        size = max(pad + state.win_k.shape[2] for state, pad in zip(states, pads))
+        for name, dim, fill in (("win_k", 2, 0), ("win_v", 2, 0), ("win_pos", 1, -1)):
+            rows = []
+            for state, pad in zip(states, pads):
+                x = getattr(state, name)
+                rows.append(x.new_full((*x.shape[:dim], size, *x.shape[dim + 1 :]), fill))
+                rows[-1].narrow(dim, pad, x.shape[dim]).copy_(x)
+            setattr(out, name, torch.cat(rows))
+    elif first.win_k is not None:
+        out.join_keys()
+    return out
+
+
 def _rows(rope: Rope, rows: slice) -> Rope:
-    """``rope`` (``(cos, sin)`` or ``None``) at some of its positions."""
-    return None if rope is None else (rope[0][rows], rope[1][rows])
+    """``rope`` (``(cos, sin) [..., n, r]`` or ``None``) at some of its positions."""
+    return None if rope is None else (rope[0][..., rows, :], rope[1][..., rows, :])
 
 
 def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -337,7 +383,7 @@ class BMojoMixer(nn.Module):
         if state.win_pos is not None and state.win_pos.shape[0] != h.shape[0]:
             raise ValueError(f"the state holds {state.win_pos.shape[0]} sequences but the input {h.shape[0]}")
         state.reserve(h.shape[1])
-        if self._continues_in_parallel(h.shape[1]):
+        if state.pads is None and self._continues_in_parallel(h.shape[1]):  # (padded rows: each its own chunks)
             out = self._continue(h, state)
         else:
             outs = []
@@ -617,13 +663,14 @@ class BMojoMixer(nn.Module):
         """
         w = self.window
         slot = None if w is None else pos % w  # the ring slot of this token (and of the fading key entering the band)
+        at = torch.cat([pos, pos - w]) if self.fading else pos  # positions of the keys this step writes [n]
+        own = state.own_positions(at)  # [n], or each row's [B, n] (left padding)
         if self.attn is not None:
-            at = torch.cat([pos, pos - w]) if self.fading else pos  # positions of the keys this step writes
-            rope = self.attn.rope(at)
+            rope = self.attn.rope(own)
             q = self.attn.queries(h, _rows(rope, slice(0, 1)))
             if self.store is not None:  # the search runs while the SSM and the window attention do
                 found = self.store.retrieve_async(state.store_ids.tolist(), q, self.storage.topk)
-        f, score = self._fading_after(h, state, pos)
+        f, score = self._fading_after(h, state, state.own_positions(pos))
         if self.attn is None:
             return f
 
@@ -639,13 +686,14 @@ class BMojoMixer(nn.Module):
                                                self.fading_v_proj)  # fmt: skip
                 k, v = torch.cat([k, kf], 2), torch.cat([v, vf], 2)
         if w is None:
-            state.write_slots(pos, k, v, pos)
+            state.write_slots(pos, k, v, own)
             if torch.compiler.is_compiling():  # one shape for every position: the whole buffer, masked
                 keys, values, visible = state.win_k, state.win_v, state.win_pos >= 0
-            else:  # the keys so far, every one visible: no mask (SDPA's FlashAttention kernels take no mask)
-                keys, values, visible = state.win_k[:, :, : t + 1], state.win_v[:, :, : t + 1], None
+            else:  # the keys so far, every one visible but padding: no mask (SDPA's FlashAttention takes none)
+                keys, values = state.win_k[:, :, : t + 1], state.win_v[:, :, : t + 1]
+                visible = None if state.pads is None else state.win_pos[:, : t + 1] >= 0
         else:
-            self._write_window(state, t, pos, slot, at, k, v, score)
+            self._write_window(state, t, pos, slot, at, own, k, v, score)
             if self.fading:
                 state.f_pend.index_copy_(1, slot, f)
             keys, values, visible = state.keys, state.values, state.positions >= 0
@@ -673,14 +721,15 @@ class BMojoMixer(nn.Module):
         pos: torch.Tensor,
         slot: torch.Tensor,
         at: torch.Tensor,
+        own: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         score: torch.Tensor | None,
     ) -> None:
         """Put the token at position ``t`` (``pos [1]`` as a tensor; ``at [1 or 2]``: with the position ``t - w`` of
-        the fading key entering the band) and its keys/values ``k, v [B, Hkv, 1 or 2, d]`` in ring slot ``slot [1]``
-        (``t % w``) of the window (and of the band); the token it evicts (none while the ring fills: slot position
-        ``-1``) becomes an eidetic candidate."""
+        the fading key entering the band; ``own``: ``at`` as each row's own positions, which the state keeps) and its
+        keys/values ``k, v [B, Hkv, 1 or 2, d]`` in ring slot ``slot [1]`` (``t % w``) of the window (and of the band);
+        the token it evicts (none while the ring fills: slot position ``-1``) becomes an eidetic candidate."""
         w = self.window
         if self.memory is not None:
             if state.pend_pos is not None and t >= w:  # (read before the candidate's slot is written)
@@ -691,11 +740,11 @@ class BMojoMixer(nn.Module):
                           state.stage_v, state.stage_score, state.stage_pos)  # fmt: skip
         index = slot + torch.arange(0, at.shape[0] * w, w, device=at.device)  # [win | band]
         compiled = torch.compiler.is_compiling()
-        state.write_slots(index, k, v, None if compiled else at)
+        state.write_slots(index, k, v, None if compiled else own)
         if compiled:  # the positions whole (slot s of the window ring holds t, of the band's t - w), a pass that also
             # makes the step's mask (positions >= 0), where inductor gives a write of two slots a kernel of its own
             ring = torch.arange(state.positions.shape[1], device=at.device)
             written = (ring < at.shape[0] * w) & (ring % w == slot)
-            state.positions.copy_(torch.where(written, at[0] - ring // w * w, state.positions))
+            state.positions.copy_(torch.where(written, own[..., :1] - ring // w * w, state.positions))
         if score is not None:
             state.win_score.index_copy_(1, slot, score)

@@ -11,7 +11,8 @@ from torch import nn
 
 from bmojo.ops.linear import exporting
 
-TABLE_ROWS = 3  # compiled, positions of at least this many rows get their cos/sin as a table (:func:`rotary_table`)
+# compiled, at least this many positions (of a sequence) get their cos/sin as a table (:func:`rotary_table`)
+TABLE_ROWS = 3
 
 
 def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +67,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq(positions.device)
-        if torch.compiler.is_compiling() and not exporting() and positions.numel() >= TABLE_ROWS:
+        if torch.compiler.is_compiling() and not exporting() and positions.shape[-1] >= TABLE_ROWS:
             return rotary_table(positions, inv_freq)
         return _cos_sin(positions, inv_freq)
 

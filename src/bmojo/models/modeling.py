@@ -168,20 +168,27 @@ class BMojoPreTrainedModel(PreTrainedModel):
         return False  # the model builds its own BMojoCache
 
 
-def _right_padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
-    """The positions ``attention_mask [B, L]`` keeps, as a bool mask, where it pads some sequence on the right (zeros
-    after its tokens: causal layers leave the tokens' outputs as they are); ``None`` where it keeps every position.
-    Padding elsewhere (on the left, or gaps) raises ``NotImplementedError``. Reads the mask (under ``torch.compile``
-    a graph break, in a parallel pass only: decoding steps do not read it)."""
+def _padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor | None, list[int] | None]:
+    """How ``attention_mask [B, L]`` pads the sequences: ``(valid, None)`` where it pads some on the right only (zeros
+    after its tokens; ``valid``: the positions kept, as bool: causal layers leave the tokens' outputs as they are),
+    ``(None, pads)`` on the left only (``pads[b]`` zeros before row ``b``'s tokens, which end at the last position),
+    ``(None, None)`` where it keeps every position. Padding on both sides or gaps raise ``NotImplementedError``, a
+    row without tokens ``ValueError``. Reads the mask (under ``torch.compile`` a graph break, in a parallel pass only:
+    decoding steps do not read it)."""
     if attention_mask is None or bool(attention_mask.all()):
-        return None
+        return None, None
     if attention_mask.shape != shape:
         raise ValueError(f"attention_mask must be [batch, length] {tuple(shape)}, got {tuple(attention_mask.shape)}")
     keep = attention_mask.bool()
-    if (keep[:, 1:] & ~keep[:, :-1]).any() or not keep[:, 0].all():
-        raise NotImplementedError("attention_mask pads before or between tokens (left padding, gaps), which is not "
-                                  "supported yet; right padding (zeros after each sequence's tokens) is")  # fmt: skip
-    return keep
+    tokens = keep.sum(1)
+    if not tokens.all():
+        raise ValueError(f"attention_mask keeps no token of sequence {int((tokens == 0).nonzero()[0])}")
+    if keep[:, 0].all() and not (keep[:, 1:] & ~keep[:, :-1]).any():
+        return keep, None
+    if keep[:, -1].all() and not (keep[:, :-1] & ~keep[:, 1:]).any():
+        return None, (shape[1] - tokens).tolist()
+    raise NotImplementedError("attention_mask pads between tokens or on both sides, which is not supported; "
+                              "padding on the right or on the left is")  # fmt: skip
 
 
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -254,16 +261,14 @@ class BMojoModel(BMojoPreTrainedModel):
         stepping = cache is not None and cache.started  # else the layers run in parallel (prefill)
         if stepping and cache.padded:
             raise NotImplementedError("this cache was filled from right-padded sequences, whose states hold the "
-                                      "padding: it cannot be continued (generate from unpadded prompts)")  # fmt: skip
-        valid = None if stepping else _right_padding(attention_mask, inputs_embeds.shape[:2])
+                                      "padding: it cannot be continued (pad prompts on the left to generate)")  # fmt: skip
+        valid, pads = (None, None) if stepping else _padding(attention_mask, inputs_embeds.shape[:2])
         if valid is not None and cache is not None:
             cache.padded = True
-
-        x, aux_losses = inputs_embeds, []
-        for i, layer in enumerate(self.layers):
-            x, aux = layer(x, None if cache is None else cache[i], False, valid)  # the cache advances below
-            if aux is not None:
-                aux_losses.append(aux)
+        if pads is None:
+            x, aux_losses = self._layers(inputs_embeds, cache, valid)
+        else:
+            x, aux_losses = self._left_padded(inputs_embeds, pads, cache)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         out = BMojoModelOutput(self.norm(x), cache, aux_loss)
         if stepping:
@@ -273,6 +278,40 @@ class BMojoModel(BMojoPreTrainedModel):
         elif cache is not None:
             cache.prefilled()
         return out
+
+    def _layers(
+        self, x: torch.Tensor, cache: BMojoCache | None, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``x [B, L, D]`` through the blocks, each continuing its state in ``cache`` (which the caller advances):
+        the output and the innovation losses of the layers that have one."""
+        aux_losses = []
+        for i, layer in enumerate(self.layers):
+            x, aux = layer(x, None if cache is None else cache[i], False, valid)
+            if aux is not None:
+                aux_losses.append(aux)
+        return x, aux_losses
+
+    def _left_padded(
+        self, x: torch.Tensor, pads: list[int], cache: BMojoCache | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A left-padded batch ``x [B, L, D]`` (row ``b``'s tokens from position ``pads[b]``), each row through the
+        blocks alone: the outputs (zeros at the padding), each layer's innovation loss averaged over the rows'
+        tokens, and ``cache`` filled with the rows' states (:meth:`BMojoCache.stack_rows`), from which the rows
+        decode together, each at its own positions."""
+        if cache is not None and any(layer.mixer.store is not None for layer in self.layers):
+            raise NotImplementedError("left padding with long-term storage is not supported: each row writes its "
+                                      "own sequences of the vector store")  # fmt: skip
+        outs, caches, losses = [], [], []
+        for row, pad in enumerate(pads):
+            caches.append(None if cache is None else BMojoCache(len(self.layers)))
+            y, aux = self._layers(x[row : row + 1, pad:], caches[-1])
+            outs.append(F.pad(y, (0, 0, pad, 0)))
+            losses.append(aux)
+        if cache is not None:
+            cache.stack_rows(caches, pads)
+        tokens = [x.shape[1] - pad for pad in pads]
+        aux_losses = [sum(aux * n for aux, n in zip(layer, tokens)) / sum(tokens) for layer in zip(*losses)]
+        return torch.cat(outs), aux_losses
 
 
 STORAGE_FILE = "storage.npz"
