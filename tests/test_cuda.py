@@ -353,20 +353,28 @@ def test_cuda_graph_decoding_equals_eager(grad_mode):
     assert counters["inductor"]["cudagraph_skips"] == 0
 
 
-def test_generate_with_a_static_cache_replays_cuda_graphs_and_keeps_the_tokens():
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_generate_with_a_static_cache_replays_cuda_graphs_and_keeps_the_tokens(left_padded):
     """On CUDA ``generate(cache_implementation="static")`` compiles the decoding steps by itself (``mode=
-    "reduce-overhead"``: CUDA graphs over the static cache, none skipped) and gives eager generation's tokens."""
+    "reduce-overhead"``: CUDA graphs over the static cache, none skipped) and gives eager generation's tokens; from
+    prompts padded on the left too, each prompt's tokens alone."""
     from torch._dynamo.utils import counters
 
     model = _tiny("bmojo").eval()
-    prompt = torch.randint(0, model.config.vocab_size, (2, 37), device=DEV)
+    prompt = torch.randint(1, model.config.vocab_size, (2, 37), device=DEV)
+    mask = torch.ones_like(prompt)
+    if left_padded:
+        prompt[1, :20], mask[1, :20] = 0, 0
     kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        ref = model.generate(prompt, **kwargs)
+        ref = model.generate(prompt, attention_mask=mask, **kwargs)
+        torch._dynamo.reset()
         counters.clear()
-        out = model.generate(prompt, cache_implementation="static", **kwargs)
+        out = model.generate(prompt, attention_mask=mask, cache_implementation="static", **kwargs)
+        assert counters["stats"]["unique_graphs"] == 2 and counters["inductor"]["cudagraph_skips"] == 0
+        if left_padded:
+            assert torch.equal(out[1, 37:], model.generate(prompt[1:, 20:], **kwargs)[0, 17:])
     assert torch.equal(out, ref)
-    assert counters["stats"]["unique_graphs"] == 2 and counters["inductor"]["cudagraph_skips"] == 0
 
 
 def test_cuda_kernels_counts_a_calls_kernels_and_their_time():
