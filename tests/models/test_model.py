@@ -474,9 +474,10 @@ def test_padded_batch_equals_each_sequence_alone(name, side):
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize(
-    "name,extra", [(name, {}) for name in PRESETS] + [("bmojo", dict(chunk_size=3, selection="random"))]
-)
+@pytest.mark.parametrize("name,extra", [(name, {}) for name in PRESETS] + [
+    ("bmojo", dict(chunk_size=3, selection="random")),
+    ("bmojo", dict(bmojo_ssm="mamba", tie_fading_kv=False, num_key_value_heads=1, selection="recency")),
+])  # fmt: skip
 def test_left_padded_prompts_prefill_and_decode_as_each_alone(name, extra):
     """Prompts of 23, 9, 16 and 1 tokens padded on the left fill a cache whose rows then decode together, each at its
     own positions: 30 steps (through each row's own chunk boundaries, and after a reordering of the rows, which
