@@ -153,7 +153,8 @@ def test_eval_and_generate_errors_are_clear(saved, tmp_path):
     assert "greater than or equal to 2" in _fails("eval", saved / "model", "--data", saved / "text.txt",
                                                   "--max-tokens", -3)  # fmt: skip
     assert "--lengths takes comma-separated integers >= 1, got '16,x'" in _fails(
-        "eval", saved / "model", "--data", saved / "text.txt", "--lengths", "16,x")
+        "eval", saved / "model", "--data", saved / "text.txt", "--lengths", "16,x"
+    )
 
 
 def _greedy(model, ids: list[int], steps: int) -> list[int]:
@@ -173,6 +174,14 @@ def test_generate_greedy_matches_a_manual_loop(saved, model):
     out = _invoke("generate", saved / "model", "--prompt", prompt, "--greedy", "--max-new-tokens", 12)
     expected = ByteTokenizer().decode(_greedy(model, list(prompt.encode()), 12))
     assert out == expected + "\n"
+
+
+def test_generate_several_prompts_in_one_batch_prints_each_as_alone(saved):
+    """Repeated ``--prompt``s of different lengths are one left-padded batch; each prints what it prints alone."""
+    prompts, args = ["To be", "or not to", "x"], ("--greedy", "--max-new-tokens", 12)
+    opts = [arg for prompt in prompts for arg in ("--prompt", prompt)]
+    out = _invoke("generate", saved / "model", *opts, *args)
+    assert out == "".join(_invoke("generate", saved / "model", "--prompt", prompt, *args) for prompt in prompts)
 
 
 def test_generate_beam_search_is_the_models_beam_search(saved, model):

@@ -329,7 +329,9 @@ def eval_command(
 @app.command()
 def generate(
     model_dir: Path = typer.Argument(..., help="saved model folder (BMojoForCausalLM.save_pretrained)"),
-    prompt: str = typer.Option(..., help="text to continue ('' starts from the end-of-text token)"),
+    prompt: list[str] = typer.Option(
+        ..., help="text to continue ('' starts from the end-of-text token); repeat for several, one batch"
+    ),
     max_new_tokens: int = typer.Option(100, help="tokens to generate at most (fewer if eos comes first)"),
     greedy: bool = typer.Option(False, "--greedy", help="always take the most likely token instead of sampling"),
     beams: int = typer.Option(1, help="beam search over this many beams (with --greedy: the most likely sequence)"),
@@ -345,24 +347,31 @@ def generate(
         help="decoding steps through torch.compile (CUDA graphs on CUDA): pays off on long continuations",
     ),
 ) -> None:
-    """Continue a prompt with a saved model; prints the prompt followed by the generated text."""
+    """Continue prompts with a saved model; prints each prompt followed by its generated text. Several prompts are
+    generated as one batch, padded on the left (greedy or beam search: each gets the tokens it gets alone)."""
     if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or beams < 1:
         raise typer.BadParameter("need temperature > 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, beams >= 1")
     tok = _tokenizer_for(model_dir, tokenizer)
     model = BMojoForCausalLM.from_pretrained(model_dir).to(_device(device)).eval()
-    ids = tok.encode(prompt) or ([] if tok.eos_id is None else [tok.eos_id])
-    if not ids:
+    rows = [tok.encode(text) or ([] if tok.eos_id is None else [tok.eos_id]) for text in prompt]
+    if not all(rows):
         raise typer.BadParameter("the prompt is empty and the tokenizer has no end-of-text token to start from")
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
     torch.manual_seed(seed)
     options = {} if greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     if compile:  # a static cache, whose steps generate compiles (one graph for every position; prefill eager)
         options.update(cache_implementation="static", compile_config=compile_steps_config(model.device))
     with torch.inference_mode():  # (eager steps take about a sixth less time than under generate's no_grad)
         out = model.generate(
-            torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=beams,
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=beams,
             eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **options,
         )  # fmt: skip
-    typer.echo(prompt + tok.decode(out[0, len(ids) :].tolist()))
+    for text, new in zip(prompt, out[:, width:].tolist()):
+        if tok.eos_id in new:  # (a row that ended before the others is padded after its end-of-text token)
+            new = new[: new.index(tok.eos_id) + 1]
+        typer.echo(text + tok.decode(new))
 
 
 @app.command()

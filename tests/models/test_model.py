@@ -519,7 +519,7 @@ def test_generate_from_left_padded_prompts_gives_each_prompt_its_own_tokens(name
                 assert torch.equal(out[row, 13:], model.generate(seq, **kwargs)[0, seq.shape[1] :]), (kwargs, row)
 
 
-def test_padding_on_both_sides_or_between_tokens_raises_and_a_right_padded_cache_is_not_continued():
+def test_unsupported_padding_raises_and_a_right_padded_cache_is_not_continued():
     model = tiny("bmojo")
     ids = torch.randint(0, 128, (2, 8))
     for mask in ([[0, 1, 1, 1, 1, 1, 1, 0], [1] * 8], [[1, 1, 0, 1, 1, 1, 1, 1], [1] * 8],
@@ -534,6 +534,8 @@ def test_padding_on_both_sides_or_between_tokens_raises_and_a_right_padded_cache
         padded = model(ids, attention_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3]), use_cache=True).cache
         unpadded = model(ids, attention_mask=torch.ones(2, 8, dtype=torch.long), use_cache=True).cache
         model(ids[:, :1], past_key_values=unpadded, use_cache=True)
+        with pytest.raises(NotImplementedError, match="pads some of the tokens that continue this cache"):
+            model(ids[:, :3], attention_mask=torch.tensor([[1] * 12, [1] * 10 + [0] * 2]), past_key_values=unpadded)
         with pytest.raises(NotImplementedError, match="right-padded"):
             model(ids[:, :1], past_key_values=padded, use_cache=True)
         with pytest.raises(NotImplementedError, match="right-padded"):

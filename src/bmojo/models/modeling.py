@@ -262,6 +262,10 @@ class BMojoModel(BMojoPreTrainedModel):
         if stepping and cache.padded:
             raise NotImplementedError("this cache was filled from right-padded sequences, whose states hold the "
                                       "padding: it cannot be continued (pad prompts on the left to generate)")  # fmt: skip
+        length = inputs_embeds.shape[1]
+        if stepping and length > 1 and attention_mask is not None and not bool(attention_mask[:, -length:].all()):
+            raise NotImplementedError("attention_mask pads some of the tokens that continue this cache, which is not "
+                                      "supported: continue it with unpadded tokens")  # fmt: skip
         valid, pads = (None, None) if stepping else _padding(attention_mask, inputs_embeds.shape[:2])
         if valid is not None and cache is not None:
             cache.padded = True
