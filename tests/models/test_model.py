@@ -480,26 +480,25 @@ def test_padded_batch_equals_each_sequence_alone(name, side):
 ])  # fmt: skip
 def test_left_padded_prompts_prefill_and_decode_as_each_alone(name, extra):
     """Prompts of 23, 9, 16 and 1 tokens padded on the left fill a cache whose rows then decode together, each at its
-    own positions: 30 steps (through each row's own chunk boundaries, and after a reordering of the rows, which
-    differ in padding) give every row the logits of its prompt alone."""
+    own positions: 30 tokens, 5 in one call and then one a call (through each row's own chunk boundaries, and after a
+    reordering of the rows, which differ in padding), give every row the logits of its prompt alone."""
     model = tiny(name, **extra)
     seqs = [torch.randint(0, 128, (1, n)) for n in (23, 9, 16, 1)]
     ids, mask = _padded(seqs, "left")
     steps = torch.randint(0, 128, (4, 30))
-    order = [2, 0, 3, 1]
+    calls, order = [slice(0, 5), *(slice(t, t + 1) for t in range(5, 30))], [2, 0, 3, 1]
     with torch.no_grad():
         out = model(ids, attention_mask=mask, use_cache=True)
         out.cache.reorder_cache(torch.tensor(order))
-        stepped = [model(steps[:, t : t + 1], past_key_values=out.cache, use_cache=True).logits for t in range(30)]
+        stepped = torch.cat([model(steps[:, at], past_key_values=out.cache, use_cache=True).logits for at in calls], 1)
         for row, seq in enumerate(seqs):
             alone = model(seq, use_cache=True)
             torch.testing.assert_close(out.logits[row, 23 - seq.shape[1] :], alone.logits[0], atol=1e-5, rtol=1e-5)
         for row, src in enumerate(order):
             cache = model(seqs[src], use_cache=True).cache
-            ref = [
-                model(steps[row : row + 1, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(30)
-            ]
-            torch.testing.assert_close(torch.cat(stepped, 1)[row], torch.cat(ref, 1)[0], atol=1e-5, rtol=1e-5)
+            ref = torch.cat([model(steps[row : row + 1, at], past_key_values=cache, use_cache=True).logits
+                             for at in calls], 1)  # fmt: skip
+            torch.testing.assert_close(stepped[row], ref[0], atol=1e-5, rtol=1e-5)
     assert out.cache.get_seq_length() == 23 + 30
 
 
