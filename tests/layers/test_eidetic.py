@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from bmojo.layers.eidetic import EideticMemory, chunk_memories, insert_slot, merge_topk, position_hash
+from bmojo.layers.eidetic import (
+    EideticMemory,
+    chunk_memories,
+    insert_slot,
+    memory_before,
+    merge_topk,
+    position_hash,
+)
 
 
 def brute_force_memory(scores: torch.Tensor, window: int, chunk: int, k: int, j: int) -> list[list[int]]:
@@ -27,6 +34,25 @@ def test_chunk_memories_match_brute_force(length, window, chunk, k):
     final = [sorted(range(max(0, length - window)), key=lambda p: (-row[p], p))[:k] for row in scores.tolist()]
     assert stage_pos.tolist() == [f + [-1] * (k - len(f)) for f in final]
     assert torch.isinf(stage_score[stage_pos < 0]).all()
+
+
+@pytest.mark.parametrize("k", [1, 4, 40])
+def test_memory_before_each_rows_limit_keeps_the_best_positions_below_it(k):
+    """Rows ending at different positions (limits 0, 1, 13 and 30, many tied scores): each row's memory is the ``k``
+    best of its positions below its limit by (score desc, position asc), as ``chunk_memories``' running memory
+    (``k`` above the positions too)."""
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (4, 30), generator=g).float()
+    limits = torch.tensor([0, 1, 13, 30])
+    score, pos = memory_before(scores, limits, k)
+    for row, limit in enumerate(limits.tolist()):
+        best = sorted(range(limit), key=lambda p: (-scores[row, p].item(), p))[:k]
+        assert pos[row].tolist() == best + [-1] * (k - len(best))
+    assert torch.isinf(score[pos < 0]).all() and torch.equal(
+        score[pos >= 0], scores.gather(1, pos.clamp(min=0))[pos >= 0]
+    )
+    _, (_, running) = chunk_memories(scores, 0, 1, k, 1)
+    assert torch.equal(memory_before(scores, torch.full((4,), 30), k)[1], running)
 
 
 def test_merge_topk_one_at_a_time_equals_all_at_once():

@@ -81,6 +81,27 @@ def test_segmented_pass_equals_one_pass_with_gradients(monkeypatch, cls, segment
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+@pytest.mark.parametrize("segment", [7, 10**9])
+def test_padding_before_the_tokens_leaves_their_outputs_and_state_as_alone(monkeypatch, cls, segment):
+    """``tokens`` marks the positions that are tokens: rows with padding (random values) before 20 and 9 tokens give
+    the tokens' outputs and the state after them of each row alone, across segments too; a wrong shape raises."""
+    monkeypatch.setattr(cls, "segment_length", segment)
+    torch.manual_seed(0)
+    layer = cls(32, state_size=8, **({"head_dim": 16, "chunk_size": 8} if cls is Mamba2 else {}))
+    x = torch.randn(2, 29, 32)
+    tokens = torch.arange(29) >= torch.tensor([[9], [20]])
+    with torch.no_grad():
+        y, state = layer(x, tokens=tokens)
+        for row, pad in enumerate((9, 20)):
+            alone, final = layer(x[row : row + 1, pad:])
+            torch.testing.assert_close(y[row, pad:], alone[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(state.ssm[row], final.ssm[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(state.conv[row], final.conv[0])
+    with pytest.raises(ValueError, match=r"tokens must be \[batch, length\] \(2, 29\), got \(2, 28\)"):
+        layer(x, tokens=tokens[:, 1:])
+
+
 def test_bad_mamba2_shapes_raise():
     with pytest.raises(ValueError, match="head_dim"):
         Mamba2(30, head_dim=16)

@@ -9,7 +9,6 @@ from transformers import CompileConfig
 
 from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
 from bmojo.layers import MixerState
-from bmojo.layers.bmojo import stack_rows
 from bmojo.models.config import PRESETS
 from bmojo.models.modeling import compile_steps_config, count_parameters
 
@@ -474,17 +473,19 @@ def test_padded_batch_equals_each_sequence_alone(name, side):
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name,extra", [(name, {}) for name in PRESETS] + [
     ("bmojo", dict(chunk_size=3, selection="random")),
     ("bmojo", dict(bmojo_ssm="mamba", tie_fading_kv=False, num_key_value_heads=1, selection="recency")),
 ])  # fmt: skip
-def test_left_padded_prompts_prefill_and_decode_as_each_alone(name, extra):
-    """Prompts of 23, 9, 16 and 1 tokens padded on the left fill a cache whose rows then decode together, each at its
-    own positions: 30 tokens, 5 in one call and then one a call (through each row's own chunk boundaries, and after a
-    reordering of the rows, which differ in padding), give every row the logits of its prompt alone."""
+def test_padded_prompts_prefill_and_decode_as_each_alone(name, extra, side):
+    """Prompts of 23, 9, 16 and 1 tokens padded on either side fill a cache in one pass whose rows then decode
+    together, each from its own end at its own positions: 30 tokens, 5 in one call and then one a call (through each
+    row's own chunk boundaries, after a reordering of the rows, which differ in padding), give every row the logits of
+    its prompt alone."""
     model = tiny(name, **extra)
     seqs = [torch.randint(0, 128, (1, n)) for n in (23, 9, 16, 1)]
-    ids, mask = _padded(seqs, "left")
+    ids, mask = _padded(seqs, side)
     steps = torch.randint(0, 128, (4, 30))
     calls, order = [slice(0, 5), *(slice(t, t + 1) for t in range(5, 30))], [2, 0, 3, 1]
     with torch.no_grad():
@@ -492,8 +493,9 @@ def test_left_padded_prompts_prefill_and_decode_as_each_alone(name, extra):
         out.cache.reorder_cache(torch.tensor(order))
         stepped = torch.cat([model(steps[:, at], past_key_values=out.cache, use_cache=True).logits for at in calls], 1)
         for row, seq in enumerate(seqs):
-            alone = model(seq, use_cache=True)
-            torch.testing.assert_close(out.logits[row, 23 - seq.shape[1] :], alone.logits[0], atol=1e-5, rtol=1e-5)
+            alone, n = model(seq, use_cache=True), seq.shape[1]
+            at = slice(0, n) if side == "right" else slice(23 - n, 23)
+            torch.testing.assert_close(out.logits[row, at], alone.logits[0], atol=1e-5, rtol=1e-5)
         for row, src in enumerate(order):
             cache = model(seqs[src], use_cache=True).cache
             ref = torch.cat([model(steps[row : row + 1, at], past_key_values=cache, use_cache=True).logits
@@ -504,8 +506,9 @@ def test_left_padded_prompts_prefill_and_decode_as_each_alone(name, extra):
 
 @pytest.mark.parametrize("name", ["bmojo", "jamba", "transformer"])
 def test_generate_from_left_padded_prompts_gives_each_prompt_its_own_tokens(name):
-    """Hugging Face ``generate`` on a batch of prompts padded on the left: greedy, beam search, and a static cache
-    with compiled steps each give every prompt the tokens it gets alone."""
+    """Hugging Face ``generate`` on a batch of prompts padded on the left (on the right, it would read the first new
+    token's logits at the padding, and warns): greedy, beam search, and a static cache with compiled steps each give
+    every prompt the tokens it gets alone."""
     model = tiny(name)
     seqs = [torch.randint(1, 128, (1, n)) for n in (13, 5, 9)]  # (no token 0: generate would take it for padding)
     ids, mask = _padded(seqs, "left")
@@ -518,7 +521,7 @@ def test_generate_from_left_padded_prompts_gives_each_prompt_its_own_tokens(name
                 assert torch.equal(out[row, 13:], model.generate(seq, **kwargs)[0, seq.shape[1] :]), (kwargs, row)
 
 
-def test_unsupported_padding_raises_and_a_right_padded_cache_is_not_continued():
+def test_unsupported_padding_raises():
     model = tiny("bmojo")
     ids = torch.randint(0, 128, (2, 8))
     for mask in ([[0, 1, 1, 1, 1, 1, 1, 0], [1] * 8], [[1, 1, 0, 1, 1, 1, 1, 1], [1] * 8],
@@ -530,24 +533,12 @@ def test_unsupported_padding_raises_and_a_right_padded_cache_is_not_continued():
     with pytest.raises(ValueError, match=r"attention_mask must be \[batch, length\] \(2, 8\)"):
         model(ids, attention_mask=torch.ones(2, 7, dtype=torch.long).tril())
     with torch.no_grad():
-        padded = model(ids, attention_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3]), use_cache=True).cache
-        unpadded = model(ids, attention_mask=torch.ones(2, 8, dtype=torch.long), use_cache=True).cache
-        model(ids[:, :1], past_key_values=unpadded, use_cache=True)
+        cache = model(ids, attention_mask=torch.ones(2, 8, dtype=torch.long), use_cache=True).cache
         with pytest.raises(NotImplementedError, match="pads some of the tokens that continue this cache"):
-            model(ids[:, :3], attention_mask=torch.tensor([[1] * 12, [1] * 10 + [0] * 2]), past_key_values=unpadded)
-        with pytest.raises(NotImplementedError, match="right-padded"):
-            model(ids[:, :1], past_key_values=padded, use_cache=True)
-        with pytest.raises(NotImplementedError, match="right-padded"):
-            model.generate(ids, attention_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3]), max_new_tokens=2,
-                           pad_token_id=0)  # fmt: skip
-        rows = [model(ids[:1, :n], use_cache=True).cache.layers[0] for n in (8, 5)]
-    with pytest.raises(ValueError, match=r"rows of \[8, 5\] tokens do not end together after pads \[0, 2\]"):
-        stack_rows(rows, [0, 2])
+            model(ids[:, :3], attention_mask=torch.tensor([[1] * 11, [1] * 9 + [0] * 2]), past_key_values=cache)
     stored = tiny("bmojo", storage=True)
-    with pytest.raises(NotImplementedError, match="left padding with long-term storage"):
+    with pytest.raises(NotImplementedError, match="padded rows with long-term storage"):
         stored(ids, attention_mask=torch.tensor([[0] * 3 + [1] * 5, [1] * 8]), use_cache=True)
-    with pytest.raises(NotImplementedError, match="long-term storage"):
-        stack_rows([MixerState(store_ids=torch.tensor([0]))], [0])
 
 
 def test_generate_sampling_is_seeded():

@@ -36,7 +36,7 @@ from torch import nn
 
 from bmojo.layers.attention import Attention, Rope
 from bmojo.layers.checks import check_hidden_states
-from bmojo.layers.eidetic import EideticMemory, chunk_memories, merge_topk, stage_evicted
+from bmojo.layers.eidetic import EideticMemory, chunk_memories, memory_before, merge_topk, stage_evicted
 from bmojo.layers.linear import Linear
 from bmojo.layers.ssm import Mamba, Mamba2, SSMState
 from bmojo.layers.storage import StorageConfig, VectorStore, in_batch_retrieval, store_membership
@@ -73,9 +73,9 @@ class MixerState:
     ``_v``, ``_pos``) are views of them. With storage: ``store_ids [B]``, the sequences of the layer's vector store
     this batch reads and writes; ``pend_*``: this chunk's tokens that left the window (``write="all"``), ring slots
     ``t % c``. ``chunk``: the eidetic memory's selection period ``c`` (0: no eidetic memory).
-    ``pads [B]``: the rows of a left-padded batch (:func:`stack_rows`): row ``b``'s first token is at ``pads[b]``; ring
-    slots follow the batch's positions (``pos``), while RoPE, the positions kept (``*_pos``, which say what a query
-    sees) and the chunk boundaries follow each row's own, ``pos - pads``. ``None``: no padding.
+    ``pads [B]``: rows of different lengths (a padded batch): row ``b`` has seen ``pads[b]`` tokens fewer than ``pos``;
+    ring slots follow the batch's positions (``pos``), while RoPE, the positions kept (``*_pos``, which say what a
+    query sees) and the chunk boundaries follow each row's own, ``pos - pads``. ``None``: every row at ``pos``.
     """
 
     seen: int = 0
@@ -213,44 +213,6 @@ class MixerState:
                 setattr(self, name, view)
 
 
-# a window ring's pieces: slots ``p % w`` on this dim
-_RINGS = {"win_k": 2, "win_v": 2, "win_pos": 1, "win_score": 1, "fad_k": 2, "fad_v": 2, "fad_pos": 1, "f_pend": 1}
-_ROWS = (*_RINGS, "f_last", "mem_k", "mem_v", "mem_pos", "stage_k", "stage_v", "stage_pos", "stage_score")
-
-
-def stack_rows(states: list[MixerState], pads: list[int]) -> MixerState:
-    """One state for a left-padded batch from the states of its rows, each filled alone from its first token (row
-    ``b`` at position ``pads[b]`` of the batch; every row ending at the same position): the rows' tensors stacked, the
-    window rings turned so that slots follow the batch's positions, a full-attention buffer shifted to them, the rest
-    (SSM, eidetic memory, positions, which stay each row's own) as they are. See :attr:`MixerState.pads`."""
-    first = states[0]
-    if any(state.store_ids is not None for state in states):
-        raise NotImplementedError("stack_rows: states with long-term storage (store_ids) are not supported")
-    if len({state.seen + pad for state, pad in zip(states, pads)}) > 1:
-        raise ValueError(f"rows of {[state.seen for state in states]} tokens do not end together after pads {pads}")
-    out = MixerState(seen=first.seen + pads[0], chunk=first.chunk, full=first.full)
-    out.pos, out.pads = torch.tensor([out.seen], device=first.pos.device), torch.tensor(pads, device=first.pos.device)
-    if first.ssm is not None:
-        out.ssm = SSMState(*(torch.cat([getattr(state.ssm, n) for state in states]) for n in ("conv", "ssm")))
-    for name in _ROWS:
-        rows, dim = [getattr(state, name) for state in states], _RINGS.get(name)
-        if rows[0] is not None and not (first.full and dim is not None):
-            setattr(out, name, torch.cat([x if dim is None else x.roll(pad % x.shape[dim], dim)
-                                          for x, pad in zip(rows, pads)]))  # fmt: skip
-    if first.full:  # slot = position of the batch: each row's keys after its padding, in buffers of one size
-        size = max(pad + state.win_k.shape[2] for state, pad in zip(states, pads))
-        for name, dim, fill in (("win_k", 2, 0), ("win_v", 2, 0), ("win_pos", 1, -1)):
-            rows = []
-            for state, pad in zip(states, pads):
-                x = getattr(state, name)
-                rows.append(x.new_full((*x.shape[:dim], size, *x.shape[dim + 1 :]), fill))
-                rows[-1].narrow(dim, pad, x.shape[dim]).copy_(x)
-            setattr(out, name, torch.cat(rows))
-    elif first.win_k is not None:
-        out.join_keys()
-    return out
-
-
 def _rows(rope: Rope, rows: slice) -> Rope:
     """``rope`` (``(cos, sin) [..., n, r]`` or ``None``) at some of its positions."""
     return None if rope is None else (rope[0][..., rows, :], rope[1][..., rows, :])
@@ -263,16 +225,32 @@ def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return x.gather(2, flat).reshape(b, h, *pos.shape[1:], d)
 
 
-def _ring_fill(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ring buffer of the last ``size`` entries of ``x [..., L, d]`` (time on dim -2): ``(buffer [..., size, d],
-    positions [size])``, entry ``p`` in slot ``p % size`` (empty slots: zeros, position ``-1``)."""
-    length = x.shape[-2]
-    pos = torch.arange(max(0, length - size), length, device=x.device)
+def roll_rows(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """``x [B, L, ...]`` with row ``b`` turned ``shifts[b]`` places to the left: ``out[b, i] = x[b, (i + shifts[b]) %
+    L]`` (``shifts [B]``; negative: to the right)."""
+    length = x.shape[1]
+    idx = (torch.arange(length, device=x.device) + shifts[:, None]) % length
+    return x.gather(1, idx.view(*idx.shape, *[1] * (x.dim() - 2)).expand_as(x))
+
+
+def _ring_fill(x: torch.Tensor, size: int, pads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring buffer of the last ``size`` entries of ``x [B, ..., L, d]`` (time on dim -2): ``(buffer [B, ..., size, d],
+    positions [B, size])``, entry ``p`` in slot ``p % size`` (empty slots: zeros, position ``-1``). With ``pads [B]``
+    (:attr:`MixerState.pads`) row ``b``'s entries end at ``L - pads[b]``, each in the slot of ``p + pads[b]``."""
+    length, b = x.shape[-2], x.shape[0]
+    at = torch.arange(max(0, length - size), length, device=x.device)  # the slots' positions
+    if pads is None:
+        entries, own = x[..., at, :], at.expand(b, -1)
+    else:
+        own = at - pads[:, None]
+        heads = x if x.dim() == 4 else x.unsqueeze(1)  # [B, H, L, d]
+        entries = _gather_positions(heads, own).masked_fill((own < 0)[:, None, :, None], 0)
+        entries = entries if x.dim() == 4 else entries.squeeze(1)
     buf = x.new_zeros(*x.shape[:-2], size, x.shape[-1])
-    slots = torch.full((size,), -1, dtype=torch.long, device=x.device)
-    buf[..., pos % size, :] = x[..., pos, :]
-    slots[pos % size] = pos
-    return buf, slots
+    positions = torch.full((b, size), -1, dtype=torch.long, device=x.device)
+    buf[..., at % size, :] = entries
+    positions[:, at % size] = own.clamp(min=-1)
+    return buf, positions
 
 
 class BMojoMixer(nn.Module):
@@ -403,12 +381,25 @@ class BMojoMixer(nn.Module):
         self, h: torch.Tensor, state: MixerState | None, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, MixerState | None]:
         length = h.shape[1]
+        pads = None if state is None or valid is None else length - valid.sum(1)  # rows' states at their own ends
+        if pads is not None and self.store is not None:
+            raise NotImplementedError("padded rows with long-term storage are not supported: each row would write its "
+                                      "vector store from its own end")  # fmt: skip
         f = ssm_state = None
         if self.ssm is not None:
-            f, ssm_state = self.ssm(h)
+            if pads is None:
+                f, ssm_state = self.ssm(h)
+            else:  # each row's tokens moved to end at L, the padding before them taking no step
+                f, ssm_state = self.ssm(
+                    roll_rows(h, -pads), tokens=torch.arange(length, device=h.device) >= pads[:, None]
+                )
+                f = roll_rows(f, pads)
         if state is not None:
             state.seen, state.pos, state.ssm = length, torch.tensor([length], device=h.device), ssm_state
-            state.f_last = None if f is None else f[:, -1].clone()  # decoding overwrites it in place
+            state.pads = pads
+            state.f_last = None  # (below: each row's last fading token, a copy, which decoding overwrites in place)
+            if f is not None:
+                state.f_last = (f[:, -1] if pads is None else f[torch.arange(len(pads)), length - 1 - pads]).clone()
         if self.attn is None:
             return f, None, state
 
@@ -431,6 +422,8 @@ class BMojoMixer(nn.Module):
             # memories of every chunk, plus the one holding the next position (recurrent state, storage)
             memories = chunk_memories(scores, w, self.memory.chunk_size, self.memory.size,
                                       length // self.memory.chunk_size + 1)  # fmt: skip
+            if pads is not None:  # the staging memory of each row's own tokens that have left its window
+                memories = (memories[0], memory_before(scores, length - pads - w, self.memory.size))
             eidetic = self._eidetic_memory(k, v, memories, state)
         retrieve = self.store is not None and (state is not None or self.storage.in_batch)
         if retrieve or (w is not None and w < length):
@@ -456,8 +449,9 @@ class BMojoMixer(nn.Module):
         ``0..L//c``); fills ``state.mem_*``/``stage_*``."""
         length, c = k.shape[2], self.memory.chunk_size
         mem_pos, (stage_score, stage_pos) = memories
-        if state is not None:
-            state.chunk, state.mem_pos = c, mem_pos[:, length // c]
+        if state is not None:  # the memory in use at each row's next position
+            now = (length if state.pads is None else length - state.pads) // c
+            state.chunk, state.mem_pos = c, mem_pos[torch.arange(len(mem_pos), device=mem_pos.device), now]
             state.mem_k, state.mem_v = _gather_positions(k, state.mem_pos), _gather_positions(v, state.mem_pos)
             state.stage_pos, state.stage_score = stage_pos, stage_score
             state.stage_k, state.stage_v = _gather_positions(k, stage_pos), _gather_positions(v, stage_pos)
@@ -503,19 +497,20 @@ class BMojoMixer(nn.Module):
     ) -> None:
         """Recurrent state after a parallel pass over positions ``pos`` with keys/values ``k, v``, the ``fading``
         band's (positions ``< L - w``) and fading tokens ``f``."""
-        w, b = self.window, k.shape[0]
-        if w is None:
-            state.win_k, state.win_v, state.win_pos, state.full = k, v, pos.repeat(b, 1), True
+        w, b, pads = self.window, k.shape[0], state.pads
+        state.full = w is None
+        if w is None and pads is None:
+            state.win_k, state.win_v, state.win_pos = k, v, pos.repeat(b, 1)
             return
-        state.win_k, slots = _ring_fill(k, w)
-        state.win_v, _ = _ring_fill(v, w)
-        state.win_pos = slots.repeat(b, 1)
+        size = k.shape[2] if w is None else w  # (full attention: slot = position)
+        (state.win_k, state.win_pos), (state.win_v, _) = (_ring_fill(x, size, pads) for x in (k, v))
+        if w is None:
+            return
         if scores is not None:  # (a mask's selection would have a data-dependent size: a graph break when compiled)
-            state.win_score = torch.where(slots >= 0, scores[:, slots.clamp(min=0)], 0.0)
+            state.win_score = torch.where(state.win_pos >= 0, scores.gather(1, state.win_pos.clamp(min=0)), 0.0)
         if fading is not None:
-            (state.fad_k, slots), (state.fad_v, _) = (_ring_fill(x, w) for x in fading)
-            state.fad_pos = slots.repeat(b, 1)
-            state.f_pend, _ = _ring_fill(f, w)
+            (state.fad_k, state.fad_pos), (state.fad_v, _) = (_ring_fill(x, w, pads) for x in fading)
+            state.f_pend, _ = _ring_fill(f, w, pads)
         state.join_keys()
 
     def _fading_after(

@@ -109,13 +109,22 @@ def chunk_memories(
     for j in range(n_chunks + 1):
         limit = min(length, max(0, j * chunk - window)) if j < n_chunks else max(0, length - window)
         if limit > done:
-            mem_score, mem_pos, _ = merge_topk(
-                mem_score, mem_pos, scores[:, done:limit], positions[:, done:limit], k
-            )
+            mem_score, mem_pos, _ = merge_topk(mem_score, mem_pos, scores[:, done:limit], positions[:, done:limit], k)
             done = limit
         if j < n_chunks:
             out.append(mem_pos)
     return torch.stack(out, dim=1), (mem_score, mem_pos)
+
+
+def memory_before(scores: torch.Tensor, limit: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of each row's positions below ``limit [B]`` by :func:`merge_topk`'s rule (score descending,
+    earlier position first), from ``scores [B, L]``: ``(score, pos) [B, k]`` (empty slots ``-inf``, ``-1``): the
+    running memory of :func:`chunk_memories` for rows whose tokens end at different positions."""
+    positions = torch.arange(scores.shape[1], device=scores.device)
+    masked = scores.masked_fill(positions >= limit[:, None], float("-inf"))
+    score, pos = torch.sort(F.pad(masked, (0, max(0, k - scores.shape[1])), value=float("-inf")), dim=1,
+                            descending=True, stable=True)  # fmt: skip
+    return score[:, :k], pos[:, :k].masked_fill(score[:, :k] == float("-inf"), -1)
 
 
 class EideticMemory(nn.Module):

@@ -65,25 +65,35 @@ class SegmentedSSM(nn.Module):
     segment_length: int = 4096
 
     def forward(
-        self, h: torch.Tensor, state: SSMState | None = None, inplace: bool = False
+        self, h: torch.Tensor, state: SSMState | None = None, inplace: bool = False, tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, SSMState]:
         """``h [B, L, D] -> (y [B, L, D], state after the last token)``, continuing from ``state``; ``inplace``: the
         state after the last token is written into ``state``'s tensors, which keep their storage (a compiled decoding
-        step's static addresses), and ``state`` is returned (else a new state; ``state`` is left as it was)."""
+        step's static addresses), and ``state`` is returned (else a new state; ``state`` is left as it was).
+        ``tokens [B, L]`` (bool): the positions that are tokens; the others (padding before a row's tokens) enter the
+        conv as zeros and take no step (``dt = 0``), so the state is that of the row's tokens alone (their outputs,
+        not)."""
         self._check_inputs(h, state)
         if state is not None and not inplace:
             state = SSMState(state.conv.clone(), state.ssm.clone())
         outs, new = [], state
-        for part in h.split(self.segment_length, dim=1):
-            y, new = self._forward(part, new)
+        if tokens is not None and tokens.shape != h.shape[:2]:
+            raise ValueError(f"tokens must be [batch, length] {tuple(h.shape[:2])}, got {tuple(tokens.shape)}")
+        segments = h.split(self.segment_length, dim=1)
+        masks = [None] * len(segments) if tokens is None else tokens.split(self.segment_length, dim=1)
+        for part, part_tokens in zip(segments, masks):
+            y, new = self._forward(part, new, part_tokens)
             outs.append(y)
         if state is not None and new is not state:
             state.conv.copy_(new.conv)
             state.ssm.copy_(new.ssm)
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], new if state is None else state
 
-    def _forward(self, h: torch.Tensor, state: SSMState | None) -> tuple[torch.Tensor, SSMState]:
-        """One segment: its outputs and the state after it (a new one, or ``state`` updated in place)."""
+    def _forward(
+        self, h: torch.Tensor, state: SSMState | None, tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, SSMState]:
+        """One segment: its outputs and the state after it (a new one, or ``state`` updated in place); ``tokens``:
+        see :meth:`forward`."""
         raise NotImplementedError
 
     def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -150,13 +160,19 @@ class Mamba(SegmentedSSM):
         e = self.intermediate_size
         return (batch, e, self.conv1d.kernel_size[0] - 1), (batch, e, self.ssm_state_size)
 
-    def _forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
+    def _forward(
+        self, h: torch.Tensor, state: SSMState | None = None, tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, SSMState]:
         x, z = self.in_proj(h).chunk(2, dim=-1)
+        if tokens is not None:
+            x = x * tokens[..., None]
         x, conv_state = _causal_conv(x, self.conv1d, None if state is None else state.conv)
         dt, b, c = self.x_proj(x).split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
         if self.dt_layernorm is not None:
             dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
         delta = F.softplus(self.dt_proj(dt).float())
+        if tokens is not None:
+            delta = delta * tokens[..., None]
         a = -torch.exp(self.A_log.float())
         if state is not None and h.shape[1] == 1:
             y, ssm_state = selective_scan_step(state.ssm, x[:, 0], delta[:, 0], a, b[:, 0], c[:, 0])
@@ -225,10 +241,14 @@ class Mamba2(SegmentedSSM):
             self.ssm_state_size,
         )
 
-    def _forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
+    def _forward(
+        self, h: torch.Tensor, state: SSMState | None = None, tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, SSMState]:
         bsz, length, _ = h.shape
         e, gn = self.intermediate_size, self.n_groups * self.ssm_state_size
         z, xbc, dt = self.in_proj(h).split([e, self.conv_dim, self.num_heads], dim=-1)
+        if tokens is not None:
+            xbc = xbc * tokens[..., None]
         if state is not None and length == 1 and not torch.is_grad_enabled():  # decoding: the state in place
             y = mamba2_step(xbc[:, 0], dt[:, 0], z[:, 0], state.conv, state.ssm, self.conv1d.weight, self.conv1d.bias,
                             self.dt_bias, self.A_log, self.D, self.norm.weight, self.norm.eps)  # fmt: skip
@@ -239,6 +259,8 @@ class Mamba2(SegmentedSSM):
         b = b.reshape(bsz, length, self.n_groups, self.ssm_state_size)
         c = c.reshape(bsz, length, self.n_groups, self.ssm_state_size)
         dt = F.softplus(dt.float() + self.dt_bias.float())
+        if tokens is not None:
+            dt = dt * tokens[..., None]
         a = -torch.exp(self.A_log.float())
         init = None if state is None else state.ssm
         y, ssm_state = ssd_scan(x, dt, a, b, c, chunk_size=self.chunk_size, initial_state=init)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bmojo.layers.bmojo import MixerState, stack_rows
+from bmojo.layers.bmojo import MixerState
 
 
 class BMojoCache:
@@ -29,7 +29,6 @@ class BMojoCache:
             raise ValueError(f"max_length must be >= 1 (or None), got {max_length}")
         self.layers = [MixerState(store_ids=store_ids) for _ in range(num_layers)]
         self.max_length = max_length
-        self.padded = False  # filled from right-padded sequences: their states hold the padding, not to be continued
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -88,11 +87,6 @@ class BMojoCache:
                                  f"({self.max_length})")  # fmt: skip
             self.reserve(self.max_length - seen)
             self.mark_static_addresses()
-
-    def stack_rows(self, rows: list[BMojoCache], pads: list[int]) -> None:
-        """Take the states of a left-padded batch from ``rows``, caches each filled by one row alone from its first
-        token, which is at position ``pads[b]`` of the batch (``bmojo.layers.bmojo.stack_rows``)."""
-        self.layers = [stack_rows([row.layers[i] for row in rows], pads) for i in range(len(self.layers))]
 
     def advance_positions(self, tokens: int) -> None:
         """Add ``tokens`` to the position tensor the layers share after the prefill (:meth:`prefilled`), after steps

@@ -15,7 +15,7 @@ from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTr
 from transformers.utils import ModelOutput
 
 from bmojo.atomic import atomic_write
-from bmojo.layers.bmojo import BMojoMixer, MixerState
+from bmojo.layers.bmojo import BMojoMixer, MixerState, roll_rows
 from bmojo.layers.linear import Linear
 from bmojo.layers.norm import GatedRMSNorm, RMSNorm
 from bmojo.layers.ssm import Mamba, Mamba2
@@ -168,11 +168,11 @@ class BMojoPreTrainedModel(PreTrainedModel):
         return False  # the model builds its own BMojoCache
 
 
-def _padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor | None, list[int] | None]:
+def _padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """How ``attention_mask [B, L]`` pads the sequences: ``(valid, None)`` where it pads some on the right only (zeros
-    after its tokens; ``valid``: the positions kept, as bool: causal layers leave the tokens' outputs as they are),
-    ``(None, pads)`` on the left only (``pads[b]`` zeros before row ``b``'s tokens, which end at the last position),
-    ``(None, None)`` where it keeps every position. Padding on both sides or gaps raise ``NotImplementedError``, a
+    after its tokens; ``valid``: the positions kept, as bool: causal layers leave the tokens' outputs as they are, and
+    a cache keeps each row's state at its own end), ``(None, pads)`` on the left only (``pads [B]`` zeros before each
+    row's tokens, which end at the last position), ``(None, None)`` where it keeps every position. Padding on both sides or gaps raise ``NotImplementedError``, a
     row without tokens ``ValueError``. Reads the mask (under ``torch.compile`` a graph break, in a parallel pass only:
     decoding steps do not read it)."""
     if attention_mask is None or bool(attention_mask.all()):
@@ -186,7 +186,7 @@ def _padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> tuple[to
     if keep[:, 0].all() and not (keep[:, 1:] & ~keep[:, :-1]).any():
         return keep, None
     if keep[:, -1].all() and not (keep[:, :-1] & ~keep[:, 1:]).any():
-        return None, (shape[1] - tokens).tolist()
+        return None, shape[1] - tokens
     raise NotImplementedError("attention_mask pads between tokens or on both sides, which is not supported; "
                               "padding on the right or on the left is")  # fmt: skip
 
@@ -259,20 +259,21 @@ class BMojoModel(BMojoPreTrainedModel):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}")
         stepping = cache is not None and cache.started  # else the layers run in parallel (prefill)
-        if stepping and cache.padded:
-            raise NotImplementedError("this cache was filled from right-padded sequences, whose states hold the "
-                                      "padding: it cannot be continued (pad prompts on the left to generate)")  # fmt: skip
         length = inputs_embeds.shape[1]
         if stepping and length > 1 and attention_mask is not None and not bool(attention_mask[:, -length:].all()):
             raise NotImplementedError("attention_mask pads some of the tokens that continue this cache, which is not "
                                       "supported: continue it with unpadded tokens")  # fmt: skip
         valid, pads = (None, None) if stepping else _padding(attention_mask, inputs_embeds.shape[:2])
-        if valid is not None and cache is not None:
-            cache.padded = True
-        if pads is None:
-            x, aux_losses = self._layers(inputs_embeds, cache, valid)
-        else:
-            x, aux_losses = self._left_padded(inputs_embeds, pads, cache)
+        x = inputs_embeds
+        if pads is not None:  # left padding: each row's tokens moved to its start (right padding), and back after
+            x, valid = roll_rows(x, pads), torch.arange(length, device=x.device) < length - pads[:, None]
+        aux_losses = []
+        for i, layer in enumerate(self.layers):
+            x, aux = layer(x, None if cache is None else cache[i], False, valid)  # the cache advances below
+            if aux is not None:
+                aux_losses.append(aux)
+        if pads is not None:
+            x = roll_rows(x, -pads)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         out = BMojoModelOutput(self.norm(x), cache, aux_loss)
         if stepping:
@@ -282,40 +283,6 @@ class BMojoModel(BMojoPreTrainedModel):
         elif cache is not None:
             cache.prefilled()
         return out
-
-    def _layers(
-        self, x: torch.Tensor, cache: BMojoCache | None, valid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``x [B, L, D]`` through the blocks, each continuing its state in ``cache`` (which the caller advances):
-        the output and the innovation losses of the layers that have one."""
-        aux_losses = []
-        for i, layer in enumerate(self.layers):
-            x, aux = layer(x, None if cache is None else cache[i], False, valid)
-            if aux is not None:
-                aux_losses.append(aux)
-        return x, aux_losses
-
-    def _left_padded(
-        self, x: torch.Tensor, pads: list[int], cache: BMojoCache | None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """A left-padded batch ``x [B, L, D]`` (row ``b``'s tokens from position ``pads[b]``), each row through the
-        blocks alone: the outputs (zeros at the padding), each layer's innovation loss averaged over the rows'
-        tokens, and ``cache`` filled with the rows' states (:meth:`BMojoCache.stack_rows`), from which the rows
-        decode together, each at its own positions."""
-        if cache is not None and any(layer.mixer.store is not None for layer in self.layers):
-            raise NotImplementedError("left padding with long-term storage is not supported: each row writes its "
-                                      "own sequences of the vector store")  # fmt: skip
-        outs, caches, losses = [], [], []
-        for row, pad in enumerate(pads):
-            caches.append(None if cache is None else BMojoCache(len(self.layers)))
-            y, aux = self._layers(x[row : row + 1, pad:], caches[-1])
-            outs.append(F.pad(y, (0, 0, pad, 0)))
-            losses.append(aux)
-        if cache is not None:
-            cache.stack_rows(caches, pads)
-        tokens = [x.shape[1] - pad for pad in pads]
-        aux_losses = [sum(aux * n for aux, n in zip(layer, tokens)) / sum(tokens) for layer in zip(*losses)]
-        return torch.cat(outs), aux_losses
 
 
 STORAGE_FILE = "storage.npz"
