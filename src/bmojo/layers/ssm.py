@@ -74,11 +74,11 @@ class SegmentedSSM(nn.Module):
         conv as zeros and take no step (``dt = 0``), so the state is that of the row's tokens alone (their outputs,
         not)."""
         self._check_inputs(h, state)
+        if tokens is not None and tokens.shape != h.shape[:2]:
+            raise ValueError(f"tokens must be [batch, length] {tuple(h.shape[:2])}, got {tuple(tokens.shape)}")
         if state is not None and not inplace:
             state = SSMState(state.conv.clone(), state.ssm.clone())
         outs, new = [], state
-        if tokens is not None and tokens.shape != h.shape[:2]:
-            raise ValueError(f"tokens must be [batch, length] {tuple(h.shape[:2])}, got {tuple(tokens.shape)}")
         segments = h.split(self.segment_length, dim=1)
         masks = [None] * len(segments) if tokens is None else tokens.split(self.segment_length, dim=1)
         for part, part_tokens in zip(segments, masks):

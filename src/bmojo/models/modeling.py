@@ -172,9 +172,9 @@ def _padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> tuple[to
     """How ``attention_mask [B, L]`` pads the sequences: ``(valid, None)`` where it pads some on the right only (zeros
     after its tokens; ``valid``: the positions kept, as bool: causal layers leave the tokens' outputs as they are, and
     a cache keeps each row's state at its own end), ``(None, pads)`` on the left only (``pads [B]`` zeros before each
-    row's tokens, which end at the last position), ``(None, None)`` where it keeps every position. Padding on both sides or gaps raise ``NotImplementedError``, a
-    row without tokens ``ValueError``. Reads the mask (under ``torch.compile`` a graph break, in a parallel pass only:
-    decoding steps do not read it)."""
+    row's tokens, which end at the last position), ``(None, None)`` where it keeps every position. Padding on both
+    sides or gaps raise ``NotImplementedError``, a row without tokens ``ValueError``. Reads the mask (under
+    ``torch.compile`` a graph break, in a parallel pass only: decoding steps do not read it)."""
     if attention_mask is None or bool(attention_mask.all()):
         return None, None
     if attention_mask.shape != shape:
