@@ -349,8 +349,9 @@ class BMojoMixer(nn.Module):
         ``BMojoCache.advance_positions``) and ``state.seen`` (a Python int), outside compiled code
         (``BMojoCache.advance``): an int that a compiled step changes would be an input of its graph, and CUDA graphs
         record one per value.
-        ``valid [B, L]`` (bool, passes from an empty state only): the positions the auxiliary loss averages over
-        (right padding out; the layer is causal, so padding after a sequence leaves its outputs as they are).
+        ``valid [B, L]`` (bool, passes from an empty state only): each row's tokens, padding after them (the layer is
+        causal, so it leaves their outputs as they are): the auxiliary loss averages over the tokens, and a state is
+        filled with each row's state at its own end (:attr:`MixerState.pads`).
         """
         weights = self.attn.q_proj.weight if self.attn is not None else self.ssm.in_proj.weight
         check_hidden_states(h, self.hidden_size, weights.dtype)
