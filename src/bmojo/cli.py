@@ -26,7 +26,7 @@ from bmojo.malloc import keep_freed_memory
 from bmojo.models import BMojoConfig, BMojoForCausalLM
 from bmojo.models.config import PRESETS, SIZES
 from bmojo.models.convert import convert_checkpoint, pattern_summary
-from bmojo.models.modeling import compile_steps_config, count_parameters
+from bmojo.models.modeling import compile_steps_config, count_parameters, left_padded
 from bmojo.prime import copy_tokenizer, fresh_parameter_names, load_source
 from bmojo.prime import prime as prime_model
 from bmojo.recall import (
@@ -356,9 +356,7 @@ def generate(
     rows = [tok.encode(text) or ([] if tok.eos_id is None else [tok.eos_id]) for text in prompt]
     if not all(rows):
         raise typer.BadParameter("the prompt is empty and the tokenizer has no end-of-text token to start from")
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    ids, mask = left_padded(rows, device=device)
     torch.manual_seed(seed)
     options = {} if greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     if compile:  # a static cache, whose steps generate compiles (one graph for every position; prefill eager)
@@ -368,7 +366,7 @@ def generate(
             ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=beams,
             eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **options,
         )  # fmt: skip
-    for text, new in zip(prompt, out[:, width:].tolist()):
+    for text, new in zip(prompt, out[:, ids.shape[1] :].tolist()):
         if tok.eos_id in new:  # (a row that ended before the others is padded after its end-of-text token)
             new = new[: new.index(tok.eos_id) + 1]
         typer.echo(text + tok.decode(new))

@@ -28,6 +28,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from bmojo.data import Tokenizer, load_tokenizer
 from bmojo.evaluate import perplexity
 from bmojo.models import BMojoForCausalLM
+from bmojo.models.modeling import left_padded
 
 
 @register_model("bmojo")
@@ -38,7 +39,7 @@ class BMojoLM(TemplateLM):
     ``device``: a torch device (default: CUDA when available, else the CPU; a CUDA device asked for where there
     is none falls back to the CPU with a warning, as the harness asks for ``cuda`` by default);
     ``max_length``: the longest context fed to the model (longer inputs keep their last tokens);
-    ``batch_size``: inputs of equal length per forward pass (``auto`` means 1);
+    ``batch_size``: inputs per forward pass or ``generate`` call, padded on the left (``auto`` means 1);
     ``max_batch_size`` is passed by the harness and unused.
     """
 
@@ -91,7 +92,8 @@ class BMojoLM(TemplateLM):
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
         """``(sum of log p(continuation | context), whether greedy decoding gives the continuation)`` per request;
-        requests whose model inputs have equal length share a forward pass."""
+        ``batch_size`` requests of similar lengths share a forward pass, padded on the left (so that every row's
+        continuation ends at the last position)."""
         inputs = []
         for _, context, continuation in requests:
             if not continuation:
@@ -100,13 +102,12 @@ class BMojoLM(TemplateLM):
             inputs.append((whole[:-1], whole[-len(continuation) :]))
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(inputs)
-        start = 0
-        while start < len(order):
-            length = len(inputs[order[start]][0])
-            group = [i for i in order[start : start + self.batch_size] if len(inputs[i][0]) == length]
-            ids = torch.tensor([inputs[i][0] for i in group], device=self._device)
+        for start in range(0, len(order), self.batch_size):
+            group = order[start : start + self.batch_size]
+            ids, mask = left_padded([inputs[i][0] for i in group], self.eot_token_id, self._device)
             keep = max(len(inputs[i][1]) for i in group)
-            logprobs = F.log_softmax(self.model(ids, use_cache=False, logits_to_keep=keep).logits.float(), dim=-1)
+            logits = self.model(ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+            logprobs = F.log_softmax(logits.float(), dim=-1)
             for row, i in enumerate(group):
                 target = torch.tensor(inputs[i][1], device=self._device)
                 lp = logprobs[row, -len(target) :]
@@ -114,7 +115,6 @@ class BMojoLM(TemplateLM):
                 greedy = bool((lp.argmax(-1) == target).all())
                 results[i] = (score, greedy)
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], (score, greedy))
-            start += len(group)
         return results
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
@@ -131,27 +131,39 @@ class BMojoLM(TemplateLM):
 
     @torch.inference_mode()
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or, with ``do_sample``, sampled) continuation of each context, cut at the first ``until`` string."""
-        out = []
-        for req in requests:
+        """Greedy (or, with ``do_sample``, sampled) continuation of each context, cut at the first ``until`` string;
+        ``batch_size`` contexts with the same generation settings share a ``generate`` call, padded on the left."""
+        groups: dict[str, list[tuple[int, list[int], list[str]]]] = {}
+        settings = {}
+        for index, req in enumerate(requests):
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs)
             until = kwargs.pop("until", None) or [self.tok.decode([self.eot_token_id]) or "\n\n"]
-            until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             do_sample = bool(kwargs.pop("do_sample", False))
             sampling = {k: kwargs[k] for k in ("temperature", "top_k", "top_p") if k in kwargs} if do_sample else {}
+            key = repr((max_new, do_sample, sorted(sampling.items())))
+            settings[key] = dict(max_new_tokens=max_new, do_sample=do_sample, **sampling)
             ids = ([self.eot_token_id] + self.tok_encode(context))[-self.max_length :]
-            generated = self.model.generate(
-                torch.tensor([ids], device=self._device), max_new_tokens=max_new, do_sample=do_sample,
-                eos_token_id=self.eot_token_id, pad_token_id=self.eot_token_id, **sampling,
-            )  # fmt: skip
-            text = self.tok.decode(generated[0, len(ids) :].tolist())
-            for stop in until:
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
+            groups.setdefault(key, []).append((index, ids, [until] if isinstance(until, str) else list(until)))
+        out = [""] * len(requests)
+        for key, members in groups.items():
+            members.sort(key=lambda member: -len(member[1]))
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start : start + self.batch_size]
+                ids, mask = left_padded([member[1] for member in batch], self.eot_token_id, self._device)
+                generated = self.model.generate(ids, attention_mask=mask, eos_token_id=self.eot_token_id,
+                                                pad_token_id=self.eot_token_id, **settings[key])  # fmt: skip
+                for (index, _, until), new in zip(batch, generated[:, ids.shape[1] :].tolist()):
+                    if self.eot_token_id in new:  # (a row that ended first is padded after its end-of-text token)
+                        new = new[: new.index(self.eot_token_id) + 1]
+                    text = self.tok.decode(new)
+                    for stop in until:
+                        if stop and stop in text:
+                            text = text[: text.index(stop)]
+                    context, gen_kwargs = requests[index].args
+                    self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                    out[index] = text
         return out
 
 

@@ -191,6 +191,17 @@ def _padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> tuple[to
                               "padding on the right or on the left is")  # fmt: skip
 
 
+def left_padded(
+    sequences: list[list[int]], pad_id: int = 0, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one batch padded on the left, as ``generate`` takes prompts of different lengths:
+    ``(input_ids, attention_mask) [B, max length]``, ``pad_id`` and 0 before each sequence."""
+    width = max(map(len, sequences))
+    ids = [[pad_id] * (width - len(seq)) + list(seq) for seq in sequences]
+    mask = [[0] * (width - len(seq)) + [1] * len(seq) for seq in sequences]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Shape, dtype and, in eager mode, the id range (reading min/max would break a ``torch.compile`` graph)."""
     if input_ids.dim() != 2:
