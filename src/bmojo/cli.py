@@ -26,7 +26,7 @@ from bmojo.malloc import keep_freed_memory
 from bmojo.models import BMojoConfig, BMojoForCausalLM
 from bmojo.models.config import PRESETS, SIZES
 from bmojo.models.convert import convert_checkpoint, pattern_summary
-from bmojo.models.modeling import compile_steps_config, count_parameters, left_padded
+from bmojo.models.modeling import compile_steps_config, count_parameters, left_padded, new_tokens
 from bmojo.prime import copy_tokenizer, fresh_parameter_names, load_source
 from bmojo.prime import prime as prime_model
 from bmojo.recall import (
@@ -366,9 +366,7 @@ def generate(
             ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=beams,
             eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **options,
         )  # fmt: skip
-    for text, new in zip(prompt, out[:, ids.shape[1] :].tolist()):
-        if tok.eos_id in new:  # (a row that ended before the others is padded after its end-of-text token)
-            new = new[: new.index(tok.eos_id) + 1]
+    for text, new in zip(prompt, new_tokens(out, ids.shape[1], tok.eos_id)):
         typer.echo(text + tok.decode(new))
 
 

@@ -28,7 +28,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from bmojo.data import Tokenizer, load_tokenizer
 from bmojo.evaluate import perplexity
 from bmojo.models import BMojoForCausalLM
-from bmojo.models.modeling import left_padded
+from bmojo.models.modeling import left_padded, new_tokens
 
 
 @register_model("bmojo")
@@ -133,8 +133,7 @@ class BMojoLM(TemplateLM):
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Greedy (or, with ``do_sample``, sampled) continuation of each context, cut at the first ``until`` string;
         ``batch_size`` contexts with the same generation settings share a ``generate`` call, padded on the left."""
-        groups: dict[str, list[tuple[int, list[int], list[str]]]] = {}
-        settings = {}
+        groups: dict[str, tuple[dict[str, Any], list[tuple[int, list[int], list[str]]]]] = {}  # settings, requests
         for index, req in enumerate(requests):
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs)
@@ -142,21 +141,19 @@ class BMojoLM(TemplateLM):
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             do_sample = bool(kwargs.pop("do_sample", False))
             sampling = {k: kwargs[k] for k in ("temperature", "top_k", "top_p") if k in kwargs} if do_sample else {}
-            key = repr((max_new, do_sample, sorted(sampling.items())))
-            settings[key] = dict(max_new_tokens=max_new, do_sample=do_sample, **sampling)
+            settings = dict(max_new_tokens=max_new, do_sample=do_sample, **sampling)
             ids = ([self.eot_token_id] + self.tok_encode(context))[-self.max_length :]
-            groups.setdefault(key, []).append((index, ids, [until] if isinstance(until, str) else list(until)))
+            members = groups.setdefault(repr(sorted(settings.items())), (settings, []))[1]
+            members.append((index, ids, [until] if isinstance(until, str) else list(until)))
         out = [""] * len(requests)
-        for key, members in groups.items():
+        for settings, members in groups.values():
             members.sort(key=lambda member: -len(member[1]))
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
                 ids, mask = left_padded([member[1] for member in batch], self.eot_token_id, self._device)
                 generated = self.model.generate(ids, attention_mask=mask, eos_token_id=self.eot_token_id,
-                                                pad_token_id=self.eot_token_id, **settings[key])  # fmt: skip
-                for (index, _, until), new in zip(batch, generated[:, ids.shape[1] :].tolist()):
-                    if self.eot_token_id in new:  # (a row that ended first is padded after its end-of-text token)
-                        new = new[: new.index(self.eot_token_id) + 1]
+                                                pad_token_id=self.eot_token_id, **settings)  # fmt: skip
+                for (index, _, until), new in zip(batch, new_tokens(generated, ids.shape[1], self.eot_token_id)):
                     text = self.tok.decode(new)
                     for stop in until:
                         if stop and stop in text:

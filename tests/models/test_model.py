@@ -10,7 +10,7 @@ from transformers import CompileConfig
 from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
 from bmojo.layers import MixerState
 from bmojo.models.config import PRESETS
-from bmojo.models.modeling import compile_steps_config, count_parameters, left_padded
+from bmojo.models.modeling import compile_steps_config, count_parameters, left_padded, new_tokens
 
 # window 8, chunk 4, eidetic 4: at L=40 the window, fading band and eidetic memory are all active
 OVERRIDES = dict(window_size=8, chunk_size=4, eidetic_size=4)
@@ -521,9 +521,11 @@ def test_generate_from_left_padded_prompts_gives_each_prompt_its_own_tokens(name
                 assert torch.equal(out[row, 13:], model.generate(seq, **kwargs)[0, seq.shape[1] :]), (kwargs, row)
 
 
-def test_left_padded_lists_are_generate_inputs():
+def test_left_padded_lists_are_generate_inputs_and_new_tokens_end_at_eos():
     ids, mask = left_padded([[5, 6, 7], [8]], pad_id=9)
     assert ids.tolist() == [[5, 6, 7], [9, 9, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    out = torch.tensor([[5, 6, 7, 2, 0, 0], [9, 9, 8, 3, 4, 1]])
+    assert new_tokens(out, 3, eos_id=0) == [[2, 0], [3, 4, 1]] and new_tokens(out, 3, None) == [[2, 0, 0], [3, 4, 1]]
 
 
 def test_unsupported_padding_raises():

@@ -202,6 +202,13 @@ def left_padded(
     return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
+def new_tokens(out: torch.Tensor, prompt_width: int, eos_id: int | None) -> list[list[int]]:
+    """Each row's new tokens in ``generate``'s output ``out [B, prompt_width + n]``, up to and including its first
+    ``eos_id`` (after which ``generate`` pads a row that ended before the others)."""
+    rows = out[:, prompt_width:].tolist()
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Shape, dtype and, in eager mode, the id range (reading min/max would break a ``torch.compile`` graph)."""
     if input_ids.dim() != 2:
