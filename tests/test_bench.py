@@ -7,6 +7,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from bmojo.bench import (
     inference_model,
     make_runner,
     matched_transformer,
+    memory_point,
     results_table,
     run_bench,
     write_outputs,
@@ -113,6 +115,7 @@ def test_terminal_table_leaves_out_empty_columns_and_fits_80_characters(modes):
     assert len(body) == 2 * len(modes) or len(modes) > 1  # one line a row where the table fits
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a peak since a reset: Linux's VmHWM")
 def test_peak_memory_probe_sees_an_allocation():
     probe = _Memory(torch.device("cpu"))
     before = probe.current()
@@ -120,6 +123,44 @@ def test_peak_memory_probe_sees_an_allocation():
     x = torch.ones(16 << 20)  # 64 MiB, written
     assert probe.peak() - before >= 60 << 20
     del x
+
+
+# A fresh process whose bench module sees no /proc (macOS, Windows): the probe's current size and peak.
+NO_PROC = """
+import torch
+import bmojo.bench as bench
+def no_proc(path, *args, **kwargs):
+    if str(path).startswith("/proc/"):
+        raise FileNotFoundError(path)
+    return open(path, *args, **kwargs)
+bench.open = no_proc
+probe = bench._Memory(torch.device("cpu"))
+probe.reset()
+print(probe.current(), probe.peak())
+"""
+
+
+def test_no_cpu_peak_memory_without_proc(tmp_path):
+    """macOS and Windows have no /proc: a point's memory is None, and the outputs leave it out."""
+    code = subprocess.run([sys.executable, "-c", NO_PROC], capture_output=True, text=True, check=True)
+    assert code.stdout.split() == ["None", "None"]
+    result = run_bench(tiny_settings(presets=["transformer"], lengths=[16], modes=["decode"], repeats=1))
+    for point in result["points"]:
+        point["peak_mem_bytes"] = None
+    assert "peak memory" not in [c.header for c in results_table(result).columns]
+    assert (tmp_path / "memory_vs_length.png") not in write_outputs(result, tmp_path)
+
+
+def test_memory_point_is_none_without_a_peak(monkeypatch):
+    config = BMojoConfig.from_preset("transformer", "tiny")
+    monkeypatch.setattr(_Memory, "current", lambda self: None)
+    assert memory_point(config, "prefill", 1, 8, 1, 0, "cpu") is None
+
+
+def test_bench_and_cli_import_without_the_resource_module():
+    """Windows has no ``resource`` module (transformers, imported first, takes it where it exists, not there)."""
+    code = "import sys, transformers.generation.utils\nsys.modules['resource'] = None\nimport bmojo.cli"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
 
 def test_memory_measured_in_a_subprocess(tmp_path):

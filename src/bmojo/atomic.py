@@ -8,6 +8,9 @@ import os
 import tempfile
 from pathlib import Path
 
+# Windows opens no folder for flushing (NTFS journals a folder's entries itself)
+FLUSH_FOLDERS = os.name != "nt"
+
 
 class atomic_file:
     """A binary file written to ``<path>.<random>.tmp`` and renamed to ``path`` after ``fsync`` on success."""
@@ -41,7 +44,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file or a folder (its entries) to disk."""
+    """Flush a file or a folder (its entries) to disk; a folder only where :data:`FLUSH_FOLDERS`."""
+    if not FLUSH_FOLDERS and os.path.isdir(path):
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

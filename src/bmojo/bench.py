@@ -15,7 +15,8 @@ same hidden size whose depth and MLP width bring its parameter count within 5% o
 on a shared machine falls on all of them alike and the ratios (``vs_baseline``) are the numbers to read.
 
 Peak memory: on CPU the peak resident-set growth of one run, measured in a fresh subprocess per point (so memory
-that earlier points freed into the allocator cannot hide it); on CUDA ``torch.cuda.max_memory_allocated`` growth.
+that earlier points freed into the allocator cannot hide it; Linux only, :class:`_Memory`); on CUDA
+``torch.cuda.max_memory_allocated`` growth.
 For ``decode`` it is the size of the cache after the prefill plus the peak growth while decoding (not what the
 prefill freed into the allocator), and ``cache_bytes`` is the cache's exact size after the timed steps. For
 ``train`` the step's FLOPs are counted by ``torch.utils.flop_counter`` (matmuls and attention as executed,
@@ -37,9 +38,9 @@ import copy
 import importlib.metadata
 import inspect
 import json
+import mmap
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -350,7 +351,10 @@ def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_st
 
 
 class _Memory:
-    """Peak-memory probe: resident set (Linux ``VmHWM``, reset through ``clear_refs``) or CUDA allocations."""
+    """Peak-memory probe: CUDA's allocator counters; on a CPU the resident set, its current size (``statm``) and its
+    peak since :meth:`reset` (``VmHWM``, set back through ``clear_refs``) from Linux's ``/proc``. Elsewhere (macOS,
+    Windows) a CPU gives ``None``: their only peak is the process's lifetime one, which its imports' transients
+    already set above the size a small model's run reaches."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -363,28 +367,31 @@ class _Memory:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
         except OSError:
-            pass  # peak falls back to the process's lifetime peak (ru_maxrss)
+            pass  # the peak stays the process's lifetime peak
 
-    def current(self) -> int:
+    def current(self) -> int | None:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * mmap.PAGESIZE
+        except OSError:
+            return None
 
-    def peak(self) -> int:
+    def peak(self) -> int | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         try:
             with open("/proc/self/status") as f:
                 return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
         except (OSError, StopIteration):
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            return None
 
 
 def memory_point(config: BMojoConfig, mode: str, batch: int, length: int, decode_steps: int, seed: int,
-                 device: str, dtype: str = "float32") -> int:  # fmt: skip
+                 device: str, dtype: str = "float32") -> int | None:  # fmt: skip
     """Peak memory growth in bytes of one run of ``mode``; for ``decode``, the cache plus the peak growth during
-    decoding after the prefill."""
+    decoding after the prefill. None on a CPU outside Linux (:class:`_Memory`)."""
     dev = torch.device(device)
     model, ids = _build(config, seed, dev), _ids(config, batch, length, seed, dev)
     if mode != "train":  # the inference copy is not part of the run's memory
@@ -392,6 +399,8 @@ def memory_point(config: BMojoConfig, mode: str, batch: int, length: int, decode
     probe = _Memory(dev)
     _sync(dev)
     before = probe.current()
+    if before is None:
+        return None
     probe.reset()
     run = make_runner(model, mode, ids, decode_steps, dtype)
     if mode == "decode":  # count the cache, not what the prefill left in the allocator
@@ -411,7 +420,7 @@ def _memory_main() -> None:
     print(json.dumps({"peak_mem_bytes": memory_point(config, **args)}))
 
 
-def _memory_in_subprocess(config: BMojoConfig, **kwargs: Any) -> int:
+def _memory_in_subprocess(config: BMojoConfig, **kwargs: Any) -> int | None:
     """:func:`memory_point` in a fresh Python process."""
     args = json.dumps({"config": config.to_dict(), "threads": torch.get_num_threads(), **kwargs})
     code = "from bmojo.bench import _memory_main; _memory_main()"
@@ -690,7 +699,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     paths[0].write_text(json.dumps(result, indent=1))
     paths[1].write_text(markdown(result))
     paths.append(plot(result, "tokens_per_s", out / "tokens_per_s_vs_length.png", "tokens / s"))
-    if any("peak_mem_bytes" in p for p in result["points"]):
+    if any(p.get("peak_mem_bytes") for p in result["points"]):
         paths.append(plot(result, "peak_mem_bytes", out / "memory_vs_length.png", "peak memory (bytes)"))
     return paths
 

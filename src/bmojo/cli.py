@@ -492,6 +492,8 @@ def bench(
     console.print(results_table(result))
     for line in ratio_summary(result):
         console.print(line)
+    if memory and not any(p.get("peak_mem_bytes") is not None for p in result["points"]):
+        console.print("peak memory: not measured (on a CPU it needs Linux's /proc)")
     console.print("wrote " + ", ".join(map(str, write_outputs(result, out))))
 
 
