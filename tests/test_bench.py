@@ -25,6 +25,7 @@ from bmojo.bench import (
     make_runner,
     matched_transformer,
     memory_point,
+    parse_device,
     results_table,
     run_bench,
     write_outputs,
@@ -149,6 +150,20 @@ def test_no_cpu_peak_memory_without_proc(tmp_path):
         point["peak_mem_bytes"] = None
     assert "peak memory" not in [c.header for c in results_table(result).columns]
     assert (tmp_path / "memory_vs_length.png") not in write_outputs(result, tmp_path)
+
+
+def test_devices_this_machine_lacks_are_refused_and_others_have_no_memory_probe():
+    for name in ("cuda", "mps", "xpu"):
+        if not getattr(torch, name).is_available():
+            with pytest.raises(ValueError, match=f"{name.upper()} is not available"):
+                parse_device(name)
+    with pytest.raises(ValueError, match="unknown device"):
+        parse_device("gpu")
+    with pytest.raises(ValueError, match="META is not available"):
+        parse_device("meta")
+    assert parse_device("cpu") == torch.device("cpu")
+    probe = _Memory(torch.device("mps"))
+    assert probe.current() is None and probe.peak() is None
 
 
 def test_memory_point_is_none_without_a_peak(monkeypatch):

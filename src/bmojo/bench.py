@@ -128,13 +128,15 @@ class BenchSettings:
 
 
 def parse_device(name: str) -> torch.device:
-    """``torch.device(name)``; ``ValueError`` for an unknown device, or CUDA where this machine has none."""
+    """``torch.device(name)``; ``ValueError`` for an unknown device, or an accelerator (``cuda``, ``mps``, ``xpu``)
+    this machine does not have."""
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"unknown device {name!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu
+    if device.type != "cpu" and not getattr(backend, "is_available", lambda: False)():
+        raise ValueError(f"device {name!r} requested but {device.type.upper()} is not available")
     return device
 
 
@@ -179,7 +181,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({cpu})",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} ({cpu})",
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -219,8 +221,11 @@ def code_info() -> dict[str, Any]:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (accelerators run kernels asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type != "cpu":
+        getattr(torch, device.type).synchronize()  # torch.mps, torch.xpu: their current device
 
 
 def matmul_peak_flops(device: str, n: int | None = None, repeats: int = 5, dtype: str = "float32") -> float:
@@ -352,9 +357,9 @@ def make_runner(model: BMojoForCausalLM, mode: str, ids: torch.Tensor, decode_st
 
 class _Memory:
     """Peak-memory probe: CUDA's allocator counters; on a CPU the resident set, its current size (``statm``) and its
-    peak since :meth:`reset` (``VmHWM``, set back through ``clear_refs``) from Linux's ``/proc``. Elsewhere (macOS,
-    Windows) a CPU gives ``None``: their only peak is the process's lifetime one, which its imports' transients
-    already set above the size a small model's run reaches."""
+    peak since :meth:`reset` (``VmHWM``, set back through ``clear_refs``) from Linux's ``/proc``. Elsewhere (a CPU on
+    macOS or Windows, other accelerators) ``None``: a CPU's only peak there is the process's lifetime one, which its
+    imports' transients already set above the size a small model's run reaches."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -372,6 +377,8 @@ class _Memory:
     def current(self) -> int | None:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
+        if self.device.type != "cpu":
+            return None
         try:
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * mmap.PAGESIZE
@@ -381,6 +388,8 @@ class _Memory:
     def peak(self) -> int | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
+        if self.device.type != "cpu":
+            return None
         try:
             with open("/proc/self/status") as f:
                 return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))

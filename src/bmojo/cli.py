@@ -493,7 +493,7 @@ def bench(
     for line in ratio_summary(result):
         console.print(line)
     if memory and not any(p.get("peak_mem_bytes") is not None for p in result["points"]):
-        console.print("peak memory: not measured (on a CPU it needs Linux's /proc)")
+        console.print("peak memory: not measured (on a CPU it needs Linux's /proc; on accelerators, CUDA)")
     console.print("wrote " + ", ".join(map(str, write_outputs(result, out))))
 
 
