@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import logging
 import pstats
 import re
 import statistics
@@ -133,13 +132,14 @@ def cpu_counts(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, Any]:
     return {"ops": counter.count, "kernels": generated_kernel_calls(codes)}
 
 
-def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, int]:
-    """Kernel calls of the compiled decoding step as inductor generates it for a GPU, counted on a CPU: its Triton
-    backend for CPU tensors (``cpu_backend="triton"``, concatenations fused as on CUDA) with Triton aimed at a
-    stand-in H100, products through ``F.linear`` and our Triton kernels (``BMOJO_KERNELS=triton``, the prefill before
-    it on the PyTorch path) as on CUDA. The code is captured as inductor writes it; compiling its kernels for the CPU
-    then fails, and nothing runs. A proxy for a GPU step's launches (CUDA's attention and matrix products may launch
-    more than one kernel a call, and CUDA-graph replays copy inputs)."""
+@contextlib.contextmanager
+def gpu_codegen(codes: list[str], **inductor: Any) -> Iterator[None]:
+    """Within it, ``torch.compile`` writes code for a GPU on a CPU and appends every graph's to ``codes``: inductor's
+    Triton backend for CPU tensors (``cpu_backend="triton"``, concatenations fused as on CUDA; ``inductor``: more of
+    its options) with Triton aimed at a stand-in H100, products through ``F.linear`` and our Triton kernels
+    (``BMOJO_KERNELS=triton``) as on CUDA, backward graphs lowered with their forward. The kernels are not compiled,
+    and the block ends at the first launch of one (the code is written by then)."""
+    import torch._inductor.async_compile as async_compile
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -153,29 +153,47 @@ def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, in
         def get_current_stream(self, device: int | None = None) -> int:
             return 0
 
+    class Launched(Exception):
+        pass
+
+    class Uncompiled:  # a kernel that stops the block when launched
+        def run(self, *args: Any, **kwargs: Any) -> None:
+            raise Launched
+
+        def __getattr__(self, name: str) -> Any:  # (set-up calls)
+            return lambda *args, **kwargs: None
+
+    torch._dynamo.reset()
+    previous = getattr(triton.runtime.driver, "_active", None)  # None until a driver was needed
+    triton.runtime.driver.set_active(StandInH100())
+    try:
+        with (
+            _kernel_mode("triton"),
+            torch._inductor.config.patch(cpu_backend="triton", force_pointwise_cat=True, compile_threads=1,
+                                         **inductor),
+            torch._functorch.config.patch(force_non_lazy_backward_lowering=True),
+            mock.patch.object(async_compile.AsyncCompile, "triton", lambda self, *args, **kwargs: Uncompiled()),
+            mock.patch.object(bmojo.layers.linear, "linear", F.linear),
+            mock.patch.object(GraphLowering, "save_output_code", codes.append),
+        ):  # fmt: skip
+            yield
+    except Launched:
+        pass
+    finally:
+        triton.runtime.driver.set_active(previous)  # (reset_active would look for a GPU)
+        torch._dynamo.reset()
+
+
+def gpu_kernel_calls(model: BMojoForCausalLM, ids: torch.Tensor) -> dict[str, int]:
+    """Kernel calls of the compiled decoding step as inductor generates it for a GPU, counted on a CPU
+    (:func:`gpu_codegen`; the prefill before it on the PyTorch path). A proxy for a GPU step's launches (CUDA's
+    attention and matrix products may launch more than one kernel a call, and CUDA-graph replays copy inputs)."""
     codes: list[str] = []
     with torch.no_grad():
         with _kernel_mode("reference"):
             cache, token = _prefilled(model, ids, 4)
-        torch._dynamo.reset()
-        previous = getattr(triton.runtime.driver, "_active", None)  # None until a driver was needed
-        triton.runtime.driver.set_active(StandInH100())
-        logging.disable(logging.CRITICAL)  # inductor logs the failed CPU compile of its kernels
-        try:
-            with (
-                _kernel_mode("triton"),
-                torch._inductor.config.patch(cpu_backend="triton", force_pointwise_cat=True, compile_threads=1),
-                mock.patch.object(bmojo.layers.linear, "linear", F.linear),
-                mock.patch.object(GraphLowering, "save_output_code", codes.append),
-            ):
-                torch.compile(model)(token, past_key_values=cache, use_cache=True)
-        except Exception:  # the generated kernels do not compile for the CPU; the code is what this counts
-            if not codes:
-                raise
-        finally:
-            triton.runtime.driver.set_active(previous)  # (reset_active would look for a GPU)
-            logging.disable(logging.NOTSET)
-            torch._dynamo.reset()
+        with gpu_codegen(codes):
+            torch.compile(model)(token, past_key_values=cache, use_cache=True)
     return generated_kernel_calls(codes)
 
 
