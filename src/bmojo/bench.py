@@ -372,7 +372,7 @@ class _Memory:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
         except OSError:
-            pass  # the peak stays the process's lifetime peak
+            pass  # (no /proc: no peak either)
 
     def current(self) -> int | None:
         if self.device.type == "cuda":
