@@ -34,10 +34,23 @@ def test_generated_kernel_calls_counts_fused_kernels_our_kernels_external_calls_
         "mm": 4, "fused": 4, "ours": 2, "bmm": 2, "_scaled_dot_product_flash_attention_for_cpu": 2}  # fmt: skip
 
 
-# gpu_kernel_calls for 1-layer models (in a process of its own: it swaps Triton's driver for a stand-in)
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+def run_gpu_codegen(code: str) -> dict[str, list[str]]:
+    """Output lines of ``code``, run with the benchmarks importable in a process of its own (``gpu_codegen`` swaps
+    Triton's driver for a stand-in) without the Triton interpreter, as ``{first word: the others}``."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import sys\nsys.path.insert(0, {BENCHMARKS!r})\n{code}"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: rest for name, *rest in map(str.split, proc.stdout.splitlines())}
+
+
+# gpu_kernel_calls for 1-layer models
 GPU_KERNELS = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
+import torch
 from decode_profile import gpu_kernel_calls
 from bmojo import BMojoConfig, BMojoForCausalLM
 for preset in ("transformer", "bmojo"):
@@ -53,13 +66,7 @@ def test_gpu_kernel_calls_count_the_code_inductor_generates_for_a_gpu():
     token and the fading token in one product each, o, the MLP's 3), each with the LM head's; B'MOJO's Mamba-2 step
     (conv, state update, skip, gated norm) and eidetic memory update as our two Triton kernels; inductor's Triton
     kernels for the rest, more of them for B'MOJO."""
-    pytest.importorskip("triton")
-    benchmarks = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", GPU_KERNELS, benchmarks], env=env, capture_output=True, text=True,
-                          check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = {name: list(map(int, rest)) for name, *rest in map(str.split, proc.stdout.splitlines())}
+    counts = {name: list(map(int, rest)) for name, rest in run_gpu_codegen(GPU_KERNELS).items()}
     assert counts["transformer"][0] == 7 + 1 and counts["bmojo"][0] == 10 + 1
     assert counts["transformer"][1] > 0 and counts["bmojo"][1] > counts["transformer"][1]
     assert counts["transformer"][2] == 0 and counts["bmojo"][2] == 2

@@ -1,13 +1,13 @@
 """``benchmarks/train_gpu_bytes.py``: the bytes of inductor's Triton kernels in a training step's code for a GPU,
-written on a CPU (in a process of its own: it swaps Triton's driver for a stand-in)."""
+written on a CPU."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
+from test_decode_profile import run_gpu_codegen
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from train_gpu_bytes import kernel_bytes  # noqa: E402
@@ -35,8 +35,6 @@ def test_kernel_bytes_counts_the_graphs_launches_not_the_benchmark_harness():
 
 
 SPLIT = """
-import sys
-sys.path.insert(0, sys.argv[1])
 from train_gpu_bytes import split, step_bytes, total
 from bmojo import BMojoConfig
 for preset in ("transformer", "bmojo"):
@@ -48,13 +46,7 @@ for preset in ("transformer", "bmojo"):
 
 def test_a_layer_and_the_rest_add_up_to_the_whole_model():
     """From 1 and 2 layers, a 3-layer model's bytes and kernel calls, generated on their own."""
-    pytest.importorskip("triton")
-    benchmarks = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SPLIT, benchmarks], env=env, capture_output=True, text=True,
-                          check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {name: list(map(float, rest)) for name, *rest in map(str.split, proc.stdout.splitlines())}
+    rows = {name: list(map(float, rest)) for name, rest in run_gpu_codegen(SPLIT).items()}
     for layer_bytes, layer_calls, rest_bytes, rest_calls, whole_bytes, whole_calls in rows.values():
         assert layer_bytes > 0 and rest_bytes > 0
         assert rest_bytes + 3 * layer_bytes == pytest.approx(whole_bytes, rel=1e-6)

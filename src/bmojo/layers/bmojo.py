@@ -666,7 +666,7 @@ class BMojoMixer(nn.Module):
             q = self.attn.queries(h, _rows(rope, slice(0, 1)))
             if self.store is not None:  # the search runs while the SSM and the window attention do
                 found = self.store.retrieve_async(state.store_ids.tolist(), q, self.storage.topk)
-        f, score = self._fading_after(h, state, state.own_positions(pos))
+        f, score = self._fading_after(h, state, own[..., :1])
         if self.attn is None:
             return f
 
