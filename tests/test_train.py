@@ -25,6 +25,7 @@ from bmojo.train import (
     CheckpointError,
     ConfigError,
     TrainConfig,
+    _objective,
     build_model_config,
     distill_kl,
     list_checkpoints,
@@ -155,6 +156,22 @@ def test_distill_kl_matches_hand_computation():
     assert distill_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="do not match"):
         distill_kl(student, teacher[..., :4])
+
+
+def test_objective_is_next_token_cross_entropy_plus_innovation_loss(tmp_path):
+    """A training micro-batch's loss (the model's, through its chunked LM head) on windows ``[b, L + 1]``: the
+    cross-entropy of each window's next tokens from the logits, plus the weighted innovation loss."""
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(
+        BMojoConfig.from_preset("bmojo", "tiny", vocab_size=VOCAB, loss_chunk_size=9, **TINY_MODEL)
+    )
+    windows = torch.randint(0, VOCAB, (3, 33))
+    loss, kl = _objective(model.train(), windows, tiny(tmp_path), None, 0.5)
+    assert kl is None
+    with torch.no_grad():
+        out = model(windows[:, :-1], use_cache=False)
+        ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), windows[:, 1:].flatten())
+    torch.testing.assert_close(loss, ce + model.config.innovation_loss_weight * out.aux_loss)
 
 
 def test_distillation_term_is_logged_and_falls(tmp_path):

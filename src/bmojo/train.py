@@ -511,17 +511,16 @@ def _objective(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Training loss on windows ``[b, L + 1]``: cross-entropy of next tokens + innovation loss (+ distillation)."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
+    if teacher is None:  # the model's own loss, which in training needs no logits (config.loss_chunk_size)
+        return model(input_ids=inputs, shift_labels=targets, use_cache=False).loss, None
     out = model(input_ids=inputs, use_cache=False)
     loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
     if out.aux_loss is not None:
         loss = loss + aux_weight * out.aux_loss
-    kl = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=inputs, use_cache=False).logits
-        kl = distill_kl(out.logits, teacher_logits, cfg.distill_temperature)
-        loss = loss + cfg.distill_weight * kl
-    return loss, kl
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=inputs, use_cache=False).logits
+    kl = distill_kl(out.logits, teacher_logits, cfg.distill_temperature)
+    return loss + cfg.distill_weight * kl, kl
 
 
 @torch.no_grad()

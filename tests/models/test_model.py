@@ -455,11 +455,13 @@ def test_padded_batch_equals_each_sequence_alone(name, side):
     labels = ids.masked_fill(mask == 0, -100)
     if side == "left":
         labels[torch.arange(3), 23 - torch.tensor(lengths)] = -100
-    out = model(ids, attention_mask=mask, labels=labels)
+    out = model(ids, attention_mask=mask, labels=labels)  # in training, the loss without the logits
     alone = [model(seq, labels=seq) for seq in seqs]
-    for row, (one, n) in enumerate(zip(alone, lengths)):
-        at = slice(0, n) if side == "right" else slice(23 - n, 23)
-        torch.testing.assert_close(out.logits[row, at], one.logits[0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        for row, (seq, n) in enumerate(zip(seqs, lengths)):
+            at = slice(0, n) if side == "right" else slice(23 - n, 23)
+            torch.testing.assert_close(logits[row, at], model(seq).logits[0], atol=1e-5, rtol=1e-5)
     targets = [n - 1 for n in lengths]  # next-token targets per sequence
     ce = sum((one.loss - (0 if one.aux_loss is None else model.config.innovation_loss_weight * one.aux_loss)) * k
              for one, k in zip(alone, targets)) / sum(targets)  # fmt: skip
@@ -572,6 +574,82 @@ def test_loss_is_cross_entropy_plus_weighted_innovation_loss():
     assert all(p.grad is not None for n, p in model.named_parameters() if "predictor" in n)
     plain = tiny("transformer")(ids, labels=labels)
     assert plain.aux_loss is None
+
+
+@pytest.mark.parametrize("name", ["bmojo", "transformer"])
+def test_training_loss_without_logits_matches_the_loss_of_the_logits(name):
+    """In training, ``loss_chunk_size``: the loss through the chunked LM head and no logits; the loss and every
+    gradient of the logits' loss (``loss_chunk_size=0``), with ignored labels."""
+    ids = torch.randint(0, 128, (2, 30))
+    labels = ids.masked_fill(torch.arange(30) < torch.tensor([[4], [0]]), -100)
+    results = []
+    for chunk in (7, 0):
+        model = tiny(name, loss_chunk_size=chunk).train()
+        out = model(ids, labels=labels)
+        out.loss.backward()
+        assert (out.logits is None) == (chunk > 0)
+        results.append([out.loss.detach()] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_shift_labels_and_num_items_in_batch():
+    """``shift_labels`` are each position's own targets; ``num_items_in_batch`` divides the summed cross-entropy and
+    weighs the innovation loss by the batch's share of the targets."""
+    model = tiny("bmojo")
+    ids = torch.randint(0, 128, (2, 30))
+    out = model(ids, labels=ids)
+    shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    torch.testing.assert_close(model(ids, shift_labels=shifted).loss, out.loss)
+    total = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    weight = model.config.innovation_loss_weight
+    got = model(ids, labels=ids, num_items_in_batch=100).loss
+    torch.testing.assert_close(got, total / 100 + weight * out.aux_loss * 58 / 100)
+
+
+@pytest.mark.parametrize(
+    ("labels", "kwargs", "error", "message"),
+    [
+        (lambda ids: ids.masked_fill(ids == ids[0, 3], 128), {}, ValueError, "labels holds 128, outside the vocab"),
+        (lambda ids: ids.masked_fill(ids == ids[0, 3], -1), {}, ValueError, "labels holds -1, outside the vocab"),
+        (lambda ids: ids.float(), {}, TypeError, "labels must be an integer tensor"),
+        (lambda ids: ids[:, 1:], {}, ValueError, r"labels must have shape \(2, 30\)"),
+        (lambda ids: ids, {"logits_to_keep": 1}, ValueError, "logits_to_keep=0"),
+    ],
+)
+def test_bad_labels_raise(labels, kwargs, error, message):
+    model = tiny("bmojo")
+    ids = torch.randint(0, 128, (2, 30))
+    with pytest.raises(error, match=message):
+        model(ids, labels=labels(ids), **kwargs)
+    if not kwargs:  # in training too, where the loss is the chunked one
+        with pytest.raises(error, match=message.replace("labels", "shift_labels")):
+            model.train()(ids, shift_labels=labels(ids))
+
+
+def test_hf_trainer_gradient_accumulation_takes_the_steps_mean(tmp_path):
+    """Hugging Face ``Trainer`` passes ``num_items_in_batch`` to a model whose ``forward`` takes ``**kwargs`` and then
+    leaves the loss of each micro-batch as it is: one step over 4 sequences (different counts of ignored labels) as 2
+    micro-batches moves the weights as one batch of 4 does (it moved them twice as far before)."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.randint(0, 128, (4, 24))
+    labels = ids.masked_fill(torch.arange(24) < torch.tensor([[0], [15], [3], [20]]), -100)
+    data = [{"input_ids": i, "labels": t} for i, t in zip(ids, labels)]
+    moved = []
+    for accumulate in (1, 2):
+        model = tiny("transformer").train()
+        before = [p.detach().clone() for p in model.parameters()]
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(accumulate)), per_device_train_batch_size=4 // accumulate,
+            gradient_accumulation_steps=accumulate, max_steps=1, learning_rate=1.0, optim="sgd",
+            lr_scheduler_type="constant", max_grad_norm=0, report_to=[], save_strategy="no", use_cpu=True,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=data).train()
+        moved.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+    for a, b in zip(*moved):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_untied_embeddings():

@@ -74,7 +74,9 @@ MODEL_PRESETS = {"bmojo": 4, "swa": 2, "jamba": 1}
 
 def tiny_model(preset: str) -> BMojoForCausalLM:
     torch.manual_seed(0)
-    config = BMojoConfig.from_preset(preset, "tiny", window_size=8, chunk_size=8, eidetic_size=3, selection="recency")
+    config = BMojoConfig.from_preset(
+        preset, "tiny", window_size=8, chunk_size=8, eidetic_size=3, selection="recency", loss_chunk_size=0
+    )  # the logits too, which probe_loss weighs
     return BMojoForCausalLM(config)
 
 

@@ -30,6 +30,10 @@ too: outlying keys that graph walks miss; 0: none).
 ``attention_impl`` picks the read-out's implementation in every layer with a window, fading band or eidetic memory
 (``bmojo.ops.attention.union_attention``'s ``impl``): ``auto`` (default: the fastest that applies), ``triton``,
 ``flex``, ``blocks`` or ``merge``; full causal attention layers always use SDPA.
+
+``loss_chunk_size``: in training (training mode, gradients on), ``BMojoForCausalLM`` computes a loss given labels
+through the LM head this many tokens at a time, without the logits of the whole batch
+(``bmojo.ops.loss.linear_cross_entropy``), and returns no logits; 0: the logits, then the loss (as in evaluation).
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ class BMojoConfig(PretrainedConfig):
         attention_bias: bool = False,
         attention_block_size: int = 64,
         attention_impl: str = "auto",
+        loss_chunk_size: int = 2048,
         ssm_bias: bool = False,
         ssm_conv_bias: bool = True,
         mamba_dt_bc_norm: bool = False,
@@ -180,6 +185,7 @@ class BMojoConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.attention_block_size = attention_block_size
         self.attention_impl = attention_impl
+        self.loss_chunk_size = loss_chunk_size
         self.ssm_bias = ssm_bias
         self.ssm_conv_bias = ssm_conv_bias
         self.mamba_dt_bc_norm = mamba_dt_bc_norm
@@ -206,8 +212,10 @@ class BMojoConfig(PretrainedConfig):
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.eidetic_size, int) or self.eidetic_size < 0:
-            raise ValueError(f"eidetic_size must be an integer >= 0, got {self.eidetic_size!r}")
+        for name in ("eidetic_size", "loss_chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         for name, zero_ok in (("rope_theta", False), ("rms_norm_eps", False), ("initializer_range", True)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not (value >= 0 if zero_ok else value > 0):
@@ -261,7 +269,9 @@ class BMojoConfig(PretrainedConfig):
         if size not in SIZES:
             raise ValueError(f"unknown size {size!r}; expected one of {tuple(SIZES)}")
         hidden, heads, target = SIZES[size]
-        base: dict[str, Any] = dict(hidden_size=hidden, num_attention_heads=heads, use_mlp=name not in ("mamba", "mamba2"))
+        base: dict[str, Any] = dict(
+            hidden_size=hidden, num_attention_heads=heads, use_mlp=name not in ("mamba", "mamba2")
+        )
         if size == "tiny":
             base.update(
                 vocab_size=128, num_hidden_layers=2, num_key_value_heads=2, intermediate_size=128,

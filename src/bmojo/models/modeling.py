@@ -22,6 +22,7 @@ from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.layers.storage import StorageConfig, StorageFileError, VectorStore, load_stores, save_stores
 from bmojo.models.cache import BMojoCache
 from bmojo.models.config import BMojoConfig
+from bmojo.ops.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 
 
 def build_mixer(config: BMojoConfig, kind: str, layer_idx: int = 0) -> BMojoMixer:
@@ -227,6 +228,28 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
+def _targets(
+    labels: torch.Tensor | None, shift_labels: torch.Tensor | None, shape: torch.Size, vocab_size: int
+) -> torch.Tensor | None:
+    """Each position's target token, flat ``[B * L]``: ``shift_labels`` as given, else ``labels`` shifted left by one
+    (the last position's ignored); ``None`` without either. Checks shapes and, in eager mode, the ids' range."""
+    given, name = (shift_labels, "shift_labels") if shift_labels is not None else (labels, "labels")
+    if given is None:
+        return None
+    if given.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the inputs'), got {tuple(given.shape)}")
+    if given.dtype.is_floating_point or given.dtype.is_complex or given.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {given.dtype}")
+    if not torch.compiler.is_compiling():
+        bad = ((given < 0) & (given != IGNORE_INDEX)) | (given >= vocab_size)
+        if bool(bad.any()):
+            raise ValueError(f"{name} holds {int(given[bad][0])}, outside the vocabulary [0, {vocab_size}) and not "
+                             f"the ignored {IGNORE_INDEX}")  # fmt: skip
+    if shift_labels is None:
+        given = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return given.flatten().long()
+
+
 class BMojoModel(BMojoPreTrainedModel):
     """Embedding, ``num_hidden_layers`` blocks, final RMSNorm."""
 
@@ -403,27 +426,43 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         cache: BMojoCache | None = None,
         logits_to_keep: int = 0,
+        shift_labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BMojoCausalLMOutput:
-        """Logits ``[B, L, V]`` (float32); with ``labels [B, L]`` also the next-token loss (``-100`` ignored)."""
+        """Logits ``[B, L, V]`` (float32) and, given ``labels [B, L]``, the loss: the cross-entropy of each position's
+        next token (``labels`` shifted left by one; ``-100`` ignored) plus the innovation loss. ``shift_labels [B, L]``
+        (Hugging Face's name): each position's own target, already shifted (used instead of ``labels``).
+        ``num_items_in_batch`` (Hugging Face ``Trainer``'s count of targets over a step's micro-batches): the
+        cross-entropy's sum is divided by it instead of by this batch's count, and the innovation loss weighed by
+        this batch's share of the targets, so that the micro-batches' losses add up to the step's. In training (training mode, gradients on) with
+        ``config.loss_chunk_size``, the loss is computed without the batch's logits
+        (``bmojo.ops.loss.linear_cross_entropy``), which are then ``None``."""
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         cache = cache if cache is not None else past_key_values
         stepping = isinstance(cache, BMojoCache) and cache.started
         out = self.model(input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False)
         hidden = out.last_hidden_state
+        targets = _targets(labels, shift_labels, hidden.shape[:2], self.config.vocab_size)
+        if targets is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with them")
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden).float()
-        loss = None
-        if labels is not None:
-            if labels.shape != (logits.shape[0], logits.shape[1]) or logits_to_keep:
-                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).long(), ignore_index=-100
+        logits = loss = None
+        fused = self.training and torch.is_grad_enabled() and self.config.loss_chunk_size and self.lm_head.bias is None
+        if targets is not None and fused:
+            chunk = self.config.loss_chunk_size
+            loss = linear_cross_entropy(
+                hidden.flatten(0, 1), self.lm_head.weight, targets, chunk, IGNORE_INDEX, num_items_in_batch
             )
-            if out.aux_loss is not None:
-                loss = loss + self.config.innovation_loss_weight * out.aux_loss
+        else:
+            logits = self.lm_head(hidden).float()
+            if targets is not None:
+                loss = cross_entropy(logits.flatten(0, 1), targets, IGNORE_INDEX, num_items_in_batch)
+        if loss is not None and out.aux_loss is not None:
+            share = 1 if num_items_in_batch is None else (targets != IGNORE_INDEX).sum() / num_items_in_batch
+            loss = loss + self.config.innovation_loss_weight * out.aux_loss * share
         output = BMojoCausalLMOutput(loss, logits, out.aux_loss, out.cache)
         if stepping:  # last: the graph break this makes under torch.compile leaves nothing after it to compile
             cache.advance(out.last_hidden_state.shape[1])
