@@ -49,6 +49,6 @@ def test_a_layer_and_the_rest_add_up_to_the_whole_model():
     rows = {name: list(map(float, rest)) for name, rest in run_gpu_codegen(SPLIT).items()}
     for layer_bytes, layer_calls, rest_bytes, rest_calls, whole_bytes, whole_calls in rows.values():
         assert layer_bytes > 0 and rest_bytes > 0
-        assert rest_bytes + 3 * layer_bytes == pytest.approx(whole_bytes, rel=1e-6)
+        assert rest_bytes + 3 * layer_bytes == pytest.approx(whole_bytes, rel=1e-5)  # (up to a few scalars)
         assert abs(rest_calls + 3 * layer_calls - whole_calls) <= 2  # (where a layer meets the next, fusions vary)
     assert rows["bmojo"][1] > rows["transformer"][1]  # B'MOJO's layer: more kernels (the SSM's, the eidetic memory's)
