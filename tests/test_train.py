@@ -235,6 +235,16 @@ def test_bfloat16_autocast_follows_float32(tmp_path):
     assert not np.array_equal(curves["float32"], curves["bfloat16"])  # autocast did change the arithmetic
 
 
+def test_activation_checkpointing_follows_the_plain_run(tmp_path):
+    """``activation_checkpointing: true``: each block recomputed in the backward, the same loss curve."""
+    tokens, curves = periodic_tokens(1000), {}
+    for on in (False, True):
+        cfg = tiny(tmp_path, steps=4, activation_checkpointing=on, out_dir=str(tmp_path / str(on)))
+        train(cfg, tokens, tokens, vocab_size=VOCAB)
+        curves[on] = np.array([r["loss"] for r in read_metrics(cfg.out_dir)])
+    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_compiled_training_follows_eager(tmp_path):
     """``compile: true`` (torch.compile of the model) gives the eager loss curve to float rounding, as one graph
@@ -368,11 +378,13 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
 
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, mode):
-    """``torchrun --nproc_per_node 2`` (gloo) vs one process accumulating two micro-batches: same loss curve."""
+    """``torchrun --nproc_per_node 2`` (gloo) vs one process accumulating two micro-batches: same loss curve (the
+    two processes with activation checkpointing, which must not change it)."""
     config = write_text_run(tmp_path, steps=8, eval_every=4, save_every=4)
     two, one = tmp_path / "two", tmp_path / "one"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*launcher, "-m", "bmojo.cli", "train", "--config", str(config), f"out_dir={two}", f"distributed={mode}"]
+    command = [*launcher, "-m", "bmojo.cli", "train", "--config", str(config), f"out_dir={two}", f"distributed={mode}",
+               "activation_checkpointing=true"]  # fmt: skip
     subprocess.run(command, env=SUBPROCESS_ENV, check=True, timeout=300)
     run(load_config(config, [f"out_dir={one}", "micro_batch_size=4"]))
 

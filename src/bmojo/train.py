@@ -61,7 +61,7 @@ CHECKPOINT_FORMAT = 1
 # Fields that may differ between a checkpoint and the run resuming it: they do not change the weights.
 RESUMABLE_CHANGES = frozenset(
     {"out_dir", "progress", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "compile",
-     "device", "distributed", "micro_batch_size", "cache_dir", "init_from"}
+     "activation_checkpointing", "device", "distributed", "micro_batch_size", "cache_dir", "init_from"}
 )  # fmt: skip
 
 
@@ -101,6 +101,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     dtype: str = "auto"  # float32, bfloat16 (autocast) or auto (bfloat16 on GPUs that support it)
     compile: bool = False
+    activation_checkpointing: bool = False  # keep each block's input only, recompute the rest in the backward
     device: str = "auto"  # auto, cpu or cuda
     distributed: str = "ddp"  # ddp or fsdp, used when launched with several processes (torchrun)
     seed: int = 0
@@ -680,6 +681,8 @@ def _train(
     if resume:
         check_compatible(state, existing[-1], cfg, config, data_id)
     aliases = _tied_aliases(base)
+    if cfg.activation_checkpointing:
+        base.activation_checkpointing_enable()
     if cfg.compile and cfg.distributed != "fsdp":
         base.compile()
     model = wrap_model(base, cfg.distributed, info)

@@ -652,6 +652,39 @@ def test_hf_trainer_gradient_accumulation_takes_the_steps_mean(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["bmojo", "jamba", "transformer", "mamba"])
+def test_activation_checkpointing_gives_the_same_gradients_from_fewer_saved_tensors(name):
+    """``activation_checkpointing_enable()`` (Hugging Face's): every block keeps only its input and is recomputed in
+    the backward pass; the loss and every gradient are those without it, and autograd holds far fewer bytes."""
+    ids = torch.randint(0, 128, (2, 40))
+    results = []
+    for on in (False, True):
+        model = tiny(name).train()
+        if on:
+            model.activation_checkpointing_enable()
+        assert model.is_activation_checkpointing == on
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append(([out.loss.detach()] + [p.grad for p in model.parameters()], sum(saved)))
+    (with_all, bytes_all), (recomputed, bytes_recomputed) = results
+    for a, b in zip(recomputed, with_all):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert bytes_recomputed < bytes_all / 4
+
+
+def test_activation_checkpointing_refuses_a_cache_in_training():
+    model = tiny("bmojo").train()
+    model.activation_checkpointing_enable()
+    ids = torch.randint(0, 128, (1, 20))
+    with pytest.raises(ValueError, match="fill a cache twice"):
+        model(ids, use_cache=True)
+    with torch.no_grad():  # no backward, nothing recomputed: a cache as usual
+        assert model(ids, use_cache=True).cache.get_seq_length() == 20
+    assert model.eval()(ids, use_cache=True).cache.get_seq_length() == 20
+
+
 def test_untied_embeddings():
     model = tiny("bmojo", tie_word_embeddings=False)
     assert model.lm_head.weight is not model.model.embed_tokens.weight

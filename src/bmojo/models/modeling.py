@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from bmojo.atomic import atomic_write
@@ -88,8 +89,10 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class BMojoBlock(nn.Module):
-    """``x + mixer(norm(x))``, then ``+ mlp(norm(x))`` when the config has MLPs."""
+class BMojoBlock(GradientCheckpointingLayer):
+    """``x + mixer(norm(x))``, then ``+ mlp(norm(x))`` when the config has MLPs. With activation checkpointing
+    (``model.activation_checkpointing_enable()``), training keeps only each block's input and recomputes the rest in
+    the backward pass."""
 
     def __init__(self, config: BMojoConfig, layer_idx: int) -> None:
         super().__init__()
@@ -100,9 +103,9 @@ class BMojoBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if config.use_mlp else None
 
     def forward(
-        self, x: torch.Tensor, state: MixerState | None = None, advance: bool = True, valid: torch.Tensor | None = None
+        self, x: torch.Tensor, cache: MixerState | None = None, advance: bool = True, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, aux, _ = self.mixer(self.input_layernorm(x), state, advance, valid)
+        y, aux, _ = self.mixer(self.input_layernorm(x), cache, advance, valid)
         x = x + y
         if self.mlp is not None:
             x = x + self.mlp(self.post_attention_layernorm(x))
@@ -144,7 +147,7 @@ class BMojoCausalLMOutput(ModelOutput):
 class BMojoPreTrainedModel(PreTrainedModel):
     config_class = BMojoConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["BMojoBlock"]
     _is_stateful = True
 
@@ -295,6 +298,9 @@ class BMojoModel(BMojoPreTrainedModel):
         if cache is not None and not isinstance(cache, BMojoCache):
             raise TypeError(f"cache must be a BMojoCache, got {type(cache).__name__}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if (use_cache or cache is not None) and self.training and torch.is_grad_enabled() and self.is_activation_checkpointing:
+            raise ValueError("activation checkpointing recomputes each layer in the backward pass, which would fill a "
+                             "cache twice: train with use_cache=False and no cache (or call model.eval())")  # fmt: skip
         if use_cache and cache is None:
             cache = BMojoCache(len(self.layers))
         if cache is not None and len(cache) != len(self.layers):
@@ -310,7 +316,7 @@ class BMojoModel(BMojoPreTrainedModel):
             x, valid = roll_rows(x, pads), torch.arange(length, device=x.device) < length - pads[:, None]
         aux_losses = []
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, None if cache is None else cache[i], False, valid)  # the cache advances below
+            x, aux = layer(x, cache=None if cache is None else cache[i], advance=False, valid=valid)  # (advanced below)
             if aux is not None:
                 aux_losses.append(aux)
         if pads is not None:
