@@ -298,7 +298,8 @@ class BMojoModel(BMojoPreTrainedModel):
         if cache is not None and not isinstance(cache, BMojoCache):
             raise TypeError(f"cache must be a BMojoCache, got {type(cache).__name__}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if (use_cache or cache is not None) and self.training and torch.is_grad_enabled() and self.is_activation_checkpointing:
+        training = self.training and torch.is_grad_enabled()
+        if (use_cache or cache is not None) and training and self.is_activation_checkpointing:
             raise ValueError("activation checkpointing recomputes each layer in the backward pass, which would fill a "
                              "cache twice: train with use_cache=False and no cache (or call model.eval())")  # fmt: skip
         if use_cache and cache is None:
@@ -441,9 +442,9 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         (Hugging Face's name): each position's own target, already shifted (used instead of ``labels``).
         ``num_items_in_batch`` (Hugging Face ``Trainer``'s count of targets over a step's micro-batches): the
         cross-entropy's sum is divided by it instead of by this batch's count, and the innovation loss weighed by
-        this batch's share of the targets, so that the micro-batches' losses add up to the step's. In training (training mode, gradients on) with
-        ``config.loss_chunk_size``, the loss is computed without the batch's logits
-        (``bmojo.ops.loss.linear_cross_entropy``), which are then ``None``."""
+        this batch's share of the targets, so that the micro-batches' losses add up to the step's. In training
+        (training mode, gradients on) with ``config.loss_chunk_size``, the loss is computed without the batch's
+        logits (``bmojo.ops.loss.linear_cross_entropy``), which are then ``None``."""
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         cache = cache if cache is not None else past_key_values

@@ -67,6 +67,8 @@ def linear_cross_entropy(
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """The chunked loss; its gradients computed in the forward pass, scaled in the backward."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, num_items):  # type: ignore[override]
         loss, grad_hidden, grad_weight = _chunked(
