@@ -593,6 +593,14 @@ def test_training_loss_without_logits_matches_the_loss_of_the_logits(name):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_trainer_finds_labels_alone():
+    """Hugging Face ``Trainer`` takes every ``forward`` argument with "label" in its name as labels that a batch must
+    hold for an evaluation loss: ``shift_labels`` is a keyword (as in Hugging Face's models), not an argument."""
+    from transformers.utils import find_labels
+
+    assert find_labels(BMojoForCausalLM) == ["labels"]
+
+
 def test_shift_labels_and_num_items_in_batch():
     """``shift_labels`` are each position's own targets; ``num_items_in_batch`` divides the summed cross-entropy and
     weighs the innovation loss by the batch's share of the targets."""
@@ -646,10 +654,17 @@ def test_hf_trainer_gradient_accumulation_takes_the_steps_mean(tmp_path):
             gradient_accumulation_steps=accumulate, max_steps=1, learning_rate=1.0, optim="sgd",
             lr_scheduler_type="constant", max_grad_norm=0, report_to=[], save_strategy="no", use_cpu=True,
         )  # fmt: skip
-        Trainer(model=model, args=args, train_dataset=data).train()
+        trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+        trainer.train()
         moved.append([p.detach() - b for p, b in zip(model.parameters(), before)])
     for a, b in zip(*moved):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():  # evaluation finds the labels (the only forward argument named so) and reports the loss
+        loss = model.eval()(ids, labels=labels).loss
+    predictions = []  # and gives metrics the logits alone (config.keys_to_ignore_at_inference)
+    trainer.compute_metrics = lambda p: predictions.append(p.predictions) or {}
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert len(predictions) == 1 and predictions[0].shape == (4, 24, 128)
 
 
 @pytest.mark.parametrize("name", ["bmojo", "jamba", "transformer", "mamba"])

@@ -86,6 +86,8 @@ class BMojoConfig(PretrainedConfig):
     """
 
     model_type = "bmojo"
+    # outputs that Hugging Face Trainer's evaluation leaves out of the predictions it gathers (the logits remain)
+    keys_to_ignore_at_inference = ["cache", "aux_loss"]
 
     def __init__(
         self,

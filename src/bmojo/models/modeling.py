@@ -433,13 +433,13 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         cache: BMojoCache | None = None,
         logits_to_keep: int = 0,
-        shift_labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BMojoCausalLMOutput:
         """Logits ``[B, L, V]`` (float32) and, given ``labels [B, L]``, the loss: the cross-entropy of each position's
         next token (``labels`` shifted left by one; ``-100`` ignored) plus the innovation loss. ``shift_labels [B, L]``
-        (Hugging Face's name): each position's own target, already shifted (used instead of ``labels``).
+        (a keyword, as Hugging Face's models take it, so that ``Trainer`` finds ``labels`` alone as the label
+        argument): each position's own target, already shifted (used instead of ``labels``).
         ``num_items_in_batch`` (Hugging Face ``Trainer``'s count of targets over a step's micro-batches): the
         cross-entropy's sum is divided by it instead of by this batch's count, and the innovation loss weighed by
         this batch's share of the targets, so that the micro-batches' losses add up to the step's. In training
@@ -451,7 +451,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         stepping = isinstance(cache, BMojoCache) and cache.started
         out = self.model(input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False)
         hidden = out.last_hidden_state
-        targets = _targets(labels, shift_labels, hidden.shape[:2], self.config.vocab_size)
+        targets = _targets(labels, kwargs.get("shift_labels"), hidden.shape[:2], self.config.vocab_size)
         if targets is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with them")
         if logits_to_keep:
