@@ -401,3 +401,44 @@ def test_bf16_autocast_training_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_loss(compiled):
+    """The LM head's chunked loss (``bmojo.ops.loss``) on CUDA under bf16 autocast, GPT-2's vocabulary, eager and
+    compiled: the plain loss and both gradients, to bf16 rounding."""
+    from bmojo.ops.loss import linear_cross_entropy, linear_cross_entropy_reference
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    hidden = torch.randn(4096, 768, generator=g, device=DEV).requires_grad_()
+    weight = (0.02 * torch.randn(50257, 768, generator=g, device=DEV)).requires_grad_()
+    targets = torch.randint(0, 50257, (4096,), generator=g, device=DEV).masked_fill(
+        torch.arange(4096, device=DEV) % 5 == 1, -100
+    )
+    chunked = torch.compile(linear_cross_entropy, fullgraph=True) if compiled else linear_cross_entropy
+    results = []
+    for fn, kw in ((chunked, {"chunk_size": 1024}), (linear_cross_entropy_reference, {})):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(hidden, weight, targets, **kw)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+    (loss, gh, gw), (loss_ref, gh_ref, gw_ref) = results
+    torch.testing.assert_close(loss, loss_ref, atol=1e-3, rtol=1e-3)
+    for got, want in ((gh, gh_ref), (gw, gw_ref)):
+        torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
+
+
+def test_activation_checkpointing_on_cuda_gives_the_same_gradients():
+    """Activation checkpointing over our CUDA kernels (read-out, SSD), compiled: the loss and gradients without it."""
+    ids = torch.randint(0, 128, (2, 150), device=DEV)
+    results = []
+    for on in (False, True):
+        model = _tiny("bmojo", selection="recency").train()
+        if on:
+            model.activation_checkpointing_enable()
+        loss = torch.compile(model)(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
