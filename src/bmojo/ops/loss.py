@@ -94,12 +94,13 @@ def _chunked(
     grad_hidden: bool,
     grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The loss and, where asked for, its gradients with respect to ``hidden`` and ``weight`` (float32)."""
+    """The loss and, where asked for, its gradients with respect to ``hidden`` (in its dtype) and ``weight`` (summed
+    over the chunks in float32)."""
     keep = targets != ignore_index
     scale = 1 / (keep.sum() if num_items is None else num_items)
     picked = torch.where(keep, targets, 0).long()
     loss = hidden.new_zeros((), dtype=torch.float32)
-    d_hidden = []
+    d_hidden = torch.empty_like(hidden) if grad_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
@@ -113,7 +114,7 @@ def _chunked(
         d_logits.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
         d_logits = d_logits.mul_((k * scale)[:, None]).to(h.dtype)
         if grad_hidden:
-            d_hidden.append(d_logits @ weight)
+            d_hidden[rows] = d_logits @ weight
         if grad_weight:
             d_weight += d_logits.t() @ h
-    return loss * scale, torch.cat(d_hidden) if grad_hidden else None, d_weight
+    return loss * scale, d_hidden, d_weight
