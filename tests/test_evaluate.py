@@ -59,6 +59,17 @@ def test_non_overlapping_perplexity_matches_a_window_loop(model, tokens):
     assert result["bits_per_byte"] is None
 
 
+def test_scoring_by_chunks_of_the_lm_head_matches_the_logits(tokens):
+    """A B'MOJO model is scored through its LM head ``loss_chunk_size`` tokens at a time (here 3, across windows'
+    rows): the loss of its logits (``loss_chunk_size=0``)."""
+    losses = []
+    for chunk in (3, 0):
+        torch.manual_seed(0)
+        config = BMojoConfig.from_preset("bmojo", "tiny", vocab_size=257, window_size=4, loss_chunk_size=chunk)
+        losses.append(perplexity(BMojoForCausalLM(config), tokens, context_length=16, batch_size=2, stride=5)["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 def test_strided_perplexity_matches_per_token_contexts(model, tokens):
     length, stride = 8, 3
     result = perplexity(model, tokens, context_length=length, batch_size=2, stride=stride)

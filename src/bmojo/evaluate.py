@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bmojo.models.modeling import BMojoForCausalLM
+from bmojo.ops.loss import linear_cross_entropy
+
 
 def windows(n: int, context_length: int, stride: int | None = None) -> list[tuple[int, int, int]]:
     """Evaluation windows over ``n`` tokens as ``(start, end, scored)``.
@@ -47,7 +50,10 @@ def perplexity(
 ) -> dict[str, Any]:
     """Mean next-token cross-entropy of ``model`` on a 1-D token stream, over :func:`windows`.
 
-    ``model(ids [B, L], use_cache=False, logits_to_keep=k).logits`` gives ``[B, k, V]`` logits. Returns ``loss``
+    ``model(ids [B, L], use_cache=False, logits_to_keep=k).logits`` gives ``[B, k, V]`` logits; a
+    :class:`BMojoForCausalLM` with a ``loss_chunk_size`` is scored through its LM head that many tokens at a
+    time, without the windows' logits (``[B, L, V]`` float32 and their log-softmax: 6.6 GB for one window of 16K
+    tokens over GPT-2's vocabulary). Returns ``loss``
     (nats per scored token), ``ppl = exp(loss)``, ``tokens`` (scored: ``len(tokens) - 1``), and ``bits_per_byte =
     sum of losses / (ln 2 * num_bytes)`` when ``num_bytes`` (UTF-8 bytes of the text) is given, else ``None``.
     ``on_batch(done, total)`` is called after each batch of windows.
@@ -70,10 +76,7 @@ def perplexity(
     try:
         for done, (length, scored, starts) in enumerate(batches, start=1):
             ids = torch.stack([data[s : s + length + 1] for s in starts]).to(device)
-            logits = model(ids[:, :-1], use_cache=False, logits_to_keep=scored).logits
-            targets = ids[:, -scored:]
-            flat = logits.reshape(-1, logits.shape[-1]).float()
-            total += F.cross_entropy(flat, targets.reshape(-1), reduction="sum").item()
+            total += _summed_loss(model, ids, scored)
             if on_batch is not None:
                 on_batch(done, len(batches))
     finally:
@@ -88,6 +91,17 @@ def perplexity(
         "ppl": math.exp(loss),
         "bits_per_byte": total / (math.log(2) * num_bytes) if num_bytes else None,
     }
+
+
+def _summed_loss(model: nn.Module, ids: torch.Tensor, scored: int) -> float:
+    """The summed cross-entropy of the last ``scored`` next tokens of each window ``ids [B, L + 1]``."""
+    targets = ids[:, -scored:].reshape(-1)
+    if isinstance(model, BMojoForCausalLM) and model.loss_chunk_size:
+        hidden = model.model(ids[:, :-1], use_cache=False).last_hidden_state[:, -scored:]
+        chunk = model.loss_chunk_size
+        return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets, chunk, num_items=1).item()
+    logits = model(ids[:, :-1], use_cache=False, logits_to_keep=scored).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum").item()
 
 
 def length_generalisation(

@@ -66,12 +66,16 @@ def test_gradient_of_one_input_only(frozen):
     torch.testing.assert_close(torch.autograd.grad(loss, live)[0], want)
 
 
-def test_without_gradients_only_the_loss():
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_without_gradients_only_the_loss(mode):
+    """Without gradients (evaluation), one product a chunk (the logits), none for gradients."""
     hidden, weight, targets = inputs(25)
-    with torch.no_grad():
+    with mode(), torch.profiler.profile() as prof:
         loss = linear_cross_entropy(hidden, weight, targets, chunk_size=6)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, linear_cross_entropy_reference(hidden, weight, targets).detach())
+    products = [e for e in prof.events() if e.name in ("aten::mm", "aten::addmm")]
+    assert len(products) == 5  # chunks of 6 rows: 25 = 4 * 6 + 1
 
 
 def test_scales_by_the_gradient_of_what_uses_it():

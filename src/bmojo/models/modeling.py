@@ -457,9 +457,8 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = loss = None
-        fused = self.training and torch.is_grad_enabled() and self.config.loss_chunk_size and self.lm_head.bias is None
-        if targets is not None and fused:
-            chunk = self.config.loss_chunk_size
+        chunk = self.loss_chunk_size if self.training and torch.is_grad_enabled() else 0
+        if targets is not None and chunk:
             loss = linear_cross_entropy(
                 hidden.flatten(0, 1), self.lm_head.weight, targets, chunk, IGNORE_INDEX, num_items_in_batch
             )
@@ -474,6 +473,12 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         if stepping:  # last: the graph break this makes under torch.compile leaves nothing after it to compile
             cache.advance(out.last_hidden_state.shape[1])
         return output
+
+    @property
+    def loss_chunk_size(self) -> int:
+        """Tokens a chunk with which a loss goes through the LM head without the batch's logits
+        (``config.loss_chunk_size``); 0: through the logits (also for a head with a bias, which the chunks omit)."""
+        return self.config.loss_chunk_size if self.lm_head.bias is None else 0
 
     def _prepare_cache_for_generation(
         self, generation_config: GenerationConfig, model_kwargs: dict[str, Any], generation_mode: Any, batch_size: int,

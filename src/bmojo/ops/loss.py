@@ -63,6 +63,8 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     with torch.autocast(device, enabled=False):
+        if not torch.is_grad_enabled():  # (an autograd Function would still be asked for its inputs' gradients)
+            return _chunked(hidden, weight, targets, chunk_size, ignore_index, num_items, False, False)[0]
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index, num_items)
 
 
