@@ -31,9 +31,10 @@ too: outlying keys that graph walks miss; 0: none).
 (``bmojo.ops.attention.union_attention``'s ``impl``): ``auto`` (default: the fastest that applies), ``triton``,
 ``flex``, ``blocks`` or ``merge``; full causal attention layers always use SDPA.
 
-``loss_chunk_size``: in training (training mode, gradients on), ``BMojoForCausalLM`` computes a loss given labels
-through the LM head this many tokens at a time, without the logits of the whole batch
-(``bmojo.ops.loss.linear_cross_entropy``), and returns no logits; 0: the logits, then the loss (as in evaluation).
+``loss_chunk_size``: tokens a chunk with which a loss goes through the LM head without the batch's logits
+(``bmojo.ops.loss.linear_cross_entropy``): ``BMojoForCausalLM`` computes its loss so in training (training mode,
+gradients on; the output's logits are then ``None``), and ``bmojo.evaluate`` its scores; a forward pass in evaluation
+mode returns the logits as always. 0: through the logits everywhere.
 """
 
 from __future__ import annotations
