@@ -59,8 +59,8 @@ def test_every_target_ignored_gives_nan_as_the_reference():
 def test_gradient_of_one_input_only(frozen):
     """A frozen head (or rows that need no gradient): the other's gradient, none computed for it."""
     hidden, weight, targets = inputs(25)
-    getattr(locals()[frozen], "requires_grad_")(False)
-    live = weight if frozen == "hidden" else hidden
+    still, live = (hidden, weight) if frozen == "hidden" else (weight, hidden)
+    still.requires_grad_(False)
     want = torch.autograd.grad(linear_cross_entropy_reference(hidden, weight, targets), live)[0]
     loss = linear_cross_entropy(hidden, weight, targets, chunk_size=6)
     torch.testing.assert_close(torch.autograd.grad(loss, live)[0], want)
