@@ -231,6 +231,19 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
+def _check_unpacked(kwargs: dict[str, Any]) -> None:
+    """Raise for inputs that pack several sequences into one row (Hugging Face's ``DataCollatorWithFlattening``):
+    the layers would run each row as one sequence, each sequence seeing the ones before it."""
+    packed = [name for name in ("seq_idx", "cu_seq_lens_q", "cu_seq_lens_k") if kwargs.get(name) is not None]
+    positions = kwargs.get("position_ids")
+    if positions is not None and positions.shape[-1] > 1 and not torch.compiler.is_compiling():
+        if bool((positions.diff(dim=-1) != 1).any()):
+            packed.append("position_ids that restart within a row")
+    if packed:
+        raise NotImplementedError(f"sequences packed into one row ({', '.join(packed)}) are not supported: the "
+                                  f"layers would run each row as one sequence; pad them instead (attention_mask)")  # fmt: skip
+
+
 def _targets(
     labels: torch.Tensor | None, shift_labels: torch.Tensor | None, shape: torch.Size, vocab_size: int
 ) -> torch.Tensor | None:
@@ -286,6 +299,7 @@ class BMojoModel(BMojoPreTrainedModel):
         code (``cache.advance(L)``, as ``BMojoForCausalLM`` does; see ``BMojoMixer.forward``); its position tensor,
         which the layers share after a prefill, is advanced here."""
         cache = cache if cache is not None else past_key_values
+        _check_unpacked(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -449,7 +463,9 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             use_cache = self.config.use_cache and not self.training
         cache = cache if cache is not None else past_key_values
         stepping = isinstance(cache, BMojoCache) and cache.started
-        out = self.model(input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False)
+        out = self.model(
+            input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False, **kwargs
+        )
         hidden = out.last_hidden_state
         targets = _targets(labels, kwargs.get("shift_labels"), hidden.shape[:2], self.config.vocab_size)
         if targets is not None and logits_to_keep:
