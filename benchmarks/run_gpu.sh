@@ -11,6 +11,8 @@
 #   bash benchmarks/run_gpu.sh OUT train-compiled  # the 2K training point with both models through torch.compile
 #   bash benchmarks/run_gpu.sh OUT train-compiled-flex  # the same with the read-out through FlexAttention
 #   bash benchmarks/run_gpu.sh OUT train-compiled-8k    # the same at 8K (batch 2), where the window saves attention
+#   bash benchmarks/run_gpu.sh OUT train-compiled-logits  # train-compiled with the loss through the batch's logits
+#                                                         # (loss_chunk_size=0, as before the chunked loss)
 #   bash benchmarks/run_gpu.sh OUT decode  # decode tokens/s and cache memory at 4K and 32K
 #   bash benchmarks/run_gpu.sh OUT decode-compiled  # decode at 32K with both models through torch.compile, batch 1 and 8
 #   bash benchmarks/run_gpu.sh OUT decode-graphs    # the same with --compile-mode reduce-overhead (CUDA graphs)
@@ -114,10 +116,11 @@ PY
     train)
       bench --lengths 2048 --modes train,prefill --batch 8 --repeats 5 --warmup 2 --out "$out/train_2k"
       bench --lengths 8192 --modes train,prefill --batch 2 --repeats 5 --warmup 2 --out "$out/train_8k" ;;
-    train-compiled|train-compiled-flex|train-compiled-8k)
+    train-compiled|train-compiled-flex|train-compiled-8k|train-compiled-logits)
       impl=$([ "$stage" = train-compiled-flex ] && echo flex || echo auto)
       shape=$([ "$stage" = train-compiled-8k ] && echo "--lengths 8192 --batch 2" || echo "--lengths 2048 --batch 8")
-      bench $shape --modes train --repeats 5 --warmup 2 --compile --set attention_impl=$impl \
+      logits=$([ "$stage" = train-compiled-logits ] && echo "--set loss_chunk_size=0")
+      bench $shape --modes train --repeats 5 --warmup 2 --compile --set attention_impl=$impl $logits \
         ${WARM:+--repeats 1 --warmup 0 --no-memory} --out "$out/${stage//-/_}" ;;
     decode) bench --lengths 4096,32768 --modes decode --batch 1 --decode-steps 32 --repeats 3 --out "$out/decode" ;;
     decode-compiled|decode-graphs|decode-combo)
