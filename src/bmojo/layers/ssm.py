@@ -264,6 +264,6 @@ class Mamba2(SegmentedSSM):
         a = -torch.exp(self.A_log.float())
         init = None if state is None else state.ssm
         y, ssm_state = ssd_scan(x, dt, a, b, c, chunk_size=self.chunk_size, initial_state=init)
-        y = y.float() + x.float() * self.D.float()[:, None]
+        y = y.float() + x * self.D.float()[:, None]  # (x kept in its own dtype for D's gradient, not in float32)
         y = self.norm(y.reshape(bsz, length, e).to(h.dtype), z)
         return self.out_proj(y), SSMState(conv_state, ssm_state)

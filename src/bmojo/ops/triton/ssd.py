@@ -287,7 +287,7 @@ STATES_BYTES = 64 << 20
 def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              initial_state: torch.Tensor | None, chunk_size: int, block_p: int, states_bytes: int,
              store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(y [b, L, H, P] float32, final [b, H, P, N], chunk_states [b, H, chunks, P, N])``, the last each chunk's
+    """``(y [b, L, H, P] in x's dtype, final [b, H, P, N], chunk_states [b, H, chunks, P, N])``, the last each chunk's
     incoming state if ``store_states``, else those of the last piece of at most ``states_bytes`` (one piece for a
     length symbolic under ``torch.compile``, which pieces would specialize)."""
     bsz, length, heads, p = x.shape
@@ -300,7 +300,7 @@ def _forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         pieces = [(first, min(piece, n_chunks - first)) for first in range(0, n_chunks, piece)]
     block_p = _block_p(block_p, p)
     blocks = triton.cdiv(p, block_p)
-    y = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
+    y = torch.empty(bsz, length, heads, p, dtype=x.dtype, device=x.device)
     final = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
     held = pieces[0][1]  # chunk states held at once
     chunk_states = torch.empty(bsz, heads, held, p, n, dtype=torch.float32, device=x.device)
@@ -352,7 +352,7 @@ def _ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     """``(y in x's dtype, final state, each chunk's incoming state)`` (the last empty unless ``store_states``, which
     the backward needs)."""
     y, final, chunk_states = _forward(x, dt, A, B, C, initial_state, chunk_size, block_p, states_bytes, store_states)
-    return y.to(x.dtype), final, chunk_states if store_states else x.new_empty(0)
+    return y, final, chunk_states if store_states else x.new_empty(0)
 
 
 @kernel_op("bmojo::ssd_bwd")
@@ -367,7 +367,7 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
     blocks = triton.cdiv(p, block_p)
     d_out = torch.empty(bsz, heads, n_chunks, p, n, dtype=torch.float32, device=x.device)
     dh0 = torch.empty(bsz, heads, p, n, dtype=torch.float32, device=x.device)
-    dx = torch.empty(bsz, length, heads, p, dtype=torch.float32, device=x.device)
+    dx = torch.empty(bsz, length, heads, p, dtype=x.dtype, device=x.device)
     ddt = torch.empty(bsz, length, heads, blocks, dtype=torch.float32, device=x.device)
     da = torch.empty(bsz, heads, n_chunks, blocks, dtype=torch.float32, device=x.device)
     db, dc = (torch.empty(bsz, length, heads, blocks, n, dtype=torch.float32, device=x.device) for _ in range(2))
@@ -384,7 +384,7 @@ def _ssd_bwd(dy: torch.Tensor, d_final: torch.Tensor, x: torch.Tensor, dt: torch
     )  # fmt: skip
     per_group = (bsz, length, g, heads // g * blocks, n)  # B and C serve every head of their group
     dB, dC = (d.view(per_group).sum(3).to(B.dtype) for d in (db, dc))
-    return [dx.to(x.dtype), ddt.sum(3).to(dt.dtype), da.sum((0, 2, 3)).to(A.dtype), dB, dC, dh0]
+    return [dx, ddt.sum(3).to(dt.dtype), da.sum((0, 2, 3)).to(A.dtype), dB, dC, dh0]
 
 
 register_scan_autograd(_ssd_fwd, _ssd_bwd, options=1)  # the backward takes chunk_size (its own head blocks)
