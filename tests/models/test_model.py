@@ -717,6 +717,56 @@ def test_sequences_packed_into_one_row_raise():
     torch.testing.assert_close(model(ids, position_ids=torch.arange(13).expand(2, 13)).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("name", ["bmojo", "jamba", "transformer"])
+def test_hidden_states_are_the_embeddings_and_each_blocks_output(name):
+    """``output_hidden_states=True``: the embeddings, then each block's output (the blocks run by hand), the last
+    through the final norm, as Hugging Face models give them; in a left-padded batch each row's are those of its
+    sequence alone at its positions; through a cache the step's; through ``generate``, one tuple a call."""
+    model = tiny(name)
+    ids = torch.randint(0, 128, (2, 21))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        x, expected = model.model.embed_tokens(ids), []
+        for block in model.model.layers:
+            expected.append(x)
+            x = block(x)[0]
+        expected.append(model.model.norm(x))
+        assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+        for got, want in zip(out.hidden_states, expected):
+            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits)
+        assert model(ids).hidden_states is None and model.model(ids).hidden_states is None
+
+        seqs = [torch.randint(0, 128, (1, n)) for n in (21, 8)]
+        padded, mask = _padded(seqs, "left")
+        rows = model(padded, attention_mask=mask, output_hidden_states=True).hidden_states
+        for row, seq in enumerate(seqs):
+            alone = model(seq, output_hidden_states=True).hidden_states
+            for got, want in zip(rows, alone):
+                torch.testing.assert_close(got[row, 21 - seq.shape[1] :], want[0], atol=1e-5, rtol=1e-5)
+
+        cache = model(ids[:, :20], use_cache=True).cache
+        step = model(ids[:, 20:], past_key_values=cache, use_cache=True, output_hidden_states=True).hidden_states
+        for got, want in zip(step, out.hidden_states):
+            torch.testing.assert_close(got, want[:, 20:], atol=1e-5, rtol=1e-5)
+
+        gen = model.generate(ids[:1, :9], max_new_tokens=3, do_sample=False, output_hidden_states=True,
+                             return_dict_in_generate=True)  # fmt: skip
+        assert [tuple(h[0].shape) for h in gen.hidden_states] == [(1, 9, 64), (1, 1, 64), (1, 1, 64)]
+
+
+def test_attention_weights_and_selected_hidden_states_raise():
+    model = tiny("bmojo")
+    ids = torch.randint(0, 128, (1, 5))
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        model(ids, output_attentions=True)
+    with pytest.raises(TypeError, match="output_hidden_states must be True or False"):
+        model(ids, output_hidden_states=[-1])
+    model.config.output_hidden_states = True  # the config's choice, when the call makes none
+    assert len(model(ids).hidden_states) == model.config.num_hidden_layers + 1
+    assert model(ids, output_hidden_states=False).hidden_states is None
+
+
 def test_untied_embeddings():
     model = tiny("bmojo", tie_word_embeddings=False)
     assert model.lm_head.weight is not model.model.embed_tokens.weight

@@ -114,11 +114,14 @@ class BMojoBlock(GradientCheckpointingLayer):
 
 @dataclass
 class BMojoModelOutput(ModelOutput):
-    """Final hidden states, the cache and the innovation loss."""
+    """Final hidden states, the cache and the innovation loss; with ``output_hidden_states=True``, ``hidden_states``:
+    the embeddings, each block's output, the last through the final norm (``last_hidden_state``), each ``[B, L,
+    D]``."""
 
     last_hidden_state: torch.Tensor | None = None
     cache: BMojoCache | None = None
     aux_loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
     @property
     def past_key_values(self) -> BMojoCache | None:
@@ -130,13 +133,15 @@ class BMojoModelOutput(ModelOutput):
 class BMojoCausalLMOutput(ModelOutput):
     """``loss`` = cross-entropy + ``innovation_loss_weight * aux_loss``; ``aux_loss`` is also returned alone.
 
-    ``cache`` is the :class:`BMojoCache` (``past_key_values`` in transformers' older naming).
+    ``cache`` is the :class:`BMojoCache` (``past_key_values`` in transformers' older naming); ``hidden_states``: see
+    :class:`BMojoModelOutput`.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     cache: BMojoCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
     @property
     def past_key_values(self) -> BMojoCache | None:
@@ -244,6 +249,20 @@ def _check_unpacked(kwargs: dict[str, Any]) -> None:
                                   f"layers would run each row as one sequence; pad them instead (attention_mask)")  # fmt: skip
 
 
+def _output_hidden_states(kwargs: dict[str, Any], config: BMojoConfig) -> bool:
+    """Whether the call asks for every block's hidden states (``output_hidden_states``, else the config's); asking
+    for attention weights (``output_attentions``), which the fused attention kernels never form, raises."""
+    attentions, record = (kwargs.get(name) for name in ("output_attentions", "output_hidden_states"))
+    if config.output_attentions if attentions is None else attentions:
+        raise NotImplementedError("output_attentions is not supported: the layers' attention runs in fused kernels "
+                                  "that never form its weights")  # fmt: skip
+    record = config.output_hidden_states if record is None else record
+    if not isinstance(record, bool):
+        raise TypeError(f"output_hidden_states must be True or False (hidden states are not selected by index "
+                        f"here), got {record!r}")  # fmt: skip
+    return record
+
+
 def _targets(
     labels: torch.Tensor | None, shift_labels: torch.Tensor | None, shape: torch.Size, vocab_size: int
 ) -> torch.Tensor | None:
@@ -329,15 +348,19 @@ class BMojoModel(BMojoPreTrainedModel):
         x = inputs_embeds
         if pads is not None:  # left padding: each row's tokens moved to its start (right padding), and back after
             x, valid = roll_rows(x, pads), torch.arange(length, device=x.device) < length - pads[:, None]
+        hidden = [] if _output_hidden_states(kwargs, self.config) else None
         aux_losses = []
         for i, layer in enumerate(self.layers):
+            if hidden is not None:
+                hidden.append(x if pads is None else roll_rows(x, -pads))
             x, aux = layer(x, cache=None if cache is None else cache[i], advance=False, valid=valid)  # (advanced below)
             if aux is not None:
                 aux_losses.append(aux)
         if pads is not None:
             x = roll_rows(x, -pads)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        out = BMojoModelOutput(self.norm(x), cache, aux_loss)
+        x = self.norm(x)
+        out = BMojoModelOutput(x, cache, aux_loss, None if hidden is None else (*hidden, x))
         if stepping:
             cache.advance_positions(x.shape[1])
             if advance:
@@ -485,7 +508,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         if loss is not None and out.aux_loss is not None:
             share = 1 if num_items_in_batch is None else (targets != IGNORE_INDEX).sum() / num_items_in_batch
             loss = loss + self.config.innovation_loss_weight * out.aux_loss * share
-        output = BMojoCausalLMOutput(loss, logits, out.aux_loss, out.cache)
+        output = BMojoCausalLMOutput(loss, logits, out.aux_loss, out.cache, out.hidden_states)
         if stepping:  # last: the graph break this makes under torch.compile leaves nothing after it to compile
             cache.advance(out.last_hidden_state.shape[1])
         return output
@@ -527,10 +550,11 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Feed only the tokens the cache has not seen (the whole prompt on the first call). A prompt given as
-        ``inputs_embeds`` comes before ``input_ids``, which then hold only the generated tokens."""
+        ``inputs_embeds`` comes before ``input_ids``, which then hold only the generated tokens. Other keywords
+        (``output_hidden_states``) pass on to :meth:`forward`."""
         cache = cache if cache is not None else past_key_values
         seen = 0 if cache is None else cache.get_seq_length()
-        inputs: dict[str, Any] = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
+        inputs: dict[str, Any] = {**kwargs, "cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
         if inputs_embeds is not None and seen == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:
