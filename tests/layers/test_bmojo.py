@@ -385,6 +385,25 @@ def test_norms_refuse_integers_and_a_gate_of_another_shape():
         GatedRMSNorm(D, n_groups=3)
 
 
+def test_bad_layer_sizes_and_valid_masks_raise():
+    from bmojo.layers import RMSNorm
+    from bmojo.layers.eidetic import EideticMemory
+    from bmojo.layers.rotary import RotaryEmbedding
+    from bmojo.models.cache import BMojoCache
+
+    for build, match in [(lambda: make(window=1.5), "window_size must be an integer >= 1"),
+                         (lambda: RMSNorm(0), "dim must be >= 1"),
+                         (lambda: EideticMemory(D, 0, 4, 4, "innovation"), "eidetic_size must be >= 1"),
+                         (lambda: EideticMemory(D, 2, 0, 4, "innovation"), "window must be >= 1"),
+                         (lambda: RotaryEmbedding(8, theta=0.0), "rope_theta must be a finite number > 0"),
+                         (lambda: BMojoCache(-1), "num_layers must be >= 0"),
+                         (lambda: BMojoCache(2).reserve(-1), "tokens must be >= 0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            build()
+    with pytest.raises(ValueError, match=r"valid must be bool \[batch, length\] \(2, 20\)"):
+        make()(torch.randn(2, 20, D), valid=torch.ones(2, 5, dtype=torch.bool))
+
+
 def test_a_chunk_of_zero_raises_rather_than_taking_the_window():
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         make(chunk_size=0)

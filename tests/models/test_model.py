@@ -794,6 +794,53 @@ def test_bad_input_ids(ids, err, match):
         tiny("bmojo")(ids)
 
 
+def test_small_integer_ids_are_taken():
+    model, ids = tiny("bmojo"), torch.randint(0, 128, (2, 7))
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        torch.testing.assert_close(model(ids.to(dtype)).logits, model(ids).logits)
+
+
+def test_bad_masks_logits_to_keep_and_item_counts_raise():
+    """An additive mask (0 and -inf), a mask of other values or of another shape, a negative ``logits_to_keep`` and a
+    count of targets below 1 raise, naming the problem; ``logits_to_keep`` as a tensor keeps those positions."""
+    model, ids = tiny("bmojo"), torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="not an additive mask"):
+        model(ids, attention_mask=torch.zeros(2, 12).masked_fill(mask == 0, float("-inf")))
+    with pytest.raises(ValueError, match="1 for the tokens and 0 for the padding"):
+        model(ids, attention_mask=mask * 2)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, length\] \(2, 12\)"):
+        model(ids, attention_mask=torch.ones(2, 20))
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, model(ids, attention_mask=mask.bool()).logits)
+    with pytest.raises(ValueError, match="logits_to_keep must be a count >= 0"):
+        model(ids, logits_to_keep=-1)
+    torch.testing.assert_close(model(ids, logits_to_keep=torch.tensor([0, 5])).logits, model(ids).logits[:, [0, 5]])
+    with pytest.raises(ValueError, match="num_items_in_batch .* must be >= 1"):
+        model(ids, labels=ids, num_items_in_batch=0)
+
+
+def test_generate_refuses_right_padding_and_a_cache_that_saw_the_whole_input():
+    model, ids = tiny("bmojo"), torch.randint(1, 128, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    with pytest.raises(ValueError, match="pad the prompts on the left"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)
+    with pytest.raises(ValueError, match="the cache has seen 12 tokens and input_ids holds 12"):
+        model.generate(ids, cache=model(ids, use_cache=True).cache, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("filled_by,used_by", [("transformer", "bmojo"), ("swa", "transformer"),
+                                               ("bmojo", "mamba2"), ("bmojo", "swa"), ("bmojo-f", "bmojo")])  # fmt: skip
+def test_a_cache_filled_by_another_kind_of_model_raises(filled_by, used_by):
+    ids = torch.randint(0, 128, (2, 12))
+    cache = tiny(filled_by)(ids, use_cache=True).cache
+    with pytest.raises(ValueError, match="this cache was filled by another kind of model: layer_pattern"):
+        tiny(used_by)(ids[:, :1], past_key_values=cache)
+    with pytest.raises(ValueError, match="window_size 8 there, 16 here"):
+        tiny(filled_by, window_size=16)(ids[:, :1], past_key_values=cache)
+
+
 def test_from_pretrained_names_a_missing_folder_and_unreadable_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model folder at"):
         BMojoForCausalLM.from_pretrained(tmp_path / "missing")
@@ -801,6 +848,11 @@ def test_from_pretrained_names_a_missing_folder_and_unreadable_weights(tmp_path)
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(OSError, match=f"the weights in {tmp_path / 'm'} are unreadable .*truncated or corrupt"):
+        BMojoForCausalLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(NotADirectoryError, match="is a file: from_pretrained takes the folder"):
+        BMojoForCausalLM.from_pretrained(weights)
+    (tmp_path / "m" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json in"):
         BMojoForCausalLM.from_pretrained(tmp_path / "m")
 
 
@@ -836,6 +888,16 @@ def test_bad_cache_type():
         (dict(attention_impl="cudnn"), "attention_impl"),
         (dict(layer_pattern=["bmojo", "lstm"]), "unknown layer kind"),
         (dict(layer_pattern=["bmojo"]), "num_hidden_layers"),
+        (dict(use_rope="false"), "use_rope must be true or false"),
+        (dict(tie_fading_kv=1), "tie_fading_kv must be true or false"),
+        (dict(windw_size=4), "unknown config field.*windw_size"),
+        (dict(innovation_loss_weight="0.1"), "innovation_loss_weight must be a finite number"),
+        (dict(innovation_loss_weight=float("nan")), "innovation_loss_weight"),
+        (dict(intermediate_size=0), "intermediate_size must be a positive integer"),
+        (dict(partial_rotary_factor=1.5), "partial_rotary_factor must be in"),
+        (dict(storage_topk="3"), "storage_topk must be a positive integer"),
+        (dict(hidden_size=True), "hidden_size must be a positive integer"),
+        (dict(initializer_range=float("inf")), "initializer_range must be a finite number"),
     ],
 )
 def test_invalid_config(kw, match):

@@ -302,8 +302,8 @@ class BMojoMixer(nn.Module):
             raise ValueError(f"unknown ssm {ssm!r}; expected one of {sorted(SSM_TYPES)} or None")
         if not attention and ssm is None:
             raise ValueError("a mixer needs an SSM, attention, or both")
-        if window is not None and window < 1:
-            raise ValueError(f"window_size must be >= 1 (or None for full attention), got {window}")
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window_size must be an integer >= 1 (or None for full attention), got {window!r}")
         if attention and fading and (ssm is None or window is None):
             raise ValueError("the fading band needs both an SSM and a finite window")
         if eidetic_size < 0:
@@ -326,8 +326,9 @@ class BMojoMixer(nn.Module):
             self.fading_v_proj = Linear(hidden_size, self.attn.num_kv_heads * self.attn.head_dim, bias=False)
         use_memory = attention and eidetic_size > 0 and selection != "none"
         self.memory = (
-            EideticMemory(hidden_size, eidetic_size, window, window if chunk_size is None else chunk_size, selection,
-                          seed)  # fmt: skip
+            EideticMemory(
+                hidden_size, eidetic_size, window, window if chunk_size is None else chunk_size, selection, seed
+            )  # fmt: skip
             if use_memory
             else None
         )
@@ -355,6 +356,9 @@ class BMojoMixer(nn.Module):
         """
         weights = self.attn.q_proj.weight if self.attn is not None else self.ssm.in_proj.weight
         check_hidden_states(h, self.hidden_size, weights.dtype)
+        if valid is not None and (valid.shape != h.shape[:2] or valid.dtype != torch.bool):
+            raise ValueError(f"valid must be bool [batch, length] {tuple(h.shape[:2])}, got {valid.dtype} "
+                             f"{tuple(valid.shape)}")  # fmt: skip
         if state is None or not state.started:
             return self._parallel(h, state, valid)
         if valid is not None:

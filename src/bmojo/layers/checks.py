@@ -6,10 +6,10 @@ import torch
 
 
 def check_sizes(**sizes: int) -> None:
-    """``ValueError`` naming the first of ``sizes`` (a layer's constructor arguments) below 1."""
+    """``ValueError`` naming the first of ``sizes`` (a layer's constructor arguments) not an integer >= 1."""
     for name, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be >= 1 (an integer), got {value!r}")
 
 
 def check_hidden_states(h: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> None:

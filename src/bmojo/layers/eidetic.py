@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bmojo.layers.checks import check_sizes
 from bmojo.layers.linear import Linear
 from bmojo.ops.triton import use_triton
 
@@ -134,10 +135,7 @@ class EideticMemory(nn.Module):
         super().__init__()
         if selection not in SELECTIONS:
             raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
-        if size < 0:
-            raise ValueError(f"eidetic_size must be >= 0, got {size}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_sizes(eidetic_size=size, window=window, chunk_size=chunk_size)
         self.size, self.window, self.chunk_size = size, window, chunk_size
         self.selection, self.seed = selection, seed
         self.predictor = Linear(hidden_size, hidden_size, bias=False) if selection == "innovation" else None

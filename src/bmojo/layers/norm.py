@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bmojo.layers.checks import check_sizes
 from bmojo.ops.ssd import gated_rms_norm
 
 
@@ -14,6 +15,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
+        check_sizes(dim=dim)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 

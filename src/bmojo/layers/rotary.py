@@ -48,6 +48,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2 or head_dim < 2:
             raise ValueError(f"RoPE needs an even number of rotated dimensions >= 2, got {head_dim}")
+        if not theta > 0 or theta == float("inf"):
+            raise ValueError(f"rope_theta must be a finite number > 0, got {theta!r}")
         self.head_dim, self.theta = head_dim, theta
         self._inv_freq: torch.Tensor | None = None
 

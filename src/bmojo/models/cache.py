@@ -27,8 +27,11 @@ class BMojoCache:
         """
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 (or None), got {max_length}")
+        if num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         self.layers = [MixerState(store_ids=store_ids) for _ in range(num_layers)]
         self.max_length = max_length
+        self.layout: tuple | None = None  # what the model that filled it says of its layers (``BMojoModel``)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -104,6 +107,8 @@ class BMojoCache:
     def reserve(self, tokens: int) -> None:
         """Room for exactly ``tokens`` more tokens in the full-attention layers' key buffers (a compiled step reads
         the whole buffer, masked; other layers' states are fixed)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
         for state in self.layers:
             state.reserve(tokens, exact=True)
 

@@ -39,6 +39,7 @@ mode returns the logits as always. 0: through the logits everywhere.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -49,6 +50,21 @@ from bmojo.layers.storage import WRITES
 from bmojo.ops.attention import ATTENTION_IMPLS
 
 LAYER_KINDS = ("attention", "swa", "mamba", "mamba2", "bmojo-f", "bmojo")
+BOOL_FIELDS = (
+    "use_mlp",
+    "storage",
+    "storage_in_batch",
+    "storage_async_retrieval",
+    "storage_process",
+    "tie_fading_kv",
+    "qk_norm",
+    "use_rope",
+    "attention_bias",
+    "ssm_bias",
+    "ssm_conv_bias",
+    "mamba_dt_bc_norm",
+    "use_cache",
+)
 PRESETS = ("transformer", "swa", "mamba", "mamba2", "jamba", "bmojo-f", "bmojo")
 
 # size -> (hidden_size, heads, target parameter count); the depth is chosen to hit the target.
@@ -59,6 +75,14 @@ SIZES: dict[str, tuple[int, int, int | None]] = {
     "790m": (1536, 24, 790_000_000),
     "1.4b": (2048, 32, 1_400_000_000),
 }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def jamba_pattern(n_layers: int, period: int = 8) -> list[str]:
@@ -154,7 +178,8 @@ class BMojoConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         self.head_dim = head_dim
-        self.intermediate_size = intermediate_size or 256 * math.ceil(8 * hidden_size / 3 / 256)
+        default_mlp = 256 * math.ceil(8 * hidden_size / 3 / 256) if isinstance(hidden_size, int) else None
+        self.intermediate_size = default_mlp if intermediate_size is None else intermediate_size
         self.use_mlp = use_mlp
         self.window_size = window_size
         self.chunk_size = chunk_size
@@ -209,20 +234,27 @@ class BMojoConfig(PretrainedConfig):
         """Raise ``ValueError`` naming the first inconsistent field."""
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "intermediate_size", "state_size", "expand", "conv_kernel", "mamba2_head_dim", "n_groups",
-                    "ssm_chunk_size", "attention_block_size")  # fmt: skip
+                    "ssm_chunk_size", "attention_block_size", "storage_topk", "storage_approx_threshold",
+                    "storage_write_batch", "storage_ef_search")  # fmt: skip
         optional = ("head_dim", "window_size", "chunk_size", "mamba2_state_size", "time_step_rank")  # None: derived
         for name in positive + optional:
             value = getattr(self, name)
-            if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
+            if (value is not None or name in positive) and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("eidetic_size", "loss_chunk_size"):
+        for name in ("eidetic_size", "loss_chunk_size", "storage_norm_tier"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name, zero_ok in (("rope_theta", False), ("rms_norm_eps", False), ("initializer_range", True)):
+        for name, zero_ok in (("rope_theta", False), ("rms_norm_eps", False), ("initializer_range", True),
+                              ("innovation_loss_weight", True), ("partial_rotary_factor", False)):  # fmt: skip
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not (value >= 0 if zero_ok else value > 0):
-                raise ValueError(f"{name} must be a number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+            if not _is_number(value) or not (value >= 0 if zero_ok else value > 0):
+                raise ValueError(f"{name} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+        if self.partial_rotary_factor > 1:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.selection not in SELECTIONS:
@@ -230,14 +262,6 @@ class BMojoConfig(PretrainedConfig):
         if self.storage:
             if "bmojo" not in self.layer_pattern or self.eidetic_size == 0 or self.selection == "none":
                 raise ValueError("storage needs 'bmojo' layers with an eidetic memory (eidetic_size > 0, a selection)")
-            sizes = (self.storage_topk, self.storage_approx_threshold, self.storage_write_batch, self.storage_ef_search)
-            if min(sizes) < 1:
-                raise ValueError(
-                    f"storage_topk, storage_approx_threshold, storage_write_batch and storage_ef_search must be >= 1, "
-                    f"got {', '.join(map(str, sizes))}"
-                )
-            if self.storage_norm_tier < 0:
-                raise ValueError(f"storage_norm_tier must be >= 0, got {self.storage_norm_tier}")
             if self.storage_write not in WRITES:
                 raise ValueError(f"storage_write must be one of {WRITES}, got {self.storage_write!r}")
         if self.bmojo_ssm not in ("mamba", "mamba2"):
@@ -261,6 +285,11 @@ class BMojoConfig(PretrainedConfig):
                 )
 
     @classmethod
+    def field_names(cls) -> set[str]:
+        """The names a config takes: this class's arguments and Hugging Face ``PretrainedConfig``'s attributes."""
+        return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} | set(PretrainedConfig().__dict__)
+
+    @classmethod
     def from_preset(cls, name: str, size: str = "tiny", **overrides: Any) -> "BMojoConfig":
         """A preset architecture (``transformer, swa, mamba, mamba2, jamba, bmojo-f, bmojo``) at a size.
 
@@ -271,6 +300,9 @@ class BMojoConfig(PretrainedConfig):
             raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
         if size not in SIZES:
             raise ValueError(f"unknown size {size!r}; expected one of {tuple(SIZES)}")
+        unknown = sorted(set(overrides) - cls.field_names())
+        if unknown:
+            raise ValueError(f"unknown config field(s) {', '.join(unknown)}")
         hidden, heads, target = SIZES[size]
         base: dict[str, Any] = dict(
             hidden_size=hidden, num_attention_heads=heads, use_mlp=name not in ("mamba", "mamba2")

@@ -184,10 +184,15 @@ def _padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> tuple[to
     row's tokens, which end at the last position), ``(None, None)`` where it keeps every position. Padding on both
     sides or gaps raise ``NotImplementedError``, a row without tokens ``ValueError``. Reads the mask (under
     ``torch.compile`` a graph break, in a parallel pass only: decoding steps do not read it)."""
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None:
         return None, None
     if attention_mask.shape != shape:
         raise ValueError(f"attention_mask must be [batch, length] {tuple(shape)}, got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold 1 for the tokens and 0 for the padding (not an additive mask of "
+                         "0 and -inf), got values " + str(attention_mask.unique()[:4].tolist()))  # fmt: skip
+    if bool(attention_mask.all()):
+        return None, None
     keep = attention_mask.bool()
     tokens = keep.sum(1)
     if not tokens.all():
@@ -263,6 +268,20 @@ def _output_hidden_states(kwargs: dict[str, Any], config: BMojoConfig) -> bool:
     return record
 
 
+def _kept_positions(logits_to_keep: int | torch.Tensor, length: int) -> slice | torch.Tensor | None:
+    """The positions whose logits a call keeps: ``logits_to_keep`` an int ``k`` (the last ``k``; 0: all, ``None``) or
+    a 1-D tensor of positions, as Hugging Face models take it."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() != 1 or logits_to_keep.dtype.is_floating_point or logits_to_keep.dtype == torch.bool:
+            raise ValueError(f"logits_to_keep as a tensor must be 1-D integer positions, got "
+                             f"{logits_to_keep.dtype} of shape {tuple(logits_to_keep.shape)}")  # fmt: skip
+        return logits_to_keep
+    if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be a count >= 0 (0: every position) or a tensor of positions, got "
+                         f"{logits_to_keep!r}")  # fmt: skip
+    return slice(-logits_to_keep, None) if logits_to_keep else None
+
+
 def _targets(
     labels: torch.Tensor | None, shift_labels: torch.Tensor | None, shape: torch.Size, vocab_size: int
 ) -> torch.Tensor | None:
@@ -283,6 +302,12 @@ def _targets(
     if shift_labels is None:
         given = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     return given.flatten().long()
+
+
+# config fields that shape a layer's recurrent state (:meth:`BMojoModel._cache_layout`)
+_LAYOUT_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "window_size",
+                  "eidetic_size", "chunk_size", "bmojo_ssm", "state_size", "mamba2_state_size", "mamba2_head_dim",
+                  "expand", "conv_kernel", "n_groups", "tie_fading_kv", "storage")  # fmt: skip
 
 
 class BMojoModel(BMojoPreTrainedModel):
@@ -323,7 +348,7 @@ class BMojoModel(BMojoPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             _check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids if input_ids.dtype == torch.int32 else input_ids.long())
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"inputs_embeds must be [batch, length, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"
@@ -340,6 +365,10 @@ class BMojoModel(BMojoPreTrainedModel):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}")
         stepping = cache is not None and cache.started  # else the layers run in parallel (prefill)
+        if stepping and cache.layout != self._cache_layout():
+            theirs, ours = dict(cache.layout or ()), dict(self._cache_layout())
+            differ = ", ".join(f"{k} {theirs.get(k)} there, {v} here" for k, v in ours.items() if theirs.get(k) != v)
+            raise ValueError(f"this cache was filled by another kind of model: {differ}")
         length = inputs_embeds.shape[1]
         if stepping and length > 1 and attention_mask is not None and not bool(attention_mask[:, -length:].all()):
             raise NotImplementedError("attention_mask pads some of the tokens that continue this cache, which is not "
@@ -366,8 +395,15 @@ class BMojoModel(BMojoPreTrainedModel):
             if advance:
                 cache.advance(x.shape[1])
         elif cache is not None:
+            cache.layout = self._cache_layout()
             cache.prefilled()
         return out
+
+    def _cache_layout(self) -> tuple:
+        """The config's fields that shape the layers' states, which a cache must have been filled under."""
+        return tuple((name, getattr(self.config, name)) for name in _LAYOUT_FIELDS) + (
+            ("layer_pattern", tuple(self.config.layer_pattern)),
+        )
 
 
 STORAGE_FILE = "storage.npz"
@@ -442,10 +478,17 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
     ) -> "BMojoForCausalLM":
         """Hugging Face ``from_pretrained``; also loads ``storage.npz`` found beside the weights unless
         ``load_storage=False`` (the way to load the model when that file is corrupt). A local path that does not
-        exist raises ``FileNotFoundError``, unreadable weights ``OSError``, each naming the path."""
+        exist or a folder without ``config.json`` (and no ``config``) raises ``FileNotFoundError``, a file
+        ``NotADirectoryError``, unreadable weights ``OSError``, each naming the path."""
         name = str(pretrained_model_name_or_path)
-        if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():  # a path, not a hub id
+        local = Path(name).expanduser()
+        if name.startswith(("/", ".", "~")) and not local.exists():  # a path, not a hub id
             raise FileNotFoundError(f"no model folder at {name}")
+        if local.is_file():
+            raise NotADirectoryError(f"{name} is a file: from_pretrained takes the folder save_pretrained wrote")
+        folder = local / kwargs.get("subfolder", "")
+        if local.is_dir() and kwargs.get("config") is None and not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in {name}: not a folder save_pretrained wrote")
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as e:
@@ -490,11 +533,16 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False, **kwargs
         )
         hidden = out.last_hidden_state
+        if num_items_in_batch is not None and not torch.compiler.is_compiling():
+            if bool(torch.as_tensor(num_items_in_batch) <= 0):
+                raise ValueError(f"num_items_in_batch counts the step's targets and must be >= 1, got "
+                                 f"{num_items_in_batch}")  # fmt: skip
         targets = _targets(labels, kwargs.get("shift_labels"), hidden.shape[:2], self.config.vocab_size)
-        if targets is not None and logits_to_keep:
+        keep = _kept_positions(logits_to_keep, hidden.shape[1])
+        if targets is not None and keep is not None:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with them")
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        if keep is not None:
+            hidden = hidden[:, keep]
         logits = loss = None
         chunk = self.loss_chunk_size if self.training and torch.is_grad_enabled() else 0
         if targets is not None and chunk:
@@ -554,6 +602,12 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         (``output_hidden_states``) pass on to :meth:`forward`."""
         cache = cache if cache is not None else past_key_values
         seen = 0 if cache is None else cache.get_seq_length()
+        if seen == 0 and attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate reads each prompt's next token at the last position: pad the prompts on the "
+                             "left (a tokenizer's padding_side='left'), not on the right")  # fmt: skip
+        if inputs_embeds is None and seen >= input_ids.shape[1]:
+            raise ValueError(f"the cache has seen {seen} tokens and input_ids holds {input_ids.shape[1]}: input_ids "
+                             f"must hold the tokens the cache has seen and at least one more")  # fmt: skip
         inputs: dict[str, Any] = {**kwargs, "cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
         if inputs_embeds is not None and seen == 0:
             inputs["inputs_embeds"] = inputs_embeds
