@@ -251,6 +251,26 @@ def test_bad_band_and_heads_raise():
         merge_attention([])
 
 
+def test_integer_inputs_raise():
+    """Integer queries and keys overflowed converting the scale (``-inf`` masking, once they got past it)."""
+    q, k, v = _qkv(1, 2, 2, 4, 8)
+    for impl in ("auto", "merge", "triton"):
+        with pytest.raises(TypeError, match="must be floating point, got torch.int64"):
+            union_attention(q.long(), [Band(k.long(), v.long(), 0, 3)], impl=impl)
+    with pytest.raises(TypeError, match="must be floating point"):
+        banded_attention(q.int(), k.int(), v.int(), 0, 2)
+
+
+def test_triton_impl_on_cpu_tensors_says_it_needs_cuda(monkeypatch):
+    """``impl="triton"`` on CPU tensors outside Triton's interpreter: Triton failed with "0 active drivers"."""
+    kernels = pytest.importorskip("bmojo.ops.triton")
+    pytest.importorskip("bmojo.ops.triton.attention")
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    q, k, v = _qkv(1, 2, 2, 8, 16)
+    with pytest.raises(ValueError, match="Triton kernels take CUDA tensors, got cpu ones"):
+        union_attention(q, [Band(k, v, 0, 3)], impl="triton")
+
+
 def _union_inputs(b, hq, hkv, length, d, w, fading, m, chunk, seed=0):
     """Window band (``w=None``: full causal), optional fading band, optional memory of ``m`` slots per chunk."""
     q, k, v = _qkv(b, hq, hkv, length, d, seed=seed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,26 @@ def test_causal_conv1d_step_rejects_a_window_that_does_not_fit():
         causal_conv1d_step(torch.randn(2, 1, 4), torch.randn(5, 1, 4))  # one channel would broadcast over five
     with pytest.raises(ValueError, match="expected a window"):
         causal_conv1d_step(torch.randn(5, 4), torch.randn(5, 1, 4))
+
+
+def test_causal_conv1d_rejects_integer_inputs():
+    """Integer inputs once gave zeros silently: the weights were cast to the input's integer dtype."""
+    x, w = torch.randint(0, 5, (1, 6, 2)), torch.full((2, 1, 3), 0.5)
+    with pytest.raises(TypeError, match="floating point inputs, got x torch.int64"):
+        causal_conv1d(x, w)
+    with pytest.raises(TypeError, match="got window torch.int64"):
+        causal_conv1d_step(x[:, :3].transpose(1, 2), w)
+    with pytest.raises(TypeError, match="got weight torch.int64, bias torch.int64"):
+        causal_conv1d(x.float(), w.long(), torch.ones(2, dtype=torch.long))
+
+
+def test_causal_conv1d_rejects_a_bias_that_is_not_one_per_channel():
+    x, w = torch.randn(2, 8, 7), torch.randn(7, 1, 3)
+    for bias in (torch.randn(8), torch.randn(1, 7)):
+        with pytest.raises(ValueError, match=rf"bias must have shape \(7,\), got {re.escape(str(tuple(bias.shape)))}"):
+            causal_conv1d(x, w, bias)
+        with pytest.raises(ValueError, match=r"bias must have shape \(7,\)"):
+            causal_conv1d_step(x[:, :3].transpose(1, 2), w, bias)
 
 
 def test_causal_conv1d_compiled_matches_eager():

@@ -130,6 +130,29 @@ def test_rejects_bad_shapes(change, message):
         linear_cross_entropy(*change(*inputs(10)))
 
 
+@pytest.mark.parametrize("bad", [50, 70, -1, -101])
+def test_rejects_targets_outside_the_vocabulary(bad):
+    """A target outside ``[0, vocab)`` but the ignore index failed in the gather with an unrelated index error."""
+    hidden, weight, targets = inputs(10)
+    targets[4] = bad
+    for grad in (True, False):
+        with (
+            torch.set_grad_enabled(grad),
+            pytest.raises(ValueError, match=rf"targets holds {bad}, outside .*\[0, 50\)"),
+        ):
+            linear_cross_entropy(hidden, weight, targets, 4)
+    targets[4] = 3
+    targets[targets == -100] = -1  # another ignore index, outside the vocabulary too
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, 4, ignore_index=-1),
+                               linear_cross_entropy_reference(hidden, weight, targets, ignore_index=-1))  # fmt: skip
+
+
+def test_rejects_targets_that_are_not_integers():
+    hidden, weight, targets = inputs(10)
+    with pytest.raises(TypeError, match="targets must be an integer tensor, got torch.float32"):
+        linear_cross_entropy(hidden, weight, targets.float())
+
+
 def test_rejects_a_bad_chunk_size():
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         linear_cross_entropy(*inputs(10), chunk_size=0)

@@ -46,6 +46,30 @@ def test_chunked_matches_reference(length, batch, with_initial_state, chunk_size
     assert y.shape == (batch, length, E) and s.shape == (batch, E, N) and s.dtype == torch.float32
 
 
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5])
+def test_bad_chunk_size_raises(chunk_size):
+    """A negative chunk size made a negative shape; 0 once meant the default."""
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive integer, got {chunk_size}"):
+        selective_scan(*_inputs(1, 5)[:5], chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("batch,length", [(0, 9), (0, 0), (2, 0)])
+def test_empty_batch_or_sequence(batch, length):
+    """An empty batch (the chunked layout once failed to reshape it) or sequence: empty outputs, the state passing
+    through (as the reference gives, which once stacked no steps), and gradients of the inputs' shapes, none for
+    ``A``."""
+    inputs = [t.requires_grad_() for t in _inputs(batch, length)]
+    y, s = selective_scan(*inputs, chunk_size=4)
+    y_ref, s_ref = selective_scan_ref(*inputs)
+    assert y.shape == y_ref.shape == (batch, length, E) and s.shape == s_ref.shape == (batch, E, N)
+    torch.testing.assert_close(s, inputs[5].detach())
+    torch.testing.assert_close(s_ref, inputs[5].detach())
+    grads = torch.autograd.grad(y.sum() + s.sum(), inputs)
+    assert [g.shape for g in grads] == [t.shape for t in inputs]
+    assert not grads[2].any()
+    torch.testing.assert_close(grads[5], torch.ones(batch, E, N))
+
+
 def test_bf16_inputs():
     *inputs, h0 = _inputs(2, 65, dtype=torch.bfloat16)
     (y, s), _ = check_scan(

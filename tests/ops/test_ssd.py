@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from scan_checks import assert_outputs_close, check_scan
 
-from bmojo.ops.ssd import mamba2_step, ssd_scan, ssd_scan_ref, ssd_step
+from bmojo.layers.norm import GatedRMSNorm
+from bmojo.ops.ssd import gated_rms_norm, mamba2_step, ssd_scan, ssd_scan_ref, ssd_step
 
 H, P, N = 6, 5, 8  # heads and head dim that are not powers of two
 NAMES = ["x", "dt", "A", "B", "C", "initial_state"]
@@ -60,6 +61,25 @@ def test_heads_must_divide_into_groups():
     x, dt, A, B, C, _ = _inputs(1, 4, groups=4)
     with pytest.raises(ValueError, match="multiple of B/C groups"):
         ssd_scan(x, dt, A, B, C)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -4, 2.5])
+def test_bad_chunk_size_raises(chunk_size):
+    """A chunk size of 0 divided by zero, a negative one made a negative shape."""
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive integer, got {chunk_size}"):
+        ssd_scan(*_inputs(1, 5)[:5], chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+def test_no_steps_pass_the_state_through(with_initial_state):
+    """Length 0: an empty ``y`` and the initial state (zeros without one), from the reference (which once stacked
+    no steps) as from the chunked scan."""
+    *inputs, s0 = _inputs(2, 0)
+    s0 = s0 if with_initial_state else None
+    for fn in (ssd_scan_ref, _chunked(8)):
+        y, s = fn(*inputs, s0)
+        assert y.shape == (2, 0, H, P) and y.dtype == inputs[0].dtype and s.dtype == torch.float32
+        torch.testing.assert_close(s, torch.zeros(2, H, P, N) if s0 is None else s0)
 
 
 def test_bf16_inputs():
@@ -147,6 +167,27 @@ def test_bad_inputs_raise_naming_them():
     ]:
         with pytest.raises(ValueError, match=match):
             ssd_step(*step[:i], bad, *step[i + 1 :])
+
+
+def test_gated_rms_norm_rejects_bad_inputs():
+    """Integer ``x`` gave integer garbage, an ``x`` of another width than the weight a broadcast error; the layer
+    (``GatedRMSNorm``) reaches the same checks."""
+    x, z, w = torch.randn(2, 8), torch.randn(2, 8), torch.ones(8)
+    assert gated_rms_norm(x, z, w, 2, 1e-5).shape == (2, 8)
+    for call in (lambda: gated_rms_norm(x.long(), z, w, 2, 1e-5), lambda: GatedRMSNorm(8, 2)(x.long(), z)):
+        with pytest.raises(TypeError, match="floating point x, got torch.int64"):
+            call()
+    for args, match in [
+        ((x, z, torch.ones(6), 2), r"must end in the weight's size C, got x \(2, 8\) and weight \(6,\)"),
+        ((x, z, torch.ones(1, 8), 2), r"got x \(2, 8\) and weight \(1, 8\)"),
+        ((x, z[:1], w, 2), r"z must have shape \(2, 8\), got \(1, 8\)"),
+        ((x, z, w, 3), r"groups \(3\) must be a positive integer dividing x's last axis \(8\)"),
+        ((x, z, w, 0), r"groups \(0\) must be a positive integer"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            gated_rms_norm(*args, 1e-5)
+    with pytest.raises(ValueError, match=r"got x \(2, 6\) and weight \(8,\)"):
+        GatedRMSNorm(8, 2)(x[:, :6], z[:, :6])
 
 
 def test_bad_mamba2_step_inputs_raise():

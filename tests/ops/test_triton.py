@@ -292,8 +292,9 @@ def test_mamba_layer_trains_through_the_selective_scan_kernels(interpreted):
     assert_same_gradients(result, loss_ref, list(layer.parameters()), rtol=1e-4, atol=1e-4)
 
 
-def test_selective_scan_kernel_rejects_bad_shapes():
+def test_selective_scan_kernel_rejects_bad_shapes(monkeypatch):
     kernel = pytest.importorskip("bmojo.ops.triton.selective_scan")
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)  # CPU tensors pass, as under the interpreter
     u, delta, a, b, c, h0 = scan_inputs(1, 5, 6, 4)
     with pytest.raises(ValueError, match="B must have shape"):
         kernel.selective_scan_triton(u, delta, a, b[..., :3], c)
@@ -335,9 +336,10 @@ def test_use_triton_rules(kernel_mode):
         kernels.set_kernels("fast")
 
 
-def test_inputs_too_large_for_32_bit_offsets_are_refused(kernel_mode):
+def test_inputs_too_large_for_32_bit_offsets_are_refused(kernel_mode, monkeypatch):
     """A tensor spanning ``2**31`` elements or more within a batch entry (meta tensors: no memory) takes the PyTorch
     path in ``auto`` mode and is refused by the kernels' input check; ``2**31 - 1`` fits."""
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)  # (meta tensors pass the device check)
     fits, huge = (torch.empty(2, 2**16, n, device="meta") for n in (2**15, 2**15 + 1))  # last offsets 2**31 - 1, more
     assert kernels.offsets_fit(fits) and not kernels.offsets_fit(huge)
     assert kernels.offsets_fit(torch.empty(2**20, 2**12, device="meta"))  # the batch entries' own offsets are 64-bit
@@ -346,6 +348,22 @@ def test_inputs_too_large_for_32_bit_offsets_are_refused(kernel_mode):
     kernels.check_inputs(fits)
     with pytest.raises(ValueError, match="32-bit offsets"):
         kernels.check_inputs(fits, huge)
+
+
+def test_kernels_refuse_cpu_tensors_outside_the_interpreter(kernel_mode, monkeypatch):
+    """Without ``TRITON_INTERPRET=1`` the kernels, called directly or by ``BMOJO_KERNELS=triton``, say that they take
+    CUDA tensors (Triton failed with "0 active drivers"); the interpreter takes CPU ones."""
+    kernel = pytest.importorskip("bmojo.ops.triton.ssd")
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    x, dt, a, b, c, _ = ssd_inputs(1, 5, 4, 16, 2, 8)
+    u, delta, a1, b1, c1, _ = scan_inputs(1, 5, 6, 4)
+    kernel_mode("triton")
+    for call in (lambda: kernel.ssd_scan_triton(x, dt, a, b, c), lambda: ssd_scan(x, dt, a, b, c),
+                 lambda: selective_scan(u, delta, a1, b1, c1)):  # fmt: skip
+        with pytest.raises(ValueError, match="Triton kernels take CUDA tensors, got cpu ones"):
+            call()
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)
+    kernels.check_inputs(x, dt, a, b, c)
 
 
 def test_kernels_need_a_torch_that_registers_triton_ops(kernel_mode, monkeypatch):
@@ -503,8 +521,9 @@ def test_bmojo_mixer_decodes_through_the_step_kernels(interpreted):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_ssd_kernel_rejects_bad_shapes():
+def test_ssd_kernel_rejects_bad_shapes(monkeypatch):
     kernel = pytest.importorskip("bmojo.ops.triton.ssd")
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)  # CPU tensors pass, as under the interpreter
     x, dt, a, b, c, h0 = ssd_inputs(1, 5, 4, 16, 2, 8)
     with pytest.raises(ValueError, match="C must have shape"):
         kernel.ssd_scan_triton(x, dt, a, b, c[..., :3])

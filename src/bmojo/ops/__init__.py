@@ -13,3 +13,9 @@ def check_shapes(expected: Iterable[tuple[str, torch.Tensor | None, tuple[int, .
     for name, t, shape in expected:
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def check_positive(name: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1 (a size or a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -724,7 +724,7 @@ def check_union_inputs(q: torch.Tensor, bands: list[Band], memory: ChunkMemory |
     """Raise ``ValueError`` naming the first input of :func:`union_attention` that does not fit ``q [B, Hq, L, d]``
     (L >= 1): each band's ``k, v [B, Hkv, L, d]`` with ``0 <= lo <= hi``, the memory's ``k, v [B, Hkv, chunks, slots,
     d]`` over at least ``L`` positions and ``valid [B, chunks, slots]`` bool, one dtype for queries, keys and values;
-    at least one band or a memory."""
+    at least one band or a memory; ``TypeError`` unless that dtype is floating point."""
     if q.dim() != 4 or q.shape[0] == 0 or q.shape[2] == 0:
         raise ValueError(f"q must be [batch >= 1, heads, length >= 1, head_dim], got shape {tuple(q.shape)}")
     if not bands and memory is None:
@@ -752,6 +752,8 @@ def check_union_inputs(q: torch.Tensor, bands: list[Band], memory: ChunkMemory |
     dtypes = {x.dtype for name, x, _ in shapes if name != "memory.valid"} | {q.dtype}
     if len(dtypes) > 1:
         raise ValueError(f"queries, keys and values must share one dtype, got {sorted(map(str, dtypes))}")
+    if not q.is_floating_point():
+        raise TypeError(f"queries, keys and values must be floating point, got {q.dtype}")
 
 
 def _cut_to(bands: list[Band], length: int) -> list[Band]:

@@ -16,6 +16,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bmojo.ops import check_shapes
+
+
+def _check_dtypes_and_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str = "x") -> None:
+    """Raise ``TypeError`` unless the input ``x`` (called ``name``), ``weight`` and ``bias`` are floating point (the
+    weights would be cast to an integer ``x``'s dtype: rounded, to zero below 1), ``ValueError`` unless ``bias`` is
+    ``[C]`` (``C = weight.shape[0]``)."""
+    given = [(name, x), ("weight", weight), ("bias", bias)]
+    wrong = [f"{label} {t.dtype}" for label, t in given if t is not None and not t.is_floating_point()]
+    if wrong:
+        raise TypeError(f"the causal conv takes floating point inputs, got {', '.join(wrong)}")
+    check_shapes([("bias", bias, (weight.shape[0],))])
+
 
 @torch.library.custom_op("bmojo::conv_taps", mutates_args=())
 def conv_taps(weight: torch.Tensor) -> torch.Tensor:
@@ -45,6 +58,7 @@ def causal_conv1d(
     if weight.shape != (c, 1, k) or x.dim() != 3 or x.shape[2] != c:
         raise ValueError(f"expected x [B, L + K - 1, C] and a depthwise weight [C, 1, K], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")  # fmt: skip
+    _check_dtypes_and_bias(x, weight, bias)
     length = x.shape[1] - k + 1
     if length < 1:
         raise ValueError(f"a kernel of {k} needs at least {k} inputs, got {x.shape[1]}")
@@ -63,6 +77,7 @@ def causal_conv1d_step(
     if window.dim() != 3 or window.shape[1:] != (weight.shape[0], weight.shape[-1]) or weight.shape[1] != 1:
         raise ValueError(f"expected a window [B, C, K] and a depthwise weight [C, 1, K], got {tuple(window.shape)} "
                          f"and {tuple(weight.shape)}")  # fmt: skip
+    _check_dtypes_and_bias(window, weight, bias, "window")
     y = (window * weight[:, 0].to(window.dtype)).sum(-1)
     y = y if bias is None else y + bias.to(y.dtype)
     return F.silu(y) if silu else y

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops import check_shapes
+from bmojo.ops import check_positive, check_shapes
 
 IGNORE_INDEX = -100
 
@@ -44,6 +44,20 @@ def linear_cross_entropy_reference(
     return cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index, num_items)
 
 
+def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raise ``TypeError`` unless ``targets`` are integers and, in eager mode (a read from the device), ``ValueError``
+    naming the first target outside ``[0, vocab)`` that is not ``ignore_index`` (the gather would fail on it with an
+    index error, or a device-side assert on CUDA)."""
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if torch.compiler.is_compiling():
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"targets holds {int(targets[bad][0])}, outside the vocabulary [0, {vocab}) and not the "
+                         f"ignore_index {ignore_index}")  # fmt: skip
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -56,8 +70,8 @@ def linear_cross_entropy(
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden and weight must be 2-D, got shapes {tuple(hidden.shape)} and {tuple(weight.shape)}")
     check_shapes([("weight", weight, (weight.shape[0], hidden.shape[1])), ("targets", targets, (hidden.shape[0],))])
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_positive("chunk_size", chunk_size)
+    check_targets(targets, weight.shape[0], ignore_index)
     device = hidden.device.type
     if torch.is_autocast_enabled(device):  # the products in the autocast dtype, as F.linear's would be
         dtype = torch.get_autocast_dtype(device)

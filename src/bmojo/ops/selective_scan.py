@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops import check_shapes
+from bmojo.ops import check_positive, check_shapes
 from bmojo.ops.triton import use_triton
 
 ScanOut = tuple[torch.Tensor, torch.Tensor]
@@ -62,6 +62,8 @@ def selective_scan_ref(
     for u_t, d_t, b_t, c_t in steps:
         h = torch.exp(d_t[..., None] * a) * h + (d_t * u_t)[..., None] * b_t[:, None, :]
         ys.append(torch.einsum("ben,bn->be", h, c_t))
+    if not ys:  # no step: the state passes through
+        return u.new_empty(u.shape), h.clone()
     return torch.stack(ys, dim=1).to(u.dtype), h
 
 
@@ -90,20 +92,28 @@ def _default_chunk_size(length: int) -> int:
     return min(128, max(8, 1 << math.ceil(math.log2(max(length, 1)) / 2)))
 
 
+def _chunks(length: int, t: int) -> int:
+    """How many chunks of ``t`` steps cover ``length`` steps."""
+    return -(-length // t)
+
+
 _CHECKPOINT_EVERY = 8  # steps between the states that the forward pass saves for the backward pass
 
 
 def _time_major_chunks(x: torch.Tensor, t: int) -> torch.Tensor:
-    """``[batch, L, K] -> [t, batch * chunks, K]``, zero-padded to ``chunks * t`` steps (identity steps)."""
+    """``[batch, L, K] -> [t, batch * chunks, K]``, zero-padded to ``chunks * t`` steps (identity steps); sizes
+    spelled out, as an empty batch leaves no ``-1`` to infer."""
     b, length, k = x.shape
-    x = F.pad(x, (0, 0, 0, -length % t))
-    return x.reshape(b, -1, t, k).permute(2, 0, 1, 3).reshape(t, -1, k).contiguous()
+    chunks = _chunks(length, t)
+    x = F.pad(x, (0, 0, 0, chunks * t - length))
+    return x.reshape(b, chunks, t, k).permute(2, 0, 1, 3).reshape(t, b * chunks, k).contiguous()
 
 
 def _batch_major(x: torch.Tensor, batch: int, length: int) -> torch.Tensor:
     """Inverse of :func:`_time_major_chunks`: ``[t, batch * chunks, K] -> [batch, length, K]``."""
     t, _, k = x.shape
-    return x.reshape(t, batch, -1, k).permute(1, 2, 0, 3).reshape(batch, -1, k)[:, :length]
+    chunks = _chunks(length, t)
+    return x.reshape(t, batch, chunks, k).permute(1, 2, 0, 3).reshape(batch, chunks * t, k)[:, :length]
 
 
 def _decay(d: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -159,9 +169,10 @@ class _SelectiveScanFn(torch.autograd.Function):
         for i in range(t):
             h.mul_(_decay(d[i], a, decay)).baddbmm_(b_cols[i], du_rows[i])
 
-        chunk_decay = torch.exp_(d.sum(0)[:, None, :] * a).view(bsz, -1, n, e)
+        chunks = _chunks(length, t)
+        chunk_decay = torch.exp_(d.sum(0)[:, None, :] * a).view(bsz, chunks, n, e)
         first = d.new_zeros(bsz, n, e) if initial_state is None else initial_state.to(dtype).transpose(1, 2)
-        h, final = _carry(h.view(bsz, -1, n, e), chunk_decay, first)
+        h, final = _carry(h.view(bsz, chunks, n, e), chunk_decay, first)
 
         every = _CHECKPOINT_EVERY
         checkpoints = d.new_empty(-(-t // every), m, n, e)
@@ -199,8 +210,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         decay = d.new_empty(m, n, e)
         for i in reversed(range(t)):
             g.baddbmm_(c_cols[i], dy_rows[i]).mul_(_decay(d[i], a, decay))
-        chunk_decay = torch.exp_(d.sum(0)[:, None, :] * a).view(bsz, -1, n, e)
-        g, dh0 = _carry(g.view(bsz, -1, n, e), chunk_decay, dfinal.to(d.dtype).transpose(1, 2), reverse=True)
+        chunks = _chunks(length, t)
+        chunk_decay = torch.exp_(d.sum(0)[:, None, :] * a).view(bsz, chunks, n, e)
+        g, dh0 = _carry(g.view(bsz, chunks, n, e), chunk_decay, dfinal.to(d.dtype).transpose(1, 2), reverse=True)
 
         every = _CHECKPOINT_EVERY
         decays, hs = d.new_empty(every, m, n, e), d.new_empty(every + 1, m, n, e)
@@ -276,9 +288,11 @@ def selective_scan(
     ``bmojo.ops.triton`` for the switch). Returns ``(y [batch, L, E], final_state [batch, E, N])``.
     """
     check_scan_inputs(u, delta, A, B, C, initial_state)
+    if chunk_size is not None:
+        check_positive("chunk_size", chunk_size)
     if use_triton(u, delta, A, B, C, initial_state, differentiable=True):
         from bmojo.ops.triton.selective_scan import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, initial_state)
-    t = chunk_size or _default_chunk_size(u.shape[1])
+    t = _default_chunk_size(u.shape[1]) if chunk_size is None else chunk_size
     return _SelectiveScanFn.apply(u, delta, A, B, C, initial_state, t)

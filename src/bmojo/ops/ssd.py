@@ -28,7 +28,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops import check_shapes
+from bmojo.ops import check_positive, check_shapes
 from bmojo.ops.conv import causal_conv1d_step
 from bmojo.ops.triton import lookup_once, needs_grad, use_fused_cuda, use_triton
 
@@ -83,6 +83,14 @@ def ssd_step(
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
     """Mamba-2's output norm: ``rmsnorm(x * silu(z)) * weight`` over each of ``groups`` equal groups of the last axis
     of ``x`` (``z`` alike, ``weight`` its size), in float32; returns ``x``'s dtype."""
+    if not x.is_floating_point():
+        raise TypeError(f"gated_rms_norm takes floating point x, got {x.dtype}")
+    if x.dim() == 0 or weight.shape != x.shape[-1:]:
+        raise ValueError(f"x [..., C] must end in the weight's size C, got x {tuple(x.shape)} and weight "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    check_shapes([("z", z, tuple(x.shape))])
+    if not isinstance(groups, int) or groups < 1 or x.shape[-1] % groups:
+        raise ValueError(f"groups ({groups!r}) must be a positive integer dividing x's last axis ({x.shape[-1]})")
     y = (x.float() * F.silu(z.float())).unflatten(-1, (groups, -1))
     return (F.rms_norm(y, (y.shape[-1],), eps=eps).flatten(-2) * weight.float()).to(x.dtype)
 
@@ -163,6 +171,8 @@ def ssd_scan_ref(
     for x_t, d_t, b_t, c_t in zip(x.float().unbind(1), dt.float().unbind(1), b.unbind(1), c.unbind(1)):
         s = torch.exp(d_t * a)[..., None, None] * s + (d_t[..., None] * x_t)[..., None] * b_t[:, :, None]
         ys.append(torch.einsum("bhpn,bhn->bhp", s, c_t))
+    if not ys:  # no step: the state passes through
+        return x.new_empty(x.shape), s.clone()
     return torch.stack(ys, dim=1).to(x.dtype), s
 
 
@@ -226,6 +236,7 @@ def ssd_scan(
     docstring).
     """
     check_ssd_inputs(x, dt, A, B, C, initial_state)
+    check_positive("chunk_size", chunk_size)
     inputs = (x, dt, A, B, C, initial_state)
     if B.shape[-1] > OURS_MAX_STATE and use_fused_cuda(*inputs) and fla_available():
         if not needs_grad(*inputs) or fla_backward_supported(x.device):

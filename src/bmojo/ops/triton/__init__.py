@@ -74,6 +74,16 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None and hasattr(torch.library, "triton_op")
 
 
+@lookup_once
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter, on CPU tensors (``TRITON_INTERPRET=1``: it decides so when it
+    defines a kernel, as our kernel modules are imported). Imports ``triton``."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)  # (Triton 3.4 and later; before, the variable alone)
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd will differentiate through a call on ``tensors`` (grad mode on, some input requires grad)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -110,11 +120,17 @@ def use_triton(*tensors: torch.Tensor | None, differentiable: bool = False) -> b
 
 
 def check_inputs(*tensors: torch.Tensor | None) -> None:
-    """Raise ``ValueError`` if ``tensors`` lie on more than one device, or one of them is too large for the kernels'
-    offsets (:func:`offsets_fit`); their shapes are checked beside the PyTorch ops (``bmojo.ops.check_shapes``)."""
+    """Raise ``ValueError`` if ``tensors`` lie on more than one device, on one that is not CUDA outside Triton's
+    interpreter (:func:`interpreting`; eager calls only: compiled code may be traced for a GPU on a CPU), or one of
+    them is too large for the kernels' offsets (:func:`offsets_fit`); their shapes are checked beside the PyTorch ops
+    (``bmojo.ops.check_shapes``)."""
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    device = next(iter(devices), None)
+    if device is not None and device.type != "cuda" and not torch.compiler.is_compiling() and not interpreting():
+        raise ValueError(f"the Triton kernels take CUDA tensors, got {device.type} ones (TRITON_INTERPRET=1 runs them "
+                         "on CPU tensors)")  # fmt: skip
     for t in tensors:
         if t is not None and not offsets_fit(t):
             raise ValueError(f"an input of shape {tuple(t.shape)} spans 2**31 elements or more within one batch "
