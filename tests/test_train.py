@@ -86,6 +86,22 @@ def test_yaml_config_with_overrides(tmp_path):
         load_config(None, ["dtype=float16"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    (tmp_path / "binary").write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="binary is not a UTF-8 text file"):
+        load_config(tmp_path / "binary")
+
+
+def test_unknown_model_args_fields_raise(tmp_path):
+    """A misspelt ``model_args`` field is an error naming it, not a setting stored and ignored."""
+    with pytest.raises(ConfigError, match=r"unknown model_args fields \['windw_size'\]"):
+        load_config(None, ["model_args.windw_size=4"])
+    with pytest.raises(ConfigError, match=r"unknown model_args fields \['bogus', 'windw_size'\]"):
+        tiny(tmp_path, model_args={"windw_size": 4, "bogus": 1, "eidetic_size": 2})
+    # BMojoConfig's own fields and those it inherits from PretrainedConfig are accepted
+    cfg = load_config(
+        None, ["model_args.window_size=4", "model_args.tie_word_embeddings=false", "model_args.dtype=null"]
+    )
+    assert build_model_config(cfg, 257).window_size == 4 and not build_model_config(cfg, 257).tie_word_embeddings
 
 
 def test_cli_reports_bad_config_and_missing_checkpoint(tmp_path):
@@ -292,6 +308,10 @@ def test_bad_data_raises(tmp_path):
         train(tiny(tmp_path), periodic_tokens(200) + VOCAB, periodic_tokens(200), vocab_size=VOCAB)
     with pytest.raises(ConfigError, match="micro_batch_size=3 does not divide"):
         train(tiny(tmp_path, micro_batch_size=3), periodic_tokens(200), periodic_tokens(200), vocab_size=VOCAB)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="a_file/run cannot be a folder: .*a_file exists and is not a folder"):
+        train(tiny(tmp_path, out_dir=str(tmp_path / "a_file" / "run")), periodic_tokens(200), periodic_tokens(200),
+              vocab_size=VOCAB)  # fmt: skip
 
 
 def test_checkpoints_rotate_and_bad_checkpoints_raise(tmp_path):
@@ -327,6 +347,44 @@ def test_checkpoints_rotate_and_bad_checkpoints_raise(tmp_path):
     (root / "step_00000004" / "state.json").unlink()
     with pytest.raises(CheckpointError, match="no state.json"):
         train(cfg, tokens, tokens, vocab_size=VOCAB, resume=True)
+
+
+def test_resume_checks_the_fields_of_state_json(tmp_path):
+    """Fields of ``state.json`` that resuming reads, of the wrong type, missing or out of range, raise
+    :class:`CheckpointError` naming the field (the SHA-256 checks cover the tensor files only)."""
+    cfg, tokens = tiny(tmp_path, steps=2), periodic_tokens(500)
+    train(cfg, tokens, tokens, vocab_size=VOCAB)
+    state_path = list_checkpoints(Path(cfg.out_dir) / "checkpoints")[-1] / "state.json"
+    good = json.loads(state_path.read_text())
+    assert good["step"] == 2 and good["scheduler"]["last_epoch"] == 2
+    missing = object()  # a field left out of state.json
+    cases = [
+        ({"files": ["model.safetensors"]}, r"'files' must be a mapping of \*.safetensors file names"),
+        ({"files": {}}, r"'files' lacks \['model.safetensors', 'optimizer.safetensors', 'rng.safetensors'\]"),
+        ({"files": {**good["files"], "../x.safetensors": "0"}}, "'files' must be a mapping"),
+        ({"step": missing}, "has no 'step' field"),
+        ({"tokens": missing}, "has no 'tokens' field"),
+        ({"step": "3"}, "'step' must be an integer >= 1, got '3'"),
+        ({"step": True}, "'step' must be an integer >= 1, got True"),
+        ({"step": -5}, "'step' must be an integer >= 1, got -5"),
+        ({"step": 1}, "'scheduler' is at step 2, not at the checkpoint's step 1"),
+        ({"tokens": -1}, "'tokens' must be an integer >= 0, got -1"),
+        ({"scheduler": 5}, "'scheduler' must be a mapping"),
+        ({"optimizer_groups": {}}, "'optimizer_groups' must be a list of mappings"),
+        ({"model_config": []}, "'model_config' must be a mapping"),
+        ({"train_config": missing}, "has no 'train_config' field"),
+        ({"data": 3}, "'data' must be a string"),
+    ]
+    for change, message in cases:
+        state = {k: v for k, v in {**good, **change}.items() if v is not missing}
+        state_path.write_text(json.dumps(state))
+        with pytest.raises(CheckpointError, match=message):
+            train(cfg, tokens, tokens, vocab_size=VOCAB, resume=True)
+    state_path.write_text(json.dumps([good]))
+    with pytest.raises(CheckpointError, match="not a bmojo checkpoint"):
+        train(cfg, tokens, tokens, vocab_size=VOCAB, resume=True)
+    state_path.write_text(json.dumps(good))
+    assert train(cfg, tokens, tokens, vocab_size=VOCAB, resume=True)["step"] == 2  # the untouched state resumes
 
 
 def write_text_run(tmp_path: Path, **overrides) -> Path:

@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 import typer
+import typer.core
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 from rich.table import Table
@@ -42,7 +44,24 @@ from bmojo.recall import (
 from bmojo.train import CheckpointError, ConfigError, load_config, parse_overrides
 from bmojo.train import run as run_training
 
-app = typer.Typer(help="B'MOJO hybrid state-space language models.", no_args_is_help=True)
+# Exceptions that bad input raises (missing or unreadable files, invalid configs, corrupt weights or checkpoints):
+# a command ends in one "error: ..." line for them, never a traceback. Hugging Face configs raise
+# StrictDataclassError for a field of the wrong type.
+USER_ERRORS = (OSError, UnicodeDecodeError, ConfigError, CheckpointError, DataError, StrictDataclassError)
+
+
+class _Commands(typer.core.TyperGroup):
+    """The command group; a command's :data:`USER_ERRORS` become ``error: <message>`` on stderr and exit status 1."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from e
+
+
+app = typer.Typer(help="B'MOJO hybrid state-space language models.", no_args_is_help=True, cls=_Commands)
 # Output that is not a terminal (a log, a pipe) gets room for the widest table, where rich would take 80 columns and
 # squeeze a table's wrapping columns (model names) to nothing; COLUMNS, where set, still rules.
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
@@ -256,7 +275,10 @@ def _tokenizer_for(model_dir: Path, tokenizer: str | None) -> Tokenizer:
         tok = load_tokenizer(tokenizer if tokenizer is not None else model_dir)
     except DataError as e:
         raise typer.BadParameter(str(e)) from e
-    vocab_size = BMojoConfig.from_pretrained(model_dir).vocab_size
+    try:
+        vocab_size = BMojoConfig.from_pretrained(model_dir).vocab_size
+    except (ValueError, TypeError) as e:  # a field BMojoConfig's validation refuses
+        raise typer.BadParameter(f"{model_dir / 'config.json'}: {e}") from e
     if tok.vocab_size > vocab_size:
         raise typer.BadParameter(
             f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's vocabulary has {vocab_size}"
@@ -377,12 +399,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in out_dir"),
 ) -> None:
     """Train a language model (AdamW, warmup + cosine, checkpoints, DDP/FSDP under torchrun, distillation)."""
-    try:
-        cfg = load_config(config, overrides or [])
-        result = run_training(cfg, resume=resume)
-    except (ConfigError, CheckpointError, DataError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from e
+    result = run_training(load_config(config, overrides or []), resume=resume)
     losses = [f"{name} loss {result[key]:.4f}" for key, name in (("loss", "training"), ("val_loss", "validation"))
               if result[key] is not None]  # fmt: skip
     console.print(f"step {result['step']}: {', '.join(losses) or 'no new steps'}; model in {result['final']}")

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import shutil
 import time
 import typing
@@ -63,6 +64,10 @@ RESUMABLE_CHANGES = frozenset(
     {"out_dir", "progress", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "compile",
      "activation_checkpointing", "device", "distributed", "micro_batch_size", "cache_dir", "init_from"}
 )  # fmt: skip
+
+
+# The tensor files of a checkpoint (``<name>.safetensors``) that resuming loads.
+CHECKPOINT_TENSORS = ("model", "optimizer", "rng")
 
 
 class ConfigError(ValueError):
@@ -133,6 +138,10 @@ class TrainConfig:
             raise ConfigError(f"lr and distill_temperature must be > 0, got {self.lr} and {self.distill_temperature}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        known = BMojoConfig.field_names()
+        unknown = sorted(map(str, set(self.model_args) - known))
+        if unknown:
+            raise ConfigError(f"unknown model_args fields {unknown}; the model's fields are {sorted(known)}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         choices = {"dtype": ("auto", "float32", "bfloat16"), "device": ("auto", "cpu", "cuda"),
@@ -193,6 +202,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not a UTF-8 text file ({e})") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a YAML mapping of training config keys")
     return TrainConfig.from_dict(parse_overrides(overrides, raw))
@@ -411,6 +422,13 @@ def _tied_aliases(model: BMojoForCausalLM) -> dict[str, str]:
     return aliases
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Raise :class:`ConfigError` if ``out_dir``, or the nearest of its parents that exists, is not a folder."""
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"out_dir {out_dir} cannot be a folder: {existing} exists and is not a folder")
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root`` (``step_XXXXXXXX`` folders), oldest first."""
     if not root.is_dir():
@@ -460,8 +478,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, tor
         state = json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: state.json is corrupt ({e})") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "files" not in state:
-        raise CheckpointError(f"checkpoint {path}: state.json is not a bmojo checkpoint of format {CHECKPOINT_FORMAT}")
+    check_state(state, path)
     tensors = {}
     for name, digest in state["files"].items():
         file = path / name
@@ -474,6 +491,55 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, tor
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"checkpoint {path}: cannot read {name} ({e})") from e
     return state, tensors
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    """An ``int`` (not a ``bool``) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_digests(files: Any) -> bool:
+    """A mapping of plain ``*.safetensors`` file names to SHA-256 hex digests (strings)."""
+    return isinstance(files, dict) and all(
+        isinstance(k, str) and Path(k).name == k and k.endswith(".safetensors") and isinstance(v, str)
+        for k, v in files.items()
+    )
+
+
+# state.json fields that resuming reads: (name, test, what the test wants)
+STATE_FIELDS = (
+    ("files", _is_digests, "a mapping of *.safetensors file names to SHA-256 digests"),
+    ("step", lambda v: _is_int(v, 1), "an integer >= 1"),
+    ("tokens", lambda v: _is_int(v, 0), "an integer >= 0"),
+    ("scheduler", lambda v: isinstance(v, dict), "a mapping (the LR scheduler's state)"),
+    ("optimizer_groups", lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v),
+     "a list of mappings (the optimizer's parameter groups)"),
+    ("model_config", lambda v: isinstance(v, dict), "a mapping (the model's config)"),
+    ("train_config", lambda v: isinstance(v, dict), "a mapping (the training config)"),
+    ("data", lambda v: isinstance(v, str), "a string (the training data's fingerprint)"),
+)  # fmt: skip
+
+
+def check_state(state: Any, path: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first field of a checkpoint's ``state.json`` that is missing, of the
+    wrong type or out of range, or that disagrees with the others."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path}: state.json is not a bmojo checkpoint of format {CHECKPOINT_FORMAT}")
+    for name, valid, wanted in STATE_FIELDS:
+        if name not in state:
+            raise CheckpointError(f"checkpoint {path}: state.json has no {name!r} field")
+        if not valid(state[name]):
+            raise CheckpointError(
+                f"checkpoint {path}: state.json field {name!r} must be {wanted}, got {reprlib.repr(state[name])}"
+            )
+    missing = [f"{n}.safetensors" for n in CHECKPOINT_TENSORS if f"{n}.safetensors" not in state["files"]]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: state.json field 'files' lacks {missing}")
+    if state["scheduler"].get("last_epoch") != state["step"]:
+        raise CheckpointError(
+            f"checkpoint {path}: state.json field 'scheduler' is at step {state['scheduler'].get('last_epoch')!r}, "
+            f"not at the checkpoint's step {state['step']}"
+        )
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
@@ -665,6 +731,7 @@ def _train(
     data_id = _fingerprint(train_t)
 
     out_dir, is_main = Path(cfg.out_dir), info.rank == 0
+    check_out_dir(out_dir)
     ckpt_root = out_dir / "checkpoints"
     existing = list_checkpoints(ckpt_root)
     if resume and not existing:
@@ -831,6 +898,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Load the tokenizer and corpus named by ``cfg`` (``bmojo.data``), then :func:`train`."""
     if not cfg.data:
         raise ConfigError("data: no training text files given")
+    check_out_dir(Path(cfg.out_dir))  # before the corpus is read and tokenized
     from bmojo.data import load_corpus, load_tokenizer
 
     info = setup_distributed(cfg.device)
