@@ -106,7 +106,7 @@ def test_exported_rope_keeps_the_cos_and_sin_inline():
 def test_bad_rotary_fraction_raises():
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         Attention(32, num_heads=2, rotary_fraction=0.0)
-    with pytest.raises(ValueError, match="even number"):
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.1 of a head of 16 dimensions rotates 0"):
         Attention(32, num_heads=2, head_dim=16, rotary_fraction=0.1)  # one dimension: nothing to rotate in pairs
 
 

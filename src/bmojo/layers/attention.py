@@ -58,6 +58,9 @@ class Attention(nn.Module):
         if not 0 < rotary_fraction <= 1:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {rotary_fraction}")
         rotary_dim = int(head_dim * rotary_fraction) // 2 * 2
+        if rope and rotary_dim < 2:
+            raise ValueError(f"partial_rotary_factor {rotary_fraction} of a head of {head_dim} dimensions rotates "
+                             f"{rotary_dim}: RoPE needs at least 2 (raise the factor or the head size)")  # fmt: skip
         self.rotary = RotaryEmbedding(rotary_dim, rope_theta) if rope else None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
