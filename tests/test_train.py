@@ -24,6 +24,7 @@ from bmojo.models import BMojoConfig, BMojoForCausalLM
 from bmojo.train import (
     CheckpointError,
     ConfigError,
+    DivergedError,
     TrainConfig,
     _objective,
     build_model_config,
@@ -278,6 +279,21 @@ def test_compiled_training_follows_eager(tmp_path):
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert len(curves[True]) == 3
     np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_whose_loss_is_not_finite_stops_before_saving(tmp_path):
+    """Weights that make the loss NaN stop the run at its first check (a log or a checkpoint), naming the step,
+    before a checkpoint keeps them; the CLI prints one error line."""
+    torch.manual_seed(7)
+    saved = BMojoForCausalLM(BMojoConfig.from_preset("bmojo", "tiny", vocab_size=VOCAB, **TINY_MODEL))
+    with torch.no_grad():
+        saved.model.norm.weight.fill_(float("nan"))
+    saved.save_pretrained(tmp_path / "saved")
+    cfg = tiny(tmp_path, model_args={}, model=str(tmp_path / "saved"), init_from=str(tmp_path / "saved"), steps=4,
+               log_every=10, save_every=2)  # fmt: skip
+    with pytest.raises(DivergedError, match="the training loss is nan at step 2"):
+        train(cfg, periodic_tokens(200), periodic_tokens(200), vocab_size=VOCAB)
+    assert not (Path(cfg.out_dir) / "checkpoints").exists() or not list_checkpoints(Path(cfg.out_dir) / "checkpoints")
 
 
 def test_init_from_a_saved_model(tmp_path):

@@ -41,13 +41,14 @@ from bmojo.recall import (
     train_recall,
     write_results,
 )
-from bmojo.train import CheckpointError, ConfigError, load_config, parse_overrides
+from bmojo.train import CheckpointError, ConfigError, DivergedError, load_config, parse_overrides
 from bmojo.train import run as run_training
 
-# Exceptions that bad input raises (missing or unreadable files, invalid configs, corrupt weights or checkpoints):
-# a command ends in one "error: ..." line for them, never a traceback. Hugging Face configs raise
-# StrictDataclassError for a field of the wrong type.
-USER_ERRORS = (OSError, UnicodeDecodeError, ConfigError, CheckpointError, DataError, StrictDataclassError)
+# Exceptions that bad input raises (missing or unreadable files, invalid configs, corrupt weights or checkpoints),
+# and a training run that diverged: a command ends in one "error: ..." line for them, never a traceback. Hugging Face
+# configs raise StrictDataclassError for a field of the wrong type.
+USER_ERRORS = (OSError, UnicodeDecodeError, ConfigError, CheckpointError, DataError, DivergedError,
+               StrictDataclassError)  # fmt: skip
 
 
 class _Commands(typer.core.TyperGroup):

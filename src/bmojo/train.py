@@ -78,6 +78,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not match the run that loads it."""
 
 
+class DivergedError(RuntimeError):
+    """The training loss is no longer finite (NaN or infinite)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (YAML keys are these field names)."""
@@ -788,8 +792,14 @@ def _train(
             tokens += cfg.batch_size * cfg.seq_len
             since_log += 1
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            saving = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps
+            if step % cfg.log_every == 0 or saving:
                 reduced = _all_reduce_sum(loss_sum.clone(), info) / (info.world * since_log)
+                if not bool(reduced.isfinite().all()):  # (before a checkpoint could keep the weights it made)
+                    raise DivergedError(f"the training loss is {float(reduced[0])} at step {step} (diverged): "
+                                        f"lower lr or set grad_clip, and resume from the last checkpoint in "
+                                        f"{ckpt_root}")  # fmt: skip
+            if step % cfg.log_every == 0 or step == cfg.steps:
                 norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
                 tps = (tokens - tokens0) / (time.perf_counter() - t0)
                 last = {"step": step, "loss": float(reduced[0]), "lr": lr, "grad_norm": float(norm), "tokens": tokens,
@@ -805,7 +815,7 @@ def _train(
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
                 if is_main:
                     plot_loss_curve(metrics.records, out_dir / "loss_curve.png")
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            if saving:
                 _save(model, optimizer, scheduler, generator, aliases, cfg, config, data_id, step, tokens, info)
             bar.update(task, completed=step)
 
