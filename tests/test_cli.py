@@ -73,6 +73,8 @@ def test_train_bad_input_ends_in_one_error_line(tmp_path):
         ([*run, f"teacher={bad}", f"out_dir={tmp_path / 'o2'}"], ["error: the weights in", "are unreadable"]),
         ([*run, "model_args.windw_size=4", f"out_dir={tmp_path / 'o3'}"],
          ["error: unknown model_args fields ['windw_size']", "'window_size'"]),
+        (["recall", "--config", str(binary)], ["error:", "config.bin is not a UTF-8 text file"]),
+        (["recall", "--config", str(a_file)], ["error:", "a_file must hold a YAML mapping of recall sweep keys"]),
     ]:  # fmt: skip
         clean_error(args, *expected)
     assert not any((tmp_path / out / "final").exists() for out in ("o1", "o2", "o3"))

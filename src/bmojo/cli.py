@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import typer
 import typer.core
-import yaml
 from huggingface_hub.errors import StrictDataclassError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
@@ -41,7 +40,7 @@ from bmojo.recall import (
     train_recall,
     write_results,
 )
-from bmojo.train import CheckpointError, ConfigError, DivergedError, load_config, parse_overrides
+from bmojo.train import CheckpointError, ConfigError, DivergedError, load_config, parse_overrides, read_yaml_mapping
 from bmojo.train import run as run_training
 
 # Exceptions that bad input raises (missing or unreadable files, invalid configs, corrupt weights or checkpoints),
@@ -231,9 +230,7 @@ def recall(
     out: Path = typer.Option(Path("runs/recall"), help="output directory"),
 ) -> None:
     """Sweep architectures x sequence lengths x memory budgets x seeds on a recall task."""
-    spec: dict[str, Any] = yaml.safe_load(config.read_text()) if config else {}
-    if not isinstance(spec, dict):
-        raise typer.BadParameter(f"{config} must hold a YAML mapping")
+    spec = read_yaml_mapping(config, "recall sweep keys") if config else {}
     base = dict(spec.get("base", {}))
     if steps is not None:
         base["steps"] = steps

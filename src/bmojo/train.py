@@ -197,20 +197,25 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
     Dotted keys set entries of mapping fields: ``model_args.window_size=32``.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not a UTF-8 text file ({e})") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a YAML mapping of training config keys")
+    raw = {} if path is None else read_yaml_mapping(path, "training config keys")
     return TrainConfig.from_dict(parse_overrides(overrides, raw))
+
+
+def read_yaml_mapping(path: str | Path, of: str) -> dict[str, Any]:
+    """The YAML mapping (of ``of``, for the message) in the file ``path`` (empty: ``{}``); :class:`ConfigError` naming
+    the file if it is missing, not text, not YAML or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a UTF-8 text file ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping of {of}")
+    return raw
 
 
 def parse_overrides(items: Sequence[str], into: dict[str, Any] | None = None, nested: bool = True) -> dict[str, Any]:
