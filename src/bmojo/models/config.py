@@ -50,21 +50,9 @@ from bmojo.layers.storage import WRITES
 from bmojo.ops.attention import ATTENTION_IMPLS
 
 LAYER_KINDS = ("attention", "swa", "mamba", "mamba2", "bmojo-f", "bmojo")
-BOOL_FIELDS = (
-    "use_mlp",
-    "storage",
-    "storage_in_batch",
-    "storage_async_retrieval",
-    "storage_process",
-    "tie_fading_kv",
-    "qk_norm",
-    "use_rope",
-    "attention_bias",
-    "ssm_bias",
-    "ssm_conv_bias",
-    "mamba_dt_bc_norm",
-    "use_cache",
-)
+BOOL_FIELDS = ("use_mlp", "storage", "storage_in_batch", "storage_async_retrieval", "storage_process", "tie_fading_kv",
+               "qk_norm", "use_rope", "attention_bias", "ssm_bias", "ssm_conv_bias", "mamba_dt_bc_norm",
+               "use_cache")  # fmt: skip
 PRESETS = ("transformer", "swa", "mamba", "mamba2", "jamba", "bmojo-f", "bmojo")
 
 # size -> (hidden_size, heads, target parameter count); the depth is chosen to hit the target.

@@ -268,7 +268,7 @@ def _output_hidden_states(kwargs: dict[str, Any], config: BMojoConfig) -> bool:
     return record
 
 
-def _kept_positions(logits_to_keep: int | torch.Tensor, length: int) -> slice | torch.Tensor | None:
+def _kept_positions(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor | None:
     """The positions whose logits a call keeps: ``logits_to_keep`` an int ``k`` (the last ``k``; 0: all, ``None``) or
     a 1-D tensor of positions, as Hugging Face models take it."""
     if isinstance(logits_to_keep, torch.Tensor):
@@ -533,12 +533,13 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False, **kwargs
         )
         hidden = out.last_hidden_state
-        if num_items_in_batch is not None and not torch.compiler.is_compiling():
-            if bool(torch.as_tensor(num_items_in_batch) <= 0):
+        count = num_items_in_batch  # checked where reading it needs no device sync (Trainer's, on a GPU, would)
+        if count is not None and not torch.compiler.is_compiling() and torch.as_tensor(count).device.type == "cpu":
+            if bool(torch.as_tensor(count) <= 0):
                 raise ValueError(f"num_items_in_batch counts the step's targets and must be >= 1, got "
                                  f"{num_items_in_batch}")  # fmt: skip
         targets = _targets(labels, kwargs.get("shift_labels"), hidden.shape[:2], self.config.vocab_size)
-        keep = _kept_positions(logits_to_keep, hidden.shape[1])
+        keep = _kept_positions(logits_to_keep)
         if targets is not None and keep is not None:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with them")
         if keep is not None:
