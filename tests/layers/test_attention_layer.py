@@ -112,5 +112,5 @@ def test_bad_rotary_fraction_raises():
 
 def test_head_counts_below_one_raise():
     for kw in (dict(num_heads=0), dict(num_heads=4, num_kv_heads=0), dict(num_heads=4, head_dim=-8)):
-        with pytest.raises(ValueError, match="must be >= 1"):
+        with pytest.raises(ValueError, match="must be a positive integer"):
             Attention(32, **kw)

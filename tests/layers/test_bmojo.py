@@ -392,9 +392,9 @@ def test_bad_layer_sizes_and_valid_masks_raise():
     from bmojo.models.cache import BMojoCache
 
     for build, match in [(lambda: make(window=1.5), "window_size must be an integer >= 1"),
-                         (lambda: RMSNorm(0), "dim must be >= 1"),
-                         (lambda: EideticMemory(D, 0, 4, 4, "innovation"), "eidetic_size must be >= 1"),
-                         (lambda: EideticMemory(D, 2, 0, 4, "innovation"), "window must be >= 1"),
+                         (lambda: RMSNorm(0), "dim must be a positive integer"),
+                         (lambda: EideticMemory(D, 0, 4, 4, "innovation"), "eidetic_size must be a positive integer"),
+                         (lambda: EideticMemory(D, 2, 0, 4, "innovation"), "window must be a positive integer"),
                          (lambda: RotaryEmbedding(8, theta=0.0), "rope_theta must be a finite number > 0"),
                          (lambda: BMojoCache(-1), "num_layers must be >= 0"),
                          (lambda: BMojoCache(2).reserve(-1), "tokens must be >= 0")]:  # fmt: skip
@@ -405,7 +405,7 @@ def test_bad_layer_sizes_and_valid_masks_raise():
 
 
 def test_a_chunk_of_zero_raises_rather_than_taking_the_window():
-    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         make(chunk_size=0)
 
 

@@ -146,12 +146,12 @@ def test_hidden_states_of_another_dtype_raise_outside_autocast(cls):
 @pytest.mark.parametrize(
     "cls,kw,match",
     [
-        (Mamba, dict(expand=0), "expand must be >= 1"),
-        (Mamba, dict(state_size=0), "state_size must be >= 1"),
-        (Mamba, dict(conv_kernel=0), "conv_kernel must be >= 1"),
-        (Mamba2, dict(head_dim=0), "head_dim must be >= 1"),
-        (Mamba2, dict(n_groups=0), "n_groups must be >= 1"),
-        (Mamba2, dict(chunk_size=0), "chunk_size must be >= 1"),
+        (Mamba, dict(expand=0), "expand must be a positive integer"),
+        (Mamba, dict(state_size=0), "state_size must be a positive integer"),
+        (Mamba, dict(conv_kernel=0), "conv_kernel must be a positive integer"),
+        (Mamba2, dict(head_dim=0), "head_dim must be a positive integer"),
+        (Mamba2, dict(n_groups=0), "n_groups must be a positive integer"),
+        (Mamba2, dict(chunk_size=0), "chunk_size must be a positive integer"),
     ],
 )
 def test_sizes_below_one_raise(cls, kw, match):

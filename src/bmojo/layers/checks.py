@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from bmojo.ops import check_positive
+
 
 def check_sizes(**sizes: int) -> None:
     """``ValueError`` naming the first of ``sizes`` (a layer's constructor arguments) not an integer >= 1."""
     for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be >= 1 (an integer), got {value!r}")
+        check_positive(name, value)
 
 
 def check_hidden_states(h: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> None:
