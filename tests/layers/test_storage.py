@@ -567,6 +567,25 @@ def test_model_decode_equals_in_batch_forward_and_state_stays_constant():
         model(ids[:, :5].expand(2, -1), cache=BMojoCache(2, store_ids=torch.tensor([0])), use_cache=True)
 
 
+def test_a_deep_copy_of_a_model_with_storage_holds_its_own_copy_of_the_stores():
+    """``copy.deepcopy`` (EMA, ``AveragedModel``) raised on the stores' locks: the copy's stores hold the same rows,
+    retrieve the same, and take writes of their own."""
+    import copy
+
+    model = tiny(storage=True)
+    decode(model, torch.randint(0, 128, (2, 40)), 5)
+    twin = copy.deepcopy(model)
+    q = torch.randn(2, H, 3, 16)
+    for name, store in model.vector_stores().items():
+        other = twin.vector_stores()[name]
+        assert other is not store and other.sequences() == store.sequences() == [0, 1] and len(other) == len(store)
+        for a, b in zip(store.retrieve([0, 1], q, 2), other.retrieve([0, 1], q, 2)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    decode(twin, torch.randint(0, 128, (1, 40)), 2)
+    twin.flush_storage()
+    assert all(len(twin.vector_stores()[n]) > len(s) for n, s in model.vector_stores().items())
+
+
 def test_model_save_load_with_storage_and_corrupt_store(tmp_path):
     model = tiny(storage=True)
     ids = torch.randint(0, 128, (2, 40))

@@ -393,6 +393,13 @@ class VectorStore:
         """Replace the content by ``arrays`` (from :meth:`state_arrays`); on any mismatch raise and change nothing."""
         self._install(self._index.stage(arrays, name))
 
+    def __deepcopy__(self, memo: dict) -> "VectorStore":
+        """A new store (its own writer and, with ``config.process``, its own helper) holding this one's rows, after
+        its pending writes: what ``copy.deepcopy`` of a model gives (EMA, ``AveragedModel``)."""
+        copy = VectorStore(self.head_dim, self.num_kv_heads, self.config)
+        copy.load_arrays(self.state_arrays(), "a deep copy")
+        return copy
+
     def _install(self, next_seq: int) -> None:
         """Replace the content by what the index staged last (:meth:`Index.stage`)."""
         self.flush()
