@@ -47,6 +47,7 @@ from transformers import PretrainedConfig
 
 from bmojo.layers.eidetic import SELECTIONS
 from bmojo.layers.storage import WRITES
+from bmojo.ops import check_positive
 from bmojo.ops.attention import ATTENTION_IMPLS
 
 LAYER_KINDS = ("attention", "swa", "mamba", "mamba2", "bmojo-f", "bmojo")
@@ -226,9 +227,8 @@ class BMojoConfig(PretrainedConfig):
                     "storage_write_batch", "storage_ef_search")  # fmt: skip
         optional = ("head_dim", "window_size", "chunk_size", "mamba2_state_size", "time_step_rank")  # None: derived
         for name in positive + optional:
-            value = getattr(self, name)
-            if (value is not None or name in positive) and (not _is_int(value) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) is not None or name in positive:
+                check_positive(name, getattr(self, name))
         for name in ("eidetic_size", "loss_chunk_size", "storage_norm_tier"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:

@@ -23,7 +23,7 @@ from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.layers.storage import StorageConfig, StorageFileError, VectorStore, load_stores, save_stores
 from bmojo.models.cache import BMojoCache
 from bmojo.models.config import BMojoConfig
-from bmojo.ops.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy
+from bmojo.ops.loss import IGNORE_INDEX, check_targets, cross_entropy, prechecked_linear_cross_entropy
 
 
 def build_mixer(config: BMojoConfig, kind: str, layer_idx: int = 0) -> BMojoMixer:
@@ -292,19 +292,13 @@ def _targets(
         return None
     if given.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)} (the inputs'), got {tuple(given.shape)}")
-    if given.dtype.is_floating_point or given.dtype.is_complex or given.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {given.dtype}")
-    if not torch.compiler.is_compiling():
-        bad = ((given < 0) & (given != IGNORE_INDEX)) | (given >= vocab_size)
-        if bool(bad.any()):
-            raise ValueError(f"{name} holds {int(given[bad][0])}, outside the vocabulary [0, {vocab_size}) and not "
-                             f"the ignored {IGNORE_INDEX}")  # fmt: skip
+    check_targets(given, vocab_size, IGNORE_INDEX, name)
     if shift_labels is None:
         given = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     return given.flatten().long()
 
 
-# config fields that shape a layer's recurrent state (:meth:`BMojoModel._cache_layout`)
+# config fields that shape a layer's recurrent state (``BMojoModel.cache_layout``)
 _LAYOUT_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "window_size",
                   "eidetic_size", "chunk_size", "bmojo_ssm", "state_size", "mamba2_state_size", "mamba2_head_dim",
                   "expand", "conv_kernel", "n_groups", "tie_fading_kv", "storage")  # fmt: skip
@@ -318,6 +312,9 @@ class BMojoModel(BMojoPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(BMojoBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # the config's fields that shaped the layers' states, which a cache must have been filled under
+        self.cache_layout = (*((name, getattr(config, name)) for name in _LAYOUT_FIELDS),
+                             ("layer_pattern", tuple(config.layer_pattern)))  # fmt: skip
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -365,8 +362,8 @@ class BMojoModel(BMojoPreTrainedModel):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}")
         stepping = cache is not None and cache.started  # else the layers run in parallel (prefill)
-        if stepping and cache.layout != self._cache_layout():
-            theirs, ours = dict(cache.layout or ()), dict(self._cache_layout())
+        if stepping and cache.layout != self.cache_layout:
+            theirs, ours = dict(cache.layout or ()), dict(self.cache_layout)
             differ = ", ".join(f"{k} {theirs.get(k)} there, {v} here" for k, v in ours.items() if theirs.get(k) != v)
             raise ValueError(f"this cache was filled by another kind of model: {differ}")
         length = inputs_embeds.shape[1]
@@ -395,15 +392,9 @@ class BMojoModel(BMojoPreTrainedModel):
             if advance:
                 cache.advance(x.shape[1])
         elif cache is not None:
-            cache.layout = self._cache_layout()
+            cache.layout = self.cache_layout
             cache.prefilled()
         return out
-
-    def _cache_layout(self) -> tuple:
-        """The config's fields that shape the layers' states, which a cache must have been filled under."""
-        return tuple((name, getattr(self.config, name)) for name in _LAYOUT_FIELDS) + (
-            ("layer_pattern", tuple(self.config.layer_pattern)),
-        )
 
 
 STORAGE_FILE = "storage.npz"
@@ -533,9 +524,9 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False, **kwargs
         )
         hidden = out.last_hidden_state
-        count = num_items_in_batch  # checked where reading it needs no device sync (Trainer's, on a GPU, would)
-        if count is not None and not torch.compiler.is_compiling() and torch.as_tensor(count).device.type == "cpu":
-            if bool(torch.as_tensor(count) <= 0):
+        if num_items_in_batch is not None and not torch.compiler.is_compiling():
+            count = torch.as_tensor(num_items_in_batch)  # read where that needs no device sync (Trainer's, on a GPU)
+            if count.device.type == "cpu" and bool(count <= 0):
                 raise ValueError(f"num_items_in_batch counts the step's targets and must be >= 1, got "
                                  f"{num_items_in_batch}")  # fmt: skip
         targets = _targets(labels, kwargs.get("shift_labels"), hidden.shape[:2], self.config.vocab_size)
@@ -547,7 +538,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         logits = loss = None
         chunk = self.loss_chunk_size if self.training and torch.is_grad_enabled() else 0
         if targets is not None and chunk:
-            loss = linear_cross_entropy(
+            loss = prechecked_linear_cross_entropy(  # (the labels checked by _targets)
                 hidden.flatten(0, 1), self.lm_head.weight, targets, chunk, IGNORE_INDEX, num_items_in_batch
             )
         else:

@@ -44,17 +44,17 @@ def linear_cross_entropy_reference(
     return cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index, num_items)
 
 
-def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Raise ``TypeError`` unless ``targets`` are integers and, in eager mode (a read from the device), ``ValueError``
-    naming the first target outside ``[0, vocab)`` that is not ``ignore_index`` (the gather would fail on it with an
-    index error, or a device-side assert on CUDA)."""
+def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int, name: str = "targets") -> None:
+    """Raise ``TypeError`` unless ``targets`` (called ``name``) are integers and, in eager mode (a read from the
+    device), ``ValueError`` naming the first target outside ``[0, vocab)`` that is not ``ignore_index`` (the gather
+    would fail on it with an index error, or a device-side assert on CUDA)."""
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got {targets.dtype}")
     if torch.compiler.is_compiling():
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):
-        raise ValueError(f"targets holds {int(targets[bad][0])}, outside the vocabulary [0, {vocab}) and not the "
+        raise ValueError(f"{name} holds {int(targets[bad][0])}, outside the vocabulary [0, {vocab}) and not the "
                          f"ignore_index {ignore_index}")  # fmt: skip
 
 
@@ -72,6 +72,19 @@ def linear_cross_entropy(
     check_shapes([("weight", weight, (weight.shape[0], hidden.shape[1])), ("targets", targets, (hidden.shape[0],))])
     check_positive("chunk_size", chunk_size)
     check_targets(targets, weight.shape[0], ignore_index)
+    return prechecked_linear_cross_entropy(hidden, weight, targets, chunk_size, ignore_index, num_items)
+
+
+def prechecked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    ignore_index: int = IGNORE_INDEX,
+    num_items: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`linear_cross_entropy` of inputs its caller has checked as it checks them (the targets' range is a read
+    from the device: a model that checked its labels need not read them twice)."""
     device = hidden.device.type
     if torch.is_autocast_enabled(device):  # the products in the autocast dtype, as F.linear's would be
         dtype = torch.get_autocast_dtype(device)
