@@ -701,22 +701,6 @@ def test_activation_checkpointing_refuses_a_cache_in_training():
     assert model.eval()(ids, use_cache=True).cache.get_seq_length() == 20
 
 
-def test_sequences_packed_into_one_row_raise():
-    """Hugging Face's ``DataCollatorWithFlattening`` packs sequences into one row, marked by ``position_ids`` that
-    restart (or ``seq_idx``, ``cu_seq_lens_*``): refused by name, not run as one sequence; plain positions pass."""
-    from transformers import DataCollatorWithFlattening
-
-    model = tiny("bmojo")
-    features = [{"input_ids": list(range(1, 9))}, {"input_ids": list(range(20, 25))}]
-    for options in ({}, {"return_seq_idx": True, "return_position_ids": False}):
-        batch = DataCollatorWithFlattening(**options)(features)
-        batch.pop("labels")
-        with pytest.raises(NotImplementedError, match="packed into one row"):
-            model(**batch)
-    ids = torch.randint(0, 128, (2, 13))
-    torch.testing.assert_close(model(ids, position_ids=torch.arange(13).expand(2, 13)).logits, model(ids).logits)
-
-
 @pytest.mark.parametrize("name", ["bmojo", "jamba", "transformer"])
 def test_hidden_states_are_the_embeddings_and_each_blocks_output(name):
     """``output_hidden_states=True``: the embeddings, then each block's output (the blocks run by hand), the last

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.layers.storage import StorageConfig, StorageFileError, VectorStore, load_stores, save_stores
 from bmojo.models.cache import BMojoCache
 from bmojo.models.config import BMojoConfig
+from bmojo.models.packing import PackedSequences
 from bmojo.ops.loss import IGNORE_INDEX, check_targets, cross_entropy, prechecked_linear_cross_entropy
 
 
@@ -241,19 +243,6 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
-def _check_unpacked(kwargs: dict[str, Any]) -> None:
-    """Raise for inputs that pack several sequences into one row (Hugging Face's ``DataCollatorWithFlattening``):
-    the layers would run each row as one sequence, each sequence seeing the ones before it."""
-    packed = [name for name in ("seq_idx", "cu_seq_lens_q", "cu_seq_lens_k") if kwargs.get(name) is not None]
-    positions = kwargs.get("position_ids")
-    if positions is not None and positions.shape[-1] > 1 and not torch.compiler.is_compiling():
-        if bool((positions.diff(dim=-1) != 1).any()):
-            packed.append("position_ids that restart within a row")
-    if packed:
-        raise NotImplementedError(f"sequences packed into one row ({', '.join(packed)}) are not supported: the "
-                                  f"layers would run each row as one sequence; pad them instead (attention_mask)")  # fmt: skip
-
-
 def _output_hidden_states(kwargs: dict[str, Any], config: BMojoConfig) -> bool:
     """Whether the call asks for every block's hidden states (``output_hidden_states``, else the config's); asking
     for attention weights (``output_attentions``), which the fused attention kernels never form, raises."""
@@ -332,15 +321,19 @@ class BMojoModel(BMojoPreTrainedModel):
         use_cache: bool | None = None,
         cache: BMojoCache | None = None,
         advance: bool = True,
+        packed: PackedSequences | None = None,
         **kwargs: Any,
     ) -> BMojoModelOutput:
         """``input_ids [B, L]`` (or ``inputs_embeds [B, L, D]``) -> hidden states; continues ``cache`` if given.
 
         ``advance=False``: a continued cache's token count is left for the caller to advance, last, outside compiled
         code (``cache.advance(L)``, as ``BMojoForCausalLM`` does; see ``BMojoMixer.forward``); its position tensor,
-        which the layers share after a prefill, is advanced here."""
+        which the layers share after a prefill, is advanced here.
+
+        Sequences packed into one row (Hugging Face's ``DataCollatorWithFlattening``: ``position_ids`` that restart
+        at 0, ``seq_idx`` or ``cu_seq_lens_q``; or ``packed``, read from them by the caller) run as a batch of one
+        sequence a row, padded on the right, each token's output that of its sequence alone; they fill no cache."""
         cache = cache if cache is not None else past_key_values
-        _check_unpacked(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -352,7 +345,11 @@ class BMojoModel(BMojoPreTrainedModel):
             )
         if cache is not None and not isinstance(cache, BMojoCache):
             raise TypeError(f"cache must be a BMojoCache, got {type(cache).__name__}")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        packed = packed if packed is not None else PackedSequences.find(kwargs, inputs_embeds, attention_mask)
+        if packed is not None and cache is not None:
+            raise ValueError("sequences packed into one row cannot fill or continue a cache: pass them as a batch, "
+                             "one sequence a row (padded), to cache them")  # fmt: skip
+        use_cache = packed is None and (self.config.use_cache if use_cache is None else use_cache)
         training = self.training and torch.is_grad_enabled()
         if (use_cache or cache is not None) and training and self.is_activation_checkpointing:
             raise ValueError("activation checkpointing recomputes each layer in the backward pass, which would fill a "
@@ -370,20 +367,24 @@ class BMojoModel(BMojoPreTrainedModel):
         if stepping and length > 1 and attention_mask is not None and not bool(attention_mask[:, -length:].all()):
             raise NotImplementedError("attention_mask pads some of the tokens that continue this cache, which is not "
                                       "supported: continue it with unpadded tokens")  # fmt: skip
-        valid, pads = (None, None) if stepping else _padding(attention_mask, inputs_embeds.shape[:2])
-        x = inputs_embeds
-        if pads is not None:  # left padding: each row's tokens moved to its start (right padding), and back after
+        unpadded = stepping or packed is not None  # (packing with padding raised above)
+        valid, pads = (None, None) if unpadded else _padding(attention_mask, inputs_embeds.shape[:2])
+        x, restore = inputs_embeds, None  # restore: the layers' batch back to the inputs' layout
+        if packed is not None:  # one sequence a row, padded on the right
+            x, valid, restore = packed.unpack(x), packed.valid, packed.pack
+        elif pads is not None:  # left padding: each row's tokens moved to its start (right padding), and back after
             x, valid = roll_rows(x, pads), torch.arange(length, device=x.device) < length - pads[:, None]
+            restore = partial(roll_rows, shifts=-pads)
         hidden = [] if _output_hidden_states(kwargs, self.config) else None
         aux_losses = []
         for i, layer in enumerate(self.layers):
             if hidden is not None:
-                hidden.append(x if pads is None else roll_rows(x, -pads))
+                hidden.append(x if restore is None else restore(x))
             x, aux = layer(x, cache=None if cache is None else cache[i], advance=False, valid=valid)  # (advanced below)
             if aux is not None:
                 aux_losses.append(aux)
-        if pads is not None:
-            x = roll_rows(x, -pads)
+        if restore is not None:
+            x = restore(x)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         x = self.norm(x)
         out = BMojoModelOutput(x, cache, aux_loss, None if hidden is None else (*hidden, x))
@@ -520,9 +521,9 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             use_cache = self.config.use_cache and not self.training
         cache = cache if cache is not None else past_key_values
         stepping = isinstance(cache, BMojoCache) and cache.started
-        out = self.model(
-            input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False, **kwargs
-        )
+        packed = PackedSequences.find(kwargs, input_ids if input_ids is not None else inputs_embeds, attention_mask)
+        out = self.model(input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False,
+                         packed=packed, **kwargs)  # fmt: skip
         hidden = out.last_hidden_state
         if num_items_in_batch is not None and not torch.compiler.is_compiling():
             count = torch.as_tensor(num_items_in_batch)  # read where that needs no device sync (Trainer's, on a GPU)
@@ -530,6 +531,8 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
                 raise ValueError(f"num_items_in_batch counts the step's targets and must be >= 1, got "
                                  f"{num_items_in_batch}")  # fmt: skip
         targets = _targets(labels, kwargs.get("shift_labels"), hidden.shape[:2], self.config.vocab_size)
+        if targets is not None and packed is not None:  # a packed sequence's last token has no target
+            targets = targets.masked_fill(packed.last_tokens(), IGNORE_INDEX)
         keep = _kept_positions(logits_to_keep)
         if targets is not None and keep is not None:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with them")

@@ -1,0 +1,176 @@
+"""Sequences packed into one row (padding-free batches): equal to the same sequences batched with padding."""
+
+import pytest
+import torch
+from transformers import DataCollatorWithFlattening
+
+from bmojo import BMojoCache, BMojoConfig, BMojoForCausalLM
+from bmojo.models.packing import PackedSequences
+
+OVERRIDES = dict(window_size=8, chunk_size=4, eidetic_size=4)
+LENGTHS = (17, 5, 30, 1, 9)  # the window, fading band and eidetic memory active in the longest; a 1-token sequence
+# DataCollatorWithFlattening's three ways of marking the sequences
+MARKINGS = ({}, {"return_seq_idx": True, "return_position_ids": False},
+            {"return_flash_attn_kwargs": True, "return_position_ids": False})  # fmt: skip
+
+
+def tiny(name: str, **kw) -> BMojoForCausalLM:
+    torch.manual_seed(0)
+    return BMojoForCausalLM(BMojoConfig.from_preset(name, "tiny", **{**OVERRIDES, **kw}))
+
+
+def sequences(lengths=LENGTHS, seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+
+
+def padded(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The sequences as one batch padded on the right, labels -100 at the padding."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_unpack_and_pack_against_a_loop():
+    """``unpack`` puts token ``t`` of each row's ``k``-th sequence at ``[sequence, t]`` (sequences numbered over the
+    rows in order), zeros after; ``pack`` undoes it."""
+    starts = torch.rand(3, 11, generator=torch.Generator().manual_seed(0)) < 0.3
+    x = torch.randn(3, 11, 2)
+    packed = PackedSequences.from_starts(starts)
+    pieces = []
+    for row in range(3):
+        cuts = [0] + [t for t in range(1, 11) if starts[row, t]] + [11]
+        pieces += [x[row, a:b] for a, b in zip(cuts, cuts[1:])]
+    expected = torch.zeros(len(pieces), max(len(p) for p in pieces), 2)
+    for i, p in enumerate(pieces):
+        expected[i, : len(p)] = p
+    assert packed.lengths.tolist() == [len(p) for p in pieces]
+    torch.testing.assert_close(packed.unpack(x), expected, atol=0, rtol=0)
+    torch.testing.assert_close(packed.pack(packed.unpack(x)), x, atol=0, rtol=0)
+    assert packed.valid.sum().item() == 33
+
+
+@pytest.mark.parametrize("name", ["bmojo", "bmojo-f", "jamba", "mamba", "transformer"])
+def test_packed_sequences_train_as_the_padded_batch(name):
+    """A ``DataCollatorWithFlattening`` batch (each way it marks the sequences) gives each token the logits of its
+    sequence alone, and in training the loss and every gradient of the same sequences padded on the right."""
+    seqs = sequences()
+    model = tiny(name).train()
+    ref = model(**padded(seqs))
+    ref.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with torch.no_grad():
+        alone = torch.cat([model.eval()(torch.tensor([s])).logits[0] for s in seqs])
+    for marking in MARKINGS:
+        batch = DataCollatorWithFlattening(**marking)([{"input_ids": s} for s in seqs])
+        model.zero_grad()
+        out = model.train()(**batch)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-5)
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+        with torch.no_grad():
+            logits = model.eval()(**batch).logits
+        torch.testing.assert_close(logits[0], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_labels_need_no_separator_and_hidden_states_come_packed():
+    """Labels equal to the inputs (no -100 at each sequence's start) train no token to predict the next sequence's
+    first one; every hidden state is packed like the inputs."""
+    seqs = sequences()
+    model = tiny("bmojo").eval()
+    batch = DataCollatorWithFlattening()([{"input_ids": s} for s in seqs])
+    with torch.no_grad():
+        out = model(batch["input_ids"], labels=batch["input_ids"], position_ids=batch["position_ids"],
+                    output_hidden_states=True)  # fmt: skip
+        torch.testing.assert_close(out.loss, model(**batch).loss)
+        ref = model(**padded(seqs), output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    keep = padded(seqs)["attention_mask"].bool()
+    for h, r in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(h[0], r[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_several_rows_and_positions_for_every_row():
+    """Packed rows of a batch (position_ids ``[B, L]``, ``seq_idx``) and ``[L]`` positions shared by every row."""
+    model = tiny("bmojo").eval()
+    seqs = sequences((7, 13, 20))
+    ids = torch.tensor([seqs[0] + seqs[1], seqs[2]])
+    positions = torch.tensor([list(range(7)) + list(range(13)), list(range(20))])
+    with torch.no_grad():
+        alone = [model(torch.tensor([s])).logits[0] for s in seqs]
+        got = model(ids, position_ids=positions).logits
+        torch.testing.assert_close(got, model(ids, seq_idx=torch.tensor([[0] * 7 + [1] * 13, [2] * 20])).logits)
+        shared = model(ids, position_ids=positions[0]).logits  # the second row cut where the first is
+        pieces = [model(torch.tensor([seqs[2][:7]])).logits[0], model(torch.tensor([seqs[2][7:]])).logits[0]]
+    torch.testing.assert_close(got[0], torch.cat(alone[:2]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], alone[2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[0], got[0])
+    torch.testing.assert_close(shared[1], torch.cat(pieces), atol=1e-5, rtol=1e-5)
+
+
+def test_positions_that_do_not_pack_change_nothing():
+    """Consecutive positions from any start, and left padding's positions (Hugging Face's ``cumsum`` of the mask,
+    whatever they are at the padding) are not packing: the outputs are those without ``position_ids``."""
+    model = tiny("bmojo").eval()
+    ids = torch.randint(0, 128, (2, 13))
+    mask = torch.tensor([[0, 0, 0] + [1] * 10, [1] * 13])
+    left = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, position_ids=torch.arange(5, 18)).logits, model(ids).logits)
+        out = model(ids, attention_mask=mask, position_ids=left, use_cache=True)
+        torch.testing.assert_close(out.logits, model(ids, attention_mask=mask).logits)
+    assert out.cache.get_seq_length() == 13
+
+
+def test_packed_sequences_fill_no_cache():
+    model = tiny("bmojo").eval()
+    batch = DataCollatorWithFlattening()([{"input_ids": s} for s in sequences()])
+    with torch.no_grad():
+        assert model(**batch).cache is None  # (the config's use_cache does not apply)
+        with pytest.raises(ValueError, match="packed into one row cannot fill or continue a cache"):
+            model(**batch, cache=BMojoCache(2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"position_ids": torch.tensor([[0, 1, 2, 4, 5, 0, 1, 2]])}, ValueError, "position_ids jump from 2 to 4"),
+        ({"position_ids": torch.arange(8.0)}, TypeError, "position_ids must be an integer tensor"),
+        ({"position_ids": torch.arange(7)}, ValueError, r"position_ids must be \[batch, length\] \(1, 8\)"),
+        ({"seq_idx": torch.zeros(2, 8, dtype=torch.long)}, ValueError, r"seq_idx must be \[batch, length\]"),
+        ({"cu_seq_lens_q": torch.tensor([0, 3, 7])}, ValueError, "rise from 0 to the batch's 8 tokens"),
+        ({"cu_seq_lens_q": torch.tensor([0, 3, 3, 8])}, ValueError, "rise from 0"),
+        ({"cu_seq_lens_q": torch.tensor([0, 3, 8]), "cu_seq_lens_k": torch.tensor([0, 4, 8])}, ValueError,
+         "cu_seq_lens_k differs"),
+        ({"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]), "attention_mask": torch.tensor([[1] * 7 + [0]])},
+         NotImplementedError, "packed sequences with padding"),
+    ],
+)  # fmt: skip
+def test_bad_packing_raises(kwargs, error, message):
+    model = tiny("bmojo").eval()
+    with pytest.raises(error, match=message):
+        model(torch.randint(0, 128, (1, 8)), **kwargs)
+
+
+def test_hf_trainer_trains_padding_free_as_padded(tmp_path):
+    """Hugging Face ``Trainer`` with ``DataCollatorWithFlattening`` (padding-free training) takes the step it takes
+    on the same sequences padded on the right."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    data = [{"input_ids": s} for s in sequences()]
+    moved = []
+    for collate in (DataCollatorWithFlattening(), lambda features: padded([f["input_ids"] for f in features])):
+        model = tiny("bmojo").train()
+        before = [p.detach().clone() for p in model.parameters()]
+        args = TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=len(data), max_steps=1, learning_rate=1.0,
+            optim="sgd", lr_scheduler_type="constant", max_grad_norm=0, report_to=[], save_strategy="no",
+            use_cpu=True, remove_unused_columns=False,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=data, data_collator=collate).train()
+        moved.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+    for a, b in zip(*moved):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
