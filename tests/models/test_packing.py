@@ -33,22 +33,29 @@ def padded(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
 
 
 def test_unpack_and_pack_against_a_loop():
-    """``unpack`` puts token ``t`` of each row's ``k``-th sequence at ``[sequence, t]`` (sequences numbered over the
-    rows in order), zeros after; ``pack`` undoes it."""
-    starts = torch.rand(3, 11, generator=torch.Generator().manual_seed(0)) < 0.3
-    x = torch.randn(3, 11, 2)
-    packed = PackedSequences.from_starts(starts)
+    """The sequences (cut where ``starts`` is set and at each row's start) go, longest first, into groups of lengths
+    within a factor of 2; ``unpack`` gives a group's sequences one a row, zeros after; ``pack`` undoes it."""
+    starts = torch.rand(3, 40, generator=torch.Generator().manual_seed(0)) < 0.15
+    x = torch.randn(3, 40, 2)
     pieces = []
     for row in range(3):
-        cuts = [0] + [t for t in range(1, 11) if starts[row, t]] + [11]
+        cuts = [0] + [t for t in range(1, 40) if starts[row, t]] + [40]
         pieces += [x[row, a:b] for a, b in zip(cuts, cuts[1:])]
-    expected = torch.zeros(len(pieces), max(len(p) for p in pieces), 2)
-    for i, p in enumerate(pieces):
-        expected[i, : len(p)] = p
-    assert packed.lengths.tolist() == [len(p) for p in pieces]
-    torch.testing.assert_close(packed.unpack(x), expected, atol=0, rtol=0)
-    torch.testing.assert_close(packed.pack(packed.unpack(x)), x, atol=0, rtol=0)
-    assert packed.valid.sum().item() == 33
+    pieces.sort(key=len, reverse=True)  # (stable: equal lengths keep their order)
+    packed = PackedSequences.from_starts(starts)
+    unpacked = [packed.unpack(x, g) for g in packed.groups]
+    assert len(packed.groups) > 1
+    for group, got in zip(packed.groups, unpacked):
+        mine, pieces = pieces[: group.n], pieces[group.n :]
+        assert len(mine[0]) == group.width and 2 * len(mine[-1]) > group.width
+        expected = torch.zeros(group.n, group.width, 2)
+        for i, p in enumerate(mine):
+            expected[i, : len(p)] = p
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        if group.valid is not None:
+            assert group.valid.sum(1).tolist() == [len(p) for p in mine]
+    assert not pieces
+    torch.testing.assert_close(packed.pack(unpacked), x, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["bmojo", "bmojo-f", "jamba", "mamba", "transformer"])

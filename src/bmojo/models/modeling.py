@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -367,25 +366,21 @@ class BMojoModel(BMojoPreTrainedModel):
         if stepping and length > 1 and attention_mask is not None and not bool(attention_mask[:, -length:].all()):
             raise NotImplementedError("attention_mask pads some of the tokens that continue this cache, which is not "
                                       "supported: continue it with unpadded tokens")  # fmt: skip
-        unpadded = stepping or packed is not None  # (packing with padding raised above)
-        valid, pads = (None, None) if unpadded else _padding(attention_mask, inputs_embeds.shape[:2])
-        x, restore = inputs_embeds, None  # restore: the layers' batch back to the inputs' layout
-        if packed is not None:  # one sequence a row, padded on the right
-            x, valid, restore = packed.unpack(x), packed.valid, packed.pack
-        elif pads is not None:  # left padding: each row's tokens moved to its start (right padding), and back after
-            x, valid = roll_rows(x, pads), torch.arange(length, device=x.device) < length - pads[:, None]
-            restore = partial(roll_rows, shifts=-pads)
-        hidden = [] if _output_hidden_states(kwargs, self.config) else None
-        aux_losses = []
-        for i, layer in enumerate(self.layers):
-            if hidden is not None:
-                hidden.append(x if restore is None else restore(x))
-            x, aux = layer(x, cache=None if cache is None else cache[i], advance=False, valid=valid)  # (advanced below)
-            if aux is not None:
-                aux_losses.append(aux)
-        if restore is not None:
-            x = restore(x)
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        record = _output_hidden_states(kwargs, self.config)
+        if packed is not None:  # each group of sequences as a batch, one sequence a row, padded on the right
+            runs = [self._blocks(packed.unpack(inputs_embeds, g), None, g.valid, record) for g in packed.groups]
+            x, aux_losses, hidden = zip(*runs)
+            x, aux_loss = packed.pack(x), None if aux_losses[0] is None else packed.mean(aux_losses)
+            hidden = [packed.pack(h) for h in zip(*hidden)] if record else None
+        else:
+            valid, pads = (None, None) if stepping else _padding(attention_mask, inputs_embeds.shape[:2])
+            x = inputs_embeds
+            if pads is not None:  # left padding: each row's tokens moved to its start (right padding), and back after
+                x, valid = roll_rows(x, pads), torch.arange(length, device=x.device) < length - pads[:, None]
+            x, aux_loss, hidden = self._blocks(x, cache, valid, record)
+            if pads is not None:
+                x = roll_rows(x, -pads)
+                hidden = None if hidden is None else [roll_rows(h, -pads) for h in hidden]
         x = self.norm(x)
         out = BMojoModelOutput(x, cache, aux_loss, None if hidden is None else (*hidden, x))
         if stepping:
@@ -396,6 +391,21 @@ class BMojoModel(BMojoPreTrainedModel):
             cache.layout = self.cache_layout
             cache.prefilled()
         return out
+
+    def _blocks(
+        self, x: torch.Tensor, cache: BMojoCache | None, valid: torch.Tensor | None, record: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
+        """Every block on ``x [B, L, D]``: the last's output, the layers' mean innovation loss (``None`` without
+        one) and, where ``record``, each block's input."""
+        hidden = [] if record else None
+        aux_losses = []
+        for i, layer in enumerate(self.layers):
+            if hidden is not None:
+                hidden.append(x)
+            x, aux = layer(x, cache=None if cache is None else cache[i], advance=False, valid=valid)  # (advanced after)
+            if aux is not None:
+                aux_losses.append(aux)
+        return x, torch.stack(aux_losses).mean() if aux_losses else None, hidden
 
 
 STORAGE_FILE = "storage.npz"

@@ -1,5 +1,5 @@
 """Sequences packed into one row (Hugging Face's ``DataCollatorWithFlattening``, padding-free training): where they
-lie, and the batch of one sequence a row, padded on the right, that the layers run instead."""
+lie, and the batches of one sequence a row, padded on the right, that the layers run instead."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -12,36 +12,63 @@ PACKING_KEYS = ("position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "ma
 
 
 @dataclass
-class PackedSequences:
-    """Token ``i`` of a flattened ``[B, L]`` batch is token ``pos[i]`` of sequence ``seq[i]`` (``[B * L]`` each);
-    ``lengths [n]`` the sequences' lengths, ``starts [B, L]`` (bool) their first tokens."""
+class Group:
+    """Sequences of similar lengths, run as one batch ``[n, width]`` padded on the right: token ``i`` of it is token
+    ``tokens[i]`` of the flattened packed batch, at ``[rows[i], pos[i]]``; ``valid [n, width]`` (bool) marks the
+    sequences' tokens (``None`` where they are all ``width`` long)."""
 
-    seq: torch.Tensor
+    tokens: torch.Tensor
+    rows: torch.Tensor
     pos: torch.Tensor
-    lengths: torch.Tensor
+    valid: torch.Tensor | None
+    n: int
+    width: int
+
+
+@dataclass
+class PackedSequences:
+    """The sequences packed into the rows of a ``[B, L]`` batch, cut into :class:`Group` s of lengths within a factor
+    of 2 of each other (each group padded to its longest: at most half its area padding), the longest first;
+    ``starts [B, L]`` (bool) marks their first tokens. The layers run each group as a batch (:meth:`unpack`), whose
+    outputs :meth:`pack` puts back in place."""
+
     starts: torch.Tensor
-    longest: int
+    groups: list[Group]
+    order: torch.Tensor  # the groups' tokens, concatenated, in the packed batch's order
 
     @classmethod
     def from_starts(cls, starts: torch.Tensor) -> "PackedSequences":
         """The sequences that begin where ``starts [B, L]`` (bool) is set and at every row's first token."""
-        flat = starts.clone()
-        flat[:, 0] = True
-        first = flat.flatten().nonzero().squeeze(1)
-        lengths = torch.diff(first, append=first.new_tensor([flat.numel()]))
-        seq = flat.flatten().cumsum(0) - 1
-        pos = torch.arange(flat.numel(), device=flat.device) - first[seq]
-        return cls(seq, pos, lengths, flat, int(lengths.max()))
+        starts = starts.clone()
+        starts[:, 0] = True
+        first = starts.flatten().nonzero().squeeze(1)
+        lengths = torch.diff(first, append=first.new_tensor([starts.numel()]))
+        sizes = lengths.tolist()
+        bands: list[list[int]] = []
+        for s in sorted(range(len(sizes)), key=lambda s: -sizes[s]):
+            if not bands or 2 * sizes[s] <= sizes[bands[-1][0]]:
+                bands.append([])
+            bands[-1].append(s)
+        groups = []
+        for band in bands:
+            members = torch.tensor(band, device=starts.device)
+            counts = lengths[members]
+            rows = torch.repeat_interleave(torch.arange(len(band), device=starts.device), counts)
+            pos = torch.arange(len(rows), device=starts.device) - (counts.cumsum(0) - counts)[rows]
+            width = sizes[band[0]]
+            valid = None if sizes[band[-1]] == width else torch.arange(width, device=starts.device) < counts[:, None]
+            groups.append(Group(first[members][rows] + pos, rows, pos, valid, len(band), width))
+        order = torch.cat([g.tokens for g in groups]).argsort()
+        return cls(starts, groups, order)
 
     @classmethod
     def find(
         cls, kwargs: dict[str, Any], inputs: torch.Tensor | None, attention_mask: torch.Tensor | None = None
     ) -> "PackedSequences | None":
         """The packing that a forward call's keywords mark in its inputs (``input_ids [B, L]`` or ``inputs_embeds
-        [B, L, D]``), read from
-        ``cu_seq_lens_q`` (offsets of the sequences in the flattened batch, ``[n + 1]``), else ``seq_idx [B, L]``
-        (each token's sequence), else ``position_ids [B, L]`` (restarting at 0); ``None`` where each row holds one
-        sequence. Pops those keywords from ``kwargs``. Positions that neither restart at 0 nor count up by one, and
+        [B, L, D]``), read from ``cu_seq_lens_q`` (offsets of the sequences in the flattened batch, ``[n + 1]``), else
+        ``seq_idx [B, L]`` (each token's sequence), else ``position_ids [B, L]`` (restarting at 0); ``None`` where
+        each row holds one sequence. Pops those keywords from ``kwargs``. Positions that neither restart at 0 nor count up by one, and
         packing together with padding, raise."""
         given = {key: kwargs.pop(key) for key in PACKING_KEYS if key in kwargs}
         if inputs is None or inputs.dim() < 2 or inputs.shape[1] < 2:
@@ -63,22 +90,20 @@ class PackedSequences:
                                       "the sequences or pad them, not both")  # fmt: skip
         return cls.from_starts(starts.to(inputs.device))
 
-    @property
-    def valid(self) -> torch.Tensor | None:
-        """``[n, longest]`` (bool): each sequence's tokens in :meth:`unpack`'s batch; ``None`` if none is padded."""
-        if bool((self.lengths == self.longest).all()):
-            return None
-        return torch.arange(self.longest, device=self.lengths.device) < self.lengths[:, None]
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, L, ...]`` -> ``[n, longest, ...]``: one sequence a row, zeros after its tokens."""
-        out = x.new_zeros(len(self.lengths), self.longest, *x.shape[2:])
-        out[self.seq, self.pos] = x.flatten(0, 1)
+    def unpack(self, x: torch.Tensor, group: Group) -> torch.Tensor:
+        """``x [B, L, ...]`` -> the group's sequences ``[n, width, ...]``, one a row, zeros after its tokens."""
+        out = x.new_zeros(group.n, group.width, *x.shape[2:])
+        out[group.rows, group.pos] = x.flatten(0, 1)[group.tokens]
         return out
 
-    def pack(self, y: torch.Tensor) -> torch.Tensor:
-        """:meth:`unpack`'s inverse: ``y [n, longest, ...]`` -> ``[B, L, ...]``."""
-        return y[self.seq, self.pos].unflatten(0, self.starts.shape)
+    def pack(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`unpack`'s inverse: every group's ``[n, width, ...]`` -> ``[B, L, ...]``."""
+        flat = torch.cat([y[g.rows, g.pos] for y, g in zip(ys, self.groups)])
+        return flat[self.order].unflatten(0, self.starts.shape)
+
+    def mean(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """The mean over every token of per-group means ``values``."""
+        return sum(v * len(g.tokens) for v, g in zip(values, self.groups)) / self.starts.numel()
 
     def last_tokens(self) -> torch.Tensor:
         """``[B * L]`` (bool): each sequence's last token, whose next token in its row is another sequence's."""
