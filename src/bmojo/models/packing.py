@@ -62,6 +62,7 @@ class PackedSequences:
         return cls(starts, groups, order)
 
     @classmethod
+    @torch.compiler.disable  # reads the markings (data-dependent groups): run eagerly, not traced, under torch.compile
     def find(
         cls, kwargs: dict[str, Any], inputs: torch.Tensor | None, attention_mask: torch.Tensor | None = None
     ) -> "PackedSequences | None":
