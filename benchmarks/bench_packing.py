@@ -12,6 +12,7 @@ import time
 import torch
 
 from bmojo import BMojoConfig, BMojoForCausalLM
+from bmojo.malloc import keep_freed_memory
 from bmojo.models.packing import PackedSequences
 
 
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as bmojo's commands do (bmojo.malloc)
     gen = torch.Generator().manual_seed(args.seed)
     model = BMojoForCausalLM(BMojoConfig.from_preset(args.preset, args.size)).train()
     vocab = model.config.vocab_size

@@ -1,5 +1,7 @@
 """Sequences packed into one row (padding-free batches): equal to the same sequences batched with padding."""
 
+import itertools
+
 import pytest
 import torch
 from transformers import DataCollatorWithFlattening
@@ -33,8 +35,8 @@ def padded(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
 
 
 def test_unpack_and_pack_against_a_loop():
-    """The sequences (cut where ``starts`` is set and at each row's start) go, longest first, into groups of lengths
-    within a factor of 2; ``unpack`` gives a group's sequences one a row, zeros after; ``pack`` undoes it."""
+    """The sequences (cut where ``starts`` is set and at each row's start) go, longest first, into groups; ``unpack``
+    gives a group's sequences one a row, zeros after; ``pack`` undoes it."""
     starts = torch.rand(3, 40, generator=torch.Generator().manual_seed(0)) < 0.15
     x = torch.randn(3, 40, 2)
     pieces = []
@@ -47,15 +49,32 @@ def test_unpack_and_pack_against_a_loop():
     assert len(packed.groups) > 1
     for group, got in zip(packed.groups, unpacked):
         mine, pieces = pieces[: group.n], pieces[group.n :]
-        assert len(mine[0]) == group.width and 2 * len(mine[-1]) > group.width
         expected = torch.zeros(group.n, group.width, 2)
         for i, p in enumerate(mine):
             expected[i, : len(p)] = p
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
-        if group.valid is not None:
-            assert group.valid.sum(1).tolist() == [len(p) for p in mine]
+        assert group.valid is None or group.valid.sum(1).tolist() == [len(p) for p in mine]
     assert not pieces
     torch.testing.assert_close(packed.pack(unpacked), x, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_groups_are_the_cheapest_cut(seed):
+    """The groups minimise the padded tokens plus the longest length per group, against every cut of the sorted
+    lengths into consecutive groups (brute force)."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 30, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist()
+    starts = torch.zeros(1, sum(sizes), dtype=torch.bool)
+    starts[0, torch.tensor(sizes).cumsum(0)[:-1]] = True
+    groups = PackedSequences.from_starts(starts).groups
+    assert sum(g.n for g in groups) == len(sizes)
+    cost = sum(g.n * g.width for g in groups) + len(groups) * max(sizes)
+    ordered = sorted(sizes, reverse=True)
+    best = min(
+        sum(len(part) * part[0] + max(sizes) for part in (ordered[a:b] for a, b in zip((0, *cuts), (*cuts, len(sizes)))))
+        for k in range(len(sizes)) for cuts in itertools.combinations(range(1, len(sizes)), k)
+    )  # fmt: skip
+    assert cost == best
 
 
 @pytest.mark.parametrize("name", ["bmojo", "bmojo-f", "jamba", "mamba", "transformer"])
