@@ -2,7 +2,9 @@
 
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -227,6 +229,35 @@ def test_store_works_in_a_forked_child():
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_exit_while_the_writer_frees_a_job_does_not_abort():
+    """The interpreter exits while the writer frees a job's tensors (torch gives the interpreter lock up and takes it
+    back for each): the exit waits for the writer instead of aborting (``terminate called without an active
+    exception``, exit code 134)."""
+    script = textwrap.dedent(
+        """
+        import threading, weakref
+        import torch
+        from bmojo.layers.storage import StorageConfig, VectorStore
+
+        store, freeing = VectorStore(4, 1, StorageConfig(write_batch=1)), threading.Event()
+
+        def candidates(n):
+            skip = torch.full((1, 1), -1)
+            weakref.finalize(skip, freeing.set)  # freed first of the job's tensors (a tuple frees its last item first)
+            parts = [[torch.zeros(1, 1, 1, 4) for _ in range(n)] for _ in range(2)]
+            return torch.zeros(1, dtype=torch.long), [torch.full((1, 1), i) for i in range(n)], *parts, skip
+
+        store.add_candidates(*candidates(20000))
+        store.flush()  # the writer now waits for the next job, still holding this one
+        store.add_candidates(*candidates(1))  # whose arrival frees this one's 60000 tensors on the writer thread
+        freeing.wait()  # and the script ends while it does
+        """
+    )
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "terminate called" not in done.stderr, (done.returncode, done.stderr)
 
 
 def test_concurrent_writers_and_readers_lose_no_acknowledged_insert():

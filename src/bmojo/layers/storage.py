@@ -41,6 +41,7 @@ Streaming with a model whose config has ``storage=True``::
 
 from __future__ import annotations
 
+import atexit
 import functools
 import io
 import json
@@ -128,6 +129,7 @@ def _writer(idle: bool = True) -> tuple[queue.Queue, threading.Thread]:
     name = "bmojo-store-writer" if idle else "bmojo-store-sender"
     thread = threading.Thread(target=_write_forever, args=(jobs, idle), daemon=True, name=name)
     thread.start()
+    atexit.register(_drain, jobs, thread)
     return jobs, thread
 
 
@@ -142,6 +144,17 @@ def _write_forever(jobs: queue.Queue, idle: bool) -> None:
     while True:
         store, job = jobs.get()
         store._apply(job)
+        del store, job  # freed before the job counts as done: once _drain returns, this thread frees nothing
+        jobs.task_done()
+
+
+def _drain(jobs: queue.Queue, thread: threading.Thread) -> None:
+    """At exit, before the interpreter shuts down: wait until the writer has applied every queued job and holds
+    none. A daemon thread that frees a tensor once shutdown has begun aborts the process (torch takes the
+    interpreter lock back inside C++, where the thread's forced exit calls ``std::terminate``). In a forked child
+    the writer does not run: nothing to wait for."""
+    if thread.is_alive():
+        jobs.join()
 
 
 def _numpy(x: torch.Tensor | np.ndarray, dtype: type, copy: bool = True) -> np.ndarray:
