@@ -200,3 +200,32 @@ def test_hf_trainer_trains_padding_free_as_padded(tmp_path):
         moved.append([p.detach() - b for p, b in zip(model.parameters(), before)])
     for a, b in zip(*moved):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bmojo", "bmojo-f", "jamba", "mamba", "transformer"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_rows_without_a_cache_run_as_groups(name, side):
+    """Without a cache to fill, padded rows run as packed sequences do, in groups of similar lengths: the loss, every
+    gradient and the tokens' logits are those of the whole padded batch run through the layers (the pass that fills a
+    cache), and the padding's outputs are zeros."""
+    seqs = sequences()
+    batch = padded(seqs)
+    if side == "left":
+        width = batch["input_ids"].shape[1]
+        pads = width - batch["attention_mask"].sum(1, keepdim=True)
+        batch = {k: v.gather(1, (torch.arange(width) - pads) % width) for k, v in batch.items()}
+    keep = batch["attention_mask"].bool()
+    model = tiny(name, loss_chunk_size=0).train()  # (the logits too)
+    results = []
+    for use_cache in (False, True):
+        model.zero_grad()
+        out = model(**batch, use_cache=use_cache)
+        out.loss.backward()
+        assert (out.cache is None) != use_cache
+        results.append((out.loss, out.logits, [p.grad.clone() for p in model.parameters()]))
+    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits[keep], ref_logits[keep], atol=1e-5, rtol=1e-5)
+    assert not logits[~keep].any()
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)

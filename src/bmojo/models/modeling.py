@@ -367,13 +367,17 @@ class BMojoModel(BMojoPreTrainedModel):
             raise NotImplementedError("attention_mask pads some of the tokens that continue this cache, which is not "
                                       "supported: continue it with unpadded tokens")  # fmt: skip
         record = _output_hidden_states(kwargs, self.config)
+        valid = pads = None
+        if not stepping and packed is None:
+            valid, pads = _padding(attention_mask, inputs_embeds.shape[:2])
+        if cache is None and (valid is not None or pads is not None):  # padded rows, no state to keep: as packed
+            packed = PackedSequences.from_mask(attention_mask.bool())
         if packed is not None:  # each group of sequences as a batch, one sequence a row, padded on the right
             runs = [self._blocks(packed.unpack(inputs_embeds, g), None, g.valid, record) for g in packed.groups]
             x, aux_losses, hidden = zip(*runs)
             x, aux_loss = packed.pack(x), None if aux_losses[0] is None else packed.mean(aux_losses)
             hidden = [packed.pack(h) for h in zip(*hidden)] if record else None
         else:
-            valid, pads = (None, None) if stepping else _padding(attention_mask, inputs_embeds.shape[:2])
             x = inputs_embeds
             if pads is not None:  # left padding: each row's tokens moved to its start (right padding), and back after
                 x, valid = roll_rows(x, pads), torch.arange(length, device=x.device) < length - pads[:, None]
@@ -519,7 +523,8 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> BMojoCausalLMOutput:
         """Logits ``[B, L, V]`` (float32) and, given ``labels [B, L]``, the loss: the cross-entropy of each position's
-        next token (``labels`` shifted left by one; ``-100`` ignored) plus the innovation loss. ``shift_labels [B, L]``
+        next token (``labels`` shifted left by one; ``-100`` ignored, as are positions ``attention_mask`` pads and a
+        packed sequence's last token) plus the innovation loss. ``shift_labels [B, L]``
         (a keyword, as Hugging Face's models take it, so that ``Trainer`` finds ``labels`` alone as the label
         argument): each position's own target, already shifted (used instead of ``labels``).
         ``num_items_in_batch`` (Hugging Face ``Trainer``'s count of targets over a step's micro-batches): the
@@ -542,7 +547,9 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
                                  f"{num_items_in_batch}")  # fmt: skip
         targets = _targets(labels, kwargs.get("shift_labels"), hidden.shape[:2], self.config.vocab_size)
         if targets is not None and packed is not None:  # a packed sequence's last token has no target
-            targets = targets.masked_fill(packed.last_tokens(), IGNORE_INDEX)
+            targets = targets.masked_fill(packed.last, IGNORE_INDEX)
+        if targets is not None and attention_mask is not None and attention_mask.shape == hidden.shape[:2]:
+            targets = targets.masked_fill(attention_mask.flatten() == 0, IGNORE_INDEX)  # nor does the padding
         keep = _kept_positions(logits_to_keep)
         if targets is not None and keep is not None:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with them")

@@ -28,13 +28,29 @@ class Group:
 
 @dataclass
 class PackedSequences:
-    """The sequences packed into the rows of a ``[B, L]`` batch, cut into :class:`Group` s of similar lengths (see
-    :func:`_bands`), the longest first; ``starts [B, L]`` (bool) marks their first tokens. The layers run each group as a batch (:meth:`unpack`), whose
-    outputs :meth:`pack` puts back in place."""
+    """Sequences lying in the rows of a ``[B, L]`` batch (``shape``), packed several to a row or one a row among
+    padding, cut into :class:`Group` s of similar lengths (see :func:`_bands`), the longest first. The layers run each
+    group as a batch (:meth:`unpack`), whose outputs :meth:`pack` puts back in place. ``last [B * L]`` (bool, packed
+    rows only): the tokens followed in their row by another sequence."""
 
-    starts: torch.Tensor
+    shape: torch.Size
     groups: list[Group]
-    order: torch.Tensor  # the groups' tokens, concatenated, in the packed batch's order
+    last: torch.Tensor | None = None
+
+    @classmethod
+    def from_spans(cls, first: torch.Tensor, lengths: torch.Tensor, shape: torch.Size) -> "PackedSequences":
+        """The sequences of ``lengths [n]`` tokens from flat positions ``first [n]`` of the ``[B, L]`` batch."""
+        sizes = lengths.tolist()
+        groups = []
+        for band in _bands(sizes):
+            members = torch.tensor(band, device=first.device)
+            counts = lengths[members]
+            rows = torch.repeat_interleave(torch.arange(len(band), device=first.device), counts)
+            pos = torch.arange(len(rows), device=first.device) - (counts.cumsum(0) - counts)[rows]
+            width = sizes[band[0]]
+            valid = None if sizes[band[-1]] == width else torch.arange(width, device=first.device) < counts[:, None]
+            groups.append(Group(first[members][rows] + pos, rows, pos, valid, len(band), width))
+        return cls(shape, groups)
 
     @classmethod
     def from_starts(cls, starts: torch.Tensor) -> "PackedSequences":
@@ -42,33 +58,37 @@ class PackedSequences:
         starts = starts.clone()
         starts[:, 0] = True
         first = starts.flatten().nonzero().squeeze(1)
-        lengths = torch.diff(first, append=first.new_tensor([starts.numel()]))
-        sizes = lengths.tolist()
-        groups = []
-        for band in _bands(sizes):
-            members = torch.tensor(band, device=starts.device)
-            counts = lengths[members]
-            rows = torch.repeat_interleave(torch.arange(len(band), device=starts.device), counts)
-            pos = torch.arange(len(rows), device=starts.device) - (counts.cumsum(0) - counts)[rows]
-            width = sizes[band[0]]
-            valid = None if sizes[band[-1]] == width else torch.arange(width, device=starts.device) < counts[:, None]
-            groups.append(Group(first[members][rows] + pos, rows, pos, valid, len(band), width))
-        order = torch.cat([g.tokens for g in groups]).argsort()
-        return cls(starts, groups, order)
+        packed = cls.from_spans(first, torch.diff(first, append=first.new_tensor([starts.numel()])), starts.shape)
+        packed.last = F.pad(starts[:, 1:], (0, 1)).flatten()
+        return packed
 
     @classmethod
-    @torch.compiler.disable  # reads the markings (data-dependent groups): run eagerly, not traced, under torch.compile
+    def from_mask(cls, keep: torch.Tensor) -> "PackedSequences":
+        """Each row's tokens, one run of ``keep [B, L]`` (bool) a row, padding on either side of it."""
+        rows, length = keep.shape
+        first = keep.int().argmax(1) + torch.arange(rows, device=keep.device) * length
+        return cls.from_spans(first, keep.sum(1), keep.shape)
+
+    @classmethod
     def find(
         cls, kwargs: dict[str, Any], inputs: torch.Tensor | None, attention_mask: torch.Tensor | None = None
     ) -> "PackedSequences | None":
         """The packing that a forward call's keywords mark in its inputs (``input_ids [B, L]`` or ``inputs_embeds
         [B, L, D]``), read from ``cu_seq_lens_q`` (offsets of the sequences in the flattened batch, ``[n + 1]``), else
         ``seq_idx [B, L]`` (each token's sequence), else ``position_ids [B, L]`` (restarting at 0); ``None`` where
-        each row holds one sequence. Pops those keywords from ``kwargs``. Positions that neither restart at 0 nor count up by one, and
-        packing together with padding, raise."""
-        given = {key: kwargs.pop(key) for key in PACKING_KEYS if key in kwargs}
-        if inputs is None or inputs.dim() < 2 or inputs.shape[1] < 2:
+        each row holds one sequence. Pops those keywords from ``kwargs``. Positions that neither restart at 0 nor count
+        up by one, and packing together with padding, raise."""
+        given = {key: kwargs.pop(key) for key in PACKING_KEYS if kwargs.get(key) is not None}
+        if not given or inputs is None or inputs.dim() < 2 or inputs.shape[1] < 2:
             return None
+        return cls._read(given, inputs, attention_mask)
+
+    @classmethod
+    @torch.compiler.disable  # reads the markings (data-dependent groups): run eagerly, not traced, under torch.compile
+    def _read(
+        cls, given: dict[str, Any], inputs: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> "PackedSequences | None":
+        """:meth:`find` for the keywords ``given``."""
         shape = inputs.shape[:2]
         if given.get("cu_seq_lens_q") is not None:
             starts = _starts_from_offsets(given["cu_seq_lens_q"], given.get("cu_seq_lens_k"), shape)
@@ -93,17 +113,15 @@ class PackedSequences:
         return out
 
     def pack(self, ys: list[torch.Tensor]) -> torch.Tensor:
-        """:meth:`unpack`'s inverse: every group's ``[n, width, ...]`` -> ``[B, L, ...]``."""
+        """:meth:`unpack`'s inverse: every group's ``[n, width, ...]`` -> ``[B, L, ...]``, zeros at the padding."""
         flat = torch.cat([y[g.rows, g.pos] for y, g in zip(ys, self.groups)])
-        return flat[self.order].unflatten(0, self.starts.shape)
+        tokens = torch.cat([g.tokens for g in self.groups])
+        return flat.new_zeros(self.shape.numel(), *flat.shape[1:]).index_copy(0, tokens, flat).unflatten(0, self.shape)
 
     def mean(self, values: list[torch.Tensor]) -> torch.Tensor:
         """The mean over every token of per-group means ``values``."""
-        return sum(v * len(g.tokens) for v, g in zip(values, self.groups)) / self.starts.numel()
-
-    def last_tokens(self) -> torch.Tensor:
-        """``[B * L]`` (bool): each sequence's last token, whose next token in its row is another sequence's."""
-        return F.pad(self.starts[:, 1:], (0, 1)).flatten()
+        counts = [len(g.tokens) for g in self.groups]
+        return sum(v * n for v, n in zip(values, counts)) / sum(counts)
 
 
 def _bands(sizes: list[int]) -> list[list[int]]:
