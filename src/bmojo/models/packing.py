@@ -127,10 +127,10 @@ class PackedSequences:
 def _bands(sizes: list[int]) -> list[list[int]]:
     """The sequences of lengths ``sizes`` cut into groups, each listing its sequences longest first, that minimise the
     tokens the groups' batches hold (each sequence padded to its group's longest) plus, for each group, the longest
-    sequence's length: what a pass of the layers over one more batch costs, as measured (of costs from 1/8 to 2 times
-    that length, on mixed lengths with the tiny B'MOJO on a CPU, the fastest or within 4% of it; ``benchmarks/
-    bench_packing.py``). Sorted by length, the best cut of the longest ``j`` adds one group to the best cut of the
-    longest ``i < j``: a dynamic programme over ``j``."""
+    sequence's length, for what a pass of the layers over one more batch costs (of costs from 1/4 to 4 times that
+    length, on four mixed-length batches with the tiny B'MOJO on a CPU, within 8% of the fastest on each;
+    ``benchmarks/RESULTS.md``). Sorted by length, the best cut of the longest ``j`` adds one group to the best cut of
+    the longest ``i < j``: a dynamic programme over ``j``."""
     order = sorted(range(len(sizes)), key=lambda s: -sizes[s])
     lengths = np.array([sizes[s] for s in order], dtype=np.float64)
     best, cut = np.zeros(len(order) + 1), np.zeros(len(order) + 1, dtype=np.int64)
