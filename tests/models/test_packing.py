@@ -70,10 +70,8 @@ def test_groups_are_the_cheapest_cut(seed):
     assert sum(g.n for g in groups) == len(sizes)
     cost = sum(g.n * g.width for g in groups) + len(groups) * max(sizes)
     ordered = sorted(sizes, reverse=True)
-    best = min(
-        sum(len(part) * part[0] + max(sizes) for part in (ordered[a:b] for a, b in zip((0, *cuts), (*cuts, len(sizes)))))
-        for k in range(len(sizes)) for cuts in itertools.combinations(range(1, len(sizes)), k)
-    )  # fmt: skip
+    cuts = [(0, *c, len(sizes)) for k in range(len(sizes)) for c in itertools.combinations(range(1, len(sizes)), k)]
+    best = min(sum((b - a) * ordered[a] + max(sizes) for a, b in zip(cut, cut[1:])) for cut in cuts)
     assert cost == best
 
 

@@ -166,7 +166,8 @@ def _starts_from_positions(positions: torch.Tensor, attention_mask: torch.Tensor
     if bool(jump.any()):
         row, t = (int(i) for i in jump.nonzero()[0])
         raise ValueError(f"position_ids jump from {int(positions[row, t])} to {int(positions[row, t + 1])} in row "
-                         f"{row}: positions must count up by one, restarting at 0 where a packed sequence begins")  # fmt: skip
+                         f"{row}: positions must count up by one, restarting at 0 where a packed sequence "
+                         f"begins")  # fmt: skip
     return F.pad(restart, (1, 0))
 
 
