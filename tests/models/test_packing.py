@@ -227,3 +227,18 @@ def test_padded_rows_without_a_cache_run_as_groups(name, side):
     assert not logits[~keep].any()
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_padded_rows_run_at_once_with_the_same_loss():
+    """Under ``torch.compile`` padded rows run as one batch (the graph keeps its shapes), with the loss and gradients
+    of the groups run eagerly."""
+    batch = padded(sequences())
+    model = tiny("bmojo").train()
+    results = []
+    for run in (model, torch.compile(model, backend="eager")):
+        model.zero_grad()
+        loss = run(**batch).loss
+        loss.backward()
+        results.append([loss] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

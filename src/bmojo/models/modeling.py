@@ -370,8 +370,9 @@ class BMojoModel(BMojoPreTrainedModel):
         valid = pads = None
         if not stepping and packed is None:
             valid, pads = _padding(attention_mask, inputs_embeds.shape[:2])
-        if cache is None and (valid is not None or pads is not None):  # padded rows, no state to keep: as packed
-            packed = PackedSequences.from_mask(attention_mask.bool())
+        if cache is None and (valid is not None or pads is not None) and not torch.compiler.is_compiling():
+            packed = PackedSequences.from_mask(attention_mask.bool())  # padded rows, no state to keep: as packed
+            # (compiled, the batch runs at once, keeping the shapes of its graph)
         if packed is not None:  # each group of sequences as a batch, one sequence a row, padded on the right
             runs = [self._blocks(packed.unpack(inputs_embeds, g), None, g.valid, record) for g in packed.groups]
             x, aux_losses, hidden = zip(*runs)
