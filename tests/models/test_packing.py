@@ -1,6 +1,9 @@
 """Sequences packed into one row (padding-free batches): equal to the same sequences batched with padding."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -242,3 +245,46 @@ def test_compiled_padded_rows_run_at_once_with_the_same_loss():
         results.append([loss] + [p.grad.clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+FSDP_SCRIPT = """
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from bmojo import BMojoConfig, BMojoForCausalLM
+from tests.models.test_packing import OVERRIDES, padded, sequences
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+config = BMojoConfig.from_preset("bmojo", "tiny", **OVERRIDES)
+ref, model = BMojoForCausalLM(config).train(), BMojoForCausalLM(config).train()
+model.load_state_dict(ref.state_dict())
+for layer in model.model.layers:
+    fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
+fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+batch = padded(sequences())
+for step in range(2):  # (gradients accumulated)
+    model(**batch).loss.backward()
+    ref(**batch).loss.backward()
+for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+    torch.testing.assert_close(p.grad.full_tensor(), r.grad, atol=1e-6, rtol=1e-4, msg=name)
+print("gradients equal", dist.get_rank())
+"""
+
+
+def test_fsdp2_runs_the_groups(tmp_path):
+    """FSDP2 (every block sharded, each called once a group) gives the gradients of one process."""
+    script = tmp_path / "fsdp_groups.py"
+    script.write_text(FSDP_SCRIPT)
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(launcher, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("gradients")) == [
+        "gradients equal 0",
+        "gradients equal 1",
+    ]
