@@ -330,8 +330,10 @@ class BMojoModel(BMojoPreTrainedModel):
         which the layers share after a prefill, is advanced here.
 
         Sequences packed into one row (Hugging Face's ``DataCollatorWithFlattening``: ``position_ids`` that restart
-        at 0, ``seq_idx`` or ``cu_seq_lens_q``; or ``packed``, read from them by the caller) run as a batch of one
-        sequence a row, padded on the right, each token's output that of its sequence alone; they fill no cache."""
+        at 0, ``seq_idx`` or ``cu_seq_lens_q``; or ``packed``, read from them by the caller) run as batches of one
+        sequence a row, in groups of similar lengths (:mod:`bmojo.models.packing`), each token's output that of its
+        sequence alone; they fill no cache. So do padded rows without a cache, eagerly (their padding's outputs
+        zeros)."""
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")

@@ -1,5 +1,6 @@
-"""Sequences packed into one row (Hugging Face's ``DataCollatorWithFlattening``, padding-free training): where they
-lie, and the batches of one sequence a row, padded on the right, that the layers run instead."""
+"""Sequences packed into one row (Hugging Face's ``DataCollatorWithFlattening``, padding-free training), or padded
+rows: where the sequences lie, and the batches of one sequence a row, in groups of similar lengths padded on the
+right, that the layers run instead."""
 
 from dataclasses import dataclass
 from typing import Any
