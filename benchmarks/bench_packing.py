@@ -16,6 +16,7 @@ import torch
 from bmojo import BMojoConfig, BMojoForCausalLM
 from bmojo.malloc import keep_freed_memory
 from bmojo.models.packing import PackedSequences
+from bmojo.train import parse_overrides
 
 
 def main() -> None:
@@ -28,11 +29,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help="config field NAME=VALUE (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as bmojo's commands do (bmojo.malloc)
     gen = torch.Generator().manual_seed(args.seed)
-    model = BMojoForCausalLM(BMojoConfig.from_preset(args.preset, args.size)).train()
+    model = BMojoForCausalLM(
+        BMojoConfig.from_preset(args.preset, args.size, **parse_overrides(args.set, nested=False))
+    ).train()
     vocab = model.config.vocab_size
     lengths = torch.randint(args.shortest, args.longest + 1, (args.sequences,), generator=gen).tolist()
     seqs = [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
