@@ -269,6 +269,7 @@ for step in range(2):  # (gradients accumulated)
 for (name, p), r in zip(model.named_parameters(), ref.parameters()):
     torch.testing.assert_close(p.grad.full_tensor(), r.grad, atol=1e-6, rtol=1e-4, msg=name)
 (pathlib.Path(sys.argv[1]) / f"rank{dist.get_rank()}").write_text("gradients equal")
+dist.destroy_process_group()  # (gloo's threads left at exit can abort it)
 """
 
 
