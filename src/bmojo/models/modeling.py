@@ -347,9 +347,9 @@ class BMojoModel(BMojoPreTrainedModel):
         if cache is not None and not isinstance(cache, BMojoCache):
             raise TypeError(f"cache must be a BMojoCache, got {type(cache).__name__}")
         packed = packed if packed is not None else PackedSequences.find(kwargs, inputs_embeds, attention_mask)
-        if packed is not None and cache is not None:
-            raise ValueError("sequences packed into one row cannot fill or continue a cache: pass them as a batch, "
-                             "one sequence a row (padded), to cache them")  # fmt: skip
+        if packed is not None and (cache is not None or use_cache):
+            raise ValueError("sequences packed into one row cannot fill or continue a cache (use_cache=False): pass "
+                             "them as a batch, one sequence a row (padded), to cache them")  # fmt: skip
         use_cache = packed is None and (self.config.use_cache if use_cache is None else use_cache)
         training = self.training and torch.is_grad_enabled()
         if (use_cache or cache is not None) and training and self.is_activation_checkpointing:
@@ -535,11 +535,11 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         this batch's share of the targets, so that the micro-batches' losses add up to the step's. In training
         (training mode, gradients on) with ``config.loss_chunk_size``, the loss is computed without the batch's
         logits (``bmojo.ops.loss.linear_cross_entropy``), which are then ``None``."""
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
         cache = cache if cache is not None else past_key_values
         stepping = isinstance(cache, BMojoCache) and cache.started
         packed = PackedSequences.find(kwargs, input_ids if input_ids is not None else inputs_embeds, attention_mask)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training and packed is None
         out = self.model(input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, advance=False,
                          packed=packed, **kwargs)  # fmt: skip
         hidden = out.last_hidden_state

@@ -77,29 +77,40 @@ class PackedSequences:
         """The packing that a forward call's keywords mark in its inputs (``input_ids [B, L]`` or ``inputs_embeds
         [B, L, D]``), read from ``cu_seq_lens_q`` (offsets of the sequences in the flattened batch, ``[n + 1]``), else
         ``seq_idx [B, L]`` (each token's sequence), else ``position_ids [B, L]`` (restarting at 0); ``None`` where
-        each row holds one sequence. Pops those keywords from ``kwargs``. Positions that neither restart at 0 nor count
-        up by one, and packing together with padding, raise."""
+        each row holds one sequence. Pops those keywords from ``kwargs``. Markings that disagree, negative positions or
+        ones that neither restart at 0 nor count up by one, falling ``seq_idx``, offsets that run a sequence across
+        rows, and packing together with padding, raise."""
         given = {key: kwargs.pop(key) for key in PACKING_KEYS if kwargs.get(key) is not None}
-        if not given or inputs is None or inputs.dim() < 2 or inputs.shape[1] < 2:
-            return None
-        return cls._read(given, inputs, attention_mask)
+        if not given or inputs is None or inputs.dim() != (3 if inputs.is_floating_point() else 2):
+            return None  # (inputs of the wrong shape: the model names them)
+        return None if inputs.shape[1] < 2 else cls._read(given, inputs, attention_mask)
 
     @classmethod
     @torch.compiler.disable  # reads the markings (data-dependent groups): run eagerly, not traced, under torch.compile
     def _read(
         cls, given: dict[str, Any], inputs: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> "PackedSequences | None":
-        """:meth:`find` for the keywords ``given``."""
+        """:meth:`find` for the keywords ``given``: each marking given must mark the same sequences."""
         shape = inputs.shape[:2]
-        if given.get("cu_seq_lens_q") is not None:
-            starts = _starts_from_offsets(given["cu_seq_lens_q"], given.get("cu_seq_lens_k"), shape)
-        elif given.get("seq_idx") is not None:
-            seq_idx = _batch_shaped(given["seq_idx"], shape, "seq_idx")
-            starts = F.pad(seq_idx.diff(dim=1) != 0, (1, 0))
-        elif given.get("position_ids") is not None:
-            starts = _starts_from_positions(_batch_shaped(given["position_ids"], shape, "position_ids"), attention_mask)
-        else:
+        if attention_mask is not None and attention_mask.shape != shape:
+            got = tuple(attention_mask.shape)
+            raise ValueError(f"attention_mask must be [batch, length] {tuple(shape)}, got {got}")
+        if "cu_seq_lens_k" in given and "cu_seq_lens_q" not in given:
+            raise ValueError("cu_seq_lens_k without cu_seq_lens_q: pass the offsets as cu_seq_lens_q (and _k)")
+        marked = {}
+        if "cu_seq_lens_q" in given:
+            marked["cu_seq_lens_q"] = _starts_from_offsets(given["cu_seq_lens_q"], given.get("cu_seq_lens_k"), shape)
+        if "seq_idx" in given:
+            marked["seq_idx"] = _starts_from_ids(_batch_shaped(given["seq_idx"], shape, "seq_idx"))
+        if "position_ids" in given:
+            positions = _batch_shaped(given["position_ids"], shape, "position_ids")
+            marked["position_ids"] = _starts_from_positions(positions, attention_mask)
+        if not marked:
             return None
+        (name, starts), *others = marked.items()
+        for other, theirs in others:
+            if not torch.equal(theirs[:, 1:].to(starts.device), starts[:, 1:]):
+                raise ValueError(f"{name} and {other} mark different sequences")
         if not bool(starts[:, 1:].any()):
             return None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -148,8 +159,7 @@ def _bands(sizes: list[int]) -> list[list[int]]:
 
 def _batch_shaped(x: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
     """``x`` as ``[B, L]`` integers: given so, or as ``[L]`` / ``[1, L]`` for every row."""
-    if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    _check_integers(x, name)
     if x.shape[-1:] != shape[1:] or x.dim() > 2 or (x.dim() == 2 and x.shape[0] not in (1, shape[0])):
         raise ValueError(f"{name} must be [batch, length] {tuple(shape)}, got {tuple(x.shape)}")
     return x.expand(shape)
@@ -162,6 +172,9 @@ def _starts_from_positions(positions: torch.Tensor, attention_mask: torch.Tensor
     both = torch.ones_like(steps, dtype=torch.bool)
     if attention_mask is not None:
         both = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    real = positions if attention_mask is None else positions[attention_mask.bool()]
+    if bool((real < 0).any()):
+        raise ValueError(f"position_ids must be >= 0, got {int(real.min())}")
     restart = both & (positions[:, 1:] == 0)
     jump = both & ~restart & (steps != 1)
     if bool(jump.any()):
@@ -174,15 +187,37 @@ def _starts_from_positions(positions: torch.Tensor, attention_mask: torch.Tensor
 
 def _starts_from_offsets(offsets: torch.Tensor, offsets_k: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
     """The first tokens of the sequences at ``offsets [n + 1]`` into the flattened ``[B, L]`` batch (0, ..., B * L)."""
-    if offsets_k is not None and not torch.equal(offsets_k, offsets):
+    _check_integers(offsets, "cu_seq_lens_q")
+    if offsets_k is not None:
+        _check_integers(offsets_k, "cu_seq_lens_k")
+    if offsets_k is not None and (offsets_k.shape != offsets.shape or not bool((offsets_k == offsets).all())):
         raise ValueError("cu_seq_lens_k differs from cu_seq_lens_q: the sequences are packed the same way for the "
                          "queries and the keys")  # fmt: skip
-    if offsets.dim() != 1 or offsets.dtype.is_floating_point or len(offsets) < 2:
-        raise ValueError(f"cu_seq_lens_q must be 1-D integer offsets [number of sequences + 1], got {offsets.dtype} "
-                         f"of shape {tuple(offsets.shape)}")  # fmt: skip
+    if offsets.dim() != 1 or len(offsets) < 2:
+        raise ValueError(f"cu_seq_lens_q must be 1-D offsets [number of sequences + 1], got shape "
+                         f"{tuple(offsets.shape)}")  # fmt: skip
     total = shape[0] * shape[1]
     if int(offsets[0]) != 0 or int(offsets[-1]) != total or not bool((offsets.diff() > 0).all()):
         raise ValueError(f"cu_seq_lens_q must rise from 0 to the batch's {total} tokens, got {offsets.tolist()}")
+    rows = torch.arange(0, total, shape[1], device=offsets.device)
+    if not bool(torch.isin(rows, offsets).all()):
+        raise ValueError(f"cu_seq_lens_q {offsets.tolist()} runs a sequence across rows of length {shape[1]}: each "
+                         f"row must begin a sequence")  # fmt: skip
     starts = torch.zeros(total, dtype=torch.bool, device=offsets.device)
     starts[offsets[:-1].long()] = True
     return starts.view(shape)
+
+
+def _starts_from_ids(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Where ``seq_idx [B, L]`` (each token's sequence, rising along a row) changes between two tokens."""
+    steps = seq_idx.diff(dim=1)
+    if bool((steps < 0).any()):
+        row = int((steps < 0).nonzero()[0, 0])
+        raise ValueError(f"seq_idx falls along row {row}: a row's sequences must be numbered in order")
+    return F.pad(steps != 0, (1, 0))
+
+
+def _check_integers(x: Any, name: str) -> None:
+    """Raise unless ``x`` is an integer tensor."""
+    if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {getattr(x, 'dtype', type(x).__name__)}")
