@@ -785,8 +785,9 @@ def test_small_integer_ids_are_taken():
 
 
 def test_bad_masks_logits_to_keep_and_item_counts_raise():
-    """An additive mask (0 and -inf), a mask of other values or of another shape, a negative ``logits_to_keep`` and a
-    count of targets below 1 raise, naming the problem; ``logits_to_keep`` as a tensor keeps those positions."""
+    """An additive mask (0 and -inf), a mask of other values or of another shape, a negative ``logits_to_keep`` or one
+    outside the positions, and a count of targets below 1 or of several, raise, naming the problem; ``logits_to_keep``
+    as a tensor keeps those positions."""
     model, ids = tiny("bmojo"), torch.randint(0, 128, (2, 12))
     mask = torch.ones(2, 12)
     mask[0, :3] = 0
@@ -800,8 +801,13 @@ def test_bad_masks_logits_to_keep_and_item_counts_raise():
     with pytest.raises(ValueError, match="logits_to_keep must be a count >= 0"):
         model(ids, logits_to_keep=-1)
     torch.testing.assert_close(model(ids, logits_to_keep=torch.tensor([0, 5])).logits, model(ids).logits[:, [0, 5]])
+    torch.testing.assert_close(model(ids, logits_to_keep=torch.tensor([-12])).logits, model(ids).logits[:, [0]])
+    with pytest.raises(ValueError, match="logits_to_keep holds position 12, outside the 12 positions"):
+        model(ids, logits_to_keep=torch.tensor([3, 12]))
     with pytest.raises(ValueError, match="num_items_in_batch .* must be >= 1"):
         model(ids, labels=ids, num_items_in_batch=0)
+    with pytest.raises(ValueError, match=r"num_items_in_batch must be one count, got shape \(2,\)"):
+        model(ids, labels=ids, num_items_in_batch=torch.tensor([3, 3]))
 
 
 def test_generate_refuses_right_padding_and_a_cache_that_saw_the_whole_input():

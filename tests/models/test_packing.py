@@ -152,6 +152,22 @@ def test_positions_that_do_not_pack_change_nothing():
     assert out.cache.get_seq_length() == 13
 
 
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_packed_sequences_with_storage_are_those_of_a_forward_without_a_cache(in_batch):
+    """With long-term storage each packed sequence's logits are its own in a forward without a cache: one that
+    retrieves within the batch only with ``storage_in_batch`` (a prefill filling a cache retrieves either way)."""
+    pytest.importorskip("faiss")
+    model = tiny("bmojo", storage=True, storage_in_batch=in_batch).eval()
+    seqs = sequences((40, 30))
+    batch = DataCollatorWithFlattening()([{"input_ids": s} for s in seqs])
+    with torch.no_grad():
+        got = model(batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        alone = [model(torch.tensor([s]), use_cache=False).logits[0] for s in seqs]
+        cached = model(torch.tensor([seqs[0]]), use_cache=True).logits[0]
+    torch.testing.assert_close(got, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(cached, alone[0], atol=1e-5) == in_batch
+
+
 def test_packed_sequences_fill_no_cache():
     model = tiny("bmojo").eval()
     batch = DataCollatorWithFlattening()([{"input_ids": s} for s in sequences()])

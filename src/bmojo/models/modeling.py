@@ -256,13 +256,17 @@ def _output_hidden_states(kwargs: dict[str, Any], config: BMojoConfig) -> bool:
     return record
 
 
-def _kept_positions(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor | None:
-    """The positions whose logits a call keeps: ``logits_to_keep`` an int ``k`` (the last ``k``; 0: all, ``None``) or
-    a 1-D tensor of positions, as Hugging Face models take it."""
+def _kept_positions(logits_to_keep: int | torch.Tensor, length: int) -> slice | torch.Tensor | None:
+    """The positions of ``length`` whose logits a call keeps: ``logits_to_keep`` an int ``k`` (the last ``k``; 0: all,
+    ``None``) or a 1-D tensor of positions, as Hugging Face models take it."""
     if isinstance(logits_to_keep, torch.Tensor):
         if logits_to_keep.dim() != 1 or logits_to_keep.dtype.is_floating_point or logits_to_keep.dtype == torch.bool:
             raise ValueError(f"logits_to_keep as a tensor must be 1-D integer positions, got "
                              f"{logits_to_keep.dtype} of shape {tuple(logits_to_keep.shape)}")  # fmt: skip
+        outside = (logits_to_keep < -length) | (logits_to_keep >= length)
+        if not torch.compiler.is_compiling() and bool(outside.any()):
+            raise ValueError(f"logits_to_keep holds position {int(logits_to_keep[outside][0])}, outside the "
+                             f"{length} positions")  # fmt: skip
         return logits_to_keep
     if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
         raise ValueError(f"logits_to_keep must be a count >= 0 (0: every position) or a tensor of positions, got "
@@ -332,8 +336,8 @@ class BMojoModel(BMojoPreTrainedModel):
         Sequences packed into one row (Hugging Face's ``DataCollatorWithFlattening``: ``position_ids`` that restart
         at 0, ``seq_idx`` or ``cu_seq_lens_q``; or ``packed``, read from them by the caller) run as batches of one
         sequence a row, in groups of similar lengths (:mod:`bmojo.models.packing`), each token's output that of its
-        sequence alone; they fill no cache. So do padded rows without a cache, eagerly (their padding's outputs
-        zeros)."""
+        sequence alone without a cache (with storage, retrieving only with ``storage_in_batch``); they fill no
+        cache. So do padded rows without a cache, eagerly (their padding's outputs zeros)."""
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -532,7 +536,8 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         argument): each position's own target, already shifted (used instead of ``labels``).
         ``num_items_in_batch`` (Hugging Face ``Trainer``'s count of targets over a step's micro-batches): the
         cross-entropy's sum is divided by it instead of by this batch's count, and the innovation loss weighed by
-        this batch's share of the targets, so that the micro-batches' losses add up to the step's. In training
+        this batch's share of the targets, so that the micro-batches' losses add up to the step's (the innovation loss,
+        a mean over tokens, exactly where the micro-batches' targets are in proportion to their tokens). In training
         (training mode, gradients on) with ``config.loss_chunk_size``, the loss is computed without the batch's
         logits (``bmojo.ops.loss.linear_cross_entropy``), which are then ``None``."""
         cache = cache if cache is not None else past_key_values
@@ -545,6 +550,8 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         if num_items_in_batch is not None and not torch.compiler.is_compiling():
             count = torch.as_tensor(num_items_in_batch)  # read where that needs no device sync (Trainer's, on a GPU)
+            if count.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be one count, got shape {tuple(count.shape)}")
             if count.device.type == "cpu" and bool(count <= 0):
                 raise ValueError(f"num_items_in_batch counts the step's targets and must be >= 1, got "
                                  f"{num_items_in_batch}")  # fmt: skip
@@ -553,7 +560,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             targets = targets.masked_fill(packed.last, IGNORE_INDEX)
         if targets is not None and attention_mask is not None and attention_mask.shape == hidden.shape[:2]:
             targets = targets.masked_fill(attention_mask.flatten() == 0, IGNORE_INDEX)  # nor does the padding
-        keep = _kept_positions(logits_to_keep)
+        keep = _kept_positions(logits_to_keep, hidden.shape[1])
         if targets is not None and keep is not None:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with them")
         if keep is not None:

@@ -141,7 +141,7 @@ def _chunked(
             continue
         d_logits = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
         d_logits.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
-        d_logits = d_logits.mul_((k * scale)[:, None]).to(h.dtype)
+        d_logits = d_logits.mul_(torch.where(k, scale, 0.0)[:, None]).to(h.dtype)  # (no target: 0, not 0 * inf)
         if grad_hidden:
             d_hidden[rows] = d_logits @ weight
         if grad_weight:
