@@ -5,7 +5,6 @@ import torch
 
 from bmojo.layers.eidetic import (
     EideticMemory,
-    best_below,
     chunk_memories,
     insert_slot,
     memory_before,
@@ -54,35 +53,6 @@ def test_memory_before_each_rows_limit_keeps_the_best_positions_below_it(k):
     )
     _, (_, running) = chunk_memories(scores, 0, 1, k, 1)
     assert torch.equal(memory_before(scores, torch.full((4,), 30), k)[1], running)
-
-
-@pytest.mark.parametrize("block", [1, 50, 2**24])  # a pass for each limit, a few, one
-def test_best_below_matches_brute_force(block):
-    """Many tied scores, ``-inf`` (never kept), limits from 0 to past the end in any order, ``k`` above the
-    positions; computed ``block`` (limit, position) pairs at a time."""
-    g = torch.Generator().manual_seed(block)
-    for length, k in [(0, 3), (1, 1), (23, 4), (40, 50)]:
-        scores = torch.randint(0, 4, (3, length), generator=g).float()
-        scores[:, ::7] = float("-inf")
-        limits = torch.randint(0, length + 1, (3, 6), generator=g)
-        score, pos = best_below(scores, limits, k, block=block)
-        for row in range(3):
-            for j, limit in enumerate(limits[row].tolist()):
-                finite = [p for p in range(limit) if scores[row, p] > float("-inf")]
-                best = sorted(finite, key=lambda p: (-scores[row, p].item(), p))[:k]
-                assert pos[row, j].tolist() == best + [-1] * (k - len(best))
-                assert score[row, j, len(best) :].eq(float("-inf")).all()
-
-
-@pytest.mark.parametrize("length,window,chunk,k", [(1, 1, 1, 1), (37, 4, 4, 3), (50, 8, 5, 6), (64, 0, 8, 10)])
-def test_compiled_chunk_memories_equal_eager(length, window, chunk, k):
-    """Compiled (every chunk at once by ``best_below``, dynamic lengths) as eagerly (one merge a chunk)."""
-    g = torch.Generator().manual_seed(length)
-    scores = torch.randint(0, 6, (2, length), generator=g).float()
-    n_chunks = length // chunk + 1
-    compiled = torch.compile(chunk_memories, backend="eager", dynamic=True, fullgraph=True)
-    want, got = chunk_memories(scores, window, chunk, k, n_chunks), compiled(scores, window, chunk, k, n_chunks)
-    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
 
 
 def test_merge_topk_one_at_a_time_equals_all_at_once():

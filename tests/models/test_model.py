@@ -187,29 +187,6 @@ def test_compiled_prefill_and_decoding_step_are_one_graph_each(name):
     assert step.graph_count == 1, step.break_reasons
 
 
-def test_compiled_training_serves_every_length_after_one_recompile():
-    """A compiled training step: the first length's graphs are static, the second length's dynamic, and they serve
-    every later length (of the same remainders by the chunk sizes, and as many chunks of the loss: 3 of 32 rows) with
-    the eager loss; the eidetic memory's chunks are no loop unrolled for each count of them, nor are the loss's
-    guarded by the rows (both recompiled at every length)."""
-    graphs = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()  # (other tests' entries for the same code would count towards the recompile limit)
-    model = tiny("bmojo", loss_chunk_size=32).train()
-    compiled, counts = torch.compile(model, backend=backend), []
-    for length in (45, 41, 37, 33):
-        ids = torch.randint(0, 128, (2, length))
-        loss = compiled(ids, labels=ids).loss
-        loss.backward()
-        counts.append(len(graphs))
-    torch.testing.assert_close(loss, model(ids, labels=ids).loss)
-    assert 0 < counts[0] < counts[1] == counts[2] == counts[3], counts
-
-
 def test_compiled_decoding_updates_the_state_buffers_in_place():
     """Inductor writes the joined key/value/position buffers, the pending fading tokens and the eidetic staging
     keys/values in place: the compiled step allocates no buffer of their shape and dtype (it copies a whole buffer at

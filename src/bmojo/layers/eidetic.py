@@ -8,7 +8,7 @@ without a selection signal (ablations).
 
 Selection works at chunk boundaries: before chunk ``j`` (start ``s = j * chunk``) the memory is
 the ``size`` highest-scoring tokens among positions ``< s - window`` (ties: earlier position first).
-:func:`chunk_memories` computes this for a whole sequence at once (:func:`best_below`); recurrent decoding adds one
+:func:`chunk_memories` computes this for a whole sequence with :func:`merge_topk`; recurrent decoding adds one
 token at a time by the same rule (:func:`insert_slot`), so the two modes select identical tokens.
 """
 
@@ -102,55 +102,30 @@ def chunk_memories(
 
     Returns ``pos [B, n_chunks, k]`` (``-1`` = empty slot) and the running memory over every
     position ``< L - window`` as ``(score, pos)``: the staging memory recurrent decoding continues.
-    Eagerly, one running memory merged with each chunk's new positions (:func:`merge_topk`); compiled,
-    :func:`best_below` for every chunk at once, so that one graph serves every length (the loop would unroll into a
-    graph for each count of chunks) at the cost of a pass over the sequence for each chunk.
     """
     b, length = scores.shape
-    if torch.compiler.is_compiling():
-        j = torch.arange(n_chunks + 1, device=scores.device)
-        at = torch.where(j < n_chunks, (j * chunk - window).clamp(0, length), max(0, length - window))
-        score, pos = best_below(scores, at.expand(b, -1), k)
-        return pos[:, :-1], (score[:, -1], pos[:, -1])
     positions = torch.arange(length, device=scores.device).expand(b, length)
     mem_score, mem_pos = empty_memory(b, k, scores.device)
     done, out = 0, []
-    for limit in [min(length, max(0, j * chunk - window)) for j in range(n_chunks)] + [max(0, length - window)]:
+    for j in range(n_chunks + 1):
+        limit = min(length, max(0, j * chunk - window)) if j < n_chunks else max(0, length - window)
         if limit > done:
             mem_score, mem_pos, _ = merge_topk(mem_score, mem_pos, scores[:, done:limit], positions[:, done:limit], k)
             done = limit
-        out.append(mem_pos)
-    return torch.stack(out[:-1], dim=1), (mem_score, mem_pos)
+        if j < n_chunks:
+            out.append(mem_pos)
+    return torch.stack(out, dim=1), (mem_score, mem_pos)
 
 
 def memory_before(scores: torch.Tensor, limit: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The running memory of :func:`chunk_memories` for rows whose tokens end at different positions: the ``k`` best
-    of each row's positions below ``limit [B]``, ``(score, pos) [B, k]`` (:func:`best_below`)."""
-    score, pos = best_below(scores, limit[:, None], k)
-    return score[:, 0], pos[:, 0]
-
-
-def best_below(scores: torch.Tensor, limits: torch.Tensor, k: int, block: int = 2**24) -> tuple[torch.Tensor, ...]:
-    """For each of ``limits [B, n]``, the ``k`` best of the row's positions below it by :func:`merge_topk`'s rule
-    (score descending, earlier position first; ``-inf`` never kept) from ``scores [B, L]``: ``(score, pos) [B, n,
-    k]``, empty slots ``-inf``, ``-1``. One stable sort of each row, then for each limit the first ``k`` sorted
-    positions below it (a count of them along the sorted row, searched), for up to ``block`` (limit, position) pairs
-    at a time: no loop over the limits, so that a compiled graph serves sequences of any length."""
-    b, length = scores.shape
-    score, pos = torch.sort(F.pad(scores, (0, 1), value=float("-inf")), dim=1, descending=True, stable=True)
-    want = torch.arange(1, k + 1, dtype=torch.int32, device=scores.device)
-    step = max(1, block // (b * (length + 1)))
-    outs = []
-    for i in range(-(-limits.shape[1] // step)):
-        part = limits[:, i * step : (i + 1) * step, None]  # [B, n', 1]
-        below = (pos[:, None] < part) & (score[:, None] > float("-inf"))  # [B, n', L + 1]
-        count = below.int().cumsum(2)
-        at = torch.searchsorted(count, want.expand(*count.shape[:2], k).contiguous()).clamp(max=length)  # [B, n', k]
-        found = count[..., -1:] >= want
-        rows = (b, part.shape[1], length + 1)
-        outs.append((torch.where(found, score[:, None].expand(rows).gather(2, at), float("-inf")),
-                     torch.where(found, pos[:, None].expand(rows).gather(2, at), -1)))  # fmt: skip
-    return tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
+    """The ``k`` best of each row's positions below ``limit [B]`` by :func:`merge_topk`'s rule (score descending,
+    earlier position first), from ``scores [B, L]``: ``(score, pos) [B, k]`` (empty slots ``-inf``, ``-1``): the
+    running memory of :func:`chunk_memories` for rows whose tokens end at different positions."""
+    positions = torch.arange(scores.shape[1], device=scores.device)
+    masked = scores.masked_fill(positions >= limit[:, None], float("-inf"))
+    score, pos = torch.sort(F.pad(masked, (0, max(0, k - scores.shape[1])), value=float("-inf")), dim=1,
+                            descending=True, stable=True)  # fmt: skip
+    return score[:, :k], pos[:, :k].masked_fill(score[:, :k] == float("-inf"), -1)
 
 
 class EideticMemory(nn.Module):

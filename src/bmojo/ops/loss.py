@@ -131,8 +131,8 @@ def _chunked(
     loss = hidden.new_zeros((), dtype=torch.float32)
     d_hidden = torch.empty_like(hidden) if grad_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
-    for i in range(-(-hidden.shape[0] // chunk_size)):  # (compiled: a guard on the count of chunks, not the rows)
-        rows = slice(i * chunk_size, (i + 1) * chunk_size)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
         h, t, k = hidden[rows], picked[rows], keep[rows]
         logits = F.linear(h, weight).float()
         lse = torch.logsumexp(logits, dim=-1)
