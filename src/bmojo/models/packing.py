@@ -220,4 +220,4 @@ def _starts_from_ids(seq_idx: torch.Tensor) -> torch.Tensor:
 def _check_integers(x: Any, name: str) -> None:
     """Raise unless ``x`` is an integer tensor."""
     if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x)}")
