@@ -75,9 +75,9 @@ class PackedSequences:
         cls, kwargs: dict[str, Any], inputs: torch.Tensor | None, attention_mask: torch.Tensor | None = None
     ) -> "PackedSequences | None":
         """The packing that a forward call's keywords mark in its inputs (``input_ids [B, L]`` or ``inputs_embeds
-        [B, L, D]``), read from ``cu_seq_lens_q`` (offsets of the sequences in the flattened batch, ``[n + 1]``), else
-        ``seq_idx [B, L]`` (each token's sequence), else ``position_ids [B, L]`` (restarting at 0); ``None`` where
-        each row holds one sequence. Pops those keywords from ``kwargs``. Markings that disagree, negative positions or
+        [B, L, D]``), read from ``cu_seq_lens_q`` (offsets of the sequences in the flattened batch, ``[n + 1]``),
+        ``seq_idx [B, L]`` (each token's sequence) or ``position_ids [B, L]`` (restarting at 0), whichever are given;
+        ``None`` where each row holds one sequence. Pops those keywords from ``kwargs``. Markings that disagree, negative positions or
         ones that neither restart at 0 nor count up by one, falling ``seq_idx``, offsets that run a sequence across
         rows, and packing together with padding, raise."""
         given = {key: kwargs.pop(key) for key in PACKING_KEYS if kwargs.get(key) is not None}
@@ -190,9 +190,9 @@ def _starts_from_offsets(offsets: torch.Tensor, offsets_k: torch.Tensor | None, 
     _check_integers(offsets, "cu_seq_lens_q")
     if offsets_k is not None:
         _check_integers(offsets_k, "cu_seq_lens_k")
-    if offsets_k is not None and (offsets_k.shape != offsets.shape or not bool((offsets_k == offsets).all())):
-        raise ValueError("cu_seq_lens_k differs from cu_seq_lens_q: the sequences are packed the same way for the "
-                         "queries and the keys")  # fmt: skip
+        if offsets_k.shape != offsets.shape or not bool((offsets_k == offsets).all()):
+            raise ValueError("cu_seq_lens_k differs from cu_seq_lens_q: the sequences are packed the same way for "
+                             "the queries and the keys")  # fmt: skip
     if offsets.dim() != 1 or len(offsets) < 2:
         raise ValueError(f"cu_seq_lens_q must be 1-D offsets [number of sequences + 1], got shape "
                          f"{tuple(offsets.shape)}")  # fmt: skip
