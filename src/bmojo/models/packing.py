@@ -77,9 +77,9 @@ class PackedSequences:
         """The packing that a forward call's keywords mark in its inputs (``input_ids [B, L]`` or ``inputs_embeds
         [B, L, D]``), read from ``cu_seq_lens_q`` (offsets of the sequences in the flattened batch, ``[n + 1]``),
         ``seq_idx [B, L]`` (each token's sequence) or ``position_ids [B, L]`` (restarting at 0), whichever are given;
-        ``None`` where each row holds one sequence. Pops those keywords from ``kwargs``. Markings that disagree, negative positions or
-        ones that neither restart at 0 nor count up by one, falling ``seq_idx``, offsets that run a sequence across
-        rows, and packing together with padding, raise."""
+        ``None`` where each row holds one sequence. Pops those keywords from ``kwargs``. Markings that disagree,
+        negative positions or ones that neither restart at 0 nor count up by one, falling ``seq_idx``, offsets that
+        run a sequence across rows, and packing together with padding, raise."""
         given = {key: kwargs.pop(key) for key in PACKING_KEYS if kwargs.get(key) is not None}
         if not given or inputs is None or inputs.dim() != (3 if inputs.is_floating_point() else 2):
             return None  # (inputs of the wrong shape: the model names them)
