@@ -23,7 +23,7 @@ from bmojo.layers.ssm import Mamba, Mamba2
 from bmojo.layers.storage import StorageConfig, StorageFileError, VectorStore, load_stores, save_stores
 from bmojo.models.cache import BMojoCache
 from bmojo.models.config import BMojoConfig
-from bmojo.models.packing import PackedSequences
+from bmojo.models.packing import PackedSequences, check_mask_shape
 from bmojo.ops.loss import IGNORE_INDEX, check_targets, cross_entropy, prechecked_linear_cross_entropy
 
 
@@ -187,8 +187,7 @@ def _padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> tuple[to
     ``torch.compile`` a graph break, in a parallel pass only: decoding steps do not read it)."""
     if attention_mask is None:
         return None, None
-    if attention_mask.shape != shape:
-        raise ValueError(f"attention_mask must be [batch, length] {tuple(shape)}, got {tuple(attention_mask.shape)}")
+    check_mask_shape(attention_mask, shape)
     if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
         raise ValueError("attention_mask must hold 1 for the tokens and 0 for the padding (not an additive mask of "
                          "0 and -inf), got values " + str(attention_mask.unique()[:4].tolist()))  # fmt: skip

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bmojo.ops import check_integers
+
 # the keywords that mark packing (Hugging Face's flash-attention ones, mamba_ssm's ``seq_idx``) or come with it
 PACKING_KEYS = ("position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -92,9 +94,7 @@ class PackedSequences:
     ) -> "PackedSequences | None":
         """:meth:`find` for the keywords ``given``: each marking given must mark the same sequences."""
         shape = inputs.shape[:2]
-        if attention_mask is not None and attention_mask.shape != shape:
-            got = tuple(attention_mask.shape)
-            raise ValueError(f"attention_mask must be [batch, length] {tuple(shape)}, got {got}")
+        check_mask_shape(attention_mask, shape)
         if "cu_seq_lens_k" in given and "cu_seq_lens_q" not in given:
             raise ValueError("cu_seq_lens_k without cu_seq_lens_q: pass the offsets as cu_seq_lens_q (and _k)")
         marked = {}
@@ -157,9 +157,15 @@ def _bands(sizes: list[int]) -> list[list[int]]:
     return bands[::-1]
 
 
+def check_mask_shape(attention_mask: torch.Tensor | None, shape: torch.Size) -> None:
+    """Raise ``ValueError`` unless ``attention_mask`` (if any) is ``[B, L]``, ``shape``."""
+    if attention_mask is not None and attention_mask.shape != shape:
+        raise ValueError(f"attention_mask must be [batch, length] {tuple(shape)}, got {tuple(attention_mask.shape)}")
+
+
 def _batch_shaped(x: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
     """``x`` as ``[B, L]`` integers: given so, or as ``[L]`` / ``[1, L]`` for every row."""
-    _check_integers(x, name)
+    check_integers(name, x)
     if x.shape[-1:] != shape[1:] or x.dim() > 2 or (x.dim() == 2 and x.shape[0] not in (1, shape[0])):
         raise ValueError(f"{name} must be [batch, length] {tuple(shape)}, got {tuple(x.shape)}")
     return x.expand(shape)
@@ -187,9 +193,9 @@ def _starts_from_positions(positions: torch.Tensor, attention_mask: torch.Tensor
 
 def _starts_from_offsets(offsets: torch.Tensor, offsets_k: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
     """The first tokens of the sequences at ``offsets [n + 1]`` into the flattened ``[B, L]`` batch (0, ..., B * L)."""
-    _check_integers(offsets, "cu_seq_lens_q")
+    check_integers("cu_seq_lens_q", offsets)
     if offsets_k is not None:
-        _check_integers(offsets_k, "cu_seq_lens_k")
+        check_integers("cu_seq_lens_k", offsets_k)
         if offsets_k.shape != offsets.shape or not bool((offsets_k == offsets).all()):
             raise ValueError("cu_seq_lens_k differs from cu_seq_lens_q: the sequences are packed the same way for "
                              "the queries and the keys")  # fmt: skip
@@ -215,9 +221,3 @@ def _starts_from_ids(seq_idx: torch.Tensor) -> torch.Tensor:
         row = int((steps < 0).nonzero()[0, 0])
         raise ValueError(f"seq_idx falls along row {row}: a row's sequences must be numbered in order")
     return F.pad(steps != 0, (1, 0))
-
-
-def _check_integers(x: Any, name: str) -> None:
-    """Raise unless ``x`` is an integer tensor."""
-    if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x)}")

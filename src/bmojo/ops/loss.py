@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bmojo.ops import check_positive, check_shapes
+from bmojo.ops import check_integers, check_positive, check_shapes
 
 IGNORE_INDEX = -100
 
@@ -48,8 +48,7 @@ def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int, name: st
     """Raise ``TypeError`` unless ``targets`` (called ``name``) are integers and, in eager mode (a read from the
     device), ``ValueError`` naming the first target outside ``[0, vocab)`` that is not ``ignore_index`` (the gather
     would fail on it with an index error, or a device-side assert on CUDA)."""
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {targets.dtype}")
+    check_integers(name, targets)
     if torch.compiler.is_compiling():
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
